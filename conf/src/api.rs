@@ -1,0 +1,181 @@
+//! The admin API between vswitchd and its clients (the CNI plugin, vswitchctl, the lab).
+//!
+//! HTTP/1.1 with JSON bodies over a unix socket. Every endpoint and its request/response types
+//! are declared here once. Errors come back as [`ApiError`] with a CNI error code, so the plugin
+//! can hand them to the runtime unchanged.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+pub const PATH_CNI_ADD: &str = "/v1/cni/add";
+pub const PATH_CNI_DEL: &str = "/v1/cni/del";
+pub const PATH_CNI_CHECK: &str = "/v1/cni/check";
+pub const PATH_CNI_GC: &str = "/v1/cni/gc";
+pub const PATH_STATUS: &str = "/v1/status";
+pub const PATH_PORTS: &str = "/v1/ports";
+
+/// CNI error codes (CNI spec 1.1.0, "Error" section).
+pub mod code {
+    pub const INCOMPATIBLE_VERSION: u32 = 1;
+    pub const UNSUPPORTED_FIELD: u32 = 2;
+    pub const UNKNOWN_CONTAINER: u32 = 3;
+    pub const INVALID_ENV: u32 = 4;
+    pub const IO_FAILURE: u32 = 5;
+    pub const DECODE_FAILURE: u32 = 6;
+    pub const INVALID_NETCONF: u32 = 7;
+    pub const TRY_AGAIN_LATER: u32 = 11;
+    pub const NOT_AVAILABLE: u32 = 50;
+    pub const NOT_AVAILABLE_LIMITED: u32 = 51;
+    /// Vendor codes start at 100.
+    pub const INTERFACE_EXISTS: u32 = 100;
+    pub const ADDRESSES_EXHAUSTED: u32 = 101;
+    pub const CHECK_FAILED: u32 = 102;
+    pub const NETNS_FAILURE: u32 = 103;
+    pub const INTERNAL: u32 = 110;
+}
+
+/// An error from the daemon: a CNI error code, a message, and details.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, thiserror::Error)]
+#[error("{msg}{}", if details.is_empty() { String::new() } else { format!(": {details}") })]
+pub struct ApiError {
+    pub code: u32,
+    pub msg: String,
+    #[serde(default)]
+    pub details: String,
+}
+
+impl ApiError {
+    pub fn new(code: u32, msg: impl Into<String>, details: impl Into<String>) -> Self {
+        ApiError {
+            code,
+            msg: msg.into(),
+            details: details.into(),
+        }
+    }
+}
+
+/// One attachment of a container to the network: CNI's (containerID, ifname) key.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Attachment {
+    pub container_id: String,
+    pub ifname: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AddRequest {
+    pub container_id: String,
+    /// Path of the pod's network namespace (CNI_NETNS).
+    pub netns: PathBuf,
+    /// Interface name inside the pod (CNI_IFNAME).
+    pub ifname: String,
+    /// Kubernetes pod namespace and name, from CNI_ARGS when the runtime gives them.
+    #[serde(default)]
+    pub pod_namespace: Option<String>,
+    #[serde(default)]
+    pub pod_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Route {
+    pub dst: IpNet,
+    #[serde(default)]
+    pub gw: Option<IpAddr>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Dns {
+    #[serde(default)]
+    pub nameservers: Vec<IpAddr>,
+    #[serde(default)]
+    pub domain: Option<String>,
+    #[serde(default)]
+    pub search: Vec<String>,
+    #[serde(default)]
+    pub options: Vec<String>,
+}
+
+/// What an ADD made: everything the CNI result reports.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AddResponse {
+    pub ifname: String,
+    pub mac: String,
+    pub netns: PathBuf,
+    /// The pod's address with the pod CIDR's prefix length.
+    pub address: IpNet,
+    pub gateway: IpAddr,
+    pub mtu: u32,
+    pub routes: Vec<Route>,
+    pub dns: Dns,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DelRequest {
+    pub container_id: String,
+    pub ifname: String,
+    /// May be absent or already gone: DEL still releases everything.
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CheckRequest {
+    pub container_id: String,
+    pub ifname: String,
+    pub netns: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GcRequest {
+    /// Attachments the runtime still uses; every other one is released.
+    pub valid: Vec<Attachment>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GcResponse {
+    pub released: Vec<Attachment>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub node: String,
+    pub version: String,
+    pub pod_cidr: IpNet,
+    pub gateway: IpAddr,
+    pub gateway_mac: String,
+    pub ports: usize,
+    pub ready: bool,
+}
+
+/// Packet and drop counters of one port. Drops are keyed by reason.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PortCounters {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub drops: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PortInfo {
+    pub id: u32,
+    pub container_id: String,
+    pub ifname: String,
+    pub netns: PathBuf,
+    #[serde(default)]
+    pub pod: Option<String>,
+    pub mac: String,
+    pub ip: IpAddr,
+    pub counters: PortCounters,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PortsResponse {
+    pub ports: Vec<PortInfo>,
+    /// Drops not attributable to a port (e.g. a frame for a port that just went away).
+    pub switch_drops: BTreeMap<String, u64>,
+}

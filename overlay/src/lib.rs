@@ -1,0 +1,1 @@
+//! VXLAN overlay (issue 3).
