@@ -1,1 +1,162 @@
-fn main() {}
+//! `vswitch-lab`: build, inspect and tear down a lab of vswitch nodes and pods in network
+//! namespaces. All the work is in the library; this is argument parsing and printing.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use vswitch_lab::{Lab, LabError, LabSpec, UpOptions, DEFAULT_NAME};
+
+#[derive(Parser)]
+#[command(name = "vswitch-lab", version, about, long_about = None)]
+struct Cli {
+    /// Lab name: at most 8 of [a-z0-9]; prefixes every namespace of the lab.
+    #[arg(long, global = true, default_value = DEFAULT_NAME)]
+    name: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the fabric, the nodes with their vswitchd, and the pods.
+    Up {
+        #[arg(long, default_value_t = 2)]
+        nodes: u32,
+        #[arg(long, default_value_t = 2)]
+        pods_per_node: u32,
+        /// Seconds each vswitchd gets to answer ready.
+        #[arg(long, default_value_t = 10)]
+        ready_timeout: u64,
+    },
+    /// Show nodes (daemon pid, alive, ready) and pods (address, MAC).
+    Status {
+        /// Print the JSON document instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// DEL every pod, stop the daemons, delete the namespaces and files. Safe to repeat.
+    Down,
+    /// Run a command in a pod's namespace (POD: n1-p1 or NAME-n1-p1; also n1 or fab).
+    Exec {
+        /// n1-p1 or NAME-n1-p1 (a node: n1 or NAME-n1; the fabric: fab).
+        pod: String,
+        /// The command and its arguments, after `--`.
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "CMD"
+        )]
+        cmd: Vec<String>,
+    },
+    /// Add a pod on a node, through the CNI plugin.
+    AddPod {
+        /// Node number (1-based).
+        #[arg(long)]
+        node: u32,
+        /// Pod name, [a-z0-9]; the pod is then called n<NODE>-<POD>.
+        #[arg(long)]
+        pod: String,
+    },
+    /// Delete a pod through the CNI plugin.
+    DelPod { pod: String },
+    /// Run CNI CHECK for a pod.
+    CheckPod { pod: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vswitch-lab: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode, LabError> {
+    let name = cli.name;
+    match cli.cmd {
+        Cmd::Up {
+            nodes,
+            pods_per_node,
+            ready_timeout,
+        } => {
+            let opts = UpOptions {
+                ready_timeout: Duration::from_secs(ready_timeout),
+                ..UpOptions::default()
+            };
+            let lab = Lab::up_with(
+                LabSpec {
+                    name,
+                    nodes,
+                    pods_per_node,
+                },
+                &opts,
+            )?;
+            print!("{}", lab.status().to_table());
+            if let Some(p) = lab.pods.first() {
+                let other = lab.pods.last().map_or(p.ip, |q| q.ip);
+                println!(
+                    "\ntry: vswitch-lab --name {} exec {} -- ping -c1 {other}",
+                    lab.name, p.name
+                );
+            }
+        }
+        Cmd::Status { json } => {
+            let st = Lab::load(&name)?.status();
+            if json {
+                println!("{}", st.to_json());
+            } else {
+                print!("{}", st.to_table());
+            }
+        }
+        Cmd::Down => {
+            let report = Lab::teardown(&name)?;
+            for w in &report.warnings {
+                eprintln!("vswitch-lab: warning: {w}");
+            }
+            if report.found {
+                println!("lab {name} is down");
+            } else {
+                println!("lab {name} does not exist; nothing to do");
+            }
+        }
+        Cmd::Exec { pod, cmd } => {
+            let lab = Lab::load(&name)?;
+            let mut c = lab.command(&pod, &cmd)?;
+            let status = c.status().map_err(|source| LabError::Spawn {
+                cmd: cmd.join(" "),
+                source,
+            })?;
+            return Ok(exit_code(status));
+        }
+        Cmd::AddPod { node, pod } => {
+            let mut lab = Lab::load(&name)?;
+            let p = lab.add_pod(node, &pod)?;
+            println!("{} {} {} {}", p.name, p.netns, p.address(), p.mac);
+        }
+        Cmd::DelPod { pod } => {
+            let mut lab = Lab::load(&name)?;
+            lab.del_pod(&pod)?;
+            println!("deleted {pod}");
+        }
+        Cmd::CheckPod { pod } => {
+            Lab::load(&name)?.check_pod(&pod)?;
+            println!("{pod}: ok");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The child's exit code, or 128 + signal as shells report it.
+fn exit_code(status: std::process::ExitStatus) -> ExitCode {
+    use std::os::unix::process::ExitStatusExt;
+    let code = status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(1);
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}

@@ -1,0 +1,105 @@
+//! The files the lab writes for each node: vswitchd's TOML config and the CNI netconf.
+//!
+//! Both are built from the `conf` crate's own types, so they can never drift from what the
+//! daemon and the plugin parse, and the config is parsed back and validated before it is written.
+
+use std::path::Path;
+
+use conf::config::{AdminConfig, Config, DatapathConfig, DnsConfig, NodeConfig};
+use conf::netconf::NetConf;
+
+use crate::spec::POD_MTU;
+use crate::{LabError, Node};
+
+/// vswitchd's configuration for a node.
+pub(crate) fn daemon_config(node: &Node) -> Config {
+    Config {
+        node: NodeConfig {
+            name: node.name.clone(),
+            pod_cidr: node.pod_cidr,
+            gateway: None,
+            mtu: POD_MTU,
+            state_dir: node.dir.join("state"),
+        },
+        admin: AdminConfig {
+            socket: node.admin_socket.clone(),
+        },
+        datapath: DatapathConfig::default(),
+        dns: DnsConfig::default(),
+    }
+}
+
+/// The config as TOML, checked with the daemon's own parser.
+pub(crate) fn render_config(node: &Node) -> Result<String, LabError> {
+    let bad = |reason: String| LabError::BadConfig {
+        node: node.name.clone(),
+        reason,
+    };
+    let config = daemon_config(node);
+    let body = toml::to_string(&config).map_err(|e| bad(e.to_string()))?;
+    let text = format!(
+        "# vswitchd config for lab node {}, written by vswitch-lab.\n\n{body}",
+        node.name
+    );
+    let parsed = Config::parse(&text).map_err(|e| bad(e.to_string()))?;
+    if parsed != config {
+        return Err(bad(format!("{text}\nreads back as {parsed:?}")));
+    }
+    Ok(text)
+}
+
+/// The CNI netconf the lab's "runtime" hands the plugin on every call.
+pub(crate) fn netconf(lab: &str, socket: &Path) -> NetConf {
+    NetConf::new(lab, Some(socket.to_owned()))
+}
+
+pub(crate) fn render_netconf(lab: &str, socket: &Path) -> Result<String, LabError> {
+    let nc = netconf(lab, socket);
+    nc.validate().map_err(|e| LabError::BadConfig {
+        node: socket.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    serde_json::to_string_pretty(&nc)
+        .map(|s| s + "\n")
+        .map_err(|e| LabError::BadConfig {
+            node: socket.display().to_string(),
+            reason: e.to_string(),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::Names;
+    use std::path::PathBuf;
+
+    #[test]
+    fn config_is_valid_for_the_daemon() {
+        let node = Node::plan(Names("vsl"), 3, &PathBuf::from("/run/vswitch-lab/vsl"));
+        let text = render_config(&node).unwrap();
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.node.name, "vsl-n3");
+        assert_eq!(c.node.pod_cidr.to_string(), "10.244.3.0/24");
+        assert_eq!(c.node.mtu, 1450);
+        assert_eq!(c.gateway().to_string(), "10.244.3.1");
+        assert_eq!(
+            c.node.state_dir,
+            PathBuf::from("/run/vswitch-lab/vsl/n3/state")
+        );
+        assert_eq!(
+            c.admin.socket,
+            PathBuf::from("/run/vswitch-lab/vsl/n3/vswitchd.sock")
+        );
+    }
+
+    #[test]
+    fn netconf_is_valid_for_the_plugin() {
+        let sock = PathBuf::from("/run/vswitch-lab/vsl/n1/vswitchd.sock");
+        let text = render_netconf("vsl", &sock).unwrap();
+        let nc: NetConf = serde_json::from_str(&text).unwrap();
+        nc.validate().unwrap();
+        assert_eq!(nc.name, "vsl");
+        assert_eq!(nc.plugin_type, "vswitch");
+        assert_eq!(nc.socket_path(), sock);
+    }
+}

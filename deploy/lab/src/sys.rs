@@ -1,0 +1,340 @@
+//! The lab's contact with the system: iproute2 for plumbing, and the daemon's process.
+//!
+//! The lab is a test harness, so it drives `ip` rather than netlink: every step is then a
+//! command a user can read in an error and rerun by hand. Every veth is created directly inside
+//! its namespaces (`ip link add ... netns A type veth peer ... netns B`), so the host's own
+//! namespace sees nothing but the `/run/netns` entries.
+//!
+//! A daemon is identified by its pid *and* its command line (which holds the lab's config path),
+//! so a stale pid file can never make the lab signal an unrelated process that reused the pid.
+
+use std::ffi::OsStr;
+use std::fs::{self, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+use crate::LabError;
+
+/// Where `ip netns` keeps its namespaces (as runtimes pass them in CNI_NETNS).
+pub(crate) const NETNS_DIR: &str = "/var/run/netns";
+
+pub(crate) fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// A command line as a user would type it, for error messages.
+pub(crate) fn describe(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+/// Runs a command to completion; non-zero exit is an error carrying its stderr.
+pub(crate) fn run(cmd: &mut Command) -> Result<String, LabError> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| LabError::Spawn {
+            cmd: describe(cmd),
+            source,
+        })?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(LabError::Command {
+            cmd: describe(cmd),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}
+
+/// Runs `ip ARGS...`.
+pub(crate) fn ip(args: &[&str]) -> Result<String, LabError> {
+    run(Command::new("ip").args(args))
+}
+
+pub(crate) fn netns_path(name: &str) -> PathBuf {
+    Path::new(NETNS_DIR).join(name)
+}
+
+pub(crate) fn netns_exists(name: &str) -> bool {
+    netns_path(name).exists()
+}
+
+/// Every namespace `ip netns list` knows.
+pub(crate) fn netns_list() -> Result<Vec<String>, LabError> {
+    let out = ip(&["netns", "list"])?;
+    // Lines look like "name (id: 3)" or just "name".
+    Ok(out
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect())
+}
+
+/// `ip netns del`, treating an already-missing namespace as done.
+pub(crate) fn netns_del(name: &str) -> Result<(), LabError> {
+    match ip(&["netns", "del", name]) {
+        Err(_) if !netns_exists(name) => Ok(()),
+        other => other.map(|_| ()),
+    }
+}
+
+/// Starts `ip netns exec NETNS EXE --config CONFIG` in a session of its own, so the daemon
+/// outlives the command that started it, with stdout and stderr appended to `log`.
+/// `ip netns exec` execs the program without forking, so the child's pid is the daemon's.
+pub(crate) fn spawn_daemon(
+    netns: &str,
+    exe: &Path,
+    config: &Path,
+    log: &Path,
+) -> Result<Child, LabError> {
+    let out = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| LabError::io(log, e))?;
+    let err = out.try_clone().map_err(|e| LabError::io(log, e))?;
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", netns])
+        .arg(exe)
+        .arg("--config")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
+    // SAFETY: the closure runs in the forked child before exec and only calls setsid(2), which
+    // is async-signal-safe and touches no memory shared with the parent.
+    unsafe {
+        cmd.pre_exec(|| nix::unistd::setsid().map(drop).map_err(io::Error::from));
+    }
+    cmd.spawn().map_err(|source| LabError::Spawn {
+        cmd: describe(&cmd),
+        source,
+    })
+}
+
+fn to_pid(pid: u32) -> Option<Pid> {
+    // pid 0 and negative pids address process groups in kill(2): never let one through.
+    i32::try_from(pid)
+        .ok()
+        .filter(|p| *p > 0)
+        .map(Pid::from_raw)
+}
+
+/// Whether `pid` is alive and is the process started with `marker` among its arguments.
+/// Reaps it if it is this process's child and has exited.
+pub(crate) fn process_alive(pid: u32, marker: &OsStr) -> bool {
+    let Some(p) = to_pid(pid) else {
+        return false;
+    };
+    match waitpid(p, Some(WaitPidFlag::WNOHANG)) {
+        Ok(WaitStatus::StillAlive) => return true,
+        Ok(_) => return false,
+        Err(_) => {} // Not our child: look it up.
+    }
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state is the first field after the command name, which ends at the last ')'.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next());
+    if matches!(state, None | Some('Z') | Some('X')) {
+        return false;
+    }
+    let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    cmdline.split(|b| *b == 0).any(|a| a == marker.as_bytes())
+}
+
+/// How a daemon was stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stopped {
+    NotRunning,
+    Terminated,
+    Killed,
+}
+
+fn wait_gone(pid: u32, marker: &OsStr, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if !process_alive(pid, marker) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// SIGTERM, then SIGKILL after `grace`.
+pub(crate) fn stop_process(pid: u32, marker: &OsStr, grace: Duration) -> Result<Stopped, String> {
+    let Some(p) = to_pid(pid) else {
+        return Ok(Stopped::NotRunning);
+    };
+    if !process_alive(pid, marker) {
+        return Ok(Stopped::NotRunning);
+    }
+    match kill(p, Signal::SIGTERM) {
+        Err(Errno::ESRCH) => return Ok(Stopped::NotRunning),
+        Err(e) => return Err(format!("cannot signal vswitchd pid {pid}: {e}")),
+        Ok(()) => {}
+    }
+    if wait_gone(pid, marker, grace) {
+        return Ok(Stopped::Terminated);
+    }
+    match kill(p, Signal::SIGKILL) {
+        Err(Errno::ESRCH) | Ok(()) => {}
+        Err(e) => return Err(format!("cannot kill vswitchd pid {pid}: {e}")),
+    }
+    if wait_gone(pid, marker, Duration::from_secs(5)) {
+        Ok(Stopped::Killed)
+    } else {
+        Err(format!("vswitchd pid {pid} is still alive after SIGKILL"))
+    }
+}
+
+/// Runs a command with `input` on stdin and waits at most `timeout` for it.
+pub(crate) fn run_with_input(
+    mut cmd: Command,
+    input: Vec<u8>,
+    timeout: Duration,
+) -> Result<Output, String> {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run `{}`: {e}", describe(&cmd)))?;
+    let stdin = child.stdin.take();
+    let writer = thread::spawn(move || {
+        if let Some(mut s) = stdin {
+            // A plugin may exit without reading; that is its business, not an error here.
+            let _ = s.write_all(&input);
+        }
+    });
+    let reader = |pipe: Option<Box<dyn Read + Send>>| {
+        thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out = reader(child.stdout.take().map(|p| Box::new(p) as _));
+    let err = reader(child.stderr.take().map(|p| Box::new(p) as _));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break s,
+            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(5)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "`{}` did not finish within {}s and was killed",
+                    describe(&cmd),
+                    timeout.as_secs()
+                ));
+            }
+            Err(e) => return Err(format!("waiting for `{}`: {e}", describe(&cmd))),
+        }
+    };
+    let _ = writer.join();
+    Ok(Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    })
+}
+
+/// The last `n` lines of a log file, for error messages.
+pub(crate) fn log_tail(path: &Path, n: usize) -> String {
+    match fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(n)..].join("\n");
+            if tail.trim().is_empty() {
+                "(the log is empty)".into()
+            } else {
+                tail
+            }
+        }
+        Err(e) => format!("(cannot read the log: {e})"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_foreign_or_missing_pid_is_not_a_daemon() {
+        let marker = OsStr::new("/run/vswitch-lab/none/n1/vswitchd.toml");
+        assert!(!process_alive(0, marker));
+        assert!(!process_alive(u32::MAX, marker));
+        // This test process is alive but is not a vswitchd of that lab.
+        assert!(!process_alive(std::process::id(), marker));
+        assert_eq!(
+            stop_process(std::process::id(), marker, Duration::from_millis(10)),
+            Ok(Stopped::NotRunning)
+        );
+    }
+
+    #[test]
+    fn child_processes_are_recognised_stopped_and_reaped() {
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let marker = OsStr::new("30");
+        assert!(process_alive(child.id(), marker));
+        assert_eq!(
+            stop_process(child.id(), marker, Duration::from_secs(5)),
+            Ok(Stopped::Terminated)
+        );
+        assert!(!process_alive(child.id(), marker));
+        // Already reaped by stop_process: this only satisfies the type's contract.
+        let _ = child.wait();
+    }
+
+    #[test]
+    fn input_output_and_timeouts() {
+        let out = run_with_input(
+            Command::new("cat"),
+            b"hello".to_vec(),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        assert_eq!(out.stdout, b"hello");
+        let mut slow = Command::new("sleep");
+        slow.arg("10");
+        let e = run_with_input(slow, vec![], Duration::from_millis(100)).unwrap_err();
+        assert!(e.contains("did not finish"), "{e}");
+    }
+
+    #[test]
+    fn log_tails() {
+        let p = std::env::temp_dir().join(format!("vswitch-lab-tail-{}", std::process::id()));
+        fs::write(&p, "a\nb\nc\n").unwrap();
+        assert_eq!(log_tail(&p, 2), "b\nc");
+        fs::remove_file(&p).unwrap();
+        assert!(log_tail(&p, 2).contains("cannot read"));
+    }
+}
