@@ -5,4 +5,8 @@
 //! published by `control`, and `datapath` carries the decision out. `wire` holds the zero-copy
 //! packet views everything else is written against.
 
+pub mod control;
+pub mod daemon;
+pub mod datapath;
+pub mod pipeline;
 pub mod wire;

@@ -1,0 +1,142 @@
+//! The admin API: HTTP/JSON on a unix socket, mode 0600.
+//!
+//! Handlers hand each operation to a blocking thread (`Daemon` operations do namespace and file
+//! work) and map [`ApiError`] codes to HTTP statuses. Only root can talk to the socket; the
+//! CNI plugin, `vswitchctl` and the lab are its clients.
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use conf::api::{self, code, ApiError};
+
+use super::Daemon;
+
+struct Failure(ApiError);
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let status = match self.0.code {
+            code::INVALID_ENV
+            | code::DECODE_FAILURE
+            | code::INVALID_NETCONF
+            | code::UNSUPPORTED_FIELD
+            | code::INCOMPATIBLE_VERSION => StatusCode::BAD_REQUEST,
+            code::UNKNOWN_CONTAINER => StatusCode::NOT_FOUND,
+            code::INTERFACE_EXISTS => StatusCode::CONFLICT,
+            code::CHECK_FAILED => StatusCode::PRECONDITION_FAILED,
+            code::ADDRESSES_EXHAUSTED => StatusCode::INSUFFICIENT_STORAGE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        (status, Json(self.0)).into_response()
+    }
+}
+
+type Reply<T> = Result<Json<T>, Failure>;
+
+fn body<T>(req: Result<Json<T>, JsonRejection>) -> Result<T, Failure> {
+    req.map(|Json(t)| t).map_err(|e| {
+        Failure(ApiError::new(
+            code::DECODE_FAILURE,
+            "cannot decode request",
+            e.body_text(),
+        ))
+    })
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Reply<T> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(t)) => Ok(Json(t)),
+        Ok(Err(e)) => Err(Failure(e)),
+        Err(e) => Err(Failure(ApiError::new(
+            code::INTERNAL,
+            "internal error",
+            e.to_string(),
+        ))),
+    }
+}
+
+#[derive(serde::Serialize)]
+struct Empty {}
+
+pub fn router(d: Arc<Daemon>) -> Router {
+    Router::new()
+        .route(
+            api::PATH_CNI_ADD,
+            post(
+                |State(d): State<Arc<Daemon>>, req: Result<Json<api::AddRequest>, JsonRejection>| async move {
+                    let req = body(req)?;
+                    blocking(move || d.add(req)).await
+                },
+            ),
+        )
+        .route(
+            api::PATH_CNI_DEL,
+            post(
+                |State(d): State<Arc<Daemon>>, req: Result<Json<api::DelRequest>, JsonRejection>| async move {
+                    let req = body(req)?;
+                    blocking(move || d.del(req).map(|()| Empty {})).await
+                },
+            ),
+        )
+        .route(
+            api::PATH_CNI_CHECK,
+            post(
+                |State(d): State<Arc<Daemon>>, req: Result<Json<api::CheckRequest>, JsonRejection>| async move {
+                    let req = body(req)?;
+                    blocking(move || d.check(req)).await
+                },
+            ),
+        )
+        .route(
+            api::PATH_CNI_GC,
+            post(
+                |State(d): State<Arc<Daemon>>, req: Result<Json<api::GcRequest>, JsonRejection>| async move {
+                    let req = body(req)?;
+                    blocking(move || d.gc(req)).await
+                },
+            ),
+        )
+        .route(
+            api::PATH_STATUS,
+            get(|State(d): State<Arc<Daemon>>| async move {
+                blocking(move || Ok(d.status())).await
+            }),
+        )
+        .route(
+            api::PATH_PORTS,
+            get(|State(d): State<Arc<Daemon>>| async move {
+                blocking(move || Ok(d.ports())).await
+            }),
+        )
+        .with_state(d)
+}
+
+/// Binds the admin socket: the directory is created, a stale socket replaced, and the socket
+/// is made 0600 before anyone can connect (the umask is narrowed around bind).
+pub fn bind(path: &Path) -> io::Result<tokio::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let listener = std::os::unix::net::UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let listener = listener?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    listener.set_nonblocking(true)?;
+    tokio::net::UnixListener::from_std(listener)
+}

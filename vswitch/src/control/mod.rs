@@ -1,0 +1,490 @@
+//! The control plane: the daemon's state and the operations the admin API exposes.
+//!
+//! `Daemon` owns the attachments (one per CNI (container, ifname)), the IPAM leases and the
+//! published table snapshot. Operations that change them take one lock for their whole run:
+//! CNI operations are rare next to packets, and serialising them is what makes "never the same
+//! address twice" and "a failed ADD leaves nothing" easy to see. The datapath never waits on
+//! this lock; it sees only the snapshots published here.
+//!
+//! Attachment records are written to `<state_dir>/attachments/` so DEL, CHECK and GC work
+//! across a restart of the daemon.
+
+pub mod api;
+pub mod ipam;
+pub mod netconfig;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use arc_swap::ArcSwap;
+use conf::api::{
+    code, AddRequest, AddResponse, ApiError, Attachment, CheckRequest, DelRequest, Dns,
+    GcRequest, GcResponse, PortInfo, PortsResponse, Route, Status,
+};
+use conf::Config;
+use ipnet::{IpNet, Ipv4Net};
+use serde::{Deserialize, Serialize};
+
+use crate::datapath::stats::PortStats;
+use crate::datapath::Datapath;
+use crate::pipeline::tables::mac_for;
+use crate::pipeline::{PortEntry, PortId, Tables};
+use ipam::Ipam;
+use netconfig::{NetConfigError, PodInterface};
+
+/// What the daemon remembers of an attachment, on disk and in memory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Record {
+    container_id: String,
+    ifname: String,
+    netns: PathBuf,
+    #[serde(default)]
+    pod: Option<String>,
+    mac: String,
+    ip: Ipv4Addr,
+    port: PortId,
+    /// Whether this daemon process holds the port's TAP (false for records from before a
+    /// restart, whose devices went away with the old process).
+    #[serde(skip)]
+    live: bool,
+    #[serde(skip)]
+    stats: Arc<PortStats>,
+}
+
+struct State {
+    ipam: Ipam,
+    records: BTreeMap<Attachment, Record>,
+    next_port: PortId,
+}
+
+pub struct Daemon {
+    config: Config,
+    tables: Arc<ArcSwap<Tables>>,
+    datapath: Mutex<Datapath>,
+    state: Mutex<State>,
+    records_dir: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("state directory {path}: {source}")]
+    State {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Ipam(#[from] ipam::IpamError),
+    #[error("starting the datapath: {0}")]
+    Datapath(std::io::Error),
+}
+
+fn api_err(code: u32, msg: impl Into<String>, details: impl std::fmt::Display) -> ApiError {
+    ApiError::new(code, msg, details.to_string())
+}
+
+impl Daemon {
+    pub fn start(config: Config) -> Result<Arc<Daemon>, DaemonError> {
+        let state_dir = config.node.state_dir.clone();
+        let records_dir = state_dir.join("attachments");
+        fs::create_dir_all(&records_dir).map_err(|source| DaemonError::State {
+            path: records_dir.clone(),
+            source,
+        })?;
+        let gw = config.gateway();
+        let ipam = Ipam::open(&state_dir, config.node.pod_cidr, gw)?;
+        let mut records = BTreeMap::new();
+        let mut next_port = 1;
+        for (key, rec) in load_records(&records_dir) {
+            next_port = next_port.max(rec.port + 1);
+            records.insert(key, rec);
+        }
+        if !records.is_empty() {
+            tracing::warn!(
+                "{} attachment(s) from a previous run have no interface now; \
+                 the runtime's DEL or GC releases them",
+                records.len()
+            );
+        }
+        let tables = Arc::new(ArcSwap::from_pointee(Tables::new(
+            config.node.pod_cidr,
+            gw,
+            mac_for(gw),
+        )));
+        let datapath = Datapath::start(tables.clone()).map_err(DaemonError::Datapath)?;
+        Ok(Arc::new(Daemon {
+            config,
+            tables,
+            datapath: Mutex::new(datapath),
+            state: Mutex::new(State {
+                ipam,
+                records,
+                next_port,
+            }),
+            records_dir,
+        }))
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave State half-changed in a way that matters
+        // more than refusing all further work would.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn datapath(&self) -> MutexGuard<'_, Datapath> {
+        self.datapath.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn publish(&self, st: &State) {
+        let ports = st.records.values().filter(|r| r.live).map(|r| PortEntry {
+            id: r.port,
+            mac: mac_for(r.ip),
+            ip: r.ip,
+        });
+        let next = self.tables.load().with_ports(ports);
+        self.tables.store(Arc::new(next));
+    }
+
+    fn response(&self, rec: &Record) -> AddResponse {
+        let gw = self.config.gateway();
+        let prefix = self.config.node.pod_cidr.prefix_len();
+        let d = &self.config.dns;
+        let dns = if d.nameservers.is_empty() {
+            Dns::default()
+        } else {
+            // What kubelet writes into a pod's resolv.conf for ClusterFirst.
+            let domain = &d.cluster_domain;
+            let mut search = Vec::new();
+            if let Some((ns, _)) = rec.pod.as_deref().and_then(|p| p.split_once('/')) {
+                search.push(format!("{ns}.svc.{domain}"));
+            }
+            search.push(format!("svc.{domain}"));
+            search.push(domain.clone());
+            Dns {
+                nameservers: d.nameservers.clone(),
+                domain: None,
+                search,
+                options: vec!["ndots:5".into()],
+            }
+        };
+        AddResponse {
+            ifname: rec.ifname.clone(),
+            mac: rec.mac.clone(),
+            netns: rec.netns.clone(),
+            address: IpNet::V4(Ipv4Net::new(rec.ip, prefix).unwrap_or(self.config.node.pod_cidr)),
+            gateway: IpAddr::V4(gw),
+            mtu: self.config.node.mtu,
+            routes: vec![Route {
+                dst: "0.0.0.0/0".parse().expect("literal"),
+                gw: Some(IpAddr::V4(gw)),
+            }],
+            dns,
+        }
+    }
+
+    pub fn add(&self, req: AddRequest) -> Result<AddResponse, ApiError> {
+        validate_ifname(&req.ifname)?;
+        if req.container_id.is_empty() {
+            return Err(api_err(code::INVALID_ENV, "CNI_CONTAINERID is empty", ""));
+        }
+        if !req.netns.is_absolute() {
+            return Err(api_err(
+                code::INVALID_ENV,
+                "CNI_NETNS must be an absolute path",
+                req.netns.display(),
+            ));
+        }
+        let key = Attachment {
+            container_id: req.container_id.clone(),
+            ifname: req.ifname.clone(),
+        };
+        let mut st = self.lock();
+        if st.records.contains_key(&key) {
+            // The spec has the runtime DEL before it ADDs the same attachment again.
+            return Err(api_err(
+                code::INTERFACE_EXISTS,
+                format!(
+                    "container {} already has interface {}; DEL it first",
+                    req.container_id, req.ifname
+                ),
+                "",
+            ));
+        }
+        let lease = st
+            .ipam
+            .allocate(&req.container_id, &req.ifname)
+            .map_err(|e| match e {
+                ipam::IpamError::Exhausted(_) => api_err(code::ADDRESSES_EXHAUSTED, e.to_string(), ""),
+                e => api_err(code::IO_FAILURE, "IPAM failed", e),
+            })?;
+        let mac = mac_for(lease.ip);
+        let want = PodInterface {
+            ifname: req.ifname.clone(),
+            mac,
+            address: Ipv4Net::new(lease.ip, self.config.node.pod_cidr.prefix_len())
+                .unwrap_or(self.config.node.pod_cidr),
+            gateway: self.config.gateway(),
+            mtu: self.config.node.mtu,
+        };
+        let tap = match netconfig::create_pod_interface(
+            &req.netns,
+            want,
+            self.config.datapath.offload,
+        ) {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = st.ipam.release(&req.container_id, &req.ifname);
+                return Err(match e {
+                    NetConfigError::Exists(_) => api_err(code::INTERFACE_EXISTS, e.to_string(), ""),
+                    NetConfigError::Netns(_) => api_err(code::NETNS_FAILURE, e.to_string(), ""),
+                    e => api_err(code::IO_FAILURE, "creating the pod interface failed", e),
+                });
+            }
+        };
+        let port = st.next_port;
+        st.next_port += 1;
+        let rec = Record {
+            container_id: req.container_id.clone(),
+            ifname: req.ifname.clone(),
+            netns: req.netns.clone(),
+            pod: match (&req.pod_namespace, &req.pod_name) {
+                (Some(ns), Some(n)) => Some(format!("{ns}/{n}")),
+                _ => None,
+            },
+            mac: mac.to_string(),
+            ip: lease.ip,
+            port,
+            live: true,
+            stats: Arc::new(PortStats::default()),
+        };
+        if let Err(e) = self.save_record(&rec) {
+            drop(tap);
+            let _ = st.ipam.release(&req.container_id, &req.ifname);
+            return Err(api_err(code::IO_FAILURE, "saving the attachment failed", e));
+        }
+        self.datapath().add_port(port, tap, rec.stats.clone());
+        let resp = self.response(&rec);
+        tracing::info!(
+            "attached {}/{} ({}) as port {port}: {} {}",
+            rec.container_id,
+            rec.ifname,
+            rec.pod.as_deref().unwrap_or("-"),
+            rec.ip,
+            rec.mac
+        );
+        st.records.insert(key, rec);
+        self.publish(&st);
+        Ok(resp)
+    }
+
+    pub fn del(&self, req: DelRequest) -> Result<(), ApiError> {
+        let key = Attachment {
+            container_id: req.container_id.clone(),
+            ifname: req.ifname.clone(),
+        };
+        let mut st = self.lock();
+        self.release(&mut st, &key)
+    }
+
+    /// Removes an attachment and everything it holds. Releasing nothing is success.
+    fn release(&self, st: &mut State, key: &Attachment) -> Result<(), ApiError> {
+        if let Some(rec) = st.records.remove(key) {
+            self.publish(st);
+            if rec.live {
+                self.datapath().remove_port(rec.port);
+            }
+            let path = self.record_path(key);
+            if let Err(e) = fs::remove_file(&path) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!("removing {}: {e}", path.display());
+                }
+            }
+            tracing::info!("detached {}/{} ({})", key.container_id, key.ifname, rec.ip);
+        }
+        st.ipam
+            .release(&key.container_id, &key.ifname)
+            .map_err(|e| api_err(code::IO_FAILURE, "IPAM release failed", e))?;
+        Ok(())
+    }
+
+    pub fn check(&self, req: CheckRequest) -> Result<AddResponse, ApiError> {
+        let key = Attachment {
+            container_id: req.container_id.clone(),
+            ifname: req.ifname.clone(),
+        };
+        let rec = {
+            let st = self.lock();
+            st.records.get(&key).cloned()
+        };
+        let Some(rec) = rec else {
+            return Err(api_err(
+                code::UNKNOWN_CONTAINER,
+                format!("no attachment {}/{}", req.container_id, req.ifname),
+                "",
+            ));
+        };
+        if !rec.live {
+            return Err(api_err(
+                code::CHECK_FAILED,
+                format!(
+                    "the switch lost port {} of {}/{} (daemon restarted)",
+                    rec.port, rec.container_id, rec.ifname
+                ),
+                "",
+            ));
+        }
+        let want = PodInterface {
+            ifname: rec.ifname.clone(),
+            mac: mac_for(rec.ip),
+            address: Ipv4Net::new(rec.ip, self.config.node.pod_cidr.prefix_len())
+                .unwrap_or(self.config.node.pod_cidr),
+            gateway: self.config.gateway(),
+            mtu: self.config.node.mtu,
+        };
+        netconfig::check_pod_interface(&req.netns, want).map_err(|e| match e {
+            NetConfigError::Netns(_) => api_err(code::NETNS_FAILURE, e.to_string(), ""),
+            e => api_err(code::CHECK_FAILED, e.to_string(), ""),
+        })?;
+        // The plugin compares this with the runtime's prevResult.
+        Ok(self.response(&rec))
+    }
+
+    pub fn gc(&self, req: GcRequest) -> Result<GcResponse, ApiError> {
+        let valid: std::collections::BTreeSet<Attachment> = req.valid.into_iter().collect();
+        let mut st = self.lock();
+        let mut stale: Vec<Attachment> = st
+            .records
+            .keys()
+            .filter(|k| !valid.contains(*k))
+            .cloned()
+            .collect();
+        // Leases without a record (a crash between lease and record) go too.
+        let leases = st
+            .ipam
+            .leases()
+            .map_err(|e| api_err(code::IO_FAILURE, "IPAM", e))?;
+        for l in leases {
+            let k = Attachment {
+                container_id: l.container_id,
+                ifname: l.ifname,
+            };
+            if !valid.contains(&k) && !stale.contains(&k) {
+                stale.push(k);
+            }
+        }
+        for k in &stale {
+            self.release(&mut st, k)?;
+        }
+        Ok(GcResponse { released: stale })
+    }
+
+    pub fn status(&self) -> Status {
+        let st = self.lock();
+        let gw = self.config.gateway();
+        Status {
+            node: self.config.node.name.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pod_cidr: self.config.pod_net(),
+            gateway: IpAddr::V4(gw),
+            gateway_mac: mac_for(gw).to_string(),
+            ports: st.records.values().filter(|r| r.live).count(),
+            ready: true,
+        }
+    }
+
+    pub fn ports(&self) -> PortsResponse {
+        let st = self.lock();
+        PortsResponse {
+            ports: st
+                .records
+                .values()
+                .map(|r| PortInfo {
+                    id: r.port,
+                    container_id: r.container_id.clone(),
+                    ifname: r.ifname.clone(),
+                    netns: r.netns.clone(),
+                    pod: r.pod.clone(),
+                    mac: r.mac.clone(),
+                    ip: IpAddr::V4(r.ip),
+                    counters: r.stats.snapshot(),
+                })
+                .collect(),
+            switch_drops: BTreeMap::new(),
+        }
+    }
+
+    /// Stops the datapath; pods' TAP devices go away with it.
+    pub fn shutdown(&self) {
+        self.datapath().shutdown();
+    }
+
+    fn record_path(&self, key: &Attachment) -> PathBuf {
+        // Container IDs are runtime-chosen; keep only a safe file name out of them.
+        let safe = |s: &str| -> String {
+            s.chars()
+                .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' })
+                .collect()
+        };
+        self.records_dir
+            .join(format!("{}@{}.json", safe(&key.container_id), safe(&key.ifname)))
+    }
+
+    fn save_record(&self, rec: &Record) -> std::io::Result<()> {
+        let key = Attachment {
+            container_id: rec.container_id.clone(),
+            ifname: rec.ifname.clone(),
+        };
+        let path = self.record_path(&key);
+        let tmp = path.with_extension("tmp");
+        fs::write(&tmp, serde_json::to_vec_pretty(rec)?)?;
+        fs::rename(&tmp, &path)
+    }
+}
+
+fn load_records(dir: &Path) -> Vec<(Attachment, Record)> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.extension().and_then(|x| x.to_str()) != Some("json") {
+            continue;
+        }
+        match fs::read(&path).map(|b| serde_json::from_slice::<Record>(&b)) {
+            Ok(Ok(rec)) => out.push((
+                Attachment {
+                    container_id: rec.container_id.clone(),
+                    ifname: rec.ifname.clone(),
+                },
+                rec,
+            )),
+            Ok(Err(err)) => tracing::warn!("ignoring unreadable record {}: {err}", path.display()),
+            Err(err) => tracing::warn!("ignoring unreadable record {}: {err}", path.display()),
+        }
+    }
+    out
+}
+
+fn validate_ifname(name: &str) -> Result<(), ApiError> {
+    let ok = !name.is_empty()
+        && name.len() < 16
+        && name != "."
+        && name != ".."
+        && !name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace() || c == '\0');
+    if ok {
+        Ok(())
+    } else {
+        Err(api_err(
+            code::INVALID_ENV,
+            format!("CNI_IFNAME {name:?} is not a valid interface name"),
+            "1-15 characters, no '/', ':' or whitespace",
+        ))
+    }
+}

@@ -1,0 +1,224 @@
+//! Configuring a pod's interface over netlink, inside the pod's network namespace.
+//!
+//! Each operation runs on a throw-away thread that has joined the pod's namespace (see
+//! `datapath::netns`): the TAP device is created there directly under its final name, so it
+//! never appears in the node's namespace and needs no rename; then a netlink socket opened on
+//! the same thread sets MAC, MTU, link up, the address and the default route via the node's
+//! gateway. Any failure drops the TAP handle, and the kernel deletes the device with it: a
+//! failed ADD leaves nothing behind.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+
+use futures::TryStreamExt;
+use ipnet::Ipv4Net;
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags};
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
+use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+
+use crate::datapath::netns;
+use crate::datapath::tap::Tap;
+use crate::wire::EthernetAddress;
+
+/// What an interface in a pod must look like.
+#[derive(Debug, Clone)]
+pub struct PodInterface {
+    pub ifname: String,
+    pub mac: EthernetAddress,
+    /// The pod's address with the pod CIDR's prefix length.
+    pub address: Ipv4Net,
+    pub gateway: Ipv4Addr,
+    pub mtu: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetConfigError {
+    #[error("interface {0} already exists in the pod's network namespace")]
+    Exists(String),
+    #[error("{0}")]
+    Netns(io::Error),
+    #[error("creating TAP device {name}: {source}")]
+    Tap { name: String, source: io::Error },
+    #[error("netlink: {0}")]
+    Netlink(String),
+    #[error("{0}")]
+    Mismatch(String),
+}
+
+fn netlink<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> NetConfigError {
+    move |e| NetConfigError::Netlink(format!("{what}: {e}"))
+}
+
+/// Runs an async netlink job on the current (namespace) thread.
+fn with_handle<T, F, Fut>(f: F) -> Result<T, NetConfigError>
+where
+    F: FnOnce(Handle) -> Fut,
+    Fut: std::future::Future<Output = Result<T, NetConfigError>>,
+{
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(netlink("starting netlink runtime"))?;
+    rt.block_on(async move {
+        let (conn, handle, _) =
+            rtnetlink::new_connection().map_err(netlink("opening netlink socket"))?;
+        let task = tokio::spawn(conn);
+        let r = f(handle).await;
+        task.abort();
+        r
+    })
+}
+
+/// Creates the pod's TAP interface in `netns_path` and configures it. The returned [`Tap`] is
+/// the switch's end of the port.
+pub fn create_pod_interface(
+    netns_path: &Path,
+    want: PodInterface,
+    offload: bool,
+) -> Result<Tap, NetConfigError> {
+    netns::run_in(netns_path, move || {
+        let tap = match Tap::create(&want.ifname, offload) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Ok(Err(NetConfigError::Exists(want.ifname.clone())))
+            }
+            Err(source) => {
+                return Ok(Err(NetConfigError::Tap {
+                    name: want.ifname.clone(),
+                    source,
+                }))
+            }
+        };
+        // On error `tap` is dropped here, which deletes the device.
+        Ok(configure(&want).map(|()| tap))
+    })
+    .map_err(NetConfigError::Netns)?
+}
+
+fn configure(want: &PodInterface) -> Result<(), NetConfigError> {
+    let index = crate::datapath::tap::interface_index(&want.ifname)
+        .ok_or_else(|| NetConfigError::Netlink(format!("{} vanished", want.ifname)))?;
+    let want = want.clone();
+    with_handle(|handle| async move {
+        handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .address(want.mac.0.to_vec())
+                    .mtu(want.mtu)
+                    .up()
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(netlink("setting MAC, MTU and link up"))?;
+        handle
+            .address()
+            .add(
+                index,
+                IpAddr::V4(want.address.addr()),
+                want.address.prefix_len(),
+            )
+            .execute()
+            .await
+            .map_err(netlink("adding address"))?;
+        let route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .gateway(want.gateway)
+            .output_interface(index)
+            .build();
+        handle
+            .route()
+            .add(route)
+            .execute()
+            .await
+            .map_err(netlink("adding default route"))?;
+        Ok(())
+    })
+}
+
+/// Checks the live interface in `netns_path` against what the switch gave it: present, up,
+/// the right MAC, the address, and the default route via the gateway.
+pub fn check_pod_interface(netns_path: &Path, want: PodInterface) -> Result<(), NetConfigError> {
+    netns::run_in(netns_path, move || Ok(check(&want)))
+        .map_err(NetConfigError::Netns)?
+}
+
+fn check(want: &PodInterface) -> Result<(), NetConfigError> {
+    let want = want.clone();
+    with_handle(|handle| async move {
+        let name = want.ifname.clone();
+        let link = handle
+            .link()
+            .get()
+            .match_name(name.clone())
+            .execute()
+            .try_next()
+            .await
+            .map_err(|_| NetConfigError::Mismatch(format!("interface {name} does not exist")))?
+            .ok_or_else(|| NetConfigError::Mismatch(format!("interface {name} does not exist")))?;
+        let index = link.header.index;
+        if !link.header.flags.contains(LinkFlags::Up) {
+            return Err(NetConfigError::Mismatch(format!("interface {name} is down")));
+        }
+        let mac = link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Address(m) => Some(m.clone()),
+            _ => None,
+        });
+        if mac.as_deref() != Some(&want.mac.0[..]) {
+            return Err(NetConfigError::Mismatch(format!(
+                "interface {name} has MAC {}, expected {}",
+                mac.map(|m| format!("{m:02x?}")).unwrap_or_default(),
+                want.mac
+            )));
+        }
+        let mut addrs = handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        let mut found = false;
+        while let Some(a) = addrs.try_next().await.map_err(netlink("listing addresses"))? {
+            let has = a.attributes.iter().any(|attr| {
+                matches!(attr, AddressAttribute::Address(IpAddr::V4(ip)) if *ip == want.address.addr())
+            });
+            if has && a.header.prefix_len == want.address.prefix_len() {
+                found = true;
+            }
+        }
+        if !found {
+            return Err(NetConfigError::Mismatch(format!(
+                "interface {name} does not have address {}",
+                want.address
+            )));
+        }
+        let mut routes = handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute();
+        let mut default_ok = false;
+        while let Some(r) = routes.try_next().await.map_err(netlink("listing routes"))? {
+            if r.header.destination_prefix_length != 0 {
+                continue;
+            }
+            let gw = r.attributes.iter().any(|a| {
+                matches!(a, RouteAttribute::Gateway(RouteAddress::Inet(g)) if *g == want.gateway)
+            });
+            let oif = r
+                .attributes
+                .iter()
+                .any(|a| matches!(a, RouteAttribute::Oif(i) if *i == index));
+            if gw && oif {
+                default_ok = true;
+            }
+        }
+        if !default_ok {
+            return Err(NetConfigError::Mismatch(format!(
+                "no default route via {} on {name}",
+                want.gateway
+            )));
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,73 @@
+//! Wiring of the daemon process: config, control plane, datapath, admin socket, signals.
+
+use std::path::Path;
+
+use conf::Config;
+
+use crate::control::{api, Daemon, DaemonError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Config(#[from] conf::ConfigError),
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
+    #[error("admin socket {path}: {source}")]
+    Socket {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("control-plane runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub fn run(config_path: &Path) -> Result<(), RunError> {
+    let config = Config::load(config_path)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .max_blocking_threads(64)
+        .enable_all()
+        .thread_name("vswitch-ctl")
+        .build()
+        .map_err(RunError::Runtime)?;
+    let socket = config.admin.socket.clone();
+    let daemon = Daemon::start(config)?;
+    let result = rt.block_on(async {
+        let listener = api::bind(&socket).map_err(|source| RunError::Socket {
+            path: socket.clone(),
+            source,
+        })?;
+        tracing::info!(
+            "vswitchd {} on node {} ({}), admin socket {}",
+            env!("CARGO_PKG_VERSION"),
+            daemon.config().node.name,
+            daemon.config().node.pod_cidr,
+            socket.display()
+        );
+        let app = api::router(daemon.clone());
+        let server = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
+        server.await.map_err(|source| RunError::Socket {
+            path: socket.clone(),
+            source,
+        })
+    });
+    tracing::info!("shutting down");
+    daemon.shutdown();
+    let _ = std::fs::remove_file(&socket);
+    result
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        // Without signal handlers we still serve; the process can be killed.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

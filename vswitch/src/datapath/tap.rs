@@ -1,0 +1,180 @@
+//! TAP devices: the thin I/O layer between the kernel and the switch.
+//!
+//! A pod port is a TAP device opened with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR and made
+//! non-blocking. With the virtio-net header on, and TUNSETOFFLOAD telling the kernel that we take
+//! partial checksums and TSO, one read returns a whole TCP super-frame (up to 64 KiB) with the
+//! header describing what is left to do; that is what lets a userspace switch move bytes at
+//! kernel speed. The device is created in the calling thread's network namespace (the namespace
+//! is fixed when /dev/net/tun is opened), so callers run [`Tap::create`] inside the pod's
+//! namespace and the file descriptor keeps working after they leave it.
+//!
+//! All `unsafe` of the datapath lives here; every block says why it is sound.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+/// Size of `struct virtio_net_hdr`, which the kernel puts before every frame (TUNSETVNETHDRSZ
+/// default; we set it explicitly).
+pub const VNET_HDR_LEN: usize = 10;
+
+/// A TAP device handle. Dropping it closes the queue; for a non-persistent device the kernel
+/// then deletes the interface, which is how a port is removed (and how a failed ADD is undone).
+#[derive(Debug)]
+pub struct Tap {
+    file: File,
+    name: String,
+    offload: bool,
+}
+
+#[repr(C)]
+struct IfReqFlags {
+    name: [libc::c_char; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+impl Tap {
+    /// Creates TAP device `name` in the calling thread's network namespace.
+    ///
+    /// Fails with `AlreadyExists` if an interface of that name exists (a TUNSETIFF on an existing
+    /// persistent TAP would silently attach to it instead).
+    pub fn create(name: &str, offload: bool) -> io::Result<Tap> {
+        if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(['/', ' ', '\0']) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{name:?} is not a valid interface name"),
+            ));
+        }
+        if interface_exists(name) {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("an interface named {name} already exists in the namespace"),
+            ));
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open("/dev/net/tun")?;
+        let mut req = IfReqFlags {
+            name: [0; libc::IFNAMSIZ],
+            flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short,
+            _pad: [0; 22],
+        };
+        for (d, s) in req.name.iter_mut().zip(name.bytes()) {
+            *d = s as libc::c_char;
+        }
+        // SAFETY: `file` is an open /dev/net/tun descriptor and `req` is a properly sized,
+        // initialised `struct ifreq` (name + flags, padded to the kernel's 40 bytes) that
+        // outlives the call; TUNSETIFF reads and writes only within it.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let hdr_len: libc::c_int = VNET_HDR_LEN as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads one c_int through the pointer, which points to a live
+        // local of that type.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &hdr_len) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut tap = Tap {
+            file,
+            name: name.to_string(),
+            offload: false,
+        };
+        if offload {
+            tap.set_offload(libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6)?;
+            tap.offload = true;
+        } else {
+            tap.set_offload(0)?;
+        }
+        Ok(tap)
+    }
+
+    fn set_offload(&self, flags: libc::c_uint) -> io::Result<()> {
+        // SAFETY: TUNSETOFFLOAD takes its argument by value (an unsigned long of flag bits);
+        // no memory is passed.
+        let rc = unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                libc::TUNSETOFFLOAD,
+                flags as libc::c_ulong,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether the kernel hands us (and accepts from us) checksum-partial TSO super-frames.
+    pub fn offload(&self) -> bool {
+        self.offload
+    }
+
+    /// Reads one frame, virtio-net header first. `WouldBlock` when the queue is empty.
+    pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: the pointer and length describe `buf`, which is valid for writes of
+        // `buf.len()` bytes for the duration of the call.
+        let n = unsafe {
+            libc::read(
+                self.file.as_raw_fd(),
+                buf.as_mut_ptr().cast::<libc::c_void>(),
+                buf.len(),
+            )
+        };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    /// Writes one frame, virtio-net header first.
+    pub fn send(&self, frame: &[u8]) -> io::Result<usize> {
+        // SAFETY: the pointer and length describe `frame`, valid for reads for the call.
+        let n = unsafe {
+            libc::write(
+                self.file.as_raw_fd(),
+                frame.as_ptr().cast::<libc::c_void>(),
+                frame.len(),
+            )
+        };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    pub fn into_fd(self) -> OwnedFd {
+        self.file.into()
+    }
+}
+
+impl AsRawFd for Tap {
+    fn as_raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
+/// Whether an interface of this name exists in the calling thread's network namespace.
+pub fn interface_exists(name: &str) -> bool {
+    interface_index(name).is_some()
+}
+
+/// The interface index of `name` in the calling thread's network namespace.
+pub fn interface_index(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: `c` is a valid NUL-terminated string that outlives the call; if_nametoindex only
+    // reads it.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (idx != 0).then_some(idx)
+}

@@ -1,0 +1,91 @@
+//! The switch's tables as one immutable snapshot.
+//!
+//! The control plane builds a new `Tables` for every change and publishes it with `arc-swap`;
+//! workers load it once per batch. Lookups are hash maps keyed by what the fast path has in
+//! hand (destination MAC, destination IP, ingress port).
+
+use std::net::Ipv4Addr;
+
+use hashbrown::HashMap;
+use ipnet::Ipv4Net;
+
+use super::PortId;
+use crate::wire::EthernetAddress;
+
+type Map<K, V> = HashMap<K, V, foldhash::fast::FixedState>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortEntry {
+    pub id: PortId,
+    pub mac: EthernetAddress,
+    pub ip: Ipv4Addr,
+}
+
+#[derive(Debug, Clone)]
+pub struct Tables {
+    /// Bumped on every publish; shown by the admin API.
+    pub version: u64,
+    pub pod_cidr: Ipv4Net,
+    pub gateway_ip: Ipv4Addr,
+    pub gateway_mac: EthernetAddress,
+    ports: Map<PortId, PortEntry>,
+    by_mac: Map<EthernetAddress, PortId>,
+    by_ip: Map<Ipv4Addr, PortId>,
+}
+
+impl Tables {
+    pub fn new(pod_cidr: Ipv4Net, gateway_ip: Ipv4Addr, gateway_mac: EthernetAddress) -> Self {
+        Tables {
+            version: 0,
+            pod_cidr,
+            gateway_ip,
+            gateway_mac,
+            ports: Map::default(),
+            by_mac: Map::default(),
+            by_ip: Map::default(),
+        }
+    }
+
+    /// A copy of these tables with the given ports and a new version.
+    pub fn with_ports(&self, ports: impl IntoIterator<Item = PortEntry>) -> Self {
+        let mut t = Tables {
+            version: self.version + 1,
+            ports: Map::default(),
+            by_mac: Map::default(),
+            by_ip: Map::default(),
+            ..self.clone()
+        };
+        for p in ports {
+            t.by_mac.insert(p.mac, p.id);
+            t.by_ip.insert(p.ip, p.id);
+            t.ports.insert(p.id, p);
+        }
+        t
+    }
+
+    #[inline]
+    pub fn port(&self, id: PortId) -> Option<&PortEntry> {
+        self.ports.get(&id)
+    }
+
+    #[inline]
+    pub fn port_by_mac(&self, mac: EthernetAddress) -> Option<&PortEntry> {
+        self.by_mac.get(&mac).and_then(|id| self.ports.get(id))
+    }
+
+    #[inline]
+    pub fn port_by_ip(&self, ip: Ipv4Addr) -> Option<&PortEntry> {
+        self.by_ip.get(&ip).and_then(|id| self.ports.get(id))
+    }
+
+    pub fn ports(&self) -> impl Iterator<Item = &PortEntry> {
+        self.ports.values()
+    }
+}
+
+/// The MAC the switch gives an address: 0a:58 followed by the IPv4 address, as OVN-Kubernetes
+/// does. Locally administered, unicast, stable across restarts, unique within the cluster.
+pub fn mac_for(ip: Ipv4Addr) -> EthernetAddress {
+    let o = ip.octets();
+    EthernetAddress([0x0a, 0x58, o[0], o[1], o[2], o[3]])
+}
