@@ -17,6 +17,10 @@ pub const PATH_CNI_CHECK: &str = "/v1/cni/check";
 pub const PATH_CNI_GC: &str = "/v1/cni/gc";
 pub const PATH_STATUS: &str = "/v1/status";
 pub const PATH_PORTS: &str = "/v1/ports";
+/// GET lists, POST adds or replaces one peer (by name).
+pub const PATH_PEERS: &str = "/v1/peers";
+/// DELETE removes the named peer: `/v1/peers/{name}`.
+pub const PATH_PEER_PREFIX: &str = "/v1/peers/";
 
 /// CNI error codes (CNI spec 1.1.0, "Error" section).
 pub mod code {
@@ -178,4 +182,17 @@ pub struct PortsResponse {
     pub ports: Vec<PortInfo>,
     /// Drops not attributable to a port (e.g. a frame for a port that just went away).
     pub switch_drops: BTreeMap<String, u64>,
+    /// The VXLAN underlay's counters (datagrams), when the overlay is on.
+    #[serde(default)]
+    pub underlay: Option<PortCounters>,
+}
+
+/// The overlay's settings and peers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PeersResponse {
+    pub underlay_ip: Option<IpAddr>,
+    pub port: u16,
+    pub vni: u32,
+    pub vtep_mac: String,
+    pub peers: Vec<crate::config::PeerSpec>,
 }

@@ -182,7 +182,8 @@ mod tests {
     fn parses_plain_and_chunked() {
         let r = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
         assert_eq!(parse_response(r).unwrap(), (200, b"{}".to_vec()));
-        let r = b"HTTP/1.1 500 X\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
+        let r =
+            b"HTTP/1.1 500 X\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
         assert_eq!(parse_response(r).unwrap(), (500, b"abcde".to_vec()));
         assert!(parse_response(b"garbage").is_err());
         assert!(parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n{}").is_err());

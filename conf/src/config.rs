@@ -46,6 +46,11 @@ pub struct Config {
     pub datapath: DatapathConfig,
     #[serde(default)]
     pub dns: DnsConfig,
+    #[serde(default)]
+    pub overlay: OverlayConfig,
+    /// Other nodes and their pod CIDRs (static mode; also changed at runtime via the admin API).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<PeerSpec>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -145,6 +150,130 @@ impl Default for DnsConfig {
     }
 }
 
+/// The VXLAN overlay to other nodes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OverlayConfig {
+    /// This node's underlay address: VXLAN is sent from it and received on it. Required when
+    /// there are peers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub underlay_ip: Option<IpAddr>,
+    /// UDP port of VXLAN (8472 as flannel and Linux's default; 4789 is the IANA port).
+    #[serde(default = "default_vxlan_port")]
+    pub port: u16,
+    /// VXLAN network identifier (flannel uses 1).
+    #[serde(default = "default_vni")]
+    pub vni: u32,
+    /// This node's VTEP MAC, the inner destination MAC peers use. Default: derived from the
+    /// underlay address (0e:58 + IPv4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vtep_mac: Option<String>,
+    /// MTU of the underlay path; pod packets larger than this minus 50 cannot cross.
+    #[serde(default = "default_underlay_mtu")]
+    pub underlay_mtu: u32,
+}
+
+fn default_vxlan_port() -> u16 {
+    8472
+}
+fn default_vni() -> u32 {
+    1
+}
+fn default_underlay_mtu() -> u32 {
+    1500
+}
+
+impl Default for OverlayConfig {
+    fn default() -> Self {
+        OverlayConfig {
+            underlay_ip: None,
+            port: default_vxlan_port(),
+            vni: default_vni(),
+            vtep_mac: None,
+            underlay_mtu: default_underlay_mtu(),
+        }
+    }
+}
+
+/// A peer node: where its pods live and how to reach it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PeerSpec {
+    pub name: String,
+    pub underlay_ip: IpAddr,
+    /// Its VTEP MAC (for a flannel node: the MAC of flannel.1, from the
+    /// flannel.alpha.coreos.com/backend-data annotation).
+    pub vtep_mac: String,
+    pub pod_cidrs: Vec<Ipv4Net>,
+}
+
+impl PeerSpec {
+    /// Checks one peer; `field` is where it sits (e.g. `peers[2]`).
+    pub fn validate(&self, field: &'static str) -> Result<[u8; 6], ConfigError> {
+        if self.name.is_empty() || self.name.len() > 253 {
+            return Err(invalid(field, "name must be 1 to 253 characters"));
+        }
+        let mac = parse_mac(&self.vtep_mac).ok_or_else(|| {
+            invalid(
+                field,
+                format!(
+                    "peer {}: vtep_mac {:?} is not a MAC like 0e:58:c0:a8:64:02",
+                    self.name, self.vtep_mac
+                ),
+            )
+        })?;
+        if mac[0] & 1 == 1 || mac == [0; 6] {
+            return Err(invalid(
+                field,
+                format!("peer {}: vtep_mac must be a unicast MAC", self.name),
+            ));
+        }
+        if self.pod_cidrs.is_empty() {
+            return Err(invalid(
+                field,
+                format!("peer {}: pod_cidrs is empty", self.name),
+            ));
+        }
+        for c in &self.pod_cidrs {
+            if *c != c.trunc() {
+                return Err(invalid(
+                    field,
+                    format!("peer {}: pod CIDR {c} has host bits set", self.name),
+                ));
+            }
+        }
+        Ok(mac)
+    }
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff` (or with dashes).
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split([':', '-']);
+    for b in out.iter_mut() {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+/// The VTEP MAC derived from an underlay address when none is configured.
+pub fn default_vtep_mac(underlay: IpAddr) -> [u8; 6] {
+    match underlay {
+        IpAddr::V4(a) => {
+            let o = a.octets();
+            [0x0e, 0x58, o[0], o[1], o[2], o[3]]
+        }
+        IpAddr::V6(a) => {
+            let o = a.octets();
+            [0x0e, 0x58, o[12], o[13], o[14], o[15]]
+        }
+    }
+}
+
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -218,6 +347,52 @@ impl Config {
                 format!("{} is out of range 1..=64", self.datapath.workers),
             ));
         }
+        let o = &self.overlay;
+        if o.port == 0 {
+            return Err(invalid("overlay.port", "must not be 0"));
+        }
+        if o.vni >= 1 << 24 {
+            return Err(invalid(
+                "overlay.vni",
+                format!("{} does not fit in 24 bits", o.vni),
+            ));
+        }
+        if let Some(m) = &o.vtep_mac {
+            match parse_mac(m) {
+                Some(b) if b[0] & 1 == 0 && b != [0; 6] => {}
+                _ => {
+                    return Err(invalid(
+                        "overlay.vtep_mac",
+                        format!("{m:?} is not a unicast MAC like 0e:58:c0:a8:64:01"),
+                    ))
+                }
+            }
+        }
+        if !(1280..=65_535).contains(&o.underlay_mtu) {
+            return Err(invalid(
+                "overlay.underlay_mtu",
+                format!("{} is out of range 1280..=65535", o.underlay_mtu),
+            ));
+        }
+        if !self.peers.is_empty() {
+            if o.underlay_ip.is_none() {
+                return Err(invalid(
+                    "overlay.underlay_ip",
+                    "is required when peers are configured",
+                ));
+            }
+            if n.mtu + 50 > o.underlay_mtu {
+                return Err(invalid(
+                    "node.mtu",
+                    format!(
+                        "{} is larger than overlay.underlay_mtu - 50 ({}): pod packets would not fit in VXLAN",
+                        n.mtu,
+                        o.underlay_mtu - 50
+                    ),
+                ));
+            }
+        }
+        self.validate_peers()?;
         let d = &self.dns.cluster_domain;
         if d.is_empty() || d.starts_with('.') || d.ends_with('.') || d.contains("..") {
             return Err(invalid(
@@ -226,6 +401,53 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// Checks the peers against each other and this node.
+    pub fn validate_peers(&self) -> Result<(), ConfigError> {
+        for (i, p) in self.peers.iter().enumerate() {
+            p.validate("peers")?;
+            if self.peers[..i].iter().any(|q| q.name == p.name) {
+                return Err(invalid("peers", format!("peer {} is listed twice", p.name)));
+            }
+            if p.name == self.node.name {
+                return Err(invalid("peers", format!("peer {} is this node", p.name)));
+            }
+            if Some(p.underlay_ip) == self.overlay.underlay_ip {
+                return Err(invalid(
+                    "peers",
+                    format!(
+                        "peer {}: underlay_ip {} is this node's",
+                        p.name, p.underlay_ip
+                    ),
+                ));
+            }
+            for c in &p.pod_cidrs {
+                let own = self.node.pod_cidr;
+                if c.contains(&own.network()) || own.contains(&c.network()) {
+                    return Err(invalid(
+                        "peers",
+                        format!("peer {}: pod CIDR {c} overlaps this node's {own}", p.name),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// This node's VTEP MAC.
+    pub fn vtep_mac(&self) -> [u8; 6] {
+        self.overlay
+            .vtep_mac
+            .as_deref()
+            .and_then(parse_mac)
+            .unwrap_or_else(|| {
+                default_vtep_mac(
+                    self.overlay
+                        .underlay_ip
+                        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+                )
+            })
     }
 
     /// The pods' gateway address.
@@ -275,16 +497,55 @@ mod tests {
             field_of("[node]\nname = \"n1\"\npod_cidr = \"10.244.1.0/30\"\n"),
             "node.pod_cidr"
         );
-        assert_eq!(field_of(&format!("{MIN}gateway = \"10.9.0.1\"\n")), "node.gateway");
+        assert_eq!(
+            field_of(&format!("{MIN}gateway = \"10.9.0.1\"\n")),
+            "node.gateway"
+        );
         assert_eq!(field_of(&format!("{MIN}mtu = 100\n")), "node.mtu");
-        assert_eq!(field_of(&format!("{MIN}state_dir = \"rel\"\n")), "node.state_dir");
-        assert_eq!(field_of(&format!("{MIN}[datapath]\nworkers = 0\n")), "datapath.workers");
+        assert_eq!(
+            field_of(&format!("{MIN}state_dir = \"rel\"\n")),
+            "node.state_dir"
+        );
+        assert_eq!(
+            field_of(&format!("{MIN}[datapath]\nworkers = 0\n")),
+            "datapath.workers"
+        );
         assert_eq!(
             field_of(&format!("{MIN}[dns]\ncluster_domain = \".x\"\n")),
             "dns.cluster_domain"
         );
         let unknown = field_of(&format!("{MIN}colour = \"red\"\n"));
         assert!(unknown.contains("colour"), "{unknown}");
+        let peer = "[[peers]]\nname = \"n2\"\nunderlay_ip = \"192.168.1.2\"\nvtep_mac = \"0e:58:c0:a8:01:02\"\npod_cidrs = [\"10.244.2.0/24\"]\n";
+        assert_eq!(field_of(&format!("{MIN}{peer}")), "overlay.underlay_ip");
+        let ov = "[overlay]\nunderlay_ip = \"192.168.1.1\"\n";
+        assert!(Config::parse(&format!("{MIN}{ov}{peer}")).is_ok());
+        assert_eq!(
+            field_of(&format!("{MIN}mtu = 1480\n{ov}{peer}")),
+            "node.mtu"
+        );
+        assert_eq!(
+            field_of(&format!("{MIN}[overlay]\nvni = 16777216\n")),
+            "overlay.vni"
+        );
+        assert_eq!(
+            field_of(&format!(
+                "{MIN}[overlay]\nvtep_mac = \"01:00:00:00:00:01\"\n"
+            )),
+            "overlay.vtep_mac"
+        );
+        assert_eq!(
+            field_of(&format!(
+                "{MIN}{ov}{}",
+                peer.replace("10.244.2.0/24", "10.244.0.0/16")
+            )),
+            "peers"
+        );
+        assert_eq!(
+            field_of(&format!("{MIN}{ov}{}", peer.replace("0e:58", "zz:58"))),
+            "peers"
+        );
+        assert_eq!(field_of(&format!("{MIN}{ov}{peer}{peer}")), "peers");
         let bad_cidr = field_of("[node]\nname = \"n1\"\npod_cidr = \"10.244.1.0/33\"\n");
         assert!(bad_cidr.contains("pod_cidr"), "{bad_cidr}");
     }

@@ -94,7 +94,10 @@ impl NetConf {
         }
         if let Some(s) = &self.socket {
             if !s.is_absolute() {
-                return err("socket", format!("{} must be an absolute path", s.display()));
+                return err(
+                    "socket",
+                    format!("{} must be an absolute path", s.display()),
+                );
             }
         }
         Ok(())

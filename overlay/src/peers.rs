@@ -150,13 +150,23 @@ mod tests {
     fn routes_by_longest_prefix_and_knows_underlays() {
         let t = PeerTable::new(vec![
             peer("n2", [192, 168, 100, 2], &["10.244.2.0/24"]),
-            peer("n3", [192, 168, 100, 3], &["10.244.3.0/24", "10.250.0.0/16"]),
+            peer(
+                "n3",
+                [192, 168, 100, 3],
+                &["10.244.3.0/24", "10.250.0.0/16"],
+            ),
         ])
         .unwrap();
-        assert_eq!(t.route("10.244.2.77".parse().unwrap()).unwrap().1.name, "n2");
+        assert_eq!(
+            t.route("10.244.2.77".parse().unwrap()).unwrap().1.name,
+            "n2"
+        );
         assert_eq!(t.route("10.250.9.1".parse().unwrap()).unwrap().1.name, "n3");
         assert!(t.route("10.244.4.1".parse().unwrap()).is_none());
-        assert_eq!(t.by_underlay("192.168.100.3".parse().unwrap()).unwrap().0, 1);
+        assert_eq!(
+            t.by_underlay("192.168.100.3".parse().unwrap()).unwrap().0,
+            1
+        );
         assert!(t.by_underlay("192.168.100.9".parse().unwrap()).is_none());
     }
 

@@ -111,8 +111,14 @@ mod tests {
 
     #[test]
     fn rejects_short_and_flagless() {
-        assert_eq!(VxlanHeader::new_checked(&VNI1[..7]), Err(VxlanError::Truncated));
-        assert_eq!(VxlanHeader::new_checked(&[0u8; 8][..]), Err(VxlanError::NoVni));
+        assert_eq!(
+            VxlanHeader::new_checked(&VNI1[..7]),
+            Err(VxlanError::Truncated)
+        );
+        assert_eq!(
+            VxlanHeader::new_checked(&[0u8; 8][..]),
+            Err(VxlanError::NoVni)
+        );
     }
 
     proptest! {

@@ -5,14 +5,35 @@
 
 use std::path::Path;
 
-use conf::config::{AdminConfig, Config, DatapathConfig, DnsConfig, NodeConfig};
+use conf::config::{
+    default_vtep_mac, AdminConfig, Config, DatapathConfig, DnsConfig, NodeConfig, OverlayConfig,
+    PeerSpec,
+};
 use conf::netconf::NetConf;
 
 use crate::spec::POD_MTU;
 use crate::{LabError, Node};
 
-/// vswitchd's configuration for a node.
-pub(crate) fn daemon_config(node: &Node) -> Config {
+/// vswitchd's configuration for a node: every other node of the lab is a peer (full mesh over
+/// the fabric).
+pub(crate) fn daemon_config(node: &Node, all: &[Node]) -> Config {
+    let mac = |ip| {
+        let m = default_vtep_mac(ip);
+        m.iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    let peers = all
+        .iter()
+        .filter(|n| n.index != node.index)
+        .map(|n| PeerSpec {
+            name: n.name.clone(),
+            underlay_ip: n.underlay_ip.into(),
+            vtep_mac: mac(n.underlay_ip.into()),
+            pod_cidrs: vec![n.pod_cidr],
+        })
+        .collect();
     Config {
         node: NodeConfig {
             name: node.name.clone(),
@@ -26,16 +47,22 @@ pub(crate) fn daemon_config(node: &Node) -> Config {
         },
         datapath: DatapathConfig::default(),
         dns: DnsConfig::default(),
+        overlay: OverlayConfig {
+            underlay_ip: Some(node.underlay_ip.into()),
+            underlay_mtu: crate::spec::UNDERLAY_MTU,
+            ..OverlayConfig::default()
+        },
+        peers,
     }
 }
 
 /// The config as TOML, checked with the daemon's own parser.
-pub(crate) fn render_config(node: &Node) -> Result<String, LabError> {
+pub(crate) fn render_config(node: &Node, all: &[Node]) -> Result<String, LabError> {
     let bad = |reason: String| LabError::BadConfig {
         node: node.name.clone(),
         reason,
     };
-    let config = daemon_config(node);
+    let config = daemon_config(node, all);
     let body = toml::to_string(&config).map_err(|e| bad(e.to_string()))?;
     let text = format!(
         "# vswitchd config for lab node {}, written by vswitch-lab.\n\n{body}",
@@ -75,12 +102,18 @@ mod tests {
 
     #[test]
     fn config_is_valid_for_the_daemon() {
-        let node = Node::plan(Names("vsl"), 3, &PathBuf::from("/run/vswitch-lab/vsl"));
-        let text = render_config(&node).unwrap();
+        let all: Vec<Node> = (1..=3)
+            .map(|i| Node::plan(Names("vsl"), i, &PathBuf::from("/run/vswitch-lab/vsl")))
+            .collect();
+        let node = all[2].clone();
+        let text = render_config(&node, &all).unwrap();
         let c = Config::parse(&text).unwrap();
         assert_eq!(c.node.name, "vsl-n3");
         assert_eq!(c.node.pod_cidr.to_string(), "10.244.3.0/24");
         assert_eq!(c.node.mtu, 1450);
+        assert_eq!(c.peers.len(), 2, "full mesh: the other two nodes");
+        assert_eq!(c.peers[0].pod_cidrs[0].to_string(), "10.244.1.0/24");
+        assert_eq!(c.overlay.underlay_ip, Some(node.underlay_ip.into()));
         assert_eq!(c.gateway().to_string(), "10.244.3.1");
         assert_eq!(
             c.node.state_dir,

@@ -322,12 +322,14 @@ impl Lab {
         sys::ip(&["-n", &fab, "link", "set", spec::FABRIC_BRIDGE, "up"])?;
 
         let names = Names(&spec.name);
+        let planned: Vec<Node> = (1..=spec.nodes)
+            .map(|i| Node::plan(names, i, &self.dir))
+            .collect();
         let mut daemons: Vec<(usize, Child, Instant)> = Vec::new();
-        for i in 1..=spec.nodes {
-            let node = Node::plan(names, i, &self.dir);
+        for node in &planned {
             self.nodes.push(node.clone());
             self.save()?;
-            self.build_node(&node)?;
+            self.build_node(node, &planned)?;
             let child = sys::spawn_daemon(&node.netns, &bins.vswitchd, &node.config, &node.log)?;
             let pid = child.id();
             let idx = self.nodes.len() - 1;
@@ -349,7 +351,7 @@ impl Lab {
     }
 
     /// Node namespace, its underlay link to the fabric, and its files.
-    fn build_node(&self, node: &Node) -> Result<(), LabError> {
+    fn build_node(&self, node: &Node, all: &[Node]) -> Result<(), LabError> {
         let ns = node.netns.as_str();
         let port = Names(&self.name).fabric_port(node.index);
         sys::ip(&["netns", "add", ns])?;
@@ -396,7 +398,7 @@ impl Lab {
         ])?;
         let state_dir = node.dir.join("state");
         fs::create_dir_all(&state_dir).map_err(|e| LabError::io(&state_dir, e))?;
-        write(&node.config, files::render_config(node)?)?;
+        write(&node.config, files::render_config(node, all)?)?;
         write(
             &node.cni_netconf,
             files::render_netconf(&self.name, &node.admin_socket)?,

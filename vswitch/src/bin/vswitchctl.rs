@@ -8,7 +8,11 @@ use conf::api::{self, PortsResponse, Status};
 use conf::client::Client;
 
 #[derive(Parser)]
-#[command(name = "vswitchctl", version, about = "Inspect and control a running vswitchd")]
+#[command(
+    name = "vswitchctl",
+    version,
+    about = "Inspect and control a running vswitchd"
+)]
 struct Args {
     /// The daemon's admin socket.
     #[arg(long, short, global = true, default_value = conf::config::DEFAULT_SOCKET)]
@@ -54,8 +58,12 @@ fn main() -> ExitCode {
                 );
                 for p in &r.ports {
                     let who = p.pod.clone().unwrap_or_else(|| p.container_id.clone());
-                    let drops: Vec<String> =
-                        p.counters.drops.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    let drops: Vec<String> = p
+                        .counters
+                        .drops
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect();
                     println!(
                         "{:>4}  {:<28} {:<8} {:<15} {:<17} {:>10} {:>10}  {}",
                         p.id,
@@ -65,7 +73,11 @@ fn main() -> ExitCode {
                         p.mac,
                         p.counters.rx_packets,
                         p.counters.tx_packets,
-                        if drops.is_empty() { "-".into() } else { drops.join(" ") }
+                        if drops.is_empty() {
+                            "-".into()
+                        } else {
+                            drops.join(" ")
+                        }
                     );
                 }
             }

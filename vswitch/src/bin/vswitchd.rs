@@ -6,7 +6,11 @@ use std::process::ExitCode;
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "vswitchd", version, about = "Userspace virtual switch for Kubernetes pod networking")]
+#[command(
+    name = "vswitchd",
+    version,
+    about = "Userspace virtual switch for Kubernetes pod networking"
+)]
 struct Args {
     /// The daemon's configuration file (TOML; see README).
     #[arg(long, short)]

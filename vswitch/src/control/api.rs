@@ -6,14 +6,14 @@
 
 use std::io;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
+use axum::extract::Path;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use conf::api::{self, code, ApiError};
 
@@ -118,12 +118,32 @@ pub fn router(d: Arc<Daemon>) -> Router {
                 blocking(move || Ok(d.ports())).await
             }),
         )
+        .route(
+            api::PATH_PEERS,
+            get(|State(d): State<Arc<Daemon>>| async move {
+                blocking(move || Ok(d.peers())).await
+            })
+            .post(
+                |State(d): State<Arc<Daemon>>, req: Result<Json<conf::config::PeerSpec>, JsonRejection>| async move {
+                    let req = body(req)?;
+                    blocking(move || d.set_peer(req)).await
+                },
+            ),
+        )
+        .route(
+            "/v1/peers/{name}",
+            delete(
+                |State(d): State<Arc<Daemon>>, Path(name): Path<String>| async move {
+                    blocking(move || d.remove_peer(&name)).await
+                },
+            ),
+        )
         .with_state(d)
 }
 
 /// Binds the admin socket: the directory is created, a stale socket replaced, and the socket
 /// is made 0600 before anyone can connect (the umask is narrowed around bind).
-pub fn bind(path: &Path) -> io::Result<tokio::net::UnixListener> {
+pub fn bind(path: &std::path::Path) -> io::Result<tokio::net::UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }

@@ -178,21 +178,38 @@ mod tests {
             assert!(seen.insert(l.ip), "{} handed out twice", l.ip);
         }
         // Same attachment again: same address.
-        assert_eq!(ipam.allocate("c0", "eth0").unwrap().ip, Ipv4Addr::new(10, 1, 0, 2));
-        assert!(matches!(ipam.allocate("c9", "eth0"), Err(IpamError::Exhausted(_))));
+        assert_eq!(
+            ipam.allocate("c0", "eth0").unwrap().ip,
+            Ipv4Addr::new(10, 1, 0, 2)
+        );
+        assert!(matches!(
+            ipam.allocate("c9", "eth0"),
+            Err(IpamError::Exhausted(_))
+        ));
         // A restart sees the same leases.
         let ipam = Ipam::open(&dir, net, gw).unwrap();
         assert_eq!(ipam.leases().unwrap().len(), 5);
-        assert_eq!(ipam.release("c3", "eth0").unwrap(), Some(Ipv4Addr::new(10, 1, 0, 5)));
+        assert_eq!(
+            ipam.release("c3", "eth0").unwrap(),
+            Some(Ipv4Addr::new(10, 1, 0, 5))
+        );
         assert_eq!(ipam.release("c3", "eth0").unwrap(), None);
-        assert_eq!(ipam.allocate("c10", "eth0").unwrap().ip, Ipv4Addr::new(10, 1, 0, 5));
+        assert_eq!(
+            ipam.allocate("c10", "eth0").unwrap().ip,
+            Ipv4Addr::new(10, 1, 0, 5)
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn round_robin_does_not_reuse_a_released_address_at_once() {
         let dir = tmp("rr");
-        let ipam = Ipam::open(&dir, "10.2.0.0/24".parse().unwrap(), Ipv4Addr::new(10, 2, 0, 1)).unwrap();
+        let ipam = Ipam::open(
+            &dir,
+            "10.2.0.0/24".parse().unwrap(),
+            Ipv4Addr::new(10, 2, 0, 1),
+        )
+        .unwrap();
         let a = ipam.allocate("a", "eth0").unwrap().ip;
         ipam.release("a", "eth0").unwrap();
         let b = ipam.allocate("b", "eth0").unwrap().ip;

@@ -21,17 +21,21 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
 use conf::api::{
-    code, AddRequest, AddResponse, ApiError, Attachment, CheckRequest, DelRequest, Dns,
-    GcRequest, GcResponse, PortInfo, PortsResponse, Route, Status,
+    code, AddRequest, AddResponse, ApiError, Attachment, CheckRequest, DelRequest, Dns, GcRequest,
+    GcResponse, PeersResponse, PortInfo, PortsResponse, Route, Status,
 };
+use conf::config::PeerSpec;
 use conf::Config;
 use ipnet::{IpNet, Ipv4Net};
+use overlay::{Peer, PeerTable};
 use serde::{Deserialize, Serialize};
 
 use crate::datapath::stats::PortStats;
+use crate::datapath::underlay::Underlay;
 use crate::datapath::Datapath;
 use crate::pipeline::tables::mac_for;
 use crate::pipeline::{PortEntry, PortId, Tables};
+use crate::wire::EthernetAddress;
 use ipam::Ipam;
 use netconfig::{NetConfigError, PodInterface};
 
@@ -58,6 +62,8 @@ struct State {
     ipam: Ipam,
     records: BTreeMap<Attachment, Record>,
     next_port: PortId,
+    /// The peers as configured (file, then admin API), in the order given.
+    peers: Vec<PeerSpec>,
 }
 
 pub struct Daemon {
@@ -66,6 +72,7 @@ pub struct Daemon {
     datapath: Mutex<Datapath>,
     state: Mutex<State>,
     records_dir: PathBuf,
+    underlay_stats: Arc<PortStats>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +86,10 @@ pub enum DaemonError {
     Ipam(#[from] ipam::IpamError),
     #[error("starting the datapath: {0}")]
     Datapath(std::io::Error),
+    #[error("overlay: {0}")]
+    Underlay(std::io::Error),
+    #[error("peers: {0}")]
+    Peers(String),
 }
 
 fn api_err(code: u32, msg: impl Into<String>, details: impl std::fmt::Display) -> ApiError {
@@ -108,12 +119,22 @@ impl Daemon {
                 records.len()
             );
         }
-        let tables = Arc::new(ArcSwap::from_pointee(Tables::new(
-            config.node.pod_cidr,
-            gw,
-            mac_for(gw),
-        )));
-        let datapath = Datapath::start(tables.clone()).map_err(DaemonError::Datapath)?;
+        let mut tables = Tables::new(config.node.pod_cidr, gw, mac_for(gw));
+        tables.vtep_mac = EthernetAddress(config.vtep_mac());
+        tables.overlay_mtu = (config.overlay.underlay_mtu - 50).min(u16::MAX as u32) as u16;
+        tables.peers = peer_table(&config.peers).map_err(|e| DaemonError::Peers(e.msg))?;
+        let tables = Arc::new(ArcSwap::from_pointee(tables));
+        let underlay = match config.overlay.underlay_ip {
+            Some(ip) => Some(
+                Underlay::bind(ip, config.overlay.port, config.overlay.vni)
+                    .map_err(DaemonError::Underlay)?,
+            ),
+            None => None,
+        };
+        let underlay_stats = Arc::new(PortStats::default());
+        let datapath = Datapath::start(tables.clone(), underlay, underlay_stats.clone())
+            .map_err(DaemonError::Datapath)?;
+        let peers = config.peers.clone();
         Ok(Arc::new(Daemon {
             config,
             tables,
@@ -122,8 +143,10 @@ impl Daemon {
                 ipam,
                 records,
                 next_port,
+                peers,
             }),
             records_dir,
+            underlay_stats,
         }))
     }
 
@@ -220,7 +243,9 @@ impl Daemon {
             .ipam
             .allocate(&req.container_id, &req.ifname)
             .map_err(|e| match e {
-                ipam::IpamError::Exhausted(_) => api_err(code::ADDRESSES_EXHAUSTED, e.to_string(), ""),
+                ipam::IpamError::Exhausted(_) => {
+                    api_err(code::ADDRESSES_EXHAUSTED, e.to_string(), "")
+                }
                 e => api_err(code::IO_FAILURE, "IPAM failed", e),
             })?;
         let mac = mac_for(lease.ip);
@@ -232,21 +257,20 @@ impl Daemon {
             gateway: self.config.gateway(),
             mtu: self.config.node.mtu,
         };
-        let tap = match netconfig::create_pod_interface(
-            &req.netns,
-            want,
-            self.config.datapath.offload,
-        ) {
-            Ok(t) => t,
-            Err(e) => {
-                let _ = st.ipam.release(&req.container_id, &req.ifname);
-                return Err(match e {
-                    NetConfigError::Exists(_) => api_err(code::INTERFACE_EXISTS, e.to_string(), ""),
-                    NetConfigError::Netns(_) => api_err(code::NETNS_FAILURE, e.to_string(), ""),
-                    e => api_err(code::IO_FAILURE, "creating the pod interface failed", e),
-                });
-            }
-        };
+        let tap =
+            match netconfig::create_pod_interface(&req.netns, want, self.config.datapath.offload) {
+                Ok(t) => t,
+                Err(e) => {
+                    let _ = st.ipam.release(&req.container_id, &req.ifname);
+                    return Err(match e {
+                        NetConfigError::Exists(_) => {
+                            api_err(code::INTERFACE_EXISTS, e.to_string(), "")
+                        }
+                        NetConfigError::Netns(_) => api_err(code::NETNS_FAILURE, e.to_string(), ""),
+                        e => api_err(code::IO_FAILURE, "creating the pod interface failed", e),
+                    });
+                }
+            };
         let port = st.next_port;
         st.next_port += 1;
         let rec = Record {
@@ -416,7 +440,87 @@ impl Daemon {
                 })
                 .collect(),
             switch_drops: BTreeMap::new(),
+            underlay: self
+                .config
+                .overlay
+                .underlay_ip
+                .map(|_| self.underlay_stats.snapshot()),
         }
+    }
+
+    pub fn peers(&self) -> PeersResponse {
+        let st = self.lock();
+        let o = &self.config.overlay;
+        PeersResponse {
+            underlay_ip: o.underlay_ip,
+            port: o.port,
+            vni: o.vni,
+            vtep_mac: EthernetAddress(self.config.vtep_mac()).to_string(),
+            peers: st.peers.clone(),
+        }
+    }
+
+    /// Adds a peer, or replaces the one with the same name; traffic to other peers is not
+    /// disturbed (one table swap).
+    pub fn set_peer(&self, peer: PeerSpec) -> Result<PeersResponse, ApiError> {
+        if self.config.overlay.underlay_ip.is_none() {
+            return Err(api_err(
+                code::INVALID_NETCONF,
+                "the overlay is off: set overlay.underlay_ip in the config to use peers",
+                "",
+            ));
+        }
+        {
+            let mut st = self.lock();
+            let mut peers = st.peers.clone();
+            match peers.iter_mut().find(|p| p.name == peer.name) {
+                Some(p) => *p = peer,
+                None => peers.push(peer),
+            }
+            self.apply_peers(&mut st, peers)?;
+        }
+        Ok(self.peers())
+    }
+
+    /// Removes a peer by name; removing an unknown peer is an error (code 3).
+    pub fn remove_peer(&self, name: &str) -> Result<PeersResponse, ApiError> {
+        {
+            let mut st = self.lock();
+            let mut peers = st.peers.clone();
+            let before = peers.len();
+            peers.retain(|p| p.name != name);
+            if peers.len() == before {
+                return Err(api_err(
+                    code::UNKNOWN_CONTAINER,
+                    format!("no peer {name:?}"),
+                    "",
+                ));
+            }
+            self.apply_peers(&mut st, peers)?;
+        }
+        Ok(self.peers())
+    }
+
+    fn apply_peers(&self, st: &mut State, peers: Vec<PeerSpec>) -> Result<(), ApiError> {
+        let mut check = self.config.clone();
+        check.peers = peers;
+        check
+            .validate_peers()
+            .map_err(|e| api_err(code::INVALID_NETCONF, e.to_string(), ""))?;
+        let table = peer_table(&check.peers)?;
+        let next = self.tables.load().with_peers(table);
+        self.tables.store(Arc::new(next));
+        tracing::info!(
+            "peers now: {}",
+            check
+                .peers
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        st.peers = check.peers;
+        Ok(())
     }
 
     /// Stops the datapath; pods' TAP devices go away with it.
@@ -428,11 +532,20 @@ impl Daemon {
         // Container IDs are runtime-chosen; keep only a safe file name out of them.
         let safe = |s: &str| -> String {
             s.chars()
-                .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' })
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
                 .collect()
         };
-        self.records_dir
-            .join(format!("{}@{}.json", safe(&key.container_id), safe(&key.ifname)))
+        self.records_dir.join(format!(
+            "{}@{}.json",
+            safe(&key.container_id),
+            safe(&key.ifname)
+        ))
     }
 
     fn save_record(&self, rec: &Record) -> std::io::Result<()> {
@@ -445,6 +558,23 @@ impl Daemon {
         fs::write(&tmp, serde_json::to_vec_pretty(rec)?)?;
         fs::rename(&tmp, &path)
     }
+}
+
+/// The datapath's peer table from validated peer specs.
+fn peer_table(specs: &[PeerSpec]) -> Result<PeerTable, ApiError> {
+    let mut peers = Vec::with_capacity(specs.len());
+    for p in specs {
+        let vtep_mac = p
+            .validate("peers")
+            .map_err(|e| api_err(code::INVALID_NETCONF, e.to_string(), ""))?;
+        peers.push(Peer {
+            name: p.name.clone(),
+            underlay: p.underlay_ip,
+            vtep_mac,
+            pod_cidrs: p.pod_cidrs.clone(),
+        });
+    }
+    PeerTable::new(peers).map_err(|e| api_err(code::INVALID_NETCONF, e.to_string(), ""))
 }
 
 fn load_records(dir: &Path) -> Vec<(Attachment, Record)> {
@@ -477,7 +607,9 @@ fn validate_ifname(name: &str) -> Result<(), ApiError> {
         && name.len() < 16
         && name != "."
         && name != ".."
-        && !name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace() || c == '\0');
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c == '\0');
     if ok {
         Ok(())
     } else {

@@ -141,8 +141,7 @@ fn configure(want: &PodInterface) -> Result<(), NetConfigError> {
 /// Checks the live interface in `netns_path` against what the switch gave it: present, up,
 /// the right MAC, the address, and the default route via the gateway.
 pub fn check_pod_interface(netns_path: &Path, want: PodInterface) -> Result<(), NetConfigError> {
-    netns::run_in(netns_path, move || Ok(check(&want)))
-        .map_err(NetConfigError::Netns)?
+    netns::run_in(netns_path, move || Ok(check(&want))).map_err(NetConfigError::Netns)?
 }
 
 fn check(want: &PodInterface) -> Result<(), NetConfigError> {
@@ -160,7 +159,9 @@ fn check(want: &PodInterface) -> Result<(), NetConfigError> {
             .ok_or_else(|| NetConfigError::Mismatch(format!("interface {name} does not exist")))?;
         let index = link.header.index;
         if !link.header.flags.contains(LinkFlags::Up) {
-            return Err(NetConfigError::Mismatch(format!("interface {name} is down")));
+            return Err(NetConfigError::Mismatch(format!(
+                "interface {name} is down"
+            )));
         }
         let mac = link.attributes.iter().find_map(|a| match a {
             LinkAttribute::Address(m) => Some(m.clone()),
@@ -179,7 +180,11 @@ fn check(want: &PodInterface) -> Result<(), NetConfigError> {
             .set_link_index_filter(index)
             .execute();
         let mut found = false;
-        while let Some(a) = addrs.try_next().await.map_err(netlink("listing addresses"))? {
+        while let Some(a) = addrs
+            .try_next()
+            .await
+            .map_err(netlink("listing addresses"))?
+        {
             let has = a.attributes.iter().any(|attr| {
                 matches!(attr, AddressAttribute::Address(IpAddr::V4(ip)) if *ip == want.address.addr())
             });

@@ -13,8 +13,10 @@
 //! get an all-zero header: complete checksums, no GSO.
 
 pub mod netns;
+pub mod segment;
 pub mod stats;
 pub mod tap;
+pub mod underlay;
 
 use std::io;
 use std::sync::Arc;
@@ -27,10 +29,19 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::pipeline::{self, Action, DropReason, PortId, Tables};
+use crate::wire::{virtio, EthernetFrame, Ipv4Packet, VirtioNetHdr};
+use overlay::vxlan::{self, VxlanHeader};
 use stats::PortStats;
 use tap::{Tap, VNET_HDR_LEN};
+use underlay::Underlay;
 
 const WAKER: Token = Token(usize::MAX);
+const UNDERLAY: Token = Token(usize::MAX - 1);
+/// Where a received datagram goes in the frame buffer: its VXLAN header then ends exactly
+/// where the virtio-net header does, so the inner frame is already in place for the TAP.
+const DGRAM_AT: usize = VNET_HDR_LEN - vxlan::HEADER_LEN;
+/// Room for one super-frame cut into segments, each with its own headers and VXLAN prefix.
+const SEG_BUF_LEN: usize = 2 * 65_536 + 16_384;
 /// Frames read from one port before the worker looks at the others.
 const BATCH: usize = 64;
 /// A TSO super-frame is at most 64 KiB of IP packet plus Ethernet and virtio-net headers.
@@ -43,7 +54,10 @@ pub enum Command {
         stats: Arc<PortStats>,
     },
     /// Closes the port's TAP (deleting the device) and acknowledges on `done`.
-    RemovePort { id: PortId, done: Sender<()> },
+    RemovePort {
+        id: PortId,
+        done: Sender<()>,
+    },
     Shutdown,
 }
 
@@ -55,13 +69,28 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    pub fn start(tables: Arc<ArcSwap<Tables>>) -> io::Result<Datapath> {
+    /// Starts the worker; with an underlay it also carries traffic to and from peer nodes,
+    /// counted in `underlay_stats`.
+    pub fn start(
+        tables: Arc<ArcSwap<Tables>>,
+        underlay: Option<Underlay>,
+        underlay_stats: Arc<PortStats>,
+    ) -> io::Result<Datapath> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (tx, rx) = crossbeam_channel::unbounded();
+        let mut worker = Worker::new(poll, rx, tables, underlay_stats);
+        if let Some(mut u) = underlay {
+            worker
+                .poll
+                .registry()
+                .register(&mut u.rx, UNDERLAY, Interest::READABLE)?;
+            worker.underlay = Some(u);
+            worker.underlay_ready = true;
+        }
         let thread = std::thread::Builder::new()
             .name("vswitch-dp0".into())
-            .spawn(move || Worker::new(poll, rx, tables).run())?;
+            .spawn(move || worker.run())?;
         Ok(Datapath {
             tx,
             waker,
@@ -115,10 +144,19 @@ struct Worker {
     ports: HashMap<PortId, Port, foldhash::fast::RandomState>,
     ready: Vec<PortId>,
     buf: Box<[u8]>,
+    seg: Box<[u8]>,
+    underlay: Option<Underlay>,
+    underlay_ready: bool,
+    underlay_stats: Arc<PortStats>,
 }
 
 impl Worker {
-    fn new(poll: Poll, rx: Receiver<Command>, tables: Arc<ArcSwap<Tables>>) -> Worker {
+    fn new(
+        poll: Poll,
+        rx: Receiver<Command>,
+        tables: Arc<ArcSwap<Tables>>,
+        underlay_stats: Arc<PortStats>,
+    ) -> Worker {
         Worker {
             poll,
             rx,
@@ -126,13 +164,17 @@ impl Worker {
             ports: HashMap::default(),
             ready: Vec::new(),
             buf: vec![0u8; BUF_LEN].into_boxed_slice(),
+            seg: vec![0u8; SEG_BUF_LEN].into_boxed_slice(),
+            underlay: None,
+            underlay_ready: false,
+            underlay_stats,
         }
     }
 
     fn run(mut self) {
         let mut events = Events::with_capacity(256);
         loop {
-            let timeout = if self.ready.is_empty() {
+            let timeout = if self.ready.is_empty() && !self.underlay_ready {
                 None
             } else {
                 Some(std::time::Duration::ZERO)
@@ -145,6 +187,10 @@ impl Worker {
             }
             for ev in events.iter() {
                 if ev.token() == WAKER {
+                    continue;
+                }
+                if ev.token() == UNDERLAY {
+                    self.underlay_ready = true;
                     continue;
                 }
                 let id = ev.token().0 as PortId;
@@ -203,6 +249,9 @@ impl Worker {
 
     fn service_ready(&mut self) {
         let tables = self.tables.load();
+        if self.underlay_ready && self.service_underlay(&tables) {
+            self.underlay_ready = false;
+        }
         let mut i = 0;
         while i < self.ready.len() {
             let id = self.ready[i];
@@ -239,8 +288,9 @@ impl Worker {
                 stats.count_drop(DropReason::Malformed);
                 continue;
             }
+            let vnet = VirtioNetHdr::parse(&self.buf[..VNET_HDR_LEN]).unwrap_or(VirtioNetHdr::NONE);
             let frame = &mut self.buf[VNET_HDR_LEN..n];
-            match pipeline::handle(tables, id, frame) {
+            match pipeline::handle(tables, id, frame, vnet.is_gso()) {
                 Action::ToPort(out) => match self.ports.get(&out) {
                     Some(dst) => match dst.tap.send(&self.buf[..n]) {
                         Ok(_) => dst.stats.tx(n - VNET_HDR_LEN),
@@ -248,11 +298,55 @@ impl Worker {
                     },
                     None => stats.count_drop(DropReason::PortGone),
                 },
-                Action::Reply => {
+                Action::ToPeer(peer) => {
+                    let Some(peer) = tables.peers.get(peer) else {
+                        stats.count_drop(DropReason::UnknownPeer);
+                        continue;
+                    };
+                    let Some(u) = &self.underlay else {
+                        stats.count_drop(DropReason::UnknownPeer);
+                        continue;
+                    };
+                    let frame = &mut self.buf[VNET_HDR_LEN..n];
+                    let hash = flow_hash(frame);
+                    let mut prefix = [0u8; vxlan::HEADER_LEN];
+                    vxlan::emit_header(&mut prefix, u.vni);
+                    if vnet.is_gso() {
+                        let segs = match segment::segment_tcp4(frame, &vnet, &prefix, &mut self.seg)
+                        {
+                            Ok(s) => s,
+                            Err(_) => {
+                                stats.count_drop(DropReason::Malformed);
+                                continue;
+                            }
+                        };
+                        for i in 0..segs.count {
+                            let d = &self.seg[segs.range(i)];
+                            match u.send(hash, d, peer.underlay) {
+                                Ok(_) => self.underlay_stats.tx(d.len()),
+                                Err(_) => stats.count_drop(DropReason::TxError),
+                            }
+                        }
+                    } else {
+                        if virtio::finish_checksum(&vnet, frame).is_err() {
+                            stats.count_drop(DropReason::Malformed);
+                            continue;
+                        }
+                        // The VXLAN header goes where the virtio-net header ends.
+                        self.buf[DGRAM_AT..VNET_HDR_LEN].copy_from_slice(&prefix);
+                        let d = &self.buf[DGRAM_AT..n];
+                        match u.send(hash, d, peer.underlay) {
+                            Ok(_) => self.underlay_stats.tx(d.len()),
+                            Err(_) => stats.count_drop(DropReason::TxError),
+                        }
+                    }
+                }
+                Action::Reply(len) => {
                     // Our own frames are complete: no checksum or segmentation left to do.
                     self.buf[..VNET_HDR_LEN].fill(0);
-                    match port.tap.send(&self.buf[..n]) {
-                        Ok(_) => stats.tx(n - VNET_HDR_LEN),
+                    let end = (VNET_HDR_LEN + len).min(n);
+                    match port.tap.send(&self.buf[..end]) {
+                        Ok(_) => stats.tx(end - VNET_HDR_LEN),
                         Err(_) => stats.count_drop(DropReason::TxError),
                     }
                 }
@@ -261,4 +355,82 @@ impl Worker {
         }
         false
     }
+}
+
+impl Worker {
+    /// Receives up to one batch of VXLAN datagrams; true when the socket is drained.
+    fn service_underlay(&mut self, tables: &Tables) -> bool {
+        let Some(u) = &self.underlay else {
+            return true;
+        };
+        let stats = &self.underlay_stats;
+        for _ in 0..BATCH {
+            let (len, from) = match u.rx.recv_from(&mut self.buf[DGRAM_AT..]) {
+                Ok(r) => r,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::warn!("underlay receive failed: {e}");
+                    return true;
+                }
+            };
+            stats.rx(len);
+            let end = DGRAM_AT + len;
+            let Some((peer, _)) = tables.peers.by_underlay(from.ip()) else {
+                stats.count_drop(DropReason::UnknownPeer);
+                continue;
+            };
+            match VxlanHeader::new_checked(&self.buf[DGRAM_AT..end]) {
+                Ok(h) if h.vni() == u.vni => {}
+                Ok(_) => {
+                    stats.count_drop(DropReason::WrongVni);
+                    continue;
+                }
+                Err(_) => {
+                    stats.count_drop(DropReason::VxlanMalformed);
+                    continue;
+                }
+            }
+            match pipeline::handle_underlay(tables, peer, &mut self.buf[VNET_HDR_LEN..end]) {
+                Action::ToPort(out) => match self.ports.get(&out) {
+                    Some(dst) => {
+                        // Inner checksums are complete: they crossed the wire.
+                        self.buf[..VNET_HDR_LEN].fill(0);
+                        match dst.tap.send(&self.buf[..end]) {
+                            Ok(_) => dst.stats.tx(end - VNET_HDR_LEN),
+                            Err(_) => stats.count_drop(DropReason::TxError),
+                        }
+                    }
+                    None => stats.count_drop(DropReason::PortGone),
+                },
+                Action::Drop(reason) => stats.count_drop(reason),
+                // Frames from peers are only ever routed to local pods.
+                Action::ToPeer(_) | Action::Reply(_) => stats.count_drop(DropReason::NoRoute),
+            }
+        }
+        false
+    }
+}
+
+/// A hash of the inner flow (addresses, protocol, ports) for picking the outer source port.
+fn flow_hash(frame: &[u8]) -> u64 {
+    use std::hash::BuildHasher;
+    let Ok(eth) = EthernetFrame::new_checked(frame) else {
+        return 0;
+    };
+    let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else {
+        return 0;
+    };
+    let ports = ip
+        .payload()
+        .get(..4)
+        .map(|p| u32::from_be_bytes([p[0], p[1], p[2], p[3]]))
+        .unwrap_or(0);
+    let key = (
+        u32::from(ip.src_addr()),
+        u32::from(ip.dst_addr()),
+        ip.protocol().0,
+        ports,
+    );
+    foldhash::fast::FixedState::with_seed(0x7673_7774).hash_one(key)
 }

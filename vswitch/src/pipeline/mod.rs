@@ -11,18 +11,25 @@
 //!    address;
 //! 2. ARP is answered from the port table (pods and the gateway); it is never flooded;
 //! 3. frames to a pod's MAC are switched to its port (the pod-to-pod case on one node);
-//! 4. IPv4 to the gateway MAC is routed: to a local pod (MACs rewritten, TTL decremented), or an
-//!    ICMP echo to the gateway address itself is answered.
+//! 4. IPv4 to the gateway MAC is routed: to a local pod (MACs rewritten, TTL decremented), to
+//!    the peer node whose pod CIDR holds the destination (inner MACs set the way flannel's
+//!    kernel VTEPs expect: our VTEP MAC to theirs), or an ICMP echo to the gateway address
+//!    itself is answered. A packet too big for the overlay with DF set gets an ICMP
+//!    fragmentation-needed back so path MTU discovery works.
+//! 5. Frames decapsulated from a peer must be IPv4 to our VTEP MAC from an address in that
+//!    peer's pod CIDRs; they are routed to the local pod.
 //!
 //! Anything else is dropped with a reason; every reason has a counter.
 
 pub mod tables;
 
+pub use overlay::PeerId;
 pub use tables::{PortEntry, Tables};
 
+use crate::wire::icmpv4::code as icmp_code;
 use crate::wire::{
-    ArpOperation, ArpPacket, EtherType, EthernetFrame, Icmpv4Message, Icmpv4Packet, IpProtocol,
-    Ipv4Packet,
+    ArpOperation, ArpPacket, EtherType, EthernetAddress, EthernetFrame, Icmpv4Message,
+    Icmpv4Packet, IpProtocol, Ipv4Packet,
 };
 
 /// A switch port. Stable for the life of an attachment.
@@ -32,8 +39,11 @@ pub type PortId = u32;
 pub enum Action {
     /// Send the (possibly rewritten) frame out of this port.
     ToPort(PortId),
-    /// The frame was turned into a reply in place: send it back out of the ingress port.
-    Reply,
+    /// Encapsulate the (rewritten) frame in VXLAN and send it to this peer node.
+    ToPeer(PeerId),
+    /// The frame was turned into a reply of this many bytes in place: send it back out of the
+    /// ingress port.
+    Reply(usize),
     Drop(DropReason),
 }
 
@@ -72,13 +82,21 @@ drop_reasons! {
     Ipv6 => "ipv6_unsupported",
     UnsupportedEthertype => "unsupported_ethertype",
     UnknownPort => "unknown_port",
+    TooBig => "too_big",
+    UnknownPeer => "vxlan_unknown_peer",
+    WrongVni => "vxlan_wrong_vni",
+    VxlanMalformed => "vxlan_malformed",
+    VxlanNotForUs => "vxlan_wrong_dst_mac",
+    VxlanSpoofedSrc => "vxlan_spoofed_src",
+    VxlanNotIpv4 => "vxlan_not_ipv4",
     PortGone => "port_gone",
     TxError => "tx_error",
 }
 
 /// Decides what happens to `frame` (an Ethernet frame, no virtio-net header) that arrived on
-/// port `ingress`.
-pub fn handle(t: &Tables, ingress: PortId, frame: &mut [u8]) -> Action {
+/// port `ingress`. `gso` says the frame is a TSO super-frame, whose segments (not the frame)
+/// must fit the path.
+pub fn handle(t: &Tables, ingress: PortId, frame: &mut [u8], gso: bool) -> Action {
     let Some(port) = t.port(ingress) else {
         return Action::Drop(DropReason::UnknownPort);
     };
@@ -93,7 +111,7 @@ pub fn handle(t: &Tables, ingress: PortId, frame: &mut [u8]) -> Action {
         EtherType::ARP => arp(t, port, &mut eth),
         EtherType::IPV4 => {
             if dst == t.gateway_mac {
-                return route_v4(t, port, &mut eth);
+                return route_v4(t, port, frame, gso);
             }
             if !dst.is_unicast() {
                 return Action::Drop(DropReason::Multicast);
@@ -147,10 +165,11 @@ fn arp(t: &Tables, port: &PortEntry, eth: &mut EthernetFrame<&mut [u8]>) -> Acti
     arp.set_sender_protocol_addr(target);
     eth.set_dst_addr(port.mac);
     eth.set_src_addr(answer);
-    Action::Reply
+    Action::Reply(EthernetFrame::<&[u8]>::HEADER_LEN + ArpPacket::<&[u8]>::LEN)
 }
 
-fn route_v4(t: &Tables, port: &PortEntry, eth: &mut EthernetFrame<&mut [u8]>) -> Action {
+fn route_v4(t: &Tables, port: &PortEntry, frame: &mut [u8], gso: bool) -> Action {
+    let mut eth = EthernetFrame::new_unchecked(&mut *frame);
     let Ok(mut ip) = Ipv4Packet::new_checked(eth.payload_mut()) else {
         return Action::Drop(DropReason::Malformed);
     };
@@ -159,19 +178,112 @@ fn route_v4(t: &Tables, port: &PortEntry, eth: &mut EthernetFrame<&mut [u8]>) ->
     }
     let dst_ip = ip.dst_addr();
     if dst_ip == t.gateway_ip {
-        return gateway_v4(t, port, eth);
+        return gateway_v4(t, port, &mut eth);
     }
-    let Some(out) = t.port_by_ip(dst_ip) else {
+    let (action, next_mac, src_mac) = if let Some(out) = t.port_by_ip(dst_ip) {
+        (Action::ToPort(out.id), out.mac, t.gateway_mac)
+    } else if let Some((id, peer)) = t.peers.route(dst_ip) {
+        if !gso && ip.total_len() > t.overlay_mtu {
+            if ip.dont_frag() {
+                return frag_needed(t, port, frame, t.overlay_mtu);
+            }
+            return Action::Drop(DropReason::TooBig);
+        }
+        (
+            Action::ToPeer(id),
+            EthernetAddress(peer.vtep_mac),
+            t.vtep_mac,
+        )
+    } else {
         return Action::Drop(DropReason::NoRoute);
     };
     if ip.ttl() <= 1 {
         return Action::Drop(DropReason::TtlExpired);
     }
     ip.decrement_ttl_incremental();
-    let (out_id, out_mac) = (out.id, out.mac);
+    eth.set_src_addr(src_mac);
+    eth.set_dst_addr(next_mac);
+    action
+}
+
+/// A frame decapsulated from VXLAN sent by `peer`: routed to the local pod it is for.
+pub fn handle_underlay(t: &Tables, peer: PeerId, frame: &mut [u8]) -> Action {
+    let Ok(mut eth) = EthernetFrame::new_checked(&mut *frame) else {
+        return Action::Drop(DropReason::VxlanMalformed);
+    };
+    if eth.ethertype() != EtherType::IPV4 {
+        return Action::Drop(DropReason::VxlanNotIpv4);
+    }
+    if eth.dst_addr() != t.vtep_mac {
+        return Action::Drop(DropReason::VxlanNotForUs);
+    }
+    let Ok(mut ip) = Ipv4Packet::new_checked(eth.payload_mut()) else {
+        return Action::Drop(DropReason::VxlanMalformed);
+    };
+    let src = ip.src_addr();
+    let from_peer = t
+        .peers
+        .get(peer)
+        .is_some_and(|p| p.pod_cidrs.iter().any(|c| c.contains(&src)));
+    if !from_peer {
+        return Action::Drop(DropReason::VxlanSpoofedSrc);
+    }
+    let Some(out) = t.port_by_ip(ip.dst_addr()) else {
+        return Action::Drop(DropReason::NoRoute);
+    };
+    if ip.ttl() <= 1 {
+        return Action::Drop(DropReason::TtlExpired);
+    }
+    ip.decrement_ttl_incremental();
+    let (id, mac) = (out.id, out.mac);
     eth.set_src_addr(t.gateway_mac);
-    eth.set_dst_addr(out_mac);
-    Action::ToPort(out_id)
+    eth.set_dst_addr(mac);
+    Action::ToPort(id)
+}
+
+/// Turns an IPv4 packet that does not fit the path into an ICMP "fragmentation needed" from
+/// the gateway back to its sender (RFC 1191), in place.
+fn frag_needed(t: &Tables, port: &PortEntry, frame: &mut [u8], mtu: u16) -> Action {
+    const ETH: usize = 14;
+    const IP: usize = 20;
+    let Ok(orig) = Ipv4Packet::new_checked(&frame[ETH..]) else {
+        return Action::Drop(DropReason::Malformed);
+    };
+    // Quote the original header and the first 8 bytes of its payload.
+    let quote_len = (orig.header_len() as usize + 8).min(orig.total_len() as usize);
+    let mut quote = [0u8; 68];
+    quote[..quote_len].copy_from_slice(&frame[ETH..ETH + quote_len]);
+    let ip_len = IP + Icmpv4Packet::<&[u8]>::HEADER_LEN + quote_len;
+    let len = ETH + ip_len;
+    if frame.len() < len {
+        return Action::Drop(DropReason::TooBig);
+    }
+    let frame = &mut frame[..len];
+    {
+        let mut eth = EthernetFrame::new_unchecked(&mut *frame);
+        eth.set_dst_addr(port.mac);
+        eth.set_src_addr(t.gateway_mac);
+        eth.set_ethertype(EtherType::IPV4);
+    }
+    let ip_buf = &mut frame[ETH..];
+    ip_buf[..IP].fill(0);
+    let mut ip = Ipv4Packet::new_unchecked(&mut *ip_buf);
+    ip.set_version(4);
+    ip.set_header_len(IP as u8);
+    ip.set_total_len(ip_len as u16);
+    ip.set_ttl(64);
+    ip.set_protocol(IpProtocol::ICMP);
+    ip.set_src_addr(t.gateway_ip);
+    ip.set_dst_addr(port.ip);
+    ip.fill_checksum();
+    let icmp_buf = &mut ip_buf[IP..];
+    icmp_buf[8..8 + quote_len].copy_from_slice(&quote[..quote_len]);
+    let mut icmp = Icmpv4Packet::new_unchecked(icmp_buf);
+    icmp.set_msg_type(Icmpv4Message::DST_UNREACHABLE);
+    icmp.set_msg_code(icmp_code::FRAG_NEEDED);
+    icmp.set_next_hop_mtu(mtu);
+    icmp.fill_checksum();
+    Action::Reply(len)
 }
 
 /// Traffic for the gateway address itself: ICMP echo is answered, the rest is not served yet.
@@ -196,9 +308,10 @@ fn gateway_v4(t: &Tables, port: &PortEntry, eth: &mut EthernetFrame<&mut [u8]>) 
     ip.set_dst_addr(port.ip);
     ip.set_ttl(64);
     ip.fill_checksum();
+    let len = EthernetFrame::<&[u8]>::HEADER_LEN + ip.total_len() as usize;
     eth.set_dst_addr(port.mac);
     eth.set_src_addr(t.gateway_mac);
-    Action::Reply
+    Action::Reply(len)
 }
 
 #[cfg(test)]

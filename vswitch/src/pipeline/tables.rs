@@ -9,6 +9,8 @@ use std::net::Ipv4Addr;
 use hashbrown::HashMap;
 use ipnet::Ipv4Net;
 
+use overlay::PeerTable;
+
 use super::PortId;
 use crate::wire::EthernetAddress;
 
@@ -28,6 +30,12 @@ pub struct Tables {
     pub pod_cidr: Ipv4Net,
     pub gateway_ip: Ipv4Addr,
     pub gateway_mac: EthernetAddress,
+    /// This node's VTEP MAC: inner source MAC of what we send, inner destination MAC of what
+    /// peers send us.
+    pub vtep_mac: EthernetAddress,
+    /// The largest inner IPv4 packet that fits in VXLAN over the underlay (underlay MTU - 50).
+    pub overlay_mtu: u16,
+    pub peers: PeerTable,
     ports: Map<PortId, PortEntry>,
     by_mac: Map<EthernetAddress, PortId>,
     by_ip: Map<Ipv4Addr, PortId>,
@@ -40,9 +48,21 @@ impl Tables {
             pod_cidr,
             gateway_ip,
             gateway_mac,
+            vtep_mac: EthernetAddress([0x0e, 0x58, 0, 0, 0, 0]),
+            overlay_mtu: 1450,
+            peers: PeerTable::default(),
             ports: Map::default(),
             by_mac: Map::default(),
             by_ip: Map::default(),
+        }
+    }
+
+    /// A copy of these tables with other peers and a new version.
+    pub fn with_peers(&self, peers: PeerTable) -> Self {
+        Tables {
+            version: self.version + 1,
+            peers,
+            ..self.clone()
         }
     }
 

@@ -28,6 +28,10 @@ fn tables() -> Tables {
     ])
 }
 
+fn run(t: &Tables, port: PortId, f: &mut [u8]) -> Action {
+    handle(t, port, f, false)
+}
+
 fn arp_request(src_mac: EthernetAddress, src_ip: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
     let mut f = vec![0xff; 6];
     f.extend_from_slice(&src_mac.0);
@@ -39,7 +43,13 @@ fn arp_request(src_mac: EthernetAddress, src_ip: Ipv4Addr, target: Ipv4Addr) -> 
     f
 }
 
-fn udp(src_mac: EthernetAddress, dst_mac: EthernetAddress, src: Ipv4Addr, dst: Ipv4Addr, ttl: u8) -> Vec<u8> {
+fn udp(
+    src_mac: EthernetAddress,
+    dst_mac: EthernetAddress,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    ttl: u8,
+) -> Vec<u8> {
     let b = PacketBuilder::ethernet2(src_mac.0, dst_mac.0)
         .ipv4(src.octets(), dst.octets(), ttl)
         .udp(4000, 5000);
@@ -49,7 +59,12 @@ fn udp(src_mac: EthernetAddress, dst_mac: EthernetAddress, src: Ipv4Addr, dst: I
     out
 }
 
-fn ping(src_mac: EthernetAddress, dst_mac: EthernetAddress, src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+fn ping(
+    src_mac: EthernetAddress,
+    dst_mac: EthernetAddress,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+) -> Vec<u8> {
     let b = PacketBuilder::ethernet2(src_mac.0, dst_mac.0)
         .ipv4(src.octets(), dst.octets(), 64)
         .icmpv4_echo_request(0x1234, 7);
@@ -63,7 +78,8 @@ fn ping(src_mac: EthernetAddress, dst_mac: EthernetAddress, src: Ipv4Addr, dst: 
 fn arp_for_a_pod_is_answered_from_the_port_table() {
     let t = tables();
     let mut f = arp_request(mac_for(A), A, B);
-    assert_eq!(handle(&t, 1, &mut f), Action::Reply);
+    let n = f.len();
+    assert_eq!(run(&t, 1, &mut f), Action::Reply(n));
     let eth = EthernetFrame::new_checked(&f[..]).unwrap();
     assert_eq!(eth.dst_addr(), mac_for(A));
     assert_eq!(eth.src_addr(), mac_for(B));
@@ -79,7 +95,8 @@ fn arp_for_a_pod_is_answered_from_the_port_table() {
 fn arp_for_the_gateway_gets_the_gateway_mac() {
     let t = tables();
     let mut f = arp_request(mac_for(A), A, GW);
-    assert_eq!(handle(&t, 1, &mut f), Action::Reply);
+    let n = f.len();
+    assert_eq!(run(&t, 1, &mut f), Action::Reply(n));
     let eth = EthernetFrame::new_checked(&f[..]).unwrap();
     assert_eq!(eth.src_addr(), mac_for(GW));
 }
@@ -88,9 +105,15 @@ fn arp_for_the_gateway_gets_the_gateway_mac() {
 fn arp_for_unknown_or_own_address_is_not_answered_nor_flooded() {
     let t = tables();
     let mut f = arp_request(mac_for(A), A, Ipv4Addr::new(10, 244, 1, 99));
-    assert_eq!(handle(&t, 1, &mut f), Action::Drop(DropReason::ArpUnknownTarget));
+    assert_eq!(
+        run(&t, 1, &mut f),
+        Action::Drop(DropReason::ArpUnknownTarget)
+    );
     let mut f = arp_request(mac_for(A), A, A);
-    assert_eq!(handle(&t, 1, &mut f), Action::Drop(DropReason::ArpUnknownTarget));
+    assert_eq!(
+        run(&t, 1, &mut f),
+        Action::Drop(DropReason::ArpUnknownTarget)
+    );
 }
 
 #[test]
@@ -98,13 +121,13 @@ fn spoofed_sources_are_dropped() {
     let t = tables();
     // Pod A claiming B's MAC.
     let mut f = udp(mac_for(B), mac_for(B), B, B, 64);
-    assert_eq!(handle(&t, 1, &mut f), Action::Drop(DropReason::SpoofedMac));
+    assert_eq!(run(&t, 1, &mut f), Action::Drop(DropReason::SpoofedMac));
     // Pod A's MAC with B's address.
     let mut f = udp(mac_for(A), mac_for(B), B, B, 64);
-    assert_eq!(handle(&t, 1, &mut f), Action::Drop(DropReason::SpoofedIp));
+    assert_eq!(run(&t, 1, &mut f), Action::Drop(DropReason::SpoofedIp));
     // ARP claiming someone else's address.
     let mut f = arp_request(mac_for(A), B, GW);
-    assert_eq!(handle(&t, 1, &mut f), Action::Drop(DropReason::SpoofedArp));
+    assert_eq!(run(&t, 1, &mut f), Action::Drop(DropReason::SpoofedArp));
 }
 
 #[test]
@@ -112,46 +135,65 @@ fn same_subnet_frames_are_switched_by_destination_mac() {
     let t = tables();
     let mut f = udp(mac_for(A), mac_for(B), A, B, 64);
     let orig = f.clone();
-    assert_eq!(handle(&t, 1, &mut f), Action::ToPort(2));
+    assert_eq!(run(&t, 1, &mut f), Action::ToPort(2));
     assert_eq!(f, orig, "switching must not modify the frame");
-    let mut f = udp(mac_for(A), EthernetAddress([0x0a, 0x58, 1, 2, 3, 4]), A, B, 64);
-    assert_eq!(handle(&t, 1, &mut f), Action::Drop(DropReason::UnknownMac));
+    let mut f = udp(
+        mac_for(A),
+        EthernetAddress([0x0a, 0x58, 1, 2, 3, 4]),
+        A,
+        B,
+        64,
+    );
+    assert_eq!(run(&t, 1, &mut f), Action::Drop(DropReason::UnknownMac));
     let mut f = udp(mac_for(A), mac_for(A), A, A, 64);
-    assert_eq!(handle(&t, 1, &mut f), Action::Drop(DropReason::Hairpin));
+    assert_eq!(run(&t, 1, &mut f), Action::Drop(DropReason::Hairpin));
 }
 
 #[test]
 fn frames_to_the_gateway_are_routed_to_local_pods() {
     let t = tables();
     let mut f = udp(mac_for(A), mac_for(GW), A, B, 64);
-    assert_eq!(handle(&t, 1, &mut f), Action::ToPort(2));
+    assert_eq!(run(&t, 1, &mut f), Action::ToPort(2));
     let p = SlicedPacket::from_ethernet(&f).unwrap();
-    let Some(etherparse::LinkSlice::Ethernet2(eth)) = p.link else { panic!() };
+    let Some(etherparse::LinkSlice::Ethernet2(eth)) = p.link else {
+        panic!()
+    };
     assert_eq!(eth.source(), mac_for(GW).0);
     assert_eq!(eth.destination(), mac_for(B).0);
-    let Some(etherparse::NetSlice::Ipv4(ip)) = p.net else { panic!() };
+    let Some(etherparse::NetSlice::Ipv4(ip)) = p.net else {
+        panic!()
+    };
     assert_eq!(ip.header().ttl(), 63);
     let h = ip.header().to_header();
-    assert_eq!(h.header_checksum, h.calc_header_checksum(), "IPv4 checksum after TTL decrement");
+    assert_eq!(
+        h.header_checksum,
+        h.calc_header_checksum(),
+        "IPv4 checksum after TTL decrement"
+    );
 
     let mut f = udp(mac_for(A), mac_for(GW), A, B, 1);
-    assert_eq!(handle(&t, 1, &mut f), Action::Drop(DropReason::TtlExpired));
+    assert_eq!(run(&t, 1, &mut f), Action::Drop(DropReason::TtlExpired));
     let mut f = udp(mac_for(A), mac_for(GW), A, Ipv4Addr::new(8, 8, 8, 8), 64);
-    assert_eq!(handle(&t, 1, &mut f), Action::Drop(DropReason::NoRoute));
+    assert_eq!(run(&t, 1, &mut f), Action::Drop(DropReason::NoRoute));
 }
 
 #[test]
 fn ping_to_the_gateway_is_answered() {
     let t = tables();
     let mut f = ping(mac_for(A), mac_for(GW), A, GW);
-    assert_eq!(handle(&t, 1, &mut f), Action::Reply);
+    let n = f.len();
+    assert_eq!(run(&t, 1, &mut f), Action::Reply(n));
     let p = SlicedPacket::from_ethernet(&f).unwrap();
-    let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else { panic!() };
+    let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else {
+        panic!()
+    };
     assert_eq!(ip.header().source_addr(), GW);
     assert_eq!(ip.header().destination_addr(), A);
     let h = ip.header().to_header();
     assert_eq!(h.header_checksum, h.calc_header_checksum());
-    let Some(etherparse::TransportSlice::Icmpv4(icmp)) = &p.transport else { panic!() };
+    let Some(etherparse::TransportSlice::Icmpv4(icmp)) = &p.transport else {
+        panic!()
+    };
     match icmp.icmp_type() {
         etherparse::Icmpv4Type::EchoReply(e) => {
             assert_eq!((e.id, e.seq), (0x1234, 7));
@@ -166,16 +208,25 @@ fn ping_to_the_gateway_is_answered() {
 #[test]
 fn garbage_and_unsupported_frames_are_dropped_with_a_reason() {
     let t = tables();
-    assert_eq!(handle(&t, 1, &mut [0u8; 5]), Action::Drop(DropReason::Malformed));
-    assert_eq!(handle(&t, 9, &mut [0u8; 64]), Action::Drop(DropReason::UnknownPort));
+    assert_eq!(
+        run(&t, 1, &mut [0u8; 5]),
+        Action::Drop(DropReason::Malformed)
+    );
+    assert_eq!(
+        run(&t, 9, &mut [0u8; 64]),
+        Action::Drop(DropReason::UnknownPort)
+    );
     let mut f = udp(mac_for(A), mac_for(B), A, B, 64);
     f[12..14].copy_from_slice(&[0x86, 0xdd]);
-    assert_eq!(handle(&t, 1, &mut f), Action::Drop(DropReason::Ipv6));
+    assert_eq!(run(&t, 1, &mut f), Action::Drop(DropReason::Ipv6));
     f[12..14].copy_from_slice(&[0x88, 0xcc]);
-    assert_eq!(handle(&t, 1, &mut f), Action::Drop(DropReason::UnsupportedEthertype));
+    assert_eq!(
+        run(&t, 1, &mut f),
+        Action::Drop(DropReason::UnsupportedEthertype)
+    );
     let mut f = udp(mac_for(A), mac_for(B), A, B, 64);
     f.truncate(20);
-    assert_eq!(handle(&t, 1, &mut f), Action::Drop(DropReason::Malformed));
+    assert_eq!(run(&t, 1, &mut f), Action::Drop(DropReason::Malformed));
 }
 
 proptest! {
@@ -184,7 +235,7 @@ proptest! {
     #[test]
     fn never_panics_on_arbitrary_frames(mut frame in proptest::collection::vec(any::<u8>(), 0..200), ingress in 0u32..4) {
         let t = tables();
-        let _ = handle(&t, ingress, &mut frame);
+        let _ = run(&t, ingress, &mut frame);
     }
 
     #[test]
@@ -198,6 +249,6 @@ proptest! {
         };
         let i = idx % f.len();
         f[i] = byte;
-        let _ = handle(&t, 1, &mut f);
+        let _ = run(&t, 1, &mut f);
     }
 }

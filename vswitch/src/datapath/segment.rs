@@ -1,0 +1,181 @@
+//! Software segmentation of TCP super-frames (what a NIC's TSO would do).
+//!
+//! Pod TAPs hand us 64 KiB TCP/IPv4 super-frames. Within a node they go to the other TAP whole,
+//! but VXLAN to another node must carry MTU-sized frames, so here each super-frame becomes a
+//! run of segments written back to back into one buffer, every one already prefixed with its
+//! VXLAN header: `out[i * stride ..]` holds segment i, all `stride` bytes long except perhaps
+//! the last. That layout is exactly what one `sendmsg` with UDP_SEGMENT takes, so the batch can
+//! leave in a single system call; without GSO it is sent one datagram per segment.
+//!
+//! Per segment: IPv4 total length, identification (+i) and header checksum; TCP sequence
+//! number (+i*mss), FIN/PSH only on the last segment and CWR only on the first, and a full TCP
+//! checksum (the super-frame's is only the pseudo-header part).
+
+use std::net::Ipv4Addr;
+
+use crate::wire::{
+    EtherType, EthernetFrame, IpProtocol, Ipv4Packet, TcpFlags, TcpPacket, VirtioNetHdr, WireError,
+};
+
+/// Where the segments are in the output buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segments {
+    /// Distance between segment starts (prefix + headers + MSS).
+    pub stride: usize,
+    pub count: usize,
+    /// Bytes used in the output buffer.
+    pub total: usize,
+}
+
+impl Segments {
+    /// The byte range of segment `i` in the output buffer.
+    pub fn range(&self, i: usize) -> std::ops::Range<usize> {
+        let start = i * self.stride;
+        start..(start + self.stride).min(self.total)
+    }
+}
+
+/// Segments a TCP/IPv4 super-frame (`frame` starts at the Ethernet header) into `out`.
+pub fn segment_tcp4(
+    frame: &[u8],
+    vnet: &VirtioNetHdr,
+    prefix: &[u8],
+    out: &mut [u8],
+) -> Result<Segments, WireError> {
+    let eth = EthernetFrame::new_checked(frame)?;
+    if eth.ethertype() != EtherType::IPV4 {
+        return Err(WireError::Unsupported);
+    }
+    let ip = Ipv4Packet::new_checked(eth.payload())?;
+    if ip.protocol() != IpProtocol::TCP || ip.is_fragment() {
+        return Err(WireError::Unsupported);
+    }
+    let ihl = ip.header_len() as usize;
+    let tcp = TcpPacket::new_checked(ip.payload())?;
+    let thl = tcp.header_len() as usize;
+    let hdrs = EthernetFrame::<&[u8]>::HEADER_LEN + ihl + thl;
+    let ip_end = EthernetFrame::<&[u8]>::HEADER_LEN + ip.total_len() as usize;
+    let payload = frame.get(hdrs..ip_end).ok_or(WireError::Malformed)?;
+    let mss = vnet.gso_size as usize;
+    if mss == 0 {
+        return Err(WireError::Malformed);
+    }
+    let count = payload.len().div_ceil(mss).max(1);
+    let stride = prefix.len() + hdrs + mss;
+    let last = payload.len() - (count - 1) * mss;
+    let total = (count - 1) * stride + prefix.len() + hdrs + last;
+    if out.len() < total {
+        return Err(WireError::Truncated);
+    }
+    let (src, dst): (Ipv4Addr, Ipv4Addr) = (ip.src_addr(), ip.dst_addr());
+    let (ident, seq, flags) = (ip.ident(), tcp.seq_number(), tcp.flags());
+    for i in 0..count {
+        let chunk = &payload[i * mss..((i + 1) * mss).min(payload.len())];
+        let seg = &mut out[i * stride..i * stride + prefix.len() + hdrs + chunk.len()];
+        seg[..prefix.len()].copy_from_slice(prefix);
+        let f = &mut seg[prefix.len()..];
+        f[..hdrs].copy_from_slice(&frame[..hdrs]);
+        f[hdrs..].copy_from_slice(chunk);
+        let ip_buf = &mut f[EthernetFrame::<&[u8]>::HEADER_LEN..];
+        let mut ip = Ipv4Packet::new_unchecked(&mut *ip_buf);
+        ip.set_total_len((ihl + thl + chunk.len()) as u16);
+        ip.set_ident(ident.wrapping_add(i as u16));
+        ip.fill_checksum();
+        let mut tcp = TcpPacket::new_unchecked(&mut ip_buf[ihl..]);
+        tcp.set_seq_number(seq.wrapping_add((i * mss) as u32));
+        let mut fl = flags;
+        if i + 1 < count {
+            fl = TcpFlags(fl.bits() & !(TcpFlags::FIN.bits() | TcpFlags::PSH.bits()));
+        }
+        if i > 0 {
+            fl = TcpFlags(fl.bits() & !TcpFlags::CWR.bits());
+        }
+        tcp.set_flags(fl);
+        tcp.fill_checksum(src, dst);
+    }
+    Ok(Segments {
+        stride,
+        count,
+        total,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
+
+    fn super_frame(payload_len: usize) -> Vec<u8> {
+        let b = PacketBuilder::ethernet2([2; 6], [4; 6])
+            .ipv4([10, 244, 1, 2], [10, 244, 2, 2], 63)
+            .tcp(40000, 5201, 1_000_000, 64000)
+            .psh()
+            .ack(77);
+        let payload: Vec<u8> = (0..payload_len).map(|i| (i % 251) as u8).collect();
+        let mut out = Vec::new();
+        b.write(&mut out, &payload).unwrap();
+        out
+    }
+
+    #[test]
+    fn splits_into_valid_mss_segments_with_prefix() {
+        let frame = super_frame(5000);
+        let vnet = VirtioNetHdr {
+            flags: VirtioNetHdr::F_NEEDS_CSUM,
+            gso_type: VirtioNetHdr::GSO_TCPV4,
+            hdr_len: 54,
+            gso_size: 1398,
+            csum_start: 34,
+            csum_offset: 16,
+        };
+        let mut out = vec![0u8; 16384];
+        let s = segment_tcp4(&frame, &vnet, b"VXLANHDR", &mut out).unwrap();
+        assert_eq!(s.count, 4);
+        assert_eq!(s.stride, 8 + 54 + 1398);
+        let mut data = Vec::new();
+        for i in 0..s.count {
+            let seg = &out[s.range(i)];
+            assert_eq!(&seg[..8], b"VXLANHDR");
+            let p = SlicedPacket::from_ethernet(&seg[8..]).unwrap();
+            let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else {
+                panic!()
+            };
+            let h = ip.header().to_header();
+            assert_eq!(h.header_checksum, h.calc_header_checksum());
+            assert_eq!(h.identification, i as u16);
+            let Some(TransportSlice::Tcp(tcp)) = &p.transport else {
+                panic!()
+            };
+            assert_eq!(tcp.sequence_number(), 1_000_000 + (i * 1398) as u32);
+            assert_eq!(tcp.psh(), i == 3, "PSH only on the last segment");
+            assert!(tcp.ack());
+            let th = tcp.to_header();
+            assert_eq!(
+                th.checksum,
+                th.calc_checksum_ipv4(&h, tcp.payload()).unwrap(),
+                "segment {i} TCP checksum"
+            );
+            data.extend_from_slice(tcp.payload());
+        }
+        let orig = super_frame(5000);
+        assert_eq!(data, orig[54..]);
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_segment() {
+        let frame = super_frame(100);
+        let mut vnet = VirtioNetHdr::NONE;
+        let mut out = vec![0u8; 4096];
+        assert_eq!(
+            segment_tcp4(&frame, &vnet, &[], &mut out),
+            Err(WireError::Malformed)
+        );
+        vnet.gso_size = 10;
+        let mut small = vec![0u8; 100];
+        assert_eq!(
+            segment_tcp4(&frame, &vnet, &[], &mut small),
+            Err(WireError::Truncated)
+        );
+        assert!(segment_tcp4(&frame[..30], &vnet, &[], &mut out).is_err());
+    }
+}
