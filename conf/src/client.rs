@@ -54,6 +54,10 @@ impl Client {
         self.request("GET", path, None)
     }
 
+    pub fn delete<R: DeserializeOwned>(&self, path: &str) -> Result<R, ClientError> {
+        self.request("DELETE", path, None)
+    }
+
     pub fn post<Q: Serialize, R: DeserializeOwned>(
         &self,
         path: &str,

@@ -4,8 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use conf::api::{self, PortsResponse, Status};
+use conf::api::{self, PeersResponse, PortsResponse, Status};
 use conf::client::Client;
+use conf::config::PeerSpec;
 
 #[derive(Parser)]
 #[command(
@@ -30,6 +31,24 @@ enum Cmd {
     Status,
     /// Ports (pod attachments) with packet and drop counters.
     Ports,
+    /// The overlay's settings and its peer nodes.
+    Peers,
+    /// Add a peer node, or replace the one with the same name.
+    PeerAdd {
+        /// The node's name.
+        name: String,
+        /// Its underlay address.
+        #[arg(long)]
+        underlay_ip: std::net::IpAddr,
+        /// Its VTEP MAC (for a flannel node, flannel.1's MAC).
+        #[arg(long)]
+        vtep_mac: String,
+        /// Pod CIDRs routed to it (repeat for more).
+        #[arg(long = "pod-cidr", required = true)]
+        pod_cidrs: Vec<ipnet::Ipv4Net>,
+    },
+    /// Remove a peer node.
+    PeerDel { name: String },
 }
 
 fn main() -> ExitCode {
@@ -82,6 +101,28 @@ fn main() -> ExitCode {
                 }
             }
         }),
+        Cmd::Peers => client
+            .get::<PeersResponse>(api::PATH_PEERS)
+            .map(|r| print_peers(&r, args.json)),
+        Cmd::PeerAdd {
+            name,
+            underlay_ip,
+            vtep_mac,
+            pod_cidrs,
+        } => client
+            .post::<_, PeersResponse>(
+                api::PATH_PEERS,
+                &PeerSpec {
+                    name,
+                    underlay_ip,
+                    vtep_mac,
+                    pod_cidrs,
+                },
+            )
+            .map(|r| print_peers(&r, args.json)),
+        Cmd::PeerDel { name } => client
+            .delete::<PeersResponse>(&format!("{}{name}", api::PATH_PEER_PREFIX))
+            .map(|r| print_peers(&r, args.json)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -89,6 +130,33 @@ fn main() -> ExitCode {
             eprintln!("vswitchctl: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn print_peers(r: &PeersResponse, json: bool) {
+    if json {
+        return print_json(r);
+    }
+    match r.underlay_ip {
+        Some(ip) => println!(
+            "overlay: VXLAN VNI {} on {ip}:{}, VTEP MAC {}",
+            r.vni, r.port, r.vtep_mac
+        ),
+        None => println!("overlay: off (no overlay.underlay_ip)"),
+    }
+    println!(
+        "{:<24} {:<16} {:<18} POD CIDRS",
+        "PEER", "UNDERLAY", "VTEP MAC"
+    );
+    for p in &r.peers {
+        let cidrs: Vec<String> = p.pod_cidrs.iter().map(|c| c.to_string()).collect();
+        println!(
+            "{:<24} {:<16} {:<18} {}",
+            p.name,
+            p.underlay_ip,
+            p.vtep_mac,
+            cidrs.join(",")
+        );
     }
 }
 
