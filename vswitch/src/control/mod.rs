@@ -121,14 +121,14 @@ impl Daemon {
         }
         let mut tables = Tables::new(config.node.pod_cidr, gw, mac_for(gw));
         tables.vtep_mac = EthernetAddress(config.vtep_mac());
+        tables.vni = config.overlay.vni;
         tables.overlay_mtu = (config.overlay.underlay_mtu - 50).min(u16::MAX as u32) as u16;
         tables.peers = peer_table(&config.peers).map_err(|e| DaemonError::Peers(e.msg))?;
         let tables = Arc::new(ArcSwap::from_pointee(tables));
         let underlay = match config.overlay.underlay_ip {
-            Some(ip) => Some(
-                Underlay::bind(ip, config.overlay.port, config.overlay.vni)
-                    .map_err(DaemonError::Underlay)?,
-            ),
+            Some(ip) => {
+                Some(Underlay::bind(ip, config.overlay.port).map_err(DaemonError::Underlay)?)
+            }
             None => None,
         };
         let underlay_stats = Arc::new(PortStats::default());

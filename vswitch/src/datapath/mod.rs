@@ -30,7 +30,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::pipeline::{self, Action, DropReason, PortId, Tables};
 use crate::wire::{virtio, EthernetFrame, Ipv4Packet, VirtioNetHdr};
-use overlay::vxlan::{self, VxlanHeader};
+use overlay::vxlan;
 use stats::PortStats;
 use tap::{Tap, VNET_HDR_LEN};
 use underlay::Underlay;
@@ -309,8 +309,7 @@ impl Worker {
                     };
                     let frame = &mut self.buf[VNET_HDR_LEN..n];
                     let hash = flow_hash(frame);
-                    let mut prefix = [0u8; vxlan::HEADER_LEN];
-                    vxlan::emit_header(&mut prefix, u.vni);
+                    let prefix = pipeline::encap_header(tables);
                     if vnet.is_gso() {
                         let segs = match segment::segment_tcp4(frame, &vnet, &prefix, &mut self.seg)
                         {
@@ -376,21 +375,13 @@ impl Worker {
             };
             stats.rx(len);
             let end = DGRAM_AT + len;
-            let Some((peer, _)) = tables.peers.by_underlay(from.ip()) else {
-                stats.count_drop(DropReason::UnknownPeer);
-                continue;
+            let peer = match pipeline::decap(tables, from.ip(), &self.buf[DGRAM_AT..end]) {
+                Ok(p) => p,
+                Err(reason) => {
+                    stats.count_drop(reason);
+                    continue;
+                }
             };
-            match VxlanHeader::new_checked(&self.buf[DGRAM_AT..end]) {
-                Ok(h) if h.vni() == u.vni => {}
-                Ok(_) => {
-                    stats.count_drop(DropReason::WrongVni);
-                    continue;
-                }
-                Err(_) => {
-                    stats.count_drop(DropReason::VxlanMalformed);
-                    continue;
-                }
-            }
             match pipeline::handle_underlay(tables, peer, &mut self.buf[VNET_HDR_LEN..end]) {
                 Action::ToPort(out) => match self.ports.get(&out) {
                     Some(dst) => {

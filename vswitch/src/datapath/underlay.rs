@@ -20,7 +20,6 @@ pub struct Underlay {
     tx: Vec<UdpSocket>,
     /// The peers' VXLAN port (the cluster uses one port).
     pub port: u16,
-    pub vni: u32,
 }
 
 fn socket(addr: SocketAddr) -> io::Result<Socket> {
@@ -37,7 +36,7 @@ fn socket(addr: SocketAddr) -> io::Result<Socket> {
 
 impl Underlay {
     /// Binds the receive socket on `ip:port` and the send pool on `ip:0`.
-    pub fn bind(ip: IpAddr, port: u16, vni: u32) -> io::Result<Underlay> {
+    pub fn bind(ip: IpAddr, port: u16) -> io::Result<Underlay> {
         let rx = socket(SocketAddr::new(ip, port)).map_err(|e| {
             io::Error::new(
                 e.kind(),
@@ -49,7 +48,7 @@ impl Underlay {
         for _ in 0..SEND_POOL {
             tx.push(socket(SocketAddr::new(ip, 0))?.into());
         }
-        Ok(Underlay { rx, tx, port, vni })
+        Ok(Underlay { rx, tx, port })
     }
 
     /// Sends one datagram (VXLAN header + inner frame) to `peer` from the pool socket chosen by

@@ -23,6 +23,9 @@
 
 pub mod tables;
 
+use std::net::IpAddr;
+
+use overlay::vxlan::{self, VxlanHeader};
 pub use overlay::PeerId;
 pub use tables::{PortEntry, Tables};
 
@@ -204,6 +207,26 @@ fn route_v4(t: &Tables, port: &PortEntry, frame: &mut [u8], gso: bool) -> Action
     eth.set_src_addr(src_mac);
     eth.set_dst_addr(next_mac);
     action
+}
+
+/// The VXLAN header for what this node sends.
+pub fn encap_header(t: &Tables) -> [u8; vxlan::HEADER_LEN] {
+    let mut h = [0u8; vxlan::HEADER_LEN];
+    vxlan::emit_header(&mut h, t.vni);
+    h
+}
+
+/// Accepts a received VXLAN datagram (header + inner frame) or says why not: it must come
+/// from a peer's underlay address and carry our VNI.
+pub fn decap(t: &Tables, from: IpAddr, datagram: &[u8]) -> Result<PeerId, DropReason> {
+    let Some((peer, _)) = t.peers.by_underlay(from) else {
+        return Err(DropReason::UnknownPeer);
+    };
+    match VxlanHeader::new_checked(datagram) {
+        Ok(h) if h.vni() == t.vni => Ok(peer),
+        Ok(_) => Err(DropReason::WrongVni),
+        Err(_) => Err(DropReason::VxlanMalformed),
+    }
 }
 
 /// A frame decapsulated from VXLAN sent by `peer`: routed to the local pod it is for.

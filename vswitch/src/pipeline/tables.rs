@@ -35,6 +35,8 @@ pub struct Tables {
     pub vtep_mac: EthernetAddress,
     /// The largest inner IPv4 packet that fits in VXLAN over the underlay (underlay MTU - 50).
     pub overlay_mtu: u16,
+    /// The VXLAN network identifier of the overlay.
+    pub vni: u32,
     pub peers: PeerTable,
     ports: Map<PortId, PortEntry>,
     by_mac: Map<EthernetAddress, PortId>,
@@ -50,6 +52,7 @@ impl Tables {
             gateway_mac,
             vtep_mac: EthernetAddress([0x0e, 0x58, 0, 0, 0, 0]),
             overlay_mtu: 1450,
+            vni: 1,
             peers: PeerTable::default(),
             ports: Map::default(),
             by_mac: Map::default(),
