@@ -84,6 +84,10 @@ pub struct AdminConfig {
     /// The admin API's unix socket (HTTP/JSON), created with mode 0600.
     #[serde(default = "default_socket")]
     pub socket: PathBuf,
+    /// TCP address for `/metrics`, `/healthz` and `/readyz` (e.g. "0.0.0.0:9109"). Off when
+    /// unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_address: Option<std::net::SocketAddr>,
 }
 
 fn default_socket() -> PathBuf {
@@ -94,6 +98,7 @@ impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             socket: default_socket(),
+            metrics_address: None,
         }
     }
 }

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use conf::Config;
 
-use crate::control::{api, Daemon, DaemonError};
+use crate::control::{api, metrics, Daemon, DaemonError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -15,6 +15,11 @@ pub enum RunError {
     #[error("admin socket {path}: {source}")]
     Socket {
         path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("metrics address {addr}: {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
         source: std::io::Error,
     },
     #[error("control-plane runtime: {0}")]
@@ -45,6 +50,18 @@ pub fn run(config_path: &Path) -> Result<(), RunError> {
             daemon.config().node.pod_cidr,
             socket.display()
         );
+        if let Some(addr) = daemon.config().admin.metrics_address {
+            let tcp = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| RunError::Metrics { addr, source })?;
+            let app = metrics::router(daemon.clone());
+            tracing::info!("metrics and health on http://{addr}");
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(tcp, app).await {
+                    tracing::error!("metrics server stopped: {e}");
+                }
+            });
+        }
         let app = api::router(daemon.clone());
         let server = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
         server.await.map_err(|source| RunError::Socket {

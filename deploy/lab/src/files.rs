@@ -44,6 +44,8 @@ pub(crate) fn daemon_config(node: &Node, all: &[Node]) -> Config {
         },
         admin: AdminConfig {
             socket: node.admin_socket.clone(),
+            // Each node has its own namespace, so every node can use the same port.
+            metrics_address: Some(([0, 0, 0, 0], 9109).into()),
         },
         datapath: DatapathConfig::default(),
         dns: DnsConfig::default(),

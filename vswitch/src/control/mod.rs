@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod ipam;
+pub mod metrics;
 pub mod netconfig;
 
 use std::collections::BTreeMap;
@@ -521,6 +522,16 @@ impl Daemon {
         );
         st.peers = check.peers;
         Ok(())
+    }
+
+    /// Version of the published tables.
+    pub fn table_version(&self) -> u64 {
+        self.tables.load().version
+    }
+
+    /// Whether the datapath worker is still running.
+    pub fn datapath_alive(&self) -> bool {
+        self.datapath().alive()
     }
 
     /// Stops the datapath; pods' TAP devices go away with it.

@@ -116,6 +116,11 @@ impl Datapath {
         let _ = wait.recv_timeout(std::time::Duration::from_secs(5));
     }
 
+    /// Whether the worker thread is running.
+    pub fn alive(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
     pub fn shutdown(&mut self) {
         self.send(Command::Shutdown);
         if let Some(t) = self.thread.take() {

@@ -1,0 +1,213 @@
+//! Prometheus metrics, health and readiness over HTTP on a TCP address (for the DaemonSet's
+//! probes and scrapers, which cannot reach a unix socket).
+//!
+//! The counters live in the datapath as relaxed atomics; a scrape reads a snapshot of them
+//! through the same path as the admin API (`Daemon::ports`), so the two never disagree and
+//! nothing is counted twice. The collector encodes the snapshot with prometheus-client's
+//! const metrics.
+
+use std::fmt;
+use std::sync::Arc;
+
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use super::Daemon;
+
+struct SwitchCollector(Arc<Daemon>);
+
+impl fmt::Debug for SwitchCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SwitchCollector")
+    }
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+fn counters<'a>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: impl Iterator<Item = (Labels, u64)> + 'a,
+) -> fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, v) in rows {
+        ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> fmt::Result {
+    let m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    ConstGauge::new(v).encode(m)
+}
+
+impl Collector for SwitchCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let d = &self.0;
+        let ports = d.ports();
+        let port_labels = |p: &conf::api::PortInfo| -> Labels {
+            vec![
+                ("port", p.id.to_string()),
+                ("pod", p.pod.clone().unwrap_or_default()),
+                ("ifname", p.ifname.clone()),
+            ]
+        };
+        type Pick = fn(&conf::api::PortCounters) -> u64;
+        let per_port: [(&str, &str, Pick); 4] = [
+            (
+                "vswitch_port_rx_packets",
+                "Frames received from the pod.",
+                |c| c.rx_packets,
+            ),
+            (
+                "vswitch_port_rx_bytes",
+                "Bytes received from the pod.",
+                |c| c.rx_bytes,
+            ),
+            ("vswitch_port_tx_packets", "Frames sent to the pod.", |c| {
+                c.tx_packets
+            }),
+            ("vswitch_port_tx_bytes", "Bytes sent to the pod.", |c| {
+                c.tx_bytes
+            }),
+        ];
+        for (name, help, pick) in per_port {
+            counters(
+                &mut enc,
+                name,
+                help,
+                ports
+                    .ports
+                    .iter()
+                    .map(|p| (port_labels(p), pick(&p.counters))),
+            )?;
+        }
+        counters(
+            &mut enc,
+            "vswitch_port_drops",
+            "Frames from the pod dropped, by reason.",
+            ports.ports.iter().flat_map(|p| {
+                p.counters.drops.iter().map(move |(reason, n)| {
+                    let mut l = port_labels(p);
+                    l.push(("reason", reason.clone()));
+                    (l, *n)
+                })
+            }),
+        )?;
+        if let Some(u) = &ports.underlay {
+            let rows: [(&str, &str, u64); 4] = [
+                (
+                    "vswitch_underlay_rx_packets",
+                    "VXLAN datagrams received.",
+                    u.rx_packets,
+                ),
+                (
+                    "vswitch_underlay_rx_bytes",
+                    "VXLAN bytes received.",
+                    u.rx_bytes,
+                ),
+                (
+                    "vswitch_underlay_tx_packets",
+                    "VXLAN datagrams sent.",
+                    u.tx_packets,
+                ),
+                ("vswitch_underlay_tx_bytes", "VXLAN bytes sent.", u.tx_bytes),
+            ];
+            for (name, help, v) in rows {
+                counters(&mut enc, name, help, std::iter::once((Vec::new(), v)))?;
+            }
+            counters(
+                &mut enc,
+                "vswitch_underlay_drops",
+                "VXLAN datagrams dropped, by reason.",
+                u.drops
+                    .iter()
+                    .map(|(r, n)| (vec![("reason", r.clone())], *n)),
+            )?;
+        }
+        gauge(
+            &mut enc,
+            "vswitch_ports",
+            "Pod ports attached.",
+            ports.ports.len() as i64,
+        )?;
+        gauge(
+            &mut enc,
+            "vswitch_peers",
+            "Peer nodes in the overlay.",
+            d.peers().peers.len() as i64,
+        )?;
+        gauge(
+            &mut enc,
+            "vswitch_table_version",
+            "Version of the published forwarding tables.",
+            d.table_version() as i64,
+        )?;
+        Ok(())
+    }
+}
+
+/// `/metrics`, `/healthz` and `/readyz`.
+pub fn router(d: Arc<Daemon>) -> Router {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(SwitchCollector(d.clone())));
+    let registry = Arc::new(registry);
+    let health = d.clone();
+    Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let registry = registry.clone();
+                async move {
+                    let mut out = String::new();
+                    match prometheus_client::encoding::text::encode(&mut out, &registry) {
+                        Ok(()) => (
+                            StatusCode::OK,
+                            [(
+                                header::CONTENT_TYPE,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )],
+                            out,
+                        )
+                            .into_response(),
+                        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+                    }
+                }
+            }),
+        )
+        .route(
+            "/healthz",
+            get(move || {
+                let d = health.clone();
+                async move {
+                    if d.datapath_alive() {
+                        (StatusCode::OK, "ok\n")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "datapath worker stopped\n")
+                    }
+                }
+            }),
+        )
+        .route(
+            "/readyz",
+            get(move || {
+                let d = d.clone();
+                async move {
+                    if d.datapath_alive() && d.status().ready {
+                        (StatusCode::OK, "ready\n")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                    }
+                }
+            }),
+        )
+}
