@@ -1,0 +1,316 @@
+//! The CNI plugin as a runtime drives it, against a lab node's real vswitchd: DEL is
+//! idempotent and works without the pod's namespace, CHECK compares against the live
+//! interface, an ADD that cannot complete fails with a CNI error and leaves nothing behind,
+//! and 50 concurrent ADDs get 50 distinct addresses and leave nothing once deleted.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Barrier;
+use std::thread;
+
+use serde_json::Value;
+use vswitch_tests::*;
+
+/// The switch's view of a node: ports (by container) and leases.
+fn node_state(node: &Node) -> (BTreeSet<(String, String, IpAddr)>, BTreeSet<String>) {
+    let ports = ports(&node.admin_socket)
+        .ports
+        .into_iter()
+        .map(|p| (p.container_id, p.ifname, p.ip))
+        .collect();
+    (ports, leases(&state_dir(node)))
+}
+
+fn gateway(node: &Node) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::from(u32::from(node.pod_cidr.network()) + 1))
+}
+
+#[test]
+fn del_twice_succeeds_and_releases_the_pod() {
+    let lab = lab(1, 2);
+    let node = lab.node("n1");
+    let cni = Cni::for_node(node);
+    let (a, b) = (lab.pod("n1-p1"), lab.pod("n1-p2"));
+    assert!(leases(&state_dir(node)).contains(&a.ip.to_string()));
+
+    for round in 1..=2 {
+        let out = cni.del(
+            &a.container_id,
+            Some(&a.netns_path()),
+            &a.ifname,
+            Some(&a.cni_result),
+        );
+        assert!(out.success(), "DEL #{round} failed: {}", out.out);
+        assert_eq!(out.json, Value::Null, "DEL #{round} printed something");
+    }
+    assert_eq!(
+        link_names(&a.netns),
+        ["lo"],
+        "DEL left an interface in the pod"
+    );
+    let (ports, leases) = node_state(node);
+    assert!(
+        !ports.iter().any(|(c, _, _)| *c == a.container_id),
+        "port of the deleted pod is still there: {ports:?}"
+    );
+    assert!(
+        !leases.contains(&a.ip.to_string()),
+        "{} is still leased after DEL: {leases:?}",
+        a.ip
+    );
+    // The other pod is untouched.
+    assert_ping(&b.netns, gateway(node));
+    assert_eq!(ports.len(), 1);
+}
+
+#[test]
+fn del_after_the_pod_netns_is_gone_releases_everything() {
+    let lab = lab(1, 2);
+    let node = lab.node("n1");
+    let pid = node.pid.expect("the lab's vswitchd has a pid");
+    let cni = Cni::for_node(node);
+    let (a, b) = (lab.pod("n1-p1"), lab.pod("n1-p2"));
+    assert_eq!(
+        tun_fds(pid),
+        2,
+        "vswitchd should hold one TAP queue per pod"
+    );
+
+    // The runtime tore the sandbox down before DEL (a crash, a kubelet restart). One runtime
+    // sends CNI_NETNS empty, another the path that no longer exists; both must work.
+    ip(&["netns", "del", &a.netns]);
+    ip(&["netns", "del", &b.netns]);
+    cni.del(&a.container_id, None, &a.ifname, Some(&a.cni_result))
+        .ok();
+    cni.del(
+        &b.container_id,
+        Some(&b.netns_path()),
+        &b.ifname,
+        Some(&b.cni_result),
+    )
+    .ok();
+
+    let (ports, leases) = node_state(node);
+    assert!(ports.is_empty(), "ports left after DEL: {ports:?}");
+    assert!(leases.is_empty(), "leases left after DEL: {leases:?}");
+    assert!(records(&state_dir(node)).is_empty());
+    // vswitchd let go of the TAPs, and with them the last references to the deleted
+    // namespaces, which would otherwise live on unseen.
+    assert_daemon_holds_no_pod(pid, &node.netns);
+
+    // Deleting again, now that vswitchd knows nothing of the pod, still succeeds.
+    cni.del(&a.container_id, None, &a.ifname, None).ok();
+}
+
+#[test]
+fn check_passes_on_a_live_pod_and_fails_once_its_interface_is_broken() {
+    let lab = lab(1, 3);
+    let node = lab.node("n1");
+    let cni = Cni::for_node(node);
+    let check = |p: &Pod| cni.check(&p.container_id, &p.netns_path(), &p.ifname, &p.cni_result);
+    for p in &lab.pods {
+        let out = check(p);
+        assert!(out.success(), "CHECK of a healthy pod failed: {}", out.out);
+        assert_eq!(out.json, Value::Null);
+    }
+    let (gone, no_addr, no_route) = (lab.pod("n1-p1"), lab.pod("n1-p2"), lab.pod("n1-p3"));
+
+    ip(&["-n", &gone.netns, "link", "del", "eth0"]);
+    let msg = check(gone).expect_error(102);
+    assert!(msg.contains("eth0"), "{msg}");
+
+    ip(&["-n", &no_addr.netns, "addr", "flush", "dev", "eth0"]);
+    let msg = check(no_addr).expect_error(102);
+    assert!(msg.contains(&no_addr.ip.to_string()), "{msg}");
+
+    ip(&["-n", &no_route.netns, "route", "del", "default"]);
+    let msg = check(no_route).expect_error(102);
+    assert!(msg.contains("route"), "{msg}");
+}
+
+#[test]
+fn add_with_an_existing_interface_name_fails_and_leaves_nothing_behind() {
+    let lab = lab(1, 1);
+    let node = lab.node("n1");
+    let cni = Cni::for_node(node);
+    let pod = lab.pod("n1-p1");
+    // An interface the pod already has, not made by us: a veth pair inside the pod.
+    ip(&[
+        "-n", &pod.netns, "link", "add", "eth1", "type", "veth", "peer", "name", "eth1p",
+    ]);
+    let eth1_before = links(&pod.netns)
+        .into_iter()
+        .find(|l| l["ifname"] == "eth1")
+        .expect("eth1 was just made");
+    let links_before = link_names(&pod.netns);
+    let state_before = node_state(node);
+    let records_before = records(&state_dir(node));
+
+    // 1. Another interface by that name: refused, the existing one untouched.
+    let msg = cni
+        .add(&pod.container_id, &pod.netns_path(), "eth1")
+        .expect_error(100);
+    assert!(msg.contains("eth1"), "{msg}");
+    let eth1_after = links(&pod.netns)
+        .into_iter()
+        .find(|l| l["ifname"] == "eth1")
+        .expect("the failed ADD removed the pod's own eth1");
+    assert_eq!(eth1_after["address"], eth1_before["address"]);
+    assert_eq!(eth1_after["linkinfo"]["info_kind"], "veth");
+    assert!(
+        addresses(&pod.netns, "eth1").is_empty(),
+        "the failed ADD configured eth1"
+    );
+
+    // 2. A second container whose namespace already has our eth0 (a TAP of the switch).
+    let msg = cni
+        .add("intruder", &pod.netns_path(), "eth0")
+        .expect_error(100);
+    assert!(msg.contains("eth0"), "{msg}");
+
+    // 3. The same attachment again, without DEL first.
+    cni.add(&pod.container_id, &pod.netns_path(), "eth0")
+        .expect_error(100);
+
+    // Nothing leaked: no lease, no port, no record, no interface; the pod still works.
+    assert_eq!(node_state(node), state_before);
+    assert_eq!(records(&state_dir(node)), records_before);
+    assert_eq!(link_names(&pod.netns), links_before);
+    assert_eq!(addresses(&pod.netns, "eth0"), [pod.address().to_string()]);
+    assert_ping(&pod.netns, gateway(node));
+    cni.check(
+        &pod.container_id,
+        &pod.netns_path(),
+        "eth0",
+        &pod.cni_result,
+    )
+    .ok();
+}
+
+const CONCURRENT: usize = 50;
+
+#[test]
+fn fifty_concurrent_adds_get_distinct_addresses_and_their_dels_leave_nothing() {
+    let lab = lab(1, 0);
+    let node = lab.node("n1");
+    let pid = node.pid.expect("the lab's vswitchd has a pid");
+    let cni = Cni::for_node(node);
+    // Named like the lab's pods, so the lab's teardown would find them too.
+    let pods: Vec<Netns> = (0..CONCURRENT)
+        .map(|i| Netns::new(&format!("{}-n1-c{i}", lab.name)))
+        .collect();
+    let ours: BTreeSet<String> = pods.iter().map(|p| p.name().to_string()).collect();
+
+    // All plugin processes start together, as a runtime starting 50 pods does.
+    let barrier = Barrier::new(CONCURRENT);
+    let results: Vec<Value> = thread::scope(|s| {
+        let handles: Vec<_> = pods
+            .iter()
+            .map(|p| {
+                let (cni, barrier) = (&cni, &barrier);
+                s.spawn(move || {
+                    barrier.wait();
+                    cni.add(p.name(), &p.path(), "eth0")
+                })
+            })
+            .collect();
+        let outs: Vec<CniOut> = handles
+            .into_iter()
+            .map(|h| h.join().expect("an ADD thread panicked"))
+            .collect();
+        let failed: Vec<String> = outs
+            .iter()
+            .filter(|o| !o.success())
+            .map(|o| o.out.to_string())
+            .collect();
+        assert!(
+            failed.is_empty(),
+            "{} ADDs failed:\n{}",
+            failed.len(),
+            failed.join("\n")
+        );
+        outs.into_iter().map(|o| o.json).collect()
+    });
+
+    let ips: Vec<Ipv4Addr> = results.iter().map(result_ip).collect();
+    let distinct: BTreeSet<Ipv4Addr> = ips.iter().copied().collect();
+    assert_eq!(
+        distinct.len(),
+        CONCURRENT,
+        "addresses handed out twice: {ips:?}"
+    );
+    let gw = gateway(node);
+    for ip in &ips {
+        assert!(
+            node.pod_cidr.contains(ip),
+            "{ip} is outside {}",
+            node.pod_cidr
+        );
+        assert_ne!(IpAddr::V4(*ip), gw, "a pod got the gateway's address");
+    }
+    // Each pod has the address its result reports, and the switch agrees.
+    for (p, ip) in pods.iter().zip(&ips) {
+        assert_eq!(
+            addresses(p.name(), "eth0"),
+            [format!("{ip}/{}", node.pod_cidr.prefix_len())],
+            "pod {}",
+            p.name()
+        );
+    }
+    let port_ips: BTreeSet<IpAddr> = ports(&node.admin_socket)
+        .ports
+        .iter()
+        .map(|p| p.ip)
+        .collect();
+    assert_eq!(
+        port_ips,
+        distinct.iter().map(|ip| IpAddr::V4(*ip)).collect(),
+        "vswitchctl ports"
+    );
+    assert_eq!(tun_fds(pid), CONCURRENT);
+    assert_ping(pods[0].name(), IpAddr::V4(ips[CONCURRENT - 1]));
+
+    // All DELs at once too.
+    let barrier = Barrier::new(CONCURRENT);
+    thread::scope(|s| {
+        let handles: Vec<_> = pods
+            .iter()
+            .zip(&results)
+            .map(|(p, r)| {
+                let (cni, barrier) = (&cni, &barrier);
+                s.spawn(move || {
+                    barrier.wait();
+                    cni.del(p.name(), Some(&p.path()), "eth0", Some(r))
+                })
+            })
+            .collect();
+        for h in handles {
+            let out = h.join().expect("a DEL thread panicked");
+            assert!(out.success(), "DEL failed: {}", out.out);
+        }
+    });
+
+    for p in &pods {
+        assert_eq!(
+            link_names(p.name()),
+            ["lo"],
+            "pod {} kept an interface",
+            p.name()
+        );
+    }
+    assert!(
+        ports(&node.admin_socket).ports.is_empty(),
+        "vswitchctl ports is not empty"
+    );
+    let ipam: BTreeSet<String> = std::fs::read_dir(state_dir(node).join("ipam"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(ipam, BTreeSet::from(["last_reserved_ip".to_string()]));
+    assert!(records(&state_dir(node)).is_empty());
+    assert_daemon_holds_no_pod(pid, &node.netns);
+
+    drop(pods);
+    let left: Vec<String> = netns_list().intersection(&ours).cloned().collect();
+    assert!(left.is_empty(), "namespaces left: {left:?}");
+}
