@@ -12,6 +12,7 @@
 //! TAP as one unit and the kernel never segments it. Replies the switch makes itself (ARP, ICMP)
 //! get an all-zero header: complete checksums, no GSO.
 
+pub mod gro;
 pub mod netns;
 pub mod segment;
 pub mod stats;
@@ -37,9 +38,12 @@ use underlay::Underlay;
 
 const WAKER: Token = Token(usize::MAX);
 const UNDERLAY: Token = Token(usize::MAX - 1);
-/// Where a received datagram goes in the frame buffer: its VXLAN header then ends exactly
-/// where the virtio-net header does, so the inner frame is already in place for the TAP.
+/// Where the VXLAN header goes in front of a frame read from a TAP: it ends exactly where the
+/// virtio-net header does, so the datagram is contiguous without a copy.
 const DGRAM_AT: usize = VNET_HDR_LEN - vxlan::HEADER_LEN;
+/// Messages per `recvmmsg` on the underlay, each up to 64 KiB of GRO-coalesced datagrams.
+const RX_BATCH: usize = 8;
+const RX_BUF_LEN: usize = 65_536;
 /// Room for one super-frame cut into segments, each with its own headers and VXLAN prefix.
 const SEG_BUF_LEN: usize = 2 * 65_536 + 16_384;
 /// Frames read from one port before the worker looks at the others.
@@ -80,11 +84,17 @@ impl Datapath {
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (tx, rx) = crossbeam_channel::unbounded();
         let mut worker = Worker::new(poll, rx, tables, underlay_stats);
-        if let Some(mut u) = underlay {
-            worker
-                .poll
-                .registry()
-                .register(&mut u.rx, UNDERLAY, Interest::READABLE)?;
+        if let Some(u) = underlay {
+            worker.poll.registry().register(
+                &mut SourceFd(&u.rx_fd()),
+                UNDERLAY,
+                Interest::READABLE,
+            )?;
+            tracing::info!(
+                "underlay: UDP GRO {}, source ports {:?}",
+                if u.gro() { "on" } else { "off" },
+                u.source_ports()
+            );
             worker.underlay = Some(u);
             worker.underlay_ready = true;
         }
@@ -150,6 +160,8 @@ struct Worker {
     ready: Vec<PortId>,
     buf: Box<[u8]>,
     seg: Box<[u8]>,
+    rbuf: Box<[u8]>,
+    gro: gro::Gro,
     underlay: Option<Underlay>,
     underlay_ready: bool,
     underlay_stats: Arc<PortStats>,
@@ -170,6 +182,8 @@ impl Worker {
             ready: Vec::new(),
             buf: vec![0u8; BUF_LEN].into_boxed_slice(),
             seg: vec![0u8; SEG_BUF_LEN].into_boxed_slice(),
+            rbuf: vec![0u8; RX_BATCH * RX_BUF_LEN].into_boxed_slice(),
+            gro: gro::Gro::default(),
             underlay: None,
             underlay_ready: false,
             underlay_stats,
@@ -324,12 +338,10 @@ impl Worker {
                                 continue;
                             }
                         };
-                        for i in 0..segs.count {
-                            let d = &self.seg[segs.range(i)];
-                            match u.send(hash, d, peer.underlay) {
-                                Ok(_) => self.underlay_stats.tx(d.len()),
-                                Err(_) => stats.count_drop(DropReason::TxError),
-                            }
+                        let d = &self.seg[..segs.total];
+                        match u.send(hash, d, Some(segs.stride), peer.underlay) {
+                            Ok(k) => self.underlay_stats.tx_n(k, d.len()),
+                            Err(_) => stats.count_drop(DropReason::TxError),
                         }
                     } else {
                         if virtio::finish_checksum(&vnet, frame).is_err() {
@@ -339,7 +351,7 @@ impl Worker {
                         // The VXLAN header goes where the virtio-net header ends.
                         self.buf[DGRAM_AT..VNET_HDR_LEN].copy_from_slice(&prefix);
                         let d = &self.buf[DGRAM_AT..n];
-                        match u.send(hash, d, peer.underlay) {
+                        match u.send(hash, d, None, peer.underlay) {
                             Ok(_) => self.underlay_stats.tx(d.len()),
                             Err(_) => stats.count_drop(DropReason::TxError),
                         }
@@ -362,15 +374,24 @@ impl Worker {
 }
 
 impl Worker {
-    /// Receives up to one batch of VXLAN datagrams; true when the socket is drained.
+    /// Receives up to a few batches of VXLAN messages; true when the socket is drained.
     fn service_underlay(&mut self, tables: &Tables) -> bool {
         let Some(u) = &self.underlay else {
             return true;
         };
         let stats = &self.underlay_stats;
-        for _ in 0..BATCH {
-            let (len, from) = match u.rx.recv_from(&mut self.buf[DGRAM_AT..]) {
-                Ok(r) => r,
+        let ports = &self.ports;
+        let gro = &mut self.gro;
+        let mut meta = [quinn_udp::RecvMeta::default(); RX_BATCH];
+        for _ in 0..BATCH / RX_BATCH {
+            let got = {
+                let mut chunks = self.rbuf.chunks_exact_mut(RX_BUF_LEN);
+                let mut iov: [io::IoSliceMut<'_>; RX_BATCH] =
+                    std::array::from_fn(|_| io::IoSliceMut::new(chunks.next().unwrap_or_default()));
+                u.recv(&mut iov, &mut meta)
+            };
+            let n = match got {
+                Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -378,30 +399,52 @@ impl Worker {
                     return true;
                 }
             };
-            stats.rx(len);
-            let end = DGRAM_AT + len;
-            let peer = match pipeline::decap(tables, from.ip(), &self.buf[DGRAM_AT..end]) {
-                Ok(p) => p,
-                Err(reason) => {
-                    stats.count_drop(reason);
-                    continue;
+            let mut emit = |b: &[u8], o: gro::Out<'_>| {
+                let Some(dst) = ports.get(&o.port) else {
+                    stats.count_drop(DropReason::PortGone);
+                    return;
+                };
+                let hdr = o.hdr.to_bytes();
+                let mut iov = [io::IoSlice::new(&[]); gro::MAX_SEGS + 2];
+                iov[0] = io::IoSlice::new(&hdr);
+                let mut len = 0;
+                for (slot, r) in iov[1..].iter_mut().zip(o.parts) {
+                    *slot = io::IoSlice::new(b.get(r.clone()).unwrap_or_default());
+                    len += r.len();
+                }
+                match dst.tap.send_vectored(&iov[..1 + o.parts.len()]) {
+                    Ok(_) => dst.stats.tx_n(o.parts.len(), len),
+                    Err(_) => stats.count_drop(DropReason::TxError),
                 }
             };
-            match pipeline::handle_underlay(tables, peer, &mut self.buf[VNET_HDR_LEN..end]) {
-                Action::ToPort(out) => match self.ports.get(&out) {
-                    Some(dst) => {
-                        // Inner checksums are complete: they crossed the wire.
-                        self.buf[..VNET_HDR_LEN].fill(0);
-                        match dst.tap.send(&self.buf[..end]) {
-                            Ok(_) => dst.stats.tx(end - VNET_HDR_LEN),
-                            Err(_) => stats.count_drop(DropReason::TxError),
+            for (i, m) in meta.iter().enumerate().take(n) {
+                let base = i * RX_BUF_LEN;
+                let msg = base..base + m.len.min(RX_BUF_LEN);
+                let stride = if m.stride == 0 { m.len } else { m.stride };
+                let mut off = msg.start;
+                while off < msg.end {
+                    let end = (off + stride).min(msg.end);
+                    let d = off..end;
+                    off = end;
+                    stats.rx(d.len());
+                    let peer = match pipeline::decap(tables, m.addr.ip(), &self.rbuf[d.clone()]) {
+                        Ok(p) => p,
+                        Err(reason) => {
+                            stats.count_drop(reason);
+                            continue;
+                        }
+                    };
+                    let inner = d.start + vxlan::HEADER_LEN..d.end;
+                    match pipeline::handle_underlay(tables, peer, &mut self.rbuf[inner.clone()]) {
+                        Action::ToPort(out) => gro.push(&mut self.rbuf, out, inner, &mut emit),
+                        Action::Drop(reason) => stats.count_drop(reason),
+                        // Frames from peers are only ever routed to local pods.
+                        Action::ToPeer(_) | Action::Reply(_) => {
+                            stats.count_drop(DropReason::NoRoute)
                         }
                     }
-                    None => stats.count_drop(DropReason::PortGone),
-                },
-                Action::Drop(reason) => stats.count_drop(reason),
-                // Frames from peers are only ever routed to local pods.
-                Action::ToPeer(_) | Action::Reply(_) => stats.count_drop(DropReason::NoRoute),
+                }
+                gro.flush(&mut self.rbuf, &mut emit);
             }
         }
         false

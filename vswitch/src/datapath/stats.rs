@@ -30,6 +30,13 @@ impl PortStats {
         self.tx_bytes.fetch_add(bytes as u64, Relaxed);
     }
 
+    /// `packets` frames of `bytes` in all (a segmented or coalesced batch).
+    #[inline]
+    pub fn tx_n(&self, packets: usize, bytes: usize) {
+        self.tx_packets.fetch_add(packets as u64, Relaxed);
+        self.tx_bytes.fetch_add(bytes as u64, Relaxed);
+    }
+
     #[inline]
     pub fn count_drop(&self, reason: DropReason) {
         self.drops[reason as usize].fetch_add(1, Relaxed);

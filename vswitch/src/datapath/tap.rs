@@ -154,6 +154,25 @@ impl Tap {
         }
     }
 
+    /// Writes one frame gathered from several slices (virtio-net header first). The kernel
+    /// reads them in order as one frame; at most `IOV_MAX` slices.
+    pub fn send_vectored(&self, parts: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        // SAFETY: `IoSlice` is guaranteed ABI-compatible with `struct iovec` on Unix, and every
+        // slice it describes is borrowed for the duration of the call; `writev` only reads them.
+        let n = unsafe {
+            libc::writev(
+                self.file.as_raw_fd(),
+                parts.as_ptr().cast::<libc::iovec>(),
+                parts.len() as libc::c_int,
+            )
+        };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
     pub fn into_fd(self) -> OwnedFd {
         self.file.into()
     }

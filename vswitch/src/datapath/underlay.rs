@@ -1,69 +1,135 @@
-//! The underlay: VXLAN in plain UDP sockets.
+//! The underlay: VXLAN in plain UDP sockets, with segmentation offload both ways.
 //!
-//! One socket bound to `underlay_ip:port` receives from every peer. Sending uses a small pool of
-//! sockets bound to ephemeral ports, picked by a hash of the inner flow: the outer source port
+//! One socket bound to `underlay_ip:port` receives from every peer, with UDP GRO on so that one
+//! `recvmmsg` returns up to 64 KiB of same-flow datagrams per message. Sending uses a small pool
+//! of sockets bound to ephemeral ports, picked by a hash of the inner flow: the outer source port
 //! then identifies the flow (as Linux's vxlan does with its source port range), so one flow stays
-//! on one path through ECMP fabrics and the peer's GRO can coalesce it, while different flows
-//! spread. Sockets are non-blocking; a full send buffer is a counted drop, never a wait.
+//! on one path through ECMP fabrics and the peer's GRO can coalesce it. A segmented super-frame
+//! leaves in one `sendmsg` with UDP_SEGMENT. quinn-udp does the control-message work and falls
+//! back to one datagram per call where the kernel or NIC refuses segmentation (EIO/EINVAL).
+//! Sockets are non-blocking; a full send buffer is a counted drop, never a wait.
 
-use std::io;
+use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 
+use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// Sockets in the send pool: distinct outer source ports per worker.
 const SEND_POOL: usize = 8;
-const BUFFER_BYTES: usize = 4 << 20;
+const BUFFER_BYTES: usize = 8 << 20;
+/// The most one UDP_SEGMENT send may carry: the whole batch is one IPv4 datagram before
+/// segmentation, so it must fit in 64 KiB with the IP and UDP headers.
+const MAX_GSO_BYTES: usize = 65_535 - 20 - 8;
 
 pub struct Underlay {
-    pub rx: mio::net::UdpSocket,
-    tx: Vec<UdpSocket>,
+    rx: UdpSocket,
+    rx_state: UdpSocketState,
+    tx: Vec<(UdpSocket, UdpSocketState)>,
     /// The peers' VXLAN port (the cluster uses one port).
     pub port: u16,
 }
 
-fn socket(addr: SocketAddr) -> io::Result<Socket> {
+fn socket(addr: SocketAddr) -> io::Result<(UdpSocket, UdpSocketState)> {
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    s.set_nonblocking(true)?;
     s.set_cloexec(true)?;
-    // Bigger buffers absorb bursts of TSO-sized batches; the kernel caps them at rmem_max
-    // unless we are privileged, and either way a smaller buffer only means more drops.
-    let _ = s.set_recv_buffer_size(BUFFER_BYTES);
-    let _ = s.set_send_buffer_size(BUFFER_BYTES);
     s.bind(&addr.into())?;
-    Ok(s)
+    let s: UdpSocket = s.into();
+    let state = UdpSocketState::new((&s).into())?;
+    // Bigger buffers absorb bursts of TSO-sized batches; the kernel caps them at its maximum,
+    // and either way a smaller buffer only means more (counted) drops.
+    let _ = state.set_recv_buffer_size((&s).into(), BUFFER_BYTES);
+    let _ = state.set_send_buffer_size((&s).into(), BUFFER_BYTES);
+    Ok((s, state))
 }
 
 impl Underlay {
     /// Binds the receive socket on `ip:port` and the send pool on `ip:0`.
     pub fn bind(ip: IpAddr, port: u16) -> io::Result<Underlay> {
-        let rx = socket(SocketAddr::new(ip, port)).map_err(|e| {
+        let (rx, rx_state) = socket(SocketAddr::new(ip, port)).map_err(|e| {
             io::Error::new(
                 e.kind(),
                 format!("binding the VXLAN socket to {ip}:{port}: {e}"),
             )
         })?;
-        let rx = mio::net::UdpSocket::from_std(rx.into());
         let mut tx = Vec::with_capacity(SEND_POOL);
         for _ in 0..SEND_POOL {
-            tx.push(socket(SocketAddr::new(ip, 0))?.into());
+            tx.push(socket(SocketAddr::new(ip, 0))?);
         }
-        Ok(Underlay { rx, tx, port })
+        Ok(Underlay {
+            rx,
+            rx_state,
+            tx,
+            port,
+        })
     }
 
-    /// Sends one datagram (VXLAN header + inner frame) to `peer` from the pool socket chosen by
-    /// the inner flow's hash.
-    #[inline]
-    pub fn send(&self, flow_hash: u64, datagram: &[u8], peer: IpAddr) -> io::Result<usize> {
-        let s = &self.tx[(flow_hash % self.tx.len() as u64) as usize];
-        s.send_to(datagram, SocketAddr::new(peer, self.port))
+    pub fn rx_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.rx)
     }
 
-    /// The local source ports of the send pool (for tests and `vswitchctl`).
+    /// Receives a batch of messages (each possibly several GRO-coalesced datagrams of
+    /// `meta.stride` bytes).
+    pub fn recv(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> io::Result<usize> {
+        self.rx_state.recv((&self.rx).into(), bufs, meta)
+    }
+
+    /// Sends `contents` to `peer`: one datagram, or with `segment` a run of datagrams of that
+    /// size (the last may be shorter). Returns the datagrams sent; on error none of the failing
+    /// chunk was sent.
+    pub fn send(
+        &self,
+        flow_hash: u64,
+        contents: &[u8],
+        segment: Option<usize>,
+        peer: IpAddr,
+    ) -> io::Result<usize> {
+        let (sock, state) = &self.tx[(flow_hash % self.tx.len() as u64) as usize];
+        let destination = SocketAddr::new(peer, self.port);
+        let Some(seg) = segment.filter(|&s| s > 0 && s < contents.len()) else {
+            state.try_send(
+                sock.into(),
+                &Transmit {
+                    destination,
+                    ecn: None,
+                    contents,
+                    segment_size: None,
+                    src_ip: None,
+                },
+            )?;
+            return Ok(1);
+        };
+        let per_call = state
+            .max_gso_segments()
+            .min(MAX_GSO_BYTES / seg)
+            .max(1);
+        let mut sent = 0;
+        for chunk in contents.chunks(per_call * seg) {
+            state.try_send(
+                sock.into(),
+                &Transmit {
+                    destination,
+                    ecn: None,
+                    contents: chunk,
+                    segment_size: (chunk.len() > seg).then_some(seg),
+                    src_ip: None,
+                },
+            )?;
+            sent += chunk.len().div_ceil(seg);
+        }
+        Ok(sent)
+    }
+
+    /// Whether the kernel coalesces received datagrams (UDP GRO).
+    pub fn gro(&self) -> bool {
+        self.rx_state.gro_segments() > 1
+    }
+
+    /// The local source ports of the send pool.
     pub fn source_ports(&self) -> Vec<u16> {
         self.tx
             .iter()
-            .filter_map(|s| s.local_addr().ok().map(|a| a.port()))
+            .filter_map(|(s, _)| s.local_addr().ok().map(|a| a.port()))
             .collect()
     }
 }

@@ -20,20 +20,33 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 /// Partial sums of several pieces can be added together only if every piece but the last has
 /// an even length (otherwise the byte pairing shifts).
 pub fn sum(data: &[u8]) -> u32 {
-    let mut acc: u64 = 0;
-    let mut words = data.chunks_exact(8);
-    for w in &mut words {
-        let v = u64::from_be_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
-        acc += (v >> 32) + (v & 0xFFFF_FFFF);
+    // One's-complement sums do not depend on byte order (RFC 1071 §2(B)): add native-endian
+    // words, then swap the folded result once. Four accumulators let the CPU overlap the adds;
+    // each takes 33 bits per step, so they cannot overflow below 2^31 steps (64 GB).
+    let (blocks, rest) = data.as_chunks::<32>();
+    let mut acc = [0u64; 4];
+    for b in blocks {
+        let (words, _) = b.as_chunks::<8>();
+        for (a, w) in acc.iter_mut().zip(words) {
+            let v = u64::from_ne_bytes(*w);
+            *a += (v >> 32) + (v & 0xFFFF_FFFF);
+        }
     }
-    let mut pairs = words.remainder().chunks_exact(2);
-    for p in &mut pairs {
-        acc += u64::from(u16::from_be_bytes([p[0], p[1]]));
+    let mut total: u64 = acc.iter().map(|&a| fold64(a) as u64).sum();
+    let (words, rest) = rest.as_chunks::<8>();
+    for w in words {
+        let v = u64::from_ne_bytes(*w);
+        total += (v >> 32) + (v & 0xFFFF_FFFF);
     }
-    if let [last] = pairs.remainder() {
-        acc += u64::from(*last) << 8;
+    let (pairs, rest) = rest.as_chunks::<2>();
+    for p in pairs {
+        total += u64::from(u16::from_ne_bytes(*p));
     }
-    u32::from(fold64(acc))
+    if let [last] = rest {
+        // An odd byte is the high byte of a zero-padded big-endian word.
+        total += u64::from(u16::from_ne_bytes([*last, 0]));
+    }
+    u32::from(u16::from_be(fold64(total)))
 }
 
 /// Folds the carries of a one's-complement sum back into 16 bits (not complemented).
