@@ -60,7 +60,10 @@ impl Tap {
             .open("/dev/net/tun")?;
         let mut req = IfReqFlags {
             name: [0; libc::IFNAMSIZ],
-            flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short,
+            // IFF_TUN_EXCL: fail with EBUSY rather than attach to an existing device of that
+            // name, closing the race with the check above.
+            flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR | libc::IFF_TUN_EXCL)
+                as libc::c_short,
             _pad: [0; 22],
         };
         for (d, s) in req.name.iter_mut().zip(name.bytes()) {
@@ -71,7 +74,14 @@ impl Tap {
         // outlives the call; TUNSETIFF reads and writes only within it.
         let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) };
         if rc < 0 {
-            return Err(io::Error::last_os_error());
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EBUSY) {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("an interface named {name} already exists in the namespace"),
+                ));
+            }
+            return Err(e);
         }
         let hdr_len: libc::c_int = VNET_HDR_LEN as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads one c_int through the pointer, which points to a live
