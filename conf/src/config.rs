@@ -51,6 +51,194 @@ pub struct Config {
     /// Other nodes and their pod CIDRs (static mode; also changed at runtime via the admin API).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<PeerSpec>,
+    /// How Services are translated (timeouts, backend choice, conntrack size).
+    #[serde(default)]
+    pub nat: NatConfig,
+    /// Services and their endpoints (static mode; in a cluster they come from the API).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<ServiceSpec>,
+}
+
+/// Service translation settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NatConfig {
+    /// Backend choice: "maglev" (consistent hashing, stable under endpoint churn) or "random".
+    #[serde(default)]
+    pub load_balancing: LoadBalancing,
+    /// Idle timeout of an established TCP connection, seconds.
+    #[serde(default = "default_tcp_established")]
+    pub tcp_established_timeout: u32,
+    /// Idle timeout of a TCP connection being opened or closed, seconds.
+    #[serde(default = "default_tcp_transitory")]
+    pub tcp_transitory_timeout: u32,
+    /// Idle timeout of a UDP flow, seconds.
+    #[serde(default = "default_udp_timeout")]
+    pub udp_timeout: u32,
+    /// Most connections tracked at once; the oldest idle ones are evicted beyond it.
+    #[serde(default = "default_conntrack_max")]
+    pub conntrack_max: u32,
+}
+
+fn default_tcp_established() -> u32 {
+    86_400
+}
+fn default_tcp_transitory() -> u32 {
+    120
+}
+fn default_udp_timeout() -> u32 {
+    30
+}
+fn default_conntrack_max() -> u32 {
+    262_144
+}
+
+impl Default for NatConfig {
+    fn default() -> Self {
+        NatConfig {
+            load_balancing: LoadBalancing::default(),
+            tcp_established_timeout: default_tcp_established(),
+            tcp_transitory_timeout: default_tcp_transitory(),
+            udp_timeout: default_udp_timeout(),
+            conntrack_max: default_conntrack_max(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LoadBalancing {
+    #[default]
+    Maglev,
+    Random,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub enum TrafficPolicy {
+    #[default]
+    Cluster,
+    Local,
+}
+
+/// A Kubernetes Service as the switch needs it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    pub namespace: String,
+    pub name: String,
+    /// ClusterIPs; empty for a headless Service.
+    #[serde(default)]
+    pub cluster_ips: Vec<IpAddr>,
+    #[serde(default)]
+    pub ports: Vec<ServicePort>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub external_ips: Vec<IpAddr>,
+    /// sessionAffinity ClientIP with this timeout in seconds (Kubernetes' default is 10800).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_affinity_timeout: Option<u32>,
+    #[serde(default)]
+    pub internal_traffic_policy: TrafficPolicy,
+    #[serde(default)]
+    pub external_traffic_policy: TrafficPolicy,
+    #[serde(default)]
+    pub endpoints: Vec<EndpointSpec>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServicePort {
+    /// The port's name (for SRV records and named target ports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default = "default_protocol")]
+    pub protocol: Protocol,
+    pub port: u16,
+    /// The endpoints' port; default: the same as `port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_port: Option<u16>,
+}
+
+fn default_protocol() -> Protocol {
+    Protocol::Tcp
+}
+
+/// One endpoint, with the EndpointSlice conditions.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointSpec {
+    pub ip: IpAddr,
+    /// The node the endpoint runs on (for traffic policy Local).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    #[serde(default = "default_true")]
+    pub ready: bool,
+    #[serde(default = "default_true")]
+    pub serving: bool,
+    #[serde(default)]
+    pub terminating: bool,
+    /// The endpoint's hostname (headless Service DNS records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+}
+
+impl ServiceSpec {
+    /// Checks one Service; `field` is where it sits.
+    pub fn validate(&self, field: &'static str) -> Result<(), ConfigError> {
+        let who = format!("{}/{}", self.namespace, self.name);
+        let dns_label = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 63
+                && s.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                && !s.starts_with('-')
+                && !s.ends_with('-')
+        };
+        if !dns_label(&self.namespace) || !dns_label(&self.name) {
+            return Err(invalid(
+                field,
+                format!("service {who:?}: namespace and name must be DNS labels"),
+            ));
+        }
+        let mut seen = Vec::new();
+        for p in &self.ports {
+            if p.protocol == Protocol::Sctp {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "service {who}: port {}: SCTP is not supported (TCP and UDP are)",
+                        p.port
+                    ),
+                ));
+            }
+            if p.port == 0 || p.target_port == Some(0) || p.node_port == Some(0) {
+                return Err(invalid(
+                    field,
+                    format!("service {who}: port numbers must not be 0"),
+                ));
+            }
+            if seen.contains(&(p.protocol, p.port)) {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "service {who}: port {}/{:?} is listed twice",
+                        p.port, p.protocol
+                    ),
+                ));
+            }
+            seen.push((p.protocol, p.port));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -398,6 +586,34 @@ impl Config {
             }
         }
         self.validate_peers()?;
+        let nat = &self.nat;
+        for (name, v) in [
+            ("nat.tcp_established_timeout", nat.tcp_established_timeout),
+            ("nat.tcp_transitory_timeout", nat.tcp_transitory_timeout),
+            ("nat.udp_timeout", nat.udp_timeout),
+        ] {
+            if v == 0 {
+                return Err(invalid(name, "must be at least 1 second"));
+            }
+        }
+        if !(1024..=16_777_216).contains(&nat.conntrack_max) {
+            return Err(invalid(
+                "nat.conntrack_max",
+                format!("{} is out of range 1024..=16777216", nat.conntrack_max),
+            ));
+        }
+        for (i, svc) in self.services.iter().enumerate() {
+            svc.validate("services")?;
+            if self.services[..i]
+                .iter()
+                .any(|o| o.namespace == svc.namespace && o.name == svc.name)
+            {
+                return Err(invalid(
+                    "services",
+                    format!("service {}/{} is listed twice", svc.namespace, svc.name),
+                ));
+            }
+        }
         let d = &self.dns.cluster_domain;
         if d.is_empty() || d.starts_with('.') || d.ends_with('.') || d.contains("..") {
             return Err(invalid(

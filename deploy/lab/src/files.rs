@@ -55,6 +55,8 @@ pub(crate) fn daemon_config(node: &Node, all: &[Node]) -> Config {
             ..OverlayConfig::default()
         },
         peers,
+        nat: Default::default(),
+        services: Vec::new(),
     }
 }
 
