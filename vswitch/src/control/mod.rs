@@ -65,6 +65,8 @@ struct State {
     next_port: PortId,
     /// The peers as configured (file, then admin API), in the order given.
     peers: Vec<PeerSpec>,
+    /// The Services (file, Kubernetes watch).
+    services: Vec<conf::config::ServiceSpec>,
 }
 
 pub struct Daemon {
@@ -136,6 +138,7 @@ impl Daemon {
         let datapath = Datapath::start(tables.clone(), underlay, underlay_stats.clone())
             .map_err(DaemonError::Datapath)?;
         let peers = config.peers.clone();
+        let services = config.services.clone();
         Ok(Arc::new(Daemon {
             config,
             tables,
@@ -145,6 +148,7 @@ impl Daemon {
                 records,
                 next_port,
                 peers,
+                services,
             }),
             records_dir,
             underlay_stats,
@@ -481,6 +485,30 @@ impl Daemon {
             self.apply_peers(&mut st, peers)?;
         }
         Ok(self.peers())
+    }
+
+    /// Replaces the whole peer set at once (the Kubernetes watch and config reload use this).
+    pub fn replace_peers(&self, peers: Vec<PeerSpec>) -> Result<(), ApiError> {
+        let mut st = self.lock();
+        if st.peers == peers {
+            return Ok(());
+        }
+        self.apply_peers(&mut st, peers)
+    }
+
+    /// Replaces the whole Service set at once (the Kubernetes watch and config reload use this).
+    pub fn replace_services(
+        &self,
+        services: Vec<conf::config::ServiceSpec>,
+    ) -> Result<(), ApiError> {
+        for s in &services {
+            s.validate("services")
+                .map_err(|e| api_err(code::INVALID_NETCONF, e.to_string(), ""))?;
+        }
+        let mut st = self.lock();
+        st.services = services;
+        self.publish(&st);
+        Ok(())
     }
 
     /// Removes a peer by name; removing an unknown peer is an error (code 3).

@@ -17,8 +17,10 @@ use std::net::Ipv4Addr;
 use std::ops::Range;
 
 use crate::pipeline::PortId;
-use crate::wire::{checksum, EtherType, EthernetFrame, IpProtocol, Ipv4Packet, TcpFlags, TcpPacket};
 use crate::wire::VirtioNetHdr;
+use crate::wire::{
+    checksum, EtherType, EthernetFrame, IpProtocol, Ipv4Packet, TcpFlags, TcpPacket,
+};
 
 /// Most segments merged into one super-frame (each one iovec).
 pub const MAX_SEGS: usize = 64;
@@ -126,7 +128,13 @@ fn classify(buf: &[u8], frame: &Range<usize>) -> Option<Seg> {
     })
 }
 
-fn same_options(buf: &[u8], a: &Range<usize>, b_frame: &Range<usize>, ihl: usize, thl: usize) -> bool {
+fn same_options(
+    buf: &[u8],
+    a: &Range<usize>,
+    b_frame: &Range<usize>,
+    ihl: usize,
+    thl: usize,
+) -> bool {
     let opt = |start: usize| buf.get(start + ETH + ihl + 20..start + ETH + ihl + thl);
     opt(a.start).is_some() && opt(a.start) == opt(b_frame.start)
 }

@@ -99,10 +99,7 @@ impl Underlay {
             )?;
             return Ok(1);
         };
-        let per_call = state
-            .max_gso_segments()
-            .min(MAX_GSO_BYTES / seg)
-            .max(1);
+        let per_call = state.max_gso_segments().min(MAX_GSO_BYTES / seg).max(1);
         let mut sent = 0;
         for chunk in contents.chunks(per_call * seg) {
             state.try_send(
