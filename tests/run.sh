@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 # command:package pairs the end-to-end tests use.
 need=(ip:iproute2 ping:iputils-ping iperf3:iperf3 tcpdump:tcpdump tshark:tshark
       podman:podman runc:runc busybox:busybox-static nc:netcat-openbsd
+      socat:socat ethtool:ethtool
       /usr/lib/cni/loopback:containernetworking-plugins)
 missing=()
 for pair in "${need[@]}"; do

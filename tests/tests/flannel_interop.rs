@@ -307,7 +307,6 @@ fn kernel_vxlan_node_built_like_flannel_exchanges_ping_tcp_and_udp_with_a_vswitc
 /// are always computed in software). The main test above gives the kernel node a "NIC" that
 /// finishes checksums, as every physical one does.
 #[test]
-#[ignore = "product limitation: inner checksums left partial by a kernel VXLAN peer on a veth are forwarded unrepaired and pods drop them"]
 fn kernel_vxlan_node_on_a_veth_with_checksum_offload_can_open_tcp_to_a_vswitch_pod() {
     let lab = lab("fl", 1, 1);
     let v = lab.node("n1").clone();

@@ -254,7 +254,6 @@ fn too_big_packets_get_frag_needed_and_pmtu_discovery_works() {
 /// counted as `tx_error` (DF sockets): no frag-needed goes back, and TCP only recovers through
 /// retransmission once some non-GSO full-size segment draws a frag-needed.
 #[test]
-#[ignore = "product bug: TCP super-frames whose segments exceed the overlay MTU are fragmented or dropped (tx_error), not answered with frag-needed"]
 fn jumbo_pod_tcp_is_neither_fragmented_nor_dropped_on_the_underlay() {
     let lab = lab("ov", 2, 1);
     let n1 = lab.node("n1").clone();
@@ -639,7 +638,6 @@ fn underlay_capture_decodes_as_vxlan_with_vni_1_and_flow_hashed_source_ports() {
 /// header, which for ICMP are type, code and the per-packet checksum, so one ping session
 /// (one flow: same addresses and echo id) spreads over the send sockets.
 #[test]
-#[ignore = "product bug: the outer source port of ICMP changes per packet (hash includes the ICMP checksum)"]
 fn one_ping_session_keeps_one_outer_source_port() {
     let lab = lab("ov", 2, 1);
     let (a, b) = (lab.pod("n1-p1"), lab.pod("n2-p1"));

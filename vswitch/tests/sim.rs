@@ -108,7 +108,12 @@ impl Sim {
     /// Pod on `port` of `node` sends `frame` (with its TAP's virtio-net header).
     fn pod_send(&mut self, node: usize, port: PortId, mut frame: Vec<u8>, vnet: VirtioNetHdr) {
         let t = &self.nodes[node].tables;
-        match handle(t, port, &mut frame, vnet.is_gso()) {
+        match handle(
+            t,
+            port,
+            &mut frame,
+            if vnet.is_gso() { vnet.gso_size } else { 0 },
+        ) {
             Action::ToPort(p) => self.events.push(Event::Delivered {
                 node,
                 port: p,

@@ -309,7 +309,8 @@ impl Worker {
             }
             let vnet = VirtioNetHdr::parse(&self.buf[..VNET_HDR_LEN]).unwrap_or(VirtioNetHdr::NONE);
             let frame = &mut self.buf[VNET_HDR_LEN..n];
-            match pipeline::handle(tables, id, frame, vnet.is_gso()) {
+            let gso_size = if vnet.is_gso() { vnet.gso_size } else { 0 };
+            match pipeline::handle(tables, id, frame, gso_size) {
                 Action::ToPort(out) => match self.ports.get(&out) {
                     Some(dst) => match dst.tap.send(&self.buf[..n]) {
                         Ok(_) => dst.stats.tx(n - VNET_HDR_LEN),
@@ -451,8 +452,11 @@ impl Worker {
     }
 }
 
-/// A hash of the inner flow (addresses, protocol, ports) for picking the outer source port.
+/// A hash of the inner flow for picking the outer source port: addresses and protocol, plus
+/// the ports of TCP/UDP or the identifier of an ICMP echo (never bytes that change per packet,
+/// so one flow keeps one source port; fragments hash without ports).
 fn flow_hash(frame: &[u8]) -> u64 {
+    use crate::wire::IpProtocol;
     use std::hash::BuildHasher;
     let Ok(eth) = EthernetFrame::new_checked(frame) else {
         return 0;
@@ -460,15 +464,26 @@ fn flow_hash(frame: &[u8]) -> u64 {
     let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else {
         return 0;
     };
-    let ports = ip
-        .payload()
-        .get(..4)
-        .map(|p| u32::from_be_bytes([p[0], p[1], p[2], p[3]]))
-        .unwrap_or(0);
+    let l4 = ip.payload();
+    let proto = ip.protocol();
+    let word = |r: std::ops::Range<usize>| -> u32 {
+        l4.get(r)
+            .map(|b| b.iter().fold(0u32, |a, &x| a << 8 | u32::from(x)))
+            .unwrap_or(0)
+    };
+    let ports = if ip.is_fragment() {
+        0
+    } else if proto == IpProtocol::TCP || proto == IpProtocol::UDP {
+        word(0..4)
+    } else if proto == IpProtocol::ICMP && matches!(l4.first(), Some(0 | 8)) {
+        word(4..6)
+    } else {
+        0
+    };
     let key = (
         u32::from(ip.src_addr()),
         u32::from(ip.dst_addr()),
-        ip.protocol().0,
+        proto.0,
         ports,
     );
     foldhash::fast::FixedState::with_seed(0x7673_7774).hash_one(key)

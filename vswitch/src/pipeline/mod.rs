@@ -97,9 +97,9 @@ drop_reasons! {
 }
 
 /// Decides what happens to `frame` (an Ethernet frame, no virtio-net header) that arrived on
-/// port `ingress`. `gso` says the frame is a TSO super-frame, whose segments (not the frame)
-/// must fit the path.
-pub fn handle(t: &Tables, ingress: PortId, frame: &mut [u8], gso: bool) -> Action {
+/// port `ingress`. `gso_size` is the segment payload size of a TSO super-frame (0 for a
+/// plain frame): its segments, not the frame, must fit the path.
+pub fn handle(t: &Tables, ingress: PortId, frame: &mut [u8], gso_size: u16) -> Action {
     let Some(port) = t.port(ingress) else {
         return Action::Drop(DropReason::UnknownPort);
     };
@@ -114,7 +114,7 @@ pub fn handle(t: &Tables, ingress: PortId, frame: &mut [u8], gso: bool) -> Actio
         EtherType::ARP => arp(t, port, &mut eth),
         EtherType::IPV4 => {
             if dst == t.gateway_mac {
-                return route_v4(t, port, frame, gso);
+                return route_v4(t, port, frame, gso_size);
             }
             if !dst.is_unicast() {
                 return Action::Drop(DropReason::Multicast);
@@ -171,7 +171,7 @@ fn arp(t: &Tables, port: &PortEntry, eth: &mut EthernetFrame<&mut [u8]>) -> Acti
     Action::Reply(EthernetFrame::<&[u8]>::HEADER_LEN + ArpPacket::<&[u8]>::LEN)
 }
 
-fn route_v4(t: &Tables, port: &PortEntry, frame: &mut [u8], gso: bool) -> Action {
+fn route_v4(t: &Tables, port: &PortEntry, frame: &mut [u8], gso_size: u16) -> Action {
     let mut eth = EthernetFrame::new_unchecked(&mut *frame);
     let Ok(mut ip) = Ipv4Packet::new_checked(eth.payload_mut()) else {
         return Action::Drop(DropReason::Malformed);
@@ -186,7 +186,19 @@ fn route_v4(t: &Tables, port: &PortEntry, frame: &mut [u8], gso: bool) -> Action
     let (action, next_mac, src_mac) = if let Some(out) = t.port_by_ip(dst_ip) {
         (Action::ToPort(out.id), out.mac, t.gateway_mac)
     } else if let Some((id, peer)) = t.peers.route(dst_ip) {
-        if !gso && ip.total_len() > t.overlay_mtu {
+        // A super-frame leaves as segments: each is the headers plus at most gso_size bytes.
+        let on_wire = if gso_size == 0 {
+            ip.total_len() as usize
+        } else {
+            let l4 = ip.payload();
+            let l4_hdr = if ip.protocol() == IpProtocol::TCP {
+                l4.get(12).map_or(20, |b| usize::from(b >> 4) * 4)
+            } else {
+                8
+            };
+            ip.header_len() as usize + l4_hdr + gso_size as usize
+        };
+        if on_wire > t.overlay_mtu as usize {
             if ip.dont_frag() {
                 return frag_needed(t, port, frame, t.overlay_mtu);
             }
@@ -257,11 +269,43 @@ pub fn handle_underlay(t: &Tables, peer: PeerId, frame: &mut [u8]) -> Action {
     if ip.ttl() <= 1 {
         return Action::Drop(DropReason::TtlExpired);
     }
+    complete_partial_checksum(&mut ip);
     ip.decrement_ttl_incremental();
     let (id, mac) = (out.id, out.mac);
     eth.set_src_addr(t.gateway_mac);
     eth.set_dst_addr(mac);
     Action::ToPort(id)
+}
+
+/// Completes an inner TCP/UDP checksum that a kernel peer left partial.
+///
+/// A kernel VXLAN peer whose underlay device offloads checksums (a veth, as between kind
+/// nodes) puts inner segments on the wire with only the pseudo-header sum in the checksum field:
+/// no hardware ever finished it. That value is recognisable (it equals the folded
+/// pseudo-header sum) and costs nothing to test, so only such segments pay for a full sum;
+/// any other value is left for the pod's stack to judge. (If a complete checksum happened to
+/// equal it, recomputing writes the same value.)
+fn complete_partial_checksum(ip: &mut Ipv4Packet<&mut [u8]>) {
+    use crate::wire::{checksum, TcpPacket, UdpPacket};
+    if ip.is_fragment() {
+        return;
+    }
+    let (src, dst, proto) = (ip.src_addr(), ip.dst_addr(), ip.protocol());
+    let l4_len = ip.payload().len() as u16;
+    let partial = checksum::fold(checksum::pseudo_header_v4(src, dst, proto.0, l4_len));
+    if proto == IpProtocol::TCP {
+        if let Ok(mut tcp) = TcpPacket::new_checked(ip.payload_mut()) {
+            if tcp.checksum() == partial {
+                tcp.fill_checksum(src, dst);
+            }
+        }
+    } else if proto == IpProtocol::UDP {
+        if let Ok(mut udp) = UdpPacket::new_checked(ip.payload_mut()) {
+            if udp.checksum() == partial && partial != 0 {
+                udp.fill_checksum(src, dst);
+            }
+        }
+    }
 }
 
 /// Turns an IPv4 packet that does not fit the path into an ICMP "fragmentation needed" from

@@ -29,7 +29,7 @@ fn tables() -> Tables {
 }
 
 fn run(t: &Tables, port: PortId, f: &mut [u8]) -> Action {
-    handle(t, port, f, false)
+    handle(t, port, f, 0)
 }
 
 fn arp_request(src_mac: EthernetAddress, src_ip: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
