@@ -57,6 +57,91 @@ pub struct Config {
     /// Services and their endpoints (static mode; in a cluster they come from the API).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<ServiceSpec>,
+    /// The Kubernetes API as the source of peers and Services (off: static mode).
+    #[serde(default, skip_serializing_if = "KubernetesConfig::is_default")]
+    pub kubernetes: KubernetesConfig,
+}
+
+/// Where peers and Services come from in a cluster. Off by default: static mode, where they come
+/// from this file and are reloaded when it changes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// Watch Nodes, Services and EndpointSlices and publish this node's VTEP annotation.
+    #[serde(default)]
+    pub enabled: bool,
+    /// A kubeconfig file. Default: $KUBECONFIG, then the in-cluster service account, then
+    /// ~/.kube/config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name in the API. Default: `--node-name`, then $NODE_NAME (the downward API),
+    /// then `node.name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+    /// Quiet time after the last API event before the tables are rebuilt, milliseconds.
+    #[serde(default = "default_debounce_ms")]
+    pub debounce_ms: u32,
+    /// Longest a burst of events can hold a rebuild back, milliseconds.
+    #[serde(default = "default_max_delay_ms")]
+    pub max_delay_ms: u32,
+}
+
+fn default_debounce_ms() -> u32 {
+    30
+}
+fn default_max_delay_ms() -> u32 {
+    80
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        KubernetesConfig {
+            enabled: false,
+            kubeconfig: None,
+            node_name: None,
+            debounce_ms: default_debounce_ms(),
+            max_delay_ms: default_max_delay_ms(),
+        }
+    }
+}
+
+impl KubernetesConfig {
+    pub fn is_default(&self) -> bool {
+        *self == KubernetesConfig::default()
+    }
+
+    /// Checks the section; the error names the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(n) = &self.node_name {
+            if n.is_empty() || n.len() > 253 {
+                return Err(invalid(
+                    "kubernetes.node_name",
+                    "must be 1 to 253 characters",
+                ));
+            }
+        }
+        if let Some(p) = &self.kubeconfig {
+            if p.as_os_str().is_empty() {
+                return Err(invalid("kubernetes.kubeconfig", "must not be empty"));
+            }
+        }
+        if !(1..=10_000).contains(&self.debounce_ms) {
+            return Err(invalid(
+                "kubernetes.debounce_ms",
+                format!("{} is out of range 1..=10000", self.debounce_ms),
+            ));
+        }
+        if self.max_delay_ms < self.debounce_ms || self.max_delay_ms > 60_000 {
+            return Err(invalid(
+                "kubernetes.max_delay_ms",
+                format!(
+                    "{} must be at least kubernetes.debounce_ms ({}) and at most 60000",
+                    self.max_delay_ms, self.debounce_ms
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Service translation settings.
@@ -614,6 +699,7 @@ impl Config {
                 ));
             }
         }
+        self.kubernetes.validate()?;
         let d = &self.dns.cluster_domain;
         if d.is_empty() || d.starts_with('.') || d.ends_with('.') || d.contains("..") {
             return Err(invalid(
@@ -769,5 +855,33 @@ mod tests {
         assert_eq!(field_of(&format!("{MIN}{ov}{peer}{peer}")), "peers");
         let bad_cidr = field_of("[node]\nname = \"n1\"\npod_cidr = \"10.244.1.0/33\"\n");
         assert!(bad_cidr.contains("pod_cidr"), "{bad_cidr}");
+    }
+
+    #[test]
+    fn kubernetes_section() {
+        let c = Config::parse(MIN).unwrap();
+        assert!(!c.kubernetes.enabled, "static mode is the default");
+        let k = Config::parse(&format!(
+            "{MIN}[kubernetes]\nenabled = true\nkubeconfig = \"/etc/k.conf\"\nnode_name = \"w1\"\n"
+        ))
+        .unwrap();
+        assert!(k.kubernetes.enabled);
+        assert_eq!(k.kubernetes.debounce_ms, 30);
+        assert_eq!(
+            field_of(&format!("{MIN}[kubernetes]\nnode_name = \"\"\n")),
+            "kubernetes.node_name"
+        );
+        assert_eq!(
+            field_of(&format!("{MIN}[kubernetes]\ndebounce_ms = 0\n")),
+            "kubernetes.debounce_ms"
+        );
+        assert_eq!(
+            field_of(&format!(
+                "{MIN}[kubernetes]\ndebounce_ms = 50\nmax_delay_ms = 40\n"
+            )),
+            "kubernetes.max_delay_ms"
+        );
+        // A default section is not written out, so rendered configs stay as they were.
+        assert!(!toml::to_string(&c).unwrap().contains("kubernetes"));
     }
 }

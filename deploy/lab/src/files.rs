@@ -57,6 +57,7 @@ pub(crate) fn daemon_config(node: &Node, all: &[Node]) -> Config {
         peers,
         nat: Default::default(),
         services: Vec::new(),
+        kubernetes: Default::default(),
     }
 }
 

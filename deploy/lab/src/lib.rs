@@ -14,8 +14,11 @@
 //! `n{i}/{vswitchd.toml, cni.conf, vswitchd.log, vswitchd.pid, vswitchd.sock, state/}`.
 //!
 //! The CLI (`vswitch-lab up|status|down|exec|add-pod|del-pod`) is a thin layer over this crate;
-//! the end-to-end tests use [`Lab`] (usually inside a [`LabGuard`]) directly.
+//! the end-to-end tests use [`Lab`] (usually inside a [`LabGuard`]) directly. `vswitch-lab bench`
+//! ([`bench`]) builds the same pod topology for vswitch, the kernel path and Open vSwitch and
+//! compares them.
 
+pub mod bench;
 mod cni;
 mod error;
 mod files;

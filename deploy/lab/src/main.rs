@@ -1,10 +1,13 @@
 //! `vswitch-lab`: build, inspect and tear down a lab of vswitch nodes and pods in network
 //! namespaces. All the work is in the library; this is argument parsing and printing.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use vswitch_lab::bench::{self, BenchOptions, Durations, Kind};
 use vswitch_lab::{Lab, LabError, LabSpec, UpOptions, DEFAULT_NAME};
 
 #[derive(Parser)]
@@ -63,10 +66,107 @@ enum Cmd {
     DelPod { pod: String },
     /// Run CNI CHECK for a pod.
     CheckPod { pod: String },
+    /// Measure vswitch against the kernel path (bridge + vxlan) and Open vSwitch's userspace
+    /// datapath on the same two-node, three-pod topology; print medians and ratios, check the
+    /// targets, and write latest.{json,txt,png} into --out-dir. Needs root, iperf3 and ping;
+    /// openvswitch-switch for the ovs column, gnuplot-nox for the chart. Run the release build
+    /// (`target/release/vswitch-lab bench`): it uses the vswitchd next to it.
+    Bench {
+        /// Repetitions of every measurement (the table shows medians); default 3, 1 with --quick.
+        #[arg(long)]
+        reps: Option<u32>,
+        /// One repetition of 2-second tests instead of three of 5 seconds.
+        #[arg(long)]
+        quick: bool,
+        /// Seconds each TCP, UDP and request/response test runs (overrides the default).
+        #[arg(long, value_name = "SECS")]
+        time: Option<u64>,
+        /// The datapaths to measure, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "vswitch,kernel,ovs", value_parser = parse_kind)]
+        only: Vec<Kind>,
+        /// Where latest.json, latest.txt and latest.png are written.
+        #[arg(long, default_value = "docs/benchmarks")]
+        out_dir: PathBuf,
+        /// Print the table only; write no files.
+        #[arg(long)]
+        no_write: bool,
+    },
+    /// Request/response server for `bench` (one client, echoes bytes).
+    #[command(hide = true)]
+    RrServer {
+        #[arg(long)]
+        bind: SocketAddr,
+        /// Seconds to wait for the client (and for each request).
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Request/response client for `bench`: prints {"transactions", "seconds", "rate"}.
+    #[command(hide = true)]
+    RrClient {
+        #[arg(long)]
+        connect: SocketAddr,
+        /// Seconds to run.
+        #[arg(long)]
+        duration: f64,
+    },
+}
+
+fn parse_kind(s: &str) -> Result<Kind, String> {
+    Kind::parse(s).ok_or_else(|| format!("unknown datapath {s:?}: use vswitch, kernel or ovs"))
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Bench {
+            reps,
+            quick,
+            time,
+            only,
+            out_dir,
+            no_write,
+        } => {
+            let mut durations = if quick {
+                Durations::quick()
+            } else {
+                Durations::full()
+            };
+            if let Some(t) = time {
+                durations = durations.with_time(Duration::from_secs(t.max(1)));
+            }
+            let opts = BenchOptions {
+                reps: reps.unwrap_or(if quick { 1 } else { 3 }).max(1),
+                quick,
+                durations,
+                only,
+                out_dir: (!no_write).then_some(out_dir),
+            };
+            return run_bench(&opts);
+        }
+        Cmd::RrServer { bind, timeout } => {
+            return match bench::rr_server(bind, Duration::from_secs(timeout)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("vswitch-lab rr-server: {bind}: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Cmd::RrClient { connect, duration } => {
+            let d = Duration::try_from_secs_f64(duration).unwrap_or(Duration::from_secs(1));
+            return match bench::rr_client(connect, d) {
+                Ok(r) => {
+                    println!("{}", r.to_json());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("vswitch-lab rr-client: {connect}: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        _ => {}
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -147,8 +247,47 @@ fn run(cli: Cli) -> Result<ExitCode, LabError> {
             Lab::load(&name)?.check_pod(&pod)?;
             println!("{pod}: ok");
         }
+        Cmd::Bench { .. } | Cmd::RrServer { .. } | Cmd::RrClient { .. } => {
+            unreachable!("handled in main")
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `vswitch-lab bench`: progress on stderr, the table on stdout, then the files.
+fn run_bench(opts: &BenchOptions) -> ExitCode {
+    let report = match bench::run(opts, &mut |line| eprintln!("{line}")) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("vswitch-lab bench: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!();
+    print!("{}", report.to_table());
+    if let Some(dir) = &opts.out_dir {
+        match bench::write_outputs(&report, dir) {
+            Ok(w) => {
+                println!();
+                for f in &w.files {
+                    println!("wrote {}", f.display());
+                }
+                if let Some(why) = &w.png_skipped {
+                    println!("no PNG chart: {why}");
+                }
+            }
+            Err(e) => {
+                eprintln!("vswitch-lab bench: error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    // Targets that fail are results, not errors; a datapath that could not be measured is.
+    if report.datapath_errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 /// The child's exit code, or 128 + signal as shells report it.
