@@ -585,53 +585,62 @@ impl Report {
         struct Def {
             text: &'static str,
             metric: Metric,
+            /// vswitch's value over this datapath's, or vswitch's value itself.
             against: Option<Kind>,
             at_least: bool,
             bound: f64,
         }
+        let def = |text, metric, against, at_least, bound| Def {
+            text,
+            metric,
+            against,
+            at_least,
+            bound,
+        };
+        let (k, o) = (Some(Kind::Kernel), Some(Kind::Ovs));
         let defs = [
-            Def {
-                text: "cross-node TCP >= 0.7x the kernel path",
-                metric: Metric::TcpCross1,
-                against: Some(Kind::Kernel),
-                at_least: true,
-                bound: 0.7,
-            },
-            Def {
-                text: "cross-node TCP >= 8x Open vSwitch userspace",
-                metric: Metric::TcpCross1,
-                against: Some(Kind::Ovs),
-                at_least: true,
-                bound: 8.0,
-            },
-            Def {
-                text: "same-node TCP >= 0.9x the kernel path",
-                metric: Metric::TcpSame,
-                against: Some(Kind::Kernel),
-                at_least: true,
-                bound: 0.9,
-            },
-            Def {
-                text: "UDP 64-byte at iperf3's full rate: loss <= 1%",
-                metric: Metric::Udp64Loss,
-                against: None,
-                at_least: false,
-                bound: 1.0,
-            },
-            Def {
-                text: "ping RTT <= 2x the kernel path",
-                metric: Metric::PingRtt,
-                against: Some(Kind::Kernel),
-                at_least: false,
-                bound: 2.0,
-            },
-            Def {
-                text: "ClusterIP throughput >= 0.95x pod IP",
-                metric: Metric::ClusterIpRatio,
-                against: None,
-                at_least: true,
-                bound: 0.95,
-            },
+            def(
+                "cross-node TCP >= 0.7x the kernel path",
+                Metric::TcpCross1,
+                k,
+                true,
+                0.7,
+            ),
+            def(
+                "cross-node TCP >= 8x Open vSwitch userspace",
+                Metric::TcpCross1,
+                o,
+                true,
+                8.0,
+            ),
+            def(
+                "same-node TCP >= 0.9x the kernel path",
+                Metric::TcpSame,
+                k,
+                true,
+                0.9,
+            ),
+            def(
+                "UDP 64-byte at iperf3's full rate: loss <= 1%",
+                Metric::Udp64Loss,
+                None,
+                false,
+                1.0,
+            ),
+            def(
+                "ping RTT <= 2x the kernel path",
+                Metric::PingRtt,
+                k,
+                false,
+                2.0,
+            ),
+            def(
+                "ClusterIP throughput >= 0.95x pod IP",
+                Metric::ClusterIpRatio,
+                None,
+                true,
+                0.95,
+            ),
         ];
         defs.iter()
             .map(|d| {
@@ -1503,6 +1512,20 @@ impl Drop for Testbed {
 // ---------------------------------------------------------------------------------------------
 // Measurements.
 
+/// A one-shot iperf3 server on `to`, listening on its pod address.
+fn iperf_server(to: &PodRef) -> Result<Server, String> {
+    let argv = format!(
+        "iperf3 -s -1 -B {} -p {IPERF_PORT} --idle-timeout 30",
+        to.ip
+    );
+    Server::start(&to.netns, &words(&argv), "iperf3", IPERF_PORT)
+}
+
+fn words(s: &str) -> Vec<&str> {
+    s.split_whitespace().collect()
+}
+
+/// TCP from `from` to `to`'s server, addressed as `target` (its pod IP or a ClusterIP).
 fn iperf_tcp(
     from: &PodRef,
     to: &PodRef,
@@ -1510,47 +1533,12 @@ fn iperf_tcp(
     streams: u32,
     t: Duration,
 ) -> Result<TcpResult, String> {
-    let port = IPERF_PORT.to_string();
-    let bind = to.ip.to_string();
-    let _server = Server::start(
-        &to.netns,
-        &[
-            "iperf3",
-            "-s",
-            "-1",
-            "-B",
-            &bind,
-            "-p",
-            &port,
-            "--idle-timeout",
-            "30",
-        ],
-        "iperf3",
-        IPERF_PORT,
-    )?;
-    let secs = t.as_secs().max(1).to_string();
-    let p = streams.to_string();
-    let dst = target.to_string();
-    let out = iperf_client(
-        &mut in_netns(
-            &from.netns,
-            &[
-                "iperf3",
-                "-c",
-                &dst,
-                "-p",
-                &port,
-                "-t",
-                &secs,
-                "-P",
-                &p,
-                "-J",
-                "--connect-timeout",
-                "3000",
-            ],
-        ),
-        t + GRACE,
-    )?;
+    let _server = iperf_server(to)?;
+    let argv = format!(
+        "iperf3 -c {target} -p {IPERF_PORT} -t {} -P {streams} -J --connect-timeout 3000",
+        t.as_secs().max(1)
+    );
+    let out = iperf_client(&mut in_netns(&from.netns, &words(&argv)), t + GRACE)?;
     parse_iperf_tcp(&out)
 }
 
@@ -1564,49 +1552,15 @@ fn iperf_client(cmd: &mut Command, timeout: Duration) -> Result<String, String> 
     Ok(f.stdout)
 }
 
+/// 64-byte UDP datagrams as fast as iperf3 can send them.
 fn iperf_udp64(from: &PodRef, to: &PodRef, t: Duration) -> Result<UdpResult, String> {
-    let port = IPERF_PORT.to_string();
-    let bind = to.ip.to_string();
-    let _server = Server::start(
-        &to.netns,
-        &[
-            "iperf3",
-            "-s",
-            "-1",
-            "-B",
-            &bind,
-            "-p",
-            &port,
-            "--idle-timeout",
-            "30",
-        ],
-        "iperf3",
-        IPERF_PORT,
-    )?;
-    let secs = t.as_secs().max(1).to_string();
-    let out = iperf_client(
-        &mut in_netns(
-            &from.netns,
-            &[
-                "iperf3",
-                "-u",
-                "-b",
-                "0",
-                "-l",
-                "64",
-                "-c",
-                &bind,
-                "-p",
-                &port,
-                "-t",
-                &secs,
-                "-J",
-                "--connect-timeout",
-                "3000",
-            ],
-        ),
-        t + GRACE,
-    )?;
+    let _server = iperf_server(to)?;
+    let argv = format!(
+        "iperf3 -u -b 0 -l 64 -c {} -p {IPERF_PORT} -t {} -J --connect-timeout 3000",
+        to.ip,
+        t.as_secs().max(1)
+    );
+    let out = iperf_client(&mut in_netns(&from.netns, &words(&argv)), t + GRACE)?;
     parse_iperf_udp(&out)
 }
 
