@@ -19,6 +19,10 @@ pub const PATH_STATUS: &str = "/v1/status";
 pub const PATH_PORTS: &str = "/v1/ports";
 /// GET lists, POST adds or replaces one peer (by name).
 pub const PATH_PEERS: &str = "/v1/peers";
+/// GET: Service frontends and the backends in use.
+pub const PATH_SERVICES: &str = "/v1/services";
+/// GET: connection tracking entries; query `ip=` (any side) and `port=` filter.
+pub const PATH_CONNTRACK: &str = "/v1/conntrack";
 /// DELETE removes the named peer: `/v1/peers/{name}`.
 pub const PATH_PEER_PREFIX: &str = "/v1/peers/";
 
@@ -195,4 +199,46 @@ pub struct PeersResponse {
     pub vni: u32,
     pub vtep_mac: String,
     pub peers: Vec<crate::config::PeerSpec>,
+}
+
+/// One Service frontend as the datapath uses it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FrontendInfo {
+    /// `namespace/name:port/PROTO`.
+    pub name: String,
+    pub vip: IpAddr,
+    pub port: u16,
+    pub protocol: String,
+    /// `ip:port` of each backend in use.
+    pub backends: Vec<String>,
+    #[serde(default)]
+    pub session_affinity_timeout: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ServicesResponse {
+    pub frontends: Vec<FrontendInfo>,
+}
+
+/// One tracked connection.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ConntrackInfo {
+    pub protocol: String,
+    /// `ip:port` of the client, the Service address it used, and the backend.
+    pub client: String,
+    pub service: String,
+    pub backend: String,
+    /// Hairpinned: the address the backend sees the client as.
+    #[serde(default)]
+    pub snat: Option<String>,
+    pub state: String,
+    pub expires_in_ms: u64,
+    pub frontend: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ConntrackResponse {
+    pub entries: Vec<ConntrackInfo>,
+    /// Entries before filtering.
+    pub total: usize,
 }

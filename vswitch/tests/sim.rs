@@ -14,7 +14,8 @@ use overlay::{Peer, PeerTable};
 use vswitch::datapath::segment::segment_tcp4;
 use vswitch::pipeline::tables::mac_for;
 use vswitch::pipeline::{
-    decap, encap_header, handle, handle_underlay, Action, DropReason, PortEntry, PortId, Tables,
+    decap, encap_header, handle, handle_underlay, Action, Conntrack, CtConfig, Ctx, DropReason,
+    Meta, PortEntry, PortId, Tables,
 };
 use vswitch::wire::{virtio, EthernetAddress, Ipv4Packet, VirtioNetHdr};
 
@@ -40,6 +41,7 @@ enum Event {
 
 struct Node {
     tables: Tables,
+    ct: Conntrack,
     underlay: IpAddr,
 }
 
@@ -49,6 +51,8 @@ struct Sim {
     /// Every datagram that crossed the wire.
     sent: Vec<(IpAddr, IpAddr, Vec<u8>)>,
     events: Vec<Event>,
+    /// The simulated clock, milliseconds.
+    now_ms: u64,
 }
 
 fn underlay_of(i: usize) -> IpAddr {
@@ -93,6 +97,7 @@ impl Sim {
                 t.peers = PeerTable::new(peers).unwrap();
                 Node {
                     tables: t,
+                    ct: Conntrack::new(CtConfig::default()),
                     underlay: underlay_of(i),
                 }
             })
@@ -102,18 +107,35 @@ impl Sim {
             wire: VecDeque::new(),
             sent: Vec::new(),
             events: Vec::new(),
+            now_ms: 0,
         }
     }
 
     /// Pod on `port` of `node` sends `frame` (with its TAP's virtio-net header).
     fn pod_send(&mut self, node: usize, port: PortId, mut frame: Vec<u8>, vnet: VirtioNetHdr) {
+        let meta = Meta {
+            gso_size: if vnet.is_gso() { vnet.gso_size } else { 0 },
+            csum_partial: vnet.needs_csum(),
+        };
+        let now_ms = self.now_ms;
+        let action = {
+            let n = &mut self.nodes[node];
+            let mut cx = Ctx {
+                t: &n.tables,
+                ct: &mut n.ct,
+                now_ms,
+            };
+            let len = frame.len();
+            frame.resize(len + 128, 0);
+            let a = handle(&mut cx, port, &mut frame, len, meta);
+            frame.truncate(match a {
+                Action::Reply(n) => n,
+                _ => len,
+            });
+            a
+        };
         let t = &self.nodes[node].tables;
-        match handle(
-            t,
-            port,
-            &mut frame,
-            if vnet.is_gso() { vnet.gso_size } else { 0 },
-        ) {
+        match action {
             Action::ToPort(p) => self.events.push(Event::Delivered {
                 node,
                 port: p,
@@ -159,7 +181,8 @@ impl Sim {
             let Some(node) = self.nodes.iter().position(|n| n.underlay == to) else {
                 continue;
             };
-            let t = &self.nodes[node].tables;
+            let n = &mut self.nodes[node];
+            let t = &n.tables;
             let peer = match decap(t, from, &d) {
                 Ok(p) => p,
                 Err(reason) => {
@@ -168,7 +191,12 @@ impl Sim {
                 }
             };
             let mut inner = d[8..].to_vec();
-            match handle_underlay(t, peer, &mut inner) {
+            let mut cx = Ctx {
+                t,
+                ct: &mut n.ct,
+                now_ms: self.now_ms,
+            };
+            match handle_underlay(&mut cx, peer, &mut inner) {
                 Action::ToPort(p) => self.events.push(Event::Delivered {
                     node,
                     port: p,
@@ -535,4 +563,383 @@ fn routing_decisions() {
             ..
         }]
     ));
+}
+
+// ---- Services: translation, conntrack, rejects, hairpin ----
+
+use conf::config::{EndpointSpec, LoadBalancing, Protocol, ServicePort, ServiceSpec};
+use vswitch::pipeline::ServiceTable;
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+fn service(backends: &[Ipv4Addr], proto: Protocol, affinity: Option<u32>) -> ServiceSpec {
+    ServiceSpec {
+        namespace: "default".into(),
+        name: "web".into(),
+        cluster_ips: vec![IpAddr::V4(VIP)],
+        ports: vec![ServicePort {
+            name: Some("http".into()),
+            protocol: proto,
+            port: 80,
+            target_port: Some(8080),
+            node_port: None,
+        }],
+        external_ips: vec![],
+        session_affinity_timeout: affinity,
+        internal_traffic_policy: Default::default(),
+        external_traffic_policy: Default::default(),
+        endpoints: backends
+            .iter()
+            .map(|ip| EndpointSpec {
+                ip: IpAddr::V4(*ip),
+                node: None,
+                ready: true,
+                serving: true,
+                terminating: false,
+                hostname: None,
+            })
+            .collect(),
+    }
+}
+
+impl Sim {
+    fn set_services(&mut self, specs: &[ServiceSpec], lb: LoadBalancing) {
+        for (i, n) in self.nodes.iter_mut().enumerate() {
+            let table = ServiceTable::build(specs, &format!("n{i}"), lb);
+            n.tables = n.tables.with_services(table);
+        }
+    }
+}
+
+fn tcp_frame(
+    node: usize,
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    syn: bool,
+    mac_dst: Option<[u8; 6]>,
+) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(mac_for(src.0).0, mac_dst.unwrap_or(mac_for(gw_of(node)).0))
+        .ipv4(src.0.octets(), dst.0.octets(), 64)
+        .tcp(src.1, dst.1, 1000, 64000);
+    let b = if syn { b.syn() } else { b.ack(1) };
+    let mut out = Vec::new();
+    b.write(&mut out, b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    out
+}
+
+/// (src, dst) addresses and ports of a delivered TCP/UDP frame, with its checksums checked.
+fn addrs(frame: &[u8]) -> ((Ipv4Addr, u16), (Ipv4Addr, u16)) {
+    let p = SlicedPacket::from_ethernet(frame).unwrap();
+    let Some(NetSlice::Ipv4(ip)) = &p.net else {
+        panic!()
+    };
+    let h = ip.header().to_header();
+    assert_eq!(h.header_checksum, h.calc_header_checksum(), "IP checksum");
+    let (s, d) = (ip.header().source_addr(), ip.header().destination_addr());
+    match &p.transport {
+        Some(TransportSlice::Tcp(t)) => {
+            let th = t.to_header();
+            assert_eq!(
+                th.checksum,
+                th.calc_checksum_ipv4(&h, t.payload()).unwrap(),
+                "TCP checksum"
+            );
+            ((s, t.source_port()), (d, t.destination_port()))
+        }
+        Some(TransportSlice::Udp(u)) => {
+            let uh = u.to_header();
+            assert_eq!(
+                uh.checksum,
+                uh.calc_checksum_ipv4(&h, u.payload()).unwrap(),
+                "UDP checksum"
+            );
+            ((s, u.source_port()), (d, u.destination_port()))
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+fn delivered(ev: &[Event]) -> (usize, PortId, Vec<u8>) {
+    match ev {
+        [Event::Delivered { node, port, frame }] => (*node, *port, frame.clone()),
+        other => panic!("expected one delivery, got {other:?}"),
+    }
+}
+
+#[test]
+fn clusterip_connections_reach_backends_on_any_node_and_replies_come_from_the_vip() {
+    let mut sim = Sim::new(3, 3);
+    let backends = [pod(0, 2), pod(1, 1), pod(2, 1)];
+    sim.set_services(
+        &[service(&backends, Protocol::Tcp, None)],
+        LoadBalancing::Maglev,
+    );
+    let client = pod(0, 1);
+    let mut per_backend = std::collections::HashMap::new();
+    for sport in 30000..30300u16 {
+        sim.pod_send(
+            0,
+            1,
+            tcp_frame(0, (client, sport), (VIP, 80), true, None),
+            VirtioNetHdr::NONE,
+        );
+        let (node, port, f) = delivered(&sim.take());
+        let ((s, sp), (d, dp)) = addrs(&f);
+        assert_eq!((s, sp), (client, sport), "the client's address is kept");
+        assert_eq!(dp, 8080, "target port");
+        assert!(backends.contains(&d));
+        assert_eq!(pod(node, port as u8), d, "delivered to that backend's port");
+        *per_backend.entry(d).or_insert(0) += 1;
+        // The backend answers; the client sees the Service address.
+        let (bnode, bport) = (node, port);
+        sim.pod_send(
+            bnode,
+            bport,
+            tcp_frame(bnode, (d, 8080), (client, sport), false, None),
+            VirtioNetHdr::NONE,
+        );
+        let (cnode, cport, r) = delivered(&sim.take());
+        assert_eq!((cnode, cport), (0, 1));
+        assert_eq!(addrs(&r), ((VIP, 80), (client, sport)));
+    }
+    // 300 connections over 3 backends: each within 100 +- 40.
+    assert_eq!(per_backend.len(), 3, "{per_backend:?}");
+    for (b, n) in &per_backend {
+        assert!((60..=140).contains(n), "backend {b} got {n} of 300");
+    }
+    // The same connection keeps its backend.
+    sim.pod_send(
+        0,
+        1,
+        tcp_frame(0, (client, 30000), (VIP, 80), false, None),
+        VirtioNetHdr::NONE,
+    );
+    let first = addrs(&delivered(&sim.take()).2).1;
+    sim.pod_send(
+        0,
+        1,
+        tcp_frame(0, (client, 30000), (VIP, 80), false, None),
+        VirtioNetHdr::NONE,
+    );
+    assert_eq!(addrs(&delivered(&sim.take()).2).1, first);
+}
+
+#[test]
+fn session_affinity_sticks_to_one_backend_until_it_times_out() {
+    let mut sim = Sim::new(2, 4);
+    let backends = [pod(0, 2), pod(0, 3), pod(1, 1), pod(1, 2)];
+    sim.set_services(
+        &[service(&backends, Protocol::Tcp, Some(10))],
+        LoadBalancing::Random,
+    );
+    let client = pod(0, 1);
+    let mut seen = std::collections::HashSet::new();
+    for sport in 40000..40050u16 {
+        sim.pod_send(
+            0,
+            1,
+            tcp_frame(0, (client, sport), (VIP, 80), true, None),
+            VirtioNetHdr::NONE,
+        );
+        seen.insert(addrs(&delivered(&sim.take()).2).1 .0);
+    }
+    assert_eq!(
+        seen.len(),
+        1,
+        "affinity: every connection to the same backend"
+    );
+    // After the timeout, random choice spreads again.
+    sim.now_ms += 11_000;
+    let mut later = std::collections::HashSet::new();
+    for sport in 41000..41050u16 {
+        sim.now_ms += 11_000;
+        sim.pod_send(
+            0,
+            1,
+            tcp_frame(0, (client, sport), (VIP, 80), true, None),
+            VirtioNetHdr::NONE,
+        );
+        later.insert(addrs(&delivered(&sim.take()).2).1 .0);
+    }
+    assert!(later.len() > 1);
+}
+
+#[test]
+fn a_service_without_endpoints_rejects_at_once() {
+    let mut sim = Sim::new(1, 1);
+    sim.set_services(
+        &[service(&[], Protocol::Tcp, None), {
+            let mut u = service(&[], Protocol::Udp, None);
+            u.name = "dns".into();
+            u.ports[0].port = 53;
+            u
+        }],
+        LoadBalancing::Maglev,
+    );
+    let client = pod(0, 1);
+    sim.pod_send(
+        0,
+        1,
+        tcp_frame(0, (client, 5555), (VIP, 80), true, None),
+        VirtioNetHdr::NONE,
+    );
+    let ev = sim.take();
+    let [Event::Reply { frame, .. }] = &ev[..] else {
+        panic!("{ev:?}")
+    };
+    let p = SlicedPacket::from_ethernet(frame).unwrap();
+    let Some(TransportSlice::Tcp(t)) = &p.transport else {
+        panic!()
+    };
+    assert!(t.rst() && t.ack(), "RST|ACK to a SYN");
+    assert_eq!(t.acknowledgment_number(), 1000 + 1 + 18);
+    assert_eq!(addrs(frame), ((VIP, 80), (client, 5555)));
+    // UDP: port unreachable from the Service address.
+    let b = PacketBuilder::ethernet2(mac_for(client).0, mac_for(gw_of(0)).0)
+        .ipv4(client.octets(), VIP.octets(), 64)
+        .udp(5353, 53);
+    let mut f = Vec::new();
+    b.write(&mut f, b"query").unwrap();
+    sim.pod_send(0, 1, f, VirtioNetHdr::NONE);
+    let ev = sim.take();
+    let [Event::Reply { frame, .. }] = &ev[..] else {
+        panic!("{ev:?}")
+    };
+    let p = SlicedPacket::from_ethernet(frame).unwrap();
+    let Some(NetSlice::Ipv4(ip)) = &p.net else {
+        panic!()
+    };
+    assert_eq!(ip.header().source_addr(), VIP);
+    let Some(TransportSlice::Icmpv4(icmp)) = &p.transport else {
+        panic!()
+    };
+    assert!(matches!(
+        icmp.icmp_type(),
+        etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::Port
+        )
+    ));
+}
+
+#[test]
+fn a_pod_reaches_itself_through_its_own_service() {
+    let mut sim = Sim::new(1, 1);
+    let me = pod(0, 1);
+    sim.set_services(
+        &[service(&[me], Protocol::Tcp, None)],
+        LoadBalancing::Maglev,
+    );
+    sim.pod_send(
+        0,
+        1,
+        tcp_frame(0, (me, 7000), (VIP, 80), true, None),
+        VirtioNetHdr::NONE,
+    );
+    let (_, port, f) = delivered(&sim.take());
+    assert_eq!(port, 1);
+    // Seen as coming from the gateway, so the answer goes back through the switch.
+    assert_eq!(addrs(&f), ((gw_of(0), 7000), (me, 8080)));
+    sim.pod_send(
+        0,
+        1,
+        tcp_frame(0, (me, 8080), (gw_of(0), 7000), false, None),
+        VirtioNetHdr::NONE,
+    );
+    let (_, port, r) = delivered(&sim.take());
+    assert_eq!(port, 1);
+    assert_eq!(addrs(&r), ((VIP, 80), (me, 7000)));
+}
+
+#[test]
+fn udp_entries_to_a_removed_endpoint_are_flushed() {
+    let mut sim = Sim::new(1, 3);
+    let client = pod(0, 1);
+    let udp = |sport: u16| {
+        let b = PacketBuilder::ethernet2(mac_for(client).0, mac_for(gw_of(0)).0)
+            .ipv4(client.octets(), VIP.octets(), 64)
+            .udp(sport, 80);
+        let mut f = Vec::new();
+        b.write(&mut f, b"dgram").unwrap();
+        f
+    };
+    sim.set_services(
+        &[service(&[pod(0, 2), pod(0, 3)], Protocol::Udp, None)],
+        LoadBalancing::Maglev,
+    );
+    sim.pod_send(0, 1, udp(9999), VirtioNetHdr::NONE);
+    let first = addrs(&delivered(&sim.take()).2).1 .0;
+    let other = if first == pod(0, 2) {
+        pod(0, 3)
+    } else {
+        pod(0, 2)
+    };
+    // The endpoint goes away: its UDP entries go with it and the flow moves.
+    sim.set_services(
+        &[service(&[other], Protocol::Udp, None)],
+        LoadBalancing::Maglev,
+    );
+    assert_eq!(sim.nodes[0].ct.flush_udp_to(&[first]), 1);
+    sim.pod_send(0, 1, udp(9999), VirtioNetHdr::NONE);
+    assert_eq!(addrs(&delivered(&sim.take()).2).1 .0, other);
+}
+
+#[test]
+fn translation_survives_checksum_offload_and_super_frames() {
+    let mut sim = Sim::new(2, 2);
+    sim.set_services(
+        &[service(&[pod(1, 1)], Protocol::Tcp, None)],
+        LoadBalancing::Maglev,
+    );
+    let client = pod(0, 1);
+    sim.pod_send(
+        0,
+        1,
+        tcp_frame(0, (client, 1234), (VIP, 80), true, None),
+        VirtioNetHdr::NONE,
+    );
+    sim.take();
+    // A TSO super-frame of the same connection with a partial checksum, as a TAP hands it over.
+    let payload: Vec<u8> = (0..9000u32).map(|i| i as u8).collect();
+    let b = PacketBuilder::ethernet2(mac_for(client).0, mac_for(gw_of(0)).0)
+        .ipv4(client.octets(), VIP.octets(), 64)
+        .tcp(1234, 80, 1019, 64000)
+        .ack(1);
+    let mut f = Vec::new();
+    b.write(&mut f, &payload).unwrap();
+    // Replace the checksum with the pseudo-header sum, as the kernel leaves it.
+    let tcp_len = (f.len() - 34) as u16;
+    let partial = vswitch::wire::checksum::fold(vswitch::wire::checksum::pseudo_header_v4(
+        client, VIP, 6, tcp_len,
+    ));
+    f[34 + 16..34 + 18].copy_from_slice(&partial.to_be_bytes());
+    let vnet = VirtioNetHdr {
+        flags: VirtioNetHdr::F_NEEDS_CSUM,
+        gso_type: VirtioNetHdr::GSO_TCPV4,
+        hdr_len: 54,
+        gso_size: 1398,
+        csum_start: 34,
+        csum_offset: 16,
+    };
+    sim.pod_send(0, 1, f, vnet);
+    let ev = sim.take();
+    assert_eq!(ev.len(), 9000usize.div_ceil(1398));
+    let mut got = Vec::new();
+    for e in &ev {
+        let Event::Delivered {
+            node: 1,
+            port: 1,
+            frame,
+        } = e
+        else {
+            panic!("{e:?}")
+        };
+        let ((s, _), (d, dp)) = addrs(frame);
+        assert_eq!((s, d, dp), (client, pod(1, 1), 8080));
+        let p = SlicedPacket::from_ethernet(frame).unwrap();
+        let Some(TransportSlice::Tcp(t)) = &p.transport else {
+            panic!()
+        };
+        got.extend_from_slice(t.payload());
+    }
+    assert_eq!(got, payload);
 }

@@ -9,8 +9,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::Path;
 use axum::extract::State;
+use axum::extract::{Path, Query};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -127,6 +127,35 @@ pub fn router(d: Arc<Daemon>) -> Router {
                 |State(d): State<Arc<Daemon>>, req: Result<Json<conf::config::PeerSpec>, JsonRejection>| async move {
                     let req = body(req)?;
                     blocking(move || d.set_peer(req)).await
+                },
+            ),
+        )
+        .route(
+            api::PATH_SERVICES,
+            get(|State(d): State<Arc<Daemon>>| async move {
+                blocking(move || Ok(d.services())).await
+            }),
+        )
+        .route(
+            api::PATH_CONNTRACK,
+            get(
+                |State(d): State<Arc<Daemon>>,
+                 Query(q): Query<std::collections::HashMap<String, String>>| async move {
+                    let ip = match q.get("ip").map(|s| s.parse::<std::net::IpAddr>()) {
+                        Some(Ok(ip)) => Some(ip),
+                        Some(Err(_)) => {
+                            return Err(Failure(ApiError::new(code::DECODE_FAILURE, "ip= is not an IP address", "")))
+                        }
+                        None => None,
+                    };
+                    let port = match q.get("port").map(|s| s.parse::<u16>()) {
+                        Some(Ok(p)) => Some(p),
+                        Some(Err(_)) => {
+                            return Err(Failure(ApiError::new(code::DECODE_FAILURE, "port= is not a port number", "")))
+                        }
+                        None => None,
+                    };
+                    blocking(move || Ok(d.conntrack(ip, port))).await
                 },
             ),
         )

@@ -35,7 +35,7 @@ use crate::datapath::stats::PortStats;
 use crate::datapath::underlay::Underlay;
 use crate::datapath::Datapath;
 use crate::pipeline::tables::mac_for;
-use crate::pipeline::{PortEntry, PortId, Tables};
+use crate::pipeline::{PortEntry, PortId, ServiceTable, Tables};
 use crate::wire::EthernetAddress;
 use ipam::Ipam;
 use netconfig::{NetConfigError, PodInterface};
@@ -127,6 +127,12 @@ impl Daemon {
         tables.vni = config.overlay.vni;
         tables.overlay_mtu = (config.overlay.underlay_mtu - 50).min(u16::MAX as u32) as u16;
         tables.peers = peer_table(&config.peers).map_err(|e| DaemonError::Peers(e.msg))?;
+        tables.node_name = config.node.name.clone();
+        tables.services = ServiceTable::build(
+            &config.services,
+            &config.node.name,
+            config.nat.load_balancing,
+        );
         let tables = Arc::new(ArcSwap::from_pointee(tables));
         let underlay = match config.overlay.underlay_ip {
             Some(ip) => {
@@ -135,8 +141,13 @@ impl Daemon {
             None => None,
         };
         let underlay_stats = Arc::new(PortStats::default());
-        let datapath = Datapath::start(tables.clone(), underlay, underlay_stats.clone())
-            .map_err(DaemonError::Datapath)?;
+        let datapath = Datapath::start(
+            tables.clone(),
+            underlay,
+            underlay_stats.clone(),
+            crate::pipeline::CtConfig::from_config(&config.nat),
+        )
+        .map_err(DaemonError::Datapath)?;
         let peers = config.peers.clone();
         let services = config.services.clone();
         Ok(Arc::new(Daemon {
@@ -506,9 +517,90 @@ impl Daemon {
                 .map_err(|e| api_err(code::INVALID_NETCONF, e.to_string(), ""))?;
         }
         let mut st = self.lock();
+        let table = ServiceTable::build(
+            &services,
+            &self.config.node.name,
+            self.config.nat.load_balancing,
+        );
+        let old = self.tables.load();
+        let udp_backends = |t: &ServiceTable| -> std::collections::BTreeSet<Ipv4Addr> {
+            t.frontends()
+                .iter()
+                .filter(|f| f.proto == crate::wire::IpProtocol::UDP.0)
+                .flat_map(|f| f.backends.iter().map(|b| b.ip))
+                .collect()
+        };
+        let gone: Vec<Ipv4Addr> = udp_backends(&old.services)
+            .difference(&udp_backends(&table))
+            .copied()
+            .collect();
+        self.tables.store(Arc::new(old.with_services(table)));
         st.services = services;
-        self.publish(&st);
+        if !gone.is_empty() {
+            self.datapath().flush_udp(gone);
+        }
         Ok(())
+    }
+
+    pub fn services(&self) -> conf::api::ServicesResponse {
+        let t = self.tables.load();
+        conf::api::ServicesResponse {
+            frontends: t
+                .services
+                .frontends()
+                .iter()
+                .map(|f| conf::api::FrontendInfo {
+                    name: f.name.clone(),
+                    vip: IpAddr::V4(f.vip),
+                    port: f.port,
+                    protocol: if f.proto == crate::wire::IpProtocol::TCP.0 {
+                        "TCP".into()
+                    } else {
+                        "UDP".into()
+                    },
+                    backends: f
+                        .backends
+                        .iter()
+                        .map(|b| format!("{}:{}", b.ip, b.port))
+                        .collect(),
+                    session_affinity_timeout: f.affinity_secs,
+                })
+                .collect(),
+        }
+    }
+
+    /// Tracked connections, optionally only those with `ip` (any side) and `port` (any side).
+    pub fn conntrack(&self, ip: Option<IpAddr>, port: Option<u16>) -> conf::api::ConntrackResponse {
+        let entries = self.datapath().conntrack();
+        let total = entries.len();
+        let now = self.datapath().now_ms();
+        let list = entries
+            .into_iter()
+            .filter(|e| {
+                let ips = [e.orig.src, e.orig.dst, e.backend.ip];
+                let ports = [e.orig.sport, e.orig.dport, e.backend.port];
+                ip.is_none_or(|i| ips.iter().any(|a| IpAddr::V4(*a) == i))
+                    && port.is_none_or(|p| ports.contains(&p))
+            })
+            .map(|e| conf::api::ConntrackInfo {
+                protocol: if e.orig.proto == crate::wire::IpProtocol::TCP.0 {
+                    "TCP".into()
+                } else {
+                    "UDP".into()
+                },
+                client: format!("{}:{}", e.orig.src, e.orig.sport),
+                service: format!("{}:{}", e.orig.dst, e.orig.dport),
+                backend: format!("{}:{}", e.backend.ip, e.backend.port),
+                snat: e.snat.map(|a| a.to_string()),
+                state: format!("{:?}", e.state),
+                expires_in_ms: e.expires_ms.saturating_sub(now),
+                frontend: e.frontend.clone(),
+            })
+            .collect();
+        conf::api::ConntrackResponse {
+            entries: list,
+            total,
+        }
     }
 
     /// Removes a peer by name; removing an unknown peer is an error (code 3).

@@ -29,7 +29,8 @@ use hashbrown::HashMap;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 
-use crate::pipeline::{self, Action, DropReason, PortId, Tables};
+use crate::pipeline::nat::CtEntry;
+use crate::pipeline::{self, Action, Conntrack, CtConfig, Ctx, DropReason, Meta, PortId, Tables};
 use crate::wire::{virtio, EthernetFrame, Ipv4Packet, VirtioNetHdr};
 use overlay::vxlan;
 use stats::PortStats;
@@ -62,11 +63,16 @@ pub enum Command {
         id: PortId,
         done: Sender<()>,
     },
+    /// Drops the UDP connections to these (removed) endpoints at once.
+    FlushUdp(Vec<std::net::Ipv4Addr>),
+    /// A copy of the connection tracking table.
+    DumpConntrack(Sender<Vec<CtEntry>>),
     Shutdown,
 }
 
 /// Handle to the running worker.
 pub struct Datapath {
+    epoch: std::time::Instant,
     tx: Sender<Command>,
     waker: Arc<Waker>,
     thread: Option<JoinHandle<()>>,
@@ -79,11 +85,14 @@ impl Datapath {
         tables: Arc<ArcSwap<Tables>>,
         underlay: Option<Underlay>,
         underlay_stats: Arc<PortStats>,
+        ct: CtConfig,
     ) -> io::Result<Datapath> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (tx, rx) = crossbeam_channel::unbounded();
         let mut worker = Worker::new(poll, rx, tables, underlay_stats);
+        let epoch = worker.epoch;
+        worker.ct = Conntrack::new(ct);
         if let Some(u) = underlay {
             worker.poll.registry().register(
                 &mut SourceFd(&u.rx_fd()),
@@ -102,6 +111,7 @@ impl Datapath {
             .name("vswitch-dp0".into())
             .spawn(move || worker.run())?;
         Ok(Datapath {
+            epoch,
             tx,
             waker,
             thread: Some(thread),
@@ -124,6 +134,23 @@ impl Datapath {
         let (done, wait) = crossbeam_channel::bounded(1);
         self.send(Command::RemovePort { id, done });
         let _ = wait.recv_timeout(std::time::Duration::from_secs(5));
+    }
+
+    /// The worker's clock (milliseconds since it started), for showing expiry times.
+    pub fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    pub fn flush_udp(&self, backends: Vec<std::net::Ipv4Addr>) {
+        self.send(Command::FlushUdp(backends));
+    }
+
+    /// The connection tracking table as it is now.
+    pub fn conntrack(&self) -> Vec<CtEntry> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.send(Command::DumpConntrack(tx));
+        rx.recv_timeout(std::time::Duration::from_secs(2))
+            .unwrap_or_default()
     }
 
     /// Whether the worker thread is running.
@@ -165,6 +192,8 @@ struct Worker {
     underlay: Option<Underlay>,
     underlay_ready: bool,
     underlay_stats: Arc<PortStats>,
+    ct: Conntrack,
+    epoch: std::time::Instant,
 }
 
 impl Worker {
@@ -187,16 +216,25 @@ impl Worker {
             underlay: None,
             underlay_ready: false,
             underlay_stats,
+            ct: Conntrack::new(CtConfig::default()),
+            epoch: std::time::Instant::now(),
         }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
     }
 
     fn run(mut self) {
         let mut events = Events::with_capacity(256);
         loop {
-            let timeout = if self.ready.is_empty() && !self.underlay_ready {
-                None
-            } else {
+            let timeout = if !self.ready.is_empty() || self.underlay_ready {
                 Some(std::time::Duration::ZERO)
+            } else if !self.ct.is_empty() {
+                // Wake now and then to expire connections even when idle.
+                Some(std::time::Duration::from_secs(1))
+            } else {
+                None
             };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != io::ErrorKind::Interrupted {
@@ -260,6 +298,15 @@ impl Worker {
                     self.ready.retain(|p| *p != id);
                     let _ = done.send(());
                 }
+                Command::FlushUdp(ips) => {
+                    let n = self.ct.flush_udp_to(&ips);
+                    if n > 0 {
+                        tracing::info!("flushed {n} UDP connection(s) to removed endpoints");
+                    }
+                }
+                Command::DumpConntrack(tx) => {
+                    let _ = tx.send(self.ct.entries().cloned().collect());
+                }
                 Command::Shutdown => return false,
             }
         }
@@ -268,13 +315,15 @@ impl Worker {
 
     fn service_ready(&mut self) {
         let tables = self.tables.load();
-        if self.underlay_ready && self.service_underlay(&tables) {
+        let now = self.now_ms();
+        self.ct.sweep(now, 256);
+        if self.underlay_ready && self.service_underlay(&tables, now) {
             self.underlay_ready = false;
         }
         let mut i = 0;
         while i < self.ready.len() {
             let id = self.ready[i];
-            let drained = self.service_port(&tables, id);
+            let drained = self.service_port(&tables, id, now);
             if drained {
                 if let Some(p) = self.ports.get_mut(&id) {
                     p.queued = false;
@@ -287,7 +336,7 @@ impl Worker {
     }
 
     /// Reads up to one batch from a port; true when its queue is empty (or the port is gone).
-    fn service_port(&mut self, tables: &Tables, id: PortId) -> bool {
+    fn service_port(&mut self, tables: &Tables, id: PortId, now: u64) -> bool {
         for _ in 0..BATCH {
             let Some(port) = self.ports.get(&id) else {
                 return true;
@@ -308,9 +357,22 @@ impl Worker {
                 continue;
             }
             let vnet = VirtioNetHdr::parse(&self.buf[..VNET_HDR_LEN]).unwrap_or(VirtioNetHdr::NONE);
-            let frame = &mut self.buf[VNET_HDR_LEN..n];
-            let gso_size = if vnet.is_gso() { vnet.gso_size } else { 0 };
-            match pipeline::handle(tables, id, frame, gso_size) {
+            let meta = Meta {
+                gso_size: if vnet.is_gso() { vnet.gso_size } else { 0 },
+                csum_partial: vnet.needs_csum(),
+            };
+            let mut cx = Ctx {
+                t: tables,
+                ct: &mut self.ct,
+                now_ms: now,
+            };
+            match pipeline::handle(
+                &mut cx,
+                id,
+                &mut self.buf[VNET_HDR_LEN..],
+                n - VNET_HDR_LEN,
+                meta,
+            ) {
                 Action::ToPort(out) => match self.ports.get(&out) {
                     Some(dst) => match dst.tap.send(&self.buf[..n]) {
                         Ok(_) => dst.stats.tx(n - VNET_HDR_LEN),
@@ -361,7 +423,7 @@ impl Worker {
                 Action::Reply(len) => {
                     // Our own frames are complete: no checksum or segmentation left to do.
                     self.buf[..VNET_HDR_LEN].fill(0);
-                    let end = (VNET_HDR_LEN + len).min(n);
+                    let end = (VNET_HDR_LEN + len).min(self.buf.len());
                     match port.tap.send(&self.buf[..end]) {
                         Ok(_) => stats.tx(end - VNET_HDR_LEN),
                         Err(_) => stats.count_drop(DropReason::TxError),
@@ -376,13 +438,14 @@ impl Worker {
 
 impl Worker {
     /// Receives up to a few batches of VXLAN messages; true when the socket is drained.
-    fn service_underlay(&mut self, tables: &Tables) -> bool {
+    fn service_underlay(&mut self, tables: &Tables, now: u64) -> bool {
         let Some(u) = &self.underlay else {
             return true;
         };
         let stats = &self.underlay_stats;
         let ports = &self.ports;
         let gro = &mut self.gro;
+        let ct = &mut self.ct;
         let mut meta = [quinn_udp::RecvMeta::default(); RX_BATCH];
         for _ in 0..BATCH / RX_BATCH {
             let got = {
@@ -436,7 +499,12 @@ impl Worker {
                         }
                     };
                     let inner = d.start + vxlan::HEADER_LEN..d.end;
-                    match pipeline::handle_underlay(tables, peer, &mut self.rbuf[inner.clone()]) {
+                    let mut cx = Ctx {
+                        t: tables,
+                        ct,
+                        now_ms: now,
+                    };
+                    match pipeline::handle_underlay(&mut cx, peer, &mut self.rbuf[inner.clone()]) {
                         Action::ToPort(out) => gro.push(&mut self.rbuf, out, inner, &mut emit),
                         Action::Drop(reason) => stats.count_drop(reason),
                         // Frames from peers are only ever routed to local pods.

@@ -18,12 +18,21 @@
 //!    fragmentation-needed back so path MTU discovery works.
 //! 5. Frames decapsulated from a peer must be IPv4 to our VTEP MAC from an address in that
 //!    peer's pod CIDRs; they are routed to the local pod.
+//! 6. Before any routing decision, routed IPv4 goes through Service translation (`nat`): a
+//!    packet to a Service address is rewritten to a backend and tracked, replies are rewritten
+//!    back; a Service without backends is rejected at once (TCP RST, ICMP port unreachable).
+//!
+//! Connection tracking is the one piece of state the pipeline changes; it is passed in (`Ctx`)
+//! together with the time, so the pipeline still never reads a clock.
 //!
 //! Anything else is dropped with a reason; every reason has a counter.
 
+pub mod nat;
 pub mod tables;
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
+
+pub use nat::{Conntrack, CtConfig, ServiceTable};
 
 use overlay::vxlan::{self, VxlanHeader};
 pub use overlay::PeerId;
@@ -37,6 +46,24 @@ use crate::wire::{
 
 /// A switch port. Stable for the life of an attachment.
 pub type PortId = u32;
+
+/// Per-frame facts from the virtio-net header.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Meta {
+    /// Segment payload size of a TSO super-frame; 0 for a plain frame. Its segments, not the
+    /// frame, must fit the path.
+    pub gso_size: u16,
+    /// The L4 checksum field holds only the pseudo-header sum (NEEDS_CSUM).
+    pub csum_partial: bool,
+}
+
+/// What a decision reads and the state it may change: the tables, the worker's connection
+/// tracking table, and the time (milliseconds on the worker's monotonic clock).
+pub struct Ctx<'a> {
+    pub t: &'a Tables,
+    pub ct: &'a mut Conntrack,
+    pub now_ms: u64,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -94,12 +121,17 @@ drop_reasons! {
     VxlanNotIpv4 => "vxlan_not_ipv4",
     PortGone => "port_gone",
     TxError => "tx_error",
+    ServiceRejected => "service_no_endpoints",
+    ConntrackRefused => "conntrack_refused",
 }
 
-/// Decides what happens to `frame` (an Ethernet frame, no virtio-net header) that arrived on
-/// port `ingress`. `gso_size` is the segment payload size of a TSO super-frame (0 for a
-/// plain frame): its segments, not the frame, must fit the path.
-pub fn handle(t: &Tables, ingress: PortId, frame: &mut [u8], gso_size: u16) -> Action {
+/// Decides what happens to the Ethernet frame `buf[..len]` (no virtio-net header) that
+/// arrived on port `ingress`. Bytes of `buf` past `len` are room for a reply larger than the
+/// frame (an ICMP error about a small datagram); they are never read as part of the frame.
+pub fn handle(cx: &mut Ctx<'_>, ingress: PortId, buf: &mut [u8], len: usize, meta: Meta) -> Action {
+    let t = cx.t;
+    let len = len.min(buf.len());
+    let frame = &mut buf[..len];
     let Some(port) = t.port(ingress) else {
         return Action::Drop(DropReason::UnknownPort);
     };
@@ -114,7 +146,7 @@ pub fn handle(t: &Tables, ingress: PortId, frame: &mut [u8], gso_size: u16) -> A
         EtherType::ARP => arp(t, port, &mut eth),
         EtherType::IPV4 => {
             if dst == t.gateway_mac {
-                return route_v4(t, port, frame, gso_size);
+                return route_v4(cx, port, buf, len, meta);
             }
             if !dst.is_unicast() {
                 return Action::Drop(DropReason::Multicast);
@@ -171,13 +203,30 @@ fn arp(t: &Tables, port: &PortEntry, eth: &mut EthernetFrame<&mut [u8]>) -> Acti
     Action::Reply(EthernetFrame::<&[u8]>::HEADER_LEN + ArpPacket::<&[u8]>::LEN)
 }
 
-fn route_v4(t: &Tables, port: &PortEntry, frame: &mut [u8], gso_size: u16) -> Action {
-    let mut eth = EthernetFrame::new_unchecked(&mut *frame);
+fn route_v4(cx: &mut Ctx<'_>, port: &PortEntry, buf: &mut [u8], len: usize, meta: Meta) -> Action {
+    let t = cx.t;
+    let gso_size = meta.gso_size;
+    let mut eth = EthernetFrame::new_unchecked(&mut buf[..len]);
     let Ok(mut ip) = Ipv4Packet::new_checked(eth.payload_mut()) else {
         return Action::Drop(DropReason::Malformed);
     };
     if ip.src_addr() != port.ip {
         return Action::Drop(DropReason::SpoofedIp);
+    }
+    match nat::translate(
+        &t.services,
+        cx.ct,
+        cx.now_ms,
+        &mut ip,
+        t.gateway_ip,
+        meta.csum_partial,
+    ) {
+        nat::Nat::None => {
+            nat::translate_icmp_error(cx.ct, cx.now_ms, &mut ip);
+        }
+        nat::Nat::Translated => {}
+        nat::Nat::NoBackend => return reject(t, port, buf, len),
+        nat::Nat::Refused => return Action::Drop(DropReason::ConntrackRefused),
     }
     let dst_ip = ip.dst_addr();
     if dst_ip == t.gateway_ip {
@@ -200,7 +249,7 @@ fn route_v4(t: &Tables, port: &PortEntry, frame: &mut [u8], gso_size: u16) -> Ac
         };
         if on_wire > t.overlay_mtu as usize {
             if ip.dont_frag() {
-                return frag_needed(t, port, frame, t.overlay_mtu);
+                return frag_needed(t, port, buf, len, t.overlay_mtu);
             }
             return Action::Drop(DropReason::TooBig);
         }
@@ -242,7 +291,8 @@ pub fn decap(t: &Tables, from: IpAddr, datagram: &[u8]) -> Result<PeerId, DropRe
 }
 
 /// A frame decapsulated from VXLAN sent by `peer`: routed to the local pod it is for.
-pub fn handle_underlay(t: &Tables, peer: PeerId, frame: &mut [u8]) -> Action {
+pub fn handle_underlay(cx: &mut Ctx<'_>, peer: PeerId, frame: &mut [u8]) -> Action {
+    let t = cx.t;
     let Ok(mut eth) = EthernetFrame::new_checked(&mut *frame) else {
         return Action::Drop(DropReason::VxlanMalformed);
     };
@@ -263,13 +313,21 @@ pub fn handle_underlay(t: &Tables, peer: PeerId, frame: &mut [u8]) -> Action {
     if !from_peer {
         return Action::Drop(DropReason::VxlanSpoofedSrc);
     }
+    // Replies from a remote backend to a client here are translated back here.
+    complete_partial_checksum(&mut ip);
+    match nat::translate(&t.services, cx.ct, cx.now_ms, &mut ip, t.gateway_ip, false) {
+        nat::Nat::None => {
+            nat::translate_icmp_error(cx.ct, cx.now_ms, &mut ip);
+        }
+        nat::Nat::Translated | nat::Nat::NoBackend => {}
+        nat::Nat::Refused => return Action::Drop(DropReason::ConntrackRefused),
+    }
     let Some(out) = t.port_by_ip(ip.dst_addr()) else {
         return Action::Drop(DropReason::NoRoute);
     };
     if ip.ttl() <= 1 {
         return Action::Drop(DropReason::TtlExpired);
     }
-    complete_partial_checksum(&mut ip);
     ip.decrement_ttl_incremental();
     let (id, mac) = (out.id, out.mac);
     eth.set_src_addr(t.gateway_mac);
@@ -310,22 +368,121 @@ fn complete_partial_checksum(ip: &mut Ipv4Packet<&mut [u8]>) {
 
 /// Turns an IPv4 packet that does not fit the path into an ICMP "fragmentation needed" from
 /// the gateway back to its sender (RFC 1191), in place.
-fn frag_needed(t: &Tables, port: &PortEntry, frame: &mut [u8], mtu: u16) -> Action {
+fn frag_needed(t: &Tables, port: &PortEntry, buf: &mut [u8], len: usize, mtu: u16) -> Action {
+    icmp_error(
+        t,
+        port,
+        buf,
+        len,
+        t.gateway_ip,
+        Icmpv4Message::DST_UNREACHABLE,
+        icmp_code::FRAG_NEEDED,
+        mtu,
+    )
+}
+
+/// A Service with no endpoint refuses at once, as kube-proxy does: TCP gets a RST, anything
+/// else an ICMP port unreachable, both from the Service address.
+fn reject(t: &Tables, port: &PortEntry, buf: &mut [u8], len: usize) -> Action {
+    use crate::wire::{TcpFlags, TcpPacket};
+    const ETH: usize = 14;
+    let Some(packet) = buf.get(ETH..len) else {
+        return Action::Drop(DropReason::Malformed);
+    };
+    let Ok(ip) = Ipv4Packet::new_checked(packet) else {
+        return Action::Drop(DropReason::Malformed);
+    };
+    let vip = ip.dst_addr();
+    if ip.protocol() != IpProtocol::TCP {
+        return icmp_error(
+            t,
+            port,
+            buf,
+            len,
+            vip,
+            Icmpv4Message::DST_UNREACHABLE,
+            icmp_code::PORT_UNREACHABLE,
+            0,
+        );
+    }
+    let Ok(tcp) = TcpPacket::new_checked(ip.payload()) else {
+        return Action::Drop(DropReason::Malformed);
+    };
+    if tcp.flags().contains(TcpFlags::RST) {
+        return Action::Drop(DropReason::ServiceRejected);
+    }
+    let (client, sport, dport) = (ip.src_addr(), tcp.src_port(), tcp.dst_port());
+    let (seq, ack_in, flags) = (tcp.seq_number(), tcp.ack_number(), tcp.flags());
+    let seg_len = tcp.payload().len() as u32
+        + u32::from(flags.contains(TcpFlags::SYN))
+        + u32::from(flags.contains(TcpFlags::FIN));
+    // RFC 9293 3.10.7.1: answer an ACK with its number, anything else with an ACK of it.
+    let (rst_seq, rst_ack, rst_flags) = if flags.contains(TcpFlags::ACK) {
+        (ack_in, 0, TcpFlags::RST)
+    } else {
+        (0, seq.wrapping_add(seg_len), TcpFlags::RST | TcpFlags::ACK)
+    };
+    let len = ETH + 40;
+    let Some(frame) = buf.get_mut(..len) else {
+        return Action::Drop(DropReason::Malformed);
+    };
+    {
+        let mut eth = EthernetFrame::new_unchecked(&mut *frame);
+        eth.set_dst_addr(port.mac);
+        eth.set_src_addr(t.gateway_mac);
+    }
+    let ip_buf = &mut frame[ETH..];
+    ip_buf.fill(0);
+    let mut ip = Ipv4Packet::new_unchecked(&mut *ip_buf);
+    ip.set_version(4);
+    ip.set_header_len(20);
+    ip.set_total_len(40);
+    ip.set_dont_frag(true);
+    ip.set_ttl(64);
+    ip.set_protocol(IpProtocol::TCP);
+    ip.set_src_addr(vip);
+    ip.set_dst_addr(client);
+    ip.fill_checksum();
+    let mut tcp = TcpPacket::new_unchecked(&mut ip_buf[20..]);
+    tcp.set_src_port(dport);
+    tcp.set_dst_port(sport);
+    tcp.set_seq_number(rst_seq);
+    tcp.set_ack_number(rst_ack);
+    tcp.set_header_len(20);
+    tcp.set_flags(rst_flags);
+    tcp.fill_checksum(vip, client);
+    Action::Reply(len)
+}
+
+/// Turns the packet in `frame` into an ICMP error about it from `from` back to its sender, in
+/// place, quoting its header and first 8 payload bytes.
+fn icmp_error(
+    t: &Tables,
+    port: &PortEntry,
+    buf: &mut [u8],
+    len: usize,
+    from: Ipv4Addr,
+    msg: Icmpv4Message,
+    code: u8,
+    mtu: u16,
+) -> Action {
     const ETH: usize = 14;
     const IP: usize = 20;
-    let Ok(orig) = Ipv4Packet::new_checked(&frame[ETH..]) else {
+    let Some(packet) = buf.get(ETH..len) else {
+        return Action::Drop(DropReason::Malformed);
+    };
+    let Ok(orig) = Ipv4Packet::new_checked(packet) else {
         return Action::Drop(DropReason::Malformed);
     };
     // Quote the original header and the first 8 bytes of its payload.
     let quote_len = (orig.header_len() as usize + 8).min(orig.total_len() as usize);
     let mut quote = [0u8; 68];
-    quote[..quote_len].copy_from_slice(&frame[ETH..ETH + quote_len]);
+    quote[..quote_len].copy_from_slice(&packet[..quote_len]);
     let ip_len = IP + Icmpv4Packet::<&[u8]>::HEADER_LEN + quote_len;
     let len = ETH + ip_len;
-    if frame.len() < len {
+    let Some(frame) = buf.get_mut(..len) else {
         return Action::Drop(DropReason::TooBig);
-    }
-    let frame = &mut frame[..len];
+    };
     {
         let mut eth = EthernetFrame::new_unchecked(&mut *frame);
         eth.set_dst_addr(port.mac);
@@ -340,15 +497,18 @@ fn frag_needed(t: &Tables, port: &PortEntry, frame: &mut [u8], mtu: u16) -> Acti
     ip.set_total_len(ip_len as u16);
     ip.set_ttl(64);
     ip.set_protocol(IpProtocol::ICMP);
-    ip.set_src_addr(t.gateway_ip);
+    ip.set_src_addr(from);
     ip.set_dst_addr(port.ip);
     ip.fill_checksum();
     let icmp_buf = &mut ip_buf[IP..];
+    icmp_buf[..8].fill(0);
     icmp_buf[8..8 + quote_len].copy_from_slice(&quote[..quote_len]);
     let mut icmp = Icmpv4Packet::new_unchecked(icmp_buf);
-    icmp.set_msg_type(Icmpv4Message::DST_UNREACHABLE);
-    icmp.set_msg_code(icmp_code::FRAG_NEEDED);
-    icmp.set_next_hop_mtu(mtu);
+    icmp.set_msg_type(msg);
+    icmp.set_msg_code(code);
+    if mtu != 0 {
+        icmp.set_next_hop_mtu(mtu);
+    }
     icmp.fill_checksum();
     Action::Reply(len)
 }

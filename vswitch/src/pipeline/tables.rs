@@ -11,6 +11,7 @@ use ipnet::Ipv4Net;
 
 use overlay::PeerTable;
 
+use super::nat::ServiceTable;
 use super::PortId;
 use crate::wire::EthernetAddress;
 
@@ -38,6 +39,10 @@ pub struct Tables {
     /// The VXLAN network identifier of the overlay.
     pub vni: u32,
     pub peers: PeerTable,
+    /// Service frontends and their backends.
+    pub services: ServiceTable,
+    /// This node's name (for traffic policy Local).
+    pub node_name: String,
     ports: Map<PortId, PortEntry>,
     by_mac: Map<EthernetAddress, PortId>,
     by_ip: Map<Ipv4Addr, PortId>,
@@ -54,6 +59,8 @@ impl Tables {
             overlay_mtu: 1450,
             vni: 1,
             peers: PeerTable::default(),
+            services: ServiceTable::default(),
+            node_name: String::new(),
             ports: Map::default(),
             by_mac: Map::default(),
             by_ip: Map::default(),
@@ -65,6 +72,15 @@ impl Tables {
         Tables {
             version: self.version + 1,
             peers,
+            ..self.clone()
+        }
+    }
+
+    /// A copy of these tables with other Services and a new version.
+    pub fn with_services(&self, services: ServiceTable) -> Self {
+        Tables {
+            version: self.version + 1,
+            services,
             ..self.clone()
         }
     }

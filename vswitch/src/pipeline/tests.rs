@@ -29,7 +29,23 @@ fn tables() -> Tables {
 }
 
 fn run(t: &Tables, port: PortId, f: &mut [u8]) -> Action {
-    handle(t, port, f, 0)
+    let mut ct = Conntrack::new(CtConfig::default());
+    let mut cx = Ctx {
+        t,
+        ct: &mut ct,
+        now_ms: 0,
+    };
+    // Room past the frame for replies, as the datapath's buffer has.
+    let len = f.len();
+    let mut buf = f.to_vec();
+    buf.resize(len + 128, 0);
+    let a = handle(&mut cx, port, &mut buf, len, Meta::default());
+    let n = match a {
+        Action::Reply(n) => n.min(len),
+        _ => len,
+    };
+    f[..n].copy_from_slice(&buf[..n]);
+    a
 }
 
 fn arp_request(src_mac: EthernetAddress, src_ip: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
