@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use conf::api::{self, PeersResponse, PortsResponse, Status};
+use conf::api::{self, ConntrackResponse, PeersResponse, PortsResponse, ServicesResponse, Status};
 use conf::client::Client;
 use conf::config::PeerSpec;
 
@@ -49,6 +49,17 @@ enum Cmd {
     },
     /// Remove a peer node.
     PeerDel { name: String },
+    /// Service frontends and the backends in use.
+    Services,
+    /// Tracked (translated) connections.
+    Conntrack {
+        /// Only connections with this address on any side.
+        #[arg(long)]
+        ip: Option<std::net::IpAddr>,
+        /// Only connections with this port on any side.
+        #[arg(long)]
+        port: Option<u16>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -123,6 +134,68 @@ fn main() -> ExitCode {
         Cmd::PeerDel { name } => client
             .delete::<PeersResponse>(&format!("{}{name}", api::PATH_PEER_PREFIX))
             .map(|r| print_peers(&r, args.json)),
+        Cmd::Services => client
+            .get::<ServicesResponse>(api::PATH_SERVICES)
+            .map(|r| {
+                if args.json {
+                    return print_json(&r);
+                }
+                println!("{:<40} {:<22} {:<9} BACKENDS", "SERVICE", "ADDRESS", "AFFINITY");
+                for f in &r.frontends {
+                    println!(
+                        "{:<40} {:<22} {:<9} {}",
+                        f.name,
+                        format!("{}:{}/{}", f.vip, f.port, f.protocol),
+                        f.session_affinity_timeout
+                            .map(|s| format!("{s}s"))
+                            .unwrap_or_else(|| "-".into()),
+                        if f.backends.is_empty() {
+                            "(none: rejects)".into()
+                        } else {
+                            f.backends.join(" ")
+                        }
+                    );
+                }
+            }),
+        Cmd::Conntrack { ip, port } => {
+            let mut q = Vec::new();
+            if let Some(ip) = ip {
+                q.push(format!("ip={ip}"));
+            }
+            if let Some(p) = port {
+                q.push(format!("port={p}"));
+            }
+            let path = if q.is_empty() {
+                api::PATH_CONNTRACK.to_string()
+            } else {
+                format!("{}?{}", api::PATH_CONNTRACK, q.join("&"))
+            };
+            client.get::<ConntrackResponse>(&path).map(|r| {
+                if args.json {
+                    return print_json(&r);
+                }
+                println!(
+                    "{:<5} {:<22} {:<22} {:<22} {:<12} {:>9}",
+                    "PROTO", "CLIENT", "SERVICE", "BACKEND", "STATE", "EXPIRES"
+                );
+                for e in &r.entries {
+                    println!(
+                        "{:<5} {:<22} {:<22} {:<22} {:<12} {:>8}s{}",
+                        e.protocol,
+                        e.client,
+                        e.service,
+                        e.backend,
+                        e.state,
+                        e.expires_in_ms / 1000,
+                        e.snat
+                            .as_ref()
+                            .map(|a| format!("  (hairpin, seen as {a})"))
+                            .unwrap_or_default()
+                    );
+                }
+                println!("{} shown of {} tracked", r.entries.len(), r.total);
+            })
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
