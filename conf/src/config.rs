@@ -54,6 +54,9 @@ pub struct Config {
     /// How Services are translated (timeouts, backend choice, conntrack size).
     #[serde(default)]
     pub nat: NatConfig,
+    /// The node's own interface into the switch.
+    #[serde(default)]
+    pub host: HostConfig,
     /// Services and their endpoints (static mode; in a cluster they come from the API).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<ServiceSpec>,
@@ -141,6 +144,37 @@ impl KubernetesConfig {
             ));
         }
         Ok(())
+    }
+}
+
+/// The host port: an interface in the daemon's network namespace (the node's) that joins
+/// the node itself to the switch, as flannel's cni0 does: it holds the gateway address, so the
+/// node (kubelet probes, host processes) reaches pods, other nodes' pods and Services through
+/// it, and pods reach the node.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HostConfig {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    #[serde(default = "default_host_if")]
+    pub interface: String,
+    /// Routes the node sends into the switch besides the pod CIDR: the cluster's pod CIDR and
+    /// the Service CIDR, e.g. ["10.244.0.0/16", "10.96.0.0/12"].
+    #[serde(default)]
+    pub routes: Vec<IpNet>,
+}
+
+fn default_host_if() -> String {
+    "vsw0".into()
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        HostConfig {
+            enabled: true,
+            interface: default_host_if(),
+            routes: Vec::new(),
+        }
     }
 }
 
@@ -671,6 +705,27 @@ impl Config {
             }
         }
         self.validate_peers()?;
+        let h = &self.host;
+        if h.enabled
+            && (h.interface.is_empty()
+                || h.interface.len() > 15
+                || h.interface.contains(['/', ' ', ':']))
+        {
+            return Err(invalid(
+                "host.interface",
+                format!("{:?} is not an interface name", h.interface),
+            ));
+        }
+        if let Some(r) = h
+            .routes
+            .iter()
+            .find(|r| matches!(r, IpNet::V6(_)) || **r != r.trunc())
+        {
+            return Err(invalid(
+                "host.routes",
+                format!("{r} must be an IPv4 network without host bits"),
+            ));
+        }
         let nat = &self.nat;
         for (name, v) in [
             ("nat.tcp_established_timeout", nat.tcp_established_timeout),

@@ -56,6 +56,13 @@ pub(crate) fn daemon_config(node: &Node, all: &[Node]) -> Config {
         },
         peers,
         nat: Default::default(),
+        host: conf::config::HostConfig {
+            routes: vec![
+                "10.244.0.0/16".parse().expect("literal"),
+                "10.96.0.0/12".parse().expect("literal"),
+            ],
+            ..Default::default()
+        },
         services: Vec::new(),
         kubernetes: Default::default(),
     }

@@ -11,8 +11,10 @@
 
 pub mod api;
 pub mod ipam;
+pub mod k8s;
 pub mod metrics;
 pub mod netconfig;
+pub mod reload;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -34,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use crate::datapath::stats::PortStats;
 use crate::datapath::underlay::Underlay;
 use crate::datapath::Datapath;
-use crate::pipeline::tables::mac_for;
+use crate::pipeline::tables::{host_mac_for, mac_for};
 use crate::pipeline::{PortEntry, PortId, ServiceTable, Tables};
 use crate::wire::EthernetAddress;
 use ipam::Ipam;
@@ -76,7 +78,11 @@ pub struct Daemon {
     state: Mutex<State>,
     records_dir: PathBuf,
     underlay_stats: Arc<PortStats>,
+    host_stats: Option<Arc<PortStats>>,
 }
+
+/// The host port's id; pod ports count from 1.
+pub const HOST_PORT: PortId = 0;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -93,6 +99,8 @@ pub enum DaemonError {
     Underlay(std::io::Error),
     #[error("peers: {0}")]
     Peers(String),
+    #[error("host port {0}: {1}")]
+    Host(String, String),
 }
 
 fn api_err(code: u32, msg: impl Into<String>, details: impl std::fmt::Display) -> ApiError {
@@ -133,6 +141,35 @@ impl Daemon {
             &config.node.name,
             config.nat.load_balancing,
         );
+        let host_tap = if config.host.enabled {
+            let routes = config
+                .host
+                .routes
+                .iter()
+                .filter_map(|r| match r {
+                    IpNet::V4(n) => Some(*n),
+                    IpNet::V6(_) => None,
+                })
+                .collect();
+            let tap = netconfig::create_host_interface(
+                &config.host.interface,
+                host_mac_for(gw),
+                Ipv4Net::new(gw, config.node.pod_cidr.prefix_len())
+                    .unwrap_or(config.node.pod_cidr),
+                config.node.mtu,
+                routes,
+                config.datapath.offload,
+            )
+            .map_err(|e| DaemonError::Host(config.host.interface.clone(), e.to_string()))?;
+            tables.host = Some(PortEntry {
+                id: HOST_PORT,
+                mac: host_mac_for(gw),
+                ip: gw,
+            });
+            Some(tap)
+        } else {
+            None
+        };
         let tables = Arc::new(ArcSwap::from_pointee(tables));
         let underlay = match config.overlay.underlay_ip {
             Some(ip) => {
@@ -148,6 +185,11 @@ impl Daemon {
             crate::pipeline::CtConfig::from_config(&config.nat),
         )
         .map_err(DaemonError::Datapath)?;
+        let host_stats = host_tap.map(|tap| {
+            let stats = Arc::new(PortStats::default());
+            datapath.add_port(HOST_PORT, tap, stats.clone());
+            stats
+        });
         let peers = config.peers.clone();
         let services = config.services.clone();
         Ok(Arc::new(Daemon {
@@ -163,6 +205,7 @@ impl Daemon {
             }),
             records_dir,
             underlay_stats,
+            host_stats,
         }))
     }
 
@@ -454,6 +497,19 @@ impl Daemon {
                     ip: IpAddr::V4(r.ip),
                     counters: r.stats.snapshot(),
                 })
+                .chain(self.host_stats.as_ref().map(|s| {
+                    let gw = self.config.gateway();
+                    PortInfo {
+                        id: HOST_PORT,
+                        container_id: String::new(),
+                        ifname: self.config.host.interface.clone(),
+                        netns: PathBuf::from("/proc/self/ns/net"),
+                        pod: Some("(host)".into()),
+                        mac: host_mac_for(gw).to_string(),
+                        ip: IpAddr::V4(gw),
+                        counters: s.snapshot(),
+                    }
+                }))
                 .collect(),
             switch_drops: BTreeMap::new(),
             underlay: self

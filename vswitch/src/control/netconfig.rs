@@ -138,6 +138,64 @@ fn configure(want: &PodInterface) -> Result<(), NetConfigError> {
     })
 }
 
+/// Creates the host port, `name`, in the calling process's own network namespace: the
+/// gateway address with the pod CIDR's prefix, and `routes` into the switch.
+pub fn create_host_interface(
+    name: &str,
+    mac: EthernetAddress,
+    address: Ipv4Net,
+    mtu: u32,
+    routes: Vec<Ipv4Net>,
+    offload: bool,
+) -> Result<Tap, NetConfigError> {
+    let tap = match Tap::create(name, offload) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            return Err(NetConfigError::Exists(name.to_string()))
+        }
+        Err(source) => {
+            return Err(NetConfigError::Tap {
+                name: name.to_string(),
+                source,
+            })
+        }
+    };
+    let index = crate::datapath::tap::interface_index(name)
+        .ok_or_else(|| NetConfigError::Netlink(format!("{name} vanished")))?;
+    with_handle(|handle| async move {
+        handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .address(mac.0.to_vec())
+                    .mtu(mtu)
+                    .up()
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(netlink("setting the host port's MAC, MTU and link up"))?;
+        handle
+            .address()
+            .add(index, IpAddr::V4(address.addr()), address.prefix_len())
+            .execute()
+            .await
+            .map_err(netlink("adding the host port's address"))?;
+        for r in routes {
+            let route = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(r.network(), r.prefix_len())
+                .output_interface(index)
+                .build();
+            if let Err(e) = handle.route().add(route).execute().await {
+                // A route the node already has (its own pod CIDR, say) is not fatal.
+                tracing::warn!("host port route {r}: {e}");
+            }
+        }
+        Ok(())
+    })?;
+    Ok(tap)
+}
+
 /// Checks the live interface in `netns_path` against what the switch gave it: present, up,
 /// the right MAC, the address, and the default route via the gateway.
 pub fn check_pod_interface(netns_path: &Path, want: PodInterface) -> Result<(), NetConfigError> {

@@ -132,6 +132,9 @@ pub fn handle(cx: &mut Ctx<'_>, ingress: PortId, buf: &mut [u8], len: usize, met
     let t = cx.t;
     let len = len.min(buf.len());
     let frame = &mut buf[..len];
+    if t.is_host(ingress) {
+        return from_host(cx, buf, len, meta);
+    }
     let Some(port) = t.port(ingress) else {
         return Action::Drop(DropReason::UnknownPort);
     };
@@ -163,6 +166,47 @@ pub fn handle(cx: &mut Ctx<'_>, ingress: PortId, buf: &mut [u8], len: usize, met
                 None => Action::Drop(DropReason::UnknownMac),
             }
         }
+        EtherType::IPV6 => Action::Drop(DropReason::Ipv6),
+        _ => Action::Drop(DropReason::UnsupportedEthertype),
+    }
+}
+
+/// Frames from the node itself. The host is trusted (it owns the gateway address and may send
+/// from any of its addresses); its ARP is answered for every address the switch can route, with
+/// the router MAC, so all its traffic into the switch is routed.
+fn from_host(cx: &mut Ctx<'_>, buf: &mut [u8], len: usize, meta: Meta) -> Action {
+    let t = cx.t;
+    let Some(host) = t.host.clone() else {
+        return Action::Drop(DropReason::UnknownPort);
+    };
+    let Ok(mut eth) = EthernetFrame::new_checked(&mut buf[..len]) else {
+        return Action::Drop(DropReason::Malformed);
+    };
+    match eth.ethertype() {
+        EtherType::ARP => {
+            let Ok(mut arp) = ArpPacket::new_checked(eth.payload_mut()) else {
+                return Action::Drop(DropReason::Malformed);
+            };
+            if arp.operation() != ArpOperation::REQUEST {
+                return Action::Drop(DropReason::ArpNotRequest);
+            }
+            let target = arp.target_protocol_addr();
+            if target == t.gateway_ip {
+                return Action::Drop(DropReason::ArpUnknownTarget);
+            }
+            let sender_ip = arp.sender_protocol_addr();
+            let answer = t.gateway_mac;
+            arp.set_operation(ArpOperation::REPLY);
+            arp.set_target_hardware_addr(host.mac);
+            arp.set_target_protocol_addr(sender_ip);
+            arp.set_sender_hardware_addr(answer);
+            arp.set_sender_protocol_addr(target);
+            eth.set_dst_addr(host.mac);
+            eth.set_src_addr(answer);
+            Action::Reply(EthernetFrame::<&[u8]>::HEADER_LEN + ArpPacket::<&[u8]>::LEN)
+        }
+        EtherType::IPV4 if eth.dst_addr() == t.gateway_mac => route_v4(cx, &host, buf, len, meta),
+        EtherType::IPV4 => Action::Drop(DropReason::UnknownMac),
         EtherType::IPV6 => Action::Drop(DropReason::Ipv6),
         _ => Action::Drop(DropReason::UnsupportedEthertype),
     }
@@ -210,7 +254,8 @@ fn route_v4(cx: &mut Ctx<'_>, port: &PortEntry, buf: &mut [u8], len: usize, meta
     let Ok(mut ip) = Ipv4Packet::new_checked(eth.payload_mut()) else {
         return Action::Drop(DropReason::Malformed);
     };
-    if ip.src_addr() != port.ip {
+    let from_host = t.is_host(port.id);
+    if ip.src_addr() != port.ip && !from_host {
         return Action::Drop(DropReason::SpoofedIp);
     }
     match nat::translate(
@@ -229,11 +274,17 @@ fn route_v4(cx: &mut Ctx<'_>, port: &PortEntry, buf: &mut [u8], len: usize, meta
         nat::Nat::Refused => return Action::Drop(DropReason::ConntrackRefused),
     }
     let dst_ip = ip.dst_addr();
-    if dst_ip == t.gateway_ip {
+    let to_host = t.host.as_ref().filter(|h| h.id != port.id);
+    if dst_ip == t.gateway_ip && to_host.is_none() {
+        if from_host {
+            return Action::Drop(DropReason::NoRoute);
+        }
         return gateway_v4(t, port, &mut eth);
     }
     let (action, next_mac, src_mac) = if let Some(out) = t.port_by_ip(dst_ip) {
         (Action::ToPort(out.id), out.mac, t.gateway_mac)
+    } else if let (true, Some(h)) = (dst_ip == t.gateway_ip, to_host) {
+        (Action::ToPort(h.id), h.mac, t.gateway_mac)
     } else if let Some((id, peer)) = t.peers.route(dst_ip) {
         // A super-frame leaves as segments: each is the headers plus at most gso_size bytes.
         let on_wire = if gso_size == 0 {
@@ -258,6 +309,10 @@ fn route_v4(cx: &mut Ctx<'_>, port: &PortEntry, buf: &mut [u8], len: usize, meta
             EthernetAddress(peer.vtep_mac),
             t.vtep_mac,
         )
+    } else if let Some(h) = to_host {
+        // Anything else goes to the node, which routes it on (as pods behind cni0 use the
+        // node as their router).
+        (Action::ToPort(h.id), h.mac, t.gateway_mac)
     } else {
         return Action::Drop(DropReason::NoRoute);
     };
@@ -322,8 +377,11 @@ pub fn handle_underlay(cx: &mut Ctx<'_>, peer: PeerId, frame: &mut [u8]) -> Acti
         nat::Nat::Translated | nat::Nat::NoBackend => {}
         nat::Nat::Refused => return Action::Drop(DropReason::ConntrackRefused),
     }
-    let Some(out) = t.port_by_ip(ip.dst_addr()) else {
-        return Action::Drop(DropReason::NoRoute);
+    let dst = ip.dst_addr();
+    let out = match (t.port_by_ip(dst), &t.host) {
+        (Some(p), _) => p,
+        (None, Some(h)) if dst == t.gateway_ip => h,
+        _ => return Action::Drop(DropReason::NoRoute),
     };
     if ip.ttl() <= 1 {
         return Action::Drop(DropReason::TtlExpired);

@@ -43,6 +43,8 @@ pub struct Tables {
     pub services: ServiceTable,
     /// This node's name (for traffic policy Local).
     pub node_name: String,
+    /// The host port (the node's own interface into the switch), holding the gateway address.
+    pub host: Option<PortEntry>,
     ports: Map<PortId, PortEntry>,
     by_mac: Map<EthernetAddress, PortId>,
     by_ip: Map<Ipv4Addr, PortId>,
@@ -61,6 +63,7 @@ impl Tables {
             peers: PeerTable::default(),
             services: ServiceTable::default(),
             node_name: String::new(),
+            host: None,
             ports: Map::default(),
             by_mac: Map::default(),
             by_ip: Map::default(),
@@ -107,6 +110,12 @@ impl Tables {
         self.ports.get(&id)
     }
 
+    /// Whether `id` is the host port.
+    #[inline]
+    pub fn is_host(&self, id: PortId) -> bool {
+        self.host.as_ref().is_some_and(|h| h.id == id)
+    }
+
     #[inline]
     pub fn port_by_mac(&self, mac: EthernetAddress) -> Option<&PortEntry> {
         self.by_mac.get(&mac).and_then(|id| self.ports.get(id))
@@ -120,6 +129,13 @@ impl Tables {
     pub fn ports(&self) -> impl Iterator<Item = &PortEntry> {
         self.ports.values()
     }
+}
+
+/// The host port's MAC: distinct from the gateway (router) MAC the switch answers with, so
+/// frames to the node and frames to be routed never look alike.
+pub fn host_mac_for(gateway: Ipv4Addr) -> EthernetAddress {
+    let o = gateway.octets();
+    EthernetAddress([0x0a, 0x59, o[0], o[1], o[2], o[3]])
 }
 
 /// The MAC the switch gives an address: 0a:58 followed by the IPv4 address, as OVN-Kubernetes
