@@ -943,3 +943,33 @@ fn translation_survives_checksum_offload_and_super_frames() {
     }
     assert_eq!(got, payload);
 }
+
+#[test]
+fn a_backend_on_the_clients_subnet_answering_directly_is_translated_too() {
+    let mut sim = Sim::new(1, 2);
+    let (client, backend) = (pod(0, 1), pod(0, 2));
+    sim.set_services(
+        &[service(&[backend], Protocol::Tcp, None)],
+        LoadBalancing::Maglev,
+    );
+    sim.pod_send(
+        0,
+        1,
+        tcp_frame(0, (client, 6000), (VIP, 80), true, None),
+        VirtioNetHdr::NONE,
+    );
+    let (_, port, f) = delivered(&sim.take());
+    assert_eq!((port, addrs(&f).1), (2, (backend, 8080)));
+    // The backend knows the client is on its subnet and sends straight to its MAC.
+    let reply = tcp_frame(
+        0,
+        (backend, 8080),
+        (client, 6000),
+        false,
+        Some(mac_for(client).0),
+    );
+    sim.pod_send(0, 2, reply, VirtioNetHdr::NONE);
+    let (_, port, r) = delivered(&sim.take());
+    assert_eq!(port, 1);
+    assert_eq!(addrs(&r), ((VIP, 80), (client, 6000)));
+}

@@ -14,6 +14,7 @@ pub mod ipam;
 pub mod k8s;
 pub mod metrics;
 pub mod netconfig;
+pub mod nodeport;
 pub mod reload;
 
 use std::collections::BTreeMap;
@@ -79,6 +80,7 @@ pub struct Daemon {
     records_dir: PathBuf,
     underlay_stats: Arc<PortStats>,
     host_stats: Option<Arc<PortStats>>,
+    nodeports: std::sync::OnceLock<nodeport::NodePorts>,
 }
 
 /// The host port's id; pod ports count from 1.
@@ -206,6 +208,7 @@ impl Daemon {
             records_dir,
             underlay_stats,
             host_stats,
+            nodeports: std::sync::OnceLock::new(),
         }))
     }
 
@@ -591,6 +594,9 @@ impl Daemon {
             .copied()
             .collect();
         self.tables.store(Arc::new(old.with_services(table)));
+        if let Some(np) = self.nodeports.get() {
+            np.reconcile(&services);
+        }
         st.services = services;
         if !gone.is_empty() {
             self.datapath().flush_udp(gone);
@@ -698,6 +704,17 @@ impl Daemon {
         );
         st.peers = check.peers;
         Ok(())
+    }
+
+    /// Starts the NodePort listeners on the control-plane runtime `rt`.
+    pub fn start_nodeports(&self, rt: tokio::runtime::Handle) {
+        let np = nodeport::NodePorts::new(
+            rt,
+            self.config.node.name.clone(),
+            std::time::Duration::from_secs(u64::from(self.config.nat.udp_timeout)),
+        );
+        np.reconcile(&self.lock().services);
+        let _ = self.nodeports.set(np);
     }
 
     /// Version of the published tables.

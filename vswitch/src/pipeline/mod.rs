@@ -154,12 +154,13 @@ pub fn handle(cx: &mut Ctx<'_>, ingress: PortId, buf: &mut [u8], len: usize, met
             if !dst.is_unicast() {
                 return Action::Drop(DropReason::Multicast);
             }
-            let Ok(ip) = Ipv4Packet::new_checked(eth.payload_mut()) else {
+            let Ok(mut ip) = Ipv4Packet::new_checked(eth.payload_mut()) else {
                 return Action::Drop(DropReason::Malformed);
             };
             if ip.src_addr() != port.ip {
                 return Action::Drop(DropReason::SpoofedIp);
             }
+            nat::untranslate_reply(cx.ct, cx.now_ms, &mut ip, meta.csum_partial);
             match t.port_by_mac(dst) {
                 Some(p) if p.id == ingress => Action::Drop(DropReason::Hairpin),
                 Some(p) => Action::ToPort(p.id),

@@ -638,6 +638,36 @@ fn advance(state: CtState, dir: Dir, flags: TcpFlags, proto: u8) -> CtState {
     }
 }
 
+/// Translates a backend's reply of a tracked connection back to the Service address, and
+/// nothing else. For frames switched at layer 2: a backend on the client's own subnet answers
+/// the client directly, not through the gateway, yet the client must see the Service address.
+pub fn untranslate_reply(
+    ct: &mut Conntrack,
+    now: u64,
+    ip: &mut Ipv4Packet<&mut [u8]>,
+    csum_partial: bool,
+) -> bool {
+    if ct.is_empty() {
+        return false;
+    }
+    let Some(l4) = l4_of(ip) else {
+        return false;
+    };
+    let Some((slot, Dir::Reply)) = ct.find(&l4.key, now) else {
+        return false;
+    };
+    let cfg = ct.cfg;
+    let Some(e) = ct.slots.get_mut(slot as usize).and_then(|e| e.as_mut()) else {
+        return false;
+    };
+    e.state = advance(e.state, Dir::Reply, l4.flags, l4.key.proto);
+    e.expires_ms = now + cfg.timeout(e.state);
+    let from = (e.orig.dst, e.orig.dport);
+    let to = e.snat.map(|_| (e.orig.src, e.orig.sport));
+    rewrite(ip, Some(from), to, csum_partial);
+    true
+}
+
 /// Translates a packet if it belongs to a tracked connection or opens one to a Service.
 /// `gateway` is the address hairpinned clients are seen as.
 pub fn translate(
