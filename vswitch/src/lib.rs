@@ -8,5 +8,6 @@
 pub mod control;
 pub mod daemon;
 pub mod datapath;
+pub mod dns;
 pub mod pipeline;
 pub mod wire;
