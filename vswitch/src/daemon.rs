@@ -24,10 +24,24 @@ pub enum RunError {
     },
     #[error("control-plane runtime: {0}")]
     Runtime(std::io::Error),
+    #[error(transparent)]
+    Kubernetes(#[from] crate::control::k8s::K8sError),
+}
+
+/// Settings from the command line that are not in the config file.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// This node's name in the Kubernetes API (`--node-name`).
+    pub node_name: Option<String>,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(config_path: &Path) -> Result<(), RunError> {
+    run_with(config_path, RunOptions::default())
+}
+
+/// [`run`] with command-line options.
+pub fn run_with(config_path: &Path, opts: RunOptions) -> Result<(), RunError> {
     let config = Config::load(config_path)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -62,6 +76,13 @@ pub fn run(config_path: &Path) -> Result<(), RunError> {
                 }
             });
         }
+        // Peers and Services from the Kubernetes API, or from the config file, reloaded.
+        let _source = crate::control::k8s::start_source(
+            daemon.clone(),
+            config_path,
+            opts.node_name.as_deref(),
+        )
+        .await?;
         let app = api::router(daemon.clone());
         let server = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
         server.await.map_err(|source| RunError::Socket {

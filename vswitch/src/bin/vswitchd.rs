@@ -15,6 +15,10 @@ struct Args {
     /// The daemon's configuration file (TOML; see README).
     #[arg(long, short)]
     config: PathBuf,
+    /// This node's name in the Kubernetes API (default: kubernetes.node_name, then $NODE_NAME,
+    /// then node.name).
+    #[arg(long)]
+    node_name: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -26,7 +30,10 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    match vswitch::daemon::run(&args.config) {
+    let opts = vswitch::daemon::RunOptions {
+        node_name: args.node_name,
+    };
+    match vswitch::daemon::run_with(&args.config, opts) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vswitchd: {e}");

@@ -1,0 +1,578 @@
+//! Kubernetes objects to the switch's peer and Service tables.
+//!
+//! Everything here is a pure function of the watched objects: the watch loop calls it on a
+//! complete snapshot of its stores and applies the result only when it is fully built, so a
+//! table can never be half old and half new, and the same code is tested against fixtures in
+//! the exact shape an API server returns. Nothing an object says can make it panic: an object
+//! the switch cannot use is left out and a sentence naming it and the reason goes into
+//! `problems`, which the watch loop logs once per distinct problem.
+//!
+//! Conflicts are settled the same way every time (nodes and Services in name order, the
+//! first one wins) so that two daemons looking at the same cluster build the same tables.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+
+use conf::config::{
+    parse_mac, EndpointSpec, PeerSpec, Protocol, ServicePort, ServiceSpec, TrafficPolicy,
+};
+use ipnet::{IpNet, Ipv4Net};
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::{Deserialize, Serialize};
+
+/// Our own Node annotation: this node's VTEP, as JSON [`VtepAnnotation`].
+pub const VTEP_ANNOTATION: &str = "vswitch.io/vtep";
+/// flannel's VXLAN backend data, JSON `{"VNI":1,"VtepMAC":"..."}`.
+pub const FLANNEL_BACKEND_DATA: &str = "flannel.alpha.coreos.com/backend-data";
+/// flannel's backend type ("vxlan", "host-gw", "wireguard", ...).
+pub const FLANNEL_BACKEND_TYPE: &str = "flannel.alpha.coreos.com/backend-type";
+/// flannel's underlay address of the node.
+pub const FLANNEL_PUBLIC_IP: &str = "flannel.alpha.coreos.com/public-ip";
+/// flannel only looks at Nodes carrying this with "true".
+pub const FLANNEL_KUBE_SUBNET_MANAGER: &str = "flannel.alpha.coreos.com/kube-subnet-manager";
+/// The label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Kubernetes' default sessionAffinityConfig.clientIP.timeoutSeconds.
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
+
+/// The value of [`VTEP_ANNOTATION`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VtepAnnotation {
+    /// Absent: the node's InternalIP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub underlay_ip: Option<IpAddr>,
+    pub vtep_mac: String,
+}
+
+/// flannel's backend-data for the VXLAN backend (other keys are ignored).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlannelBackendData {
+    #[serde(rename = "VNI", default)]
+    pub vni: u32,
+    #[serde(rename = "VtepMAC")]
+    pub vtep_mac: String,
+}
+
+/// What the conversion produced, with the reasons for everything it left out.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClusterState {
+    pub peers: Vec<PeerSpec>,
+    pub services: Vec<ServiceSpec>,
+    pub problems: Vec<String>,
+}
+
+/// The peer and Service tables for `own_node` from complete lists of Nodes, Services and
+/// EndpointSlices.
+pub fn cluster_state<'a>(
+    nodes: impl IntoIterator<Item = &'a Node>,
+    services: impl IntoIterator<Item = &'a Service>,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    own_node: &str,
+) -> (Vec<PeerSpec>, Vec<ServiceSpec>) {
+    let s = convert(nodes, services, slices, own_node);
+    (s.peers, s.services)
+}
+
+/// [`cluster_state`] with the problems it found.
+pub fn convert<'a>(
+    nodes: impl IntoIterator<Item = &'a Node>,
+    services: impl IntoIterator<Item = &'a Service>,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    own_node: &str,
+) -> ClusterState {
+    let mut problems = Vec::new();
+    let peers = peers_from_nodes(nodes, own_node, &mut problems);
+    let services = services_from_api(services, slices, &mut problems);
+    ClusterState {
+        peers,
+        services,
+        problems,
+    }
+}
+
+/// Every Node but `own_node` that has an IPv4 pod CIDR and a VTEP, as peers in name order.
+pub fn peers_from_nodes<'a>(
+    nodes: impl IntoIterator<Item = &'a Node>,
+    own_node: &str,
+    problems: &mut Vec<String>,
+) -> Vec<PeerSpec> {
+    let mut nodes: Vec<&Node> = nodes.into_iter().collect();
+    nodes.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    let mut peers: Vec<PeerSpec> = Vec::new();
+    for node in nodes {
+        let name = node.metadata.name.as_deref().unwrap_or_default();
+        if name == own_node {
+            continue;
+        }
+        let peer = match node_peer(node) {
+            Ok(Some(p)) => p,
+            Ok(None) => continue,
+            Err(e) => {
+                problems.push(format!("node {name:?}: {e}; not a peer"));
+                continue;
+            }
+        };
+        // The datapath's peer table refuses the whole set on a conflict; leave out the later
+        // node instead so one bad Node cannot cut off all the others.
+        if let Some(other) = peers.iter().find(|q| q.underlay_ip == peer.underlay_ip) {
+            problems.push(format!(
+                "node {name:?}: underlay address {} is also node {:?}'s; not a peer",
+                peer.underlay_ip, other.name
+            ));
+            continue;
+        }
+        if let Some((other, c)) = peers.iter().find_map(|q| {
+            q.pod_cidrs
+                .iter()
+                .find(|c| peer.pod_cidrs.iter().any(|d| overlaps(c, d)))
+                .map(|c| (q, c))
+        }) {
+            problems.push(format!(
+                "node {name:?}: pod CIDR overlaps node {:?}'s {c}; not a peer",
+                other.name
+            ));
+            continue;
+        }
+        peers.push(peer);
+    }
+    peers
+}
+
+fn overlaps(a: &Ipv4Net, b: &Ipv4Net) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+/// The IPv4 pod CIDRs of a node (spec.podCIDRs, else spec.podCIDR).
+pub fn node_pod_cidrs(node: &Node) -> Result<Vec<Ipv4Net>, String> {
+    let spec = node.spec.as_ref();
+    let listed: Vec<&String> = match spec.and_then(|s| s.pod_cidrs.as_ref()) {
+        Some(v) if !v.is_empty() => v.iter().collect(),
+        _ => spec.and_then(|s| s.pod_cidr.as_ref()).into_iter().collect(),
+    };
+    let mut out = Vec::new();
+    for c in listed {
+        match c.parse::<IpNet>() {
+            Ok(IpNet::V4(n)) => {
+                if !out.contains(&n) {
+                    out.push(n);
+                }
+            }
+            Ok(IpNet::V6(_)) => {} // IPv6 pods are not switched in this version.
+            Err(_) => return Err(format!("spec.podCIDRs: {c:?} is not a CIDR")),
+        }
+    }
+    Ok(out)
+}
+
+/// The node's InternalIP (IPv4 preferred).
+pub fn node_internal_ip(node: &Node) -> Option<IpAddr> {
+    let addrs = node.status.as_ref()?.addresses.as_ref()?;
+    let ips: Vec<IpAddr> = addrs
+        .iter()
+        .filter(|a| a.type_ == "InternalIP")
+        .filter_map(|a| a.address.parse().ok())
+        .collect();
+    ips.iter()
+        .find(|ip| ip.is_ipv4())
+        .or_else(|| ips.first())
+        .copied()
+}
+
+/// A node as a peer. `Ok(None)`: not (yet) a peer, which is normal (no pod CIDR assigned yet,
+/// no VTEP published yet); `Err`: the node says something the switch cannot use.
+pub fn node_peer(node: &Node) -> Result<Option<PeerSpec>, String> {
+    let Some(name) = node.metadata.name.clone().filter(|n| !n.is_empty()) else {
+        return Err("metadata.name is missing".into());
+    };
+    let pod_cidrs = node_pod_cidrs(node)?;
+    if pod_cidrs.is_empty() {
+        return Ok(None);
+    }
+    let empty = BTreeMap::new();
+    let ann = node.metadata.annotations.as_ref().unwrap_or(&empty);
+    let internal = node_internal_ip(node);
+    let (underlay_ip, mac) = if let Some(v) = ann.get(VTEP_ANNOTATION) {
+        // Ours first: a vswitch node publishes flannel's annotations too, ours are exact.
+        let v: VtepAnnotation = serde_json::from_str(v)
+            .map_err(|e| format!("annotation {VTEP_ANNOTATION}: {e} in {v:?}"))?;
+        let ip = v.underlay_ip.or(internal).ok_or_else(|| {
+            format!("annotation {VTEP_ANNOTATION} has no underlay_ip and the node no InternalIP")
+        })?;
+        (ip, v.vtep_mac)
+    } else if let Some(bd) = ann.get(FLANNEL_BACKEND_DATA) {
+        match ann.get(FLANNEL_BACKEND_TYPE).map(String::as_str) {
+            None | Some("vxlan") => {}
+            Some(other) => {
+                return Err(format!(
+                    "flannel backend {other:?}: only the vxlan backend can reach this switch"
+                ))
+            }
+        }
+        let bd: FlannelBackendData = serde_json::from_str(bd)
+            .map_err(|e| format!("annotation {FLANNEL_BACKEND_DATA}: {e} in {bd:?}"))?;
+        let ip = match ann.get(FLANNEL_PUBLIC_IP) {
+            Some(p) => p
+                .parse::<IpAddr>()
+                .map_err(|_| format!("annotation {FLANNEL_PUBLIC_IP}: {p:?} is not an address"))?,
+            None => internal
+                .ok_or_else(|| format!("no annotation {FLANNEL_PUBLIC_IP} and no InternalIP"))?,
+        };
+        (ip, bd.vtep_mac)
+    } else {
+        return Ok(None);
+    };
+    let Some(bytes) = parse_mac(&mac) else {
+        return Err(format!("VTEP MAC {mac:?} is not a MAC address"));
+    };
+    let peer = PeerSpec {
+        name,
+        underlay_ip,
+        vtep_mac: format_mac(bytes),
+        pod_cidrs,
+    };
+    peer.validate("peers").map_err(|e| e.to_string())?;
+    Ok(Some(peer))
+}
+
+/// `aa:bb:cc:dd:ee:ff`, lower case.
+pub fn format_mac(m: [u8; 6]) -> String {
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
+}
+
+/// Every Service but ExternalName ones, with its IPv4 endpoints, in (namespace, name) order.
+pub fn services_from_api<'a>(
+    services: impl IntoIterator<Item = &'a Service>,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    problems: &mut Vec<String>,
+) -> Vec<ServiceSpec> {
+    let mut by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
+    for s in slices {
+        // IPv6 and FQDN slices are for later versions.
+        if s.address_type != "IPv4" {
+            continue;
+        }
+        let ns = s.metadata.namespace.clone().unwrap_or_default();
+        let Some(svc) = s
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        else {
+            continue;
+        };
+        by_service.entry((ns, svc.clone())).or_default().push(s);
+    }
+    let mut services: Vec<&Service> = services.into_iter().collect();
+    services.sort_by(|a, b| {
+        (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
+    });
+    let mut out = Vec::new();
+    for svc in services {
+        let ns = svc.metadata.namespace.clone().unwrap_or_default();
+        let name = svc.metadata.name.clone().unwrap_or_default();
+        let mut slices = by_service
+            .remove(&(ns.clone(), name.clone()))
+            .unwrap_or_default();
+        slices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        if let Some(spec) = service_spec(svc, &ns, &name, &slices, problems) {
+            out.push(spec);
+        }
+    }
+    out
+}
+
+fn protocol(p: Option<&str>) -> Option<Protocol> {
+    match p.unwrap_or("TCP") {
+        "TCP" => Some(Protocol::Tcp),
+        "UDP" => Some(Protocol::Udp),
+        "SCTP" => Some(Protocol::Sctp),
+        _ => None,
+    }
+}
+
+fn policy(p: Option<&str>) -> TrafficPolicy {
+    match p {
+        Some("Local") => TrafficPolicy::Local,
+        _ => TrafficPolicy::Cluster,
+    }
+}
+
+fn port_u16(p: i32) -> Option<u16> {
+    u16::try_from(p).ok().filter(|p| *p != 0)
+}
+
+fn service_spec(
+    svc: &Service,
+    ns: &str,
+    name: &str,
+    slices: &[&EndpointSlice],
+    problems: &mut Vec<String>,
+) -> Option<ServiceSpec> {
+    let who = format!("service {ns}/{name}");
+    let Some(spec) = svc.spec.as_ref() else {
+        problems.push(format!("{who}: no spec; left out"));
+        return None;
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        // A DNS alias: nothing to translate.
+        return None;
+    }
+    let listed: Vec<&String> = match &spec.cluster_ips {
+        Some(v) if !v.is_empty() => v.iter().collect(),
+        _ => spec.cluster_ip.iter().collect(),
+    };
+    let mut cluster_ips = Vec::new();
+    for ip in listed {
+        if ip == "None" || ip.is_empty() {
+            continue; // headless
+        }
+        match ip.parse::<IpAddr>() {
+            // IPv6 endpoints are not watched yet; an IPv6 ClusterIP would have none.
+            Ok(IpAddr::V4(a)) => cluster_ips.push(IpAddr::V4(a)),
+            Ok(IpAddr::V6(_)) => {}
+            Err(_) => problems.push(format!("{who}: clusterIP {ip:?} is not an address")),
+        }
+    }
+    let mut external_ips = Vec::new();
+    for ip in spec.external_ips.iter().flatten() {
+        match ip.parse::<IpAddr>() {
+            Ok(IpAddr::V4(a)) => external_ips.push(IpAddr::V4(a)),
+            Ok(IpAddr::V6(_)) => {}
+            Err(_) => problems.push(format!("{who}: externalIP {ip:?} is not an address")),
+        }
+    }
+
+    // Service ports, with the target port each one resolves to.
+    struct Wanted<'a> {
+        port: ServicePort,
+        target: Option<&'a IntOrString>,
+    }
+    let mut ports: Vec<Wanted> = Vec::new();
+    for p in spec.ports.iter().flatten() {
+        let pname = p.name.clone().filter(|n| !n.is_empty());
+        let label = pname.clone().unwrap_or_else(|| p.port.to_string());
+        let Some(proto) = protocol(p.protocol.as_deref()) else {
+            problems.push(format!(
+                "{who}: port {label}: protocol {:?} is unknown; port left out",
+                p.protocol.as_deref().unwrap_or_default()
+            ));
+            continue;
+        };
+        if proto == Protocol::Sctp {
+            problems.push(format!(
+                "{who}: port {label}: SCTP is not translated (TCP and UDP are); port left out"
+            ));
+            continue;
+        }
+        let Some(port) = port_u16(p.port) else {
+            problems.push(format!(
+                "{who}: port {label}: {} is not a port number; port left out",
+                p.port
+            ));
+            continue;
+        };
+        if ports
+            .iter()
+            .any(|w| w.port.port == port && w.port.protocol == proto)
+        {
+            problems.push(format!(
+                "{who}: port {port}/{proto:?} is listed twice; the second is left out"
+            ));
+            continue;
+        }
+        ports.push(Wanted {
+            port: ServicePort {
+                name: pname,
+                protocol: proto,
+                port,
+                target_port: None,
+                node_port: p.node_port.and_then(port_u16),
+            },
+            target: p.target_port.as_ref(),
+        });
+    }
+
+    // The EndpointSlice controller resolves each Service port's targetPort (by number or by the
+    // pods' port name) and writes the result into the slice's port of the same name. A Service
+    // port here has one target port, so where slices disagree (pods with differently numbered
+    // named ports) the most common number wins and the other slices' endpoints are left out
+    // rather than sent to a wrong port.
+    let slice_port = |s: &EndpointSlice, w: &Wanted| -> Option<u16> {
+        s.ports.iter().flatten().find_map(|sp| {
+            let same_name = sp.name.as_deref().unwrap_or_default()
+                == w.port.name.as_deref().unwrap_or_default();
+            let same_proto = protocol(sp.protocol.as_deref()) == Some(w.port.protocol);
+            (same_name && same_proto)
+                .then_some(sp.port.and_then(port_u16))
+                .flatten()
+        })
+    };
+    for w in ports.iter_mut() {
+        let mut votes: BTreeMap<u16, usize> = BTreeMap::new();
+        for s in slices {
+            if let Some(p) = slice_port(s, w) {
+                *votes.entry(p).or_default() += s.endpoints.len().max(1);
+            }
+        }
+        let from_slices = votes
+            .iter()
+            .max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0)))
+            .map(|(p, _)| *p);
+        w.port.target_port = from_slices.or(match w.target {
+            Some(IntOrString::Int(n)) => port_u16(*n),
+            // A named port with no endpoints yet: nothing to send to anyway.
+            Some(IntOrString::String(_)) => None,
+            None => Some(w.port.port),
+        });
+    }
+
+    let mut endpoints: BTreeMap<Ipv4Addr, EndpointSpec> = BTreeMap::new();
+    for s in slices {
+        let slice_name = s.metadata.name.as_deref().unwrap_or_default();
+        if let Some(w) = ports.iter().find(|w| {
+            let p = slice_port(s, w);
+            p.is_some() && p != w.port.target_port
+        }) {
+            problems.push(format!(
+                "{who}: EndpointSlice {slice_name} maps port {} to {} where the others use {}; \
+                 its endpoints are left out",
+                w.port.name.as_deref().unwrap_or("(unnamed)"),
+                slice_port(s, w).unwrap_or_default(),
+                w.port.target_port.unwrap_or_default(),
+            ));
+            continue;
+        }
+        for ep in &s.endpoints {
+            // Addresses of one endpoint are fungible; like kube-proxy, use the first.
+            let Some(addr) = ep.addresses.first() else {
+                continue;
+            };
+            let Ok(ip) = addr.parse::<Ipv4Addr>() else {
+                problems.push(format!(
+                    "{who}: EndpointSlice {slice_name}: {addr:?} is not an IPv4 address"
+                ));
+                continue;
+            };
+            let c = ep.conditions.as_ref();
+            // The API's rules for absent conditions: ready unknown counts as ready, serving
+            // follows ready, terminating defaults to false.
+            let ready = c.and_then(|c| c.ready).unwrap_or(true);
+            let e = EndpointSpec {
+                ip: IpAddr::V4(ip),
+                node: ep.node_name.clone(),
+                ready,
+                serving: c.and_then(|c| c.serving).unwrap_or(ready),
+                terminating: c.and_then(|c| c.terminating).unwrap_or(false),
+                hostname: ep.hostname.clone(),
+            };
+            // The same endpoint can sit in two slices for a moment while the controller moves
+            // it; keep its most usable state.
+            let rank = |e: &EndpointSpec| (e.ready, e.serving, !e.terminating);
+            match endpoints.get(&ip) {
+                Some(old) if rank(old) >= rank(&e) => {}
+                _ => {
+                    endpoints.insert(ip, e);
+                }
+            }
+        }
+    }
+
+    let session_affinity_timeout =
+        (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+            spec.session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .and_then(|t| u32::try_from(t).ok())
+                .filter(|t| *t > 0)
+                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
+        });
+    let out = ServiceSpec {
+        namespace: ns.to_string(),
+        name: name.to_string(),
+        cluster_ips,
+        ports: ports.into_iter().map(|w| w.port).collect(),
+        external_ips,
+        session_affinity_timeout,
+        internal_traffic_policy: policy(spec.internal_traffic_policy.as_deref()),
+        external_traffic_policy: policy(spec.external_traffic_policy.as_deref()),
+        endpoints: endpoints.into_values().collect(),
+    };
+    if let Err(e) = out.validate("services") {
+        problems.push(format!("{who}: {e}; left out"));
+        return None;
+    }
+    Some(out)
+}
+
+/// The peers this node can use: those that do not overlap its own pod CIDR or share its
+/// underlay address (the API can disagree with this node's config while a cluster is being
+/// changed; the config is authoritative here).
+pub fn usable_peers(
+    peers: Vec<PeerSpec>,
+    own_pod_cidr: Ipv4Net,
+    own_underlay: Option<IpAddr>,
+    problems: &mut Vec<String>,
+) -> Vec<PeerSpec> {
+    peers
+        .into_iter()
+        .filter(|p| {
+            if let Some(c) = p.pod_cidrs.iter().find(|c| overlaps(c, &own_pod_cidr)) {
+                problems.push(format!(
+                    "node {:?}: pod CIDR {c} overlaps this node's {own_pod_cidr}; not a peer",
+                    p.name
+                ));
+                return false;
+            }
+            if Some(p.underlay_ip) == own_underlay {
+                problems.push(format!(
+                    "node {:?}: underlay address {} is this node's; not a peer",
+                    p.name, p.underlay_ip
+                ));
+                return false;
+            }
+            true
+        })
+        .collect()
+}
+
+/// The annotations this node publishes on its Node object: ours, and flannel's so that flannel
+/// nodes route to it.
+pub fn own_annotations(
+    underlay_ip: IpAddr,
+    vtep_mac: [u8; 6],
+    vni: u32,
+) -> BTreeMap<String, String> {
+    let mac = format_mac(vtep_mac);
+    let ours = VtepAnnotation {
+        underlay_ip: Some(underlay_ip),
+        vtep_mac: mac.clone(),
+    };
+    let flannel = FlannelBackendData { vni, vtep_mac: mac };
+    let mut m = BTreeMap::new();
+    // Serialising these plain structs cannot fail; an empty value would only make peers skip us.
+    m.insert(
+        VTEP_ANNOTATION.to_string(),
+        serde_json::to_string(&ours).unwrap_or_default(),
+    );
+    m.insert(
+        FLANNEL_BACKEND_DATA.to_string(),
+        serde_json::to_string(&flannel).unwrap_or_default(),
+    );
+    m.insert(FLANNEL_BACKEND_TYPE.to_string(), "vxlan".to_string());
+    m.insert(FLANNEL_PUBLIC_IP.to_string(), underlay_ip.to_string());
+    m.insert(FLANNEL_KUBE_SUBNET_MANAGER.to_string(), "true".to_string());
+    m
+}
+
+/// Whether `node` already carries every annotation in `want`.
+pub fn has_annotations(node: &Node, want: &BTreeMap<String, String>) -> bool {
+    let have = node.metadata.annotations.as_ref();
+    want.iter()
+        .all(|(k, v)| have.and_then(|h| h.get(k)) == Some(v))
+}

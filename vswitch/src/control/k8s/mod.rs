@@ -1,0 +1,747 @@
+//! The Kubernetes API as the source of truth for peers and Services.
+//!
+//! Why this shape:
+//! - kube's `watcher` + `reflector` do the hard part of being a correct API client: list, then
+//!   watch from the list's resourceVersion, follow BOOKMARKs, relist after a 410 Gone or any
+//!   watch error (with client-go's backoff via `.default_backoff()`), and swap a relisted store in
+//!   whole at the end of the list. We keep three such stores (Nodes, Services, EndpointSlices)
+//!   and never act on individual events.
+//! - Events only mark a table dirty. A single loop waits until nothing has happened for
+//!   `debounce` (at most `max_delay` after the first event of a burst), takes a snapshot of the
+//!   stores, converts it with the pure [`convert`] functions and hands the result to a
+//!   [`ClusterSink`] as one `apply_peers` / `apply_services` call, each of which the daemon
+//!   publishes as one atomic table swap. A rolling update that touches fifty EndpointSlices is
+//!   one swap, not fifty, and a table is never built from a half-read list: nothing is applied
+//!   before all three stores have finished their first list, and a relist only becomes visible
+//!   when it is complete. Until then the daemon keeps the tables it has.
+//! - The default `max_delay` (80 ms) leaves room under the promised 100 ms from an event to the
+//!   datapath for the conversion and the swap.
+//! - Node heartbeats do not rebuild Services and endpoint churn does not rebuild peers: each
+//!   kind marks only the table it feeds, and an unchanged result is not applied again.
+//! - This node publishes its VTEP as an annotation on its own Node (ours, and flannel's so that
+//!   flannel nodes route to it) from a separate task that retries with backoff, so an API
+//!   server that refuses the patch never holds up the tables. The loop re-publishes when the
+//!   annotations on our Node are missing or different (a recreated Node object).
+//! - [`ClusterSink`] is the seam the tests use: the same watch code runs against a local HTTP
+//!   server that replays recorded API responses, with a recorder in place of the daemon.
+
+pub mod convert;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Debug;
+use std::hash::Hash;
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use conf::config::{KubernetesConfig, PeerSpec, ServiceSpec};
+use conf::Config;
+use futures::StreamExt;
+use ipnet::Ipv4Net;
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use kube::{Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::control::Daemon;
+
+/// Where computed tables go: the daemon in production, a recorder in tests. Each call carries a
+/// complete table and must replace the previous one atomically.
+pub trait ClusterSink: Send + Sync + 'static {
+    fn apply_peers(&self, peers: Vec<PeerSpec>) -> Result<(), String>;
+    fn apply_services(&self, services: Vec<ServiceSpec>) -> Result<(), String>;
+}
+
+impl ClusterSink for Daemon {
+    fn apply_peers(&self, peers: Vec<PeerSpec>) -> Result<(), String> {
+        self.replace_peers(peers).map_err(|e| e.to_string())
+    }
+    fn apply_services(&self, services: Vec<ServiceSpec>) -> Result<(), String> {
+        self.replace_services(services).map_err(|e| e.to_string())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum K8sError {
+    #[error("kubernetes.kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: String,
+        source: kube::config::KubeconfigError,
+    },
+    #[error("kubeconfig from $KUBECONFIG: {0}")]
+    KubeconfigEnv(kube::config::KubeconfigError),
+    #[error("in-cluster config (service account): {0}")]
+    InCluster(kube::config::InClusterError),
+    #[error(
+        "no Kubernetes credentials: not in a cluster (KUBERNETES_SERVICE_HOST is unset) and no \
+         kubeconfig (set kubernetes.kubeconfig or KUBECONFIG, or write ~/.kube/config): {0}"
+    )]
+    NoCredentials(kube::config::KubeconfigError),
+    #[error("Kubernetes client: {0}")]
+    Client(kube::Error),
+}
+
+/// Counters of the watch, for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct K8sStats {
+    /// Errors from the watches (failed lists and watches, 410 Gone, broken streams).
+    pub watch_errors: u64,
+    /// Relists after the first list (each follows an error or an expired resourceVersion).
+    pub relists: u64,
+    /// Tables handed to the sink (peers and Services count separately).
+    pub applies: u64,
+    /// Tables the sink refused (the previous ones stay).
+    pub apply_errors: u64,
+    /// Successful patches of our Node's VTEP annotations.
+    pub annotation_patches: u64,
+    /// When a table was last applied.
+    pub last_apply: Option<SystemTime>,
+    /// All three lists have completed once and the first tables were applied.
+    pub synced: bool,
+}
+
+#[derive(Default)]
+struct Counters {
+    watch_errors: AtomicU64,
+    relists: AtomicU64,
+    applies: AtomicU64,
+    apply_errors: AtomicU64,
+    annotation_patches: AtomicU64,
+    last_apply_ms: AtomicU64,
+    synced: AtomicBool,
+}
+
+/// A cheap handle on the watch's counters (e.g. for `/metrics`).
+#[derive(Clone, Default)]
+pub struct K8sStatsHandle(Arc<Counters>);
+
+impl K8sStatsHandle {
+    pub fn get(&self) -> K8sStats {
+        let c = &self.0;
+        let ms = c.last_apply_ms.load(Ordering::Relaxed);
+        K8sStats {
+            watch_errors: c.watch_errors.load(Ordering::Relaxed),
+            relists: c.relists.load(Ordering::Relaxed),
+            applies: c.applies.load(Ordering::Relaxed),
+            apply_errors: c.apply_errors.load(Ordering::Relaxed),
+            annotation_patches: c.annotation_patches.load(Ordering::Relaxed),
+            last_apply: (ms > 0).then(|| UNIX_EPOCH + Duration::from_millis(ms)),
+            synced: c.synced.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What the watch needs to know about this node.
+#[derive(Debug, Clone)]
+pub struct WatchSettings {
+    /// This node's name in the API.
+    pub node_name: String,
+    /// The pod CIDR from the config (authoritative for IPAM in this version).
+    pub pod_cidr: Ipv4Net,
+    /// This node's underlay address; `None`: the overlay is off, peers are not applied and
+    /// nothing is published.
+    pub underlay_ip: Option<IpAddr>,
+    pub vtep_mac: [u8; 6],
+    pub vni: u32,
+    /// Publish our VTEP annotations on our Node.
+    pub publish_vtep: bool,
+    pub debounce: Duration,
+    pub max_delay: Duration,
+}
+
+impl WatchSettings {
+    pub fn from_config(config: &Config, node_name: String) -> WatchSettings {
+        let k = &config.kubernetes;
+        WatchSettings {
+            node_name,
+            pod_cidr: config.node.pod_cidr,
+            underlay_ip: config.overlay.underlay_ip,
+            vtep_mac: config.vtep_mac(),
+            vni: config.overlay.vni,
+            publish_vtep: true,
+            debounce: Duration::from_millis(k.debounce_ms.into()),
+            max_delay: Duration::from_millis(k.max_delay_ms.into()),
+        }
+    }
+
+    fn annotations(&self) -> Option<BTreeMap<String, String>> {
+        let ip = self.underlay_ip.filter(|_| self.publish_vtep)?;
+        Some(convert::own_annotations(ip, self.vtep_mac, self.vni))
+    }
+}
+
+/// This node's name in the API: `--node-name`, then `kubernetes.node_name`, then $NODE_NAME
+/// (the downward API's spec.nodeName), then `node.name`.
+pub fn node_name(flag: Option<&str>, config: &Config, env: Option<String>) -> String {
+    flag.map(str::to_string)
+        .or_else(|| config.kubernetes.node_name.clone())
+        .or(env.filter(|n| !n.is_empty()))
+        .unwrap_or_else(|| config.node.name.clone())
+}
+
+/// The client configuration: `kubernetes.kubeconfig`, then $KUBECONFIG, then the in-cluster
+/// service account, then ~/.kube/config.
+pub async fn client_config(k: &KubernetesConfig) -> Result<kube::Config, K8sError> {
+    use kube::config::{KubeConfigOptions, Kubeconfig};
+    let opts = KubeConfigOptions::default();
+    if let Some(path) = &k.kubeconfig {
+        let kc = Kubeconfig::read_from(path).map_err(|source| K8sError::Kubeconfig {
+            path: path.display().to_string(),
+            source,
+        })?;
+        return kube::Config::from_custom_kubeconfig(kc, &opts)
+            .await
+            .map_err(|source| K8sError::Kubeconfig {
+                path: path.display().to_string(),
+                source,
+            });
+    }
+    if std::env::var_os("KUBECONFIG").is_some() {
+        return kube::Config::from_kubeconfig(&opts)
+            .await
+            .map_err(K8sError::KubeconfigEnv);
+    }
+    if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
+        return kube::Config::incluster().map_err(K8sError::InCluster);
+    }
+    kube::Config::from_kubeconfig(&opts)
+        .await
+        .map_err(K8sError::NoCredentials)
+}
+
+/// The running watch; dropping it stops its tasks.
+pub struct K8sWatch {
+    stats: K8sStatsHandle,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl K8sWatch {
+    /// Starts the watches, the debounce loop and the annotation publisher on the current tokio
+    /// runtime.
+    pub fn spawn(
+        client: kube::Client,
+        settings: WatchSettings,
+        sink: Arc<dyn ClusterSink>,
+    ) -> Self {
+        let shared = Arc::new(Shared::default());
+        let stats = K8sStatsHandle::default();
+        let (nodes, nodes_w) = reflector::store::<Node>();
+        let (services, services_w) = reflector::store::<Service>();
+        let (slices, slices_w) = reflector::store::<EndpointSlice>();
+        let mut tasks = vec![
+            tokio::spawn(drive(
+                Api::<Node>::all(client.clone()),
+                Kind::Nodes,
+                nodes_w,
+                strip_node,
+                shared.clone(),
+                stats.clone(),
+            )),
+            tokio::spawn(drive(
+                Api::<Service>::all(client.clone()),
+                Kind::Services,
+                services_w,
+                strip,
+                shared.clone(),
+                stats.clone(),
+            )),
+            tokio::spawn(drive(
+                Api::<EndpointSlice>::all(client.clone()),
+                Kind::EndpointSlices,
+                slices_w,
+                strip,
+                shared.clone(),
+                stats.clone(),
+            )),
+        ];
+        let publish = Arc::new(Notify::new());
+        if let Some(want) = settings.annotations() {
+            publish.notify_one();
+            tasks.push(tokio::spawn(publish_loop(
+                Api::<Node>::all(client),
+                settings.node_name.clone(),
+                want,
+                publish.clone(),
+                stats.clone(),
+            )));
+        } else if settings.underlay_ip.is_none() {
+            tracing::warn!(
+                "overlay.underlay_ip is unset: peers from the Kubernetes API are not applied \
+                 and this node publishes no VTEP, so pods on other nodes are unreachable"
+            );
+        }
+        let stores = Stores {
+            nodes,
+            services,
+            slices,
+        };
+        tasks.push(tokio::spawn(apply_loop(
+            stores,
+            settings,
+            sink,
+            shared,
+            stats.clone(),
+            publish,
+        )));
+        K8sWatch { stats, tasks }
+    }
+
+    pub fn stats(&self) -> K8sStats {
+        self.stats.get()
+    }
+
+    pub fn stats_handle(&self) -> K8sStatsHandle {
+        self.stats.clone()
+    }
+}
+
+impl Drop for K8sWatch {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Nodes,
+    Services,
+    EndpointSlices,
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Kind::Nodes => "nodes",
+            Kind::Services => "services",
+            Kind::EndpointSlices => "endpointslices",
+        })
+    }
+}
+
+/// What the watch drivers tell the apply loop.
+#[derive(Default)]
+struct Shared {
+    peers_dirty: AtomicBool,
+    services_dirty: AtomicBool,
+    listed: [AtomicBool; 3],
+    wake: Notify,
+}
+
+impl Shared {
+    fn mark(&self, kind: Kind) {
+        match kind {
+            Kind::Nodes => self.peers_dirty.store(true, Ordering::SeqCst),
+            Kind::Services | Kind::EndpointSlices => {
+                self.services_dirty.store(true, Ordering::SeqCst)
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    fn all_listed(&self) -> bool {
+        self.listed.iter().all(|l| l.load(Ordering::SeqCst))
+    }
+}
+
+struct Stores {
+    nodes: Store<Node>,
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+}
+
+fn strip<K: Resource>(o: &mut K) {
+    o.managed_fields_mut().clear();
+}
+
+/// Node objects carry image lists and conditions that can be large; none of it matters here.
+fn strip_node(n: &mut Node) {
+    n.managed_fields_mut().clear();
+    if let Some(s) = n.status.as_mut() {
+        s.images = None;
+        s.conditions = None;
+        s.volumes_attached = None;
+        s.volumes_in_use = None;
+    }
+}
+
+/// Runs one watcher into its store and tells the apply loop what changed.
+async fn drive<K>(
+    api: Api<K>,
+    kind: Kind,
+    writer: reflector::store::Writer<K>,
+    strip: fn(&mut K),
+    shared: Arc<Shared>,
+    stats: K8sStatsHandle,
+) where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone,
+{
+    let stream = kube::runtime::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .modify(strip)
+        .reflect(writer);
+    let mut stream = std::pin::pin!(stream);
+    let mut listed = false;
+    while let Some(ev) = stream.next().await {
+        match ev {
+            Ok(Event::Init) => {
+                // A retried first list is not a relist: there is no store to replace yet.
+                if listed {
+                    stats.0.relists.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!("kubernetes: relisting {kind}");
+                }
+            }
+            Ok(Event::InitApply(_)) => {}
+            Ok(Event::InitDone) => {
+                listed = true;
+                shared.listed[kind as usize].store(true, Ordering::SeqCst);
+                shared.mark(kind);
+            }
+            Ok(Event::Apply(_) | Event::Delete(_)) => shared.mark(kind),
+            Err(e) => {
+                stats.0.watch_errors.fetch_add(1, Ordering::Relaxed);
+                match &e {
+                    watcher::Error::WatchError(s) if s.code == 410 => tracing::info!(
+                        "kubernetes: {kind} watch expired (410 Gone: {}); relisting",
+                        s.message
+                    ),
+                    _ => tracing::warn!("kubernetes: {kind}: {e}; retrying with backoff"),
+                }
+            }
+        }
+    }
+}
+
+/// Logs each distinct problem once, when it first appears.
+#[derive(Default)]
+struct ProblemLog(BTreeSet<String>);
+
+impl ProblemLog {
+    fn update(&mut self, problems: Vec<String>) {
+        let now: BTreeSet<String> = problems.into_iter().collect();
+        for p in now.difference(&self.0) {
+            tracing::warn!("kubernetes: {p}");
+        }
+        self.0 = now;
+    }
+}
+
+/// Waits for changes, debounces them, converts complete snapshots and applies them.
+async fn apply_loop(
+    stores: Stores,
+    settings: WatchSettings,
+    sink: Arc<dyn ClusterSink>,
+    shared: Arc<Shared>,
+    stats: K8sStatsHandle,
+    publish: Arc<Notify>,
+) {
+    let started = Instant::now();
+    while !shared.all_listed() {
+        if tokio::time::timeout(Duration::from_secs(30), shared.wake.notified())
+            .await
+            .is_err()
+        {
+            let missing: Vec<String> = [Kind::Nodes, Kind::Services, Kind::EndpointSlices]
+                .iter()
+                .filter(|k| !shared.listed[**k as usize].load(Ordering::SeqCst))
+                .map(|k| k.to_string())
+                .collect();
+            tracing::warn!(
+                "kubernetes: still waiting for the first list of {} after {:?}; keeping the \
+                 tables from the config file",
+                missing.join(", "),
+                started.elapsed()
+            );
+        }
+    }
+    let mut state = ApplyState::default();
+    shared.peers_dirty.store(false, Ordering::SeqCst);
+    shared.services_dirty.store(false, Ordering::SeqCst);
+    state.rebuild(true, true, &stores, &settings, &*sink, &stats, &publish);
+    stats.0.synced.store(true, Ordering::Relaxed);
+    tracing::info!(
+        "kubernetes: synced {} nodes, {} services, {} endpointslices in {:?}",
+        stores.nodes.len(),
+        stores.services.len(),
+        stores.slices.len(),
+        started.elapsed()
+    );
+    loop {
+        shared.wake.notified().await;
+        let first = Instant::now();
+        let hard = first + settings.max_delay;
+        let mut deadline = (first + settings.debounce).min(hard);
+        loop {
+            tokio::select! {
+                _ = shared.wake.notified() => {
+                    deadline = (Instant::now() + settings.debounce).min(hard);
+                }
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        let peers = shared.peers_dirty.swap(false, Ordering::SeqCst);
+        let services = shared.services_dirty.swap(false, Ordering::SeqCst);
+        state.rebuild(
+            peers, services, &stores, &settings, &*sink, &stats, &publish,
+        );
+    }
+}
+
+#[derive(Default)]
+struct ApplyState {
+    peers: Option<Vec<PeerSpec>>,
+    services: Option<Vec<ServiceSpec>>,
+    node_problems: ProblemLog,
+    service_problems: ProblemLog,
+    own_node_note: Option<String>,
+}
+
+impl ApplyState {
+    #[allow(clippy::too_many_arguments)]
+    fn rebuild(
+        &mut self,
+        peers_dirty: bool,
+        services_dirty: bool,
+        stores: &Stores,
+        settings: &WatchSettings,
+        sink: &dyn ClusterSink,
+        stats: &K8sStatsHandle,
+        publish: &Notify,
+    ) {
+        if peers_dirty {
+            let nodes = stores.nodes.state();
+            self.check_own_node(&nodes, settings, publish);
+            let mut problems = Vec::new();
+            let peers = convert::peers_from_nodes(
+                nodes.iter().map(|n| &**n),
+                &settings.node_name,
+                &mut problems,
+            );
+            let peers = convert::usable_peers(
+                peers,
+                settings.pod_cidr,
+                settings.underlay_ip,
+                &mut problems,
+            );
+            self.node_problems.update(problems);
+            if settings.underlay_ip.is_some() && self.peers.as_ref() != Some(&peers) {
+                let names: Vec<&str> = peers.iter().map(|p| p.name.as_str()).collect();
+                let summary = names.join(", ");
+                match sink.apply_peers(peers.clone()) {
+                    Ok(()) => {
+                        applied(stats);
+                        tracing::info!("kubernetes: {} peer(s): {summary}", names.len());
+                        self.peers = Some(peers);
+                    }
+                    Err(e) => {
+                        stats.0.apply_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(
+                            "kubernetes: peers refused, keeping the previous ones: {e}"
+                        );
+                    }
+                }
+            }
+        }
+        if services_dirty {
+            let svcs = stores.services.state();
+            let slices = stores.slices.state();
+            let mut problems = Vec::new();
+            let services = convert::services_from_api(
+                svcs.iter().map(|s| &**s),
+                slices.iter().map(|s| &**s),
+                &mut problems,
+            );
+            self.service_problems.update(problems);
+            if self.services.as_ref() != Some(&services) {
+                let n = services.len();
+                let eps: usize = services.iter().map(|s| s.endpoints.len()).sum();
+                match sink.apply_services(services.clone()) {
+                    Ok(()) => {
+                        applied(stats);
+                        tracing::debug!("kubernetes: {n} service(s), {eps} endpoint(s)");
+                        self.services = Some(services);
+                    }
+                    Err(e) => {
+                        stats.0.apply_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(
+                            "kubernetes: services refused, keeping the previous ones: {e}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Compares our Node with the config and re-publishes our annotations when they are gone.
+    fn check_own_node(&mut self, nodes: &[Arc<Node>], settings: &WatchSettings, publish: &Notify) {
+        let own = nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(settings.node_name.as_str()));
+        let note =
+            match own {
+                None => Some(format!(
+                    "node {:?} is not in the API's node list; check --node-name / NODE_NAME / \
+                 kubernetes.node_name",
+                    settings.node_name
+                )),
+                Some(n) => match convert::node_pod_cidrs(n) {
+                    Ok(c) if c.is_empty() || c.contains(&settings.pod_cidr) => None,
+                    Ok(c) => Some(format!(
+                    "node {:?} has pod CIDR {} in the API but node.pod_cidr is {} in the config; \
+                     the config stays authoritative for pod addresses in this version, so other \
+                     nodes will route {} here while pods get addresses from {}: make them agree",
+                    settings.node_name,
+                    c.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(","),
+                    settings.pod_cidr,
+                    c[0],
+                    settings.pod_cidr
+                )),
+                    Err(e) => Some(format!("node {:?}: {e}", settings.node_name)),
+                },
+            };
+        if note != self.own_node_note {
+            if let Some(n) = &note {
+                tracing::warn!("kubernetes: {n}");
+            }
+            self.own_node_note = note;
+        }
+        if let (Some(n), Some(want)) = (own, settings.annotations()) {
+            if !convert::has_annotations(n, &want) {
+                publish.notify_one();
+            }
+        }
+    }
+}
+
+fn applied(stats: &K8sStatsHandle) {
+    stats.0.applies.fetch_add(1, Ordering::Relaxed);
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(1);
+    stats.0.last_apply_ms.store(ms.max(1), Ordering::Relaxed);
+}
+
+/// Patches our Node's annotations whenever asked, retrying with backoff until it works.
+async fn publish_loop(
+    api: Api<Node>,
+    node: String,
+    want: BTreeMap<String, String>,
+    trigger: Arc<Notify>,
+    stats: K8sStatsHandle,
+) {
+    let patch = serde_json::json!({ "metadata": { "annotations": want } });
+    let params = PatchParams {
+        field_manager: Some("vswitchd".into()),
+        ..PatchParams::default()
+    };
+    loop {
+        trigger.notified().await;
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            match api.patch(&node, &params, &Patch::Merge(&patch)).await {
+                Ok(_) => {
+                    stats.0.annotation_patches.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(
+                        "kubernetes: published this node's VTEP on node {node}: {}",
+                        want.get(convert::VTEP_ANNOTATION)
+                            .map(String::as_str)
+                            .unwrap_or_default()
+                    );
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "kubernetes: annotating node {node} with its VTEP: {e}; retrying in \
+                         {backoff:?}"
+                    );
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(60));
+                }
+            }
+        }
+        // Someone else rewriting the annotations must not turn this into a hot loop.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}
+
+/// What keeps the daemon's tables in step with their source; dropping it stops that.
+pub enum Source {
+    Kubernetes(K8sWatch),
+    File(super::reload::FileWatch),
+}
+
+impl Source {
+    /// The watch's counters in Kubernetes mode.
+    pub fn k8s_stats(&self) -> Option<K8sStatsHandle> {
+        match self {
+            Source::Kubernetes(w) => Some(w.stats_handle()),
+            Source::File(_) => None,
+        }
+    }
+}
+
+/// Starts the Kubernetes watch when `kubernetes.enabled`, else the config file reload. Must be
+/// called on the daemon's tokio runtime.
+pub async fn start_source(
+    daemon: Arc<Daemon>,
+    config_path: &Path,
+    node_name_flag: Option<&str>,
+) -> Result<Source, K8sError> {
+    let config = daemon.config().clone();
+    if !config.kubernetes.enabled {
+        let sink: Arc<dyn ClusterSink> = daemon;
+        return Ok(Source::File(super::reload::FileWatch::spawn(
+            config_path.to_path_buf(),
+            config,
+            sink,
+        )));
+    }
+    let name = node_name(node_name_flag, &config, std::env::var("NODE_NAME").ok());
+    if name != config.node.name {
+        tracing::info!(
+            "kubernetes: this is node {name:?} in the API (node.name in the config is {:?})",
+            config.node.name
+        );
+    }
+    if !config.peers.is_empty() || !config.services.is_empty() {
+        tracing::warn!(
+            "kubernetes: the config file's peers and services are used only until the first \
+             list from the API completes"
+        );
+    }
+    let kc = client_config(&config.kubernetes).await?;
+    tracing::info!("kubernetes: API server {}", kc.cluster_url);
+    let client = kube::Client::try_from(kc).map_err(K8sError::Client)?;
+    let settings = WatchSettings::from_config(&config, name);
+    let sink: Arc<dyn ClusterSink> = daemon;
+    Ok(Source::Kubernetes(K8sWatch::spawn(client, settings, sink)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_name_precedence() {
+        let mut c = Config::parse("[node]\nname = \"cfg\"\npod_cidr = \"10.244.1.0/24\"\n")
+            .expect("config");
+        assert_eq!(node_name(None, &c, None), "cfg");
+        assert_eq!(node_name(None, &c, Some(String::new())), "cfg");
+        assert_eq!(node_name(None, &c, Some("env".into())), "env");
+        c.kubernetes.node_name = Some("section".into());
+        assert_eq!(node_name(None, &c, Some("env".into())), "section");
+        assert_eq!(node_name(Some("flag"), &c, Some("env".into())), "flag");
+    }
+}
