@@ -447,6 +447,20 @@ pub struct DnsConfig {
     /// The cluster domain.
     #[serde(default = "default_domain")]
     pub cluster_domain: String,
+    /// Answer DNS queries to the `nameservers` addresses at the switch. Turn off for clusters
+    /// that keep CoreDNS (the addresses are then ordinary Services).
+    #[serde(default = "default_true")]
+    pub answer: bool,
+    /// Where the node's upstream resolvers for other names are read from.
+    #[serde(default = "default_resolv_conf")]
+    pub resolv_conf: PathBuf,
+    /// Upstream resolvers instead of those in `resolv_conf`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upstreams: Vec<std::net::SocketAddr>,
+}
+
+fn default_resolv_conf() -> PathBuf {
+    PathBuf::from("/etc/resolv.conf")
 }
 
 fn default_domain() -> String {
@@ -458,6 +472,9 @@ impl Default for DnsConfig {
         DnsConfig {
             nameservers: Vec::new(),
             cluster_domain: default_domain(),
+            answer: true,
+            resolv_conf: default_resolv_conf(),
+            upstreams: Vec::new(),
         }
     }
 }

@@ -83,6 +83,8 @@ pub fn run_with(config_path: &Path, opts: RunOptions) -> Result<(), RunError> {
             opts.node_name.as_deref(),
         )
         .await?;
+        daemon.start_nodeports(tokio::runtime::Handle::current());
+        daemon.start_dns(tokio::runtime::Handle::current());
         let app = api::router(daemon.clone());
         let server = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
         server.await.map_err(|source| RunError::Socket {

@@ -48,7 +48,11 @@ pub(crate) fn daemon_config(node: &Node, all: &[Node]) -> Config {
             metrics_address: Some(([0, 0, 0, 0], 9109).into()),
         },
         datapath: DatapathConfig::default(),
-        dns: DnsConfig::default(),
+        // The cluster DNS address, as kube-dns's ClusterIP: answered by the switch itself.
+        dns: DnsConfig {
+            nameservers: vec![std::net::Ipv4Addr::new(10, 96, 0, 10).into()],
+            ..DnsConfig::default()
+        },
         overlay: OverlayConfig {
             underlay_ip: Some(node.underlay_ip.into()),
             underlay_mtu: crate::spec::UNDERLAY_MTU,

@@ -474,6 +474,7 @@ impl Lab {
                 return Err(e);
             }
         };
+        sys::write_resolv_conf(&netns, &result);
         self.pods.push(Pod {
             name: short,
             k8s_name: pod.to_string(),

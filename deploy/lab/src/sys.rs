@@ -88,9 +88,47 @@ pub(crate) fn netns_list() -> Result<Vec<String>, LabError> {
 
 /// `ip netns del`, treating an already-missing namespace as done.
 pub(crate) fn netns_del(name: &str) -> Result<(), LabError> {
+    // The pod's resolv.conf, which `ip netns exec` bind-mounts over /etc/resolv.conf.
+    let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(name));
     match ip(&["netns", "del", name]) {
         Err(_) if !netns_exists(name) => Ok(()),
         other => other.map(|_| ()),
+    }
+}
+
+/// Writes the DNS settings of a CNI result where `ip netns exec` finds them
+/// (/etc/netns/NETNS/resolv.conf), as a runtime writes a container's resolv.conf.
+pub(crate) fn write_resolv_conf(netns: &str, cni_result: &serde_json::Value) {
+    let dns = &cni_result["dns"];
+    let list = |k: &str| -> Vec<String> {
+        dns[k]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let servers = list("nameservers");
+    if servers.is_empty() {
+        return;
+    }
+    let mut text = String::new();
+    for s in servers {
+        text.push_str(&format!("nameserver {s}\n"));
+    }
+    let search = list("search");
+    if !search.is_empty() {
+        text.push_str(&format!("search {}\n", search.join(" ")));
+    }
+    let options = list("options");
+    if !options.is_empty() {
+        text.push_str(&format!("options {}\n", options.join(" ")));
+    }
+    let dir = Path::new("/etc/netns").join(netns);
+    if std::fs::create_dir_all(&dir).is_ok() {
+        let _ = std::fs::write(dir.join("resolv.conf"), text);
     }
 }
 

@@ -194,7 +194,7 @@ impl Daemon {
         });
         let peers = config.peers.clone();
         let services = config.services.clone();
-        Ok(Arc::new(Daemon {
+        let daemon = Arc::new(Daemon {
             config,
             tables,
             datapath: Mutex::new(datapath),
@@ -209,7 +209,13 @@ impl Daemon {
             underlay_stats,
             host_stats,
             nodeports: std::sync::OnceLock::new(),
-        }))
+        });
+        // The DNS records of the configured Services exist from the start.
+        {
+            let st = daemon.lock();
+            daemon.publish(&st);
+        }
+        Ok(daemon)
     }
 
     pub fn config(&self) -> &Config {
@@ -232,8 +238,83 @@ impl Daemon {
             mac: mac_for(r.ip),
             ip: r.ip,
         });
-        let next = self.tables.load().with_ports(ports);
+        let next = self
+            .tables
+            .load()
+            .with_ports(ports)
+            .with_dns(self.dns_service(st, &st.services));
         self.tables.store(Arc::new(next));
+    }
+
+    /// The switch's DNS records for these Services and the local pods, if it answers DNS.
+    fn dns_service(
+        &self,
+        st: &State,
+        services: &[conf::config::ServiceSpec],
+    ) -> Option<Arc<crate::pipeline::tables::DnsService>> {
+        let d = &self.config.dns;
+        let addrs: Vec<Ipv4Addr> = d
+            .nameservers
+            .iter()
+            .filter_map(|a| match a {
+                IpAddr::V4(a) => Some(*a),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        if !d.answer || addrs.is_empty() {
+            return None;
+        }
+        let pods: Vec<crate::dns::LocalPod> = st
+            .records
+            .values()
+            .filter_map(|r| {
+                let (ns, name) = r.pod.as_deref()?.split_once('/')?;
+                Some(crate::dns::LocalPod {
+                    namespace: ns.to_string(),
+                    name: name.to_string(),
+                    ip: IpAddr::V4(r.ip),
+                })
+            })
+            .collect();
+        let mut zones = vec![self.config.pod_net()];
+        zones.extend(self.config.host.routes.iter().copied());
+        match crate::dns::DnsTable::new(&d.cluster_domain, services, &pods, &zones) {
+            Ok(table) => Some(Arc::new(crate::pipeline::tables::DnsService { addrs, table })),
+            Err(e) => {
+                tracing::error!("DNS records not updated: {e}");
+                self.tables.load().dns.clone()
+            }
+        }
+    }
+
+    /// Starts forwarding names outside the cluster to the node's resolvers, on `rt`.
+    pub fn start_dns(&self, rt: tokio::runtime::Handle) {
+        let d = &self.config.dns;
+        if !d.answer || d.nameservers.is_empty() {
+            return;
+        }
+        let cfg = if d.upstreams.is_empty() {
+            match crate::dns::ForwarderConfig::from_resolv_conf(&d.resolv_conf) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("DNS: {e}; names outside the cluster will fail (SERVFAIL)");
+                    crate::dns::ForwarderConfig::new(Vec::new())
+                }
+            }
+        } else {
+            crate::dns::ForwarderConfig::new(d.upstreams.clone())
+        };
+        // Never forward to ourselves.
+        let mut cfg = cfg;
+        cfg.upstreams
+            .retain(|u| !d.nameservers.contains(&u.ip()) && u.ip() != IpAddr::V4(self.config.gateway()));
+        tracing::info!(
+            "DNS: answering {} on {:?}, forwarding other names to {:?}",
+            d.cluster_domain,
+            d.nameservers,
+            cfg.upstreams
+        );
+        self.datapath().set_forwarder(crate::dns::Forwarder::new(cfg, rt));
     }
 
     fn response(&self, rec: &Record) -> AddResponse {
@@ -593,7 +674,9 @@ impl Daemon {
             .difference(&udp_backends(&table))
             .copied()
             .collect();
-        self.tables.store(Arc::new(old.with_services(table)));
+        let dns = self.dns_service(&st, &services);
+        self.tables
+            .store(Arc::new(old.with_services(table).with_dns(dns)));
         if let Some(np) = self.nodeports.get() {
             np.reconcile(&services);
         }

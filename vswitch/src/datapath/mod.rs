@@ -67,6 +67,15 @@ pub enum Command {
     FlushUdp(Vec<std::net::Ipv4Addr>),
     /// A copy of the connection tracking table.
     DumpConntrack(Sender<Vec<CtEntry>>),
+    /// From now on, forward DNS queries the switch cannot answer with this.
+    SetForwarder(crate::dns::Forwarder),
+    /// An upstream's answer to a forwarded query, for the pod on `port`.
+    DnsReply {
+        port: PortId,
+        client: (std::net::Ipv4Addr, u16),
+        server: std::net::Ipv4Addr,
+        reply: Vec<u8>,
+    },
     Shutdown,
 }
 
@@ -91,6 +100,7 @@ impl Datapath {
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (tx, rx) = crossbeam_channel::unbounded();
         let mut worker = Worker::new(poll, rx, tables, underlay_stats);
+        worker.to_self = Some((tx.clone(), waker.clone()));
         let epoch = worker.epoch;
         worker.ct = Conntrack::new(ct);
         if let Some(u) = underlay {
@@ -141,6 +151,11 @@ impl Datapath {
         self.epoch.elapsed().as_millis() as u64
     }
 
+    /// Hands the worker the upstream forwarder for DNS names outside the cluster.
+    pub fn set_forwarder(&self, f: crate::dns::Forwarder) {
+        self.send(Command::SetForwarder(f));
+    }
+
     pub fn flush_udp(&self, backends: Vec<std::net::Ipv4Addr>) {
         self.send(Command::FlushUdp(backends));
     }
@@ -180,6 +195,10 @@ struct Port {
 }
 
 struct Worker {
+    /// The worker's own command channel, for answers that come back later (DNS forwarding).
+    to_self: Option<(Sender<Command>, Arc<Waker>)>,
+    forwarder: Option<crate::dns::Forwarder>,
+    dns_out: Box<[u8]>,
     poll: Poll,
     rx: Receiver<Command>,
     tables: Arc<ArcSwap<Tables>>,
@@ -206,6 +225,9 @@ impl Worker {
         Worker {
             poll,
             rx,
+            to_self: None,
+            forwarder: None,
+            dns_out: vec![0u8; 65_535].into_boxed_slice(),
             tables,
             ports: HashMap::default(),
             ready: Vec::new(),
@@ -306,6 +328,37 @@ impl Worker {
                 }
                 Command::DumpConntrack(tx) => {
                     let _ = tx.send(self.ct.entries().cloned().collect());
+                }
+                Command::SetForwarder(f) => self.forwarder = Some(f),
+                Command::DnsReply {
+                    port,
+                    client,
+                    server,
+                    reply,
+                } => {
+                    let tables = self.tables.load();
+                    let mac = tables
+                        .port(port)
+                        .or(tables.host.as_ref().filter(|h| h.id == port))
+                        .map(|p| p.mac);
+                    let (Some(mac), Some(dst)) = (mac, self.ports.get(&port)) else {
+                        continue;
+                    };
+                    self.seg[..VNET_HDR_LEN].fill(0);
+                    let built = pipeline::udp_frame(
+                        &tables,
+                        mac,
+                        (server, 53),
+                        client,
+                        &reply,
+                        &mut self.seg[VNET_HDR_LEN..],
+                    );
+                    if let Some(len) = built {
+                        match dst.tap.send(&self.seg[..VNET_HDR_LEN + len]) {
+                            Ok(_) => dst.stats.tx(len),
+                            Err(_) => dst.stats.count_drop(DropReason::TxError),
+                        }
+                    }
                 }
                 Command::Shutdown => return false,
             }
@@ -429,11 +482,76 @@ impl Worker {
                         Err(_) => stats.count_drop(DropReason::TxError),
                     }
                 }
+                Action::Dns => {
+                    let Some(dns) = tables.dns.as_ref() else {
+                        stats.count_drop(DropReason::NoRoute);
+                        continue;
+                    };
+                    let frame = &self.buf[VNET_HDR_LEN..n];
+                    let Some((client, server, q)) = dns_query(frame) else {
+                        stats.count_drop(DropReason::Malformed);
+                        continue;
+                    };
+                    match crate::dns::answer(&dns.table, q, &mut self.dns_out) {
+                        crate::dns::Answer::Local(len) => {
+                            let mac = tables
+                                .port(id)
+                                .or(tables.host.as_ref().filter(|h| h.id == id))
+                                .map(|p| p.mac);
+                            let Some(mac) = mac else { continue };
+                            self.seg[..VNET_HDR_LEN].fill(0);
+                            let built = pipeline::udp_frame(
+                                tables,
+                                mac,
+                                (server, 53),
+                                client,
+                                &self.dns_out[..len],
+                                &mut self.seg[VNET_HDR_LEN..],
+                            );
+                            if let Some(flen) = built {
+                                match port.tap.send(&self.seg[..VNET_HDR_LEN + flen]) {
+                                    Ok(_) => stats.tx(flen),
+                                    Err(_) => stats.count_drop(DropReason::TxError),
+                                }
+                            }
+                        }
+                        crate::dns::Answer::Forward => {
+                            let (Some(fw), Some((tx, waker))) = (&self.forwarder, &self.to_self)
+                            else {
+                                stats.count_drop(DropReason::NoRoute);
+                                continue;
+                            };
+                            let (tx, waker) = (tx.clone(), waker.clone());
+                            fw.submit(q.to_vec(), crate::dns::Transport::Udp, move |reply| {
+                                let _ = tx.send(Command::DnsReply {
+                                    port: id,
+                                    client,
+                                    server,
+                                    reply,
+                                });
+                                let _ = waker.wake();
+                            });
+                        }
+                        crate::dns::Answer::Invalid => stats.count_drop(DropReason::Malformed),
+                    }
+                }
                 Action::Drop(reason) => stats.count_drop(reason),
             }
         }
         false
     }
+}
+
+/// The client, the server address and the DNS message of a UDP query frame.
+fn dns_query(frame: &[u8]) -> Option<((std::net::Ipv4Addr, u16), std::net::Ipv4Addr, &[u8])> {
+    let eth = EthernetFrame::new_checked(frame).ok()?;
+    let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+    let udp = crate::wire::UdpPacket::new_checked(ip.payload()).ok()?;
+    let hl = ip.header_len() as usize;
+    let start = 14 + hl + 8;
+    let end = 14 + hl + udp.len() as usize;
+    let q = frame.get(start..end)?;
+    Some(((ip.src_addr(), udp.src_port()), ip.dst_addr(), q))
 }
 
 impl Worker {
@@ -508,7 +626,7 @@ impl Worker {
                         Action::ToPort(out) => gro.push(&mut self.rbuf, out, inner, &mut emit),
                         Action::Drop(reason) => stats.count_drop(reason),
                         // Frames from peers are only ever routed to local pods.
-                        Action::ToPeer(_) | Action::Reply(_) => {
+                        Action::ToPeer(_) | Action::Reply(_) | Action::Dns => {
                             stats.count_drop(DropReason::NoRoute)
                         }
                     }

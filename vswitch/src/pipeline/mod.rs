@@ -74,6 +74,8 @@ pub enum Action {
     /// The frame was turned into a reply of this many bytes in place: send it back out of the
     /// ingress port.
     Reply(usize),
+    /// A UDP DNS query to the switch's resolver (`Tables::dns`): the datapath answers it.
+    Dns,
     Drop(DropReason),
 }
 
@@ -259,6 +261,15 @@ fn route_v4(cx: &mut Ctx<'_>, port: &PortEntry, buf: &mut [u8], len: usize, meta
     if ip.src_addr() != port.ip && !from_host {
         return Action::Drop(DropReason::SpoofedIp);
     }
+    if let Some(dns) = &t.dns {
+        if ip.protocol() == IpProtocol::UDP
+            && !ip.is_fragment()
+            && dns.addrs.contains(&ip.dst_addr())
+            && ip.payload().get(2..4) == Some(&53u16.to_be_bytes()[..])
+        {
+            return Action::Dns;
+        }
+    }
     match nat::translate(
         &t.services,
         cx.ct,
@@ -324,6 +335,48 @@ fn route_v4(cx: &mut Ctx<'_>, port: &PortEntry, buf: &mut [u8], len: usize, meta
     eth.set_src_addr(src_mac);
     eth.set_dst_addr(next_mac);
     action
+}
+
+/// Writes a complete UDP/IPv4 frame from `server:53`-style `from` to `to` carrying `payload`,
+/// addressed from the gateway MAC to `to_mac`; returns its length. For answers the switch
+/// makes itself (DNS). `out` must hold 42 + payload bytes.
+pub fn udp_frame(
+    t: &Tables,
+    to_mac: EthernetAddress,
+    from: (Ipv4Addr, u16),
+    to: (Ipv4Addr, u16),
+    payload: &[u8],
+    out: &mut [u8],
+) -> Option<usize> {
+    use crate::wire::UdpPacket;
+    let len = 14 + 20 + 8 + payload.len();
+    let ip_len = u16::try_from(20 + 8 + payload.len()).ok()?;
+    let frame = out.get_mut(..len)?;
+    frame[..42].fill(0);
+    {
+        let mut eth = EthernetFrame::new_unchecked(&mut *frame);
+        eth.set_dst_addr(to_mac);
+        eth.set_src_addr(t.gateway_mac);
+        eth.set_ethertype(EtherType::IPV4);
+    }
+    frame[42..].copy_from_slice(payload);
+    let ip_buf = &mut frame[14..];
+    let mut ip = Ipv4Packet::new_unchecked(&mut *ip_buf);
+    ip.set_version(4);
+    ip.set_header_len(20);
+    ip.set_total_len(ip_len);
+    ip.set_dont_frag(true);
+    ip.set_ttl(64);
+    ip.set_protocol(IpProtocol::UDP);
+    ip.set_src_addr(from.0);
+    ip.set_dst_addr(to.0);
+    ip.fill_checksum();
+    let mut udp = UdpPacket::new_unchecked(&mut ip_buf[20..]);
+    udp.set_src_port(from.1);
+    udp.set_dst_port(to.1);
+    udp.set_len(ip_len - 20);
+    udp.fill_checksum(from.0, to.0);
+    Some(len)
 }
 
 /// The VXLAN header for what this node sends.

@@ -17,6 +17,21 @@ use crate::wire::EthernetAddress;
 
 type Map<K, V> = HashMap<K, V, foldhash::fast::FixedState>;
 
+/// The switch's DNS resolver as the datapath sees it.
+pub struct DnsService {
+    /// Queries to these addresses, UDP port 53, are answered by the switch.
+    pub addrs: Vec<Ipv4Addr>,
+    pub table: crate::dns::DnsTable,
+}
+
+impl std::fmt::Debug for DnsService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DnsService")
+            .field("addrs", &self.addrs)
+            .finish()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortEntry {
     pub id: PortId,
@@ -45,6 +60,8 @@ pub struct Tables {
     pub node_name: String,
     /// The host port (the node's own interface into the switch), holding the gateway address.
     pub host: Option<PortEntry>,
+    /// Cluster DNS answered at the switch: the addresses it answers on, and its records.
+    pub dns: Option<std::sync::Arc<DnsService>>,
     ports: Map<PortId, PortEntry>,
     by_mac: Map<EthernetAddress, PortId>,
     by_ip: Map<Ipv4Addr, PortId>,
@@ -64,6 +81,7 @@ impl Tables {
             services: ServiceTable::default(),
             node_name: String::new(),
             host: None,
+            dns: None,
             ports: Map::default(),
             by_mac: Map::default(),
             by_ip: Map::default(),
@@ -75,6 +93,15 @@ impl Tables {
         Tables {
             version: self.version + 1,
             peers,
+            ..self.clone()
+        }
+    }
+
+    /// A copy of these tables with another DNS table and a new version.
+    pub fn with_dns(&self, dns: Option<std::sync::Arc<DnsService>>) -> Self {
+        Tables {
+            version: self.version + 1,
+            dns,
             ..self.clone()
         }
     }
