@@ -147,6 +147,7 @@ impl Sim {
                 frame: frame[..n].to_vec(),
             }),
             Action::Drop(reason) => self.events.push(Event::Dropped { node, reason }),
+            Action::Dns => panic!("the simulated nodes do not answer DNS"),
             Action::ToPeer(id) => {
                 let peer = t.peers.get(id).unwrap().underlay;
                 let prefix = encap_header(t);
