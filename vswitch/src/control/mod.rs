@@ -14,6 +14,7 @@ pub mod ipam;
 pub mod k8s;
 pub mod metrics;
 pub mod netconfig;
+pub mod dns_tcp;
 pub mod nodeport;
 pub mod reload;
 
@@ -81,6 +82,7 @@ pub struct Daemon {
     underlay_stats: Arc<PortStats>,
     host_stats: Option<Arc<PortStats>>,
     nodeports: std::sync::OnceLock<nodeport::NodePorts>,
+    forwarder: std::sync::OnceLock<crate::dns::Forwarder>,
 }
 
 /// The host port's id; pod ports count from 1.
@@ -138,11 +140,7 @@ impl Daemon {
         tables.overlay_mtu = (config.overlay.underlay_mtu - 50).min(u16::MAX as u32) as u16;
         tables.peers = peer_table(&config.peers).map_err(|e| DaemonError::Peers(e.msg))?;
         tables.node_name = config.node.name.clone();
-        tables.services = ServiceTable::build(
-            &config.services,
-            &config.node.name,
-            config.nat.load_balancing,
-        );
+        tables.services = service_table(&config, &config.services);
         let host_tap = if config.host.enabled {
             let routes = config
                 .host
@@ -209,6 +207,7 @@ impl Daemon {
             underlay_stats,
             host_stats,
             nodeports: std::sync::OnceLock::new(),
+            forwarder: std::sync::OnceLock::new(),
         });
         // The DNS records of the configured Services exist from the start.
         {
@@ -314,7 +313,14 @@ impl Daemon {
             d.nameservers,
             cfg.upstreams
         );
-        self.datapath().set_forwarder(crate::dns::Forwarder::new(cfg, rt));
+        let fw = crate::dns::Forwarder::new(cfg, rt.clone());
+        self.datapath().set_forwarder(fw.clone());
+        let _ = self.forwarder.set(fw.clone());
+        if self.config.host.enabled {
+            let table = self.tables.clone();
+            let addr = std::net::SocketAddr::new(IpAddr::V4(self.config.gateway()), 53);
+            rt.spawn(dns_tcp::serve(addr, table, fw));
+        }
     }
 
     fn response(&self, rec: &Record) -> AddResponse {
@@ -657,11 +663,7 @@ impl Daemon {
                 .map_err(|e| api_err(code::INVALID_NETCONF, e.to_string(), ""))?;
         }
         let mut st = self.lock();
-        let table = ServiceTable::build(
-            &services,
-            &self.config.node.name,
-            self.config.nat.load_balancing,
-        );
+        let table = service_table(&self.config, &services);
         let old = self.tables.load();
         let udp_backends = |t: &ServiceTable| -> std::collections::BTreeSet<Ipv4Addr> {
             t.frontends()
@@ -845,6 +847,42 @@ impl Daemon {
         fs::write(&tmp, serde_json::to_vec_pretty(rec)?)?;
         fs::rename(&tmp, &path)
     }
+}
+
+/// The datapath's Service table: the Services, plus, when the switch answers DNS, TCP port 53
+/// of each DNS address translated to the node's DNS-over-TCP listener on the gateway address
+/// (clients retry over TCP after a truncated answer, and the switch has no TCP stack).
+fn service_table(config: &Config, services: &[conf::config::ServiceSpec]) -> ServiceTable {
+    let d = &config.dns;
+    if !(d.answer && config.host.enabled && !d.nameservers.is_empty()) {
+        return ServiceTable::build(services, &config.node.name, config.nat.load_balancing);
+    }
+    let mut all = services.to_vec();
+    all.push(conf::config::ServiceSpec {
+        namespace: "vswitch-system".into(),
+        name: "dns-tcp".into(),
+        cluster_ips: d.nameservers.clone(),
+        ports: vec![conf::config::ServicePort {
+            name: Some("dns-tcp".into()),
+            protocol: conf::config::Protocol::Tcp,
+            port: 53,
+            target_port: Some(53),
+            node_port: None,
+        }],
+        external_ips: vec![],
+        session_affinity_timeout: None,
+        internal_traffic_policy: Default::default(),
+        external_traffic_policy: Default::default(),
+        endpoints: vec![conf::config::EndpointSpec {
+            ip: IpAddr::V4(config.gateway()),
+            node: Some(config.node.name.clone()),
+            ready: true,
+            serving: true,
+            terminating: false,
+            hostname: None,
+        }],
+    });
+    ServiceTable::build(&all, &config.node.name, config.nat.load_balancing)
 }
 
 /// The datapath's peer table from validated peer specs.
