@@ -189,6 +189,9 @@ pub struct PortsResponse {
     /// The VXLAN underlay's counters (datagrams), when the overlay is on.
     #[serde(default)]
     pub underlay: Option<PortCounters>,
+    /// The host port (the node's own interface into the switch), when it is on.
+    #[serde(default)]
+    pub host: Option<PortInfo>,
 }
 
 /// The overlay's settings and peers.

@@ -63,6 +63,9 @@ fn del_twice_succeeds_and_releases_the_pod() {
     assert_eq!(ports.len(), 1);
 }
 
+/// The node's own TAP queue (`vsw0`), held beside the pods'.
+const HOST_PORT: usize = 1;
+
 #[test]
 fn del_after_the_pod_netns_is_gone_releases_everything() {
     let lab = lab(1, 2);
@@ -72,8 +75,8 @@ fn del_after_the_pod_netns_is_gone_releases_everything() {
     let (a, b) = (lab.pod("n1-p1"), lab.pod("n1-p2"));
     assert_eq!(
         tun_fds(pid),
-        2,
-        "vswitchd should hold one TAP queue per pod"
+        2 + HOST_PORT,
+        "vswitchd should hold one TAP queue per pod, and the host port's"
     );
 
     // The runtime tore the sandbox down before DEL (a crash, a kubelet restart). One runtime
@@ -267,7 +270,7 @@ fn fifty_concurrent_adds_get_distinct_addresses_and_their_dels_leave_nothing() {
         distinct.iter().map(|ip| IpAddr::V4(*ip)).collect(),
         "vswitchctl ports"
     );
-    assert_eq!(tun_fds(pid), CONCURRENT);
+    assert_eq!(tun_fds(pid), CONCURRENT + HOST_PORT);
     assert_ping(pods[0].name(), IpAddr::V4(ips[CONCURRENT - 1]));
 
     // All DELs at once too.

@@ -86,7 +86,7 @@ fn main() -> ExitCode {
                     "{:>4}  {:<28} {:<8} {:<15} {:<17} {:>10} {:>10}  drops",
                     "PORT", "POD / CONTAINER", "IFNAME", "IP", "MAC", "RX PKTS", "TX PKTS"
                 );
-                for p in &r.ports {
+                for p in r.ports.iter().chain(r.host.as_ref()) {
                     let who = p.pod.clone().unwrap_or_else(|| p.container_id.clone());
                     let drops: Vec<String> = p
                         .counters
@@ -134,29 +134,30 @@ fn main() -> ExitCode {
         Cmd::PeerDel { name } => client
             .delete::<PeersResponse>(&format!("{}{name}", api::PATH_PEER_PREFIX))
             .map(|r| print_peers(&r, args.json)),
-        Cmd::Services => client
-            .get::<ServicesResponse>(api::PATH_SERVICES)
-            .map(|r| {
-                if args.json {
-                    return print_json(&r);
-                }
-                println!("{:<40} {:<22} {:<9} BACKENDS", "SERVICE", "ADDRESS", "AFFINITY");
-                for f in &r.frontends {
-                    println!(
-                        "{:<40} {:<22} {:<9} {}",
-                        f.name,
-                        format!("{}:{}/{}", f.vip, f.port, f.protocol),
-                        f.session_affinity_timeout
-                            .map(|s| format!("{s}s"))
-                            .unwrap_or_else(|| "-".into()),
-                        if f.backends.is_empty() {
-                            "(none: rejects)".into()
-                        } else {
-                            f.backends.join(" ")
-                        }
-                    );
-                }
-            }),
+        Cmd::Services => client.get::<ServicesResponse>(api::PATH_SERVICES).map(|r| {
+            if args.json {
+                return print_json(&r);
+            }
+            println!(
+                "{:<40} {:<22} {:<9} BACKENDS",
+                "SERVICE", "ADDRESS", "AFFINITY"
+            );
+            for f in &r.frontends {
+                println!(
+                    "{:<40} {:<22} {:<9} {}",
+                    f.name,
+                    format!("{}:{}/{}", f.vip, f.port, f.protocol),
+                    f.session_affinity_timeout
+                        .map(|s| format!("{s}s"))
+                        .unwrap_or_else(|| "-".into()),
+                    if f.backends.is_empty() {
+                        "(none: rejects)".into()
+                    } else {
+                        f.backends.join(" ")
+                    }
+                );
+            }
+        }),
         Cmd::Conntrack { ip, port } => {
             let mut q = Vec::new();
             if let Some(ip) = ip {

@@ -127,13 +127,7 @@ impl Daemon {
             next_port = next_port.max(rec.port + 1);
             records.insert(key, rec);
         }
-        if !records.is_empty() {
-            tracing::warn!(
-                "{} attachment(s) from a previous run have no interface now; \
-                 the runtime's DEL or GC releases them",
-                records.len()
-            );
-        }
+
         let mut tables = Tables::new(config.node.pod_cidr, gw, mac_for(gw));
         tables.vtep_mac = EthernetAddress(config.vtep_mac());
         tables.vni = config.overlay.vni;
@@ -185,6 +179,34 @@ impl Daemon {
             crate::pipeline::CtConfig::from_config(&config.nat),
         )
         .map_err(DaemonError::Datapath)?;
+        // Take back the pods' ports from before a restart: their TAP devices persisted, with
+        // the pods' addresses and routes, so traffic resumes as soon as they are read again.
+        let mut records = records;
+        for rec in records.values_mut() {
+            match netconfig::reattach_pod_interface(
+                &rec.netns,
+                rec.ifname.clone(),
+                config.datapath.offload,
+            ) {
+                Ok(tap) => {
+                    rec.live = true;
+                    datapath.add_port(rec.port, tap, rec.stats.clone());
+                    tracing::info!(
+                        "took back port {} of {}/{} ({})",
+                        rec.port,
+                        rec.container_id,
+                        rec.ifname,
+                        rec.ip
+                    );
+                }
+                Err(e) => tracing::warn!(
+                    "port {} of {}/{} is gone ({e}); the runtime's DEL or GC releases it",
+                    rec.port,
+                    rec.container_id,
+                    rec.ifname
+                ),
+            }
+        }
         let host_stats = host_tap.map(|tap| {
             let stats = Arc::new(PortStats::default());
             datapath.add_port(HOST_PORT, tap, stats.clone());
@@ -471,6 +493,9 @@ impl Daemon {
             self.publish(st);
             if rec.live {
                 self.datapath().remove_port(rec.port);
+            } else {
+                // Not held by this process: delete the device if it is still there.
+                netconfig::delete_pod_interface(&rec.netns, rec.ifname.clone());
             }
             let path = self.record_path(key);
             if let Err(e) = fs::remove_file(&path) {
@@ -587,21 +612,21 @@ impl Daemon {
                     ip: IpAddr::V4(r.ip),
                     counters: r.stats.snapshot(),
                 })
-                .chain(self.host_stats.as_ref().map(|s| {
-                    let gw = self.config.gateway();
-                    PortInfo {
-                        id: HOST_PORT,
-                        container_id: String::new(),
-                        ifname: self.config.host.interface.clone(),
-                        netns: PathBuf::from("/proc/self/ns/net"),
-                        pod: Some("(host)".into()),
-                        mac: host_mac_for(gw).to_string(),
-                        ip: IpAddr::V4(gw),
-                        counters: s.snapshot(),
-                    }
-                }))
                 .collect(),
             switch_drops: BTreeMap::new(),
+            host: self.host_stats.as_ref().map(|s| {
+                let gw = self.config.gateway();
+                PortInfo {
+                    id: HOST_PORT,
+                    container_id: String::new(),
+                    ifname: self.config.host.interface.clone(),
+                    netns: PathBuf::from("/proc/self/ns/net"),
+                    pod: Some("(host)".into()),
+                    mac: host_mac_for(gw).to_string(),
+                    ip: IpAddr::V4(gw),
+                    counters: s.snapshot(),
+                }
+            }),
             underlay: self
                 .config
                 .overlay

@@ -91,8 +91,14 @@ pub fn create_pod_interface(
                 }))
             }
         };
-        // On error `tap` is dropped here, which deletes the device.
-        Ok(configure(&want).map(|()| tap))
+        // On error `tap` is dropped here, which deletes the device (it is not persistent yet).
+        let configured = configure(&want).and_then(|()| {
+            tap.set_persist(true).map_err(|source| NetConfigError::Tap {
+                name: want.ifname.clone(),
+                source,
+            })
+        });
+        Ok(configured.map(|()| tap))
     })
     .map_err(NetConfigError::Netns)?
 }
@@ -136,6 +142,34 @@ fn configure(want: &PodInterface) -> Result<(), NetConfigError> {
             .map_err(netlink("adding default route"))?;
         Ok(())
     })
+}
+
+/// Takes back the persistent TAP `ifname` in `netns_path` after a restart of the switch.
+pub fn reattach_pod_interface(
+    netns_path: &Path,
+    ifname: String,
+    offload: bool,
+) -> Result<Tap, NetConfigError> {
+    netns::run_in(netns_path, move || {
+        Ok(
+            Tap::attach(&ifname, offload).map_err(|source| NetConfigError::Tap {
+                name: ifname.clone(),
+                source,
+            }),
+        )
+    })
+    .map_err(NetConfigError::Netns)?
+}
+
+/// Deletes the persistent TAP `ifname` in `netns_path`, if it is there (DEL of a port the
+/// switch did not hold).
+pub fn delete_pod_interface(netns_path: &Path, ifname: String) {
+    let _ = netns::run_in(netns_path, move || {
+        if let Ok(t) = Tap::attach(&ifname, false) {
+            t.destroy();
+        }
+        Ok(())
+    });
 }
 
 /// Creates the host port, `name`, in the calling process's own network namespace: the

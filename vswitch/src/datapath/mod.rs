@@ -20,6 +20,7 @@ pub mod tap;
 pub mod underlay;
 
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -85,6 +86,7 @@ pub struct Datapath {
     tx: Sender<Command>,
     waker: Arc<Waker>,
     thread: Option<JoinHandle<()>>,
+    capture: Arc<crate::capture::Hub>,
 }
 
 impl Datapath {
@@ -102,6 +104,7 @@ impl Datapath {
         let mut worker = Worker::new(poll, rx, tables, underlay_stats);
         worker.to_self = Some((tx.clone(), waker.clone()));
         let epoch = worker.epoch;
+        let capture = worker.capture.clone();
         worker.ct = Conntrack::new(ct);
         if let Some(u) = underlay {
             worker.poll.registry().register(
@@ -125,6 +128,7 @@ impl Datapath {
             tx,
             waker,
             thread: Some(thread),
+            capture,
         })
     }
 
@@ -166,6 +170,11 @@ impl Datapath {
         self.send(Command::DumpConntrack(tx));
         rx.recv_timeout(std::time::Duration::from_secs(2))
             .unwrap_or_default()
+    }
+
+    /// The capture sessions the worker offers packets to.
+    pub fn capture(&self) -> Arc<crate::capture::Hub> {
+        self.capture.clone()
     }
 
     /// Whether the worker thread is running.
@@ -213,6 +222,7 @@ struct Worker {
     underlay_stats: Arc<PortStats>,
     ct: Conntrack,
     epoch: std::time::Instant,
+    capture: Arc<crate::capture::Hub>,
 }
 
 impl Worker {
@@ -240,6 +250,7 @@ impl Worker {
             underlay_stats,
             ct: Conntrack::new(CtConfig::default()),
             epoch: std::time::Instant::now(),
+            capture: Arc::new(crate::capture::Hub::new()),
         }
     }
 
@@ -316,6 +327,7 @@ impl Worker {
                     if let Some(p) = self.ports.remove(&id) {
                         let fd = std::os::fd::AsRawFd::as_raw_fd(&p.tap);
                         let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+                        p.tap.destroy();
                     }
                     self.ready.retain(|p| *p != id);
                     let _ = done.send(());
@@ -370,13 +382,16 @@ impl Worker {
         let tables = self.tables.load();
         let now = self.now_ms();
         self.ct.sweep(now, 256);
-        if self.underlay_ready && self.service_underlay(&tables, now) {
+        // Loaded once per batch; `None` (no capture session) is the common case.
+        let cap = self.capture.current();
+        let cap = cap.as_deref();
+        if self.underlay_ready && self.service_underlay(&tables, now, cap) {
             self.underlay_ready = false;
         }
         let mut i = 0;
         while i < self.ready.len() {
             let id = self.ready[i];
-            let drained = self.service_port(&tables, id, now);
+            let drained = self.service_port(&tables, id, now, cap);
             if drained {
                 if let Some(p) = self.ports.get_mut(&id) {
                     p.queued = false;
@@ -389,7 +404,13 @@ impl Worker {
     }
 
     /// Reads up to one batch from a port; true when its queue is empty (or the port is gone).
-    fn service_port(&mut self, tables: &Tables, id: PortId, now: u64) -> bool {
+    fn service_port(
+        &mut self,
+        tables: &Tables,
+        id: PortId,
+        now: u64,
+        cap: Option<&crate::capture::TapSet>,
+    ) -> bool {
         for _ in 0..BATCH {
             let Some(port) = self.ports.get(&id) else {
                 return true;
@@ -409,6 +430,10 @@ impl Worker {
                 stats.count_drop(DropReason::Malformed);
                 continue;
             }
+            let nat = cap.and_then(|c| {
+                c.port(id, true, &self.buf[VNET_HDR_LEN..n]);
+                c.nat_snap(&self.buf[VNET_HDR_LEN..n])
+            });
             let vnet = VirtioNetHdr::parse(&self.buf[..VNET_HDR_LEN]).unwrap_or(VirtioNetHdr::NONE);
             let meta = Meta {
                 gso_size: if vnet.is_gso() { vnet.gso_size } else { 0 },
@@ -419,13 +444,17 @@ impl Worker {
                 ct: &mut self.ct,
                 now_ms: now,
             };
-            match pipeline::handle(
+            let action = pipeline::handle(
                 &mut cx,
                 id,
                 &mut self.buf[VNET_HDR_LEN..],
                 n - VNET_HDR_LEN,
                 meta,
-            ) {
+            );
+            if let Some(c) = cap {
+                c.after(id, action, nat.as_ref(), &self.buf[VNET_HDR_LEN..], n - VNET_HDR_LEN);
+            }
+            match action {
                 Action::ToPort(out) => match self.ports.get(&out) {
                     Some(dst) => match dst.tap.send(&self.buf[..n]) {
                         Ok(_) => dst.stats.tx(n - VNET_HDR_LEN),
@@ -445,7 +474,11 @@ impl Worker {
                     let frame = &mut self.buf[VNET_HDR_LEN..n];
                     let hash = flow_hash(frame);
                     let prefix = pipeline::encap_header(tables);
+                    let ends = (u.source_for(hash), SocketAddr::new(peer.underlay, u.port));
                     if vnet.is_gso() {
+                        if let Some(c) = cap {
+                            c.overlay_inner(false, frame);
+                        }
                         let segs = match segment::segment_tcp4(frame, &vnet, &prefix, &mut self.seg)
                         {
                             Ok(s) => s,
@@ -455,6 +488,9 @@ impl Worker {
                             }
                         };
                         let d = &self.seg[..segs.total];
+                        if let Some(c) = cap {
+                            c.overlay_sent(ends.0, ends.1, d, Some(segs.stride));
+                        }
                         match u.send(hash, d, Some(segs.stride), peer.underlay) {
                             Ok(k) => self.underlay_stats.tx_n(k, d.len()),
                             Err(_) => stats.count_drop(DropReason::TxError),
@@ -467,6 +503,10 @@ impl Worker {
                         // The VXLAN header goes where the virtio-net header ends.
                         self.buf[DGRAM_AT..VNET_HDR_LEN].copy_from_slice(&prefix);
                         let d = &self.buf[DGRAM_AT..n];
+                        if let Some(c) = cap {
+                            c.overlay_inner(false, &d[vxlan::HEADER_LEN..]);
+                            c.overlay_sent(ends.0, ends.1, d, None);
+                        }
                         match u.send(hash, d, None, peer.underlay) {
                             Ok(_) => self.underlay_stats.tx(d.len()),
                             Err(_) => stats.count_drop(DropReason::TxError),

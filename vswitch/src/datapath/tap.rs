@@ -41,18 +41,35 @@ impl Tap {
     /// Fails with `AlreadyExists` if an interface of that name exists (a TUNSETIFF on an existing
     /// persistent TAP would silently attach to it instead).
     pub fn create(name: &str, offload: bool) -> io::Result<Tap> {
+        Tap::open(name, offload, true)
+    }
+
+    /// Opens a queue of the existing (persistent) TAP device `name` in the calling thread's
+    /// network namespace: how a restarted switch takes its pods' ports back.
+    pub fn attach(name: &str, offload: bool) -> io::Result<Tap> {
+        if !interface_exists(name) {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no interface named {name} in the namespace"),
+            ));
+        }
+        Tap::open(name, offload, false)
+    }
+
+    fn open(name: &str, offload: bool, exclusive: bool) -> io::Result<Tap> {
         if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(['/', ' ', '\0']) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("{name:?} is not a valid interface name"),
             ));
         }
-        if interface_exists(name) {
+        if exclusive && interface_exists(name) {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
                 format!("an interface named {name} already exists in the namespace"),
             ));
         }
+        let excl = if exclusive { libc::IFF_TUN_EXCL } else { 0 };
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -62,8 +79,7 @@ impl Tap {
             name: [0; libc::IFNAMSIZ],
             // IFF_TUN_EXCL: fail with EBUSY rather than attach to an existing device of that
             // name, closing the race with the check above.
-            flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR | libc::IFF_TUN_EXCL)
-                as libc::c_short,
+            flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR | excl) as libc::c_short,
             _pad: [0; 22],
         };
         for (d, s) in req.name.iter_mut().zip(name.bytes()) {
@@ -122,6 +138,30 @@ impl Tap {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Makes the device outlive this handle (and the process): a pod keeps its interface, MAC,
+    /// address and routes while the switch restarts.
+    pub fn set_persist(&self, on: bool) -> io::Result<()> {
+        // SAFETY: TUNSETPERSIST takes its argument by value (0 or 1); no memory is passed.
+        let rc = unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                libc::TUNSETPERSIST,
+                libc::c_ulong::from(on),
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Deletes the device: persistence off, then the last queue closes.
+    pub fn destroy(self) {
+        if let Err(e) = self.set_persist(false) {
+            tracing::warn!("TAP {}: clearing persistence: {e}", self.name);
+        }
     }
 
     /// Whether the kernel hands us (and accepts from us) checksum-partial TSO super-frames.
