@@ -23,8 +23,18 @@ pub const PATH_PEERS: &str = "/v1/peers";
 pub const PATH_SERVICES: &str = "/v1/services";
 /// GET: connection tracking entries; query `ip=` (any side) and `port=` filter.
 pub const PATH_CONNTRACK: &str = "/v1/conntrack";
+/// POST a [`TraceRequest`]: a synthetic packet through the pipeline, without side effects.
+pub const PATH_TRACE: &str = "/v1/trace";
 /// DELETE removes the named peer: `/v1/peers/{name}`.
 pub const PATH_PEER_PREFIX: &str = "/v1/peers/";
+/// GET: a live pcapng stream (chunked) until the client disconnects or `count=` packets;
+/// query `point=` (comma-separated), `port=`, `pod=NS/NAME`, `direction=in|out|both`,
+/// `filter=` (tcpdump syntax), `count=`, `snaplen=`. The session's id is in the
+/// [`CAPTURE_SESSION_HEADER`] response header.
+pub const PATH_CAPTURE: &str = "/v1/capture";
+/// GET: running and recently ended capture sessions with their counters.
+pub const PATH_CAPTURE_SESSIONS: &str = "/v1/capture/sessions";
+pub const CAPTURE_SESSION_HEADER: &str = "x-capture-session";
 
 /// CNI error codes (CNI spec 1.1.0, "Error" section).
 pub mod code {
@@ -244,4 +254,61 @@ pub struct ConntrackResponse {
     pub entries: Vec<ConntrackInfo>,
     /// Entries before filtering.
     pub total: usize,
+}
+
+/// A capture session's counters.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CaptureSessionInfo {
+    pub id: u64,
+    /// The request: points, port, direction and filter.
+    pub request: String,
+    pub running: bool,
+    /// Packets that passed the points and the filter.
+    pub matched: u64,
+    /// Copies dropped because the session's queue was full (the reader was too slow).
+    pub dropped: u64,
+    /// Packets written to the stream.
+    pub written: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CaptureSessionsResponse {
+    pub sessions: Vec<CaptureSessionInfo>,
+}
+
+/// Where a traced packet enters and what it is.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TraceRequest {
+    /// Sent by this pod (`namespace/name` or container ID)...
+    #[serde(default)]
+    pub pod: Option<String>,
+    /// ...or from this port...
+    #[serde(default)]
+    pub port: Option<u32>,
+    /// ...or arriving over VXLAN from this peer node.
+    #[serde(default)]
+    pub peer: Option<String>,
+    /// Source address (default: the pod's own; required for a peer).
+    #[serde(default)]
+    pub src: Option<std::net::Ipv4Addr>,
+    pub dst: std::net::Ipv4Addr,
+    /// "tcp" (a SYN), "udp" or "icmp" (an echo request).
+    #[serde(default = "default_trace_proto")]
+    pub protocol: String,
+    #[serde(default)]
+    pub src_port: Option<u16>,
+    #[serde(default)]
+    pub dst_port: Option<u16>,
+}
+
+fn default_trace_proto() -> String {
+    "tcp".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TraceResponse {
+    /// Every decision, in order.
+    pub steps: Vec<String>,
+    /// What the switch would do with it.
+    pub verdict: String,
 }

@@ -124,6 +124,7 @@ impl Sim {
                 t: &n.tables,
                 ct: &mut n.ct,
                 now_ms,
+                trace: None,
             };
             let len = frame.len();
             frame.resize(len + 128, 0);
@@ -196,6 +197,7 @@ impl Sim {
                 t,
                 ct: &mut n.ct,
                 now_ms: self.now_ms,
+                trace: None,
             };
             match handle_underlay(&mut cx, peer, &mut inner) {
                 Action::ToPort(p) => self.events.push(Event::Delivered {

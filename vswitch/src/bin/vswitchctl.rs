@@ -51,6 +51,31 @@ enum Cmd {
     PeerDel { name: String },
     /// Service frontends and the backends in use.
     Services,
+    /// Send a synthetic packet through the pipeline (no side effects) and print every decision.
+    Trace {
+        /// Sent by this pod (namespace/name or container ID).
+        #[arg(long, conflicts_with_all = ["port", "peer"])]
+        pod: Option<String>,
+        /// Sent from this port.
+        #[arg(long, conflicts_with = "peer")]
+        port: Option<u32>,
+        /// Arriving over VXLAN from this peer node (needs --src).
+        #[arg(long)]
+        peer: Option<String>,
+        /// Source address (default: the pod's).
+        #[arg(long)]
+        src: Option<std::net::Ipv4Addr>,
+        /// Destination address.
+        #[arg(long)]
+        dst: std::net::Ipv4Addr,
+        /// tcp (a SYN), udp or icmp (an echo request).
+        #[arg(long, default_value = "tcp")]
+        proto: String,
+        #[arg(long)]
+        sport: Option<u16>,
+        #[arg(long)]
+        dport: Option<u16>,
+    },
     /// Tracked (translated) connections.
     Conntrack {
         /// Only connections with this address on any side.
@@ -134,6 +159,38 @@ fn main() -> ExitCode {
         Cmd::PeerDel { name } => client
             .delete::<PeersResponse>(&format!("{}{name}", api::PATH_PEER_PREFIX))
             .map(|r| print_peers(&r, args.json)),
+        Cmd::Trace {
+            pod,
+            port,
+            peer,
+            src,
+            dst,
+            proto,
+            sport,
+            dport,
+        } => client
+            .post::<_, api::TraceResponse>(
+                api::PATH_TRACE,
+                &api::TraceRequest {
+                    pod,
+                    port,
+                    peer,
+                    src,
+                    dst,
+                    protocol: proto,
+                    src_port: sport,
+                    dst_port: dport,
+                },
+            )
+            .map(|r| {
+                if args.json {
+                    return print_json(&r);
+                }
+                for (i, s) in r.steps.iter().enumerate() {
+                    println!("{:>2}. {s}", i + 1);
+                }
+                println!("=> {}", r.verdict);
+            }),
         Cmd::Services => client.get::<ServicesResponse>(api::PATH_SERVICES).map(|r| {
             if args.json {
                 return print_json(&r);

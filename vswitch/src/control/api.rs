@@ -131,6 +131,15 @@ pub fn router(d: Arc<Daemon>) -> Router {
             ),
         )
         .route(
+            api::PATH_TRACE,
+            post(
+                |State(d): State<Arc<Daemon>>, req: Result<Json<api::TraceRequest>, JsonRejection>| async move {
+                    let req = body(req)?;
+                    blocking(move || d.trace(req)).await
+                },
+            ),
+        )
+        .route(
             api::PATH_SERVICES,
             get(|State(d): State<Arc<Daemon>>| async move {
                 blocking(move || Ok(d.services())).await
@@ -167,6 +176,8 @@ pub fn router(d: Arc<Daemon>) -> Router {
                 },
             ),
         )
+        .route(api::PATH_CAPTURE, get(crate::capture::api::capture))
+        .route(api::PATH_CAPTURE_SESSIONS, get(crate::capture::api::sessions))
         .with_state(d)
 }
 

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod netconfig;
 pub mod dns_tcp;
 pub mod nodeport;
+pub mod trace;
 pub mod reload;
 
 use std::collections::BTreeMap;
@@ -827,9 +828,51 @@ impl Daemon {
         let _ = self.nodeports.set(np);
     }
 
+    /// A synthetic packet through the pipeline (see `trace`).
+    pub fn trace(&self, req: conf::api::TraceRequest) -> Result<conf::api::TraceResponse, ApiError> {
+        let t = self.tables.load();
+        let records: Vec<(Option<String>, String, PortId)> = self
+            .lock()
+            .records
+            .values()
+            .filter(|r| r.live)
+            .map(|r| (r.pod.clone(), r.container_id.clone(), r.port))
+            .collect();
+        trace::run(&t, crate::pipeline::CtConfig::from_config(&self.config.nat), &req, |name| {
+            records
+                .iter()
+                .find(|(pod, cid, _)| pod.as_deref() == Some(name) || cid == name)
+                .map(|r| r.2)
+        })
+    }
+
     /// Version of the published tables.
     pub fn table_version(&self) -> u64 {
         self.tables.load().version
+    }
+
+    /// The datapath's capture sessions.
+    pub fn capture(&self) -> Arc<crate::capture::Hub> {
+        self.datapath().capture()
+    }
+
+    /// Each port's name in captures: `pod:NS/NAME` (`port:ID` without a pod name), and
+    /// `host:IFNAME` for the host port.
+    pub fn port_names(&self) -> Vec<(PortId, String)> {
+        let st = self.lock();
+        let mut names: Vec<(PortId, String)> = st
+            .records
+            .values()
+            .filter(|r| r.live)
+            .map(|r| match &r.pod {
+                Some(p) => (r.port, format!("pod:{p}")),
+                None => (r.port, format!("port:{}", r.port)),
+            })
+            .collect();
+        if self.host_stats.is_some() {
+            names.push((HOST_PORT, format!("host:{}", self.config.host.interface)));
+        }
+        names
     }
 
     /// Whether the datapath worker is still running.

@@ -366,6 +366,9 @@ impl Worker {
                         &mut self.seg[VNET_HDR_LEN..],
                     );
                     if let Some(len) = built {
+                        if let Some(c) = self.capture.current() {
+                            c.port(port, false, &self.seg[VNET_HDR_LEN..VNET_HDR_LEN + len]);
+                        }
                         match dst.tap.send(&self.seg[..VNET_HDR_LEN + len]) {
                             Ok(_) => dst.stats.tx(len),
                             Err(_) => dst.stats.count_drop(DropReason::TxError),
@@ -443,6 +446,7 @@ impl Worker {
                 t: tables,
                 ct: &mut self.ct,
                 now_ms: now,
+                trace: None,
             };
             let action = pipeline::handle(
                 &mut cx,
@@ -549,6 +553,9 @@ impl Worker {
                                 &mut self.seg[VNET_HDR_LEN..],
                             );
                             if let Some(flen) = built {
+                                if let Some(c) = cap {
+                                    c.port(id, false, &self.seg[VNET_HDR_LEN..VNET_HDR_LEN + flen]);
+                                }
                                 match port.tap.send(&self.seg[..VNET_HDR_LEN + flen]) {
                                     Ok(_) => stats.tx(flen),
                                     Err(_) => stats.count_drop(DropReason::TxError),
@@ -596,7 +603,12 @@ fn dns_query(frame: &[u8]) -> Option<((std::net::Ipv4Addr, u16), std::net::Ipv4A
 
 impl Worker {
     /// Receives up to a few batches of VXLAN messages; true when the socket is drained.
-    fn service_underlay(&mut self, tables: &Tables, now: u64) -> bool {
+    fn service_underlay(
+        &mut self,
+        tables: &Tables,
+        now: u64,
+        cap: Option<&crate::capture::TapSet>,
+    ) -> bool {
         let Some(u) = &self.underlay else {
             return true;
         };
@@ -626,6 +638,9 @@ impl Worker {
                     stats.count_drop(DropReason::PortGone);
                     return;
                 };
+                if let Some(c) = cap {
+                    c.port_out_parts(o.port, o.parts.iter().map(|r| b.get(r.clone()).unwrap_or_default()));
+                }
                 let hdr = o.hdr.to_bytes();
                 let mut iov = [io::IoSlice::new(&[]); gro::MAX_SEGS + 2];
                 iov[0] = io::IoSlice::new(&hdr);
@@ -649,6 +664,9 @@ impl Worker {
                     let d = off..end;
                     off = end;
                     stats.rx(d.len());
+                    if let Some(c) = cap {
+                        c.overlay_outer(true, m.addr, u.local_addr(), &self.rbuf[d.clone()]);
+                    }
                     let peer = match pipeline::decap(tables, m.addr.ip(), &self.rbuf[d.clone()]) {
                         Ok(p) => p,
                         Err(reason) => {
@@ -657,12 +675,21 @@ impl Worker {
                         }
                     };
                     let inner = d.start + vxlan::HEADER_LEN..d.end;
+                    let nat = cap.and_then(|c| {
+                        c.overlay_inner(true, &self.rbuf[inner.clone()]);
+                        c.nat_snap(&self.rbuf[inner.clone()])
+                    });
                     let mut cx = Ctx {
                         t: tables,
                         ct,
                         now_ms: now,
+                        trace: None,
                     };
-                    match pipeline::handle_underlay(&mut cx, peer, &mut self.rbuf[inner.clone()]) {
+                    let action = pipeline::handle_underlay(&mut cx, peer, &mut self.rbuf[inner.clone()]);
+                    if let (Some(c), Some(s), Action::ToPort(_)) = (cap, &nat, action) {
+                        c.nat(s, &self.rbuf[inner.clone()]);
+                    }
+                    match action {
                         Action::ToPort(out) => gro.push(&mut self.rbuf, out, inner, &mut emit),
                         Action::Drop(reason) => stats.count_drop(reason),
                         // Frames from peers are only ever routed to local pods.

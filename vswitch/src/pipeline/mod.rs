@@ -63,6 +63,18 @@ pub struct Ctx<'a> {
     pub t: &'a Tables,
     pub ct: &'a mut Conntrack,
     pub now_ms: u64,
+    /// When tracing (`vswitchctl trace`), every decision is described here. Never set on the
+    /// datapath, so the fast path only tests an `Option`.
+    pub trace: Option<&'a mut Vec<String>>,
+}
+
+impl Ctx<'_> {
+    #[inline]
+    fn note(&mut self, f: impl FnOnce() -> String) {
+        if let Some(t) = self.trace.as_deref_mut() {
+            t.push(f());
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,11 +147,13 @@ pub fn handle(cx: &mut Ctx<'_>, ingress: PortId, buf: &mut [u8], len: usize, met
     let len = len.min(buf.len());
     let frame = &mut buf[..len];
     if t.is_host(ingress) {
+        cx.note(|| "ingress: the host port".into());
         return from_host(cx, buf, len, meta);
     }
     let Some(port) = t.port(ingress) else {
         return Action::Drop(DropReason::UnknownPort);
     };
+    cx.note(|| format!("ingress: port {} ({} {})", port.id, port.ip, port.mac));
     let Ok(mut eth) = EthernetFrame::new_checked(&mut *frame) else {
         return Action::Drop(DropReason::Malformed);
     };
@@ -151,6 +165,7 @@ pub fn handle(cx: &mut Ctx<'_>, ingress: PortId, buf: &mut [u8], len: usize, met
         EtherType::ARP => arp(t, port, &mut eth),
         EtherType::IPV4 => {
             if dst == t.gateway_mac {
+                cx.note(|| "destination MAC is the gateway's: routed".into());
                 return route_v4(cx, port, buf, len, meta);
             }
             if !dst.is_unicast() {
@@ -162,7 +177,10 @@ pub fn handle(cx: &mut Ctx<'_>, ingress: PortId, buf: &mut [u8], len: usize, met
             if ip.src_addr() != port.ip {
                 return Action::Drop(DropReason::SpoofedIp);
             }
-            nat::untranslate_reply(cx.ct, cx.now_ms, &mut ip, meta.csum_partial);
+            if nat::untranslate_reply(cx.ct, cx.now_ms, &mut ip, meta.csum_partial) {
+                cx.note(|| "a Service backend's reply: source rewritten to the Service".into());
+            }
+            cx.note(|| format!("switched by destination MAC {dst}"));
             match t.port_by_mac(dst) {
                 Some(p) if p.id == ingress => Action::Drop(DropReason::Hairpin),
                 Some(p) => Action::ToPort(p.id),
@@ -212,6 +230,18 @@ fn from_host(cx: &mut Ctx<'_>, buf: &mut [u8], len: usize, meta: Meta) -> Action
         EtherType::IPV4 => Action::Drop(DropReason::UnknownMac),
         EtherType::IPV6 => Action::Drop(DropReason::Ipv6),
         _ => Action::Drop(DropReason::UnsupportedEthertype),
+    }
+}
+
+/// Source and destination ports of a TCP/UDP packet, (0, 0) otherwise (for traces).
+fn nat_ports(ip: &Ipv4Packet<&mut [u8]>) -> (u16, u16) {
+    let p = ip.payload();
+    if ip.is_fragment() || !(ip.protocol() == IpProtocol::TCP || ip.protocol() == IpProtocol::UDP) {
+        return (0, 0);
+    }
+    match p.get(..4) {
+        Some(b) => (u16::from_be_bytes([b[0], b[1]]), u16::from_be_bytes([b[2], b[3]])),
+        None => (0, 0),
     }
 }
 
@@ -267,9 +297,11 @@ fn route_v4(cx: &mut Ctx<'_>, port: &PortEntry, buf: &mut [u8], len: usize, meta
             && dns.addrs.contains(&ip.dst_addr())
             && ip.payload().get(2..4) == Some(&53u16.to_be_bytes()[..])
         {
+            cx.note(|| format!("DNS query to {}: answered by the switch", ip.dst_addr()));
             return Action::Dns;
         }
     }
+    let before = (ip.src_addr(), ip.dst_addr(), nat_ports(&ip));
     match nat::translate(
         &t.services,
         cx.ct,
@@ -281,8 +313,20 @@ fn route_v4(cx: &mut Ctx<'_>, port: &PortEntry, buf: &mut [u8], len: usize, meta
         nat::Nat::None => {
             nat::translate_icmp_error(cx.ct, cx.now_ms, &mut ip);
         }
-        nat::Nat::Translated => {}
-        nat::Nat::NoBackend => return reject(t, port, buf, len),
+        nat::Nat::Translated => {
+            let after = (ip.src_addr(), ip.dst_addr(), nat_ports(&ip));
+            cx.note(|| {
+                format!(
+                    "Service translation: {}:{} -> {}:{} became {}:{} -> {}:{}",
+                    before.0, before.2 .0, before.1, before.2 .1, after.0, after.2 .0, after.1,
+                    after.2 .1
+                )
+            });
+        }
+        nat::Nat::NoBackend => {
+            cx.note(|| format!("{}: a Service without endpoints: rejected", before.1));
+            return reject(t, port, buf, len);
+        }
         nat::Nat::Refused => return Action::Drop(DropReason::ConntrackRefused),
     }
     let dst_ip = ip.dst_addr();
@@ -294,10 +338,21 @@ fn route_v4(cx: &mut Ctx<'_>, port: &PortEntry, buf: &mut [u8], len: usize, meta
         return gateway_v4(t, port, &mut eth);
     }
     let (action, next_mac, src_mac) = if let Some(out) = t.port_by_ip(dst_ip) {
+        cx.note(|| format!("route: {dst_ip} is local pod port {}", out.id));
         (Action::ToPort(out.id), out.mac, t.gateway_mac)
     } else if let (true, Some(h)) = (dst_ip == t.gateway_ip, to_host) {
+        cx.note(|| format!("route: {dst_ip} is the node (host port)"));
         (Action::ToPort(h.id), h.mac, t.gateway_mac)
     } else if let Some((id, peer)) = t.peers.route(dst_ip) {
+        cx.note(|| {
+            format!(
+                "route: {dst_ip} is on node {} (VXLAN VNI {} to {}, inner MAC {})",
+                peer.name,
+                t.vni,
+                peer.underlay,
+                EthernetAddress(peer.vtep_mac)
+            )
+        });
         // A super-frame leaves as segments: each is the headers plus at most gso_size bytes.
         let on_wire = if gso_size == 0 {
             ip.total_len() as usize
@@ -322,6 +377,7 @@ fn route_v4(cx: &mut Ctx<'_>, port: &PortEntry, buf: &mut [u8], len: usize, meta
             t.vtep_mac,
         )
     } else if let Some(h) = to_host {
+        cx.note(|| format!("route: {dst_ip} is outside the cluster: to the node (host port)"));
         // Anything else goes to the node, which routes it on (as pods behind cni0 use the
         // node as their router).
         (Action::ToPort(h.id), h.mac, t.gateway_mac)

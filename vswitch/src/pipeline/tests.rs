@@ -34,6 +34,7 @@ fn run(t: &Tables, port: PortId, f: &mut [u8]) -> Action {
         t,
         ct: &mut ct,
         now_ms: 0,
+        trace: None,
     };
     // Room past the frame for replies, as the datapath's buffer has.
     let len = f.len();
