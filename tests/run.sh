@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 # command:package pairs the end-to-end tests use.
 need=(ip:iproute2 ping:iputils-ping iperf3:iperf3 tcpdump:tcpdump tshark:tshark
       podman:podman runc:runc busybox:busybox-static nc:netcat-openbsd
-      socat:socat ethtool:ethtool
+      socat:socat ethtool:ethtool shellcheck:shellcheck dig:dnsutils file:file
+      pip3:python3-pip
       /usr/lib/cni/loopback:containernetworking-plugins)
 missing=()
 for pair in "${need[@]}"; do
@@ -20,6 +21,12 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Offline validation of the Kubernetes manifests (the deploy tests); pinned, it ships the schemas.
+if ! python3 -c 'import kubernetes_validate' 2>/dev/null; then
+  python3 -m pip install --quiet kubernetes-validate==1.37.0 2>/dev/null \
+    || python3 -m pip install --quiet --break-system-packages kubernetes-validate==1.37.0
 fi
 
 cargo build --workspace --bins
