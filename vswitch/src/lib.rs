@@ -5,6 +5,7 @@
 //! published by `control`, and `datapath` carries the decision out. `wire` holds the zero-copy
 //! packet views everything else is written against.
 
+pub mod capture;
 pub mod control;
 pub mod daemon;
 pub mod datapath;

@@ -85,12 +85,15 @@ enum Cmd {
         #[arg(long)]
         port: Option<u16>,
     },
+    /// Stream a live pcapng capture to stdout (`| tcpdump -nr -`) or to files (-w).
+    Capture(vswitch::capture::cli::CaptureArgs),
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
     let client = Client::new(&args.socket).with_timeout(std::time::Duration::from_secs(10));
     let result = match args.cmd {
+        Cmd::Capture(c) => vswitch::capture::cli::run(&args.socket, &c),
         Cmd::Status => client.get::<Status>(api::PATH_STATUS).map(|s| {
             if args.json {
                 print_json(&s);

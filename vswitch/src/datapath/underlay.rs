@@ -26,6 +26,9 @@ pub struct Underlay {
     rx: UdpSocket,
     rx_state: UdpSocketState,
     tx: Vec<(UdpSocket, UdpSocketState)>,
+    /// The local addresses of `rx` and of `tx`, in order (for capture copies).
+    rx_addr: SocketAddr,
+    tx_addrs: Vec<SocketAddr>,
     /// The peers' VXLAN port (the cluster uses one port).
     pub port: u16,
 }
@@ -56,10 +59,17 @@ impl Underlay {
         for _ in 0..SEND_POOL {
             tx.push(socket(SocketAddr::new(ip, 0))?);
         }
+        let rx_addr = rx.local_addr()?;
+        let tx_addrs = tx
+            .iter()
+            .map(|(s, _)| s.local_addr())
+            .collect::<io::Result<_>>()?;
         Ok(Underlay {
             rx,
             rx_state,
             tx,
+            rx_addr,
+            tx_addrs,
             port,
         })
     }
@@ -115,6 +125,16 @@ impl Underlay {
             sent += chunk.len().div_ceil(seg);
         }
         Ok(sent)
+    }
+
+    /// The address a datagram of this flow leaves from, as `send` picks the socket.
+    pub fn source_for(&self, flow_hash: u64) -> SocketAddr {
+        self.tx_addrs[(flow_hash % self.tx_addrs.len() as u64) as usize]
+    }
+
+    /// The address datagrams from peers arrive at.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.rx_addr
     }
 
     /// Whether the kernel coalesces received datagrams (UDP GRO).

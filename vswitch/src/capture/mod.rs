@@ -1,0 +1,724 @@
+//! The pcap tap: copies of packets at named points of the switch, streamed as pcapng.
+//!
+//! A capture session (one `vswitchctl capture`, one admin API request) selects capture points
+//! and optionally a filter; the datapath offers each frame that passes a selected point to the
+//! session, the filter is evaluated on the frame in place, and only a match is copied (up to the
+//! snap length) into the session's bounded queue. A full queue drops the copy and counts it:
+//! the datapath never waits for a reader. The control plane drains the queue into a pcapng
+//! stream ([`stream`]).
+//!
+//! Capture points, each with a direction:
+//! - `pod` (and `host`, the node's own port `vsw0`): *in* is a frame read from the port's TAP,
+//!   into the switch; *out* is a frame written to it. Frames the switch coalesced (GRO) or a pod
+//!   sent as a TSO super-frame are captured as they are: one packet of up to 64 KiB, its TCP
+//!   checksum possibly partial (as tcpdump on a TSO interface shows).
+//! - `nat:before` / `nat:after`: a packet Service translation rewrote, as it entered the
+//!   translation (inbound) and as it left routing (outbound: translated, next-hop MACs, TTL
+//!   decremented). Packets NAT leaves alone do not appear.
+//! - `overlay:inner`: the frame going into VXLAN (out) or coming out of it (in).
+//! - `overlay:outer`: the VXLAN datagram with Ethernet/IP/UDP headers synthesised around it,
+//!   since the switch sends through a UDP socket and never sees them: the node's underlay
+//!   address and the source port of the pool socket the flow hashes to, the peer's address and
+//!   VXLAN port; zero MACs; one packet per datagram (a segmented super-frame is each segment's
+//!   datagram, as on the wire). A filter matches an outer packet when it matches either the
+//!   inner frame or the outer headers (so `host <pod IP>` and `udp port 8472` both select it).
+//!
+//! Off costs one relaxed atomic load per batch; on, a point nobody selected costs a bit test.
+
+pub mod api;
+pub mod cli;
+pub mod filter;
+pub mod pcapng;
+pub mod stream;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwapOption;
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+
+use crate::pipeline::PortId;
+pub use filter::{Fields, Filter, FilterError};
+pub use pcapng::Direction;
+
+/// Packets a session's queue holds before copies are dropped.
+pub const QUEUE_LEN: usize = 4096;
+/// The default and largest snap length.
+pub const MAX_SNAPLEN: usize = 65_535;
+/// Sessions at once, per daemon.
+pub const MAX_SESSIONS: usize = 16;
+/// Ended sessions whose counters are still shown.
+const RECENT: usize = 16;
+/// Enough of a frame to hold every header NAT may rewrite: Ethernet, IPv4 with options, and
+/// for an ICMP error the quoted IPv4 header with options and 8 bytes after it.
+const NAT_SNAP: usize = 14 + 60 + 8 + 60 + 8;
+
+/// Where in the switch a packet was seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Stage {
+    /// A pod's port (or the host port): `in` read from its TAP, `out` written to it.
+    Port,
+    /// Service translation: `in` is before, `out` after.
+    Nat,
+    OverlayInner,
+    OverlayOuter,
+}
+
+/// A capture point as the datapath reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Point {
+    pub stage: Stage,
+    /// Inbound: into the switch (or into the stage); outbound: out of it.
+    pub inbound: bool,
+    /// The port of a `Port` point; 0 otherwise.
+    pub port: PortId,
+}
+
+impl Point {
+    fn bit(stage: Stage, inbound: bool) -> u8 {
+        1 << (stage as u8 * 2 + u8::from(inbound))
+    }
+
+    pub fn direction(&self) -> Direction {
+        if self.inbound {
+            Direction::Inbound
+        } else {
+            Direction::Outbound
+        }
+    }
+}
+
+/// Which points a session wants: a set of (stage, direction) and optionally one port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Selection {
+    mask: u8,
+    /// Only this port's `Port` points (the other stages are not selected with a port).
+    port: Option<PortId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CaptureError {
+    #[error(
+        "unknown capture point {0:?}; the points are pod, host, nat, nat:before, nat:after, \
+         overlay, overlay:inner, overlay:outer, all"
+    )]
+    UnknownPoint(String),
+    #[error("unknown direction {0:?}; use in, out or both")]
+    UnknownDirection(String),
+    #[error("a port selects the pod and host points only, not {0}")]
+    PortWithStage(String),
+    #[error("the selected points and direction leave nothing to capture")]
+    Empty,
+    #[error("{MAX_SESSIONS} capture sessions are running already")]
+    TooMany,
+    #[error(transparent)]
+    Filter(#[from] FilterError),
+}
+
+impl Selection {
+    /// From the API's words: `points` a comma-separated list (empty: all), `direction`
+    /// `in`, `out` or `both`, and an optional port (its pod/host points only).
+    pub fn parse(
+        points: &str,
+        direction: &str,
+        port: Option<PortId>,
+    ) -> Result<Selection, CaptureError> {
+        let both = Point::bit(Stage::Port, true) | Point::bit(Stage::Port, false);
+        let stage = |s: Stage| both << (s as u8 * 2);
+        let mut mask = 0u8;
+        let mut non_port = None;
+        let words: Vec<&str> = points
+            .split(',')
+            .map(str::trim)
+            .filter(|w| !w.is_empty())
+            .collect();
+        for w in &words {
+            let m = match *w {
+                "all" => 0xff,
+                // The host port is a port like the pods'; `pod` and `host` differ in name only
+                // unless a port is given.
+                "pod" | "host" | "port" => stage(Stage::Port),
+                "nat" => stage(Stage::Nat),
+                "nat:before" => Point::bit(Stage::Nat, true),
+                "nat:after" => Point::bit(Stage::Nat, false),
+                "overlay" => stage(Stage::OverlayInner) | stage(Stage::OverlayOuter),
+                "overlay:inner" => stage(Stage::OverlayInner),
+                "overlay:outer" => stage(Stage::OverlayOuter),
+                _ => return Err(CaptureError::UnknownPoint(w.to_string())),
+            };
+            if m & !stage(Stage::Port) != 0 {
+                non_port = Some(w.to_string());
+            }
+            mask |= m;
+        }
+        if words.is_empty() {
+            mask = if port.is_some() {
+                stage(Stage::Port)
+            } else {
+                0xff
+            };
+        }
+        if let (Some(_), Some(w)) = (port, non_port) {
+            return Err(CaptureError::PortWithStage(w));
+        }
+        // The inbound bit of each stage is the odd one.
+        let inbound = 0b1010_1010u8;
+        match direction {
+            "" | "both" | "inout" => {}
+            "in" => mask &= inbound,
+            "out" => mask &= !inbound,
+            d => return Err(CaptureError::UnknownDirection(d.to_string())),
+        }
+        if mask == 0 {
+            return Err(CaptureError::Empty);
+        }
+        Ok(Selection { mask, port })
+    }
+
+    pub fn port(&self) -> Option<PortId> {
+        self.port
+    }
+}
+
+/// One copied packet.
+#[derive(Debug)]
+pub struct Captured {
+    /// Nanoseconds since the Unix epoch.
+    pub ts_ns: u64,
+    pub point: Point,
+    /// Length before the snap length cut it.
+    pub orig_len: u32,
+    pub data: Vec<u8>,
+}
+
+/// A session's counters: written by the datapath, read by the stream and the API.
+#[derive(Debug, Default)]
+pub struct SessionStats {
+    /// Packets that passed the selection and the filter.
+    pub matched: AtomicU64,
+    /// Copies queued for the reader.
+    pub queued: AtomicU64,
+    /// Copies dropped because the queue was full.
+    pub dropped: AtomicU64,
+    /// Packets written to the stream by the reader.
+    pub written: AtomicU64,
+}
+
+/// A running capture, as the datapath sees it.
+pub struct Session {
+    pub id: u64,
+    pub sel: Selection,
+    pub filter: Option<Filter>,
+    pub snaplen: usize,
+    /// The request as given, for listing sessions.
+    pub describe: String,
+    pub stats: SessionStats,
+    tx: Sender<Captured>,
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+impl Session {
+    /// Offers a packet at `point`; `fields` parses it for the filter, `copy` writes it (at
+    /// most `snaplen` bytes) into a buffer. Returns whether it was queued.
+    #[inline]
+    fn offer(
+        &self,
+        point: Point,
+        len: usize,
+        matches: &mut impl FnMut(&Filter) -> bool,
+        copy: &impl Fn(&mut Vec<u8>, usize),
+    ) {
+        if self.sel.mask & Point::bit(point.stage, point.inbound) == 0 {
+            return;
+        }
+        if point.stage == Stage::Port && self.sel.port.is_some_and(|p| p != point.port) {
+            return;
+        }
+        if let Some(f) = &self.filter {
+            if !matches(f) {
+                return;
+            }
+        }
+        self.stats.matched.fetch_add(1, Relaxed);
+        if self.tx.is_full() {
+            self.stats.dropped.fetch_add(1, Relaxed);
+            return;
+        }
+        let take = len.min(self.snaplen);
+        let mut data = Vec::with_capacity(take);
+        copy(&mut data, take);
+        let c = Captured {
+            ts_ns: now_ns(),
+            point,
+            orig_len: len as u32,
+            data,
+        };
+        match self.tx.try_send(c) {
+            Ok(()) => {
+                self.stats.queued.fetch_add(1, Relaxed);
+            }
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.stats.dropped.fetch_add(1, Relaxed);
+            }
+        }
+    }
+}
+
+/// The sessions running now, as one immutable set the datapath loads once per batch.
+pub struct TapSet {
+    sessions: Vec<Arc<Session>>,
+    /// The union of the sessions' points.
+    mask: u8,
+}
+
+/// The headers of a frame as it entered NAT, kept until we know whether NAT rewrote it.
+pub struct NatSnap {
+    head: [u8; NAT_SNAP],
+    len: usize,
+}
+
+/// Copies parts (byte slices in order) into `out`, at most `take` bytes.
+fn copy_parts<'a>(out: &mut Vec<u8>, take: usize, parts: impl Iterator<Item = &'a [u8]>) {
+    for p in parts {
+        let room = take - out.len();
+        if room == 0 {
+            break;
+        }
+        out.extend_from_slice(&p[..p.len().min(room)]);
+    }
+}
+
+impl TapSet {
+    #[inline]
+    fn wants(&self, stage: Stage, inbound: bool) -> bool {
+        self.mask & Point::bit(stage, inbound) != 0
+    }
+
+    /// Offers a contiguous frame at a point.
+    fn offer_frame(&self, point: Point, frame: &[u8]) {
+        let mut parsed: Option<Fields> = None;
+        let mut matches =
+            |f: &Filter| f.matches_fields(parsed.get_or_insert_with(|| Fields::parse(frame)));
+        for s in &self.sessions {
+            s.offer(
+                point,
+                frame.len(),
+                &mut matches,
+                &|out: &mut Vec<u8>, take: usize| out.extend_from_slice(&frame[..take]),
+            );
+        }
+    }
+
+    /// A frame read from (`inbound`) or written to a port's TAP (no virtio-net header).
+    #[inline]
+    pub fn port(&self, port: PortId, inbound: bool, frame: &[u8]) {
+        if self.wants(Stage::Port, inbound) {
+            let point = Point {
+                stage: Stage::Port,
+                inbound,
+                port,
+            };
+            self.offer_frame(point, frame);
+        }
+    }
+
+    /// A frame written to a port's TAP as parts (GRO): the first part holds the headers.
+    pub fn port_out_parts<'a>(&self, port: PortId, parts: impl Iterator<Item = &'a [u8]> + Clone) {
+        if !self.wants(Stage::Port, false) {
+            return;
+        }
+        let point = Point {
+            stage: Stage::Port,
+            inbound: false,
+            port,
+        };
+        let len: usize = parts.clone().map(<[u8]>::len).sum();
+        let mut parsed: Option<Fields> = None;
+        let mut matches = |f: &Filter| {
+            f.matches_fields(parsed.get_or_insert_with(|| {
+                let mut p = Fields::parse(parts.clone().next().unwrap_or_default());
+                p.len = len as u32;
+                p
+            }))
+        };
+        for s in &self.sessions {
+            s.offer(
+                point,
+                len,
+                &mut matches,
+                &|out: &mut Vec<u8>, take: usize| copy_parts(out, take, parts.clone()),
+            );
+        }
+    }
+
+    /// Keeps the headers of a frame about to go through NAT, when a session wants NAT points.
+    #[inline]
+    pub fn nat_snap(&self, frame: &[u8]) -> Option<NatSnap> {
+        if self.mask & (Point::bit(Stage::Nat, true) | Point::bit(Stage::Nat, false)) == 0 {
+            return None;
+        }
+        let len = frame.len().min(NAT_SNAP);
+        let mut head = [0u8; NAT_SNAP];
+        head[..len].copy_from_slice(&frame[..len]);
+        Some(NatSnap { head, len })
+    }
+
+    /// After the pipeline forwarded the frame: when NAT rewrote it, offers it as it was
+    /// (`nat:before`) and as it is (`nat:after`).
+    pub fn nat(&self, snap: &NatSnap, after: &[u8]) {
+        if !translated(&snap.head[..snap.len], after) {
+            return;
+        }
+        let h = snap.len.min(after.len());
+        let head = &snap.head[..h];
+        let tail = &after[h..];
+        let total = after.len();
+        let before = Point {
+            stage: Stage::Nat,
+            inbound: true,
+            port: 0,
+        };
+        let mut parsed: Option<Fields> = None;
+        let mut matches = |f: &Filter| {
+            f.matches_fields(parsed.get_or_insert_with(|| {
+                let mut p = Fields::parse(head);
+                p.len = total as u32;
+                p
+            }))
+        };
+        for s in &self.sessions {
+            s.offer(
+                before,
+                total,
+                &mut matches,
+                &|out: &mut Vec<u8>, take: usize| copy_parts(out, take, [head, tail].into_iter()),
+            );
+        }
+        self.offer_frame(
+            Point {
+                stage: Stage::Nat,
+                inbound: false,
+                port: 0,
+            },
+            after,
+        );
+    }
+
+    /// The inner frame going into VXLAN (`inbound` false) or coming out of it.
+    #[inline]
+    pub fn overlay_inner(&self, inbound: bool, frame: &[u8]) {
+        if self.wants(Stage::OverlayInner, inbound) {
+            let point = Point {
+                stage: Stage::OverlayInner,
+                inbound,
+                port: 0,
+            };
+            self.offer_frame(point, frame);
+        }
+    }
+
+    /// After the pipeline decided about a frame read from port `ingress`: the NAT points, and
+    /// the copy of what goes out of a port (a switched frame or the switch's reply).
+    /// `buf` starts at the frame, which was `len` bytes long on the way in.
+    pub fn after(
+        &self,
+        ingress: PortId,
+        action: crate::pipeline::Action,
+        nat: Option<&NatSnap>,
+        buf: &[u8],
+        len: usize,
+    ) {
+        use crate::pipeline::Action;
+        let frame = &buf[..len.min(buf.len())];
+        match action {
+            Action::ToPort(out) => {
+                if let Some(s) = nat {
+                    self.nat(s, frame);
+                }
+                self.port(out, false, frame);
+            }
+            Action::ToPeer(_) => {
+                if let Some(s) = nat {
+                    self.nat(s, frame);
+                }
+            }
+            Action::Reply(n) => self.port(ingress, false, &buf[..n.min(buf.len())]),
+            _ => {}
+        }
+    }
+
+    /// VXLAN datagrams about to be sent: the inner frame of each (`overlay:inner:out`, unless
+    /// the caller captured a super-frame already) and each datagram with outer headers.
+    /// `datagrams` holds one, or with `stride` several back to back.
+    pub fn overlay_sent(
+        &self,
+        src: SocketAddr,
+        dst: SocketAddr,
+        datagrams: &[u8],
+        stride: Option<usize>,
+    ) {
+        if !self.wants(Stage::OverlayOuter, false) {
+            return;
+        }
+        let stride = stride.filter(|&s| s > 0).unwrap_or(datagrams.len().max(1));
+        for d in datagrams.chunks(stride) {
+            self.overlay_outer(false, src, dst, d);
+        }
+    }
+
+    /// A VXLAN datagram (VXLAN header + inner frame) sent from `src` to `dst` or received.
+    pub fn overlay_outer(&self, inbound: bool, src: SocketAddr, dst: SocketAddr, dgram: &[u8]) {
+        if !self.wants(Stage::OverlayOuter, inbound) {
+            return;
+        }
+        let point = Point {
+            stage: Stage::OverlayOuter,
+            inbound,
+            port: 0,
+        };
+        let mut head = [0u8; OUTER_MAX];
+        let hl = outer_headers(&mut head, src, dst, dgram.len());
+        let total = hl + dgram.len();
+        let vni = dgram
+            .get(..8)
+            .filter(|h| h[0] & 0x08 != 0)
+            .map(|h| u32::from_be_bytes([0, h[4], h[5], h[6]]));
+        let inner = dgram.get(8..).unwrap_or_default();
+        let mut fields: Option<(Fields, Fields)> = None;
+        let mut matches = |f: &Filter| {
+            let (i, o) = fields
+                .get_or_insert_with(|| (Fields::parse(inner), Fields::outer(src, dst, vni, total)));
+            f.matches_fields(i) || f.matches_fields(o)
+        };
+        let head = &head[..hl];
+        for s in &self.sessions {
+            s.offer(
+                point,
+                total,
+                &mut matches,
+                &|out: &mut Vec<u8>, take: usize| copy_parts(out, take, [head, dgram].into_iter()),
+            );
+        }
+    }
+}
+
+/// Whether NAT rewrote a frame: the pipeline's routing changes only MACs, the TTL and the IP
+/// checksum; a changed address, port or ICMP body (an ICMP error about a translated
+/// connection) is translation.
+fn translated(before: &[u8], after: &[u8]) -> bool {
+    const ETH: usize = 14;
+    let n = before.len().min(after.len());
+    if n < ETH + 20 || before.get(12..14) != Some(&[0x08, 0x00]) {
+        return false;
+    }
+    let (b, a) = (&before[..n], &after[..n]);
+    if b[ETH + 12..ETH + 20] != a[ETH + 12..ETH + 20] {
+        return true;
+    }
+    let ihl = usize::from(b[ETH] & 0x0f) * 4;
+    let l4 = ETH + ihl;
+    match b[ETH + 9] {
+        // Ports only: a kernel peer's partial checksum may be completed on the way in.
+        6 | 17 => b.get(l4..l4 + 4) != a.get(l4..l4 + 4),
+        1 => b.get(l4..) != a.get(l4..),
+        _ => false,
+    }
+}
+
+/// Room for synthesised outer headers: Ethernet, IPv6, UDP.
+const OUTER_MAX: usize = 14 + 40 + 8;
+
+/// Writes Ethernet/IP/UDP headers for a UDP payload of `len` bytes from `src` to `dst`;
+/// returns their length. IPv4 gets a valid header checksum and no UDP checksum (allowed).
+fn outer_headers(out: &mut [u8; OUTER_MAX], src: SocketAddr, dst: SocketAddr, len: usize) -> usize {
+    let udp_len = (8 + len).min(u16::MAX as usize) as u16;
+    let (ip_len, ethertype) = match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let ip = &mut out[14..34];
+            ip[0] = 0x45;
+            let total = (20 + 8 + len).min(u16::MAX as usize) as u16;
+            ip[2..4].copy_from_slice(&total.to_be_bytes());
+            ip[6] = 0x40; // DF, as the kernel sends UDP with PMTU discovery
+            ip[8] = 64;
+            ip[9] = 17;
+            ip[12..16].copy_from_slice(&s.octets());
+            ip[16..20].copy_from_slice(&d.octets());
+            let c = crate::wire::checksum::finish(crate::wire::checksum::sum(ip));
+            ip[10..12].copy_from_slice(&c.to_be_bytes());
+            (20, 0x0800u16)
+        }
+        (s, d) => {
+            let to6 = |a: IpAddr| match a {
+                IpAddr::V6(a) => a,
+                IpAddr::V4(a) => a.to_ipv6_mapped(),
+            };
+            let ip = &mut out[14..54];
+            ip[0] = 0x60;
+            ip[4..6].copy_from_slice(&udp_len.to_be_bytes());
+            ip[6] = 17;
+            ip[7] = 64;
+            ip[8..24].copy_from_slice(&to6(s).octets());
+            ip[24..40].copy_from_slice(&to6(d).octets());
+            (40, 0x86ddu16)
+        }
+    };
+    out[12..14].copy_from_slice(&ethertype.to_be_bytes());
+    let udp = &mut out[14 + ip_len..14 + ip_len + 8];
+    udp[0..2].copy_from_slice(&src.port().to_be_bytes());
+    udp[2..4].copy_from_slice(&dst.port().to_be_bytes());
+    udp[4..6].copy_from_slice(&udp_len.to_be_bytes());
+    14 + ip_len + 8
+}
+
+/// What a new session asks for.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub sel: Selection,
+    pub filter: Option<Filter>,
+    pub snaplen: usize,
+    pub describe: String,
+}
+
+/// A session's counters for the API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    pub id: u64,
+    pub describe: String,
+    pub running: bool,
+    pub matched: u64,
+    pub queued: u64,
+    pub dropped: u64,
+    pub written: u64,
+}
+
+fn summary(s: &Session, running: bool) -> Summary {
+    Summary {
+        id: s.id,
+        describe: s.describe.clone(),
+        running,
+        matched: s.stats.matched.load(Relaxed),
+        queued: s.stats.queued.load(Relaxed),
+        dropped: s.stats.dropped.load(Relaxed),
+        written: s.stats.written.load(Relaxed),
+    }
+}
+
+/// The sessions of one daemon: opened and closed by the control plane, read by the datapath.
+#[derive(Default)]
+pub struct Hub {
+    on: AtomicBool,
+    set: ArcSwapOption<TapSet>,
+    sessions: Mutex<Vec<Arc<Session>>>,
+    recent: Mutex<std::collections::VecDeque<Summary>>,
+    next_id: AtomicU64,
+    /// Totals over all sessions, ended ones included (for metrics).
+    pub total_dropped: AtomicU64,
+    pub total_queued: AtomicU64,
+}
+
+impl Hub {
+    pub fn new() -> Hub {
+        Hub::default()
+    }
+
+    /// The running sessions, or `None` (the common case) at the cost of one relaxed load.
+    #[inline]
+    pub fn current(&self) -> Option<Arc<TapSet>> {
+        if !self.on.load(Relaxed) {
+            return None;
+        }
+        self.set.load_full()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Session>>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn publish(&self, sessions: &[Arc<Session>]) {
+        if sessions.is_empty() {
+            self.on.store(false, Relaxed);
+            self.set.store(None);
+            return;
+        }
+        let mask = sessions.iter().fold(0, |m, s| m | s.sel.mask);
+        self.set.store(Some(Arc::new(TapSet {
+            sessions: sessions.to_vec(),
+            mask,
+        })));
+        self.on.store(true, Relaxed);
+    }
+
+    /// Starts a session; its packets arrive on the receiver until [`Hub::close`].
+    pub fn open(&self, req: Request) -> Result<(Arc<Session>, Receiver<Captured>), CaptureError> {
+        let mut sessions = self.lock();
+        if sessions.len() >= MAX_SESSIONS {
+            return Err(CaptureError::TooMany);
+        }
+        let (tx, rx) = crossbeam_channel::bounded(QUEUE_LEN);
+        let s = Arc::new(Session {
+            id: self.next_id.fetch_add(1, Relaxed) + 1,
+            sel: req.sel,
+            filter: req.filter,
+            snaplen: req.snaplen.clamp(64, MAX_SNAPLEN),
+            describe: req.describe,
+            stats: SessionStats::default(),
+            tx,
+        });
+        sessions.push(s.clone());
+        self.publish(&sessions);
+        Ok((s, rx))
+    }
+
+    /// Ends a session. The datapath may still hold it for the rest of a batch; its queue is
+    /// then simply not read.
+    pub fn close(&self, id: u64) {
+        let mut sessions = self.lock();
+        let Some(i) = sessions.iter().position(|s| s.id == id) else {
+            return;
+        };
+        let s = sessions.remove(i);
+        self.publish(&sessions);
+        drop(sessions);
+        self.total_dropped
+            .fetch_add(s.stats.dropped.load(Relaxed), Relaxed);
+        self.total_queued
+            .fetch_add(s.stats.queued.load(Relaxed), Relaxed);
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.len() == RECENT {
+            recent.pop_front();
+        }
+        recent.push_back(summary(&s, false));
+    }
+
+    /// Running sessions first, then recently ended ones.
+    pub fn summaries(&self) -> Vec<Summary> {
+        let mut out: Vec<Summary> = self.lock().iter().map(|s| summary(s, true)).collect();
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        out.extend(recent.iter().rev().cloned());
+        out
+    }
+
+    /// Copies dropped and queued over all sessions, running ones included.
+    pub fn totals(&self) -> (u64, u64) {
+        let live = self.lock();
+        let (mut d, mut q) = (
+            self.total_dropped.load(Relaxed),
+            self.total_queued.load(Relaxed),
+        );
+        for s in live.iter() {
+            d += s.stats.dropped.load(Relaxed);
+            q += s.stats.queued.load(Relaxed);
+        }
+        (q, d)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,326 @@
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::stream::{Next, Stream};
+use super::*;
+
+fn frame(src: [u8; 4], dst: [u8; 4], proto: u8, sport: u16, dport: u16, payload: usize) -> Vec<u8> {
+    let builder = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4(src, dst, 64);
+    let body = vec![0x61u8; payload];
+    let mut out = Vec::new();
+    match proto {
+        6 => builder
+            .tcp(sport, dport, 1, 1000)
+            .write(&mut out, &body)
+            .unwrap(),
+        17 => builder.udp(sport, dport).write(&mut out, &body).unwrap(),
+        _ => builder
+            .icmpv4_echo_request(1, 1)
+            .write(&mut out, &body)
+            .unwrap(),
+    }
+    out
+}
+
+fn open(
+    hub: &Hub,
+    points: &str,
+    dir: &str,
+    port: Option<u32>,
+    filter: Option<&str>,
+) -> (Arc<Session>, crossbeam_channel::Receiver<Captured>) {
+    hub.open(Request {
+        sel: Selection::parse(points, dir, port).unwrap(),
+        filter: filter.map(|f| Filter::parse(f).unwrap()),
+        snaplen: MAX_SNAPLEN,
+        describe: String::new(),
+    })
+    .unwrap()
+}
+
+#[test]
+fn selections() {
+    let all = Selection::parse("", "", None).unwrap();
+    assert_eq!(all.mask, 0xff);
+    let p = Selection::parse("", "in", Some(3)).unwrap();
+    assert_eq!(p.mask, Point::bit(Stage::Port, true));
+    assert_eq!(p.port(), Some(3));
+    let n = Selection::parse("nat:before,overlay:outer", "both", None).unwrap();
+    assert_eq!(
+        n.mask,
+        Point::bit(Stage::Nat, true)
+            | Point::bit(Stage::OverlayOuter, true)
+            | Point::bit(Stage::OverlayOuter, false)
+    );
+    assert_eq!(
+        Selection::parse("nat:before", "out", None),
+        Err(CaptureError::Empty)
+    );
+    assert!(matches!(
+        Selection::parse("bogus", "", None),
+        Err(CaptureError::UnknownPoint(_))
+    ));
+    assert!(matches!(
+        Selection::parse("pod", "sideways", None),
+        Err(CaptureError::UnknownDirection(_))
+    ));
+    assert!(matches!(
+        Selection::parse("nat", "", Some(1)),
+        Err(CaptureError::PortWithStage(_))
+    ));
+}
+
+#[test]
+fn off_until_a_session_opens_and_after_it_closes() {
+    let hub = Hub::new();
+    assert!(hub.current().is_none());
+    let (s, _rx) = open(&hub, "pod", "", None, None);
+    assert!(hub.current().is_some());
+    hub.close(s.id);
+    assert!(hub.current().is_none());
+    assert_eq!(hub.summaries().len(), 1);
+    assert!(!hub.summaries()[0].running);
+}
+
+#[test]
+fn points_ports_directions_and_filters_select_what_is_copied() {
+    let hub = Hub::new();
+    let (_a, rx_a) = open(&hub, "", "in", Some(2), None);
+    let (_b, rx_b) = open(&hub, "pod", "", None, Some("udp port 53"));
+    let set = hub.current().unwrap();
+    let udp = frame([10, 0, 0, 1], [10, 0, 0, 2], 17, 999, 53, 10);
+    let tcp = frame([10, 0, 0, 1], [10, 0, 0, 2], 6, 999, 80, 10);
+    set.port(2, true, &udp);
+    set.port(2, false, &tcp);
+    set.port(3, true, &tcp);
+    set.port(3, false, &udp);
+    set.overlay_inner(false, &udp);
+    let a: Vec<Captured> = rx_a.try_iter().collect();
+    assert_eq!(a.len(), 1);
+    assert_eq!((a[0].point.port, a[0].point.inbound), (2, true));
+    assert_eq!(a[0].data, udp);
+    let b: Vec<(u32, bool)> = rx_b
+        .try_iter()
+        .map(|c| (c.point.port, c.point.inbound))
+        .collect();
+    assert_eq!(b, [(2, true), (3, false)]);
+}
+
+#[test]
+fn a_full_queue_drops_and_counts_instead_of_waiting() {
+    let hub = Hub::new();
+    let (s, rx) = open(&hub, "pod", "", None, None);
+    let set = hub.current().unwrap();
+    let f = frame([10, 0, 0, 1], [10, 0, 0, 2], 17, 1, 2, 100);
+    for _ in 0..QUEUE_LEN + 10 {
+        set.port(1, true, &f);
+    }
+    assert_eq!(s.stats.queued.load(Relaxed), QUEUE_LEN as u64);
+    assert_eq!(s.stats.dropped.load(Relaxed), 10);
+    assert_eq!(rx.len(), QUEUE_LEN);
+    assert_eq!(hub.totals(), (QUEUE_LEN as u64, 10));
+}
+
+#[test]
+fn snaplen_cuts_copies_but_keeps_the_length() {
+    let hub = Hub::new();
+    let (_s, rx) = hub
+        .open(Request {
+            sel: Selection::parse("pod", "", None).unwrap(),
+            filter: None,
+            snaplen: 100,
+            describe: String::new(),
+        })
+        .unwrap();
+    let f = frame([10, 0, 0, 1], [10, 0, 0, 2], 17, 1, 2, 1000);
+    hub.current().unwrap().port(1, true, &f);
+    let c = rx.try_recv().unwrap();
+    assert_eq!(c.data.len(), 100);
+    assert_eq!(c.orig_len as usize, f.len());
+}
+
+#[test]
+fn nat_points_show_translated_packets_only() {
+    let hub = Hub::new();
+    let (_s, rx) = open(&hub, "nat", "", None, None);
+    let set = hub.current().unwrap();
+    let before = frame([10, 244, 1, 2], [10, 96, 0, 10], 6, 40000, 80, 20);
+    // Routing alone: MACs and TTL change, nothing else.
+    let mut routed = before.clone();
+    routed[0] = 0x0e;
+    routed[14 + 8] -= 1;
+    let snap = set.nat_snap(&before).unwrap();
+    set.nat(&snap, &routed);
+    assert!(rx.try_recv().is_err(), "routing is not translation");
+    // DNAT to a backend on port 8080.
+    let mut after = routed.clone();
+    after[14 + 16..14 + 20].copy_from_slice(&[10, 244, 2, 5]);
+    after[14 + 20 + 2..14 + 20 + 4].copy_from_slice(&8080u16.to_be_bytes());
+    set.nat(&snap, &after);
+    let got: Vec<Captured> = rx.try_iter().collect();
+    assert_eq!(got.len(), 2);
+    assert!(got[0].point.inbound && got[0].point.stage == Stage::Nat);
+    assert_eq!(got[0].data, before);
+    assert!(!got[1].point.inbound);
+    assert_eq!(got[1].data, after);
+}
+
+#[test]
+fn nat_filter_applies_to_each_side() {
+    let hub = Hub::new();
+    let (_s, rx) = open(&hub, "nat", "", None, Some("host 10.96.0.10"));
+    let set = hub.current().unwrap();
+    let before = frame([10, 244, 1, 2], [10, 96, 0, 10], 17, 40000, 53, 20);
+    let mut after = before.clone();
+    after[14 + 16..14 + 20].copy_from_slice(&[10, 244, 2, 5]);
+    let snap = set.nat_snap(&before).unwrap();
+    set.nat(&snap, &after);
+    let got: Vec<bool> = rx.try_iter().map(|c| c.point.inbound).collect();
+    assert_eq!(got, [true], "only the side with the ClusterIP matches");
+}
+
+#[test]
+fn outer_datagrams_get_synthesised_headers_that_parse() {
+    let hub = Hub::new();
+    let (_s, rx) = open(&hub, "overlay:outer", "", None, Some("host 10.244.2.3"));
+    let set = hub.current().unwrap();
+    let inner = frame([10, 244, 1, 2], [10, 244, 2, 3], 1, 0, 0, 56);
+    let mut dgram = vec![0x08, 0, 0, 0, 0, 0, 1, 0];
+    dgram.extend_from_slice(&inner);
+    let src: SocketAddr = "192.168.100.1:41000".parse().unwrap();
+    let dst: SocketAddr = "192.168.100.2:8472".parse().unwrap();
+    set.overlay_outer(false, src, dst, &dgram);
+    // An unrelated inner frame is filtered out; the outer headers alone do not match.
+    let other = frame([10, 244, 1, 9], [10, 244, 2, 9], 1, 0, 0, 56);
+    let mut d2 = dgram[..8].to_vec();
+    d2.extend_from_slice(&other);
+    set.overlay_outer(false, src, dst, &d2);
+    let c = rx.try_recv().unwrap();
+    assert!(rx.try_recv().is_err());
+    let p = etherparse::SlicedPacket::from_ethernet(&c.data).unwrap();
+    let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else {
+        panic!("not IPv4: {p:?}")
+    };
+    assert_eq!(ip.header().source(), [192, 168, 100, 1]);
+    assert_eq!(ip.header().destination(), [192, 168, 100, 2]);
+    assert_eq!(ip.header().total_len() as usize, 20 + 8 + dgram.len());
+    let h = ip.header().to_header();
+    assert_eq!(h.header_checksum, h.calc_header_checksum());
+    let Some(etherparse::TransportSlice::Udp(udp)) = &p.transport else {
+        panic!("not UDP")
+    };
+    assert_eq!((udp.source_port(), udp.destination_port()), (41000, 8472));
+    assert_eq!(udp.payload(), &dgram[..]);
+    assert_eq!(c.orig_len as usize, 14 + 20 + 8 + dgram.len());
+}
+
+#[test]
+fn outer_filter_matches_outer_headers_too() {
+    let hub = Hub::new();
+    let (_s, rx) = open(
+        &hub,
+        "overlay:outer",
+        "in",
+        None,
+        Some("vxlan 1 and src host 192.168.100.2"),
+    );
+    let set = hub.current().unwrap();
+    let inner = frame([10, 244, 2, 3], [10, 244, 1, 2], 1, 0, 0, 8);
+    let mut dgram = vec![0x08, 0, 0, 0, 0, 0, 1, 0];
+    dgram.extend_from_slice(&inner);
+    let src: SocketAddr = "192.168.100.2:41000".parse().unwrap();
+    let dst: SocketAddr = "192.168.100.1:8472".parse().unwrap();
+    set.overlay_outer(true, src, dst, &dgram);
+    set.overlay_outer(false, dst, src, &dgram);
+    assert_eq!(rx.try_iter().count(), 1);
+}
+
+#[test]
+fn gro_parts_are_captured_as_one_frame() {
+    let hub = Hub::new();
+    let (_s, rx) = open(&hub, "pod", "out", None, Some("tcp port 80"));
+    let set = hub.current().unwrap();
+    let f = frame([10, 0, 0, 1], [10, 0, 0, 2], 6, 80, 999, 3000);
+    let (a, b) = f.split_at(1000);
+    let (b, c) = b.split_at(1000);
+    set.port_out_parts(4, [a, b, c].into_iter());
+    let got = rx.try_recv().unwrap();
+    assert_eq!(got.data, f);
+    assert_eq!(got.point.port, 4);
+}
+
+#[test]
+fn a_stream_is_pcapng_with_one_interface_per_point_and_directions() {
+    use pcap_file::pcapng::blocks::enhanced_packet::EnhancedPacketOption;
+    use pcap_file::pcapng::blocks::interface_description::InterfaceDescriptionOption;
+    use pcap_file::pcapng::{Block, PcapNgReader};
+
+    let hub = Arc::new(Hub::new());
+    let (s, rx) = open(&hub, "", "", None, None);
+    let id = s.id;
+    let namer: stream::PortNamer = Box::new(|p| {
+        if p == 0 {
+            "host:vsw0".into()
+        } else {
+            format!("pod:default/p{p}")
+        }
+    });
+    let (mut st, mut bytes) = Stream::new(hub.clone(), s, rx, namer, Some(4));
+    let set = hub.current().unwrap();
+    let f = frame([10, 0, 0, 1], [10, 0, 0, 2], 17, 1, 2, 10);
+    set.port(1, true, &f);
+    set.port(0, false, &f);
+    set.port(1, true, &f);
+    set.overlay_inner(false, &f);
+    set.port(1, false, &f);
+    loop {
+        match st.next(Duration::from_millis(100)) {
+            Next::Data(b) => bytes.extend_from_slice(&b),
+            Next::Idle => panic!("packets were queued"),
+            Next::End(b) => {
+                bytes.extend_from_slice(&b);
+                break;
+            }
+        }
+    }
+    assert!(hub.current().is_none(), "the count ends the session");
+    assert!(hub
+        .summaries()
+        .iter()
+        .any(|s| s.id == id && !s.running && s.written == 4));
+    let mut r = PcapNgReader::new(&bytes[..]).unwrap();
+    let mut names = Vec::new();
+    let mut packets = Vec::new();
+    let mut isbs = 0;
+    while let Some(b) = r.next_block() {
+        match b.unwrap() {
+            Block::InterfaceDescription(i) => {
+                names.extend(i.options.iter().filter_map(|o| match o {
+                    InterfaceDescriptionOption::IfName(n) => Some(n.to_string()),
+                    _ => None,
+                }))
+            }
+            Block::EnhancedPacket(e) => packets.push((
+                e.interface_id,
+                e.options.iter().find_map(|o| match o {
+                    EnhancedPacketOption::Flags(f) => Some(*f),
+                    _ => None,
+                }),
+            )),
+            Block::InterfaceStatistics(_) => isbs += 1,
+            _ => {}
+        }
+    }
+    assert_eq!(
+        names,
+        ["pod:default/p1:in", "host:vsw0:out", "overlay:inner:out"]
+    );
+    assert_eq!(
+        packets,
+        [(0, Some(1)), (1, Some(2)), (0, Some(1)), (2, Some(2))]
+    );
+    assert_eq!(isbs, 3);
+}
