@@ -83,6 +83,9 @@ pub fn run_with(config_path: &Path, opts: RunOptions) -> Result<(), RunError> {
             opts.node_name.as_deref(),
         )
         .await?;
+        if let Some(h) = _source.k8s_stats() {
+            let _ = daemon.k8s_stats.set(h);
+        }
         daemon.start_nodeports(tokio::runtime::Handle::current());
         daemon.start_dns(tokio::runtime::Handle::current());
         let app = api::router(daemon.clone());

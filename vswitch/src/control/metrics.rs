@@ -146,6 +146,64 @@ impl Collector for SwitchCollector {
             "Peer nodes in the overlay.",
             d.peers().peers.len() as i64,
         )?;
+        let ct = d.ct_stats();
+        {
+            use std::sync::atomic::Ordering::Relaxed;
+            gauge(
+                &mut enc,
+                "vswitch_conntrack_entries",
+                "Connections tracked for Service translation.",
+                ct.entries.load(Relaxed) as i64,
+            )?;
+            let rows: [(&str, &str, u64); 4] = [
+                (
+                    "vswitch_conntrack_created",
+                    "Connections tracked.",
+                    ct.created.load(Relaxed),
+                ),
+                (
+                    "vswitch_conntrack_expired",
+                    "Connections expired.",
+                    ct.expired.load(Relaxed),
+                ),
+                (
+                    "vswitch_conntrack_evicted",
+                    "Connections evicted from a full table.",
+                    ct.evicted.load(Relaxed),
+                ),
+                (
+                    "vswitch_conntrack_flushed",
+                    "UDP connections flushed when their endpoint went.",
+                    ct.flushed.load(Relaxed),
+                ),
+            ];
+            for (name, help, v) in rows {
+                counters(&mut enc, name, help, std::iter::once((Vec::new(), v)))?;
+            }
+        }
+        if let Some(k) = d.k8s_stats.get() {
+            let k = k.get();
+            let rows: [(&str, &str, u64); 3] = [
+                (
+                    "vswitch_k8s_watch_errors",
+                    "Errors of the Kubernetes watches.",
+                    k.watch_errors,
+                ),
+                (
+                    "vswitch_k8s_relists",
+                    "Relists of the Kubernetes watches.",
+                    k.relists,
+                ),
+                (
+                    "vswitch_k8s_applies",
+                    "Tables applied from the Kubernetes API.",
+                    k.applies,
+                ),
+            ];
+            for (name, help, v) in rows {
+                counters(&mut enc, name, help, std::iter::once((Vec::new(), v)))?;
+            }
+        }
         gauge(
             &mut enc,
             "vswitch_table_version",

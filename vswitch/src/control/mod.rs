@@ -84,6 +84,8 @@ pub struct Daemon {
     host_stats: Option<Arc<PortStats>>,
     nodeports: std::sync::OnceLock<nodeport::NodePorts>,
     forwarder: std::sync::OnceLock<crate::dns::Forwarder>,
+    /// The Kubernetes watch's counters, in Kubernetes mode.
+    pub k8s_stats: std::sync::OnceLock<k8s::K8sStatsHandle>,
 }
 
 /// The host port's id; pod ports count from 1.
@@ -231,6 +233,7 @@ impl Daemon {
             host_stats,
             nodeports: std::sync::OnceLock::new(),
             forwarder: std::sync::OnceLock::new(),
+            k8s_stats: std::sync::OnceLock::new(),
         });
         // The DNS records of the configured Services exist from the start.
         {
@@ -844,6 +847,11 @@ impl Daemon {
                 .find(|(pod, cid, _)| pod.as_deref() == Some(name) || cid == name)
                 .map(|r| r.2)
         })
+    }
+
+    /// Connection tracking size and counters.
+    pub fn ct_stats(&self) -> Arc<crate::datapath::CtGauge> {
+        self.datapath().ct_stats()
     }
 
     /// Version of the published tables.

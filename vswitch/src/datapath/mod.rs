@@ -83,6 +83,7 @@ pub enum Command {
 /// Handle to the running worker.
 pub struct Datapath {
     epoch: std::time::Instant,
+    ct_stats: Arc<CtGauge>,
     tx: Sender<Command>,
     waker: Arc<Waker>,
     thread: Option<JoinHandle<()>>,
@@ -104,6 +105,7 @@ impl Datapath {
         let mut worker = Worker::new(poll, rx, tables, underlay_stats);
         worker.to_self = Some((tx.clone(), waker.clone()));
         let epoch = worker.epoch;
+        let ct_stats = worker.ct_stats.clone();
         let capture = worker.capture.clone();
         worker.ct = Conntrack::new(ct);
         if let Some(u) = underlay {
@@ -125,6 +127,7 @@ impl Datapath {
             .spawn(move || worker.run())?;
         Ok(Datapath {
             epoch,
+            ct_stats,
             tx,
             waker,
             thread: Some(thread),
@@ -148,6 +151,11 @@ impl Datapath {
         let (done, wait) = crossbeam_channel::bounded(1);
         self.send(Command::RemovePort { id, done });
         let _ = wait.recv_timeout(std::time::Duration::from_secs(5));
+    }
+
+    /// Connection tracking size and counters as of the worker's last batch.
+    pub fn ct_stats(&self) -> Arc<CtGauge> {
+        self.ct_stats.clone()
     }
 
     /// The worker's clock (milliseconds since it started), for showing expiry times.
@@ -223,6 +231,17 @@ struct Worker {
     ct: Conntrack,
     epoch: std::time::Instant,
     capture: Arc<crate::capture::Hub>,
+    ct_stats: Arc<CtGauge>,
+}
+
+/// The connection tracking table's size and counters, published by the worker for metrics.
+#[derive(Debug, Default)]
+pub struct CtGauge {
+    pub entries: std::sync::atomic::AtomicU64,
+    pub created: std::sync::atomic::AtomicU64,
+    pub expired: std::sync::atomic::AtomicU64,
+    pub evicted: std::sync::atomic::AtomicU64,
+    pub flushed: std::sync::atomic::AtomicU64,
 }
 
 impl Worker {
@@ -250,6 +269,7 @@ impl Worker {
             underlay_stats,
             ct: Conntrack::new(CtConfig::default()),
             epoch: std::time::Instant::now(),
+            ct_stats: Arc::default(),
             capture: Arc::new(crate::capture::Hub::new()),
         }
     }
@@ -385,6 +405,15 @@ impl Worker {
         let tables = self.tables.load();
         let now = self.now_ms();
         self.ct.sweep(now, 256);
+        {
+            use std::sync::atomic::Ordering::Relaxed;
+            let (g, c) = (&self.ct_stats, &self.ct.counters);
+            g.entries.store(self.ct.len() as u64, Relaxed);
+            g.created.store(c.created, Relaxed);
+            g.expired.store(c.expired, Relaxed);
+            g.evicted.store(c.evicted, Relaxed);
+            g.flushed.store(c.flushed, Relaxed);
+        }
         // Loaded once per batch; `None` (no capture session) is the common case.
         let cap = self.capture.current();
         let cap = cap.as_deref();
