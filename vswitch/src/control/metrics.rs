@@ -210,6 +210,19 @@ impl Collector for SwitchCollector {
             "Version of the published forwarding tables.",
             d.table_version() as i64,
         )?;
+        let (copied, dropped) = d.capture().totals();
+        counters(
+            &mut enc,
+            "vswitch_capture_packets",
+            "Packet copies queued for capture sessions.",
+            std::iter::once((Vec::new(), copied)),
+        )?;
+        counters(
+            &mut enc,
+            "vswitch_capture_drops",
+            "Packet copies dropped because a capture session's queue was full.",
+            std::iter::once((Vec::new(), dropped)),
+        )?;
         Ok(())
     }
 }
