@@ -1127,7 +1127,6 @@ fn errors_from_a_backend_on_another_node_come_back_from_the_cluster_ip() {
 /// `10.244.1.3 > 10.244.1.2: ICMP 10.244.1.3 udp port 54 unreachable`, which its socket
 /// (connected to 10.96.1.22:53) cannot match, so it waits for its timeout.
 #[test]
-#[ignore = "product bug: ICMP errors from a backend on the client's node are not translated"]
 fn errors_from_a_backend_on_the_clients_node_come_back_from_the_cluster_ip() {
     backend_errors_come_from_the_cluster_ip(1, "n1-p2");
 }

@@ -179,6 +179,8 @@ pub fn handle(cx: &mut Ctx<'_>, ingress: PortId, buf: &mut [u8], len: usize, met
             }
             if nat::untranslate_reply(cx.ct, cx.now_ms, &mut ip, meta.csum_partial) {
                 cx.note(|| "a Service backend's reply: source rewritten to the Service".into());
+            } else if nat::translate_icmp_error(cx.ct, cx.now_ms, &mut ip) {
+                cx.note(|| "an ICMP error about a Service connection: translated".into());
             }
             cx.note(|| format!("switched by destination MAC {dst}"));
             match t.port_by_mac(dst) {
@@ -240,7 +242,10 @@ fn nat_ports(ip: &Ipv4Packet<&mut [u8]>) -> (u16, u16) {
         return (0, 0);
     }
     match p.get(..4) {
-        Some(b) => (u16::from_be_bytes([b[0], b[1]]), u16::from_be_bytes([b[2], b[3]])),
+        Some(b) => (
+            u16::from_be_bytes([b[0], b[1]]),
+            u16::from_be_bytes([b[2], b[3]]),
+        ),
         None => (0, 0),
     }
 }
@@ -318,7 +323,13 @@ fn route_v4(cx: &mut Ctx<'_>, port: &PortEntry, buf: &mut [u8], len: usize, meta
             cx.note(|| {
                 format!(
                     "Service translation: {}:{} -> {}:{} became {}:{} -> {}:{}",
-                    before.0, before.2 .0, before.1, before.2 .1, after.0, after.2 .0, after.1,
+                    before.0,
+                    before.2 .0,
+                    before.1,
+                    before.2 .1,
+                    after.0,
+                    after.2 .0,
+                    after.1,
                     after.2 .1
                 )
             });

@@ -1,0 +1,139 @@
+//! Service translation cost: per-packet time through the pipeline with 1 and with 10,000
+//! Services of 10 endpoints each, and the memory and build time of the 10,000-Service table.
+//!
+//! `cargo bench -p vswitch --bench services` (a plain harness: it prints its own table).
+//! Every packet is the first of a new connection (a SYN from a new source port), so each one
+//! pays the Service lookup, the Maglev choice, a conntrack insert and the rewrite; a second run
+//! sends packets of established connections (conntrack hit + rewrite).
+
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Instant;
+
+use conf::config::{EndpointSpec, LoadBalancing, Protocol, ServicePort, ServiceSpec};
+use vswitch::pipeline::tables::mac_for;
+use vswitch::pipeline::{
+    handle, Action, Conntrack, CtConfig, Ctx, Meta, PortEntry, ServiceTable, Tables,
+};
+
+fn services(n: usize) -> Vec<ServiceSpec> {
+    (0..n)
+        .map(|i| ServiceSpec {
+            namespace: "bench".into(),
+            name: format!("svc-{i}"),
+            cluster_ips: vec![IpAddr::V4(Ipv4Addr::from(0x0a60_0000u32 + i as u32 + 1))],
+            ports: vec![ServicePort {
+                name: Some("http".into()),
+                protocol: Protocol::Tcp,
+                port: 80,
+                target_port: Some(8080),
+                node_port: None,
+            }],
+            external_ips: vec![],
+            session_affinity_timeout: None,
+            internal_traffic_policy: Default::default(),
+            external_traffic_policy: Default::default(),
+            endpoints: (0..10)
+                .map(|e| EndpointSpec {
+                    ip: IpAddr::V4(Ipv4Addr::new(
+                        10,
+                        244,
+                        2 + (e % 4) as u8,
+                        10 + (i % 200) as u8 + e as u8,
+                    )),
+                    node: None,
+                    ready: true,
+                    serving: true,
+                    terminating: false,
+                    hostname: None,
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn syn(sport: u16, vip: Ipv4Addr) -> Vec<u8> {
+    let client = Ipv4Addr::new(10, 244, 1, 2);
+    let gw = Ipv4Addr::new(10, 244, 1, 1);
+    let b = etherparse::PacketBuilder::ethernet2(mac_for(client).0, mac_for(gw).0)
+        .ipv4(client.octets(), vip.octets(), 64)
+        .tcp(sport, 80, 1, 64000)
+        .syn();
+    let mut f = Vec::new();
+    b.write(&mut f, &[]).expect("frame");
+    f.resize(f.len() + 128, 0);
+    f
+}
+
+fn measure(n_services: usize) -> (f64, f64, f64, u64) {
+    let specs = services(n_services);
+    let before = rss_kib();
+    let t0 = Instant::now();
+    let table = ServiceTable::build(&specs, "n1", LoadBalancing::Maglev);
+    let build_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let mem_kib = rss_kib().saturating_sub(before);
+    let gw = Ipv4Addr::new(10, 244, 1, 1);
+    let tables = Tables::new("10.244.1.0/24".parse().expect("cidr"), gw, mac_for(gw))
+        .with_ports([PortEntry {
+            id: 1,
+            mac: mac_for(Ipv4Addr::new(10, 244, 1, 2)),
+            ip: Ipv4Addr::new(10, 244, 1, 2),
+        }])
+        .with_services(table);
+    let packets = 200_000usize;
+    let frames: Vec<Vec<u8>> = (0..packets)
+        .map(|i| {
+            let vip = Ipv4Addr::from(0x0a60_0000u32 + (i % n_services) as u32 + 1);
+            syn(1024 + (i / n_services % 60_000) as u16, vip)
+        })
+        .collect();
+    let mut ct = Conntrack::new(CtConfig {
+        max: 1 << 20,
+        ..CtConfig::default()
+    });
+    let mut run = |frames: &[Vec<u8>], ct: &mut Conntrack| {
+        let mut work = frames.to_vec();
+        let t = Instant::now();
+        for f in work.iter_mut() {
+            let len = f.len() - 128;
+            let mut cx = Ctx {
+                t: &tables,
+                ct: &mut *ct,
+                now_ms: 1,
+                trace: None,
+            };
+            let a = handle(&mut cx, 1, f, len, Meta::default());
+            black_box(&a);
+            debug_assert!(!matches!(a, Action::Drop(_)), "{a:?}");
+        }
+        t.elapsed().as_nanos() as f64 / frames.len() as f64
+    };
+    let new_ns = run(&frames, &mut ct);
+    let est_ns = run(&frames, &mut ct);
+    (new_ns, est_ns, build_ms, mem_kib)
+}
+
+fn main() {
+    println!(
+        "{:>9} {:>16} {:>18} {:>14} {:>14}",
+        "services", "ns/new conn pkt", "ns/established pkt", "build ms", "table MiB"
+    );
+    for n in [1usize, 10_000] {
+        let (new_ns, est_ns, build_ms, mem) = measure(n);
+        println!(
+            "{n:>9} {new_ns:>16.0} {est_ns:>18.0} {build_ms:>14.1} {:>14.1}",
+            mem as f64 / 1024.0
+        );
+    }
+}
