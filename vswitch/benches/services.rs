@@ -52,17 +52,6 @@ fn services(n: usize) -> Vec<ServiceSpec> {
         .collect()
 }
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 fn syn(sport: u16, vip: Ipv4Addr) -> Vec<u8> {
     let client = Ipv4Addr::new(10, 244, 1, 2);
     let gw = Ipv4Addr::new(10, 244, 1, 1);
@@ -78,11 +67,10 @@ fn syn(sport: u16, vip: Ipv4Addr) -> Vec<u8> {
 
 fn measure(n_services: usize) -> (f64, f64, f64, u64) {
     let specs = services(n_services);
-    let before = rss_kib();
     let t0 = Instant::now();
     let table = ServiceTable::build(&specs, "n1", LoadBalancing::Maglev);
     let build_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let mem_kib = rss_kib().saturating_sub(before);
+    let mem_kib = (table.heap_bytes() / 1024) as u64;
     let gw = Ipv4Addr::new(10, 244, 1, 1);
     let tables = Tables::new("10.244.1.0/24".parse().expect("cidr"), gw, mac_for(gw))
         .with_ports([PortEntry {

@@ -211,6 +211,23 @@ impl ServiceTable {
         &self.frontends
     }
 
+    /// Heap bytes the table holds (frontends, backends, Maglev tables, names, index), for
+    /// sizing: what 10,000 Services cost.
+    pub fn heap_bytes(&self) -> usize {
+        let per_frontend: usize = self
+            .frontends
+            .iter()
+            .map(|f| {
+                f.backends.capacity() * std::mem::size_of::<Backend>()
+                    + f.maglev.len() * std::mem::size_of::<u16>()
+                    + f.name.capacity()
+            })
+            .sum();
+        per_frontend
+            + self.frontends.capacity() * std::mem::size_of::<Frontend>()
+            + self.by_vip.capacity() * (std::mem::size_of::<((Ipv4Addr, u8, u16), u32)>() + 1)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.frontends.is_empty()
     }
