@@ -10,14 +10,14 @@
 //! across a restart of the daemon.
 
 pub mod api;
+pub mod dns_tcp;
 pub mod ipam;
 pub mod k8s;
 pub mod metrics;
 pub mod netconfig;
-pub mod dns_tcp;
 pub mod nodeport;
-pub mod trace;
 pub mod reload;
+pub mod trace;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -151,8 +151,7 @@ impl Daemon {
             let tap = netconfig::create_host_interface(
                 &config.host.interface,
                 host_mac_for(gw),
-                Ipv4Net::new(gw, config.node.pod_cidr.prefix_len())
-                    .unwrap_or(config.node.pod_cidr),
+                Ipv4Net::new(gw, config.node.pod_cidr.prefix_len()).unwrap_or(config.node.pod_cidr),
                 config.node.mtu,
                 routes,
                 config.datapath.offload,
@@ -301,10 +300,24 @@ impl Daemon {
                 })
             })
             .collect();
-        let mut zones = vec![self.config.pod_net()];
-        zones.extend(self.config.host.routes.iter().copied());
+        // Authoritative reverse zones: this node's pods and the Service range. Not the whole
+        // cluster's pod range: other nodes' pods are not known here, and a PTR query for one
+        // must not get a false NXDOMAIN (it is forwarded instead).
+        let own = self.config.pod_net();
+        let mut zones = vec![own];
+        zones.extend(
+            self.config
+                .host
+                .routes
+                .iter()
+                .filter(|r| !r.contains(&own.network()))
+                .copied(),
+        );
         match crate::dns::DnsTable::new(&d.cluster_domain, services, &pods, &zones) {
-            Ok(table) => Some(Arc::new(crate::pipeline::tables::DnsService { addrs, table })),
+            Ok(table) => Some(Arc::new(crate::pipeline::tables::DnsService {
+                addrs,
+                table,
+            })),
             Err(e) => {
                 tracing::error!("DNS records not updated: {e}");
                 self.tables.load().dns.clone()
@@ -331,8 +344,9 @@ impl Daemon {
         };
         // Never forward to ourselves.
         let mut cfg = cfg;
-        cfg.upstreams
-            .retain(|u| !d.nameservers.contains(&u.ip()) && u.ip() != IpAddr::V4(self.config.gateway()));
+        cfg.upstreams.retain(|u| {
+            !d.nameservers.contains(&u.ip()) && u.ip() != IpAddr::V4(self.config.gateway())
+        });
         tracing::info!(
             "DNS: answering {} on {:?}, forwarding other names to {:?}",
             d.cluster_domain,
@@ -832,7 +846,10 @@ impl Daemon {
     }
 
     /// A synthetic packet through the pipeline (see `trace`).
-    pub fn trace(&self, req: conf::api::TraceRequest) -> Result<conf::api::TraceResponse, ApiError> {
+    pub fn trace(
+        &self,
+        req: conf::api::TraceRequest,
+    ) -> Result<conf::api::TraceResponse, ApiError> {
         let t = self.tables.load();
         let records: Vec<(Option<String>, String, PortId)> = self
             .lock()
@@ -841,12 +858,17 @@ impl Daemon {
             .filter(|r| r.live)
             .map(|r| (r.pod.clone(), r.container_id.clone(), r.port))
             .collect();
-        trace::run(&t, crate::pipeline::CtConfig::from_config(&self.config.nat), &req, |name| {
-            records
-                .iter()
-                .find(|(pod, cid, _)| pod.as_deref() == Some(name) || cid == name)
-                .map(|r| r.2)
-        })
+        trace::run(
+            &t,
+            crate::pipeline::CtConfig::from_config(&self.config.nat),
+            &req,
+            |name| {
+                records
+                    .iter()
+                    .find(|(pod, cid, _)| pod.as_deref() == Some(name) || cid == name)
+                    .map(|r| r.2)
+            },
+        )
     }
 
     /// Connection tracking size and counters.

@@ -232,6 +232,88 @@ struct Worker {
     epoch: std::time::Instant,
     capture: Arc<crate::capture::Hub>,
     ct_stats: Arc<CtGauge>,
+    small: SmallBatch,
+}
+
+/// Small datagrams to one peer, batched into one UDP_SEGMENT send.
+///
+/// A stream of small packets (a UDP flood of 64-byte datagrams, a run of ACKs) to one peer
+/// becomes a run of equal-size VXLAN datagrams: appended here back to back and sent with one
+/// `sendmsg` instead of one each, as a segmented super-frame is. A batch holds one flow's hash
+/// (so one source port) and one size (a shorter datagram may end it), and is flushed at the end
+/// of every read batch and before a super-frame of the port is sent, so no flow is reordered.
+struct SmallBatch {
+    buf: Box<[u8]>,
+    len: usize,
+    seg: usize,
+    count: usize,
+    peer: Option<std::net::IpAddr>,
+    hash: u64,
+}
+
+impl SmallBatch {
+    /// At most this many bytes in one send (one IPv4 datagram before segmentation).
+    const MAX: usize = 65_507;
+    const MAX_SEGS: usize = 64;
+
+    fn new() -> Self {
+        SmallBatch {
+            buf: vec![0u8; Self::MAX].into_boxed_slice(),
+            len: 0,
+            seg: 0,
+            count: 0,
+            peer: None,
+            hash: 0,
+        }
+    }
+
+    fn push(
+        &mut self,
+        u: &Underlay,
+        stats: &PortStats,
+        hash: u64,
+        peer: std::net::IpAddr,
+        d: &[u8],
+    ) {
+        let fits = self.peer == Some(peer)
+            && self.hash == hash
+            && d.len() <= self.seg
+            && self.len + d.len() <= Self::MAX
+            && self.count < Self::MAX_SEGS;
+        if !fits {
+            self.flush(u, stats);
+        }
+        if d.len() > Self::MAX {
+            return;
+        }
+        if self.count == 0 {
+            self.peer = Some(peer);
+            self.hash = hash;
+            self.seg = d.len();
+        }
+        self.buf[self.len..self.len + d.len()].copy_from_slice(d);
+        self.len += d.len();
+        self.count += 1;
+        // A shorter datagram can only be the last of a segmented send.
+        if d.len() < self.seg {
+            self.flush(u, stats);
+        }
+    }
+
+    fn flush(&mut self, u: &Underlay, stats: &PortStats) {
+        if self.count == 0 {
+            return;
+        }
+        let Some(peer) = self.peer else { return };
+        let seg = (self.count > 1).then_some(self.seg);
+        match u.send(self.hash, &self.buf[..self.len], seg, peer) {
+            Ok(n) => stats.tx_n(n, self.len),
+            Err(_) => stats.count_drop(DropReason::TxError),
+        }
+        self.len = 0;
+        self.count = 0;
+        self.peer = None;
+    }
 }
 
 /// The connection tracking table's size and counters, published by the worker for metrics.
@@ -270,6 +352,7 @@ impl Worker {
             ct: Conntrack::new(CtConfig::default()),
             epoch: std::time::Instant::now(),
             ct_stats: Arc::default(),
+            small: SmallBatch::new(),
             capture: Arc::new(crate::capture::Hub::new()),
         }
     }
@@ -424,6 +507,9 @@ impl Worker {
         while i < self.ready.len() {
             let id = self.ready[i];
             let drained = self.service_port(&tables, id, now, cap);
+            if let Some(u) = &self.underlay {
+                self.small.flush(u, &self.underlay_stats);
+            }
             if drained {
                 if let Some(p) = self.ports.get_mut(&id) {
                     p.queued = false;
@@ -485,7 +571,13 @@ impl Worker {
                 meta,
             );
             if let Some(c) = cap {
-                c.after(id, action, nat.as_ref(), &self.buf[VNET_HDR_LEN..], n - VNET_HDR_LEN);
+                c.after(
+                    id,
+                    action,
+                    nat.as_ref(),
+                    &self.buf[VNET_HDR_LEN..],
+                    n - VNET_HDR_LEN,
+                );
             }
             match action {
                 Action::ToPort(out) => match self.ports.get(&out) {
@@ -509,6 +601,8 @@ impl Worker {
                     let prefix = pipeline::encap_header(tables);
                     let ends = (u.source_for(hash), SocketAddr::new(peer.underlay, u.port));
                     if vnet.is_gso() {
+                        // Keep the flow's order: what is batched goes first.
+                        self.small.flush(u, &self.underlay_stats);
                         if let Some(c) = cap {
                             c.overlay_inner(false, frame);
                         }
@@ -540,10 +634,8 @@ impl Worker {
                             c.overlay_inner(false, &d[vxlan::HEADER_LEN..]);
                             c.overlay_sent(ends.0, ends.1, d, None);
                         }
-                        match u.send(hash, d, None, peer.underlay) {
-                            Ok(_) => self.underlay_stats.tx(d.len()),
-                            Err(_) => stats.count_drop(DropReason::TxError),
-                        }
+                        self.small
+                            .push(u, &self.underlay_stats, hash, peer.underlay, d);
                     }
                 }
                 Action::Reply(len) => {
@@ -668,7 +760,10 @@ impl Worker {
                     return;
                 };
                 if let Some(c) = cap {
-                    c.port_out_parts(o.port, o.parts.iter().map(|r| b.get(r.clone()).unwrap_or_default()));
+                    c.port_out_parts(
+                        o.port,
+                        o.parts.iter().map(|r| b.get(r.clone()).unwrap_or_default()),
+                    );
                 }
                 let hdr = o.hdr.to_bytes();
                 let mut iov = [io::IoSlice::new(&[]); gro::MAX_SEGS + 2];
@@ -714,7 +809,8 @@ impl Worker {
                         now_ms: now,
                         trace: None,
                     };
-                    let action = pipeline::handle_underlay(&mut cx, peer, &mut self.rbuf[inner.clone()]);
+                    let action =
+                        pipeline::handle_underlay(&mut cx, peer, &mut self.rbuf[inner.clone()]);
                     if let (Some(c), Some(s), Action::ToPort(_)) = (cap, &nat, action) {
                         c.nat(s, &self.rbuf[inner.clone()]);
                     }
