@@ -157,6 +157,15 @@ impl Daemon {
                 config.datapath.offload,
             )
             .map_err(|e| DaemonError::Host(config.host.interface.clone(), e.to_string()))?;
+            tables.cluster_nets = config
+                .host
+                .routes
+                .iter()
+                .filter_map(|r| match r {
+                    IpNet::V4(n) => Some(*n),
+                    IpNet::V6(_) => None,
+                })
+                .collect();
             tables.host = Some(PortEntry {
                 id: HOST_PORT,
                 mac: host_mac_for(gw),

@@ -387,7 +387,8 @@ fn route_v4(cx: &mut Ctx<'_>, port: &PortEntry, buf: &mut [u8], len: usize, meta
             EthernetAddress(peer.vtep_mac),
             t.vtep_mac,
         )
-    } else if let Some(h) = to_host {
+    } else if let Some(h) = to_host.filter(|_| !t.cluster_nets.iter().any(|n| n.contains(&dst_ip)))
+    {
         cx.note(|| format!("route: {dst_ip} is outside the cluster: to the node (host port)"));
         // Anything else goes to the node, which routes it on (as pods behind cni0 use the
         // node as their router).

@@ -60,6 +60,9 @@ pub struct Tables {
     pub node_name: String,
     /// The host port (the node's own interface into the switch), holding the gateway address.
     pub host: Option<PortEntry>,
+    /// The cluster's own ranges (the host port's routes): a destination in them with no route
+    /// is dropped here rather than sent to the node, which would only send it back.
+    pub cluster_nets: Vec<Ipv4Net>,
     /// Cluster DNS answered at the switch: the addresses it answers on, and its records.
     pub dns: Option<std::sync::Arc<DnsService>>,
     ports: Map<PortId, PortEntry>,
@@ -81,6 +84,7 @@ impl Tables {
             services: ServiceTable::default(),
             node_name: String::new(),
             host: None,
+            cluster_nets: Vec::new(),
             dns: None,
             ports: Map::default(),
             by_mac: Map::default(),
