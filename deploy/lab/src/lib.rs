@@ -23,6 +23,7 @@ mod cni;
 mod error;
 mod files;
 mod lab;
+pub mod soak;
 mod spec;
 mod status;
 mod sys;

@@ -91,6 +91,20 @@ enum Cmd {
         #[arg(long)]
         no_write: bool,
     },
+    /// Soak test (not in CI): 2 nodes and --pods pods, pods and Services churning with traffic
+    /// running for --duration seconds; then checks for leaked TAP devices, descriptors,
+    /// addresses, conntrack entries and memory, prints the numbers and tears the lab down.
+    Soak {
+        /// Seconds of churn.
+        #[arg(long, default_value_t = 300)]
+        duration: u64,
+        /// Pods in all, split between the two nodes.
+        #[arg(long, default_value_t = 100)]
+        pods: u32,
+        /// Largest accepted RSS growth of a vswitchd, MB.
+        #[arg(long, default_value_t = 64)]
+        rss_bound: u64,
+    },
     /// Request/response server for `bench` (one client, echoes bytes).
     #[command(hide = true)]
     RrServer {
@@ -143,6 +157,11 @@ fn main() -> ExitCode {
             };
             return run_bench(&opts);
         }
+        Cmd::Soak {
+            duration,
+            pods,
+            rss_bound,
+        } => return run_soak(cli.name, duration, pods, rss_bound),
         Cmd::RrServer { bind, timeout } => {
             return match bench::rr_server(bind, Duration::from_secs(timeout)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -247,7 +266,7 @@ fn run(cli: Cli) -> Result<ExitCode, LabError> {
             Lab::load(&name)?.check_pod(&pod)?;
             println!("{pod}: ok");
         }
-        Cmd::Bench { .. } | Cmd::RrServer { .. } | Cmd::RrClient { .. } => {
+        Cmd::Bench { .. } | Cmd::Soak { .. } | Cmd::RrServer { .. } | Cmd::RrClient { .. } => {
             unreachable!("handled in main")
         }
     }
@@ -287,6 +306,30 @@ fn run_bench(opts: &BenchOptions) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+/// `vswitch-lab soak`: progress on stderr, the report on stdout; failure if a check failed.
+fn run_soak(name: String, duration: u64, pods: u32, rss_bound_mb: u64) -> ExitCode {
+    let opts = vswitch_lab::soak::SoakOptions {
+        name,
+        duration: Duration::from_secs(duration),
+        pods,
+        rss_bound: rss_bound_mb << 20,
+    };
+    match vswitch_lab::soak::run(&opts, &mut |line| eprintln!("{line}")) {
+        Ok(report) => {
+            print!("{}", report.to_text(opts.rss_bound));
+            if report.problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("vswitch-lab soak: error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
