@@ -192,7 +192,6 @@ impl Daemon {
         .map_err(DaemonError::Datapath)?;
         // Take back the pods' ports from before a restart: their TAP devices persisted, with
         // the pods' addresses and routes, so traffic resumes as soon as they are read again.
-        let mut records = records;
         for rec in records.values_mut() {
             match netconfig::reattach_pod_interface(
                 &rec.netns,
@@ -790,7 +789,7 @@ impl Daemon {
                 client: format!("{}:{}", e.orig.src, e.orig.sport),
                 service: format!("{}:{}", e.orig.dst, e.orig.dport),
                 backend: format!("{}:{}", e.backend.ip, e.backend.port),
-                snat: e.snat.map(|a| a.to_string()),
+                snat: e.snat.map(|(a, _)| a.to_string()),
                 state: format!("{:?}", e.state),
                 expires_in_ms: e.expires_ms.saturating_sub(now),
                 frontend: e.frontend.clone(),

@@ -277,8 +277,9 @@ pub struct CtEntry {
     /// The backend's packets as sent: backend -> client (or gateway when hairpinned).
     pub reply: Key,
     pub backend: Backend,
-    /// Hairpin: the client is seen by the backend as this address.
-    pub snat: Option<Ipv4Addr>,
+    /// Source translation: the client is seen by the backend as this address and port
+    /// (hairpin: the gateway; a source-port clash: another port).
+    pub snat: Option<(Ipv4Addr, u16)>,
     pub state: CtState,
     pub expires_ms: u64,
     pub frontend: String,
@@ -709,7 +710,7 @@ pub fn translate(
         match dir {
             Dir::Orig => {
                 let to = (e.backend.ip, e.backend.port);
-                let from = e.snat.map(|a| (a, key.sport));
+                let from = e.snat;
                 rewrite(ip, from, Some(to), csum_partial);
             }
             Dir::Reply => {
@@ -730,14 +731,34 @@ pub fn translate(
     // tracked as established: Maglev sends it to the same backend as before whenever that
     // backend is still there, which is what lets connections survive a restart.
     let backend = ct.pick(fe, &key, services.lb, now);
-    let snat = (backend.ip == key.src).then_some(gateway);
-    let reply = Key {
+    let mut snat = (backend.ip == key.src).then_some((gateway, key.sport));
+    let mut reply = Key {
         src: backend.ip,
-        dst: snat.unwrap_or(key.src),
+        dst: snat.map_or(key.src, |s| s.0),
         sport: backend.port,
         dport: key.sport,
         proto: key.proto,
     };
+    // The client may use one source port towards two addresses that lead to the same backend
+    // (a ClusterIP and an external IP, two Services over the same pods): the replies would be
+    // indistinguishable, so, as kernel NAT does, the second gets another source port.
+    if ct.index.contains_key(&reply) {
+        use std::hash::BuildHasher;
+        let h = foldhash::fast::FixedState::with_seed(0x736e_6174);
+        let free = (0..32u64).find_map(|i| {
+            let port = 32_768 + (h.hash_one((key, i)) % 28_232) as u16;
+            let k = Key {
+                dport: port,
+                ..reply
+            };
+            (!ct.index.contains_key(&k)).then_some((port, k))
+        });
+        let Some((port, k)) = free else {
+            return Nat::Refused;
+        };
+        snat = Some((snat.map_or(key.src, |s| s.0), port));
+        reply = k;
+    }
     let state = if key.proto == IpProtocol::TCP.0 {
         if l4.flags.contains(TcpFlags::SYN) {
             CtState::SynSent
@@ -759,12 +780,7 @@ pub fn translate(
     if ct.insert(entry, now).is_none() {
         return Nat::Refused;
     }
-    rewrite(
-        ip,
-        snat.map(|a| (a, key.sport)),
-        Some((backend.ip, backend.port)),
-        csum_partial,
-    );
+    rewrite(ip, snat, Some((backend.ip, backend.port)), csum_partial);
     Nat::Translated
 }
 
