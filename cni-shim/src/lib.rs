@@ -115,9 +115,28 @@ fn peek_version(raw: &[u8]) -> Option<Version> {
 
 /// Decodes (6), checks the version (1) and validates (7) the netconf.
 pub fn load_netconf(raw: &[u8]) -> Result<(NetConf, Version), Error> {
-    let conf: NetConf = serde_json::from_slice(raw).map_err(|e| Error::Decode {
-        what: "the network configuration",
-        reason: e.to_string(),
+    let conf: NetConf = serde_json::from_slice(raw).map_err(|e| {
+        // Well-formed JSON with a field missing or of the wrong type is an invalid netconf
+        // (7) naming the field; anything else is undecodable (6).
+        if e.classify() != serde_json::error::Category::Data {
+            return Error::Decode {
+                what: "the network configuration",
+                reason: e.to_string(),
+            };
+        }
+        let msg = e.to_string();
+        let named = msg.split('`').nth(1).unwrap_or_default();
+        let field = [
+            "cniVersion",
+            "name",
+            "type",
+            "socket",
+            "cni.dev/valid-attachments",
+        ]
+        .into_iter()
+        .find(|f| *f == named)
+        .unwrap_or("netconf");
+        Error::NetConf(NetConfError { field, reason: msg })
     })?;
     let version = Version::parse(&conf.cni_version).ok_or_else(|| {
         Error::IncompatibleVersion(format!(
@@ -369,9 +388,10 @@ mod tests {
         assert_eq!(out.1["cniVersion"], "1.1.0");
         let out = run_plugin(&add_env(), "");
         assert_error(&out, 6, "network configuration");
-        // Well-formed JSON that is not a netconf; the version it does carry is used.
+        // Well-formed JSON missing a field is an invalid netconf naming it (code 7); the
+        // version it does carry is used.
         let out = run_plugin(&add_env(), r#"{"cniVersion":"0.3.1","name":"pods"}"#);
-        assert_error(&out, 6, "type");
+        assert_error(&out, 7, "type: missing field");
         assert_eq!(out.1["cniVersion"], "0.3.1");
     }
 

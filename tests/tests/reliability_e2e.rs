@@ -1071,7 +1071,6 @@ fn bad_netconf_is_cni_code_7_naming_the_field_and_the_admin_socket_is_private() 
 /// A netconf without `type` is invalid network configuration (CNI code 7, naming `type`), as
 /// the issue requires; the plugin reports it as undecodable (code 6).
 #[test]
-#[ignore = "product bug: a netconf missing a required field is CNI code 6, not 7"]
 fn netconf_missing_type_is_code_7() {
     let cni = Cni::new("pods", Path::new("/run/vswitch/vswitchd.sock"), "1.1.0");
     let (out, v) = cni_error(&cni, json!({"cniVersion": "1.1.0", "name": "pods"}));
