@@ -90,7 +90,7 @@ fn measure(n_services: usize) -> (f64, f64, f64, u64) {
         max: 1 << 20,
         ..CtConfig::default()
     });
-    let mut run = |frames: &[Vec<u8>], ct: &mut Conntrack| {
+    let run = |frames: &[Vec<u8>], ct: &mut Conntrack| {
         let mut work = frames.to_vec();
         let t = Instant::now();
         for f in work.iter_mut() {

@@ -134,12 +134,12 @@ pub fn run(
             req.dst,
             req,
         )?;
-        cx.trace.as_deref_mut().map(|s| {
+        if let Some(s) = cx.trace.as_deref_mut() {
             s.push(format!(
                 "ingress: VXLAN from node {} ({})",
                 peer.name, peer.underlay
-            ))
-        });
+            ));
+        }
         pipeline::handle_underlay(&mut cx, id as u32, &mut f)
     } else {
         let id = match (&req.pod, req.port) {

@@ -555,9 +555,7 @@ fn frag_needed(t: &Tables, port: &PortEntry, buf: &mut [u8], len: usize, mtu: u1
         buf,
         len,
         t.gateway_ip,
-        Icmpv4Message::DST_UNREACHABLE,
-        icmp_code::FRAG_NEEDED,
-        mtu,
+        (Icmpv4Message::DST_UNREACHABLE, icmp_code::FRAG_NEEDED, mtu),
     )
 }
 
@@ -580,9 +578,11 @@ fn reject(t: &Tables, port: &PortEntry, buf: &mut [u8], len: usize) -> Action {
             buf,
             len,
             vip,
-            Icmpv4Message::DST_UNREACHABLE,
-            icmp_code::PORT_UNREACHABLE,
-            0,
+            (
+                Icmpv4Message::DST_UNREACHABLE,
+                icmp_code::PORT_UNREACHABLE,
+                0,
+            ),
         );
     }
     let Ok(tcp) = TcpPacket::new_checked(ip.payload()) else {
@@ -642,9 +642,7 @@ fn icmp_error(
     buf: &mut [u8],
     len: usize,
     from: Ipv4Addr,
-    msg: Icmpv4Message,
-    code: u8,
-    mtu: u16,
+    (msg, code, mtu): (Icmpv4Message, u8, u16),
 ) -> Action {
     const ETH: usize = 14;
     const IP: usize = 20;
