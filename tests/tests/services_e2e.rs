@@ -1284,8 +1284,8 @@ fn nodeport_reaches_a_backend_on_another_node_from_outside_the_cluster() {
         let url = format!("http://{}:{np}/", node.underlay_ip);
         let r = curl_ok(client.name(), &url);
         assert_eq!(r.name, backend.name, "{url}: {r:?}");
-        // The relay terminates the client's connection: the backend sees the node (its
-        // gateway address, the source the node uses into the switch), not 192.168.100.250.
+        // Policy Cluster: the relay terminates the client's connection and the backend sees
+        // the node (its gateway address), as kube-proxy's SNAT for that policy does.
         let gw = format!("10.244.{}.1", node.index);
         assert_eq!(
             r.peer_ip, gw,
@@ -1328,8 +1328,9 @@ fn nodeport_reaches_a_backend_on_another_node_from_outside_the_cluster() {
     let url = format!("http://{}:30083/", n2.underlay_ip);
     let r = curl_ok(client.name(), &url);
     assert_eq!(r.name, p2.name, "{url}: {r:?}");
-    // Documented limitation: the client source is not preserved with policy Local either.
-    assert_eq!(r.peer_ip, "10.244.2.1", "{url}: {r:?}");
+    // Policy Local keeps the client's address: the relay sends from it (IP_TRANSPARENT) and
+    // policy routing brings the endpoint's replies back to the relay.
+    assert_eq!(r.peer_ip, "192.168.100.250", "{url}: {r:?}");
     let url = format!("http://{}:30083/", n1.underlay_ip);
     match curl_once(client.name(), &url, 3) {
         Ok(r) => panic!("{url}: policy Local without a local endpoint answered: {r:?}"),

@@ -848,6 +848,10 @@ impl Daemon {
             rt,
             self.config.node.name.clone(),
             std::time::Duration::from_secs(u64::from(self.config.nat.udp_timeout)),
+            self.config
+                .host
+                .enabled
+                .then(|| self.config.host.interface.clone()),
         );
         np.reconcile(&self.lock().services);
         let _ = self.nodeports.set(np);

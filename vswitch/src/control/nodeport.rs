@@ -10,11 +10,18 @@
 //! on this node, and refuses (closes) when there is none, so the client's load balancer can
 //! fail over.
 //!
-//! The relay terminates the client's connection, so the backend sees the node as the client:
-//! the client's source address is not kept. Keeping it would need the relay's sockets to send
-//! from the client's address (IP_TRANSPARENT) and policy routing that delivers the backend's
-//! replies back to them; that is not done. It runs on the control-plane runtime, never on the
-//! datapath threads.
+//! The relay terminates the client's connection. With `Cluster` the backend sees the node as
+//! the client, as with kube-proxy's SNAT for that policy. With `Local` (TCP) the client's
+//! address is kept, which is that policy's point: the relay's connection to the endpoint is sent
+//! from the client's address (an IP_TRANSPARENT socket), and the endpoint's replies, which the
+//! switch hands to the node like any packet for an outside address, are delivered to that
+//! socket by policy routing: `ip rule iif <host port> ipproto tcp sport <target port> lookup
+//! 1009` with `local 0.0.0.0/0 dev lo` in table 1009. That needs policy routing in the node's
+//! kernel (CONFIG_IP_MULTIPLE_TABLES, present in every distribution kernel); where the rule
+//! cannot be installed the relay falls back to the node's address and says so in the log. A
+//! pod serving the same port to outside clients through the node is also answered locally
+//! while the rule is there, a cost documented with the policy. It runs on the control-plane
+//! runtime, never on the datapath threads.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -30,7 +37,13 @@ use tokio::task::JoinHandle;
 struct Target {
     /// Candidate destinations: the ClusterIP, or the local endpoints for policy Local.
     dests: Vec<SocketAddr>,
+    /// Send from the client's address (policy Local, with the return route in place).
+    transparent: bool,
 }
+
+/// The routing table that delivers endpoints' replies to transparent relay sockets.
+const TPROXY_TABLE: u32 = 1009;
+const TPROXY_PRIORITY: u32 = 1009;
 
 type Key = (Protocol, u16);
 
@@ -45,6 +58,10 @@ pub struct NodePorts {
     node: String,
     udp_idle: Duration,
     listeners: Mutex<HashMap<Key, Listener>>,
+    /// The host port, through which endpoints' replies reach the node; None: no transparency.
+    host_if: Option<String>,
+    /// Target ports with a return rule installed.
+    rules: Arc<Mutex<std::collections::BTreeSet<u16>>>,
 }
 
 fn targets(services: &[ServiceSpec], node: &str) -> HashMap<Key, Target> {
@@ -55,7 +72,8 @@ fn targets(services: &[ServiceSpec], node: &str) -> HashMap<Key, Target> {
             if p.protocol == Protocol::Sctp {
                 continue;
             }
-            let dests = if s.external_traffic_policy == TrafficPolicy::Local {
+            let local = s.external_traffic_policy == TrafficPolicy::Local;
+            let dests = if local {
                 let target = p.target_port.unwrap_or(p.port);
                 s.endpoints
                     .iter()
@@ -69,7 +87,13 @@ fn targets(services: &[ServiceSpec], node: &str) -> HashMap<Key, Target> {
                     .map(|ip| SocketAddr::new(*ip, p.port))
                     .collect()
             };
-            out.insert((p.protocol, np), Target { dests });
+            out.insert(
+                (p.protocol, np),
+                Target {
+                    dests,
+                    transparent: local && p.protocol == Protocol::Tcp,
+                },
+            );
         }
     }
     out
@@ -89,19 +113,60 @@ fn salt_of(addr: &SocketAddr) -> u64 {
 }
 
 impl NodePorts {
-    pub fn new(rt: tokio::runtime::Handle, node: String, udp_idle: Duration) -> Self {
+    pub fn new(
+        rt: tokio::runtime::Handle,
+        node: String,
+        udp_idle: Duration,
+        host_if: Option<String>,
+    ) -> Self {
         NodePorts {
             rt,
             node,
             udp_idle,
             listeners: Mutex::new(HashMap::new()),
+            host_if,
+            rules: Arc::default(),
         }
+    }
+
+    /// Installs (and removes) the return rules for the target ports of Local TCP NodePorts.
+    fn sync_rules(&self, services: &[ServiceSpec]) {
+        let Some(host_if) = self.host_if.clone() else {
+            return;
+        };
+        let want: std::collections::BTreeSet<u16> = services
+            .iter()
+            .filter(|s| s.external_traffic_policy == TrafficPolicy::Local)
+            .flat_map(|s| s.ports.iter())
+            .filter(|p| p.node_port.is_some() && p.protocol == Protocol::Tcp)
+            .map(|p| p.target_port.unwrap_or(p.port))
+            .collect();
+        let rules = self.rules.clone();
+        self.rt.spawn(async move {
+            let have = rules.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if want == have {
+                return;
+            }
+            match return_rules(&host_if, &have, &want).await {
+                Ok(()) => *rules.lock().unwrap_or_else(|e| e.into_inner()) = want,
+                Err(e) => tracing::warn!(
+                    "NodePort policy Local: cannot route endpoints' replies back to the relay \
+                     ({e}); the client's address is not kept"
+                ),
+            }
+        });
     }
 
     /// Opens listeners for new NodePorts, closes those that went away, and points the rest at
     /// their current destinations.
     pub fn reconcile(&self, services: &[ServiceSpec]) {
-        let want = targets(services, &self.node);
+        self.sync_rules(services);
+        let mut want = targets(services, &self.node);
+        if self.host_if.is_none() {
+            for t in want.values_mut() {
+                t.transparent = false;
+            }
+        }
         let mut ls = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
         ls.retain(|k, l| {
             let keep = want.contains_key(k);
@@ -118,7 +183,7 @@ impl NodePorts {
             }
             let target = Arc::new(Mutex::new(t));
             let task = match k.0 {
-                Protocol::Tcp => self.rt.spawn(tcp(k.1, target.clone())),
+                Protocol::Tcp => self.rt.spawn(tcp(k.1, target.clone(), self.rules.clone())),
                 _ => self.rt.spawn(udp(k.1, target.clone(), self.udp_idle)),
             };
             ls.insert(k, Listener { target, task });
@@ -126,7 +191,11 @@ impl NodePorts {
     }
 }
 
-async fn tcp(port: u16, target: Arc<Mutex<Target>>) {
+async fn tcp(
+    port: u16,
+    target: Arc<Mutex<Target>>,
+    rules: Arc<Mutex<std::collections::BTreeSet<u16>>>,
+) {
     let listener = match TcpListener::bind((IpAddr::from([0, 0, 0, 0]), port)).await {
         Ok(l) => l,
         Err(e) => {
@@ -148,8 +217,17 @@ async fn tcp(port: u16, target: Arc<Mutex<Target>>) {
             // No (local) endpoint: close at once, as a rejected connection.
             continue;
         };
+        // Only with the return route in place: otherwise the replies would be lost.
+        let transparent = target.lock().unwrap_or_else(|p| p.into_inner()).transparent
+            && rules
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&dest.port());
         tokio::spawn(async move {
-            let connect = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(dest));
+            let connect = tokio::time::timeout(
+                Duration::from_secs(10),
+                connect_from(transparent.then_some(from.ip()), dest),
+            );
             let mut backend = match connect.await {
                 Ok(Ok(b)) => b,
                 _ => return,
@@ -159,6 +237,88 @@ async fn tcp(port: u16, target: Arc<Mutex<Target>>) {
             let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
         });
     }
+}
+
+/// Connects to `dest`, from the client's address `from` when given (IP_TRANSPARENT); if the
+/// kernel refuses that, from the node's.
+async fn connect_from(from: Option<IpAddr>, dest: SocketAddr) -> std::io::Result<TcpStream> {
+    if let Some(IpAddr::V4(client)) = from {
+        let transparent = (|| -> std::io::Result<tokio::net::TcpSocket> {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            s.set_ip_transparent_v4(true)?;
+            s.set_nonblocking(true)?;
+            s.bind(&SocketAddr::new(IpAddr::V4(client), 0).into())?;
+            Ok(tokio::net::TcpSocket::from_std_stream(s.into()))
+        })();
+        match transparent {
+            Ok(sock) => return sock.connect(dest).await,
+            Err(e) => tracing::debug!("transparent relay socket: {e}"),
+        }
+    }
+    TcpStream::connect(dest).await
+}
+
+/// Replaces the return rules for `have` by those for `want`: replies from those ports that
+/// arrive on the host port are delivered locally, to the relay's transparent sockets.
+async fn return_rules(
+    host_if: &str,
+    have: &std::collections::BTreeSet<u16>,
+    want: &std::collections::BTreeSet<u16>,
+) -> Result<(), String> {
+    use rtnetlink::packet_route::route::RouteType;
+    use rtnetlink::packet_route::rule::{RuleAttribute, RulePortRange};
+    use rtnetlink::packet_route::IpProtocol as NlProto;
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| e.to_string())?;
+    let task = tokio::spawn(conn);
+    let result = async {
+        if !want.is_empty() {
+            let lo = crate::datapath::tap::interface_index("lo").ok_or("no lo")?;
+            let route = rtnetlink::RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+                .destination_prefix(std::net::Ipv4Addr::UNSPECIFIED, 0)
+                .output_interface(lo)
+                .table_id(TPROXY_TABLE)
+                .kind(RouteType::Local)
+                .scope(rtnetlink::packet_route::route::RouteScope::Host)
+                .build();
+            if let Err(e) = handle.route().add(route).replace().execute().await {
+                return Err(format!("local route in table {TPROXY_TABLE}: {e}"));
+            }
+        }
+        let rule = |port: u16| {
+            let mut r = handle
+                .rule()
+                .add()
+                .v4()
+                .input_interface(host_if.to_string())
+                .table_id(TPROXY_TABLE)
+                .priority(TPROXY_PRIORITY)
+                .action(rtnetlink::packet_route::rule::RuleAction::ToTable);
+            let m = r.message_mut();
+            m.attributes.push(RuleAttribute::IpProtocol(NlProto::Tcp));
+            m.attributes
+                .push(RuleAttribute::SourcePortRange(RulePortRange {
+                    start: port,
+                    end: port,
+                }));
+            r
+        };
+        for port in want.difference(have) {
+            if let Err(e) = rule(*port).execute().await {
+                // Left by an earlier run of the daemon: already what we want.
+                if !e.to_string().contains("File exists") {
+                    return Err(format!("rule for source port {port}: {e}"));
+                }
+            }
+        }
+        for port in have.difference(want) {
+            let msg = rule(*port).message_mut().clone();
+            let _ = handle.rule().del(msg).execute().await;
+        }
+        Ok(())
+    }
+    .await;
+    task.abort();
+    result
 }
 
 async fn udp(port: u16, target: Arc<Mutex<Target>>, idle: Duration) {
