@@ -1295,7 +1295,6 @@ fn a_pods_ptr_is_the_same_from_every_node() {
 }
 
 #[test]
-#[ignore = "product bug: a cached answer larger than a plain-UDP client's 512 bytes is fetched from the upstream again (UDP, then TCP) on every UDP query instead of answered TC from the cache"]
 fn a_cached_answer_too_large_for_udp_is_not_fetched_again() {
     let mut lab = DnsLab::up(0);
     let node = lab.node();

@@ -257,9 +257,18 @@ impl Forwarder {
             dnssec_ok: q.edns.is_some_and(|e| e.dnssec_ok),
         };
         let cached = self.cache().get(&key, Instant::now());
-        if let Some(mut msg) = cached.filter(|m| m.len() <= limit) {
+        if let Some(mut msg) = cached {
             bump(&c.cache_hits);
             restore_client_view(&mut msg, &q);
+            // Too big for this client: TC from the cache; its retry over TCP is served from
+            // the cache too, so the upstream is not asked again.
+            if msg.len() > limit {
+                return Some(short_reply(
+                    &q,
+                    be16(&msg, 2).map_or(0, |f| f as u8 & 0xf),
+                    true,
+                ));
+            }
             return Some(msg);
         }
 
