@@ -148,7 +148,9 @@ impl Client {
             let start = head.len();
             let n = r.read_until(b'\n', &mut head).map_err(io)?;
             if n == 0 {
-                return Err(ClientError::Protocol("connection closed in the headers".into()));
+                return Err(ClientError::Protocol(
+                    "connection closed in the headers".into(),
+                ));
             }
             if &head[start..] == b"\r\n" || &head[start..] == b"\n" {
                 break;
@@ -168,7 +170,12 @@ impl Client {
             .filter_map(|l| l.split_once(':'))
             .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
             .collect();
-        let find = |k: &str| headers.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        let find = |k: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.as_str())
+        };
         let chunked = find("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
         let length = find("content-length").and_then(|v| v.parse::<u64>().ok());
         r.get_ref().set_read_timeout(read_timeout).map_err(io)?;
@@ -177,7 +184,10 @@ impl Client {
             status,
             headers,
             body: if chunked {
-                Body::Chunked { left: 0, line: Vec::new() }
+                Body::Chunked {
+                    left: 0,
+                    line: Vec::new(),
+                }
             } else {
                 Body::Plain { left: length }
             },
@@ -214,7 +224,10 @@ impl Streaming {
 
     /// The error a non-2xx response carries (its JSON body read to the end).
     pub fn into_error(mut self) -> ClientError {
-        let _ = self.r.get_ref().set_read_timeout(Some(Duration::from_secs(10)));
+        let _ = self
+            .r
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_secs(10)));
         let mut body = Vec::new();
         if let Err(e) = self.read_to_end(&mut body) {
             return ClientError::Protocol(format!("HTTP {}: {e}", self.status));
@@ -384,7 +397,12 @@ mod tests {
             match s.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => got.extend_from_slice(&buf[..n]),
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
                     assert_eq!(got, b"abcd", "the first chunk came at once");
                     timeouts += 1;
                 }
