@@ -884,11 +884,27 @@ impl Lab {
             }
         }
 
-        // 2. Daemons.
+        // 2. Daemons: the pid the state knows and the pid file's (a daemon restarted by hand
+        // updates only the latter); stop_process checks each is really this node's vswitchd.
         for n in &nodes {
-            if let Some(pid) = n.pid {
+            let from_file: Option<u32> = fs::read_to_string(n.pid_file())
+                .ok()
+                .and_then(|s| s.trim().parse().ok());
+            let mut pids: Vec<u32> = n.pid.into_iter().chain(from_file).collect();
+            pids.dedup();
+            for pid in pids {
                 if let Err(e) = sys::stop_process(pid, n.config.as_os_str(), STOP_GRACE) {
                     problems.push(format!("node {}: {e}", n.name));
+                }
+            }
+        }
+
+        // Pods' resolv.conf for namespaces already gone (deleted by hand or by a test).
+        if let Ok(entries) = fs::read_dir("/etc/netns") {
+            for e in entries.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if names.classify(&n).is_some() {
+                    let _ = fs::remove_dir_all(e.path());
                 }
             }
         }
