@@ -413,7 +413,7 @@ impl Default for AdminConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DatapathConfig {
-    /// Number of datapath worker threads.
+    /// Number of datapath worker threads (exactly 1 in this version).
     #[serde(default = "default_workers")]
     pub workers: u32,
     /// TAP offloads (IFF_VNET_HDR with checksum and TSO): one read is a TCP super-frame.
@@ -670,10 +670,15 @@ impl Config {
         if !self.admin.socket.is_absolute() {
             return Err(invalid("admin.socket", "must be an absolute path"));
         }
-        if !(1..=64).contains(&self.datapath.workers) {
+        if self.datapath.workers != 1 {
+            // Several workers need multi-queue TAPs and flow steering (issue 4): refused rather
+            // than silently ignored.
             return Err(invalid(
                 "datapath.workers",
-                format!("{} is out of range 1..=64", self.datapath.workers),
+                format!(
+                    "{}: this version runs exactly 1 datapath worker",
+                    self.datapath.workers
+                ),
             ));
         }
         let o = &self.overlay;
