@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 need=(ip:iproute2 ping:iputils-ping iperf3:iperf3 tcpdump:tcpdump tshark:tshark
       podman:podman runc:runc busybox:busybox-static nc:netcat-openbsd
       socat:socat ethtool:ethtool shellcheck:shellcheck dig:dnsutils file:file
-      pip3:python3-pip
+      pip3:python3-pip curl:curl
       /usr/lib/cni/loopback:containernetworking-plugins)
 missing=()
 for pair in "${need[@]}"; do
