@@ -11,12 +11,12 @@
 //! fail over.
 //!
 //! The relay terminates the client's connection. With `Cluster` the backend sees the node as
-//! the client, as with kube-proxy's SNAT for that policy. With `Local` (TCP) the client's
-//! address is kept, which is that policy's point: the relay's connection to the endpoint is sent
+//! the client, as with kube-proxy's SNAT for that policy. With `Local` the client's address is
+//! kept (TCP and UDP), which is that policy's point: the relay's connection to the endpoint is sent
 //! from the client's address (an IP_TRANSPARENT socket), and the endpoint's replies, which the
 //! switch hands to the node like any packet for an outside address, are delivered to that
-//! socket by policy routing: `ip rule iif <host port> ipproto tcp sport <target port> lookup
-//! 1009` with `local 0.0.0.0/0 dev lo` in table 1009. That needs policy routing in the node's
+//! socket by policy routing: `ip rule iif <host port> ipproto tcp|udp sport <target port>
+//! lookup 1009` with `local 0.0.0.0/0 dev lo` in table 1009. That needs policy routing in the node's
 //! kernel (CONFIG_IP_MULTIPLE_TABLES, present in every distribution kernel); where the rule
 //! cannot be installed the relay falls back to the node's address and says so in the log. A
 //! pod serving the same port to outside clients through the node is also answered locally
@@ -41,6 +41,10 @@ struct Target {
     transparent: bool,
 }
 
+type Rules = Arc<Mutex<std::collections::BTreeSet<(u8, u16)>>>;
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+
 /// The routing table that delivers endpoints' replies to transparent relay sockets.
 const TPROXY_TABLE: u32 = 1009;
 const TPROXY_PRIORITY: u32 = 1009;
@@ -60,8 +64,8 @@ pub struct NodePorts {
     listeners: Mutex<HashMap<Key, Listener>>,
     /// The host port, through which endpoints' replies reach the node; None: no transparency.
     host_if: Option<String>,
-    /// Target ports with a return rule installed.
-    rules: Arc<Mutex<std::collections::BTreeSet<u16>>>,
+    /// (IP protocol, target port) pairs with a return rule installed.
+    rules: Rules,
 }
 
 fn targets(services: &[ServiceSpec], node: &str) -> HashMap<Key, Target> {
@@ -91,7 +95,7 @@ fn targets(services: &[ServiceSpec], node: &str) -> HashMap<Key, Target> {
                 (p.protocol, np),
                 Target {
                     dests,
-                    transparent: local && p.protocol == Protocol::Tcp,
+                    transparent: local,
                 },
             );
         }
@@ -134,12 +138,19 @@ impl NodePorts {
         let Some(host_if) = self.host_if.clone() else {
             return;
         };
-        let want: std::collections::BTreeSet<u16> = services
+        let want: std::collections::BTreeSet<(u8, u16)> = services
             .iter()
             .filter(|s| s.external_traffic_policy == TrafficPolicy::Local)
             .flat_map(|s| s.ports.iter())
-            .filter(|p| p.node_port.is_some() && p.protocol == Protocol::Tcp)
-            .map(|p| p.target_port.unwrap_or(p.port))
+            .filter(|p| p.node_port.is_some())
+            .filter_map(|p| {
+                let proto = match p.protocol {
+                    Protocol::Tcp => TCP,
+                    Protocol::Udp => UDP,
+                    Protocol::Sctp => return None,
+                };
+                Some((proto, p.target_port.unwrap_or(p.port)))
+            })
             .collect();
         let rules = self.rules.clone();
         self.rt.spawn(async move {
@@ -184,18 +195,16 @@ impl NodePorts {
             let target = Arc::new(Mutex::new(t));
             let task = match k.0 {
                 Protocol::Tcp => self.rt.spawn(tcp(k.1, target.clone(), self.rules.clone())),
-                _ => self.rt.spawn(udp(k.1, target.clone(), self.udp_idle)),
+                _ => self
+                    .rt
+                    .spawn(udp(k.1, target.clone(), self.udp_idle, self.rules.clone())),
             };
             ls.insert(k, Listener { target, task });
         }
     }
 }
 
-async fn tcp(
-    port: u16,
-    target: Arc<Mutex<Target>>,
-    rules: Arc<Mutex<std::collections::BTreeSet<u16>>>,
-) {
+async fn tcp(port: u16, target: Arc<Mutex<Target>>, rules: Rules) {
     let listener = match TcpListener::bind((IpAddr::from([0, 0, 0, 0]), port)).await {
         Ok(l) => l,
         Err(e) => {
@@ -222,7 +231,7 @@ async fn tcp(
             && rules
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .contains(&dest.port());
+                .contains(&(TCP, dest.port()));
         tokio::spawn(async move {
             let connect = tokio::time::timeout(
                 Duration::from_secs(10),
@@ -258,12 +267,27 @@ async fn connect_from(from: Option<IpAddr>, dest: SocketAddr) -> std::io::Result
     TcpStream::connect(dest).await
 }
 
+/// A UDP socket for one client flow, sending from the client's address when given.
+async fn udp_from(from: Option<IpAddr>) -> std::io::Result<UdpSocket> {
+    if let Some(IpAddr::V4(client)) = from {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+        if s.set_ip_transparent_v4(true).is_ok()
+            && s.bind(&SocketAddr::new(IpAddr::V4(client), 0).into())
+                .is_ok()
+        {
+            s.set_nonblocking(true)?;
+            return UdpSocket::from_std(s.into());
+        }
+    }
+    UdpSocket::bind("0.0.0.0:0").await
+}
+
 /// Replaces the return rules for `have` by those for `want`: replies from those ports that
 /// arrive on the host port are delivered locally, to the relay's transparent sockets.
 async fn return_rules(
     host_if: &str,
-    have: &std::collections::BTreeSet<u16>,
-    want: &std::collections::BTreeSet<u16>,
+    have: &std::collections::BTreeSet<(u8, u16)>,
+    want: &std::collections::BTreeSet<(u8, u16)>,
 ) -> Result<(), String> {
     use rtnetlink::packet_route::route::RouteType;
     use rtnetlink::packet_route::rule::{RuleAttribute, RulePortRange};
@@ -284,7 +308,7 @@ async fn return_rules(
                 return Err(format!("local route in table {TPROXY_TABLE}: {e}"));
             }
         }
-        let rule = |port: u16| {
+        let rule = |(proto, port): (u8, u16)| {
             let mut r = handle
                 .rule()
                 .add()
@@ -294,7 +318,12 @@ async fn return_rules(
                 .priority(TPROXY_PRIORITY)
                 .action(rtnetlink::packet_route::rule::RuleAction::ToTable);
             let m = r.message_mut();
-            m.attributes.push(RuleAttribute::IpProtocol(NlProto::Tcp));
+            m.attributes
+                .push(RuleAttribute::IpProtocol(if proto == TCP {
+                    NlProto::Tcp
+                } else {
+                    NlProto::Udp
+                }));
             m.attributes
                 .push(RuleAttribute::SourcePortRange(RulePortRange {
                     start: port,
@@ -302,16 +331,16 @@ async fn return_rules(
                 }));
             r
         };
-        for port in want.difference(have) {
-            if let Err(e) = rule(*port).execute().await {
+        for &(proto, port) in want.difference(have) {
+            if let Err(e) = rule((proto, port)).execute().await {
                 // Left by an earlier run of the daemon: already what we want.
                 if !e.to_string().contains("File exists") {
                     return Err(format!("rule for source port {port}: {e}"));
                 }
             }
         }
-        for port in have.difference(want) {
-            let msg = rule(*port).message_mut().clone();
+        for &key in have.difference(want) {
+            let msg = rule(key).message_mut().clone();
             let _ = handle.rule().del(msg).execute().await;
         }
         Ok(())
@@ -321,7 +350,7 @@ async fn return_rules(
     result
 }
 
-async fn udp(port: u16, target: Arc<Mutex<Target>>, idle: Duration) {
+async fn udp(port: u16, target: Arc<Mutex<Target>>, idle: Duration, rules: Rules) {
     let sock = match UdpSocket::bind((IpAddr::from([0, 0, 0, 0]), port)).await {
         Ok(s) => Arc::new(s),
         Err(e) => {
@@ -348,7 +377,13 @@ async fn udp(port: u16, target: Arc<Mutex<Target>>, idle: Duration) {
                 let Some(dest) = pick(&target, salt_of(&from)) else {
                     continue;
                 };
-                let Ok(u) = UdpSocket::bind("0.0.0.0:0").await else {
+                // Policy Local with the return route in place: from the client's address.
+                let transparent = target.lock().unwrap_or_else(|p| p.into_inner()).transparent
+                    && rules
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .contains(&(UDP, dest.port()));
+                let Ok(u) = udp_from(transparent.then_some(from.ip())).await else {
                     continue;
                 };
                 if u.connect(dest).await.is_err() {
