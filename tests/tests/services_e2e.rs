@@ -96,7 +96,7 @@ def udp_echo(name, port):
         data, peer = s.recvfrom(2048)
         text = data.decode(errors="replace")
         out("%.3f from=%s:%d %s" % (time.time(), peer[0], peer[1], text))
-        s.sendto(("%s %s" % (name, text)).encode(), peer)
+        s.sendto(("%s %s peer=%s" % (name, text, peer[0])).encode(), peer)
 
 def udp_client(host, port, secs, interval, sport):
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -1258,7 +1258,17 @@ fn nodeport_reaches_a_backend_on_another_node_from_outside_the_cluster() {
         }],
         vec![Ep::of(&p2)],
     );
-    w.set_services(&[on_n2, on_n1, local, echo]);
+    let mut echo_local = Svc::new(
+        "echo-local",
+        "10.96.1.45",
+        vec![SvcPort {
+            node_port: Some(30054),
+            ..udp(53, 5353)
+        }],
+        vec![Ep::of(&p2)],
+    );
+    echo_local.external_local = true;
+    w.set_services(&[on_n2, on_n1, local, echo, echo_local]);
     let _udp_echo = Bg::spawn(
         &p2.netns,
         &w.py("udp-echo", &[&p2.name, "5353"]),
@@ -1270,6 +1280,7 @@ fn nodeport_reaches_a_backend_on_another_node_from_outside_the_cluster() {
             wait_listening(&n.netns, "t", np);
         }
         wait_listening(&n.netns, "u", 30053);
+        wait_listening(&n.netns, "u", 30054);
     }
     let client = outside_client(&w, "192.168.100.250/24");
     let (n1, n2) = (w.node(1).clone(), w.node(2).clone());
@@ -1321,6 +1332,27 @@ fn nodeport_reaches_a_backend_on_another_node_from_outside_the_cluster() {
         "UDP NodePort {}:30053: {answers} of 10 datagrams answered by {}:\n{o}",
         n1.underlay_ip,
         p2.name
+    );
+
+    // UDP with policy Local: the endpoint sees the client's own address.
+    let o = exec_in(
+        client.name(),
+        &w.py(
+            "udp-client",
+            &[&n2.underlay_ip.to_string(), "30054", "1", "0.1", "40001"],
+        ),
+        Duration::from_secs(10),
+    );
+    assert!(o.success(), "{o}");
+    let kept = o
+        .stdout
+        .lines()
+        .filter(|l| l.contains(&format!(" {} seq", p2.name)) && l.ends_with("peer=192.168.100.250"))
+        .count();
+    assert!(
+        kept >= 8,
+        "UDP NodePort {}:30054 (policy Local): {kept} of 10 answers saw the client's address:\n{o}",
+        n2.underlay_ip
     );
 
     // externalTrafficPolicy Local: the node with the endpoint serves it; the other refuses at
