@@ -139,7 +139,7 @@ impl Daemon {
         tables.node_name = config.node.name.clone();
         tables.services = service_table(&config, &config.services);
         let host_tap = if config.host.enabled {
-            let routes = config
+            let routes: Vec<Ipv4Net> = config
                 .host
                 .routes
                 .iter()
@@ -151,21 +151,13 @@ impl Daemon {
             let tap = netconfig::create_host_interface(
                 &config.host.interface,
                 host_mac_for(gw),
-                Ipv4Net::new(gw, config.node.pod_cidr.prefix_len()).unwrap_or(config.node.pod_cidr),
+                pod_address(&config, gw),
                 config.node.mtu,
-                routes,
+                routes.clone(),
                 config.datapath.offload,
             )
             .map_err(|e| DaemonError::Host(config.host.interface.clone(), e.to_string()))?;
-            tables.cluster_nets = config
-                .host
-                .routes
-                .iter()
-                .filter_map(|r| match r {
-                    IpNet::V4(n) => Some(*n),
-                    IpNet::V6(_) => None,
-                })
-                .collect();
+            tables.cluster_nets = routes;
             tables.host = Some(PortEntry {
                 id: HOST_PORT,
                 mac: host_mac_for(gw),
@@ -373,7 +365,6 @@ impl Daemon {
 
     fn response(&self, rec: &Record) -> AddResponse {
         let gw = self.config.gateway();
-        let prefix = self.config.node.pod_cidr.prefix_len();
         let d = &self.config.dns;
         let dns = if d.nameservers.is_empty() {
             Dns::default()
@@ -397,7 +388,7 @@ impl Daemon {
             ifname: rec.ifname.clone(),
             mac: rec.mac.clone(),
             netns: rec.netns.clone(),
-            address: IpNet::V4(Ipv4Net::new(rec.ip, prefix).unwrap_or(self.config.node.pod_cidr)),
+            address: IpNet::V4(pod_address(&self.config, rec.ip)),
             gateway: IpAddr::V4(gw),
             mtu: self.config.node.mtu,
             routes: vec![Route {
@@ -449,8 +440,7 @@ impl Daemon {
         let want = PodInterface {
             ifname: req.ifname.clone(),
             mac,
-            address: Ipv4Net::new(lease.ip, self.config.node.pod_cidr.prefix_len())
-                .unwrap_or(self.config.node.pod_cidr),
+            address: pod_address(&self.config, lease.ip),
             gateway: self.config.gateway(),
             mtu: self.config.node.mtu,
         };
@@ -566,8 +556,7 @@ impl Daemon {
         let want = PodInterface {
             ifname: rec.ifname.clone(),
             mac: mac_for(rec.ip),
-            address: Ipv4Net::new(rec.ip, self.config.node.pod_cidr.prefix_len())
-                .unwrap_or(self.config.node.pod_cidr),
+            address: pod_address(&self.config, rec.ip),
             gateway: self.config.gateway(),
             mtu: self.config.node.mtu,
         };
@@ -957,6 +946,11 @@ impl Daemon {
         fs::write(&tmp, serde_json::to_vec_pretty(rec)?)?;
         fs::rename(&tmp, &path)
     }
+}
+
+/// `ip` with the pod CIDR's prefix length: how pods (and the gateway) hold their address.
+fn pod_address(config: &Config, ip: Ipv4Addr) -> Ipv4Net {
+    Ipv4Net::new(ip, config.node.pod_cidr.prefix_len()).unwrap_or(config.node.pod_cidr)
 }
 
 /// The datapath's Service table: the Services, plus, when the switch answers DNS, TCP port 53

@@ -111,6 +111,16 @@ fn pick(target: &Mutex<Target>, salt: u64) -> Option<SocketAddr> {
     Some(t.dests[(salt % t.dests.len() as u64) as usize])
 }
 
+/// Whether to send from the client's address: policy Local, and only with the return route
+/// for (`proto`, `port`) in place, otherwise the replies would be lost.
+fn transparent(target: &Mutex<Target>, rules: &Rules, proto: u8, port: u16) -> bool {
+    target.lock().unwrap_or_else(|p| p.into_inner()).transparent
+        && rules
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&(proto, port))
+}
+
 fn salt_of(addr: &SocketAddr) -> u64 {
     use std::hash::BuildHasher;
     foldhash::fast::RandomState::default().hash_one(addr)
@@ -226,12 +236,7 @@ async fn tcp(port: u16, target: Arc<Mutex<Target>>, rules: Rules) {
             // No (local) endpoint: close at once, as a rejected connection.
             continue;
         };
-        // Only with the return route in place: otherwise the replies would be lost.
-        let transparent = target.lock().unwrap_or_else(|p| p.into_inner()).transparent
-            && rules
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(&(TCP, dest.port()));
+        let transparent = transparent(&target, &rules, TCP, dest.port());
         tokio::spawn(async move {
             let connect = tokio::time::timeout(
                 Duration::from_secs(10),
@@ -377,12 +382,7 @@ async fn udp(port: u16, target: Arc<Mutex<Target>>, idle: Duration, rules: Rules
                 let Some(dest) = pick(&target, salt_of(&from)) else {
                     continue;
                 };
-                // Policy Local with the return route in place: from the client's address.
-                let transparent = target.lock().unwrap_or_else(|p| p.into_inner()).transparent
-                    && rules
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .contains(&(UDP, dest.port()));
+                let transparent = transparent(&target, &rules, UDP, dest.port());
                 let Ok(u) = udp_from(transparent.then_some(from.ip())).await else {
                     continue;
                 };

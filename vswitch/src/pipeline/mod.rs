@@ -217,15 +217,9 @@ fn from_host(cx: &mut Ctx<'_>, buf: &mut [u8], len: usize, meta: Meta) -> Action
             if target == t.gateway_ip {
                 return Action::Drop(DropReason::ArpUnknownTarget);
             }
-            let sender_ip = arp.sender_protocol_addr();
-            let answer = t.gateway_mac;
-            arp.set_operation(ArpOperation::REPLY);
-            arp.set_target_hardware_addr(host.mac);
-            arp.set_target_protocol_addr(sender_ip);
-            arp.set_sender_hardware_addr(answer);
-            arp.set_sender_protocol_addr(target);
+            arp_reply(&mut arp, host.mac, t.gateway_mac);
             eth.set_dst_addr(host.mac);
-            eth.set_src_addr(answer);
+            eth.set_src_addr(t.gateway_mac);
             Action::Reply(EthernetFrame::<&[u8]>::HEADER_LEN + ArpPacket::<&[u8]>::LEN)
         }
         EtherType::IPV4 if eth.dst_addr() == t.gateway_mac => route_v4(cx, &host, buf, len, meta),
@@ -275,14 +269,21 @@ fn arp(t: &Tables, port: &PortEntry, eth: &mut EthernetFrame<&mut [u8]>) -> Acti
             _ => return Action::Drop(DropReason::ArpUnknownTarget),
         }
     };
-    arp.set_operation(ArpOperation::REPLY);
-    arp.set_target_hardware_addr(port.mac);
-    arp.set_target_protocol_addr(sender_ip);
-    arp.set_sender_hardware_addr(answer);
-    arp.set_sender_protocol_addr(target);
+    arp_reply(&mut arp, port.mac, answer);
     eth.set_dst_addr(port.mac);
     eth.set_src_addr(answer);
     Action::Reply(EthernetFrame::<&[u8]>::HEADER_LEN + ArpPacket::<&[u8]>::LEN)
+}
+
+/// Turns an ARP request into its reply in place: `answer` owns the asked-for address, and the
+/// reply goes to the asker (`to`, at the address it asked from).
+fn arp_reply(arp: &mut ArpPacket<&mut [u8]>, to: EthernetAddress, answer: EthernetAddress) {
+    let (asker, target) = (arp.sender_protocol_addr(), arp.target_protocol_addr());
+    arp.set_operation(ArpOperation::REPLY);
+    arp.set_target_hardware_addr(to);
+    arp.set_target_protocol_addr(asker);
+    arp.set_sender_hardware_addr(answer);
+    arp.set_sender_protocol_addr(target);
 }
 
 fn route_v4(cx: &mut Ctx<'_>, port: &PortEntry, buf: &mut [u8], len: usize, meta: Meta) -> Action {
