@@ -13,12 +13,26 @@
 //! never see the translation undone; such connections are also source-translated to the
 //! gateway address, as kube-proxy masquerades them.
 //!
-//! The table is owned by one datapath worker and changed only by it (no lock); expiry is lazy on
-//! lookup plus a bounded sweep driven by the worker's clock. It has a hard size: when full, an
-//! entry close to expiry among a small sample is evicted (counted), never unbounded growth.
+//! Several datapath workers share one table, because the two directions of a connection may be
+//! read by different workers (a client's packets on one TAP queue, the backend's replies on
+//! another), yet no lock may sit on the per-packet path. So each worker holds a view: its own
+//! index from both keys to the connection, which is one shared allocation whose state and
+//! expiry are atomics any worker updates in place. The worker that sees a connection's first
+//! packet creates and owns it, and announces it to the other views through a channel before
+//! the packet is sent on, so a reply can only be read after the announcement was queued; a view
+//! that misses a lookup drains its channel and looks again before concluding there is no
+//! connection. Only the owner frees a connection (and announces that), so each index changes
+//! only in its own thread; a removal never takes keys that a newer connection has taken over.
+//! Expiry is lazy on lookup plus a bounded sweep of each worker's own connections driven by its
+//! clock. The group has a hard size, counted together: when full, a connection close to expiry
+//! among a small sample is evicted (counted), never unbounded growth.
 
 use std::net::Ipv4Addr;
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize};
+use std::sync::Arc;
 
+use crossbeam_channel::{Receiver, Sender};
 use hashbrown::HashMap;
 
 use conf::config::{LoadBalancing, Protocol, ServiceSpec, TrafficPolicy};
@@ -320,6 +334,19 @@ impl Default for CtConfig {
     }
 }
 
+impl CtState {
+    fn from_u8(v: u8) -> CtState {
+        match v {
+            0 => CtState::SynSent,
+            1 => CtState::Established,
+            2 => CtState::Closing,
+            3 => CtState::Closed,
+            4 => CtState::UdpNew,
+            _ => CtState::UdpAssured,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Dir {
     Orig,
@@ -335,42 +362,541 @@ pub struct CtCounters {
     pub flushed: u64,
 }
 
-/// The connection tracking table of one worker.
+/// One tracked connection, the same allocation in every worker's view: what a packet changes
+/// (state, expiry) is atomic so that whichever worker reads the packet updates it in place.
+struct Conn {
+    orig: Key,
+    reply: Key,
+    backend: Backend,
+    snat: Option<(Ipv4Addr, u16)>,
+    frontend: String,
+    /// The view that created it, the only one that frees it.
+    owner: u32,
+    /// Its place in the owner's slab.
+    slot: u32,
+    state: AtomicU8,
+    expires_ms: AtomicU64,
+    /// Set once, by whoever ends it first (the owner removing it, or any view finding it
+    /// expired or evicting it); that one also gives its place back to the shared count.
+    dead: AtomicBool,
+}
+
+impl Conn {
+    fn state(&self) -> CtState {
+        CtState::from_u8(self.state.load(Relaxed))
+    }
+
+    /// Which direction's packets carry `key` (one of this connection's two).
+    fn dir_of(&self, key: &Key) -> Dir {
+        if self.orig == *key {
+            Dir::Orig
+        } else {
+            Dir::Reply
+        }
+    }
+
+    fn is_live(&self, now: u64) -> bool {
+        !self.dead.load(Relaxed) && self.expires_ms.load(Relaxed) > now
+    }
+
+    /// One packet in direction `dir`: the state moves on and the expiry with it.
+    fn touch(&self, cfg: &CtConfig, now: u64, dir: Dir, flags: TcpFlags) {
+        let proto = self.orig.proto;
+        // A compare-exchange, not a store: two workers with packets of both directions at
+        // once must not lose a transition (a SYN-ACK's Established overwritten by a stale
+        // SynSent).
+        let mut cur = self.state.load(Relaxed);
+        let mut state = loop {
+            let s = CtState::from_u8(cur);
+            let next = advance(s, dir, flags, proto);
+            if next == s {
+                break s;
+            }
+            match self
+                .state
+                .compare_exchange_weak(cur, next as u8, SeqCst, Relaxed)
+            {
+                Ok(_) => break next,
+                Err(seen) => cur = seen,
+            }
+        };
+        // Stored only when it changes (once a millisecond at most), so that the packets of a
+        // busy connection read by two workers do not bounce its cache line for nothing. After
+        // a store, the state is read again: a transition made by another worker meanwhile
+        // (an RST) must not be left with the expiry of the state before it.
+        for _ in 0..4 {
+            let exp = now.saturating_add(cfg.timeout(state));
+            if self.expires_ms.load(Relaxed) == exp {
+                return;
+            }
+            self.expires_ms.store(exp, SeqCst);
+            let again = CtState::from_u8(self.state.load(SeqCst));
+            if again == state {
+                return;
+            }
+            state = again;
+        }
+    }
+
+    fn snapshot(&self) -> CtEntry {
+        CtEntry {
+            orig: self.orig,
+            reply: self.reply,
+            backend: self.backend.clone(),
+            snat: self.snat,
+            state: self.state(),
+            expires_ms: self.expires_ms.load(Relaxed),
+            frontend: self.frontend.clone(),
+        }
+    }
+}
+
+/// What one view tells the others.
+#[derive(Clone)]
+enum Msg {
+    Insert(Arc<Conn>),
+    Remove(Arc<Conn>),
+    Affinity {
+        client: Ipv4Addr,
+        frontend: u32,
+        backend: Backend,
+        expires_ms: u64,
+    },
+}
+
+/// One worker's view of the connection tracking table shared by a group of workers (a
+/// standalone table is a group of one).
 pub struct Conntrack {
     cfg: CtConfig,
-    slots: Vec<Option<CtEntry>>,
+    /// This view's worker number in its group.
+    id: u32,
+    /// Every connection of the group by both its keys, this view's copy. The direction is
+    /// found by comparing with the connection's original key rather than stored: a smaller
+    /// entry keeps more of a large index in cache, which shows on the per-packet lookup.
+    index: Map<Key, Arc<Conn>>,
+    /// The connections this view created: only it sweeps, evicts and flushes them.
+    slots: Vec<Option<Arc<Conn>>>,
     free: Vec<u32>,
-    index: Map<Key, (u32, Dir)>,
     affinity: Map<(Ipv4Addr, u32), (Backend, u64)>,
+    /// Live (not yet ended) connections of the whole group, for `cfg.max`.
+    live: Arc<AtomicUsize>,
+    inbox: Receiver<Msg>,
+    peers: Vec<Sender<Msg>>,
     rng: u64,
     sweep_at: usize,
+    /// This view's own counts; a group's are the sum over its views.
     pub counters: CtCounters,
 }
 
 impl Conntrack {
+    /// A table for a single worker.
     pub fn new(cfg: CtConfig) -> Self {
+        Conntrack::view(
+            cfg,
+            0,
+            Arc::default(),
+            crossbeam_channel::never(),
+            Vec::new(),
+        )
+    }
+
+    /// `n` views of one table, one per worker (view `i` is worker `i`'s): a connection
+    /// created in one is found in all, and `cfg.max` bounds them together.
+    pub fn group(cfg: CtConfig, n: usize) -> Vec<Conntrack> {
+        let live = Arc::new(AtomicUsize::new(0));
+        let (txs, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| crossbeam_channel::unbounded()).unzip();
+        rxs.into_iter()
+            .enumerate()
+            .map(|(i, inbox)| {
+                let peers = txs
+                    .iter()
+                    .enumerate()
+                    .filter(|&(j, _)| j != i)
+                    .map(|(_, tx)| tx.clone())
+                    .collect();
+                Conntrack::view(cfg, i as u32, live.clone(), inbox, peers)
+            })
+            .collect()
+    }
+
+    fn view(
+        cfg: CtConfig,
+        id: u32,
+        live: Arc<AtomicUsize>,
+        inbox: Receiver<Msg>,
+        peers: Vec<Sender<Msg>>,
+    ) -> Self {
+        // Each view its own random sequence (for random backend choice), never zero.
+        let rng = 0x9e37_79b9_7f4a_7c15 ^ u64::from(id).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         Conntrack {
             cfg,
+            id,
+            index: Map::default(),
             slots: Vec::new(),
             free: Vec::new(),
-            index: Map::default(),
             affinity: Map::default(),
-            rng: 0x9e37_79b9_7f4a_7c15,
+            live,
+            inbox,
+            peers,
+            rng: rng.max(1),
             sweep_at: 0,
             counters: CtCounters::default(),
         }
     }
 
+    /// Live connections of the whole group.
     pub fn len(&self) -> usize {
-        self.slots.len() - self.free.len()
+        self.live.load(Relaxed)
     }
 
+    /// No live connection in the whole group: one load, for the per-packet fast path.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    pub fn entries(&self) -> impl Iterator<Item = &CtEntry> {
-        self.slots.iter().flatten()
+    /// The connections this view created (the group's are those of all its views).
+    pub fn entries(&self) -> impl Iterator<Item = CtEntry> + '_ {
+        self.slots
+            .iter()
+            .flatten()
+            .filter(|c| !c.dead.load(Relaxed))
+            .map(|c| c.snapshot())
+    }
+
+    /// Applies what the other views did since the last call. Cheap when nothing happened;
+    /// the worker calls it once a batch, and a lookup that misses calls it too.
+    pub fn sync(&mut self) {
+        self.pull();
+    }
+
+    /// `sync`, saying whether anything changed.
+    fn pull(&mut self) -> bool {
+        let mut any = false;
+        while let Ok(msg) = self.inbox.try_recv() {
+            any = true;
+            match msg {
+                Msg::Insert(c) => self.adopt(c),
+                Msg::Remove(c) => self.unindex(&c),
+                Msg::Affinity {
+                    client,
+                    frontend,
+                    backend,
+                    expires_ms,
+                } => {
+                    let e = self
+                        .affinity
+                        .entry((client, frontend))
+                        .or_insert((backend.clone(), 0));
+                    // Two workers choosing for one client at once: the later choice wins in
+                    // every view alike.
+                    if expires_ms >= e.1 {
+                        *e = (backend, expires_ms);
+                    }
+                }
+            }
+        }
+        any
+    }
+
+    /// Indexes another view's new connection. It replaces what its keys led to (an ended
+    /// connection), except a live one of a lower-numbered view: two views that created a
+    /// connection for the same packets at the same moment then agree on one, in every view.
+    fn adopt(&mut self, c: Arc<Conn>) {
+        if c.dead.load(Acquire) {
+            return;
+        }
+        for k in [c.orig, c.reply] {
+            let keep = self.index.get(&k).is_some_and(|old| {
+                !Arc::ptr_eq(old, &c) && !old.dead.load(Relaxed) && old.owner < c.owner
+            });
+            if !keep {
+                self.index.insert(k, c.clone());
+            }
+        }
+    }
+
+    /// Forgets the keys of an ended connection, unless a newer one has taken them.
+    fn unindex(&mut self, c: &Arc<Conn>) {
+        for k in [c.orig, c.reply] {
+            if self.index.get(&k).is_some_and(|e| Arc::ptr_eq(e, c)) {
+                self.index.remove(&k);
+            }
+        }
+    }
+
+    fn broadcast(&self, msg: Msg) {
+        // A peer that is gone (its worker exited) has nothing left to keep in step.
+        if let Some((last, rest)) = self.peers.split_last() {
+            for p in rest {
+                let _ = p.send(msg.clone());
+            }
+            let _ = last.send(msg);
+        }
+    }
+
+    /// Ends a connection; true for the one caller that did (and so counts it).
+    fn kill(&self, c: &Conn) -> bool {
+        let won = c
+            .dead
+            .compare_exchange(false, true, AcqRel, Relaxed)
+            .is_ok();
+        if won {
+            self.live.fetch_sub(1, Relaxed);
+        }
+        won
+    }
+
+    fn owns(&self, c: &Arc<Conn>) -> bool {
+        c.owner == self.id
+            && self
+                .slots
+                .get(c.slot as usize)
+                .and_then(Option::as_ref)
+                .is_some_and(|s| Arc::ptr_eq(s, c))
+    }
+
+    /// Frees one of this view's connections everywhere; true if it was still live.
+    fn remove_owned(&mut self, slot: u32) -> bool {
+        let Some(c) = self.slots.get_mut(slot as usize).and_then(Option::take) else {
+            return false;
+        };
+        self.free.push(slot);
+        let killed = self.kill(&c);
+        self.unindex(&c);
+        self.broadcast(Msg::Remove(c));
+        killed
+    }
+
+    /// An expired connection met on lookup: its owner frees it now; another view only ends
+    /// it, and the owner's sweep frees it.
+    fn retire(&mut self, c: &Arc<Conn>) {
+        let killed = if self.owns(c) {
+            self.remove_owned(c.slot)
+        } else {
+            self.kill(c)
+        };
+        if killed {
+            self.counters.expired += 1;
+        }
+    }
+
+    fn lookup(&self, key: &Key, now: u64) -> Option<(&Conn, Dir)> {
+        let c = self.index.get(key)?;
+        c.is_live(now).then_some((&**c, c.dir_of(key)))
+    }
+
+    /// Runs `f` on the live connection `key` belongs to. On a miss, the view first catches up
+    /// with the others and looks again: a reply can reach this worker before its next batch
+    /// applies the connection another worker just created.
+    fn with_conn<R>(&mut self, key: &Key, now: u64, f: impl FnOnce(&Conn, Dir) -> R) -> Option<R> {
+        let known = match self.index.get(key) {
+            Some(c) if c.is_live(now) => return Some(f(c, c.dir_of(key))),
+            found => found.is_some(),
+        };
+        let pulled = self.pull();
+        if pulled {
+            if let Some((c, dir)) = self.lookup(key, now) {
+                return Some(f(c, dir));
+            }
+        }
+        // Still not live: what the key leads to, if anything, has expired. (A new connection's
+        // first packet, the common miss, skips this lookup.)
+        if known || pulled {
+            let stale = self
+                .index
+                .get(key)
+                .filter(|c| !c.dead.load(Relaxed))
+                .cloned();
+            if let Some(c) = stale {
+                self.retire(&c);
+            }
+        }
+        None
+    }
+
+    /// Whether a live connection already has this key.
+    fn taken(&self, key: &Key, now: u64) -> bool {
+        self.index.get(key).is_some_and(|c| c.is_live(now))
+    }
+
+    /// Counts a new connection in, making room when the group is full; false if none could
+    /// be made.
+    fn admit(&mut self, now: u64) -> bool {
+        let max = self.cfg.max;
+        for attempt in 0..4 {
+            if self
+                .live
+                .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
+                .is_ok()
+            {
+                return true;
+            }
+            match attempt {
+                0 => self.sweep_owned(now, 64),
+                // Twice: another worker may take the room made by the first.
+                1 | 2 => self.evict(),
+                _ => {}
+            }
+        }
+        false
+    }
+
+    /// Ends the connection closest to expiry among a few of this view's own; only a view
+    /// that has none ends another's (its owner frees it on its next sweep), so a worker whose
+    /// connections fill the table cannot starve the others of new ones.
+    fn evict(&mut self) {
+        let alive = |c: &Arc<Conn>| !c.dead.load(Relaxed);
+        let n = self.slots.len();
+        let own = self
+            .slots
+            .iter()
+            .enumerate()
+            .skip(self.sweep_at % n.max(1))
+            .filter_map(|(i, e)| {
+                e.as_ref()
+                    .filter(|c| alive(c))
+                    .map(|c| (i, c.expires_ms.load(Relaxed)))
+            })
+            .take(8)
+            .min_by_key(|&(_, exp)| exp)
+            .map(|(i, _)| i)
+            .or_else(|| {
+                self.slots
+                    .iter()
+                    .position(|e| e.as_ref().is_some_and(alive))
+            });
+        if let Some(i) = own {
+            if self.remove_owned(i as u32) {
+                self.counters.evicted += 1;
+            }
+            return;
+        }
+        let other = self
+            .index
+            .values()
+            .filter(|c| alive(c))
+            .take(8)
+            .min_by_key(|c| c.expires_ms.load(Relaxed))
+            .cloned();
+        if let Some(c) = other {
+            if self.kill(&c) {
+                self.counters.evicted += 1;
+            }
+        }
+    }
+
+    /// Creates a connection in this view and announces it to the others before returning,
+    /// so that no reply to the packet about to be sent can reach a view that will not find
+    /// it (a view that misses catches up before concluding).
+    #[allow(clippy::too_many_arguments)]
+    fn create(
+        &mut self,
+        orig: Key,
+        reply: Key,
+        backend: Backend,
+        snat: Option<(Ipv4Addr, u16)>,
+        state: CtState,
+        now: u64,
+        frontend: &str,
+    ) -> bool {
+        // What the reply key still leads to has ended (a live connection's would have been
+        // avoided; the original key's was ended by the lookup that missed): ended first, so
+        // that every view lets the new connection replace it.
+        let old = self
+            .index
+            .get(&reply)
+            .filter(|c| !c.dead.load(Relaxed) && !c.is_live(now))
+            .cloned();
+        if let Some(c) = old {
+            self.retire(&c);
+        }
+        if !self.admit(now) {
+            return false;
+        }
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.slots.push(None);
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let c = Arc::new(Conn {
+            orig,
+            reply,
+            backend,
+            snat,
+            frontend: frontend.to_owned(),
+            owner: self.id,
+            slot,
+            state: AtomicU8::new(state as u8),
+            expires_ms: AtomicU64::new(now.saturating_add(self.cfg.timeout(state))),
+            dead: AtomicBool::new(false),
+        });
+        if let Some(s) = self.slots.get_mut(slot as usize) {
+            *s = Some(c.clone());
+        }
+        self.index.insert(orig, c.clone());
+        self.index.insert(reply, c.clone());
+        self.counters.created += 1;
+        self.broadcast(Msg::Insert(c));
+        true
+    }
+
+    /// Frees up to `budget` of this view's expired or ended connections, continuing where
+    /// the last sweep stopped.
+    fn sweep_owned(&mut self, now: u64, budget: usize) {
+        let n = self.slots.len();
+        if n == 0 {
+            return;
+        }
+        for _ in 0..budget.min(n) {
+            self.sweep_at = (self.sweep_at + 1) % n;
+            let i = self.sweep_at;
+            let stale = self
+                .slots
+                .get(i)
+                .and_then(Option::as_ref)
+                .is_some_and(|c| c.dead.load(Relaxed) || c.expires_ms.load(Relaxed) <= now);
+            if stale && self.remove_owned(i as u32) {
+                self.counters.expired += 1;
+            }
+        }
+    }
+
+    /// Catches up with the other views, then frees up to `budget` of this view's expired
+    /// connections, continuing where the last sweep stopped.
+    pub fn sweep(&mut self, now: u64, budget: usize) {
+        self.pull();
+        self.sweep_owned(now, budget);
+        self.affinity.retain(|_, (_, exp)| *exp > now);
+    }
+
+    /// Drops every UDP connection this view created towards one of these backends at once: a
+    /// removed UDP endpoint must not keep receiving a client's datagrams until its entry times
+    /// out. Every view of a group must be told.
+    pub fn flush_udp_to(&mut self, backends: &[Ipv4Addr]) -> usize {
+        self.pull();
+        let victims: Vec<u32> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| {
+                e.as_ref()
+                    .filter(|c| {
+                        c.orig.proto == IpProtocol::UDP.0 && backends.contains(&c.backend.ip)
+                    })
+                    .map(|_| i as u32)
+            })
+            .collect();
+        let mut n = 0;
+        for v in victims {
+            if self.remove_owned(v) {
+                n += 1;
+            }
+        }
+        self.affinity.retain(|_, (b, _)| !backends.contains(&b.ip));
+        self.counters.flushed += n as u64;
+        n
     }
 
     fn next_random(&mut self) -> u64 {
@@ -383,122 +909,38 @@ impl Conntrack {
         x.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
 
-    fn remove(&mut self, slot: u32) -> Option<CtEntry> {
-        let e = self.slots.get_mut(slot as usize)?.take()?;
-        self.index.remove(&e.orig);
-        self.index.remove(&e.reply);
-        self.free.push(slot);
-        Some(e)
+    /// Records a client's backend for session affinity, here and in every other view: the
+    /// client's next connection may be read by another worker.
+    fn remember(&mut self, client: Ipv4Addr, fe: u32, backend: &Backend, expires_ms: u64) {
+        self.affinity
+            .insert((client, fe), (backend.clone(), expires_ms));
+        self.broadcast(Msg::Affinity {
+            client,
+            frontend: fe,
+            backend: backend.clone(),
+            expires_ms,
+        });
     }
 
-    fn find(&mut self, key: &Key, now: u64) -> Option<(u32, Dir)> {
-        let (slot, dir) = *self.index.get(key)?;
-        let expired = self
-            .slots
-            .get(slot as usize)
-            .and_then(|e| e.as_ref())
-            .is_none_or(|e| e.expires_ms <= now);
-        if expired {
-            self.remove(slot);
-            self.counters.expired += 1;
-            return None;
-        }
-        Some((slot, dir))
-    }
-
-    fn insert(&mut self, e: CtEntry, now: u64) -> Option<u32> {
-        if self.index.contains_key(&e.orig) || self.index.contains_key(&e.reply) {
-            return None;
-        }
-        if self.len() >= self.cfg.max {
-            self.sweep(now, 64);
-            if self.len() >= self.cfg.max {
-                // Evict the entry closest to expiry among a few.
-                let victim = self
-                    .slots
-                    .iter()
-                    .enumerate()
-                    .skip(self.sweep_at % self.slots.len().max(1))
-                    .filter_map(|(i, e)| e.as_ref().map(|e| (i, e.expires_ms)))
-                    .take(8)
-                    .min_by_key(|&(_, exp)| exp)
-                    .map(|(i, _)| i as u32)
-                    .or_else(|| {
-                        self.slots
-                            .iter()
-                            .position(|e| e.is_some())
-                            .map(|i| i as u32)
-                    });
-                if let Some(v) = victim {
-                    self.remove(v);
-                    self.counters.evicted += 1;
-                }
-            }
-        }
-        let slot = match self.free.pop() {
-            Some(s) => s,
-            None => {
-                self.slots.push(None);
-                (self.slots.len() - 1) as u32
-            }
-        };
-        self.index.insert(e.orig, (slot, Dir::Orig));
-        self.index.insert(e.reply, (slot, Dir::Reply));
-        self.slots[slot as usize] = Some(e);
-        self.counters.created += 1;
-        Some(slot)
-    }
-
-    /// Removes up to `budget` expired entries, continuing where the last sweep stopped.
-    pub fn sweep(&mut self, now: u64, budget: usize) {
-        let n = self.slots.len();
-        if n == 0 {
-            return;
-        }
-        for _ in 0..budget.min(n) {
-            self.sweep_at = (self.sweep_at + 1) % n;
-            let i = self.sweep_at;
-            if self.slots[i].as_ref().is_some_and(|e| e.expires_ms <= now) {
-                self.remove(i as u32);
-                self.counters.expired += 1;
-            }
-        }
-        self.affinity.retain(|_, (_, exp)| *exp > now);
-    }
-
-    /// Drops every UDP entry towards one of these backends at once: a removed UDP endpoint
-    /// must not keep receiving a client's datagrams until its entry times out.
-    pub fn flush_udp_to(&mut self, backends: &[Ipv4Addr]) -> usize {
-        let victims: Vec<u32> = self
-            .slots
-            .iter()
-            .enumerate()
-            .filter_map(|(i, e)| {
-                e.as_ref()
-                    .filter(|e| {
-                        e.orig.proto == IpProtocol::UDP.0 && backends.contains(&e.backend.ip)
-                    })
-                    .map(|_| i as u32)
-            })
-            .collect();
-        for v in &victims {
-            self.remove(*v);
-        }
-        self.affinity.retain(|_, (b, _)| !backends.contains(&b.ip));
-        self.counters.flushed += victims.len() as u64;
-        victims.len()
-    }
-
-    fn pick(&mut self, fe: &Frontend, key: &Key, lb: LoadBalancing, now: u64) -> Backend {
-        if let Some(secs) = fe.affinity_secs {
-            if let Some((b, exp)) = self.affinity.get_mut(&(key.src, fe.id)) {
-                if *exp > now && fe.backends.contains(b) {
-                    *exp = now + u64::from(secs) * 1000;
-                    return b.clone();
-                }
+    fn pick(&mut self, fe: &Frontend, key: &Key, lb: LoadBalancing, now: u64) -> Option<Backend> {
+        let sticky = fe
+            .affinity_secs
+            .map(|secs| now.saturating_add(u64::from(secs) * 1000));
+        if let Some(until) = sticky {
+            let kept = self
+                .affinity
+                .get(&(key.src, fe.id))
+                .filter(|(b, exp)| *exp > now && fe.backends.contains(b))
+                .map(|(b, _)| b.clone());
+            if let Some(b) = kept {
+                self.remember(key.src, fe.id, &b, until);
+                return Some(b);
             }
         }
         let n = fe.backends.len();
+        if n == 0 {
+            return None;
+        }
         let idx = match lb {
             LoadBalancing::Maglev if !fe.maglev.is_empty() => {
                 use std::hash::BuildHasher;
@@ -508,11 +950,10 @@ impl Conntrack {
             _ => (self.next_random() % n as u64) as usize,
         };
         let b = fe.backends[idx.min(n - 1)].clone();
-        if let Some(secs) = fe.affinity_secs {
-            self.affinity
-                .insert((key.src, fe.id), (b.clone(), now + u64::from(secs) * 1000));
+        if let Some(until) = sticky {
+            self.remember(key.src, fe.id, &b, until);
         }
-        b
+        Some(b)
     }
 }
 
@@ -671,19 +1112,18 @@ pub fn untranslate_reply(
     let Some(l4) = l4_of(ip) else {
         return false;
     };
-    let Some((slot, Dir::Reply)) = ct.find(&l4.key, now) else {
-        return false;
-    };
     let cfg = ct.cfg;
-    let Some(e) = ct.slots.get_mut(slot as usize).and_then(|e| e.as_mut()) else {
-        return false;
-    };
-    e.state = advance(e.state, Dir::Reply, l4.flags, l4.key.proto);
-    e.expires_ms = now + cfg.timeout(e.state);
-    let from = (e.orig.dst, e.orig.dport);
-    let to = e.snat.map(|_| (e.orig.src, e.orig.sport));
-    rewrite(ip, Some(from), to, csum_partial);
-    true
+    ct.with_conn(&l4.key, now, |e, dir| {
+        if dir != Dir::Reply {
+            return false;
+        }
+        e.touch(&cfg, now, Dir::Reply, l4.flags);
+        let from = (e.orig.dst, e.orig.dport);
+        let to = e.snat.map(|_| (e.orig.src, e.orig.sport));
+        rewrite(ip, Some(from), to, csum_partial);
+        true
+    })
+    .unwrap_or(false)
 }
 
 /// Translates a packet if it belongs to a tracked connection or opens one to a Service.
@@ -700,18 +1140,13 @@ pub fn translate(
         return Nat::None;
     };
     let key = l4.key;
-    if let Some((slot, dir)) = ct.find(&key, now) {
-        let cfg = ct.cfg;
-        let Some(e) = ct.slots.get_mut(slot as usize).and_then(|e| e.as_mut()) else {
-            return Nat::None;
-        };
-        e.state = advance(e.state, dir, l4.flags, key.proto);
-        e.expires_ms = now + cfg.timeout(e.state);
+    let cfg = ct.cfg;
+    let known = ct.with_conn(&key, now, |e, dir| {
+        e.touch(&cfg, now, dir, l4.flags);
         match dir {
             Dir::Orig => {
                 let to = (e.backend.ip, e.backend.port);
-                let from = e.snat;
-                rewrite(ip, from, Some(to), csum_partial);
+                rewrite(ip, e.snat, Some(to), csum_partial);
             }
             Dir::Reply => {
                 let from = (e.orig.dst, e.orig.dport);
@@ -719,18 +1154,19 @@ pub fn translate(
                 rewrite(ip, Some(from), to, csum_partial);
             }
         }
+    });
+    if known.is_some() {
         return Nat::Translated;
     }
     let Some(fe) = services.lookup(key.dst, key.proto, key.dport) else {
         return Nat::None;
     };
-    if fe.backends.is_empty() {
-        return Nat::NoBackend;
-    }
     // A non-SYN for an unknown connection (its entry expired or the switch restarted) is
     // tracked as established: Maglev sends it to the same backend as before whenever that
     // backend is still there, which is what lets connections survive a restart.
-    let backend = ct.pick(fe, &key, services.lb, now);
+    let Some(backend) = ct.pick(fe, &key, services.lb, now) else {
+        return Nat::NoBackend;
+    };
     let mut snat = (backend.ip == key.src).then_some((gateway, key.sport));
     let mut reply = Key {
         src: backend.ip,
@@ -741,8 +1177,13 @@ pub fn translate(
     };
     // The client may use one source port towards two addresses that lead to the same backend
     // (a ClusterIP and an external IP, two Services over the same pods): the replies would be
-    // indistinguishable, so, as kernel NAT does, the second gets another source port.
-    if ct.index.contains_key(&reply) {
+    // indistinguishable, so, as kernel NAT does, the second gets another source port. The
+    // check sees every connection the other workers announced before this one's lookup; two
+    // workers creating clashing connections within the same few microseconds can still both
+    // pass it (the two views then agree on one connection for the shared reply key, and the
+    // other's replies go to the wrong client until it expires). It takes one client sending
+    // the first packets of two connections from one port at once, on two queues.
+    if ct.taken(&reply, now) {
         use std::hash::BuildHasher;
         let h = foldhash::fast::FixedState::with_seed(0x736e_6174);
         let free = (0..32u64).find_map(|i| {
@@ -751,7 +1192,7 @@ pub fn translate(
                 dport: port,
                 ..reply
             };
-            (!ct.index.contains_key(&k)).then_some((port, k))
+            (!ct.taken(&k, now)).then_some((port, k))
         });
         let Some((port, k)) = free else {
             return Nat::Refused;
@@ -768,19 +1209,11 @@ pub fn translate(
     } else {
         CtState::UdpNew
     };
-    let entry = CtEntry {
-        orig: key,
-        reply,
-        backend: backend.clone(),
-        snat,
-        state,
-        expires_ms: now + ct.cfg.timeout(state),
-        frontend: fe.name.clone(),
-    };
-    if ct.insert(entry, now).is_none() {
+    let to = (backend.ip, backend.port);
+    if !ct.create(key, reply, backend, snat, state, now, &fe.name) {
         return Nat::Refused;
     }
-    rewrite(ip, snat, Some((backend.ip, backend.port)), csum_partial);
+    rewrite(ip, snat, Some(to), csum_partial);
     Nat::Translated
 }
 
@@ -818,10 +1251,10 @@ pub fn translate_icmp_error(ct: &mut Conntrack, now: u64, ip: &mut Ipv4Packet<&m
         }
     };
     // That packet, reversed, is what the backend would send: the reply key.
-    let Some((slot, Dir::Reply)) = ct.find(&quoted_key.reversed(), now) else {
-        return false;
-    };
-    let Some(e) = ct.slots.get(slot as usize).and_then(|e| e.clone()) else {
+    let found = ct.with_conn(&quoted_key.reversed(), now, |e, dir| {
+        (dir == Dir::Reply).then_some((e.orig, e.reply, e.backend.ip, e.snat.is_some()))
+    });
+    let Some((orig, reply, backend_ip, snat)) = found.flatten() else {
         return false;
     };
     let mut icmp = match Icmpv4Packet::new_checked(ip.payload_mut()) {
@@ -833,27 +1266,673 @@ pub fn translate_icmp_error(ct: &mut Conntrack, now: u64, ip: &mut Ipv4Packet<&m
         let Ok(mut q) = Ipv4Packet::new_checked_quoted(&mut *data) else {
             return false;
         };
-        q.set_dst_addr_incremental(e.orig.dst);
-        if e.snat.is_some() {
-            q.set_src_addr_incremental(e.orig.src);
+        q.set_dst_addr_incremental(orig.dst);
+        if snat {
+            q.set_src_addr_incremental(orig.src);
         }
         let hl = q.header_len() as usize;
         let l4 = &mut data[hl..];
         if l4.len() >= 4 {
-            l4[2..4].copy_from_slice(&e.orig.dport.to_be_bytes());
-            if e.snat.is_some() {
-                l4[0..2].copy_from_slice(&e.orig.sport.to_be_bytes());
+            l4[2..4].copy_from_slice(&orig.dport.to_be_bytes());
+            if snat {
+                l4[0..2].copy_from_slice(&orig.sport.to_be_bytes());
             }
         }
     }
     icmp.fill_checksum();
     // An error from the backend itself comes from the Service address; one from a router on
     // the way keeps its source.
-    if outer_src == e.backend.ip {
-        ip.set_src_addr_incremental(e.orig.dst);
+    if outer_src == backend_ip {
+        ip.set_src_addr_incremental(orig.dst);
     }
-    if e.snat.is_some() && outer_dst == e.reply.dst {
-        ip.set_dst_addr_incremental(e.orig.src);
+    if snat && outer_dst == reply.dst {
+        ip.set_dst_addr_incremental(orig.src);
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    //! A group of views behaving as one table: packets of one connection read by different
+    //! workers, built by an independent encoder (etherparse).
+
+    use std::net::IpAddr;
+
+    use conf::config::{EndpointSpec, Protocol, ServicePort, ServiceSpec};
+    use etherparse::PacketBuilder;
+
+    use super::*;
+
+    const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+    const GW: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
+    const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+    const BACKENDS: [Ipv4Addr; 4] = [
+        Ipv4Addr::new(10, 244, 2, 5),
+        Ipv4Addr::new(10, 244, 3, 7),
+        Ipv4Addr::new(10, 244, 4, 9),
+        Ipv4Addr::new(10, 244, 5, 11),
+    ];
+    const SYN: TcpFlags = TcpFlags::SYN;
+    const SYN_ACK: TcpFlags = TcpFlags(TcpFlags::SYN.0 | TcpFlags::ACK.0);
+    const ACK: TcpFlags = TcpFlags::ACK;
+    const FIN: TcpFlags = TcpFlags(TcpFlags::FIN.0 | TcpFlags::ACK.0);
+    const RST: TcpFlags = TcpFlags::RST;
+
+    fn services(proto: Protocol, affinity: Option<u32>, lb: LoadBalancing) -> ServiceTable {
+        let spec = ServiceSpec {
+            namespace: "default".into(),
+            name: "web".into(),
+            cluster_ips: vec![IpAddr::V4(VIP)],
+            ports: vec![ServicePort {
+                name: None,
+                protocol: proto,
+                port: 80,
+                target_port: Some(8080),
+                node_port: None,
+            }],
+            external_ips: vec![],
+            session_affinity_timeout: affinity,
+            internal_traffic_policy: Default::default(),
+            external_traffic_policy: Default::default(),
+            endpoints: BACKENDS
+                .iter()
+                .map(|ip| EndpointSpec {
+                    ip: IpAddr::V4(*ip),
+                    node: None,
+                    ready: true,
+                    serving: true,
+                    terminating: false,
+                    hostname: None,
+                })
+                .collect(),
+        };
+        ServiceTable::build(&[spec], "n1", lb)
+    }
+
+    fn tcp_svc() -> ServiceTable {
+        services(Protocol::Tcp, None, LoadBalancing::Maglev)
+    }
+
+    fn tcp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: TcpFlags) -> Vec<u8> {
+        let mut b =
+            PacketBuilder::ipv4(src.0.octets(), dst.0.octets(), 64).tcp(src.1, dst.1, 1000, 64_000);
+        if flags.contains(TcpFlags::SYN) {
+            b = b.syn();
+        }
+        if flags.contains(TcpFlags::ACK) {
+            b = b.ack(1);
+        }
+        if flags.contains(TcpFlags::FIN) {
+            b = b.fin();
+        }
+        if flags.contains(TcpFlags::RST) {
+            b = b.rst();
+        }
+        let mut out = Vec::with_capacity(b.size(4));
+        b.write(&mut out, b"data").unwrap();
+        out
+    }
+
+    fn udp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8> {
+        let b = PacketBuilder::ipv4(src.0.octets(), dst.0.octets(), 64).udp(src.1, dst.1);
+        let mut out = Vec::with_capacity(b.size(4));
+        b.write(&mut out, b"data").unwrap();
+        out
+    }
+
+    /// (source, destination) as the packet now carries them, after checking that its
+    /// checksums are still right.
+    fn addrs(p: &[u8]) -> ((Ipv4Addr, u16), (Ipv4Addr, u16)) {
+        let s = etherparse::SlicedPacket::from_ip(p).unwrap();
+        let Some(etherparse::NetSlice::Ipv4(ip)) = &s.net else {
+            panic!("not IPv4")
+        };
+        let h = ip.header().to_header();
+        assert_eq!(h.header_checksum, h.calc_header_checksum());
+        let (sport, dport) = match &s.transport {
+            Some(etherparse::TransportSlice::Tcp(t)) => {
+                let want = t.to_header().calc_checksum_ipv4(&h, t.payload()).unwrap();
+                assert_eq!(t.checksum(), want, "TCP checksum");
+                (t.source_port(), t.destination_port())
+            }
+            Some(etherparse::TransportSlice::Udp(u)) => {
+                let want = u.to_header().calc_checksum_ipv4(&h, u.payload()).unwrap();
+                assert_eq!(u.checksum(), want, "UDP checksum");
+                (u.source_port(), u.destination_port())
+            }
+            other => panic!("not TCP/UDP: {other:?}"),
+        };
+        (
+            (ip.header().source_addr(), sport),
+            (ip.header().destination_addr(), dport),
+        )
+    }
+
+    fn fwd(svc: &ServiceTable, ct: &mut Conntrack, now: u64, p: &mut [u8]) -> Nat {
+        let mut ip = Ipv4Packet::new_checked(p).unwrap();
+        translate(svc, ct, now, &mut ip, GW, false)
+    }
+
+    fn back(ct: &mut Conntrack, now: u64, p: &mut [u8]) -> bool {
+        let mut ip = Ipv4Packet::new_checked(p).unwrap();
+        untranslate_reply(ct, now, &mut ip, false)
+    }
+
+    fn pair(cfg: CtConfig) -> (Conntrack, Conntrack) {
+        let mut g = Conntrack::group(cfg, 2);
+        let w1 = g.pop().unwrap();
+        let w0 = g.pop().unwrap();
+        (w0, w1)
+    }
+
+    /// Opens a TCP connection from `sport` on `ct`; returns where it went.
+    fn open(svc: &ServiceTable, ct: &mut Conntrack, now: u64, sport: u16) -> (Ipv4Addr, u16) {
+        let mut p = tcp((CLIENT, sport), (VIP, 80), SYN);
+        assert_eq!(fwd(svc, ct, now, &mut p), Nat::Translated);
+        let (src, dst) = addrs(&p);
+        assert_eq!(src, (CLIENT, sport));
+        assert!(BACKENDS.contains(&dst.0) && dst.1 == 8080, "{dst:?}");
+        dst
+    }
+
+    fn total(views: &[&Conntrack]) -> CtCounters {
+        views.iter().fold(CtCounters::default(), |a, v| CtCounters {
+            created: a.created + v.counters.created,
+            expired: a.expired + v.counters.expired,
+            evicted: a.evicted + v.counters.evicted,
+            flushed: a.flushed + v.counters.flushed,
+        })
+    }
+
+    fn assert_counts_add_up(views: &[&Conntrack]) {
+        let c = total(views);
+        assert_eq!(
+            c.created,
+            views[0].len() as u64 + c.expired + c.evicted + c.flushed,
+            "{c:?}"
+        );
+    }
+
+    #[test]
+    fn a_view_moves_to_its_worker_thread() {
+        fn send<T: Send>() {}
+        send::<Conntrack>();
+    }
+
+    #[test]
+    fn a_reply_read_by_another_worker_is_translated_without_an_explicit_sync() {
+        let svc = tcp_svc();
+        let (mut w0, mut w1) = pair(CtConfig::default());
+        let backend = open(&svc, &mut w0, 0, 40_000);
+        assert!(w1.index.is_empty(), "nothing applied to view 1 yet");
+        assert_eq!(w1.len(), 1, "the size is the group's");
+
+        // The backend's SYN-ACK, switched at layer 2, read by worker 1.
+        let mut p = tcp(backend, (CLIENT, 40_000), SYN_ACK);
+        assert!(back(&mut w1, 1, &mut p));
+        assert_eq!(addrs(&p), ((VIP, 80), (CLIENT, 40_000)));
+        // Routed, through `translate`.
+        let mut p = tcp(backend, (CLIENT, 40_000), ACK);
+        assert_eq!(fwd(&svc, &mut w1, 2, &mut p), Nat::Translated);
+        assert_eq!(addrs(&p), ((VIP, 80), (CLIENT, 40_000)));
+        // The client's next packet on worker 1 goes to the same backend.
+        let mut p = tcp((CLIENT, 40_000), (VIP, 80), ACK);
+        assert_eq!(fwd(&svc, &mut w1, 3, &mut p), Nat::Translated);
+        assert_eq!(addrs(&p), ((CLIENT, 40_000), backend));
+
+        assert_eq!(w0.counters.created, 1);
+        assert_eq!(w1.counters.created, 0, "found, not created again");
+        assert_eq!(w0.len(), 1);
+        assert_eq!(w0.entries().count() + w1.entries().count(), 1);
+    }
+
+    #[test]
+    fn an_icmp_error_read_by_another_worker_is_translated() {
+        let svc = services(Protocol::Udp, None, LoadBalancing::Maglev);
+        let (mut w0, mut w1) = pair(CtConfig::default());
+        let mut p = udp((CLIENT, 5000), (VIP, 80));
+        assert_eq!(fwd(&svc, &mut w0, 0, &mut p), Nat::Translated);
+        let (_, backend) = addrs(&p);
+        // The backend's "port unreachable", quoting the translated datagram.
+        let b = PacketBuilder::ipv4(backend.0.octets(), CLIENT.octets(), 64).icmpv4(
+            etherparse::Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::Port,
+            ),
+        );
+        let mut e = Vec::new();
+        b.write(&mut e, &p).unwrap();
+        let mut ip = Ipv4Packet::new_checked(&mut e[..]).unwrap();
+        assert!(translate_icmp_error(&mut w1, 1, &mut ip));
+        assert_eq!(ip.src_addr(), VIP);
+        let quoted = &ip.payload()[8..];
+        let q = Ipv4Packet::new_checked_quoted(quoted).unwrap();
+        assert_eq!(q.dst_addr(), VIP);
+        assert_eq!(&q.payload()[2..4], &80u16.to_be_bytes());
+    }
+
+    #[test]
+    fn state_follows_packets_read_by_either_worker() {
+        let svc = tcp_svc();
+        let cfg = CtConfig::default();
+        let (mut w0, mut w1) = pair(cfg);
+        let backend = open(&svc, &mut w0, 0, 40_000);
+        let state = |w0: &Conntrack| {
+            let e: Vec<CtEntry> = w0.entries().collect();
+            assert_eq!(e.len(), 1);
+            (e[0].state, e[0].expires_ms)
+        };
+        assert_eq!(state(&w0), (CtState::SynSent, cfg.tcp_transitory_ms));
+
+        let mut p = tcp(backend, (CLIENT, 40_000), SYN_ACK);
+        assert!(back(&mut w1, 10, &mut p));
+        assert_eq!(
+            state(&w0),
+            (CtState::Established, 10 + cfg.tcp_established_ms)
+        );
+
+        let mut p = tcp((CLIENT, 40_000), (VIP, 80), ACK);
+        assert_eq!(fwd(&svc, &mut w0, 20, &mut p), Nat::Translated);
+        assert_eq!(
+            state(&w0),
+            (CtState::Established, 20 + cfg.tcp_established_ms)
+        );
+
+        let mut p = tcp((CLIENT, 40_000), (VIP, 80), FIN);
+        assert_eq!(fwd(&svc, &mut w1, 30, &mut p), Nat::Translated);
+        assert_eq!(state(&w0), (CtState::Closing, 30 + cfg.tcp_transitory_ms));
+
+        let mut p = tcp(backend, (CLIENT, 40_000), RST);
+        assert!(back(&mut w0, 40, &mut p));
+        assert_eq!(
+            state(&w0),
+            (CtState::Closed, 40 + cfg.tcp_transitory_ms.min(10_000))
+        );
+        assert_eq!(w1.entries().count(), 0, "view 1 owns nothing");
+    }
+
+    #[test]
+    fn the_owners_sweep_removes_an_expired_connection_from_every_view() {
+        let svc = services(Protocol::Udp, None, LoadBalancing::Maglev);
+        let cfg = CtConfig::default();
+        let (mut w0, mut w1) = pair(cfg);
+        let mut p = udp((CLIENT, 5000), (VIP, 80));
+        assert_eq!(fwd(&svc, &mut w0, 0, &mut p), Nat::Translated);
+        let (_, backend) = addrs(&p);
+        w1.sync();
+        assert_eq!(w1.index.len(), 2);
+
+        let later = cfg.udp_ms + 1;
+        w1.sweep(later, 1000);
+        assert_eq!((w1.len(), w1.index.len()), (1, 2), "not view 1's to free");
+        w0.sweep(later, 1000);
+        assert_eq!(w0.len(), 0);
+        assert_eq!(w0.counters.expired, 1);
+        assert!(w0.index.is_empty());
+        w1.sync();
+        assert!(w1.index.is_empty(), "the removal reached view 1");
+        let mut r = udp(backend, (CLIENT, 5000));
+        assert!(!back(&mut w1, later, &mut r));
+        assert_counts_add_up(&[&w0, &w1]);
+    }
+
+    #[test]
+    fn an_expired_connection_met_by_another_worker_is_absent_and_counted_once() {
+        let svc = services(Protocol::Udp, None, LoadBalancing::Maglev);
+        let cfg = CtConfig::default();
+        let (mut w0, mut w1) = pair(cfg);
+        let mut p = udp((CLIENT, 5000), (VIP, 80));
+        assert_eq!(fwd(&svc, &mut w0, 0, &mut p), Nat::Translated);
+        let (_, backend) = addrs(&p);
+        let later = cfg.udp_ms + 1;
+        let mut r = udp(backend, (CLIENT, 5000));
+        assert!(!back(&mut w1, later, &mut r), "expired");
+        assert_eq!(w1.counters.expired, 1);
+        assert_eq!(w0.len(), 0);
+        // Its owner frees it without counting it again.
+        assert_eq!(w0.entries().count(), 0);
+        w0.sweep(later, 1000);
+        assert_eq!(w0.counters.expired, 0);
+        assert!(w0.slots.iter().all(Option::is_none));
+        w1.sync();
+        assert!(w1.index.is_empty());
+        assert_counts_add_up(&[&w0, &w1]);
+    }
+
+    #[test]
+    fn a_newer_connection_with_the_same_keys_survives_the_removal_of_the_older() {
+        let svc = services(Protocol::Udp, None, LoadBalancing::Maglev);
+        let cfg = CtConfig::default();
+        let (mut w0, mut w1) = pair(cfg);
+        let mut p = udp((CLIENT, 5000), (VIP, 80));
+        assert_eq!(fwd(&svc, &mut w0, 0, &mut p), Nat::Translated);
+        let (_, backend) = addrs(&p);
+        w1.sync();
+
+        // Long after, the same client port again, read by worker 1: a new connection with the
+        // same keys (Maglev picks the same backend), owned by worker 1.
+        let later = cfg.udp_ms + 1;
+        let mut p = udp((CLIENT, 5000), (VIP, 80));
+        assert_eq!(fwd(&svc, &mut w1, later, &mut p), Nat::Translated);
+        assert_eq!(addrs(&p).1, backend);
+        assert_eq!((w0.counters.created, w1.counters.created), (1, 1));
+        assert_eq!(w1.len(), 1);
+
+        // The old one's owner frees it and tells view 1, which by now indexes the new one
+        // under the same keys.
+        w0.sweep(later, 1000);
+        w1.sync();
+        assert_eq!(w1.len(), 1);
+        assert_eq!(w1.index.len(), 2);
+        assert_eq!(w0.index.len(), 2);
+        for w in [&mut w0, &mut w1] {
+            let mut r = udp(backend, (CLIENT, 5000));
+            assert!(back(w, later + 1, &mut r), "view {} lost it", w.id);
+            assert_eq!(addrs(&r), ((VIP, 80), (CLIENT, 5000)));
+        }
+        assert_eq!(w1.entries().count(), 1);
+        assert_counts_add_up(&[&w0, &w1]);
+    }
+
+    #[test]
+    fn two_views_creating_one_connection_at_once_agree_on_one() {
+        let (mut w0, mut w1) = pair(CtConfig::default());
+        let orig = Key {
+            src: CLIENT,
+            dst: VIP,
+            sport: 5000,
+            dport: 80,
+            proto: IpProtocol::UDP.0,
+        };
+        let reply = |b: Ipv4Addr| Key {
+            src: b,
+            dst: CLIENT,
+            sport: 8080,
+            dport: 5000,
+            proto: IpProtocol::UDP.0,
+        };
+        let be = |ip| Backend { ip, port: 8080 };
+        // Neither has seen the other's before creating its own.
+        assert!(w1.create(
+            orig,
+            reply(BACKENDS[1]),
+            be(BACKENDS[1]),
+            None,
+            CtState::UdpNew,
+            0,
+            "x"
+        ));
+        assert!(w0.create(
+            orig,
+            reply(BACKENDS[0]),
+            be(BACKENDS[0]),
+            None,
+            CtState::UdpNew,
+            0,
+            "x"
+        ));
+        w0.sync();
+        w1.sync();
+        for w in [&w0, &w1] {
+            let (c, dir) = w.lookup(&orig, 1).unwrap();
+            assert_eq!((c.owner, dir), (0, Dir::Orig), "view {}", w.id);
+            // Each reply key still leads to its own connection.
+            assert_eq!(w.lookup(&reply(BACKENDS[1]), 1).unwrap().0.owner, 1);
+        }
+    }
+
+    #[test]
+    fn the_size_limit_holds_for_the_group() {
+        let svc = tcp_svc();
+        let cfg = CtConfig {
+            max: 4,
+            ..CtConfig::default()
+        };
+        let (mut w0, mut w1) = pair(cfg);
+        for i in 0..2 {
+            open(&svc, &mut w0, i, 1000 + i as u16);
+            open(&svc, &mut w1, i, 2000 + i as u16);
+        }
+        assert_eq!((w0.len(), w1.len()), (4, 4));
+        // Full: worker 1 makes room among its own.
+        open(&svc, &mut w1, 5, 2002);
+        assert_eq!(w1.len(), 4);
+        assert_eq!((w0.counters.evicted, w1.counters.evicted), (0, 1));
+        assert_eq!(w0.entries().count(), 2);
+        assert_eq!(w1.entries().count(), 2);
+
+        // Many more from both: never above the limit, and every count accounted for.
+        for i in 0..200u16 {
+            let w = if i % 3 == 0 { &mut w1 } else { &mut w0 };
+            open(&svc, w, 10 + u64::from(i), 3000 + i);
+            assert!(w0.len() <= 4);
+            let live = w0.entries().count() + w1.entries().count();
+            assert!(live <= 4, "{live} live");
+        }
+        assert_counts_add_up(&[&w0, &w1]);
+    }
+
+    #[test]
+    fn a_worker_owning_nothing_still_gets_room_in_a_full_table() {
+        let svc = tcp_svc();
+        let cfg = CtConfig {
+            max: 4,
+            ..CtConfig::default()
+        };
+        let (mut w0, mut w1) = pair(cfg);
+        for i in 0..4 {
+            open(&svc, &mut w0, i, 1000 + i as u16);
+        }
+        let backend = open(&svc, &mut w1, 5, 2000);
+        assert_eq!(w1.len(), 4);
+        assert_eq!(w1.counters.evicted, 1);
+        assert_eq!(w0.entries().count(), 3);
+        // The evicted one's owner frees it without counting it again.
+        w0.sweep(6, 1000);
+        assert_eq!(w0.counters.expired + w0.counters.evicted, 0);
+        assert_eq!(w0.slots.iter().flatten().count(), 3);
+        assert_counts_add_up(&[&w0, &w1]);
+        let mut r = tcp(backend, (CLIENT, 2000), SYN_ACK);
+        assert!(back(&mut w0, 7, &mut r));
+    }
+
+    #[test]
+    fn session_affinity_holds_whichever_worker_reads_the_connection() {
+        let svc = services(Protocol::Tcp, Some(10_800), LoadBalancing::Random);
+        let (mut w0, mut w1) = pair(CtConfig::default());
+        let first = open(&svc, &mut w0, 0, 1000);
+        for i in 1..40u16 {
+            let w = if i % 2 == 0 { &mut w0 } else { &mut w1 };
+            assert_eq!(
+                open(&svc, w, u64::from(i), 1000 + i),
+                first,
+                "connection {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_udp_flush_told_to_every_worker_ends_all_their_connections_to_the_backend() {
+        let svc = services(Protocol::Udp, None, LoadBalancing::Maglev);
+        let (mut w0, mut w1) = pair(CtConfig::default());
+        let mut to_first = Vec::new();
+        for i in 0..64u16 {
+            let w = if i % 2 == 0 { &mut w0 } else { &mut w1 };
+            let mut p = udp((CLIENT, 5000 + i), (VIP, 80));
+            assert_eq!(fwd(&svc, w, 0, &mut p), Nat::Translated);
+            let (_, b) = addrs(&p);
+            if b.0 == BACKENDS[0] {
+                to_first.push((i, b));
+            }
+        }
+        assert!(to_first.len() > 2);
+        let n = w0.flush_udp_to(&[BACKENDS[0]]) + w1.flush_udp_to(&[BACKENDS[0]]);
+        assert_eq!(n, to_first.len());
+        assert_eq!(w0.len(), 64 - n);
+        for (i, b) in to_first {
+            for w in [&mut w0, &mut w1] {
+                let mut r = udp(b, (CLIENT, 5000 + i));
+                assert!(!back(w, 1, &mut r));
+            }
+        }
+        assert_counts_add_up(&[&w0, &w1]);
+    }
+
+    /// Two workers on two threads, each opening connections and telling the other only once
+    /// `translate` has returned (as the network would: the reply cannot exist before the
+    /// translated packet was sent), each translating the other's replies. Neither calls `sync`.
+    #[test]
+    fn replies_read_by_another_thread_are_all_translated() {
+        const N: u16 = 10_000;
+        let svc = tcp_svc();
+        let cfg = CtConfig {
+            max: 1 << 16,
+            ..CtConfig::default()
+        };
+        let (w0, w1) = pair(cfg);
+        let (to1, from0) = crossbeam_channel::unbounded();
+        let (to0, from1) = crossbeam_channel::unbounded();
+        let run = |mut ct: Conntrack,
+                   base: u16,
+                   tx: Sender<(u16, (Ipv4Addr, u16))>,
+                   rx: Receiver<(u16, (Ipv4Addr, u16))>| {
+            let svc = &svc;
+            move || {
+                let mut replied = 0u32;
+                let reply = |ct: &mut Conntrack, i: u32, (sport, backend)| {
+                    let now = u64::from(i);
+                    let mut r = tcp(backend, (CLIENT, sport), SYN_ACK);
+                    let ok = if i & 1 == 0 {
+                        back(ct, now, &mut r)
+                    } else {
+                        fwd(svc, ct, now, &mut r) == Nat::Translated
+                    };
+                    assert!(ok, "the reply of {sport} was not translated");
+                    assert_eq!(addrs(&r), ((VIP, 80), (CLIENT, sport)));
+                };
+                for i in 0..N {
+                    let sport = base + i;
+                    let backend = open(svc, &mut ct, u64::from(i), sport);
+                    tx.send((sport, backend)).unwrap();
+                    while let Ok(m) = rx.try_recv() {
+                        reply(&mut ct, replied, m);
+                        replied += 1;
+                    }
+                    if i % 1000 == 0 {
+                        ct.sweep(u64::from(i), 64);
+                    }
+                }
+                while replied < u32::from(N) {
+                    let m = rx.recv().unwrap();
+                    reply(&mut ct, replied, m);
+                    replied += 1;
+                }
+                ct
+            }
+        };
+        let (w0, w1) = std::thread::scope(|s| {
+            let a = s.spawn(run(w0, 10_000, to1, from1));
+            let b = s.spawn(run(w1, 30_000, to0, from0));
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        assert_eq!(w0.len(), 2 * usize::from(N));
+        assert_eq!(w0.counters.created + w1.counters.created, 2 * u64::from(N));
+        assert_counts_add_up(&[&w0, &w1]);
+    }
+
+    #[test]
+    fn a_state_survives_its_atomic_encoding() {
+        use CtState::*;
+        for s in [SynSent, Established, Closing, Closed, UdpNew, UdpAssured] {
+            assert_eq!(CtState::from_u8(s as u8), s);
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// A client datagram from port `5000 + flow`, read by `view`.
+        Send {
+            view: usize,
+            flow: u16,
+        },
+        /// The backend's answer to it.
+        Reply {
+            view: usize,
+            flow: u16,
+        },
+        Tick(u64),
+        Sweep {
+            view: usize,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0..2usize, 0..6u16).prop_map(|(view, flow)| Op::Send { view, flow }),
+            (0..2usize, 0..6u16).prop_map(|(view, flow)| Op::Reply { view, flow }),
+            (0..700u64).prop_map(Op::Tick),
+            (0..2usize).prop_map(|view| Op::Sweep { view }),
+        ]
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+
+        /// Against a model of UDP flows with one timeout: whichever view reads a datagram,
+        /// a reply is translated exactly while its flow is live, and the views' counts add up.
+        #[test]
+        fn two_views_behave_as_one_table(ops in proptest::collection::vec(op(), 1..80)) {
+            let svc = services(Protocol::Udp, None, LoadBalancing::Maglev);
+            let cfg = CtConfig { udp_ms: 1000, ..CtConfig::default() };
+            let mut views = Conntrack::group(cfg, 2);
+            // flow -> (backend, last packet)
+            let mut model: std::collections::HashMap<u16, ((Ipv4Addr, u16), u64)> =
+                Default::default();
+            let mut now = 1u64;
+            for op in ops {
+                match op {
+                    Op::Send { view, flow } => {
+                        let mut p = udp((CLIENT, 5000 + flow), (VIP, 80));
+                        prop_assert_eq!(fwd(&svc, &mut views[view], now, &mut p), Nat::Translated);
+                        let (src, dst) = addrs(&p);
+                        prop_assert_eq!(src, (CLIENT, 5000 + flow));
+                        if let Some((b, last)) = model.get(&flow) {
+                            if now < last + cfg.udp_ms {
+                                prop_assert_eq!(dst, *b, "a live flow changed backend");
+                            }
+                        }
+                        model.insert(flow, (dst, now));
+                    }
+                    Op::Reply { view, flow } => {
+                        let Some(&(b, last)) = model.get(&flow) else { continue };
+                        let live = now < last + cfg.udp_ms;
+                        let mut r = udp(b, (CLIENT, 5000 + flow));
+                        let done = back(&mut views[view], now, &mut r);
+                        prop_assert_eq!(done, live, "flow {} at {} (last {})", flow, now, last);
+                        if live {
+                            prop_assert_eq!(addrs(&r), ((VIP, 80), (CLIENT, 5000 + flow)));
+                            model.insert(flow, (b, now));
+                        } else {
+                            model.remove(&flow);
+                        }
+                    }
+                    Op::Tick(dt) => now += dt,
+                    Op::Sweep { view } => views[view].sweep(now, 1000),
+                }
+                let refs: Vec<&Conntrack> = views.iter().collect();
+                let c = total(&refs);
+                prop_assert_eq!(c.created, views[0].len() as u64 + c.expired + c.evicted + c.flushed);
+            }
+            let end = now + cfg.udp_ms;
+            views[0].sweep(end, 1000);
+            views[1].sweep(end, 1000);
+            views[0].sync();
+            prop_assert_eq!(views[0].len(), 0);
+            for v in &views {
+                prop_assert!(v.index.is_empty(), "view {} kept {} keys", v.id, v.index.len());
+                prop_assert!(v.slots.iter().all(Option::is_none));
+            }
+        }
+    }
 }
