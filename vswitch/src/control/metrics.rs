@@ -146,6 +146,15 @@ impl Collector for SwitchCollector {
             "Peer nodes in the overlay.",
             d.peers().peers.len() as i64,
         )?;
+        counters(
+            &mut enc,
+            "vswitch_worker_frames",
+            "Frames and VXLAN datagrams read, by datapath worker.",
+            d.worker_frames()
+                .into_iter()
+                .enumerate()
+                .map(|(i, n)| (vec![("worker", i.to_string())], n)),
+        )?;
         let ct = d.ct_stats();
         {
             use std::sync::atomic::Ordering::Relaxed;

@@ -155,6 +155,7 @@ impl Daemon {
                 config.node.mtu,
                 routes.clone(),
                 config.datapath.offload,
+                config.datapath.workers as usize,
             )
             .map_err(|e| DaemonError::Host(config.host.interface.clone(), e.to_string()))?;
             tables.cluster_nets = routes;
@@ -168,11 +169,11 @@ impl Daemon {
             None
         };
         let tables = Arc::new(ArcSwap::from_pointee(tables));
+        let workers = config.datapath.workers as usize;
         let underlay = match config.overlay.underlay_ip {
-            Some(ip) => {
-                Some(Underlay::bind(ip, config.overlay.port).map_err(DaemonError::Underlay)?)
-            }
-            None => None,
+            Some(ip) => Underlay::bind_group(ip, config.overlay.port, workers)
+                .map_err(DaemonError::Underlay)?,
+            None => Vec::new(),
         };
         let underlay_stats = Arc::new(PortStats::default());
         let datapath = Datapath::start(
@@ -180,6 +181,8 @@ impl Daemon {
             underlay,
             underlay_stats.clone(),
             crate::pipeline::CtConfig::from_config(&config.nat),
+            workers,
+            std::time::Duration::from_micros(config.datapath.busy_poll_us.into()),
         )
         .map_err(DaemonError::Datapath)?;
         // Take back the pods' ports from before a restart: their TAP devices persisted, with
@@ -189,6 +192,7 @@ impl Daemon {
                 &rec.netns,
                 rec.ifname.clone(),
                 config.datapath.offload,
+                workers,
             ) {
                 Ok(tap) => {
                     rec.live = true;
@@ -444,20 +448,21 @@ impl Daemon {
             gateway: self.config.gateway(),
             mtu: self.config.node.mtu,
         };
-        let tap =
-            match netconfig::create_pod_interface(&req.netns, want, self.config.datapath.offload) {
-                Ok(t) => t,
-                Err(e) => {
-                    let _ = st.ipam.release(&req.container_id, &req.ifname);
-                    return Err(match e {
-                        NetConfigError::Exists(_) => {
-                            api_err(code::INTERFACE_EXISTS, e.to_string(), "")
-                        }
-                        NetConfigError::Netns(_) => api_err(code::NETNS_FAILURE, e.to_string(), ""),
-                        e => api_err(code::IO_FAILURE, "creating the pod interface failed", e),
-                    });
-                }
-            };
+        let (offload, queues) = (
+            self.config.datapath.offload,
+            self.config.datapath.workers as usize,
+        );
+        let tap = match netconfig::create_pod_interface(&req.netns, want, offload, queues) {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = st.ipam.release(&req.container_id, &req.ifname);
+                return Err(match e {
+                    NetConfigError::Exists(_) => api_err(code::INTERFACE_EXISTS, e.to_string(), ""),
+                    NetConfigError::Netns(_) => api_err(code::NETNS_FAILURE, e.to_string(), ""),
+                    e => api_err(code::IO_FAILURE, "creating the pod interface failed", e),
+                });
+            }
+        };
         let port = st.next_port;
         st.next_port += 1;
         let rec = Record {
@@ -873,6 +878,11 @@ impl Daemon {
     }
 
     /// Connection tracking size and counters.
+    /// Frames each datapath worker has read, in worker order.
+    pub fn worker_frames(&self) -> Vec<u64> {
+        self.datapath().worker_frames()
+    }
+
     pub fn ct_stats(&self) -> Arc<crate::datapath::CtGauge> {
         self.datapath().ct_stats()
     }

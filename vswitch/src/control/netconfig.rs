@@ -77,9 +77,10 @@ pub fn create_pod_interface(
     netns_path: &Path,
     want: PodInterface,
     offload: bool,
+    queues: usize,
 ) -> Result<Tap, NetConfigError> {
     netns::run_in(netns_path, move || {
-        let tap = match Tap::create(&want.ifname, offload) {
+        let mut tap = match Tap::create(&want.ifname, offload) {
             Ok(t) => t,
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 return Ok(Err(NetConfigError::Exists(want.ifname.clone())))
@@ -93,10 +94,12 @@ pub fn create_pod_interface(
         };
         // On error `tap` is dropped here, which deletes the device (it is not persistent yet).
         let configured = configure(&want).and_then(|()| {
-            tap.set_persist(true).map_err(|source| NetConfigError::Tap {
-                name: want.ifname.clone(),
-                source,
-            })
+            tap.add_queues(queues)
+                .and_then(|()| tap.set_persist(true))
+                .map_err(|source| NetConfigError::Tap {
+                    name: want.ifname.clone(),
+                    source,
+                })
         });
         Ok(configured.map(|()| tap))
     })
@@ -149,14 +152,15 @@ pub fn reattach_pod_interface(
     netns_path: &Path,
     ifname: String,
     offload: bool,
+    queues: usize,
 ) -> Result<Tap, NetConfigError> {
     netns::run_in(netns_path, move || {
-        Ok(
-            Tap::attach(&ifname, offload).map_err(|source| NetConfigError::Tap {
+        Ok(Tap::attach(&ifname, offload)
+            .and_then(|mut t| t.add_queues(queues).map(|()| t))
+            .map_err(|source| NetConfigError::Tap {
                 name: ifname.clone(),
                 source,
-            }),
-        )
+            }))
     })
     .map_err(NetConfigError::Netns)?
 }
@@ -181,8 +185,9 @@ pub fn create_host_interface(
     mtu: u32,
     routes: Vec<Ipv4Net>,
     offload: bool,
+    queues: usize,
 ) -> Result<Tap, NetConfigError> {
-    let tap = match Tap::create(name, offload) {
+    let mut tap = match Tap::create(name, offload) {
         Ok(t) => t,
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
             return Err(NetConfigError::Exists(name.to_string()))
@@ -194,6 +199,11 @@ pub fn create_host_interface(
             })
         }
     };
+    tap.add_queues(queues)
+        .map_err(|source| NetConfigError::Tap {
+            name: name.to_string(),
+            source,
+        })?;
     let index = crate::datapath::tap::interface_index(name)
         .ok_or_else(|| NetConfigError::Netlink(format!("{name} vanished")))?;
     with_handle(|handle| async move {

@@ -56,17 +56,20 @@ const BUF_LEN: usize = VNET_HDR_LEN + 14 + 65_535 + 64;
 pub enum Command {
     AddPort {
         id: PortId,
-        tap: Tap,
+        queues: Arc<[Tap]>,
         stats: Arc<PortStats>,
     },
-    /// Closes the port's TAP (deleting the device) and acknowledges on `done`.
+    /// Forgets the port (closing this worker's hold on its queues; with `destroy`, also
+    /// clearing the device's persistence, so it is deleted once every worker let go) and
+    /// acknowledges on `done`.
     RemovePort {
         id: PortId,
+        destroy: bool,
         done: Sender<()>,
     },
     /// Drops the UDP connections to these (removed) endpoints at once.
     FlushUdp(Vec<std::net::Ipv4Addr>),
-    /// A copy of the connection tracking table.
+    /// A copy of the connections this worker created.
     DumpConntrack(Sender<Vec<CtEntry>>),
     /// From now on, forward DNS queries the switch cannot answer with this.
     SetForwarder(crate::dns::Forwarder),
@@ -80,120 +83,213 @@ pub enum Command {
     Shutdown,
 }
 
-/// Handle to the running worker.
-pub struct Datapath {
-    epoch: std::time::Instant,
-    ct_stats: Arc<CtGauge>,
+/// The control plane's end of one worker thread.
+struct Handle {
     tx: Sender<Command>,
     waker: Arc<Waker>,
     thread: Option<JoinHandle<()>>,
-    capture: Arc<crate::capture::Hub>,
+    ct_stats: Arc<CtGauge>,
+    frames: Arc<std::sync::atomic::AtomicU64>,
 }
 
-impl Datapath {
-    /// Starts the worker; with an underlay it also carries traffic to and from peer nodes,
-    /// counted in `underlay_stats`.
-    pub fn start(
-        tables: Arc<ArcSwap<Tables>>,
-        underlay: Option<Underlay>,
-        underlay_stats: Arc<PortStats>,
-        ct: CtConfig,
-    ) -> io::Result<Datapath> {
-        let poll = Poll::new()?;
-        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let mut worker = Worker::new(poll, rx, tables, underlay_stats);
-        worker.to_self = Some((tx.clone(), waker.clone()));
-        let epoch = worker.epoch;
-        let ct_stats = worker.ct_stats.clone();
-        let capture = worker.capture.clone();
-        worker.ct = Conntrack::new(ct);
-        if let Some(u) = underlay {
-            worker.poll.registry().register(
-                &mut SourceFd(&u.rx_fd()),
-                UNDERLAY,
-                Interest::READABLE,
-            )?;
-            tracing::info!(
-                "underlay: UDP GRO {}, source ports {:?}",
-                if u.gro() { "on" } else { "off" },
-                u.source_ports()
-            );
-            worker.underlay = Some(u);
-            worker.underlay_ready = true;
-        }
-        let thread = std::thread::Builder::new()
-            .name("vswitch-dp0".into())
-            .spawn(move || worker.run())?;
-        Ok(Datapath {
-            epoch,
-            ct_stats,
-            tx,
-            waker,
-            thread: Some(thread),
-            capture,
-        })
-    }
-
+impl Handle {
     fn send(&self, cmd: Command) {
-        // The worker only goes away at shutdown; a send after that has nobody to tell.
+        // A worker only goes away at shutdown; a send after that has nobody to tell.
         if self.tx.send(cmd).is_ok() {
             let _ = self.waker.wake();
         }
     }
+}
 
+/// Handle to the running workers.
+///
+/// Worker `i` reads queue `i` of every port's multi-queue TAP and its own underlay socket, and
+/// writes to that same queue of a port (or its last, for a device with fewer queues), so what
+/// it sends into a pod steers that flow's answers back to it. The connection tracking table is
+/// one logical table over per-worker views (see [`pipeline::nat`]); everything else a worker
+/// touches per packet is its own.
+pub struct Datapath {
+    epoch: std::time::Instant,
+    workers: Vec<Handle>,
+    capture: Arc<crate::capture::Hub>,
+}
+
+impl Datapath {
+    /// Starts `workers` worker threads; with underlays (one per worker) they also carry traffic
+    /// to and from peer nodes, counted in `underlay_stats`.
+    pub fn start(
+        tables: Arc<ArcSwap<Tables>>,
+        underlays: Vec<Underlay>,
+        underlay_stats: Arc<PortStats>,
+        ct: CtConfig,
+        workers: usize,
+        busy_poll: std::time::Duration,
+    ) -> io::Result<Datapath> {
+        let n = workers.max(1);
+        if !underlays.is_empty() && underlays.len() != n {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} underlay sockets for {n} workers", underlays.len()),
+            ));
+        }
+        let epoch = std::time::Instant::now();
+        let capture = Arc::new(crate::capture::Hub::new());
+        let mut underlays = underlays.into_iter();
+        let mut handles = Vec::with_capacity(n);
+        for (index, ct) in Conntrack::group(ct, n).into_iter().enumerate() {
+            let poll = Poll::new()?;
+            let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+            let (tx, rx) = crossbeam_channel::unbounded();
+            let mut worker = Worker::new(poll, rx, tables.clone(), underlay_stats.clone());
+            worker.index = index;
+            worker.epoch = epoch;
+            worker.capture = capture.clone();
+            worker.to_self = Some((tx.clone(), waker.clone()));
+            worker.ct = ct;
+            worker.busy_poll = busy_poll;
+            let ct_stats = worker.ct_stats.clone();
+            let frames = worker.frames_seen.clone();
+            if let Some(u) = underlays.next() {
+                worker.poll.registry().register(
+                    &mut SourceFd(&u.rx_fd()),
+                    UNDERLAY,
+                    Interest::READABLE,
+                )?;
+                if index == 0 {
+                    tracing::info!(
+                        "underlay: UDP GRO {}, source ports {:?}",
+                        if u.gro() { "on" } else { "off" },
+                        u.source_ports()
+                    );
+                }
+                worker.underlay = Some(u);
+                worker.underlay_ready = true;
+            }
+            let thread = std::thread::Builder::new()
+                .name(format!("vswitch-dp{index}"))
+                .spawn(move || worker.run())?;
+            handles.push(Handle {
+                tx,
+                waker,
+                thread: Some(thread),
+                ct_stats,
+                frames,
+            });
+        }
+        tracing::info!("datapath: {n} worker(s)");
+        Ok(Datapath {
+            epoch,
+            workers: handles,
+            capture,
+        })
+    }
+
+    fn broadcast(&self, cmd: impl Fn() -> Command) {
+        for w in &self.workers {
+            w.send(cmd());
+        }
+    }
+
+    /// Hands the port's TAP (all its queues) to the workers.
     pub fn add_port(&self, id: PortId, tap: Tap, stats: Arc<PortStats>) {
-        self.send(Command::AddPort { id, tap, stats });
+        let queues: Arc<[Tap]> = tap.into_queues().into();
+        self.broadcast(|| Command::AddPort {
+            id,
+            queues: queues.clone(),
+            stats: stats.clone(),
+        });
     }
 
-    /// Removes a port and waits until its TAP device is closed.
+    /// Removes a port and waits until every worker has let go of it, so its TAP device is
+    /// closed (and deleted) when this returns.
     pub fn remove_port(&self, id: PortId) {
-        let (done, wait) = crossbeam_channel::bounded(1);
-        self.send(Command::RemovePort { id, done });
-        let _ = wait.recv_timeout(std::time::Duration::from_secs(5));
+        let (done, wait) = crossbeam_channel::bounded(self.workers.len());
+        for (i, w) in self.workers.iter().enumerate() {
+            w.send(Command::RemovePort {
+                id,
+                destroy: i == 0,
+                done: done.clone(),
+            });
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        for _ in &self.workers {
+            if wait.recv_deadline(deadline).is_err() {
+                break;
+            }
+        }
     }
 
-    /// Connection tracking size and counters as of the worker's last batch.
+    /// Connection tracking size and counters as of the workers' last batches.
     pub fn ct_stats(&self) -> Arc<CtGauge> {
-        self.ct_stats.clone()
+        use std::sync::atomic::Ordering::Relaxed;
+        let sum = CtGauge::default();
+        for w in &self.workers {
+            let g = &w.ct_stats;
+            // Every view counts the one shared table.
+            sum.entries.fetch_max(g.entries.load(Relaxed), Relaxed);
+            sum.created.fetch_add(g.created.load(Relaxed), Relaxed);
+            sum.expired.fetch_add(g.expired.load(Relaxed), Relaxed);
+            sum.evicted.fetch_add(g.evicted.load(Relaxed), Relaxed);
+            sum.flushed.fetch_add(g.flushed.load(Relaxed), Relaxed);
+        }
+        Arc::new(sum)
     }
 
-    /// The worker's clock (milliseconds since it started), for showing expiry times.
+    /// Frames (and VXLAN datagrams) each worker has read, in worker order.
+    pub fn worker_frames(&self) -> Vec<u64> {
+        self.workers
+            .iter()
+            .map(|w| w.frames.load(std::sync::atomic::Ordering::Relaxed))
+            .collect()
+    }
+
+    /// The workers' clock (milliseconds since they started), for showing expiry times.
     pub fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    /// Hands the worker the upstream forwarder for DNS names outside the cluster.
+    /// Hands the workers the upstream forwarder for DNS names outside the cluster.
     pub fn set_forwarder(&self, f: crate::dns::Forwarder) {
-        self.send(Command::SetForwarder(f));
+        self.broadcast(|| Command::SetForwarder(f.clone()));
     }
 
     pub fn flush_udp(&self, backends: Vec<std::net::Ipv4Addr>) {
-        self.send(Command::FlushUdp(backends));
+        self.broadcast(|| Command::FlushUdp(backends.clone()));
     }
 
     /// The connection tracking table as it is now.
     pub fn conntrack(&self) -> Vec<CtEntry> {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        self.send(Command::DumpConntrack(tx));
-        rx.recv_timeout(std::time::Duration::from_secs(2))
-            .unwrap_or_default()
+        let (tx, rx) = crossbeam_channel::bounded(self.workers.len());
+        self.broadcast(|| Command::DumpConntrack(tx.clone()));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let mut all = Vec::new();
+        for _ in &self.workers {
+            match rx.recv_deadline(deadline) {
+                Ok(mut v) => all.append(&mut v),
+                Err(_) => break,
+            }
+        }
+        all
     }
 
-    /// The capture sessions the worker offers packets to.
+    /// The capture sessions the workers offer packets to.
     pub fn capture(&self) -> Arc<crate::capture::Hub> {
         self.capture.clone()
     }
 
-    /// Whether the worker thread is running.
+    /// Whether every worker thread is running.
     pub fn alive(&self) -> bool {
-        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+        self.workers
+            .iter()
+            .all(|w| w.thread.as_ref().is_some_and(|t| !t.is_finished()))
     }
 
     pub fn shutdown(&mut self) {
-        self.send(Command::Shutdown);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        self.broadcast(|| Command::Shutdown);
+        for w in &mut self.workers {
+            if let Some(t) = w.thread.take() {
+                let _ = t.join();
+            }
         }
     }
 }
@@ -205,13 +301,32 @@ impl Drop for Datapath {
 }
 
 struct Port {
-    tap: Tap,
+    /// Every queue of the device; this worker reads `queues[rx]` (if the device has that many)
+    /// and writes `queues[tx]`.
+    queues: Arc<[Tap]>,
+    rx: Option<usize>,
+    tx: usize,
     stats: Arc<PortStats>,
     /// In `Worker::ready`: may still have frames queued (mio is edge-triggered).
     queued: bool,
 }
 
+impl Port {
+    fn tx(&self) -> &Tap {
+        &self.queues[self.tx]
+    }
+}
+
 struct Worker {
+    /// Which worker this is: the TAP queue it reads.
+    index: usize,
+    /// How long to keep polling after the last packet before sleeping.
+    busy_poll: std::time::Duration,
+    /// When the worker last had a packet to handle.
+    last_active: std::time::Instant,
+    /// Frames read (counted here, published to `frames_seen` once per batch).
+    frames: u64,
+    frames_seen: Arc<std::sync::atomic::AtomicU64>,
     /// The worker's own command channel, for answers that come back later (DNS forwarding).
     to_self: Option<(Sender<Command>, Arc<Waker>)>,
     forwarder: Option<crate::dns::Forwarder>,
@@ -334,6 +449,11 @@ impl Worker {
         underlay_stats: Arc<PortStats>,
     ) -> Worker {
         Worker {
+            index: 0,
+            busy_poll: std::time::Duration::ZERO,
+            last_active: std::time::Instant::now(),
+            frames: 0,
+            frames_seen: Arc::default(),
             poll,
             rx,
             to_self: None,
@@ -364,7 +484,13 @@ impl Worker {
     fn run(mut self) {
         let mut events = Events::with_capacity(256);
         loop {
-            let timeout = if !self.ready.is_empty() || self.underlay_ready {
+            let busy = !self.ready.is_empty() || self.underlay_ready;
+            let spin = !busy && self.last_active.elapsed() < self.busy_poll;
+            if spin {
+                // Busy-polling: a runnable thread on this core (the pod answering) goes first.
+                std::thread::yield_now();
+            }
+            let timeout = if busy || spin {
                 Some(std::time::Duration::ZERO)
             } else if !self.ct.is_empty() {
                 // Wake now and then to expire connections even when idle.
@@ -397,6 +523,9 @@ impl Worker {
             if !self.commands() {
                 return;
             }
+            if !self.busy_poll.is_zero() && (!self.ready.is_empty() || self.underlay_ready) {
+                self.last_active = std::time::Instant::now();
+            }
             self.service_ready();
         }
     }
@@ -405,32 +534,47 @@ impl Worker {
     fn commands(&mut self) -> bool {
         while let Ok(cmd) = self.rx.try_recv() {
             match cmd {
-                Command::AddPort { id, tap, stats } => {
-                    let fd = std::os::fd::AsRawFd::as_raw_fd(&tap);
-                    if let Err(e) = self.poll.registry().register(
-                        &mut SourceFd(&fd),
-                        Token(id as usize),
-                        Interest::READABLE,
-                    ) {
-                        tracing::error!("cannot watch port {id} ({}): {e}", tap.name());
-                        continue;
+                Command::AddPort { id, queues, stats } => {
+                    let rx = (self.index < queues.len()).then_some(self.index);
+                    if let Some(q) = rx {
+                        let fd = std::os::fd::AsRawFd::as_raw_fd(&queues[q]);
+                        if let Err(e) = self.poll.registry().register(
+                            &mut SourceFd(&fd),
+                            Token(id as usize),
+                            Interest::READABLE,
+                        ) {
+                            tracing::error!("cannot watch port {id} ({}): {e}", queues[q].name());
+                            continue;
+                        }
+                        // A frame may already be waiting: look once without waiting for an edge.
+                        self.ready.push(id);
                     }
-                    // A frame may already be waiting: look once without waiting for an edge.
-                    self.ready.push(id);
+                    let tx = self.index.min(queues.len().saturating_sub(1));
                     self.ports.insert(
                         id,
                         Port {
-                            tap,
+                            queues,
+                            rx,
+                            tx,
                             stats,
-                            queued: true,
+                            queued: rx.is_some(),
                         },
                     );
                 }
-                Command::RemovePort { id, done } => {
+                Command::RemovePort { id, destroy, done } => {
                     if let Some(p) = self.ports.remove(&id) {
-                        let fd = std::os::fd::AsRawFd::as_raw_fd(&p.tap);
-                        let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
-                        p.tap.destroy();
+                        if let Some(q) = p.rx {
+                            let fd = std::os::fd::AsRawFd::as_raw_fd(&p.queues[q]);
+                            let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+                        }
+                        if destroy {
+                            if let Err(e) = p.queues[0].set_persist(false) {
+                                tracing::warn!(
+                                    "TAP {}: clearing persistence: {e}",
+                                    p.queues[0].name()
+                                );
+                            }
+                        }
                     }
                     self.ready.retain(|p| *p != id);
                     let _ = done.send(());
@@ -442,7 +586,7 @@ impl Worker {
                     }
                 }
                 Command::DumpConntrack(tx) => {
-                    let _ = tx.send(self.ct.entries().cloned().collect());
+                    let _ = tx.send(self.ct.entries().collect());
                 }
                 Command::SetForwarder(f) => self.forwarder = Some(f),
                 Command::DnsReply {
@@ -472,7 +616,7 @@ impl Worker {
                         if let Some(c) = self.capture.current() {
                             c.port(port, false, &self.seg[VNET_HDR_LEN..VNET_HDR_LEN + len]);
                         }
-                        match dst.tap.send(&self.seg[..VNET_HDR_LEN + len]) {
+                        match dst.tx().send(&self.seg[..VNET_HDR_LEN + len]) {
                             Ok(_) => dst.stats.tx(len),
                             Err(_) => dst.stats.count_drop(DropReason::TxError),
                         }
@@ -487,6 +631,8 @@ impl Worker {
     fn service_ready(&mut self) {
         let tables = self.tables.load();
         let now = self.now_ms();
+        // Connections the other workers opened since the last batch.
+        self.ct.sync();
         self.ct.sweep(now, 256);
         {
             use std::sync::atomic::Ordering::Relaxed;
@@ -496,6 +642,7 @@ impl Worker {
             g.expired.store(c.expired, Relaxed);
             g.evicted.store(c.evicted, Relaxed);
             g.flushed.store(c.flushed, Relaxed);
+            self.frames_seen.store(self.frames, Relaxed);
         }
         // Loaded once per batch; `None` (no capture session) is the common case.
         let cap = self.capture.current();
@@ -533,16 +680,20 @@ impl Worker {
             let Some(port) = self.ports.get(&id) else {
                 return true;
             };
-            let n = match port.tap.recv(&mut self.buf) {
+            let Some(rxq) = port.rx.and_then(|q| port.queues.get(q)) else {
+                return true;
+            };
+            let n = match rxq.recv(&mut self.buf) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    tracing::warn!("port {id} ({}): read failed: {e}", port.tap.name());
+                    tracing::warn!("port {id} ({}): read failed: {e}", rxq.name());
                     return true;
                 }
             };
             let stats = &port.stats;
+            self.frames += 1;
             stats.rx(n.saturating_sub(VNET_HDR_LEN));
             if n <= VNET_HDR_LEN {
                 stats.count_drop(DropReason::Malformed);
@@ -581,7 +732,7 @@ impl Worker {
             }
             match action {
                 Action::ToPort(out) => match self.ports.get(&out) {
-                    Some(dst) => match dst.tap.send(&self.buf[..n]) {
+                    Some(dst) => match dst.tx().send(&self.buf[..n]) {
                         Ok(_) => dst.stats.tx(n - VNET_HDR_LEN),
                         Err(_) => stats.count_drop(DropReason::TxError),
                     },
@@ -642,7 +793,7 @@ impl Worker {
                     // Our own frames are complete: no checksum or segmentation left to do.
                     self.buf[..VNET_HDR_LEN].fill(0);
                     let end = (VNET_HDR_LEN + len).min(self.buf.len());
-                    match port.tap.send(&self.buf[..end]) {
+                    match port.tx().send(&self.buf[..end]) {
                         Ok(_) => stats.tx(end - VNET_HDR_LEN),
                         Err(_) => stats.count_drop(DropReason::TxError),
                     }
@@ -677,7 +828,7 @@ impl Worker {
                                 if let Some(c) = cap {
                                     c.port(id, false, &self.seg[VNET_HDR_LEN..VNET_HDR_LEN + flen]);
                                 }
-                                match port.tap.send(&self.seg[..VNET_HDR_LEN + flen]) {
+                                match port.tx().send(&self.seg[..VNET_HDR_LEN + flen]) {
                                     Ok(_) => stats.tx(flen),
                                     Err(_) => stats.count_drop(DropReason::TxError),
                                 }
@@ -773,12 +924,13 @@ impl Worker {
                     *slot = io::IoSlice::new(b.get(r.clone()).unwrap_or_default());
                     len += r.len();
                 }
-                match dst.tap.send_vectored(&iov[..1 + o.parts.len()]) {
+                match dst.tx().send_vectored(&iov[..1 + o.parts.len()]) {
                     Ok(_) => dst.stats.tx_n(o.parts.len(), len),
                     Err(_) => stats.count_drop(DropReason::TxError),
                 }
             };
             for (i, m) in meta.iter().enumerate().take(n) {
+                self.frames += 1;
                 let base = i * RX_BUF_LEN;
                 let msg = base..base + m.len.min(RX_BUF_LEN);
                 let stride = if m.stride == 0 { m.len } else { m.stride };

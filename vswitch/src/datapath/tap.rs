@@ -8,6 +8,12 @@
 //! is fixed when /dev/net/tun is opened), so callers run [`Tap::create`] inside the pod's
 //! namespace and the file descriptor keeps working after they leave it.
 //!
+//! Devices are multi-queue (IFF_MULTI_QUEUE): each datapath worker reads its own queue, and the
+//! kernel spreads a pod's flows over the queues, keeping each flow on the queue the switch last
+//! wrote that flow's packets to (tun's automatic flow steering), so both directions of a flow
+//! tend to meet in one worker. A device made by an older switch without the flag is taken back
+//! with its single queue.
+//!
 //! All `unsafe` of the datapath lives here; every block says why it is sound.
 
 use std::fs::{File, OpenOptions};
@@ -26,6 +32,9 @@ pub struct Tap {
     file: File,
     name: String,
     offload: bool,
+    /// Further queues of the same device, opened by [`Tap::add_queues`].
+    extra: Vec<Tap>,
+    multi_queue: bool,
 }
 
 #[repr(C)]
@@ -41,7 +50,7 @@ impl Tap {
     /// Fails with `AlreadyExists` if an interface of that name exists (a TUNSETIFF on an existing
     /// persistent TAP would silently attach to it instead).
     pub fn create(name: &str, offload: bool) -> io::Result<Tap> {
-        Tap::open(name, offload, true)
+        Tap::open(name, offload, true, true)
     }
 
     /// Opens a queue of the existing (persistent) TAP device `name` in the calling thread's
@@ -53,10 +62,33 @@ impl Tap {
                 format!("no interface named {name} in the namespace"),
             ));
         }
-        Tap::open(name, offload, false)
+        match Tap::open(name, offload, false, true) {
+            // A device created without IFF_MULTI_QUEUE refuses a multi-queue attach.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                Tap::open(name, offload, false, false)
+            }
+            r => r,
+        }
     }
 
-    fn open(name: &str, offload: bool, exclusive: bool) -> io::Result<Tap> {
+    /// Opens queues of this device until it has `total` (or the device is single-queue). Like
+    /// [`Tap::create`], it must run in the device's network namespace.
+    pub fn add_queues(&mut self, total: usize) -> io::Result<()> {
+        while self.multi_queue && 1 + self.extra.len() < total {
+            let q = Tap::open(&self.name, self.offload, false, true)?;
+            self.extra.push(q);
+        }
+        Ok(())
+    }
+
+    /// The device's queues, this handle's own first.
+    pub fn into_queues(mut self) -> Vec<Tap> {
+        let mut extra = std::mem::take(&mut self.extra);
+        extra.insert(0, self);
+        extra
+    }
+
+    fn open(name: &str, offload: bool, exclusive: bool, multi_queue: bool) -> io::Result<Tap> {
         if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(['/', ' ', '\0']) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -70,6 +102,11 @@ impl Tap {
             ));
         }
         let excl = if exclusive { libc::IFF_TUN_EXCL } else { 0 };
+        let mq = if multi_queue {
+            libc::IFF_MULTI_QUEUE
+        } else {
+            0
+        };
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -79,7 +116,8 @@ impl Tap {
             name: [0; libc::IFNAMSIZ],
             // IFF_TUN_EXCL: fail with EBUSY rather than attach to an existing device of that
             // name, closing the race with the check above.
-            flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR | excl) as libc::c_short,
+            flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR | excl | mq)
+                as libc::c_short,
             _pad: [0; 22],
         };
         for (d, s) in req.name.iter_mut().zip(name.bytes()) {
@@ -110,6 +148,8 @@ impl Tap {
             file,
             name: name.to_string(),
             offload: false,
+            extra: Vec::new(),
+            multi_queue,
         };
         if offload {
             tap.set_offload(libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6)?;

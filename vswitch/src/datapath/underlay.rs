@@ -8,6 +8,11 @@
 //! leaves in one `sendmsg` with UDP_SEGMENT. quinn-udp does the control-message work and falls
 //! back to one datagram per call where the kernel or NIC refuses segmentation (EIO/EINVAL).
 //! Sockets are non-blocking; a full send buffer is a counted drop, never a wait.
+//!
+//! With several datapath workers each has its own `Underlay`: the receive sockets share the
+//! VXLAN port with SO_REUSEPORT, so the kernel spreads peers' flows over the workers by the
+//! outer addresses and ports (and a peer gives each inner flow its own source port), and each
+//! worker sends from its own pool, so no socket is shared between threads.
 
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -33,9 +38,12 @@ pub struct Underlay {
     pub port: u16,
 }
 
-fn socket(addr: SocketAddr) -> io::Result<(UdpSocket, UdpSocketState)> {
+fn socket(addr: SocketAddr, reuse_port: bool) -> io::Result<(UdpSocket, UdpSocketState)> {
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     s.set_cloexec(true)?;
+    if reuse_port {
+        s.set_reuse_port(true)?;
+    }
     s.bind(&addr.into())?;
     let s: UdpSocket = s.into();
     let state = UdpSocketState::new((&s).into())?;
@@ -47,9 +55,16 @@ fn socket(addr: SocketAddr) -> io::Result<(UdpSocket, UdpSocketState)> {
 }
 
 impl Underlay {
-    /// Binds the receive socket on `ip:port` and the send pool on `ip:0`.
-    pub fn bind(ip: IpAddr, port: u16) -> io::Result<Underlay> {
-        let (rx, rx_state) = socket(SocketAddr::new(ip, port)).map_err(|e| {
+    /// One underlay per worker, each with its receive socket on `ip:port` and its send pool on
+    /// `ip:0`; with more than one, the receive sockets share the port (SO_REUSEPORT).
+    pub fn bind_group(ip: IpAddr, port: u16, n: usize) -> io::Result<Vec<Underlay>> {
+        (0..n.max(1))
+            .map(|_| Underlay::bind_one(ip, port, n > 1))
+            .collect()
+    }
+
+    fn bind_one(ip: IpAddr, port: u16, reuse_port: bool) -> io::Result<Underlay> {
+        let (rx, rx_state) = socket(SocketAddr::new(ip, port), reuse_port).map_err(|e| {
             io::Error::new(
                 e.kind(),
                 format!("binding the VXLAN socket to {ip}:{port}: {e}"),
@@ -57,7 +72,7 @@ impl Underlay {
         })?;
         let mut tx = Vec::with_capacity(SEND_POOL);
         for _ in 0..SEND_POOL {
-            tx.push(socket(SocketAddr::new(ip, 0))?);
+            tx.push(socket(SocketAddr::new(ip, 0), false)?);
         }
         let rx_addr = rx.local_addr()?;
         let tx_addrs = tx
