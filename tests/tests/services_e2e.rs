@@ -5,7 +5,10 @@
 //!
 //! What is shown, one test each:
 //! 1. connections to a ClusterIP spread over 3 backends on 3 nodes, replies from the ClusterIP;
-//! 2. sessionAffinity ClientIP keeps one client on one backend; internalTrafficPolicy Local
+//!    with two datapath workers per node, both directions of every connection are translated
+//!    whichever worker reads them;
+//! 2. sessionAffinity ClientIP keeps one client on one backend (two workers per node sharing
+//!    it); internalTrafficPolicy Local
 //!    keeps connections on the client's node;
 //! 3. a Service without a ready endpoint rejects at once (TCP RST, ICMP port unreachable);
 //!    a backend's own RST and ICMP errors reach the client as if from the ClusterIP;
@@ -564,10 +567,15 @@ struct World {
 
 impl World {
     fn new(nodes: u32, pods_per_node: u32) -> World {
+        World::with_workers(nodes, pods_per_node, 1)
+    }
+
+    /// A lab whose daemons run `workers` datapath workers each.
+    fn with_workers(nodes: u32, pods_per_node: u32, workers: u32) -> World {
         require_root();
         let name = unique("s");
         assert!(name.len() <= vswitch_lab::MAX_NAME_LEN, "lab name {name}");
-        let lab = LabGuard::up(LabSpec::new(&name, nodes, pods_per_node))
+        let lab = LabGuard::up(LabSpec::new(&name, nodes, pods_per_node).with_workers(workers))
             .unwrap_or_else(|e| panic!("lab {name} did not come up: {e}"));
         let original: Vec<String> = lab
             .nodes
@@ -928,12 +936,95 @@ fn connections_to_a_cluster_ip_spread_over_three_backends_on_three_nodes() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// 1b. Two datapath workers per node.
+
+/// `vswitch_worker_frames` of a node's /metrics, by worker.
+fn worker_frames(node: &Node) -> BTreeMap<String, u64> {
+    let out = run(
+        &mut vswitch_tests::in_netns(
+            &node.netns,
+            &[
+                "curl",
+                "-s",
+                "--max-time",
+                "5",
+                "http://127.0.0.1:9109/metrics",
+            ],
+        ),
+        Duration::from_secs(10),
+    )
+    .ok();
+    out.lines()
+        .filter_map(|l| l.strip_prefix("vswitch_worker_frames_total{worker=\""))
+        .filter_map(|l| {
+            let (w, rest) = l.split_once('"')?;
+            Some((w.to_string(), rest.split_whitespace().last()?.parse().ok()?))
+        })
+        .collect()
+}
+
+#[test]
+fn two_workers_per_node_translate_both_directions_of_every_connection() {
+    let started = Instant::now();
+    let mut w = World::with_workers(2, 1, 2);
+    let client = w.add_pod(1, "c");
+    // One backend beside the client (its replies come from a TAP) and one on the other node
+    // (its replies come from the underlay, spread over the workers' sockets by SO_REUSEPORT).
+    let backends: Vec<Pod> = ["n1-p1", "n2-p1"].iter().map(|p| w.pod(p)).collect();
+    let _servers: Vec<Bg> = backends.iter().map(|p| w.http_server(p)).collect();
+    w.set_services(&[Svc::new(
+        "web",
+        "10.96.1.13",
+        vec![tcp(80, HTTP_PORT)],
+        backends.iter().map(Ep::of).collect(),
+    )]);
+    let before = worker_frames(w.node(1));
+    assert_eq!(
+        before.keys().cloned().collect::<Vec<_>>(),
+        ["0", "1"],
+        "node 1 should report two workers: {before:?}"
+    );
+
+    const N: u32 = 60;
+    let replies = curl_many(&client.netns, "http://10.96.1.13/", N);
+    // curl_many fails the test on any connection that does not complete: a reply that reached
+    // a worker without the connection's entry would come from the backend's address and be
+    // reset by the client. Every one came back from the ClusterIP.
+    for r in &replies {
+        assert_eq!(r.remote, "10.96.1.13:80", "{r:?}");
+        assert_eq!(r.peer_ip, client.ip.to_string(), "{r:?}");
+    }
+    let spread = counts(&replies);
+    eprintln!("{N} connections: {spread:?}");
+    assert_eq!(spread.len(), 2, "both backends should answer: {spread:?}");
+
+    // The kernel spreads the client's flows over the TAP's two queues by hash: 60 flows all on
+    // one queue has probability 2^-59. Both workers read frames.
+    let after = worker_frames(w.node(1));
+    eprintln!("node 1 worker frames: {before:?} -> {after:?}");
+    for k in ["0", "1"] {
+        let grew = after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
+        assert!(grew > 0, "worker {k} read nothing: {before:?} -> {after:?}");
+    }
+    // One logical table: every connection is listed once, whichever worker opened it.
+    let ct = conntrack(w.node(1));
+    for r in &replies {
+        let client_addr = format!("{}:{}", client.ip, r.peer_port);
+        let n = ct.iter().filter(|e| e.client == client_addr).count();
+        assert_eq!(n, 1, "{client_addr} tracked {n} times: {ct:#?}");
+    }
+    eprintln!("took {:.1?}", started.elapsed());
+}
+
+// ---------------------------------------------------------------------------------------------
 // 2. Session affinity.
 
 #[test]
 fn session_affinity_keeps_a_client_on_one_backend() {
     let started = Instant::now();
-    let mut w = World::new(3, 1);
+    // Two workers per node: a client's connections land on either, and the affinity one of
+    // them records must hold for the other.
+    let mut w = World::with_workers(3, 1, 2);
     let client = w.add_pod(1, "c");
     let backends: Vec<Pod> = ["n1-p1", "n2-p1", "n3-p1"]
         .iter()

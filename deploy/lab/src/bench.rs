@@ -36,6 +36,8 @@ use crate::{Lab, LabError, LabGuard, LabSpec};
 
 /// The vswitch lab's name (its namespaces are `vbench-*`).
 pub const LAB_NAME: &str = "vbench";
+/// The lab of vswitch with two datapath workers per node.
+pub const LAB_NAME_2W: &str = "vbench2";
 /// Namespace prefix of the kernel path (`vbk-n1`, `vbk-p1`, ...).
 pub const KERNEL_PREFIX: &str = "vbk";
 /// Namespace prefix of Open vSwitch (`vbo-n1`, ...).
@@ -53,16 +55,19 @@ const GRACE: Duration = Duration::from_secs(15);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
     Vswitch,
+    /// vswitch with two datapath workers per node.
+    Vswitch2,
     Kernel,
     Ovs,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::Vswitch, Kind::Kernel, Kind::Ovs];
+    pub const ALL: [Kind; 4] = [Kind::Vswitch, Kind::Vswitch2, Kind::Kernel, Kind::Ovs];
 
     pub fn name(self) -> &'static str {
         match self {
             Kind::Vswitch => "vswitch",
+            Kind::Vswitch2 => "vswitch-2w",
             Kind::Kernel => "kernel",
             Kind::Ovs => "ovs",
         }
@@ -70,7 +75,8 @@ impl Kind {
 
     pub fn describe(self) -> &'static str {
         match self {
-            Kind::Vswitch => "vswitch (vswitchd, TAP + userspace VXLAN)",
+            Kind::Vswitch => "vswitch (vswitchd, TAP + userspace VXLAN, 1 datapath worker)",
+            Kind::Vswitch2 => "vswitch-2w (the same with 2 datapath workers per node)",
             Kind::Kernel => "kernel (bridge + vxlan, as flannel builds it)",
             Kind::Ovs => "ovs (Open vSwitch userspace datapath, netdev)",
         }
@@ -692,7 +698,47 @@ impl Report {
                     }
                 }
             })
+            .chain(self.worker_targets())
             .collect()
+    }
+
+    /// "Two workers never slower than one": vswitch-2w's cross-node TCP over vswitch's, for one
+    /// stream and four. A 5% margin is the run-to-run noise of one median on a shared machine.
+    fn worker_targets(&self) -> Vec<Target> {
+        [
+            (
+                "two workers not slower than one: 4 streams",
+                Metric::TcpCross4,
+            ),
+            (
+                "two workers not slower than one: 1 stream",
+                Metric::TcpCross1,
+            ),
+        ]
+        .into_iter()
+        .map(
+            |(text, m)| match (self.value(m, Kind::Vswitch2), self.value(m, Kind::Vswitch)) {
+                (Some(two), Some(one)) if one > 0.0 => {
+                    let r = two / one;
+                    Target {
+                        text,
+                        status: if r >= 0.95 { "PASS" } else { "FAIL" },
+                        detail: format!(
+                            "{} vs {} {}: {r:.2}x (needs >= 0.95x)",
+                            m.format(two),
+                            m.format(one),
+                            m.unit()
+                        ),
+                    }
+                }
+                _ => Target {
+                    text,
+                    status: "n/a",
+                    detail: "vswitch and vswitch-2w were not both measured".into(),
+                },
+            },
+        )
+        .collect()
     }
 
     fn cell_text(&self, m: Metric, k: Kind) -> String {
@@ -716,27 +762,29 @@ impl Report {
 
     /// The table, the targets and the notes, as printed.
     pub fn to_table(&self) -> String {
-        let mut rows: Vec<[String; 7]> = vec![[
+        let mut rows: Vec<Vec<String>> = vec![vec![
             "metric".into(),
             "unit".into(),
             "vswitch".into(),
+            "vswitch-2w".into(),
             "kernel".into(),
             "ovs".into(),
             "vswitch/kernel".into(),
             "vswitch/ovs".into(),
         ]];
         for m in Metric::ALL {
-            rows.push([
+            rows.push(vec![
                 m.label().into(),
                 m.unit().into(),
                 self.cell_text(m, Kind::Vswitch),
+                self.cell_text(m, Kind::Vswitch2),
                 self.cell_text(m, Kind::Kernel),
                 self.cell_text(m, Kind::Ovs),
                 self.ratio_text(m, Kind::Kernel),
                 self.ratio_text(m, Kind::Ovs),
             ]);
         }
-        let mut w = [0usize; 7];
+        let mut w = [0usize; 8];
         for r in &rows {
             for (i, c) in r.iter().enumerate() {
                 w[i] = w[i].max(c.chars().count());
@@ -759,24 +807,11 @@ impl Report {
         );
         out.push('\n');
         for r in &rows {
-            let _ = writeln!(
-                out,
-                "{:<w0$}  {:<w1$}  {:>w2$}  {:>w3$}  {:>w4$}  {:>w5$}  {:>w6$}",
-                r[0],
-                r[1],
-                r[2],
-                r[3],
-                r[4],
-                r[5],
-                r[6],
-                w0 = w[0],
-                w1 = w[1],
-                w2 = w[2],
-                w3 = w[3],
-                w4 = w[4],
-                w5 = w[5],
-                w6 = w[6],
-            );
+            let mut line = format!("{:<w0$}  {:<w1$}", r[0], r[1], w0 = w[0], w1 = w[1]);
+            for (c, width) in r.iter().zip(w).skip(2) {
+                let _ = write!(line, "  {c:>width$}");
+            }
+            let _ = writeln!(out, "{line}");
         }
         out.push_str("\ntargets (issue 4):\n");
         for t in self.targets() {
@@ -925,7 +960,8 @@ impl Report {
         s.push_str(
             "set style fill solid 0.85 border -1\nset boxwidth 0.6\nset grid ytics\n\
              set linetype 1 lc rgb '#d1495b'\nset linetype 2 lc rgb '#00798c'\n\
-             set linetype 3 lc rgb '#edae49'\nset xrange [-0.6:2.6]\nunset key\n",
+             set linetype 3 lc rgb '#edae49'\nset linetype 4 lc rgb '#66a182'\n\
+             set xrange [-0.6:3.6]\nunset key\n",
         );
         for (i, &m) in panels.iter().enumerate() {
             let _ = writeln!(s, "$d{i} << EOD");
@@ -1377,16 +1413,18 @@ fn script_pods(prefix: &str) -> Pods {
 impl Testbed {
     fn up(kind: Kind) -> Result<Testbed, String> {
         match kind {
-            Kind::Vswitch => Testbed::up_vswitch(),
+            Kind::Vswitch => Testbed::up_vswitch(kind, LAB_NAME, 1),
+            Kind::Vswitch2 => Testbed::up_vswitch(kind, LAB_NAME_2W, 2),
             Kind::Kernel => Testbed::up_script(kind, KERNEL_SCRIPT, KERNEL_PREFIX),
             Kind::Ovs => Testbed::up_script(kind, OVS_SCRIPT, OVS_PREFIX),
         }
     }
 
-    fn up_vswitch() -> Result<Testbed, String> {
+    fn up_vswitch(kind: Kind, name: &str, workers: u32) -> Result<Testbed, String> {
         // Leftovers of a run that was killed.
-        Lab::teardown(LAB_NAME).map_err(lab_err)?;
-        let mut lab = LabGuard::up(LabSpec::new(LAB_NAME, 2, 0)).map_err(lab_err)?;
+        Lab::teardown(name).map_err(lab_err)?;
+        let mut lab =
+            LabGuard::up(LabSpec::new(name, 2, 0).with_workers(workers)).map_err(lab_err)?;
         let mut pod = |node: u32, name: &str| -> Result<PodRef, String> {
             let p = lab.add_pod(node, name).map_err(lab_err)?;
             match p.ip {
@@ -1404,7 +1442,7 @@ impl Testbed {
         };
         let pids = lab.nodes.iter().filter_map(|n| n.pid).collect();
         Ok(Testbed {
-            kind: Kind::Vswitch,
+            kind,
             pods,
             bed: Some(Bed::Vswitch(lab)),
             pids,

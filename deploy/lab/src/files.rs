@@ -47,7 +47,10 @@ pub(crate) fn daemon_config(node: &Node, all: &[Node]) -> Config {
             // Each node has its own namespace, so every node can use the same port.
             metrics_address: Some(([0, 0, 0, 0], 9109).into()),
         },
-        datapath: DatapathConfig::default(),
+        datapath: DatapathConfig {
+            workers: node.workers,
+            ..DatapathConfig::default()
+        },
         // The cluster DNS address, as kube-dns's ClusterIP: answered by the switch itself.
         dns: DnsConfig {
             nameservers: vec![std::net::Ipv4Addr::new(10, 96, 0, 10).into()],

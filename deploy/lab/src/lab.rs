@@ -113,6 +113,13 @@ pub struct Node {
     pub log: PathBuf,
     /// vswitchd's pid once started.
     pub pid: Option<u32>,
+    /// vswitchd's datapath workers (`datapath.workers`).
+    #[serde(default = "one")]
+    pub workers: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 impl Node {
@@ -131,6 +138,7 @@ impl Node {
             cni_netconf: dir.join("cni.conf"),
             log: dir.join("vswitchd.log"),
             pid: None,
+            workers: 1,
             dir,
         }
     }
@@ -323,7 +331,10 @@ impl Lab {
 
         let names = Names(&spec.name);
         let planned: Vec<Node> = (1..=spec.nodes)
-            .map(|i| Node::plan(names, i, &self.dir))
+            .map(|i| Node {
+                workers: spec.workers,
+                ..Node::plan(names, i, &self.dir)
+            })
             .collect();
         let mut daemons: Vec<(usize, Child, Instant)> = Vec::new();
         for node in &planned {

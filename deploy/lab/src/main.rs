@@ -28,6 +28,9 @@ enum Cmd {
         nodes: u32,
         #[arg(long, default_value_t = 2)]
         pods_per_node: u32,
+        /// Datapath worker threads of each vswitchd (`datapath.workers`).
+        #[arg(long, default_value_t = 1)]
+        workers: u32,
         /// Seconds each vswitchd gets to answer ready.
         #[arg(long, default_value_t = 10)]
         ready_timeout: u64,
@@ -82,7 +85,7 @@ enum Cmd {
         #[arg(long, value_name = "SECS")]
         time: Option<u64>,
         /// The datapaths to measure, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "vswitch,kernel,ovs", value_parser = parse_kind)]
+        #[arg(long, value_delimiter = ',', default_value = "vswitch,vswitch-2w,kernel,ovs", value_parser = parse_kind)]
         only: Vec<Kind>,
         /// Where latest.json, latest.txt and latest.png are written.
         #[arg(long, default_value = "docs/benchmarks")]
@@ -201,6 +204,7 @@ fn run(cli: Cli) -> Result<ExitCode, LabError> {
         Cmd::Up {
             nodes,
             pods_per_node,
+            workers,
             ready_timeout,
         } => {
             let opts = UpOptions {
@@ -212,6 +216,7 @@ fn run(cli: Cli) -> Result<ExitCode, LabError> {
                     name,
                     nodes,
                     pods_per_node,
+                    workers,
                 },
                 &opts,
             )?;

@@ -44,6 +44,8 @@ pub struct LabSpec {
     pub nodes: u32,
     /// Pods attached on every node at `up`, 0..=250.
     pub pods_per_node: u32,
+    /// Datapath workers of every node's vswitchd.
+    pub workers: u32,
 }
 
 impl Default for LabSpec {
@@ -52,6 +54,7 @@ impl Default for LabSpec {
             name: DEFAULT_NAME.into(),
             nodes: 2,
             pods_per_node: 2,
+            workers: 1,
         }
     }
 }
@@ -62,7 +65,13 @@ impl LabSpec {
             name: name.into(),
             nodes,
             pods_per_node,
+            workers: 1,
         }
+    }
+
+    /// The same lab with `workers` datapath workers per node.
+    pub fn with_workers(self, workers: u32) -> Self {
+        LabSpec { workers, ..self }
     }
 
     pub fn validate(&self) -> Result<(), LabError> {
@@ -77,6 +86,13 @@ impl LabSpec {
             return Err(LabError::InvalidSpec(format!(
                 "--pods-per-node {} is out of range 0..={MAX_PODS_PER_NODE}",
                 self.pods_per_node
+            )));
+        }
+        if !(1..=conf::config::MAX_WORKERS).contains(&self.workers) {
+            return Err(LabError::InvalidSpec(format!(
+                "--workers {} is out of range 1..={}",
+                self.workers,
+                conf::config::MAX_WORKERS
             )));
         }
         Ok(())

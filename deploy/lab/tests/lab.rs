@@ -161,11 +161,7 @@ impl Fixture {
     }
 
     fn spec(&self, nodes: u32, pods_per_node: u32) -> LabSpec {
-        LabSpec {
-            name: self.name.clone(),
-            nodes,
-            pods_per_node,
-        }
+        LabSpec::new(&self.name, nodes, pods_per_node)
     }
 
     fn cni_log(&self) -> Vec<Vec<String>> {
