@@ -79,13 +79,18 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// A lab that is torn down when the returned guard drops.
 pub fn lab(nodes: u32, pods_per_node: u32) -> LabGuard {
+    lab_with_workers(nodes, pods_per_node, 1)
+}
+
+/// A lab whose daemons run `workers` datapath workers each.
+pub fn lab_with_workers(nodes: u32, pods_per_node: u32, workers: u32) -> LabGuard {
     require_root();
     let name = unique("t");
     assert!(
         name.len() <= vswitch_lab::MAX_NAME_LEN,
         "lab name {name} is too long"
     );
-    LabGuard::up(LabSpec::new(&name, nodes, pods_per_node))
+    LabGuard::up(LabSpec::new(&name, nodes, pods_per_node).with_workers(workers))
         .unwrap_or_else(|e| panic!("lab {name} did not come up: {e}"))
 }
 

@@ -489,7 +489,9 @@ print(sent)
 #[test]
 fn kill_9_during_an_iperf3_stream_then_restart_keeps_pods_and_traffic() {
     let _serial = serial();
-    let mut lab = lab(2, 2);
+    // Two datapath workers: the restarted daemon takes back every queue of the multi-queue
+    // TAPs (the other tests here restart a one-worker switch).
+    let mut lab = vswitch_tests::lab_with_workers(2, 2, 2);
     let (a, b) = (lab.pod("n1-p1").clone(), lab.pod("n2-p1").clone());
     let (c, d) = (lab.pod("n1-p2").clone(), lab.pod("n2-p2").clone());
     let before: Vec<_> = lab
@@ -581,6 +583,19 @@ fn kill_9_during_an_iperf3_stream_then_restart_keeps_pods_and_traffic() {
         .map(|p| (p.name.clone(), interface(p)))
         .collect();
     assert_eq!(before, now, "pod interfaces changed across the restart");
+    // The restarted switch holds both queues of every pod's TAP on n1 again.
+    for p in lab.pods.iter().filter(|p| p.name.starts_with("n1-")) {
+        let out = exec_in(
+            &p.netns,
+            &["ip", "-d", "link", "show", "dev", &p.ifname],
+            SHORT,
+        );
+        assert!(
+            out.stdout.contains("multi_queue numqueues 2 "),
+            "{} after the restart: {out}",
+            p.name
+        );
+    }
 
     // A new run succeeds, across nodes and on the node.
     assert!(

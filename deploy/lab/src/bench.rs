@@ -2179,6 +2179,7 @@ mod tests {
         };
         for (k, v) in [
             (Kind::Vswitch, [11.0, 12.0, 10.0]),
+            (Kind::Vswitch2, [12.0, 13.0, 11.0]),
             (Kind::Kernel, [14.0, 15.0, 14.5]),
             (Kind::Ovs, [1.0, 1.1, 1.2]),
         ] {
@@ -2186,6 +2187,9 @@ mod tests {
                 r.add(Metric::TcpCross1, k, x);
             }
         }
+        // Two workers slower than one with four streams.
+        r.add(Metric::TcpCross4, Kind::Vswitch, 10.0);
+        r.add(Metric::TcpCross4, Kind::Vswitch2, 9.0);
         r.add(Metric::TcpSame, Kind::Vswitch, 9.0);
         r.add(Metric::TcpSame, Kind::Kernel, 18.0);
         r.add(Metric::Udp64Loss, Kind::Vswitch, 0.5);
@@ -2217,11 +2221,19 @@ mod tests {
         assert_eq!(r.ratio(Metric::Udp64Loss, Kind::Kernel), None);
         let t = r.targets();
         let status: Vec<&str> = t.iter().map(|t| t.status).collect();
-        // 0.76x kernel, 10x OVS, same-node 0.5x, loss 0.5%, RTT 2.0x, ClusterIP n/a.
-        assert_eq!(status, ["PASS", "PASS", "FAIL", "PASS", "PASS", "n/a"]);
+        // 0.76x kernel, 10x OVS, same-node 0.5x, loss 0.5%, RTT 2.0x, ClusterIP n/a, two
+        // workers 0.9x of one with 4 streams and 1.09x with one.
+        assert_eq!(
+            status,
+            ["PASS", "PASS", "FAIL", "PASS", "PASS", "n/a", "FAIL", "PASS"]
+        );
         assert_eq!(t[0].detail, "0.76x (needs >= 0.7x)");
         assert_eq!(t[3].detail, "0.5% (needs <= 1%)");
         assert!(t[5].detail.contains("not implemented"), "{}", t[5].detail);
+        assert_eq!(t[6].detail, "9.00 vs 10.00 Gbit/s: 0.90x (needs >= 0.95x)");
+        let mut one_only = r.clone();
+        one_only.datapaths = vec![Kind::Vswitch, Kind::Kernel, Kind::Ovs];
+        assert_eq!(one_only.targets()[7].status, "n/a");
     }
 
     #[test]
@@ -2262,6 +2274,7 @@ mod tests {
         for c in [
             "unit",
             "vswitch",
+            "vswitch-2w",
             "kernel",
             "ovs",
             "vswitch/kernel",
@@ -2278,8 +2291,8 @@ mod tests {
             .unwrap();
         let cells: Vec<&str> = row.split_whitespace().collect();
         assert_eq!(
-            cells[cells.len() - 6..],
-            ["Gbit/s", "11.00", "14.50", "1.10", "0.76x", "10.00x"]
+            cells[cells.len() - 7..],
+            ["Gbit/s", "11.00", "12.00", "14.50", "1.10", "0.76x", "10.00x"]
         );
         let row = t
             .lines()
@@ -2333,7 +2346,8 @@ mod tests {
             .as_str()
             .unwrap()
             .contains("services"));
-        assert_eq!(v["targets"].as_array().unwrap().len(), 6);
+        assert_eq!(v["targets"].as_array().unwrap().len(), 8);
+        assert_eq!(m["values"]["vswitch-2w"]["median"], Value::Null);
         assert_eq!(v["targets"][2]["status"], "FAIL");
         assert_eq!(v["metrics"].as_array().unwrap().len(), Metric::ALL.len());
     }
@@ -2342,13 +2356,15 @@ mod tests {
     fn gnuplot_script_draws_the_metrics_that_have_values() {
         let s = sample_report().gnuplot_script(Path::new("/tmp/x/latest.png"));
         assert!(s.contains("set output '/tmp/x/latest.png'"));
-        // TcpCross1, TcpSame, Udp64Loss, PingRtt have values: four panels on a 2x3 grid.
-        assert_eq!(s.matches("\nplot ").count(), 4, "{s}");
+        // TcpCross1, TcpCross4, TcpSame, Udp64Loss, PingRtt have values: five panels on a 2x3
+        // grid.
+        assert_eq!(s.matches("\nplot ").count(), 5, "{s}");
         assert!(s.contains("set multiplot layout 2,3"), "{s}");
         assert!(s.contains("0 \"vswitch\" 11 1 \"11.00\""), "{s}");
-        assert!(s.contains("2 \"ovs\" 1.1 3 \"1.10\""), "{s}");
+        assert!(s.contains("1 \"vswitch-2w\" 12 2 \"12.00\""), "{s}");
+        assert!(s.contains("3 \"ovs\" 1.1 4 \"1.10\""), "{s}");
         // same-node TCP was not measured for ovs: an empty bar that says so.
-        assert!(s.contains("2 \"ovs\" 0 3 \"error\""), "{s}");
+        assert!(s.contains("3 \"ovs\" 0 4 \"error\""), "{s}");
         assert!(!s.contains("ClusterIP"), "{s}");
     }
 
