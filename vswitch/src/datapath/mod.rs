@@ -48,6 +48,9 @@ const RX_BATCH: usize = 8;
 const RX_BUF_LEN: usize = 65_536;
 /// Room for one super-frame cut into segments, each with its own headers and VXLAN prefix.
 const SEG_BUF_LEN: usize = 2 * 65_536 + 16_384;
+/// A frame (or GRO-coalesced message) bigger than this marks a batch as bulk transfer, after
+/// which the worker does not busy-poll.
+const BULK: usize = 4096;
 /// Frames read from one port before the worker looks at the others.
 const BATCH: usize = 64;
 /// A TSO super-frame is at most 64 KiB of IP packet plus Ethernet and virtio-net headers.
@@ -322,8 +325,10 @@ struct Worker {
     index: usize,
     /// How long to keep polling after the last packet before sleeping.
     busy_poll: std::time::Duration,
-    /// When the worker last had a packet to handle.
-    last_active: std::time::Instant,
+    /// When the worker last had a packet to handle, or `None` after bulk traffic.
+    last_active: Option<std::time::Instant>,
+    /// Whether the current batch moved a frame bigger than [`BULK`].
+    bulk: bool,
     /// Frames read (counted here, published to `frames_seen` once per batch).
     frames: u64,
     frames_seen: Arc<std::sync::atomic::AtomicU64>,
@@ -451,7 +456,8 @@ impl Worker {
         Worker {
             index: 0,
             busy_poll: std::time::Duration::ZERO,
-            last_active: std::time::Instant::now(),
+            last_active: None,
+            bulk: false,
             frames: 0,
             frames_seen: Arc::default(),
             poll,
@@ -485,7 +491,10 @@ impl Worker {
         let mut events = Events::with_capacity(256);
         loop {
             let busy = !self.ready.is_empty() || self.underlay_ready;
-            let spin = !busy && self.last_active.elapsed() < self.busy_poll;
+            let spin = !busy
+                && self
+                    .last_active
+                    .is_some_and(|t| t.elapsed() < self.busy_poll);
             if spin {
                 // Busy-polling: a runnable thread on this core (the pod answering) goes first.
                 std::thread::yield_now();
@@ -523,10 +532,15 @@ impl Worker {
             if !self.commands() {
                 return;
             }
-            if !self.busy_poll.is_zero() && (!self.ready.is_empty() || self.underlay_ready) {
-                self.last_active = std::time::Instant::now();
-            }
+            let work = !self.ready.is_empty() || self.underlay_ready;
+            self.bulk = false;
             self.service_ready();
+            if work && !self.busy_poll.is_zero() {
+                // Spinning pays off for request/response traffic, whose answer comes back
+                // within a round trip. A bulk transfer keeps the worker busy by itself, and a
+                // spin in its short gaps only takes the core from the pods producing the data.
+                self.last_active = (!self.bulk).then(std::time::Instant::now);
+            }
         }
     }
 
@@ -694,6 +708,7 @@ impl Worker {
             };
             let stats = &port.stats;
             self.frames += 1;
+            self.bulk |= n > BULK;
             stats.rx(n.saturating_sub(VNET_HDR_LEN));
             if n <= VNET_HDR_LEN {
                 stats.count_drop(DropReason::Malformed);
@@ -931,6 +946,7 @@ impl Worker {
             };
             for (i, m) in meta.iter().enumerate().take(n) {
                 self.frames += 1;
+                self.bulk |= m.len > BULK;
                 let base = i * RX_BUF_LEN;
                 let msg = base..base + m.len.min(RX_BUF_LEN);
                 let stride = if m.stride == 0 { m.len } else { m.stride };
