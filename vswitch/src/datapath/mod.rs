@@ -1,11 +1,13 @@
 //! The datapath: worker threads that move frames between ports.
 //!
-//! A worker owns its ports' TAP handles and a mio poll. It reads ready ports in bounded batches
-//! (so one busy pod cannot starve the others), loads the table snapshot once per batch, asks the
-//! pure [`pipeline`](crate::pipeline) what to do with each frame, and does it. Nothing on this
-//! path blocks, locks or allocates: the frame buffer is the worker's own, counters are relaxed
-//! atomics with a single writer, and the control plane reaches the worker only through a
-//! command channel plus a waker.
+//! A worker owns one queue of every port's multi-queue TAP, its own underlay socket and a mio
+//! poll. It reads ready ports in bounded batches (so one busy pod cannot starve the others),
+//! loads the table snapshot once per batch, asks the pure [`pipeline`](crate::pipeline) what to
+//! do with each frame, and does it. Nothing on this path blocks, locks or allocates: buffers are
+//! the worker's own, counters are relaxed atomics, connection tracking is the worker's view of
+//! a table shared without locks, and the control plane reaches each worker only through a
+//! command channel plus a waker. With several workers, the kernel spreads flows over them (TAP
+//! queue steering, SO_REUSEPORT), and each flow tends to stay on one.
 //!
 //! Frames carry the 10-byte virtio-net header in front. When a frame is switched unchanged the
 //! header goes with it, so a 64 KiB TSO super-frame from one pod is handed to the other pod's
