@@ -898,3 +898,98 @@ fn vxlan_from_a_host_that_is_not_a_peer_is_dropped_and_counted() {
     ctl_ok(&n1, &["peer-del", "stranger"]);
     eprintln!("took {:.1?}", started.elapsed());
 }
+
+// ---------------------------------------------------------------------------------------------
+// UDP segmentation offload: a pod's UDP_SEGMENT send reaches the switch whole.
+
+/// `send DST PORT N SIZE SEGS`: N UDP_SEGMENT sends of SEGS datagrams of SIZE bytes, datagram k
+/// filled with byte k % 256. `recv BIND PORT WANT SIZE`: counts intact datagrams (prints
+/// `got=G bad=B`), until WANT arrived or 5 s pass without one.
+const UDP_GSO: &str = r#"
+import socket, sys, time
+role = sys.argv[1]
+if role == "send":
+    dst, port, n, size, segs = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_UDP, 103, size)  # UDP_SEGMENT
+    for i in range(n):
+        s.sendto(b"".join(bytes([(i * segs + j) % 256]) * size for j in range(segs)), (dst, port))
+        time.sleep(0.005)
+else:
+    bind, port, want, size = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    s.bind((bind, port))
+    s.settimeout(5)
+    got, bad, seen = 0, 0, set()
+    try:
+        while got + bad < want:
+            d = s.recv(65535)
+            if len(d) == size and d == bytes([d[0]]) * size:
+                got += 1
+                seen.add(d[0])
+            else:
+                bad += 1
+    except socket.timeout:
+        pass
+    print(f"got={got} bad={bad} distinct={len(seen)}")
+"#;
+
+#[test]
+fn a_pods_udp_gso_send_is_switched_whole_and_cut_for_the_overlay() {
+    let started = Instant::now();
+    let lab = lab("us", 2, 2);
+    let (a, b, c) = (lab.pod("n1-p1"), lab.pod("n1-p2"), lab.pod("n2-p1"));
+    let out = must_in(&a.netns, &["ethtool", "-k", &a.ifname]);
+    assert!(
+        out.contains("tx-udp-segmentation: on"),
+        "the pod's TAP should offer USO:\n{out}"
+    );
+    let dir = std::env::temp_dir().join(unique_name("ug"));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let script = dir.join("udp_gso.py");
+    std::fs::write(&script, UDP_GSO).unwrap_or_else(|e| panic!("{}: {e}", script.display()));
+    let script = script.display().to_string();
+    const SENDS: u32 = 20;
+    const SEGS: u32 = 10;
+    const SIZE: &str = "1000";
+    let want = (SENDS * SEGS).to_string();
+    // The same node (the super-frame goes to the other TAP whole, and the receiving pod's
+    // kernel cuts it) and another node (the switch cuts it into VXLAN datagrams).
+    for (to, port) in [(&b, "9101"), (&c, "9102")] {
+        let before = port_counters(&lab.nodes[0], a.ip)["rx_packets"]
+            .as_u64()
+            .unwrap_or(0);
+        let recv = Bg::spawn(
+            &to.netns,
+            &["python3", &script, "recv", "0.0.0.0", port, &want, SIZE],
+            Duration::from_secs(30),
+        );
+        wait_listening(&to.netns, "u", port.parse().unwrap_or(0));
+        let ip = to.ip.to_string();
+        let sends = SENDS.to_string();
+        let segs = SEGS.to_string();
+        must_in(
+            &a.netns,
+            &["python3", &script, "send", &ip, port, &sends, SIZE, &segs],
+        );
+        let o = recv.wait(Duration::from_secs(15));
+        let got = text(&o);
+        assert!(
+            got.contains(&format!("got={want} bad=0 distinct={want}")),
+            "UDP GSO n1-p1 -> {}: {got}",
+            to.name
+        );
+        // The switch read about one frame per send, not one per datagram.
+        let after = port_counters(&lab.nodes[0], a.ip)["rx_packets"]
+            .as_u64()
+            .unwrap_or(0);
+        assert!(
+            after - before < u64::from(SENDS * SEGS / 2),
+            "n1-p1's port read {} frames for {SENDS} sends of {SEGS} datagrams",
+            after - before
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    eprintln!("took {:.1?}", started.elapsed());
+}

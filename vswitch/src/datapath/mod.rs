@@ -774,8 +774,12 @@ impl Worker {
                         if let Some(c) = cap {
                             c.overlay_inner(false, frame);
                         }
-                        let segs = match segment::segment_tcp4(frame, &vnet, &prefix, &mut self.seg)
-                        {
+                        let cut = if vnet.gso_kind() == VirtioNetHdr::GSO_UDP_L4 {
+                            segment::segment_udp4
+                        } else {
+                            segment::segment_tcp4
+                        };
+                        let segs = match cut(frame, &vnet, &prefix, &mut self.seg) {
                             Ok(s) => s,
                             Err(_) => {
                                 stats.count_drop(DropReason::Malformed);

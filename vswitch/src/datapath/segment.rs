@@ -1,4 +1,4 @@
-//! Software segmentation of TCP super-frames (what a NIC's TSO would do).
+//! Software segmentation of TCP and UDP super-frames (what a NIC's TSO and USO would do).
 //!
 //! Pod TAPs hand us 64 KiB TCP/IPv4 super-frames. Within a node they go to the other TAP whole,
 //! but VXLAN to another node must carry MTU-sized frames, so here each super-frame becomes a
@@ -9,12 +9,15 @@
 //!
 //! Per segment: IPv4 total length, identification (+i) and header checksum; TCP sequence
 //! number (+i*mss), FIN/PSH only on the last segment and CWR only on the first, and a full TCP
-//! checksum (the super-frame's is only the pseudo-header part).
+//! checksum (the super-frame's is only the pseudo-header part). A UDP super-frame (a pod's
+//! UDP_SEGMENT send, handed over whole when the TAP has USO) becomes datagrams of `gso_size`
+//! payload bytes each, every one with its own UDP length and full checksum.
 
 use std::net::Ipv4Addr;
 
 use crate::wire::{
-    EtherType, EthernetFrame, IpProtocol, Ipv4Packet, TcpFlags, TcpPacket, VirtioNetHdr, WireError,
+    EtherType, EthernetFrame, IpProtocol, Ipv4Packet, TcpFlags, TcpPacket, UdpPacket, VirtioNetHdr,
+    WireError,
 };
 
 /// Where the segments are in the output buffer.
@@ -100,6 +103,64 @@ pub fn segment_tcp4(
     })
 }
 
+/// Segments a UDP/IPv4 super-frame (`frame` starts at the Ethernet header) into `out`: one
+/// datagram per `gso_size` bytes of payload, each prefixed with `prefix`.
+pub fn segment_udp4(
+    frame: &[u8],
+    vnet: &VirtioNetHdr,
+    prefix: &[u8],
+    out: &mut [u8],
+) -> Result<Segments, WireError> {
+    const ETH: usize = EthernetFrame::<&[u8]>::HEADER_LEN;
+    let eth = EthernetFrame::new_checked(frame)?;
+    if eth.ethertype() != EtherType::IPV4 {
+        return Err(WireError::Unsupported);
+    }
+    let ip = Ipv4Packet::new_checked(eth.payload())?;
+    if ip.protocol() != IpProtocol::UDP || ip.is_fragment() {
+        return Err(WireError::Unsupported);
+    }
+    let ihl = ip.header_len() as usize;
+    // The super-frame's own UDP length may not describe it (it can exceed 16 bits): the IP
+    // total length bounds the payload.
+    let hdrs = ETH + ihl + 8;
+    let ip_end = ETH + ip.total_len() as usize;
+    let payload = frame.get(hdrs..ip_end).ok_or(WireError::Malformed)?;
+    let size = vnet.gso_size as usize;
+    if size == 0 {
+        return Err(WireError::Malformed);
+    }
+    let count = payload.len().div_ceil(size).max(1);
+    let stride = prefix.len() + hdrs + size;
+    let last = payload.len() - (count - 1) * size;
+    let total = (count - 1) * stride + prefix.len() + hdrs + last;
+    if out.len() < total {
+        return Err(WireError::Truncated);
+    }
+    let (src, dst, ident) = (ip.src_addr(), ip.dst_addr(), ip.ident());
+    for i in 0..count {
+        let chunk = &payload[i * size..((i + 1) * size).min(payload.len())];
+        let seg = &mut out[i * stride..i * stride + prefix.len() + hdrs + chunk.len()];
+        seg[..prefix.len()].copy_from_slice(prefix);
+        let f = &mut seg[prefix.len()..];
+        f[..hdrs].copy_from_slice(&frame[..hdrs]);
+        f[hdrs..].copy_from_slice(chunk);
+        let ip_buf = &mut f[ETH..];
+        let mut ip = Ipv4Packet::new_unchecked(&mut *ip_buf);
+        ip.set_total_len((ihl + 8 + chunk.len()) as u16);
+        ip.set_ident(ident.wrapping_add(i as u16));
+        ip.fill_checksum();
+        let mut udp = UdpPacket::new_unchecked(&mut ip_buf[ihl..]);
+        udp.set_len((8 + chunk.len()) as u16);
+        udp.fill_checksum(src, dst);
+    }
+    Ok(Segments {
+        stride,
+        count,
+        total,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -159,6 +220,66 @@ mod tests {
         }
         let orig = super_frame(5000);
         assert_eq!(data, orig[54..]);
+    }
+
+    fn udp_super_frame(payload_len: usize) -> Vec<u8> {
+        let b = PacketBuilder::ethernet2([2; 6], [4; 6])
+            .ipv4([10, 244, 1, 2], [10, 244, 2, 2], 63)
+            .udp(40000, 4433);
+        let payload: Vec<u8> = (0..payload_len).map(|i| (i % 253) as u8).collect();
+        let mut out = Vec::new();
+        b.write(&mut out, &payload).unwrap();
+        // As a pod's stack hands it over: only the pseudo-header part of the checksum.
+        out[40..42].copy_from_slice(&[0x12, 0x34]);
+        out
+    }
+
+    #[test]
+    fn splits_udp_into_datagrams_of_gso_size_with_prefix() {
+        let frame = udp_super_frame(3000);
+        let vnet = VirtioNetHdr {
+            flags: VirtioNetHdr::F_NEEDS_CSUM,
+            gso_type: VirtioNetHdr::GSO_UDP_L4,
+            hdr_len: 42,
+            gso_size: 1200,
+            csum_start: 34,
+            csum_offset: 6,
+        };
+        let mut out = vec![0u8; 16384];
+        let s = segment_udp4(&frame, &vnet, b"VXLANHDR", &mut out).unwrap();
+        assert_eq!(s.count, 3);
+        assert_eq!(s.stride, 8 + 42 + 1200);
+        let mut data = Vec::new();
+        for i in 0..s.count {
+            let seg = &out[s.range(i)];
+            assert_eq!(&seg[..8], b"VXLANHDR");
+            let p = SlicedPacket::from_ethernet(&seg[8..]).unwrap();
+            let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else {
+                panic!()
+            };
+            let h = ip.header().to_header();
+            assert_eq!(h.header_checksum, h.calc_header_checksum());
+            assert_eq!(h.identification, i as u16);
+            let Some(TransportSlice::Udp(udp)) = &p.transport else {
+                panic!()
+            };
+            let want = if i < 2 { 1200 } else { 600 };
+            assert_eq!(udp.payload().len(), want);
+            assert_eq!(usize::from(udp.length()), 8 + want);
+            let uh = udp.to_header();
+            assert_eq!(
+                uh.checksum,
+                uh.calc_checksum_ipv4(&h, udp.payload()).unwrap(),
+                "datagram {i} UDP checksum"
+            );
+            data.extend_from_slice(udp.payload());
+        }
+        assert_eq!(data, frame[42..]);
+        // A TCP super-frame is not UDP.
+        assert_eq!(
+            segment_udp4(&super_frame(100), &vnet, &[], &mut out),
+            Err(WireError::Unsupported)
+        );
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub struct Tap {
     file: File,
     name: String,
     offload: bool,
+    /// UDP segmentation offload is on: UDP super-frames (GSO_UDP_L4) go both ways.
+    uso: bool,
     /// Further queues of the same device, opened by [`Tap::add_queues`].
     extra: Vec<Tap>,
     multi_queue: bool,
@@ -148,11 +150,19 @@ impl Tap {
             file,
             name: name.to_string(),
             offload: false,
+            uso: false,
             extra: Vec::new(),
             multi_queue,
         };
         if offload {
-            tap.set_offload(libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6)?;
+            let tso = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
+            // UDP segmentation offload (Linux 6.2+): a pod's UDP_SEGMENT send arrives whole.
+            // Older kernels refuse the flags with EINVAL; then the pod's kernel segments.
+            match tap.set_offload(tso | libc::TUN_F_USO4 | libc::TUN_F_USO6) {
+                Ok(()) => tap.uso = true,
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => tap.set_offload(tso)?,
+                Err(e) => return Err(e),
+            }
             tap.offload = true;
         } else {
             tap.set_offload(0)?;
@@ -207,6 +217,11 @@ impl Tap {
     /// Whether the kernel hands us (and accepts from us) checksum-partial TSO super-frames.
     pub fn offload(&self) -> bool {
         self.offload
+    }
+
+    /// Whether the kernel hands us (and accepts from us) UDP super-frames too.
+    pub fn uso(&self) -> bool {
+        self.uso
     }
 
     /// Reads one frame, virtio-net header first. `WouldBlock` when the queue is empty.

@@ -298,7 +298,9 @@ fn route_v4(cx: &mut Ctx<'_>, port: &PortEntry, buf: &mut [u8], len: usize, meta
         return Action::Drop(DropReason::SpoofedIp);
     }
     if let Some(dns) = &t.dns {
+        // A UDP super-frame (several datagrams) is no single query: it goes on as traffic.
         if ip.protocol() == IpProtocol::UDP
+            && gso_size == 0
             && !ip.is_fragment()
             && dns.addrs.contains(&ip.dst_addr())
             && ip.payload().get(2..4) == Some(&53u16.to_be_bytes()[..])
