@@ -989,7 +989,10 @@ impl Worker {
                         c.nat(s, &self.rbuf[inner.clone()]);
                     }
                     match action {
-                        Action::ToPort(out) => gro.push(&mut self.rbuf, out, inner, &mut emit),
+                        Action::ToPort(out) => {
+                            let uso = ports.get(&out).is_some_and(|p| p.tx().uso());
+                            gro.push(&mut self.rbuf, out, uso, inner, &mut emit)
+                        }
                         Action::Drop(reason) => stats.count_drop(reason),
                         // Frames from peers are only ever routed to local pods.
                         Action::ToPeer(_) | Action::Reply(_) | Action::Dns => {
