@@ -1120,7 +1120,7 @@ fn run_underlay_batch(
                 );
                 prop_assert!(ip.dst_addr() == out.ip);
                 delivered += 1;
-                gro.push(&mut rbuf, id, inner, &mut emit);
+                gro.push(&mut rbuf, id, true, inner, &mut emit);
             }
             Action::Drop(r) => prop_assert!(DropReason::ALL.contains(&r)),
             other => prop_assert!(
