@@ -38,6 +38,8 @@ impl Segments {
     }
 }
 
+const ETH: usize = EthernetFrame::<&[u8]>::HEADER_LEN;
+
 /// Segments a TCP/IPv4 super-frame (`frame` starts at the Ethernet header) into `out`.
 pub fn segment_tcp4(
     frame: &[u8],
@@ -45,62 +47,31 @@ pub fn segment_tcp4(
     prefix: &[u8],
     out: &mut [u8],
 ) -> Result<Segments, WireError> {
-    let eth = EthernetFrame::new_checked(frame)?;
-    if eth.ethertype() != EtherType::IPV4 {
-        return Err(WireError::Unsupported);
-    }
-    let ip = Ipv4Packet::new_checked(eth.payload())?;
-    if ip.protocol() != IpProtocol::TCP || ip.is_fragment() {
-        return Err(WireError::Unsupported);
-    }
-    let ihl = ip.header_len() as usize;
+    let ip = ipv4_of(frame, IpProtocol::TCP)?;
     let tcp = TcpPacket::new_checked(ip.payload())?;
-    let thl = tcp.header_len() as usize;
-    let hdrs = EthernetFrame::<&[u8]>::HEADER_LEN + ihl + thl;
-    let ip_end = EthernetFrame::<&[u8]>::HEADER_LEN + ip.total_len() as usize;
-    let payload = frame.get(hdrs..ip_end).ok_or(WireError::Malformed)?;
+    let (seq, flags) = (tcp.seq_number(), tcp.flags());
     let mss = vnet.gso_size as usize;
-    if mss == 0 {
-        return Err(WireError::Malformed);
-    }
-    let count = payload.len().div_ceil(mss).max(1);
-    let stride = prefix.len() + hdrs + mss;
-    let last = payload.len() - (count - 1) * mss;
-    let total = (count - 1) * stride + prefix.len() + hdrs + last;
-    if out.len() < total {
-        return Err(WireError::Truncated);
-    }
-    let (src, dst): (Ipv4Addr, Ipv4Addr) = (ip.src_addr(), ip.dst_addr());
-    let (ident, seq, flags) = (ip.ident(), tcp.seq_number(), tcp.flags());
-    for i in 0..count {
-        let chunk = &payload[i * mss..((i + 1) * mss).min(payload.len())];
-        let seg = &mut out[i * stride..i * stride + prefix.len() + hdrs + chunk.len()];
-        seg[..prefix.len()].copy_from_slice(prefix);
-        let f = &mut seg[prefix.len()..];
-        f[..hdrs].copy_from_slice(&frame[..hdrs]);
-        f[hdrs..].copy_from_slice(chunk);
-        let ip_buf = &mut f[EthernetFrame::<&[u8]>::HEADER_LEN..];
-        let mut ip = Ipv4Packet::new_unchecked(&mut *ip_buf);
-        ip.set_total_len((ihl + thl + chunk.len()) as u16);
-        ip.set_ident(ident.wrapping_add(i as u16));
-        ip.fill_checksum();
-        let mut tcp = TcpPacket::new_unchecked(&mut ip_buf[ihl..]);
-        tcp.set_seq_number(seq.wrapping_add((i * mss) as u32));
-        let mut fl = flags;
-        if i + 1 < count {
-            fl = TcpFlags(fl.bits() & !(TcpFlags::FIN.bits() | TcpFlags::PSH.bits()));
-        }
-        if i > 0 {
-            fl = TcpFlags(fl.bits() & !TcpFlags::CWR.bits());
-        }
-        tcp.set_flags(fl);
-        tcp.fill_checksum(src, dst);
-    }
-    Ok(Segments {
-        stride,
-        count,
-        total,
-    })
+    cut(
+        frame,
+        &ip,
+        tcp.header_len() as usize,
+        mss,
+        prefix,
+        out,
+        |i, last, l4, _, (src, dst)| {
+            let mut tcp = TcpPacket::new_unchecked(l4);
+            tcp.set_seq_number(seq.wrapping_add((i * mss) as u32));
+            let mut fl = flags;
+            if !last {
+                fl = TcpFlags(fl.bits() & !(TcpFlags::FIN.bits() | TcpFlags::PSH.bits()));
+            }
+            if i > 0 {
+                fl = TcpFlags(fl.bits() & !TcpFlags::CWR.bits());
+            }
+            tcp.set_flags(fl);
+            tcp.fill_checksum(src, dst);
+        },
+    )
 }
 
 /// Segments a UDP/IPv4 super-frame (`frame` starts at the Ethernet header) into `out`: one
@@ -111,22 +82,55 @@ pub fn segment_udp4(
     prefix: &[u8],
     out: &mut [u8],
 ) -> Result<Segments, WireError> {
-    const ETH: usize = EthernetFrame::<&[u8]>::HEADER_LEN;
+    let ip = ipv4_of(frame, IpProtocol::UDP)?;
+    let size = vnet.gso_size as usize;
+    cut(
+        frame,
+        &ip,
+        8,
+        size,
+        prefix,
+        out,
+        |_, _, l4, len, (src, dst)| {
+            let mut udp = UdpPacket::new_unchecked(l4);
+            udp.set_len((8 + len) as u16);
+            udp.fill_checksum(src, dst);
+        },
+    )
+}
+
+/// The IPv4 packet of an Ethernet frame carrying `proto`, unfragmented.
+fn ipv4_of(frame: &[u8], proto: IpProtocol) -> Result<Ipv4Packet<&[u8]>, WireError> {
     let eth = EthernetFrame::new_checked(frame)?;
     if eth.ethertype() != EtherType::IPV4 {
         return Err(WireError::Unsupported);
     }
-    let ip = Ipv4Packet::new_checked(eth.payload())?;
-    if ip.protocol() != IpProtocol::UDP || ip.is_fragment() {
+    let ip = Ipv4Packet::new_checked(&frame[ETH..])?;
+    if ip.protocol() != proto || ip.is_fragment() {
         return Err(WireError::Unsupported);
     }
+    Ok(ip)
+}
+
+/// The layout both protocols share: the super-frame's headers (Ethernet, IPv4, `l4_hdr` bytes
+/// of L4) again before every `size` bytes of its payload, each segment after `prefix`, with the
+/// IPv4 length, identification and checksum of its own. `fix(i, last, l4, len, addrs)` then
+/// finishes segment i's L4 header (`l4` is its L4 header and payload, `len` its payload size).
+fn cut(
+    frame: &[u8],
+    ip: &Ipv4Packet<&[u8]>,
+    l4_hdr: usize,
+    size: usize,
+    prefix: &[u8],
+    out: &mut [u8],
+    fix: impl Fn(usize, bool, &mut [u8], usize, (Ipv4Addr, Ipv4Addr)),
+) -> Result<Segments, WireError> {
     let ihl = ip.header_len() as usize;
-    // The super-frame's own UDP length may not describe it (it can exceed 16 bits): the IP
-    // total length bounds the payload.
-    let hdrs = ETH + ihl + 8;
+    let hdrs = ETH + ihl + l4_hdr;
+    // The IPv4 total length bounds the payload (a UDP super-frame's own length field may not
+    // describe it: it can exceed 16 bits).
     let ip_end = ETH + ip.total_len() as usize;
     let payload = frame.get(hdrs..ip_end).ok_or(WireError::Malformed)?;
-    let size = vnet.gso_size as usize;
     if size == 0 {
         return Err(WireError::Malformed);
     }
@@ -137,7 +141,8 @@ pub fn segment_udp4(
     if out.len() < total {
         return Err(WireError::Truncated);
     }
-    let (src, dst, ident) = (ip.src_addr(), ip.dst_addr(), ip.ident());
+    let addrs = (ip.src_addr(), ip.dst_addr());
+    let ident = ip.ident();
     for i in 0..count {
         let chunk = &payload[i * size..((i + 1) * size).min(payload.len())];
         let seg = &mut out[i * stride..i * stride + prefix.len() + hdrs + chunk.len()];
@@ -147,12 +152,10 @@ pub fn segment_udp4(
         f[hdrs..].copy_from_slice(chunk);
         let ip_buf = &mut f[ETH..];
         let mut ip = Ipv4Packet::new_unchecked(&mut *ip_buf);
-        ip.set_total_len((ihl + 8 + chunk.len()) as u16);
+        ip.set_total_len((ihl + l4_hdr + chunk.len()) as u16);
         ip.set_ident(ident.wrapping_add(i as u16));
         ip.fill_checksum();
-        let mut udp = UdpPacket::new_unchecked(&mut ip_buf[ihl..]);
-        udp.set_len((8 + chunk.len()) as u16);
-        udp.fill_checksum(src, dst);
+        fix(i, i + 1 == count, &mut ip_buf[ihl..], chunk.len(), addrs);
     }
     Ok(Segments {
         stride,
