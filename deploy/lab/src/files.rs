@@ -134,6 +134,13 @@ mod tests {
         assert_eq!(c.peers[0].pod_cidrs[0].to_string(), "10.244.1.0/24");
         assert_eq!(c.overlay.underlay_ip, Some(node.underlay_ip.into()));
         assert_eq!(c.gateway().to_string(), "10.244.3.1");
+        assert_eq!(c.datapath.workers, 1);
+        let two = Node {
+            workers: 2,
+            ..node.clone()
+        };
+        let c2 = Config::parse(&render_config(&two, &all).unwrap()).unwrap();
+        assert_eq!(c2.datapath.workers, 2);
         assert_eq!(
             c.node.state_dir,
             PathBuf::from("/run/vswitch-lab/vsl/n3/state")

@@ -235,6 +235,13 @@ mod tests {
         assert!(LabSpec::new("x", 255, 1).validate().is_err());
         assert!(LabSpec::new("x", 1, 251).validate().is_err());
         assert!(LabSpec::new("TOOLONGNAME", 1, 1).validate().is_err());
+        LabSpec::new("x", 2, 1).with_workers(2).validate().unwrap();
+        let e = LabSpec::new("x", 2, 1)
+            .with_workers(0)
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("--workers 0"), "{e}");
+        assert!(LabSpec::new("x", 2, 1).with_workers(65).validate().is_err());
     }
 
     #[test]
