@@ -647,8 +647,8 @@ impl Worker {
     fn service_ready(&mut self) {
         let tables = self.tables.load();
         let now = self.now_ms();
-        // Connections the other workers opened since the last batch.
-        self.ct.sync();
+        // Catches up with the connections the other workers opened since the last batch, and
+        // expires a few.
         self.ct.sweep(now, 256);
         {
             use std::sync::atomic::Ordering::Relaxed;

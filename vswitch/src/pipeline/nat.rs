@@ -478,6 +478,8 @@ pub struct Conntrack {
     slots: Vec<Option<Arc<Conn>>>,
     free: Vec<u32>,
     affinity: Map<(Ipv4Addr, u32), (Backend, u64)>,
+    /// When `sweep` last dropped expired affinities (a walk of the whole map).
+    affinity_swept_ms: u64,
     /// Live (not yet ended) connections of the whole group, for `cfg.max`.
     live: Arc<AtomicUsize>,
     inbox: Receiver<Msg>,
@@ -535,6 +537,7 @@ impl Conntrack {
             slots: Vec::new(),
             free: Vec::new(),
             affinity: Map::default(),
+            affinity_swept_ms: 0,
             live,
             inbox,
             peers,
@@ -864,11 +867,16 @@ impl Conntrack {
     }
 
     /// Catches up with the other views, then frees up to `budget` of this view's expired
-    /// connections, continuing where the last sweep stopped.
+    /// connections, continuing where the last sweep stopped. Expired affinities (which lookups
+    /// already ignore) are dropped at most once a second: that walks the whole map, and a
+    /// worker sweeps every batch.
     pub fn sweep(&mut self, now: u64, budget: usize) {
         self.pull();
         self.sweep_owned(now, budget);
-        self.affinity.retain(|_, (_, exp)| *exp > now);
+        if now >= self.affinity_swept_ms.saturating_add(1000) {
+            self.affinity.retain(|_, (_, exp)| *exp > now);
+            self.affinity_swept_ms = now;
+        }
     }
 
     /// Drops every UDP connection this view created towards one of these backends at once: a
