@@ -88,6 +88,21 @@ impl Client {
         }
     }
 
+    /// A connection to the daemon, every read and write bounded by the client's timeout.
+    fn connect(&self) -> Result<UnixStream, ClientError> {
+        let s = UnixStream::connect(&self.path).map_err(|source| ClientError::Connect {
+            path: self.path.clone(),
+            source,
+        })?;
+        s.set_read_timeout(Some(self.timeout))
+            .and_then(|()| s.set_write_timeout(Some(self.timeout)))
+            .map_err(|source| ClientError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        Ok(s)
+    }
+
     /// Sends one request and returns the status code and the (de-chunked) body.
     pub fn raw(
         &self,
@@ -99,12 +114,7 @@ impl Client {
             path: self.path.clone(),
             source,
         };
-        let mut s = UnixStream::connect(&self.path).map_err(|source| ClientError::Connect {
-            path: self.path.clone(),
-            source,
-        })?;
-        s.set_read_timeout(Some(self.timeout)).map_err(io)?;
-        s.set_write_timeout(Some(self.timeout)).map_err(io)?;
+        let mut s = self.connect()?;
         let body = body.unwrap_or(&[]);
         let head = format!(
             "{method} {path} HTTP/1.1\r\nHost: vswitchd\r\nConnection: close\r\n\
@@ -134,12 +144,7 @@ impl Client {
             path: self.path.clone(),
             source,
         };
-        let mut s = UnixStream::connect(&self.path).map_err(|source| ClientError::Connect {
-            path: self.path.clone(),
-            source,
-        })?;
-        s.set_write_timeout(Some(self.timeout)).map_err(io)?;
-        s.set_read_timeout(Some(self.timeout)).map_err(io)?;
+        let mut s = self.connect()?;
         let head = format!("GET {path} HTTP/1.1\r\nHost: vswitchd\r\nConnection: close\r\n\r\n");
         s.write_all(head.as_bytes()).map_err(io)?;
         let mut r = BufReader::new(s);

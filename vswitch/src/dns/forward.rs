@@ -262,14 +262,7 @@ impl Forwarder {
             restore_client_view(&mut msg, &q);
             // Too big for this client: TC from the cache; its retry over TCP is served from
             // the cache too, so the upstream is not asked again.
-            if msg.len() > limit {
-                return Some(short_reply(
-                    &q,
-                    be16(&msg, 2).map_or(0, |f| f as u8 & 0xf),
-                    true,
-                ));
-            }
-            return Some(msg);
+            return Some(fit(msg, &q, limit));
         }
 
         let Ok(_permit) = self.inner.in_flight.try_acquire() else {
@@ -284,14 +277,7 @@ impl Forwarder {
             self.cache().insert(key, &msg, ttls, ttl, Instant::now());
         }
         restore_client_view(&mut msg, &q);
-        if msg.len() > limit {
-            return Some(short_reply(
-                &q,
-                be16(&msg, 2).map_or(0, |f| f as u8 & 0xf),
-                true,
-            ));
-        }
-        Some(msg)
+        Some(fit(msg, &q, limit))
     }
 
     /// A snapshot of the counters.
@@ -487,6 +473,16 @@ fn cacheable(msg: &[u8], cfg: &ForwarderConfig) -> Option<(TtlFields, Duration)>
         .filter_map(|(_, r)| Some((u16::try_from(r.ttl_at).ok()?, r.ttl.min(ttl))))
         .collect();
     Some((ttls, Duration::from_secs(u64::from(ttl))))
+}
+
+/// `msg` if it fits the client's `limit`, else a truncated reply with its rcode (TC set: the
+/// client retries over TCP).
+fn fit(msg: Vec<u8>, q: &Query<'_>, limit: usize) -> Vec<u8> {
+    if msg.len() > limit {
+        short_reply(q, be16(&msg, 2).map_or(0, |f| f as u8 & 0xf), true)
+    } else {
+        msg
+    }
 }
 
 /// Header, question and (if the query had one) OPT: for SERVFAIL and truncated replies.
