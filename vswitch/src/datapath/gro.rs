@@ -366,20 +366,7 @@ mod tests {
                 ranges.push(start..buf.len());
             }
         }
-        let mut got = Vec::new();
-        let mut gro = Gro::default();
-        let mut emit = |b: &[u8], o: Out<'_>| {
-            let mut f = Vec::new();
-            for p in o.parts {
-                f.extend_from_slice(&b[p.clone()]);
-            }
-            got.push((o.hdr, f));
-        };
-        for r in ranges {
-            gro.push(&mut buf, 1, false, r, &mut emit);
-        }
-        gro.flush(&mut buf, &mut emit);
-        got
+        coalesce(&mut buf, &ranges, false)
     }
 
     #[test]
@@ -470,6 +457,8 @@ mod tests {
         (buf, ranges)
     }
 
+    /// Offers `ranges` of `buf` to GRO for port 1 in order: the frames it emits (header and
+    /// concatenated parts).
     fn coalesce(
         buf: &mut [u8],
         ranges: &[Range<usize>],
