@@ -17,6 +17,7 @@ use std::fs;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -92,6 +93,148 @@ pub fn lab_with_workers(nodes: u32, pods_per_node: u32, workers: u32) -> LabGuar
     );
     LabGuard::up(LabSpec::new(&name, nodes, pods_per_node).with_workers(workers))
         .unwrap_or_else(|e| panic!("lab {name} did not come up: {e}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bounded processes in namespaces, in the foreground and in the background
+
+/// The system Python: a version manager's shim costs a shell script per start.
+pub fn python() -> &'static str {
+    if Path::new("/usr/bin/python3").is_file() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    }
+}
+
+/// `timeout -k 1 LIMIT ip netns exec NS ARGV...`: nothing outlives its bound.
+pub fn bounded_in(ns: &str, argv: &[&str], limit: Duration) -> Command {
+    let mut c = Command::new("timeout");
+    c.args(["-k", "1", &format!("{:.1}", limit.as_secs_f64())])
+        .args(["ip", "netns", "exec", ns])
+        .args(argv);
+    c
+}
+
+/// Runs `argv` in `ns`, killed after `limit`.
+pub fn exec_in(ns: &str, argv: &[&str], limit: Duration) -> Out {
+    run(
+        &mut bounded_in(ns, argv, limit),
+        limit + Duration::from_secs(3),
+    )
+}
+
+/// Seconds since the Unix epoch, for comparing with timestamps that clients print.
+pub fn wall() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// A background process (with `timeout` around it) in a process group of its own: the whole
+/// group is killed when the guard drops.
+pub struct Bg {
+    child: Option<Child>,
+    desc: String,
+    readers: Vec<std::thread::JoinHandle<Vec<u8>>>,
+}
+
+impl Bg {
+    pub fn spawn(ns: &str, argv: &[&str], limit: Duration) -> Bg {
+        let mut cmd = bounded_in(ns, argv, limit);
+        let desc = format!("{} (in {ns})", argv.join(" "));
+        cmd.process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {desc}: {e}"));
+        fn reader(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                if let Some(mut p) = pipe {
+                    let _ = p.read_to_end(&mut buf);
+                }
+                buf
+            })
+        }
+        let readers = vec![reader(child.stdout.take()), reader(child.stderr.take())];
+        Bg {
+            child: Some(child),
+            desc,
+            readers,
+        }
+    }
+
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    pub fn signal(&self, sig: libc::c_int) {
+        if let Some(c) = &self.child {
+            if let Ok(pid) = libc::pid_t::try_from(c.id()) {
+                // SAFETY: kill(2) on the process group our unreaped child leads (it was made
+                // the leader by process_group(0)); the id cannot have been reused while the
+                // child is unreaped. It touches no memory.
+                unsafe { libc::kill(-pid, sig) };
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for it to end by itself (then kills it); what it printed.
+    pub fn wait(mut self, timeout: Duration) -> Out {
+        let deadline = Instant::now() + timeout;
+        while self.running() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+        self.finish()
+    }
+
+    /// SIGTERM to the group, then SIGKILL; what it printed.
+    pub fn stop(mut self) -> Out {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while self.running() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+        self.finish()
+    }
+
+    fn finish(&mut self) -> Out {
+        if self.running() {
+            self.signal(libc::SIGKILL);
+        }
+        let status = match self.child.take() {
+            Some(mut c) => c.wait().unwrap_or_else(|e| panic!("{}: {e}", self.desc)),
+            None => <ExitStatus as std::os::unix::process::ExitStatusExt>::from_raw(0),
+        };
+        let mut bufs: Vec<String> = self
+            .readers
+            .drain(..)
+            .map(|r| String::from_utf8_lossy(&r.join().unwrap_or_default()).into_owned())
+            .collect();
+        let stderr = bufs.pop().unwrap_or_default();
+        let stdout = bufs.pop().unwrap_or_default();
+        Out {
+            cmd: self.desc.clone(),
+            status,
+            stdout,
+            stderr,
+        }
+    }
+}
+
+impl Drop for Bg {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.signal(libc::SIGKILL);
+            self.finish();
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

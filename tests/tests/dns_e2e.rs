@@ -36,14 +36,14 @@ use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use conf::Config;
 use vswitch_lab::{Lab, LabGuard, LabSpec, Node, Pod};
-use vswitch_tests::{bin, have, require_root, run, unique, wait_until, Out};
+use vswitch_tests::{bounded_in, exec_in, have, python, require_root, unique, wait_until, Out};
 
 /// The cluster DNS address the lab gives pods (its nodes' `dns.nameservers`).
 const CLUSTER_DNS: &str = "10.96.0.10";
@@ -156,15 +156,6 @@ log("listening")
 serve_udp(u)
 "#;
 
-fn python() -> &'static str {
-    // The system interpreter: a version manager's shim costs a shell script per start.
-    if Path::new("/usr/bin/python3").is_file() {
-        "/usr/bin/python3"
-    } else {
-        "python3"
-    }
-}
-
 /// Panics with what to install unless the clients the tests drive are there.
 fn require_tools() {
     require_root();
@@ -186,23 +177,6 @@ fn require_tools() {
 
 // ---------------------------------------------------------------------------------------------
 // Processes: bounded, background ones in their own process group and killed on drop.
-
-/// `timeout -k 1 LIMIT ip netns exec NS ARGV...`.
-fn bounded_in(ns: &str, argv: &[&str], limit: Duration) -> Command {
-    let mut c = Command::new("timeout");
-    c.args(["-k", "1", &format!("{:.1}", limit.as_secs_f64())])
-        .args(["ip", "netns", "exec", ns])
-        .args(argv);
-    c
-}
-
-/// Runs `argv` in `ns`, killed after `limit`.
-fn exec_in(ns: &str, argv: &[&str], limit: Duration) -> Out {
-    run(
-        &mut bounded_in(ns, argv, limit),
-        limit + Duration::from_secs(3),
-    )
-}
 
 /// A server in the background whose stdout can be read while it runs.
 struct Bg {
@@ -409,43 +383,9 @@ impl DnsLab {
         let old = node.pid.expect("the lab's vswitchd has a pid");
         stop_daemon(old, &node);
         fs::write(&node.config, &out).unwrap_or_else(|e| panic!("{}: {e}", node.config.display()));
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&node.log)
-            .unwrap_or_else(|e| panic!("{}: {e}", node.log.display()));
-        let log2 = log.try_clone().unwrap_or_else(|e| panic!("{e}"));
-        // `ip netns exec` execs vswitchd without forking: the child's pid is the daemon's. The
-        // child is not kept: the lab's teardown stops (and reaps) it by pid, as the first one.
-        let child = Command::new("ip")
-            .args(["netns", "exec", &node.netns])
-            .arg(bin("vswitchd"))
-            .arg("--config")
-            .arg(&node.config)
-            .process_group(0)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start vswitchd: {e}"));
-        let pid = child.id();
-        drop(child);
-        let lab = self.lab_mut();
-        lab.nodes[0].pid = Some(pid);
-        let pid_file = lab.nodes[0].dir.join("vswitchd.pid");
-        fs::write(&pid_file, format!("{pid}\n"))
-            .unwrap_or_else(|e| panic!("{}: {e}", pid_file.display()));
-        lab.save().unwrap_or_else(|e| panic!("saving the lab: {e}"));
-        let ready = wait_until(Duration::from_secs(10), || {
-            node.daemon_status(Duration::from_secs(1))
-                .is_ok_and(|s| s.ready)
-        });
-        assert!(
-            ready,
-            "vswitchd did not come back ready within 10 s after the restart; its log:\n{}",
-            log_tail(&node, 30)
-        );
-        pid
+        self.lab_mut()
+            .restart_daemon(0, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("vswitchd did not come back after the restart: {e}"))
     }
 }
 

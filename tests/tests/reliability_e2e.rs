@@ -26,20 +26,19 @@
 //! its own lab, torn down by its guard.
 
 use std::fs;
-use std::io::Read;
 use std::net::IpAddr;
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
-use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::thread;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use vswitch_lab::soak::rss_kb;
 use vswitch_tests::{
-    bin, lab, netns_list, ports, require_root, run, run_input, wait_until, Cni, LabGuard, Out, Pod,
-    TempDir, SHORT,
+    exec_in, lab, netns_list, ports, python, require_root, run, run_input, wait_until, wall, Bg,
+    Cni, LabGuard, Out, Pod, TempDir, SHORT,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -49,118 +48,6 @@ use vswitch_tests::{
 fn serial() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn python() -> &'static str {
-    if Path::new("/usr/bin/python3").is_file() {
-        "/usr/bin/python3"
-    } else {
-        "python3"
-    }
-}
-
-fn wall() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
-}
-
-/// `timeout -k 1 LIMIT ip netns exec NS ARGV...`: nothing outlives its bound.
-fn bounded_in(ns: &str, argv: &[&str], limit: Duration) -> Command {
-    let mut c = Command::new("timeout");
-    c.args(["-k", "1", &format!("{:.1}", limit.as_secs_f64())])
-        .args(["ip", "netns", "exec", ns])
-        .args(argv);
-    c
-}
-
-fn exec_in(ns: &str, argv: &[&str], limit: Duration) -> Out {
-    run(
-        &mut bounded_in(ns, argv, limit),
-        limit + Duration::from_secs(3),
-    )
-}
-
-/// A bounded background process in its own process group, killed (the group) on drop.
-struct Bg {
-    child: Option<Child>,
-    desc: String,
-    readers: Vec<JoinHandle<Vec<u8>>>,
-}
-
-impl Bg {
-    fn spawn(ns: &str, argv: &[&str], limit: Duration) -> Bg {
-        let mut cmd = bounded_in(ns, argv, limit);
-        let desc = vswitch_tests::describe(&cmd);
-        let mut child = cmd
-            .process_group(0)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start `{desc}`: {e}"));
-        fn reader(pipe: Option<impl Read + Send + 'static>) -> JoinHandle<Vec<u8>> {
-            thread::spawn(move || {
-                let mut buf = Vec::new();
-                if let Some(mut p) = pipe {
-                    let _ = p.read_to_end(&mut buf);
-                }
-                buf
-            })
-        }
-        let readers = vec![reader(child.stdout.take()), reader(child.stderr.take())];
-        Bg {
-            child: Some(child),
-            desc,
-            readers,
-        }
-    }
-
-    /// Waits for the exit (at most `timeout`, then kills the group); returns what it printed.
-    fn wait(mut self, timeout: Duration) -> Out {
-        let deadline = Instant::now() + timeout;
-        let mut child = self
-            .child
-            .take()
-            .expect("a Bg holds its child until waited for");
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(s)) => break s,
-                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(10)),
-                _ => {
-                    kill_group(&child);
-                    break child.wait().expect("wait for a killed child");
-                }
-            }
-        };
-        let mut texts = self
-            .readers
-            .drain(..)
-            .map(|h| String::from_utf8_lossy(&h.join().unwrap_or_default()).into_owned());
-        Out {
-            cmd: self.desc.clone(),
-            status,
-            stdout: texts.next().unwrap_or_default(),
-            stderr: texts.next().unwrap_or_default(),
-        }
-    }
-}
-
-fn kill_group(child: &Child) {
-    if let Ok(pgid) = libc::pid_t::try_from(child.id()) {
-        // SAFETY: kill(2) on the process group of our own unreaped child (its pgid is its pid).
-        unsafe { libc::kill(-pgid, libc::SIGKILL) };
-    }
-}
-
-impl Drop for Bg {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            kill_group(&c);
-            let _ = c.wait();
-        }
-    }
 }
 
 /// Waits until something listens on TCP `port` in `ns`.
@@ -296,52 +183,11 @@ fn signal_and_reap(pid: u32, sig: libc::c_int, limit: Duration) -> (Option<i32>,
 /// in the lab's pid file and state (so teardown stops it), and waits until it answers ready.
 /// Returns the wall time of the start and how long it took to be ready.
 fn restart(lab: &mut LabGuard, idx: usize) -> (f64, Duration) {
-    let node = lab.nodes[idx].clone();
-    let log = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&node.log)
-        .unwrap_or_else(|e| panic!("{}: {e}", node.log.display()));
-    let log2 = log.try_clone().unwrap_or_else(|e| panic!("{e}"));
     let started = wall();
     let t0 = Instant::now();
-    let child = Command::new("ip")
-        .args(["netns", "exec", &node.netns])
-        .arg(bin("vswitchd"))
-        .arg("--config")
-        .arg(&node.config)
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log2)
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start vswitchd: {e}"));
-    // `ip netns exec` execs vswitchd: the child's pid is the daemon's. Teardown stops and
-    // reaps it by pid, as the lab's own.
-    let pid = child.id();
-    drop(child);
-    lab.nodes[idx].pid = Some(pid);
-    let pid_file = node.dir.join("vswitchd.pid");
-    fs::write(&pid_file, format!("{pid}\n"))
-        .unwrap_or_else(|e| panic!("{}: {e}", pid_file.display()));
-    lab.save().unwrap_or_else(|e| panic!("saving the lab: {e}"));
-    let ready = wait_until(Duration::from_secs(10), || {
-        node.daemon_status(Duration::from_millis(500))
-            .is_ok_and(|s| s.ready)
-    });
-    assert!(
-        ready,
-        "vswitchd of {} not ready 10 s after the restart; log:\n{}",
-        node.name,
-        log_tail(&node.log)
-    );
+    lab.restart_daemon(idx, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("restarting vswitchd of node {idx}: {e}"));
     (started, t0.elapsed())
-}
-
-fn log_tail(path: &Path) -> String {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
 /// A background `ping -D -i 0.05` from `from` to `to`; its replies carry wall-clock times.
@@ -360,20 +206,6 @@ fn reply_times(out: &str) -> Vec<f64> {
         .filter(|l| l.contains("bytes from"))
         .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
         .collect()
-}
-
-fn rss_kb(pid: u32) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
 }
 
 /// A metric's value from the node's /metrics (0.0.0.0:9109 in its namespace).

@@ -30,20 +30,20 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::io::Read;
 use std::net::IpAddr;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::path::PathBuf;
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
 
 use conf::api::{
     ConntrackInfo, ConntrackResponse, PeersResponse, ServicesResponse, PATH_CONNTRACK, PATH_PEERS,
     PATH_SERVICES,
 };
 use vswitch_lab::{LabGuard, LabSpec, Node, Pod};
-use vswitch_tests::{bin, require_root, run, unique, wait_until, Netns, Out};
+use vswitch_tests::{
+    bin, exec_in, python, require_root, run, unique, wait_until, wall, Bg, Netns, Out,
+};
 
 /// How long a config change may take to reach the datapath: the reload polls the file every
 /// 500 ms, so 5 s is a hung reload, not a slow one.
@@ -221,142 +221,8 @@ ROLES = {"http": http_server, "udp-echo": udp_echo, "udp-client": udp_client,
 ROLES[sys.argv[1]](*sys.argv[2:])
 "#;
 
-fn python() -> &'static str {
-    // The system interpreter: a version manager's shim costs a shell script per start.
-    if Path::new("/usr/bin/python3").is_file() {
-        "/usr/bin/python3"
-    } else {
-        "python3"
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
-// Processes: bounded, in their own process group, killed on drop.
-
-fn secs_arg(d: Duration) -> String {
-    format!("{:.1}", d.as_secs_f64())
-}
-
-/// `timeout -k 1 LIMIT ip netns exec NS ARGV...`.
-fn bounded_in(ns: &str, argv: &[&str], limit: Duration) -> Command {
-    let mut c = Command::new("timeout");
-    c.args(["-k", "1", &secs_arg(limit), "ip", "netns", "exec", ns])
-        .args(argv);
-    c
-}
-
-/// Runs `argv` in `ns`, bounded by `limit`.
-fn exec_in(ns: &str, argv: &[&str], limit: Duration) -> Out {
-    run(
-        &mut bounded_in(ns, argv, limit),
-        limit + Duration::from_secs(3),
-    )
-}
-
-/// A background process (with `timeout` around it) in a process group of its own: the whole
-/// group is killed when the guard drops.
-struct Bg {
-    child: Option<Child>,
-    desc: String,
-    readers: Vec<JoinHandle<Vec<u8>>>,
-}
-
-impl Bg {
-    fn spawn(ns: &str, argv: &[&str], limit: Duration) -> Bg {
-        let mut cmd = bounded_in(ns, argv, limit);
-        let desc = format!("{} (in {ns})", argv.join(" "));
-        cmd.process_group(0)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {desc}: {e}"));
-        fn reader(pipe: Option<impl Read + Send + 'static>) -> JoinHandle<Vec<u8>> {
-            thread::spawn(move || {
-                let mut buf = Vec::new();
-                if let Some(mut p) = pipe {
-                    let _ = p.read_to_end(&mut buf);
-                }
-                buf
-            })
-        }
-        let readers = vec![reader(child.stdout.take()), reader(child.stderr.take())];
-        Bg {
-            child: Some(child),
-            desc,
-            readers,
-        }
-    }
-
-    fn running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
-    }
-
-    fn signal(&self, sig: libc::c_int) {
-        if let Some(c) = &self.child {
-            if let Ok(pid) = libc::pid_t::try_from(c.id()) {
-                // SAFETY: kill(2) on the process group our unreaped child leads (it was made
-                // the leader by process_group(0)); the id cannot have been reused while the
-                // child is unreaped. It touches no memory.
-                unsafe { libc::kill(-pid, sig) };
-            }
-        }
-    }
-
-    /// Waits up to `timeout` for it to end by itself (then kills it); what it printed.
-    fn wait(mut self, timeout: Duration) -> Out {
-        let deadline = Instant::now() + timeout;
-        while self.running() && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(10));
-        }
-        self.finish()
-    }
-
-    /// SIGTERM to the group, then SIGKILL; what it printed.
-    fn stop(mut self) -> Out {
-        self.signal(libc::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while self.running() && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(10));
-        }
-        self.finish()
-    }
-
-    fn finish(&mut self) -> Out {
-        if self.running() {
-            self.signal(libc::SIGKILL);
-        }
-        let status = match self.child.take() {
-            Some(mut c) => c.wait().unwrap_or_else(|e| panic!("{}: {e}", self.desc)),
-            None => <ExitStatus as std::os::unix::process::ExitStatusExt>::from_raw(0),
-        };
-        let mut bufs: Vec<String> = self
-            .readers
-            .drain(..)
-            .map(|r| String::from_utf8_lossy(&r.join().unwrap_or_default()).into_owned())
-            .collect();
-        let stderr = bufs.pop().unwrap_or_default();
-        let stdout = bufs.pop().unwrap_or_default();
-        Out {
-            cmd: self.desc.clone(),
-            status,
-            stdout,
-            stderr,
-        }
-    }
-}
-
-impl Drop for Bg {
-    fn drop(&mut self) {
-        if self.child.is_some() {
-            self.signal(libc::SIGKILL);
-            self.finish();
-        }
-    }
-}
+// Processes (bounded, in their own process group, killed on drop: `vswitch_tests::Bg`).
 
 /// Waits until something in `ns` listens on `port` (`proto` "t" or "u").
 fn wait_listening(ns: &str, proto: &str, port: u16) {
@@ -370,13 +236,6 @@ fn wait_listening(ns: &str, proto: &str, port: u16) {
         ok,
         "nothing listens on {proto} port {port} in {ns} after 5 s"
     );
-}
-
-fn wall_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -667,7 +526,7 @@ impl World {
                 log_tail(n)
             );
         }
-        wall_now()
+        wall()
     }
 
     /// Removes the `[[peers]]` table `peer` from node `i`'s config, or with `None` restores
@@ -1605,7 +1464,7 @@ fn a_udp_flow_moves_to_the_new_endpoint_when_its_endpoint_is_removed() {
         Duration::from_secs(20),
     );
     thread::sleep(Duration::from_millis(1500));
-    let swapped_at = wall_now();
+    let swapped_at = wall();
     let applied_at = w.set_services(&[svc(&b)]);
     let o = flow.wait(Duration::from_secs(15));
     assert!(o.success(), "{o}");

@@ -503,6 +503,31 @@ impl Lab {
         Ok(&self.pods[self.pods.len() - 1])
     }
 
+    /// Starts the vswitchd of `self.nodes[idx]` again (after a test stopped or killed it) with
+    /// the binary next to the tests, and waits up to `ready_timeout` until it is ready. Its pid
+    /// is recorded as at `up`, so teardown stops this process.
+    pub fn restart_daemon(&mut self, idx: usize, ready_timeout: Duration) -> Result<u32, LabError> {
+        let bins = Binaries::in_dir(&Lab::bin_dir()?)?;
+        let node = self
+            .nodes
+            .get(idx)
+            .cloned()
+            .ok_or_else(|| LabError::NoSuchTarget {
+                lab: self.name.clone(),
+                what: "node",
+                target: format!("#{idx}"),
+                known: self.known_nodes(),
+            })?;
+        let started = Instant::now();
+        let mut child = sys::spawn_daemon(&node.netns, &bins.vswitchd, &node.config, &node.log)?;
+        let pid = child.id();
+        self.nodes[idx].pid = Some(pid);
+        write(&node.pid_file(), format!("{pid}\n"))?;
+        self.save()?;
+        wait_ready(&node, &mut child, started, ready_timeout)?;
+        Ok(pid)
+    }
+
     /// Adds a pod named `pod` on node `node_index` (1-based), as a runtime would.
     pub fn add_pod(&mut self, node_index: u32, pod: &str) -> Result<&Pod, LabError> {
         let bins = self.binaries()?;

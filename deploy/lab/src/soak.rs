@@ -791,7 +791,8 @@ fn fds(pid: u32) -> (usize, usize) {
     (tun, targets.len() - tun)
 }
 
-fn rss_kb(pid: u32) -> u64 {
+/// A process's resident set size in KiB (`VmRSS`), 0 if it is gone.
+pub fn rss_kb(pid: u32) -> u64 {
     fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
