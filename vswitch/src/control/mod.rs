@@ -877,12 +877,12 @@ impl Daemon {
         )
     }
 
-    /// Connection tracking size and counters.
     /// Frames each datapath worker has read, in worker order.
     pub fn worker_frames(&self) -> Vec<u64> {
         self.datapath().worker_frames()
     }
 
+    /// Connection tracking size and counters.
     pub fn ct_stats(&self) -> Arc<crate::datapath::CtGauge> {
         self.datapath().ct_stats()
     }
