@@ -553,6 +553,11 @@ pub struct PeerSpec {
     /// flannel.alpha.coreos.com/backend-data annotation).
     pub vtep_mac: String,
     pub pod_cidrs: Vec<Ipv4Net>,
+    /// The peer takes VXLAN remote checksum offload (RCO): inner TCP/UDP checksums may be sent
+    /// partial, so neither end sums the payload. True for vswitch nodes; a Linux VXLAN device
+    /// takes it only with `remcsumrx`, so leave it off for flannel nodes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub remote_checksum: bool,
 }
 
 impl PeerSpec {

@@ -25,6 +25,8 @@ pub struct Peer {
     pub vtep_mac: [u8; 6],
     /// Pod CIDRs routed to it.
     pub pod_cidrs: Vec<Ipv4Net>,
+    /// It takes VXLAN remote checksum offload: inner checksums may be left partial.
+    pub remote_csum: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -139,6 +141,7 @@ mod tests {
 
     fn peer(name: &str, ul: [u8; 4], cidrs: &[&str]) -> Peer {
         Peer {
+            remote_csum: false,
             name: name.into(),
             underlay: IpAddr::from(ul),
             vtep_mac: [2, 0, ul[0], ul[1], ul[2], ul[3]],

@@ -43,6 +43,9 @@ impl KernelNode {
     /// TCP/UDP with only the pseudo-header sum in the checksum field (CHECKSUM_PARTIAL travels
     /// with the skb to the next namespace), which a kernel receiver accepts but a userspace
     /// receiver cannot tell from a corrupt packet.
+    ///
+    /// `rco`: the vxlan device also sends and takes remote checksum offload (`udpcsum
+    /// remcsumtx remcsumrx`), as a vswitch peer does.
     fn build(
         lab_name: &str,
         fabric_netns: &str,
@@ -50,6 +53,7 @@ impl KernelNode {
         peer: &Node,
         peer_mac: &str,
         nic_checksums: bool,
+        rco: bool,
     ) -> Self {
         let node = Netns::add(&format!("{lab_name}-k{index}"));
         let pod = Netns::add(&format!("{lab_name}-k{index}p1"));
@@ -115,7 +119,7 @@ impl KernelNode {
 
         // flannel.1 as flannel makes it: VNI 1, port 8472, no learning, the node's own MAC.
         let local = k.underlay_ip();
-        let o = run_host(&[
+        let mut args = vec![
             "ip",
             "-n",
             &ns,
@@ -133,7 +137,11 @@ impl KernelNode {
             "dev",
             "ul0",
             "nolearning",
-        ]);
+        ];
+        if rco {
+            args.extend(["udpcsum", "remcsumtx", "remcsumrx"]);
+        }
+        let o = run_host(&args);
         assert!(
             o.status.success(),
             "cannot create a kernel vxlan device, so there is no flannel-style peer to test \
@@ -216,6 +224,44 @@ impl KernelNode {
     }
 }
 
+/// Tells the vswitch node `v` about the kernel node `k`, as its annotations would.
+fn add_kernel_peer(lab_name: &str, v: &Node, k: &KernelNode, rco: bool) {
+    let kname = format!("{lab_name}-k{}", k.index);
+    let (ip, cidr) = (k.underlay_ip(), k.pod_cidr());
+    let mut args = vec![
+        "peer-add",
+        &kname,
+        "--underlay-ip",
+        &ip,
+        "--vtep-mac",
+        &k.vtep_mac,
+        "--pod-cidr",
+        &cidr,
+    ];
+    if rco {
+        args.push("--remote-checksum");
+    }
+    ctl_ok(v, &args);
+}
+
+/// The kernel node's vxlan device decapsulated plenty from the vswitch node and counted no
+/// receive error.
+fn assert_kernel_vx_received(k: &KernelNode) {
+    let stats = must_in(&k.node.name, &["ip", "-s", "-j", "link", "show", "vx"]);
+    let stats: serde_json::Value =
+        serde_json::from_str(&stats).unwrap_or_else(|e| panic!("ip -s -j: {e}: {stats}"));
+    let rx = &stats[0]["stats64"]["rx"];
+    assert!(
+        rx["packets"].as_u64().unwrap_or(0) > 1000,
+        "the kernel's vx device received little from the vswitch node: {rx}"
+    );
+    assert_eq!(
+        rx["errors"].as_u64().unwrap_or(0),
+        0,
+        "the kernel's vx device counts receive errors: {rx}"
+    );
+}
+
 #[test]
 fn kernel_vxlan_node_built_like_flannel_exchanges_ping_tcp_and_udp_with_a_vswitch_node() {
     let started = Instant::now();
@@ -224,22 +270,9 @@ fn kernel_vxlan_node_built_like_flannel_exchanges_ping_tcp_and_udp_with_a_vswitc
     let vpod = lab.pod("n1-p1");
     let vmac = vtep_mac(&v);
 
-    let k = KernelNode::build(&lab.name, &lab.fabric_netns, 9, &v, &vmac, true);
+    let k = KernelNode::build(&lab.name, &lab.fabric_netns, 9, &v, &vmac, true, false);
     // The vswitch node learns the kernel node as flannel's annotations would tell it.
-    let kname = format!("{}-k9", lab.name);
-    ctl_ok(
-        &v,
-        &[
-            "peer-add",
-            &kname,
-            "--underlay-ip",
-            &k.underlay_ip(),
-            "--vtep-mac",
-            &k.vtep_mac,
-            "--pod-cidr",
-            &k.pod_cidr(),
-        ],
-    );
+    add_kernel_peer(&lab.name, &v, &k, false);
     let before = ports(&v)["underlay"]["rx_packets"].as_u64().unwrap_or(0);
 
     // Ping, both ways.
@@ -284,19 +317,7 @@ fn kernel_vxlan_node_built_like_flannel_exchanges_ping_tcp_and_udp_with_a_vswitc
         "the vswitch node refused some of the kernel's VXLAN: {drops:?}"
     );
     // And the kernel's vxlan device got ours: it counts what it decapsulated.
-    let stats = must_in(&k.node.name, &["ip", "-s", "-j", "link", "show", "vx"]);
-    let stats: serde_json::Value =
-        serde_json::from_str(&stats).unwrap_or_else(|e| panic!("ip -s -j: {e}: {stats}"));
-    let rx = &stats[0]["stats64"]["rx"];
-    assert!(
-        rx["packets"].as_u64().unwrap_or(0) > 1000,
-        "the kernel's vx device received little from the vswitch node: {rx}"
-    );
-    assert_eq!(
-        rx["errors"].as_u64().unwrap_or(0),
-        0,
-        "the kernel's vx device counts receive errors: {rx}"
-    );
+    assert_kernel_vx_received(&k);
     eprintln!("took {:.1?}", started.elapsed());
 }
 
@@ -312,22 +333,42 @@ fn kernel_vxlan_node_on_a_veth_with_checksum_offload_can_open_tcp_to_a_vswitch_p
     let v = lab.node("n1").clone();
     let vpod = lab.pod("n1-p1");
     let vmac = vtep_mac(&v);
-    let k = KernelNode::build(&lab.name, &lab.fabric_netns, 9, &v, &vmac, false);
-    let kname = format!("{}-k9", lab.name);
-    ctl_ok(
-        &v,
-        &[
-            "peer-add",
-            &kname,
-            "--underlay-ip",
-            &k.underlay_ip(),
-            "--vtep-mac",
-            &k.vtep_mac,
-            "--pod-cidr",
-            &k.pod_cidr(),
-        ],
-    );
+    let k = KernelNode::build(&lab.name, &lab.fabric_netns, 9, &v, &vmac, false, false);
+    add_kernel_peer(&lab.name, &v, &k, false);
     assert_ping(&k.pod.name, vpod.ip);
     let tcp = iperf(&k.pod.name, &vpod.netns, vpod.ip, &[]);
     assert!(iperf_sum(&tcp, "sum_received").0 > 0, "{tcp}");
+}
+
+/// Remote checksum offload against Linux's own implementation: a kernel vxlan device with
+/// `remcsumtx remcsumrx` and a vswitch node told the peer takes it exchange TCP and UDP both
+/// ways. The kernel decodes our RCO headers (it counts no receive errors and the pods' stacks
+/// accept every segment), and we decode its (no `vxlan_bad_rco` drops). The kernel's own
+/// RCO frames arrive partial, so this also passes where the plain kernel peer above needs its
+/// "NIC" to finish checksums.
+#[test]
+fn remote_checksum_offload_interoperates_with_a_kernel_vxlan_device() {
+    let lab = lab("fr", 1, 1);
+    let v = lab.node("n1").clone();
+    let vpod = lab.pod("n1-p1");
+    let vmac = vtep_mac(&v);
+    let k = KernelNode::build(&lab.name, &lab.fabric_netns, 9, &v, &vmac, false, true);
+    add_kernel_peer(&lab.name, &v, &k, true);
+    let peers = ctl_ok(&v, &["--json", "peers"]);
+    assert!(peers.contains("\"remote_checksum\": true"), "{peers}");
+    let kpod = k.pod.name.clone();
+    let kip = k.pod_ip();
+    assert_ping(&kpod, vpod.ip);
+    let tcp = iperf(&kpod, &vpod.netns, vpod.ip, &["--bidir"]);
+    assert_tcp_bidir(&tcp, "kernel pod <-> vswitch pod (RCO)", TCP_FLOOR_MBPS);
+    let tcp = iperf(&vpod.netns, &kpod, &kip, &["--bidir"]);
+    assert_tcp_bidir(&tcp, "vswitch pod <-> kernel pod (RCO)", TCP_FLOOR_MBPS);
+    let udp = iperf(&vpod.netns, &kpod, &kip, &["-u", "-b", "50M", "--bidir"]);
+    assert_udp_bidir(&udp, "vswitch pod <-> kernel pod (RCO)", 5.0);
+    let drops = underlay_drops(&v);
+    assert!(
+        drops.keys().all(|r| !r.starts_with("vxlan_")),
+        "the vswitch node refused some of the kernel's RCO VXLAN: {drops:?}"
+    );
+    assert_kernel_vx_received(&k);
 }

@@ -38,11 +38,11 @@ use proptest::strategy::ValueTree;
 use proptest::test_runner::TestRunner;
 
 use vswitch::datapath::gro::Gro;
-use vswitch::datapath::segment::segment_tcp4;
+use vswitch::datapath::segment::{segment_tcp4, Csum};
 use vswitch::pipeline::tables::{host_mac_for, mac_for};
 use vswitch::pipeline::{
-    decap, encap_header, handle, handle_underlay, Action, Conntrack, CtConfig, Ctx, DropReason,
-    Meta, PortEntry, PortId, ServiceTable, Tables,
+    decap, encap_for, handle, handle_underlay, Action, Conntrack, CtConfig, Ctx, DropReason, Meta,
+    PortEntry, PortId, ServiceTable, Tables,
 };
 use vswitch::wire::{virtio, EthernetAddress, EthernetFrame, Ipv4Packet, VirtioNetHdr};
 
@@ -215,6 +215,8 @@ fn tables(random_lb: bool) -> &'static Tables {
                         underlay: IpAddr::V4(PEER_UNDERLAY[k]),
                         vtep_mac: vtep(PEER_UNDERLAY[k]),
                         pod_cidrs: vec![format!("10.244.{}.0/24", k + 2).parse().unwrap()],
+                        // One vswitch peer (RCO) and one kernel peer.
+                        remote_csum: k == 0,
                     })
                     .collect(),
             )
@@ -836,10 +838,12 @@ fn run_pod_frame(
                 }
             }
             // What the worker does next: segment a super-frame, or finish its checksum.
-            let prefix = encap_header(t);
+            let (prefix, partial) = encap_for(t, peer, vnet, &frame);
+            prop_assert!(!partial || peer.remote_csum);
+            let csum = if partial { Csum::Partial } else { Csum::Full };
             if vnet.is_gso() {
                 let mut seg = vec![0u8; SEG_BUF];
-                if let Ok(s) = segment_tcp4(&frame, vnet, &prefix, &mut seg) {
+                if let Ok(s) = segment_tcp4(&frame, vnet, &prefix, csum, &mut seg) {
                     prop_assert!(s.total <= seg.len() && s.count >= 1);
                     for i in 0..s.count {
                         let r = s.range(i);
@@ -851,7 +855,7 @@ fn run_pod_frame(
                         prop_assert!(ip.total_len() <= t.overlay_mtu);
                     }
                 }
-            } else {
+            } else if !partial {
                 let _ = virtio::finish_checksum(vnet, &mut frame);
             }
         }
@@ -919,7 +923,8 @@ enum Inner {
 struct Datagram {
     /// 0, 1: the peers; 2: us; 3: a stranger.
     from: usize,
-    /// 0: valid (flags 0x08, VNI 1); 1: wrong VNI; 2: flags without I; 3: random header.
+    /// 0: valid (flags 0x08, VNI 1); 1: wrong VNI; 2: flags without I; 3: random header;
+    /// 4, 5: valid with remote checksum offload for TCP, for UDP (checksum start 34).
     header: (u8, [u8; 8]),
     inner: Inner,
     mutation: Mutation,
@@ -950,7 +955,8 @@ fn any_datagram() -> BoxedStrategy<Datagram> {
     (
         prop_oneof![8 => 0usize..2, 1 => Just(2usize), 1 => Just(3usize)],
         (
-            prop_oneof![8 => Just(0u8), 1 => Just(1u8), 1 => Just(2u8), 1 => Just(3u8)],
+            prop_oneof![8 => Just(0u8), 1 => Just(1u8), 1 => Just(2u8), 1 => Just(3u8),
+                        4 => Just(4u8), 2 => Just(5u8)],
             any::<[u8; 8]>(),
         ),
         any_inner(),
@@ -980,6 +986,8 @@ fn datagram_bytes(d: &Datagram) -> Vec<u8> {
         0 => vec![0x08, 0, 0, 0, 0, 0, 1, 0],
         1 => vec![0x08, 0, 0, 0, 0, 0, 2, 0],
         2 => vec![0x00, 0, 0, 0, 0, 0, 1, 0],
+        4 => vec![0x08, 0x20, 0, 0, 0, 0, 1, 17],
+        5 => vec![0x08, 0x20, 0, 0, 0, 0, 1, 0x80 | 17],
         _ => d.header.1.to_vec(),
     };
     let peer_mac = match d.from {
@@ -1071,7 +1079,7 @@ fn run_underlay_batch(
         emitted.push((out.port, out.parts.len(), ok));
     };
     for (from, r) in &ranges {
-        let peer = match decap(t, *from, &rbuf[r.clone()]) {
+        let (peer, rco) = match decap(t, *from, &rbuf[r.clone()]) {
             Ok(p) => p,
             Err(reason) => {
                 prop_assert!(matches!(
@@ -1098,7 +1106,7 @@ fn run_underlay_batch(
             now_ms,
             trace: None,
         };
-        let action = handle_underlay(&mut cx, peer, &mut rbuf[inner.clone()]);
+        let action = handle_underlay(&mut cx, peer, &mut rbuf[inner.clone()], rco);
         prop_assert!(ct.len() <= CT_MAX);
         match action {
             Action::ToPort(id) => {
@@ -1120,7 +1128,7 @@ fn run_underlay_batch(
                 );
                 prop_assert!(ip.dst_addr() == out.ip);
                 delivered += 1;
-                gro.push(&mut rbuf, id, true, inner, &mut emit);
+                gro.push(&mut rbuf, id, true, inner, rco, &mut emit);
             }
             Action::Drop(r) => prop_assert!(DropReason::ALL.contains(&r)),
             other => prop_assert!(
@@ -1399,6 +1407,7 @@ fn the_generators_reach_every_outcome() {
         "underlay drop vxlan_wrong_dst_mac",
         "underlay drop vxlan_not_ipv4",
         "underlay drop vxlan_malformed",
+        "underlay drop vxlan_bad_rco",
     ];
     let missing: Vec<&str> = want
         .iter()

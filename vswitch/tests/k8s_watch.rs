@@ -57,6 +57,7 @@ fn peer(name: &str, ip: &str, mac: &str, cidrs: &[&str]) -> PeerSpec {
         underlay_ip: ip.parse().unwrap(),
         vtep_mac: mac.into(),
         pod_cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
+        remote_checksum: false,
     }
 }
 
@@ -218,7 +219,7 @@ fn our_annotations_are_read_back_by_vswitch_and_flannel_readers() {
     );
     assert_eq!(
         want[convert::VTEP_ANNOTATION],
-        r#"{"underlay_ip":"172.18.0.2","vtep_mac":"0e:58:ac:12:00:02"}"#
+        r#"{"underlay_ip":"172.18.0.2","vtep_mac":"0e:58:ac:12:00:02","remote_checksum":true}"#
     );
     assert_eq!(
         want[convert::FLANNEL_BACKEND_DATA],
@@ -240,8 +241,14 @@ fn our_annotations_are_read_back_by_vswitch_and_flannel_readers() {
         "0e:58:ac:12:00:02",
         &["10.244.0.0/24"],
     );
-    assert_eq!(convert::node_peer(&node), Ok(Some(me.clone())));
-    // A reader that knows only flannel's annotations (a flannel node) sees the same VTEP.
+    // Another vswitch reads that we take remote checksum offload.
+    let rco = PeerSpec {
+        remote_checksum: true,
+        ..me.clone()
+    };
+    assert_eq!(convert::node_peer(&node), Ok(Some(rco)));
+    // A reader that knows only flannel's annotations (a flannel node) sees the same VTEP,
+    // and never RCO: a flannel node's kernel vxlan device drops it.
     if let Some(a) = node.metadata.annotations.as_mut() {
         a.remove(convert::VTEP_ANNOTATION);
     }
@@ -743,7 +750,7 @@ async fn watch_replays_bookmarks_410_gone_and_relist() {
     assert_eq!(
         patch,
         json!({"metadata": {"annotations": {
-            "vswitch.io/vtep": "{\"underlay_ip\":\"172.18.0.2\",\"vtep_mac\":\"0e:58:ac:12:00:02\"}",
+            "vswitch.io/vtep": "{\"underlay_ip\":\"172.18.0.2\",\"vtep_mac\":\"0e:58:ac:12:00:02\",\"remote_checksum\":true}",
             "flannel.alpha.coreos.com/backend-data": "{\"VNI\":1,\"VtepMAC\":\"0e:58:ac:12:00:02\"}",
             "flannel.alpha.coreos.com/backend-type": "vxlan",
             "flannel.alpha.coreos.com/kube-subnet-manager": "true",

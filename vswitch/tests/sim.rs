@@ -5,17 +5,22 @@
 //! of datagrams. It checks the overlay's decisions end to end: routing to the right node,
 //! encapsulation and decapsulation, super-frames cut to the path, the checks on what arrives
 //! from the underlay, and path-MTU signalling.
+//!
+//! Peers take VXLAN remote checksum offload (as vswitch nodes do) unless a test builds the
+//! mesh with [`Sim::with_rco`] false (as toward a flannel node). A frame delivered with a
+//! partial checksum is finished the way the pod's stack would (NEEDS_CSUM), so the tests' own
+//! checksum checks see what the pod's application would.
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr};
 
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use overlay::{Peer, PeerTable};
-use vswitch::datapath::segment::segment_tcp4;
+use vswitch::datapath::segment::{segment_tcp4, Csum};
 use vswitch::pipeline::tables::mac_for;
 use vswitch::pipeline::{
-    decap, encap_header, handle, handle_underlay, Action, Conntrack, CtConfig, Ctx, DropReason,
-    Meta, PortEntry, PortId, Tables,
+    decap, encap_for, encap_header, handle, handle_underlay, Action, Conntrack, CtConfig, Ctx,
+    DropReason, Meta, PortEntry, PortId, Tables,
 };
 use vswitch::wire::{virtio, EthernetAddress, Ipv4Packet, VirtioNetHdr};
 
@@ -74,6 +79,11 @@ fn pod(i: usize, j: u8) -> Ipv4Addr {
 impl Sim {
     /// `n` nodes in a full mesh, each with `pods` pods on ports 1..=pods.
     fn new(n: usize, pods: u8) -> Sim {
+        Sim::with_rco(n, pods, true)
+    }
+
+    /// [`Sim::new`], with peers that take remote checksum offload or not.
+    fn with_rco(n: usize, pods: u8, rco: bool) -> Sim {
         let nodes = (0..n)
             .map(|i| {
                 let peers = (0..n)
@@ -83,6 +93,7 @@ impl Sim {
                         underlay: underlay_of(k),
                         vtep_mac: vtep_of(k),
                         pod_cidrs: vec![cidr_of(k)],
+                        remote_csum: rco,
                     })
                     .collect();
                 let mut t = Tables::new(cidr_of(i), gw_of(i), mac_for(gw_of(i))).with_ports(
@@ -150,18 +161,22 @@ impl Sim {
             Action::Drop(reason) => self.events.push(Event::Dropped { node, reason }),
             Action::Dns => panic!("the simulated nodes do not answer DNS"),
             Action::ToPeer(id) => {
-                let peer = t.peers.get(id).unwrap().underlay;
-                let prefix = encap_header(t);
+                let peer = t.peers.get(id).unwrap();
+                let (prefix, partial) = encap_for(t, peer, &vnet, &frame);
+                let csum = if partial { Csum::Partial } else { Csum::Full };
+                let peer = peer.underlay;
                 let from = self.nodes[node].underlay;
                 if vnet.is_gso() {
                     let mut out = vec![0u8; 200_000];
-                    let segs = segment_tcp4(&frame, &vnet, &prefix, &mut out).unwrap();
+                    let segs = segment_tcp4(&frame, &vnet, &prefix, csum, &mut out).unwrap();
                     for i in 0..segs.count {
                         self.wire
                             .push_back((from, peer, out[segs.range(i)].to_vec()));
                     }
                 } else {
-                    virtio::finish_checksum(&vnet, &mut frame).unwrap();
+                    if !partial {
+                        virtio::finish_checksum(&vnet, &mut frame).unwrap();
+                    }
                     let mut d = prefix.to_vec();
                     d.extend_from_slice(&frame);
                     self.wire.push_back((from, peer, d));
@@ -185,7 +200,7 @@ impl Sim {
             };
             let n = &mut self.nodes[node];
             let t = &n.tables;
-            let peer = match decap(t, from, &d) {
+            let (peer, rco) = match decap(t, from, &d) {
                 Ok(p) => p,
                 Err(reason) => {
                     self.events.push(Event::Dropped { node, reason });
@@ -199,12 +214,24 @@ impl Sim {
                 now_ms: self.now_ms,
                 trace: None,
             };
-            match handle_underlay(&mut cx, peer, &mut inner) {
-                Action::ToPort(p) => self.events.push(Event::Delivered {
-                    node,
-                    port: p,
-                    frame: inner,
-                }),
+            match handle_underlay(&mut cx, peer, &mut inner, rco) {
+                Action::ToPort(p) => {
+                    if let Some(r) = rco {
+                        // What the pod's stack does with a NEEDS_CSUM frame.
+                        let hdr = VirtioNetHdr {
+                            flags: VirtioNetHdr::F_NEEDS_CSUM,
+                            csum_start: r.start,
+                            csum_offset: r.offset,
+                            ..VirtioNetHdr::NONE
+                        };
+                        virtio::finish_checksum(&hdr, &mut inner).unwrap();
+                    }
+                    self.events.push(Event::Delivered {
+                        node,
+                        port: p,
+                        frame: inner,
+                    })
+                }
                 Action::Drop(reason) => self.events.push(Event::Dropped { node, reason }),
                 other => panic!("underlay frames are only delivered or dropped, got {other:?}"),
             }
@@ -304,7 +331,18 @@ fn the_reply_finds_its_way_back() {
 
 #[test]
 fn a_tso_super_frame_crosses_as_mtu_sized_segments() {
-    let mut sim = Sim::new(2, 1);
+    tso_super_frame_crosses(true);
+}
+
+#[test]
+fn a_tso_super_frame_crosses_with_full_checksums_to_a_peer_without_rco() {
+    tso_super_frame_crosses(false);
+}
+
+/// A 20 KB super-frame crosses whole and intact. With RCO every datagram says so and carries
+/// its segment's pseudo-header sum; without, a full checksum and no RCO flag.
+fn tso_super_frame_crosses(rco: bool) {
+    let mut sim = Sim::with_rco(2, 1, rco);
     let payload: Vec<u8> = (0..20_000u32).map(|i| (i * 7 % 256) as u8).collect();
     let b = PacketBuilder::ethernet2(mac_for(pod(0, 1)).0, mac_for(gw_of(0)).0)
         .ipv4(pod(0, 1).octets(), pod(1, 1).octets(), 64)
@@ -357,6 +395,117 @@ fn a_tso_super_frame_crosses_as_mtu_sized_segments() {
     assert_eq!(got, payload);
     for (_, _, d) in &sim.sent {
         assert!(d.len() - 8 - 14 <= 1450);
+        let h = overlay::vxlan::VxlanHeader::new_checked(&d[..]).unwrap();
+        let pseudo = vswitch::wire::checksum::fold(vswitch::wire::checksum::pseudo_header_v4(
+            pod(0, 1),
+            pod(1, 1),
+            6,
+            (d.len() - 8 - 34) as u16,
+        ));
+        let on_wire = u16::from_be_bytes([d[8 + 34 + 16], d[8 + 34 + 17]]);
+        if rco {
+            assert_eq!(
+                h.rco(),
+                Some(overlay::vxlan::Rco {
+                    start: 34,
+                    offset: 16
+                })
+            );
+            assert_eq!(on_wire, pseudo, "a partial checksum on the wire");
+        } else {
+            assert_eq!(h.rco(), None);
+            assert_ne!(on_wire, pseudo, "a full checksum on the wire");
+        }
+    }
+}
+
+/// A pod's single frame with an offloaded checksum (NEEDS_CSUM) to a remote backend of a
+/// Service, and the backend's answer the same way: both cross partial (RCO), are translated on
+/// the way with the partial sum patched, and arrive with checksums the pods' stacks accept.
+#[test]
+fn offloaded_checksums_cross_partial_and_survive_translation_both_ways() {
+    let mut sim = Sim::new(2, 1);
+    sim.set_services(
+        &[service(&[pod(1, 1)], Protocol::Tcp, None)],
+        LoadBalancing::Maglev,
+    );
+    let offloaded = |mut f: Vec<u8>, src: Ipv4Addr, dst: Ipv4Addr| {
+        let pseudo = vswitch::wire::checksum::fold(vswitch::wire::checksum::pseudo_header_v4(
+            src,
+            dst,
+            6,
+            (f.len() - 34) as u16,
+        ));
+        f[34 + 16..34 + 18].copy_from_slice(&pseudo.to_be_bytes());
+        let vnet = VirtioNetHdr {
+            flags: VirtioNetHdr::F_NEEDS_CSUM,
+            csum_start: 34,
+            csum_offset: 16,
+            ..VirtioNetHdr::NONE
+        };
+        (f, vnet)
+    };
+    let client = pod(0, 1);
+    let (f, vnet) = offloaded(
+        tcp_frame(0, (client, 1234), (VIP, 80), true, None),
+        client,
+        VIP,
+    );
+    sim.pod_send(0, 1, f, vnet);
+    let (node, port, frame) = delivered(&sim.take());
+    assert_eq!((node, port), (1, 1));
+    assert_eq!(addrs(&frame), ((client, 1234), (pod(1, 1), 8080)));
+    let d = &sim.sent.last().unwrap().2;
+    assert!(overlay::vxlan::VxlanHeader::new_checked(&d[..])
+        .unwrap()
+        .rco()
+        .is_some());
+    let (f, vnet) = offloaded(
+        tcp_frame(1, (pod(1, 1), 8080), (client, 1234), false, None),
+        pod(1, 1),
+        client,
+    );
+    sim.pod_send(1, 1, f, vnet);
+    let (node, port, frame) = delivered(&sim.take());
+    assert_eq!((node, port), (0, 1));
+    assert_eq!(addrs(&frame), ((VIP, 80), (client, 1234)));
+}
+
+/// An RCO header must point at the inner frame's TCP/UDP checksum: anywhere else and the pod
+/// would be told to trust bytes nobody checked, so the frame is dropped and counted.
+#[test]
+fn rco_pointing_anywhere_but_the_l4_checksum_is_dropped() {
+    let mut sim = Sim::new(2, 1);
+    let mut inner = tcp_frame(1, (pod(1, 1), 8080), (pod(0, 1), 1234), false, None);
+    inner[..6].copy_from_slice(&vtep_of(0));
+    inner[6..12].copy_from_slice(&vtep_of(1));
+    for (start, offset, ok) in [
+        (34, 16, true),
+        (34, 6, false),
+        (36, 16, false),
+        (14, 16, false),
+    ] {
+        let mut h = [0u8; 8];
+        let rco = overlay::vxlan::Rco { start, offset };
+        overlay::vxlan::emit_header_rco(&mut h, 1, rco).unwrap();
+        let mut d = h.to_vec();
+        d.extend_from_slice(&inner);
+        sim.inject(underlay_of(1), underlay_of(0), d);
+        let ev = sim.take();
+        if ok {
+            assert!(
+                matches!(ev[..], [Event::Delivered { node: 0, .. }]),
+                "{ev:?}"
+            );
+        } else {
+            assert_eq!(
+                ev,
+                [Event::Dropped {
+                    node: 0,
+                    reason: DropReason::VxlanBadRco
+                }]
+            );
+        }
     }
 }
 

@@ -32,6 +32,8 @@ pub(crate) fn daemon_config(node: &Node, all: &[Node]) -> Config {
             underlay_ip: n.underlay_ip.into(),
             vtep_mac: mac(n.underlay_ip.into()),
             pod_cidrs: vec![n.pod_cidr],
+            // Every lab node is a vswitch.
+            remote_checksum: true,
         })
         .collect();
     Config {

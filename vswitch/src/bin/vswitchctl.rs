@@ -46,6 +46,10 @@ enum Cmd {
         /// Pod CIDRs routed to it (repeat for more).
         #[arg(long = "pod-cidr", required = true)]
         pod_cidrs: Vec<ipnet::Ipv4Net>,
+        /// The peer takes VXLAN remote checksum offload (another vswitch, or Linux VXLAN with
+        /// remcsumrx): inner checksums are sent partial.
+        #[arg(long)]
+        remote_checksum: bool,
     },
     /// Remove a peer node.
     PeerDel { name: String },
@@ -148,6 +152,7 @@ fn main() -> ExitCode {
             underlay_ip,
             vtep_mac,
             pod_cidrs,
+            remote_checksum,
         } => client
             .post::<_, PeersResponse>(
                 api::PATH_PEERS,
@@ -156,6 +161,7 @@ fn main() -> ExitCode {
                     underlay_ip,
                     vtep_mac,
                     pod_cidrs,
+                    remote_checksum,
                 },
             )
             .map(|r| print_peers(&r, args.json)),
@@ -279,16 +285,17 @@ fn print_peers(r: &PeersResponse, json: bool) {
         None => println!("overlay: off (no overlay.underlay_ip)"),
     }
     println!(
-        "{:<24} {:<16} {:<18} POD CIDRS",
-        "PEER", "UNDERLAY", "VTEP MAC"
+        "{:<24} {:<16} {:<18} {:<4} POD CIDRS",
+        "PEER", "UNDERLAY", "VTEP MAC", "RCO"
     );
     for p in &r.peers {
         let cidrs: Vec<String> = p.pod_cidrs.iter().map(|c| c.to_string()).collect();
         println!(
-            "{:<24} {:<16} {:<18} {}",
+            "{:<24} {:<16} {:<18} {:<4} {}",
             p.name,
             p.underlay_ip,
             p.vtep_mac,
+            if p.remote_checksum { "yes" } else { "no" },
             cidrs.join(",")
         );
     }

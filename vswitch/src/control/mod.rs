@@ -1011,6 +1011,7 @@ fn peer_table(specs: &[PeerSpec]) -> Result<PeerTable, ApiError> {
             underlay: p.underlay_ip,
             vtep_mac,
             pod_cidrs: p.pod_cidrs.clone(),
+            remote_csum: p.remote_checksum,
         });
     }
     PeerTable::new(peers).map_err(|e| api_err(code::INVALID_NETCONF, e.to_string(), ""))

@@ -140,7 +140,7 @@ pub fn run(
                 peer.name, peer.underlay
             ));
         }
-        pipeline::handle_underlay(&mut cx, id as u32, &mut f)
+        pipeline::handle_underlay(&mut cx, id as u32, &mut f, None)
     } else {
         let id = match (&req.pod, req.port) {
             (Some(p), _) => {

@@ -13,6 +13,10 @@
 //! super-frame carries only a partial checksum and the pod's stack will not check it again; a
 //! segment that fails is passed on alone for the kernel to judge.
 //!
+//! A segment whose sender left its checksum partial (VXLAN remote checksum offload) is not
+//! summed here: the outer UDP checksum, which the kernel verified, covered it. It merges like
+//! the others, and alone it goes to the pod marked NEEDS_CSUM, as a pod's own frames come.
+//!
 //! UDP datagrams of one flow merge the same way into a UDP super-frame (GSO_UDP_L4) when the
 //! pod's TAP takes those (USO): every datagram but the last of the same size, so the pod's
 //! stack cuts them back exactly as they were sent, and each checksum verified first. A stream
@@ -26,6 +30,7 @@ use crate::wire::VirtioNetHdr;
 use crate::wire::{
     checksum, EtherType, EthernetFrame, IpProtocol, Ipv4Packet, TcpFlags, TcpPacket, UdpPacket,
 };
+use overlay::vxlan::Rco;
 
 /// Most segments merged into one super-frame (each one iovec).
 pub const MAX_SEGS: usize = 64;
@@ -63,6 +68,8 @@ struct Pending {
     /// The last segment was shorter than the MSS or had PSH: nothing may follow.
     closed: bool,
     psh: bool,
+    /// The first segment's checksum is partial, here (when it ends up alone).
+    rco: Option<Rco>,
 }
 
 /// Coalesces frames of one receive batch. Feed frames in order with [`Gro::push`]; call
@@ -91,7 +98,22 @@ struct Seg {
     psh: bool,
 }
 
-fn classify(buf: &[u8], frame: &Range<usize>, uso: bool) -> Option<Seg> {
+/// The virtio-net header of a frame passed on alone: its checksum finished or, if partial,
+/// where the pod's stack finds it.
+fn single(rco: Option<Rco>) -> VirtioNetHdr {
+    match rco {
+        None => VirtioNetHdr::NONE,
+        Some(r) => VirtioNetHdr {
+            flags: VirtioNetHdr::F_NEEDS_CSUM,
+            csum_start: r.start,
+            csum_offset: r.offset,
+            ..VirtioNetHdr::NONE
+        },
+    }
+}
+
+/// `partial`: the checksum is known good without summing (RCO), so it is not verified.
+fn classify(buf: &[u8], frame: &Range<usize>, uso: bool, partial: bool) -> Option<Seg> {
     let f = buf.get(frame.clone())?;
     let eth = EthernetFrame::new_checked(f).ok()?;
     if eth.ethertype() != EtherType::IPV4 {
@@ -106,7 +128,7 @@ fn classify(buf: &[u8], frame: &Range<usize>, uso: bool) -> Option<Seg> {
         let udp = UdpPacket::new_checked(ip.payload()).ok()?;
         let start = frame.start + ETH + ihl + 8;
         let end = frame.start + ETH + ihl + udp.len() as usize;
-        if start >= end || !udp.verify_checksum(ip.src_addr(), ip.dst_addr()) {
+        if start >= end || !(partial || udp.verify_checksum(ip.src_addr(), ip.dst_addr())) {
             return None;
         }
         return Some(Seg {
@@ -141,7 +163,7 @@ fn classify(buf: &[u8], frame: &Range<usize>, uso: bool) -> Option<Seg> {
         return None;
     }
     // The checksum must be right before the segment loses it.
-    if !tcp.verify_checksum(ip.src_addr(), ip.dst_addr()) {
+    if !partial && !tcp.verify_checksum(ip.src_addr(), ip.dst_addr()) {
         return None;
     }
     Some(Seg {
@@ -174,17 +196,19 @@ fn same_options(
 
 impl Gro {
     /// Offers a frame (a byte range of `buf`) destined to `port`; `uso` says whether the port
-    /// takes UDP super-frames. Frames that cannot be merged are emitted at once (after whatever
-    /// was pending) through `emit`.
+    /// takes UDP super-frames, `rco` where the frame's checksum is if its sender left it
+    /// partial. Frames that cannot be merged are emitted at once (after whatever was pending)
+    /// through `emit`.
     pub fn push(
         &mut self,
         buf: &mut [u8],
         port: PortId,
         uso: bool,
         frame: Range<usize>,
+        rco: Option<Rco>,
         emit: &mut impl FnMut(&[u8], Out<'_>),
     ) {
-        let seg = classify(buf, &frame, uso);
+        let seg = classify(buf, &frame, uso, rco.is_some());
         if let (Some(p), Some(s)) = (&mut self.pending, &seg) {
             let len = s.payload.len();
             let f = &s.flow;
@@ -228,6 +252,7 @@ impl Gro {
                     payload: len,
                     closed: false,
                     psh: false,
+                    rco,
                 });
                 // Up to the end of the L4 payload: never an Ethernet pad into the middle of the
                 // merged payload.
@@ -240,7 +265,7 @@ impl Gro {
                     buf,
                     Out {
                         port,
-                        hdr: VirtioNetHdr::NONE,
+                        hdr: single(rco),
                         parts: &self.parts[..1],
                     },
                 );
@@ -260,7 +285,7 @@ impl Gro {
                 buf,
                 Out {
                     port: p.port,
-                    hdr: VirtioNetHdr::NONE,
+                    hdr: single(p.rco),
                     parts: &self.parts[..1],
                 },
             );
@@ -325,7 +350,7 @@ impl Gro {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::datapath::segment::segment_tcp4;
+    use crate::datapath::segment::{segment_tcp4, Csum};
     use etherparse::PacketBuilder;
 
     fn super_frame(len: usize, psh: bool) -> Vec<u8> {
@@ -358,7 +383,7 @@ mod tests {
         let mut ranges = Vec::new();
         for f in frames {
             let mut out = vec![0u8; 200_000];
-            let s = segment_tcp4(f, &VNET, &[], &mut out).unwrap();
+            let s = segment_tcp4(f, &VNET, &[], Csum::Full, &mut out).unwrap();
             for i in 0..s.count {
                 let r = s.range(i);
                 let start = buf.len();
@@ -408,17 +433,78 @@ mod tests {
         // A corrupt segment is passed on alone, unmerged.
         let orig = super_frame(3000, false);
         let mut out = vec![0u8; 20_000];
-        let s = segment_tcp4(&orig, &VNET, &[], &mut out).unwrap();
+        let s = segment_tcp4(&orig, &VNET, &[], Csum::Full, &mut out).unwrap();
         let mut buf = out[..s.total].to_vec();
         buf[s.range(1).start + 60] ^= 0xff;
         let mut n = Vec::new();
         let mut gro = Gro::default();
         let mut emit = |_: &[u8], o: Out<'_>| n.push((o.hdr.gso_type, o.parts.len()));
         for i in 0..s.count {
-            gro.push(&mut buf, 1, false, s.range(i), &mut emit);
+            gro.push(&mut buf, 1, false, s.range(i), None, &mut emit);
         }
         gro.flush(&mut buf, &mut emit);
         assert_eq!(n, vec![(0, 1), (0, 1), (0, 1)]);
+    }
+
+    /// Segments cut with partial checksums (RCO) merge without being summed into the same
+    /// super-frame, and a lone one goes out NEEDS_CSUM, so the pod's stack finishes it.
+    #[test]
+    fn partial_segments_merge_unsummed_and_a_lone_one_is_marked_needs_csum() {
+        let rco = Some(Rco {
+            start: 34,
+            offset: 16,
+        });
+        let orig = super_frame(3500, true);
+        let mut out = vec![0u8; 20_000];
+        let s = segment_tcp4(&orig, &VNET, &[], Csum::Partial, &mut out).unwrap();
+        let mut buf = out[..s.total].to_vec();
+        let mut got = Vec::new();
+        let mut gro = Gro::default();
+        let mut emit = |b: &[u8], o: Out<'_>| {
+            let f: Vec<u8> = o.parts.iter().flat_map(|r| b[r.clone()].to_vec()).collect();
+            got.push((o.hdr, f));
+        };
+        for i in 0..s.count {
+            gro.push(&mut buf, 1, false, s.range(i), rco, &mut emit);
+        }
+        gro.flush(&mut buf, &mut emit);
+        assert_eq!(got.len(), 1, "partial segments merge like checked ones");
+        let (hdr, frame) = &got[0];
+        assert_eq!(
+            (hdr.gso_type, hdr.gso_size),
+            (VirtioNetHdr::GSO_TCPV4, 1000)
+        );
+        assert_eq!(frame[54..], orig[54..]);
+        // A lone partial segment: NEEDS_CSUM at the TCP checksum; finished, it is valid.
+        let mut one = out[s.range(0)].to_vec();
+        let len = one.len();
+        let mut lone = Vec::new();
+        gro.push(&mut one, 2, false, 0..len, rco, &mut |b, o| {
+            lone.push((o.hdr, b[o.parts[0].clone()].to_vec()))
+        });
+        gro.flush(&mut one, &mut |b, o| {
+            lone.push((o.hdr, b[o.parts[0].clone()].to_vec()))
+        });
+        let [(hdr, f)] = &lone[..] else {
+            panic!("{} frames", lone.len())
+        };
+        assert_eq!(
+            (hdr.flags, hdr.gso_type, hdr.csum_start, hdr.csum_offset),
+            (VirtioNetHdr::F_NEEDS_CSUM, VirtioNetHdr::GSO_NONE, 34, 16)
+        );
+        let mut f = f.clone();
+        crate::wire::virtio::finish_checksum(hdr, &mut f).unwrap();
+        let ip = Ipv4Packet::new_checked(&f[14..]).unwrap();
+        let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
+        assert!(tcp.verify_checksum(ip.src_addr(), ip.dst_addr()));
+        // Without RCO the same partial segment fails the check and is passed on as it is.
+        let mut one = out[s.range(0)].to_vec();
+        let mut plain = Vec::new();
+        gro.push(&mut one, 2, false, 0..len, None, &mut |_, o| {
+            plain.push(o.hdr)
+        });
+        gro.flush(&mut one, &mut |_, o| plain.push(o.hdr));
+        assert_eq!(plain, vec![VirtioNetHdr::NONE]);
     }
 
     #[test]
@@ -432,7 +518,7 @@ mod tests {
         let mut n = 0;
         let mut gro = Gro::default();
         let len = buf.len();
-        gro.push(&mut buf, 3, false, 0..len, &mut |_, o| {
+        gro.push(&mut buf, 3, false, 0..len, None, &mut |_, o| {
             assert_eq!(o.port, 3);
             assert_eq!(o.hdr, VirtioNetHdr::NONE);
             n += 1;
@@ -474,7 +560,7 @@ mod tests {
             got.push((o.hdr, f));
         };
         for r in ranges {
-            gro.push(buf, 1, uso, r.clone(), &mut emit);
+            gro.push(buf, 1, uso, r.clone(), None, &mut emit);
         }
         gro.flush(buf, &mut emit);
         got
@@ -494,7 +580,8 @@ mod tests {
         assert!(ip.verify_checksum());
         // Cut again as the pod's stack does: the same datagrams, checksums valid.
         let mut out = vec![0u8; 20_000];
-        let s = crate::datapath::segment::segment_udp4(frame, hdr, &[], &mut out).unwrap();
+        let s =
+            crate::datapath::segment::segment_udp4(frame, hdr, &[], Csum::Full, &mut out).unwrap();
         assert_eq!(s.count, 11);
         for k in 0..s.count {
             let seg = &out[s.range(k)];

@@ -777,7 +777,7 @@ impl Worker {
                     };
                     let frame = &mut self.buf[VNET_HDR_LEN..n];
                     let hash = flow_hash(frame);
-                    let prefix = pipeline::encap_header(tables);
+                    let (prefix, partial) = pipeline::encap_for(tables, peer, &vnet, frame);
                     let ends = (u.source_for(hash), SocketAddr::new(peer.underlay, u.port));
                     if vnet.is_gso() {
                         // Keep the flow's order: what is batched goes first.
@@ -790,7 +790,12 @@ impl Worker {
                         } else {
                             segment::segment_tcp4
                         };
-                        let segs = match cut(frame, &vnet, &prefix, &mut self.seg) {
+                        let csum = if partial {
+                            segment::Csum::Partial
+                        } else {
+                            segment::Csum::Full
+                        };
+                        let segs = match cut(frame, &vnet, &prefix, csum, &mut self.seg) {
                             Ok(s) => s,
                             Err(_) => {
                                 stats.count_drop(DropReason::Malformed);
@@ -806,7 +811,8 @@ impl Worker {
                             Err(_) => stats.count_drop(DropReason::TxError),
                         }
                     } else {
-                        if virtio::finish_checksum(&vnet, frame).is_err() {
+                        // A checksum the peer finishes (RCO) stays partial.
+                        if !partial && virtio::finish_checksum(&vnet, frame).is_err() {
                             stats.count_drop(DropReason::Malformed);
                             continue;
                         }
@@ -976,13 +982,14 @@ impl Worker {
                     if let Some(c) = cap {
                         c.overlay_outer(true, m.addr, u.local_addr(), &self.rbuf[d.clone()]);
                     }
-                    let peer = match pipeline::decap(tables, m.addr.ip(), &self.rbuf[d.clone()]) {
-                        Ok(p) => p,
-                        Err(reason) => {
-                            stats.count_drop(reason);
-                            continue;
-                        }
-                    };
+                    let (peer, rco) =
+                        match pipeline::decap(tables, m.addr.ip(), &self.rbuf[d.clone()]) {
+                            Ok(p) => p,
+                            Err(reason) => {
+                                stats.count_drop(reason);
+                                continue;
+                            }
+                        };
                     let inner = d.start + vxlan::HEADER_LEN..d.end;
                     let nat = cap.and_then(|c| {
                         c.overlay_inner(true, &self.rbuf[inner.clone()]);
@@ -994,15 +1001,19 @@ impl Worker {
                         now_ms: now,
                         trace: None,
                     };
-                    let action =
-                        pipeline::handle_underlay(&mut cx, peer, &mut self.rbuf[inner.clone()]);
+                    let action = pipeline::handle_underlay(
+                        &mut cx,
+                        peer,
+                        &mut self.rbuf[inner.clone()],
+                        rco,
+                    );
                     if let (Some(c), Some(s), Action::ToPort(_)) = (cap, &nat, action) {
                         c.nat(s, &self.rbuf[inner.clone()]);
                     }
                     match action {
                         Action::ToPort(out) => {
                             let uso = ports.get(&out).is_some_and(|p| p.tx().uso());
-                            gro.push(&mut self.rbuf, out, uso, inner, &mut emit)
+                            gro.push(&mut self.rbuf, out, uso, inner, rco, &mut emit)
                         }
                         Action::Drop(reason) => stats.count_drop(reason),
                         // Frames from peers are only ever routed to local pods.

@@ -12,12 +12,15 @@
 //! checksum (the super-frame's is only the pseudo-header part). A UDP super-frame (a pod's
 //! UDP_SEGMENT send, handed over whole when the TAP has USO) becomes datagrams of `gso_size`
 //! payload bytes each, every one with its own UDP length and full checksum.
+//!
+//! With [`Csum::Partial`] (the peer takes VXLAN remote checksum offload) each segment gets only
+//! its own pseudo-header sum instead of a full checksum: nothing reads the payload but the copy.
 
 use std::net::Ipv4Addr;
 
 use crate::wire::{
-    EtherType, EthernetFrame, IpProtocol, Ipv4Packet, TcpFlags, TcpPacket, UdpPacket, VirtioNetHdr,
-    WireError,
+    checksum, EtherType, EthernetFrame, IpProtocol, Ipv4Packet, TcpFlags, TcpPacket, UdpPacket,
+    VirtioNetHdr, WireError,
 };
 
 /// Where the segments are in the output buffer.
@@ -40,11 +43,26 @@ impl Segments {
 
 const ETH: usize = EthernetFrame::<&[u8]>::HEADER_LEN;
 
+/// What goes into each segment's TCP/UDP checksum field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Csum {
+    /// The full checksum.
+    Full,
+    /// The pseudo-header sum only, for the receiver to finish (NEEDS_CSUM, or VXLAN RCO).
+    Partial,
+}
+
+/// The partial checksum of an L4 segment of `len` bytes: the folded pseudo-header sum.
+fn pseudo_sum(proto: IpProtocol, (src, dst): (Ipv4Addr, Ipv4Addr), len: usize) -> u16 {
+    checksum::fold(checksum::pseudo_header_v4(src, dst, proto.0, len as u16))
+}
+
 /// Segments a TCP/IPv4 super-frame (`frame` starts at the Ethernet header) into `out`.
 pub fn segment_tcp4(
     frame: &[u8],
     vnet: &VirtioNetHdr,
     prefix: &[u8],
+    csum: Csum,
     out: &mut [u8],
 ) -> Result<Segments, WireError> {
     let ip = ipv4_of(frame, IpProtocol::TCP)?;
@@ -58,7 +76,7 @@ pub fn segment_tcp4(
         mss,
         prefix,
         out,
-        |i, last, l4, _, (src, dst)| {
+        |i, last, l4, len, addrs| {
             let mut tcp = TcpPacket::new_unchecked(l4);
             tcp.set_seq_number(seq.wrapping_add((i * mss) as u32));
             let mut fl = flags;
@@ -69,7 +87,13 @@ pub fn segment_tcp4(
                 fl = TcpFlags(fl.bits() & !TcpFlags::CWR.bits());
             }
             tcp.set_flags(fl);
-            tcp.fill_checksum(src, dst);
+            match csum {
+                Csum::Full => tcp.fill_checksum(addrs.0, addrs.1),
+                Csum::Partial => {
+                    let l4_len = tcp.header_len() as usize + len;
+                    tcp.set_checksum(pseudo_sum(IpProtocol::TCP, addrs, l4_len));
+                }
+            }
         },
     )
 }
@@ -80,23 +104,19 @@ pub fn segment_udp4(
     frame: &[u8],
     vnet: &VirtioNetHdr,
     prefix: &[u8],
+    csum: Csum,
     out: &mut [u8],
 ) -> Result<Segments, WireError> {
     let ip = ipv4_of(frame, IpProtocol::UDP)?;
     let size = vnet.gso_size as usize;
-    cut(
-        frame,
-        &ip,
-        8,
-        size,
-        prefix,
-        out,
-        |_, _, l4, len, (src, dst)| {
-            let mut udp = UdpPacket::new_unchecked(l4);
-            udp.set_len((8 + len) as u16);
-            udp.fill_checksum(src, dst);
-        },
-    )
+    cut(frame, &ip, 8, size, prefix, out, |_, _, l4, len, addrs| {
+        let mut udp = UdpPacket::new_unchecked(l4);
+        udp.set_len((8 + len) as u16);
+        match csum {
+            Csum::Full => udp.fill_checksum(addrs.0, addrs.1),
+            Csum::Partial => udp.set_checksum(pseudo_sum(IpProtocol::UDP, addrs, 8 + len)),
+        }
+    })
 }
 
 /// The IPv4 packet of an Ethernet frame carrying `proto`, unfragmented.
@@ -193,7 +213,7 @@ mod tests {
             csum_offset: 16,
         };
         let mut out = vec![0u8; 16384];
-        let s = segment_tcp4(&frame, &vnet, b"VXLANHDR", &mut out).unwrap();
+        let s = segment_tcp4(&frame, &vnet, b"VXLANHDR", Csum::Full, &mut out).unwrap();
         assert_eq!(s.count, 4);
         assert_eq!(s.stride, 8 + 54 + 1398);
         let mut data = Vec::new();
@@ -225,6 +245,77 @@ mod tests {
         assert_eq!(data, orig[54..]);
     }
 
+    /// With a partial checksum each segment carries its own pseudo-header sum (its length
+    /// differs from the super-frame's), and finishing it as the receiving stack does gives the
+    /// full checksum; TCP and UDP alike.
+    #[test]
+    fn partial_mode_leaves_each_segment_its_own_pseudo_header_sum() {
+        let tcp = VirtioNetHdr {
+            flags: VirtioNetHdr::F_NEEDS_CSUM,
+            gso_type: VirtioNetHdr::GSO_TCPV4,
+            hdr_len: 54,
+            gso_size: 1398,
+            csum_start: 34,
+            csum_offset: 16,
+        };
+        let udp = VirtioNetHdr {
+            gso_type: VirtioNetHdr::GSO_UDP_L4,
+            hdr_len: 42,
+            gso_size: 1000,
+            csum_offset: 6,
+            ..tcp
+        };
+        for (frame, vnet, proto) in [
+            (super_frame(5000), tcp, IpProtocol::TCP),
+            (udp_super_frame(3500), udp, IpProtocol::UDP),
+        ] {
+            let mut out = vec![0u8; 16384];
+            let s = segment_tcp4_or_udp4(&frame, &vnet, &mut out);
+            assert_eq!(s.count, 4);
+            for i in 0..s.count {
+                let mut seg = out[s.range(i)].to_vec();
+                let l4_len = seg.len() - 34;
+                let field = 34 + usize::from(vnet.csum_offset);
+                let addrs = (Ipv4Addr::new(10, 244, 1, 2), Ipv4Addr::new(10, 244, 2, 2));
+                assert_eq!(
+                    u16::from_be_bytes([seg[field], seg[field + 1]]),
+                    pseudo_sum(proto, addrs, l4_len)
+                );
+                let one = VirtioNetHdr {
+                    gso_type: VirtioNetHdr::GSO_NONE,
+                    ..vnet
+                };
+                crate::wire::virtio::finish_checksum(&one, &mut seg).unwrap();
+                let p = SlicedPacket::from_ethernet(&seg).unwrap();
+                let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else {
+                    panic!()
+                };
+                let h = ip.header().to_header();
+                let ok = match &p.transport {
+                    Some(TransportSlice::Tcp(t)) => {
+                        t.to_header().checksum
+                            == t.to_header().calc_checksum_ipv4(&h, t.payload()).unwrap()
+                    }
+                    Some(TransportSlice::Udp(u)) => {
+                        u.to_header().checksum
+                            == u.to_header().calc_checksum_ipv4(&h, u.payload()).unwrap()
+                    }
+                    _ => false,
+                };
+                assert!(ok, "{proto:?} segment {i}: finished checksum is wrong");
+            }
+        }
+    }
+
+    fn segment_tcp4_or_udp4(frame: &[u8], vnet: &VirtioNetHdr, out: &mut [u8]) -> Segments {
+        let cut = if vnet.gso_type == VirtioNetHdr::GSO_UDP_L4 {
+            segment_udp4
+        } else {
+            segment_tcp4
+        };
+        cut(frame, vnet, &[], Csum::Partial, out).unwrap()
+    }
+
     fn udp_super_frame(payload_len: usize) -> Vec<u8> {
         let b = PacketBuilder::ethernet2([2; 6], [4; 6])
             .ipv4([10, 244, 1, 2], [10, 244, 2, 2], 63)
@@ -249,7 +340,7 @@ mod tests {
             csum_offset: 6,
         };
         let mut out = vec![0u8; 16384];
-        let s = segment_udp4(&frame, &vnet, b"VXLANHDR", &mut out).unwrap();
+        let s = segment_udp4(&frame, &vnet, b"VXLANHDR", Csum::Full, &mut out).unwrap();
         assert_eq!(s.count, 3);
         assert_eq!(s.stride, 8 + 42 + 1200);
         let mut data = Vec::new();
@@ -280,7 +371,7 @@ mod tests {
         assert_eq!(data, frame[42..]);
         // A TCP super-frame is not UDP.
         assert_eq!(
-            segment_udp4(&super_frame(100), &vnet, &[], &mut out),
+            segment_udp4(&super_frame(100), &vnet, &[], Csum::Full, &mut out),
             Err(WireError::Unsupported)
         );
     }
@@ -291,15 +382,15 @@ mod tests {
         let mut vnet = VirtioNetHdr::NONE;
         let mut out = vec![0u8; 4096];
         assert_eq!(
-            segment_tcp4(&frame, &vnet, &[], &mut out),
+            segment_tcp4(&frame, &vnet, &[], Csum::Full, &mut out),
             Err(WireError::Malformed)
         );
         vnet.gso_size = 10;
         let mut small = vec![0u8; 100];
         assert_eq!(
-            segment_tcp4(&frame, &vnet, &[], &mut small),
+            segment_tcp4(&frame, &vnet, &[], Csum::Full, &mut small),
             Err(WireError::Truncated)
         );
-        assert!(segment_tcp4(&frame[..30], &vnet, &[], &mut out).is_err());
+        assert!(segment_tcp4(&frame[..30], &vnet, &[], Csum::Full, &mut out).is_err());
     }
 }

@@ -34,7 +34,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 pub use nat::{Conntrack, CtConfig, ServiceTable};
 
-use overlay::vxlan::{self, VxlanHeader};
+use overlay::vxlan::{self, Rco, VxlanHeader};
 pub use overlay::PeerId;
 pub use tables::{PortEntry, Tables};
 
@@ -130,6 +130,7 @@ drop_reasons! {
     UnknownPeer => "vxlan_unknown_peer",
     WrongVni => "vxlan_wrong_vni",
     VxlanMalformed => "vxlan_malformed",
+    VxlanBadRco => "vxlan_bad_rco",
     VxlanNotForUs => "vxlan_wrong_dst_mac",
     VxlanSpoofedSrc => "vxlan_spoofed_src",
     VxlanNotIpv4 => "vxlan_not_ipv4",
@@ -457,22 +458,93 @@ pub fn encap_header(t: &Tables) -> [u8; vxlan::HEADER_LEN] {
     h
 }
 
+/// The VXLAN header for `frame` (a pod's frame, its virtio-net header `vnet`) to `peer`, and
+/// whether the frame's TCP/UDP checksum may stay partial on the way (remote checksum offload:
+/// the peer takes it and the frame's checksum was offloaded to us, at the usual place). When
+/// it may, the segments of a super-frame carry their pseudo-header sums and a single frame is
+/// sent as it is, where otherwise each segment's payload is summed here and again at the peer.
+pub fn encap_for(
+    t: &Tables,
+    peer: &overlay::Peer,
+    vnet: &crate::wire::VirtioNetHdr,
+    frame: &[u8],
+) -> ([u8; vxlan::HEADER_LEN], bool) {
+    let mut h = encap_header(t);
+    if !peer.remote_csum || !vnet.needs_csum() {
+        return (h, false);
+    }
+    let Some(rco) = l4_checksum_at(frame) else {
+        return (h, false);
+    };
+    let at_l4 = vnet.csum_start == rco.start && vnet.csum_offset == rco.offset;
+    if !(vnet.is_gso() || at_l4) || vxlan::emit_header_rco(&mut h, t.vni, rco).is_none() {
+        return (encap_header(t), false);
+    }
+    (h, true)
+}
+
+/// Where the TCP/UDP checksum of an unfragmented IPv4 frame is.
+fn l4_checksum_at(frame: &[u8]) -> Option<Rco> {
+    let eth = EthernetFrame::new_checked(frame).ok()?;
+    if eth.ethertype() != EtherType::IPV4 {
+        return None;
+    }
+    let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+    if ip.is_fragment() {
+        return None;
+    }
+    let offset = match ip.protocol() {
+        IpProtocol::TCP => vxlan::TCP_CSUM_OFFSET,
+        IpProtocol::UDP => vxlan::UDP_CSUM_OFFSET,
+        _ => return None,
+    };
+    // The whole L4 header must be there for the checksum field to be.
+    let min = if offset == vxlan::TCP_CSUM_OFFSET {
+        20
+    } else {
+        8
+    };
+    if ip.payload().len() < min {
+        return None;
+    }
+    Some(Rco {
+        start: EthernetFrame::<&[u8]>::HEADER_LEN as u16 + u16::from(ip.header_len()),
+        offset,
+    })
+}
+
 /// Accepts a received VXLAN datagram (header + inner frame) or says why not: it must come
-/// from a peer's underlay address and carry our VNI.
-pub fn decap(t: &Tables, from: IpAddr, datagram: &[u8]) -> Result<PeerId, DropReason> {
+/// from a peer's underlay address and carry our VNI. Also says where the inner checksum is
+/// when the sender left it partial (RCO).
+pub fn decap(
+    t: &Tables,
+    from: IpAddr,
+    datagram: &[u8],
+) -> Result<(PeerId, Option<Rco>), DropReason> {
     let Some((peer, _)) = t.peers.by_underlay(from) else {
         return Err(DropReason::UnknownPeer);
     };
     match VxlanHeader::new_checked(datagram) {
-        Ok(h) if h.vni() == t.vni => Ok(peer),
+        Ok(h) if h.vni() == t.vni => Ok((peer, h.rco())),
         Ok(_) => Err(DropReason::WrongVni),
         Err(_) => Err(DropReason::VxlanMalformed),
     }
 }
 
-/// A frame decapsulated from VXLAN sent by `peer`: routed to the local pod it is for.
-pub fn handle_underlay(cx: &mut Ctx<'_>, peer: PeerId, frame: &mut [u8]) -> Action {
+/// A frame decapsulated from VXLAN sent by `peer`: routed to the local pod it is for. `rco`
+/// is where its TCP/UDP checksum is when the sender left it partial; it must be exactly where
+/// the frame's L4 checksum is, or the frame is dropped (the frame then goes to the pod marked
+/// NEEDS_CSUM, and a wrong place would have the pod trust unchecked bytes).
+pub fn handle_underlay(
+    cx: &mut Ctx<'_>,
+    peer: PeerId,
+    frame: &mut [u8],
+    rco: Option<Rco>,
+) -> Action {
     let t = cx.t;
+    if rco.is_some() && rco != l4_checksum_at(frame) {
+        return Action::Drop(DropReason::VxlanBadRco);
+    }
     let Ok(mut eth) = EthernetFrame::new_checked(&mut *frame) else {
         return Action::Drop(DropReason::VxlanMalformed);
     };
@@ -493,9 +565,19 @@ pub fn handle_underlay(cx: &mut Ctx<'_>, peer: PeerId, frame: &mut [u8]) -> Acti
     if !from_peer {
         return Action::Drop(DropReason::VxlanSpoofedSrc);
     }
+    let partial = rco.is_some();
+    if !partial {
+        complete_partial_checksum(&mut ip);
+    }
     // Replies from a remote backend to a client here are translated back here.
-    complete_partial_checksum(&mut ip);
-    match nat::translate(&t.services, cx.ct, cx.now_ms, &mut ip, t.gateway_ip, false) {
+    match nat::translate(
+        &t.services,
+        cx.ct,
+        cx.now_ms,
+        &mut ip,
+        t.gateway_ip,
+        partial,
+    ) {
         nat::Nat::None => {
             nat::translate_icmp_error(cx.ct, cx.now_ms, &mut ip);
         }

@@ -44,6 +44,9 @@ pub struct VtepAnnotation {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub underlay_ip: Option<IpAddr>,
     pub vtep_mac: String,
+    /// The node takes VXLAN remote checksum offload (every vswitch does; absent before it could).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub remote_checksum: bool,
 }
 
 /// flannel's backend-data for the VXLAN backend (other keys are ignored).
@@ -193,14 +196,14 @@ pub fn node_peer(node: &Node) -> Result<Option<PeerSpec>, String> {
     let empty = BTreeMap::new();
     let ann = node.metadata.annotations.as_ref().unwrap_or(&empty);
     let internal = node_internal_ip(node);
-    let (underlay_ip, mac) = if let Some(v) = ann.get(VTEP_ANNOTATION) {
+    let (underlay_ip, mac, remote_checksum) = if let Some(v) = ann.get(VTEP_ANNOTATION) {
         // Ours first: a vswitch node publishes flannel's annotations too, ours are exact.
         let v: VtepAnnotation = serde_json::from_str(v)
             .map_err(|e| format!("annotation {VTEP_ANNOTATION}: {e} in {v:?}"))?;
         let ip = v.underlay_ip.or(internal).ok_or_else(|| {
             format!("annotation {VTEP_ANNOTATION} has no underlay_ip and the node no InternalIP")
         })?;
-        (ip, v.vtep_mac)
+        (ip, v.vtep_mac, v.remote_checksum)
     } else if let Some(bd) = ann.get(FLANNEL_BACKEND_DATA) {
         match ann.get(FLANNEL_BACKEND_TYPE).map(String::as_str) {
             None | Some("vxlan") => {}
@@ -219,7 +222,7 @@ pub fn node_peer(node: &Node) -> Result<Option<PeerSpec>, String> {
             None => internal
                 .ok_or_else(|| format!("no annotation {FLANNEL_PUBLIC_IP} and no InternalIP"))?,
         };
-        (ip, bd.vtep_mac)
+        (ip, bd.vtep_mac, false)
     } else {
         return Ok(None);
     };
@@ -231,6 +234,7 @@ pub fn node_peer(node: &Node) -> Result<Option<PeerSpec>, String> {
         underlay_ip,
         vtep_mac: format_mac(bytes),
         pod_cidrs,
+        remote_checksum,
     };
     peer.validate("peers").map_err(|e| e.to_string())?;
     Ok(Some(peer))
@@ -552,6 +556,7 @@ pub fn own_annotations(
     let ours = VtepAnnotation {
         underlay_ip: Some(underlay_ip),
         vtep_mac: mac.clone(),
+        remote_checksum: true,
     };
     let flannel = FlannelBackendData { vni, vtep_mac: mac };
     let mut m = BTreeMap::new();
