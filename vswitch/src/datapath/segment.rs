@@ -163,6 +163,14 @@ fn cut(
     }
     let addrs = (ip.src_addr(), ip.dst_addr());
     let ident = ip.ident();
+    // The segments' IPv4 headers differ from the super-frame's only in length and
+    // identification: sum the rest once, and each header checksum is that plus two words
+    // (one's-complement sums are linear), with no read of the header just written.
+    let mut hdr = [0u8; 60];
+    hdr[..ihl].copy_from_slice(frame.get(ETH..ETH + ihl).ok_or(WireError::Malformed)?);
+    hdr[2..6].fill(0);
+    hdr[10..12].fill(0);
+    let base = checksum::sum(&hdr[..ihl]);
     for i in 0..count {
         let chunk = &payload[i * size..((i + 1) * size).min(payload.len())];
         let seg = &mut out[i * stride..i * stride + prefix.len() + hdrs + chunk.len()];
@@ -172,9 +180,13 @@ fn cut(
         f[hdrs..].copy_from_slice(chunk);
         let ip_buf = &mut f[ETH..];
         let mut ip = Ipv4Packet::new_unchecked(&mut *ip_buf);
-        ip.set_total_len((ihl + l4_hdr + chunk.len()) as u16);
-        ip.set_ident(ident.wrapping_add(i as u16));
-        ip.fill_checksum();
+        let (len, id) = (
+            (ihl + l4_hdr + chunk.len()) as u16,
+            ident.wrapping_add(i as u16),
+        );
+        ip.set_total_len(len);
+        ip.set_ident(id);
+        ip.set_checksum(checksum::finish(base + u32::from(len) + u32::from(id)));
         fix(i, i + 1 == count, &mut ip_buf[ihl..], chunk.len(), addrs);
     }
     Ok(Segments {
