@@ -224,9 +224,20 @@ impl KernelNode {
     }
 }
 
-/// Tells the vswitch node `v` about the kernel node `k`, as its annotations would.
-fn add_kernel_peer(lab_name: &str, v: &Node, k: &KernelNode, rco: bool) {
-    let kname = format!("{lab_name}-k{}", k.index);
+/// Kernel node 9 on `lab`'s fabric, routed to the vswitch node `v` (see [`KernelNode::build`]
+/// for `nic_checksums` and `rco`), and `v` told about it as its annotations would tell it.
+fn kernel_peer(lab: &vswitch_lab::Lab, v: &Node, nic_checksums: bool, rco: bool) -> KernelNode {
+    let vmac = vtep_mac(v);
+    let k = KernelNode::build(
+        &lab.name,
+        &lab.fabric_netns,
+        9,
+        v,
+        &vmac,
+        nic_checksums,
+        rco,
+    );
+    let kname = format!("{}-k{}", lab.name, k.index);
     let (ip, cidr) = (k.underlay_ip(), k.pod_cidr());
     let mut args = vec![
         "peer-add",
@@ -242,6 +253,7 @@ fn add_kernel_peer(lab_name: &str, v: &Node, k: &KernelNode, rco: bool) {
         args.push("--remote-checksum");
     }
     ctl_ok(v, &args);
+    k
 }
 
 /// The kernel node's vxlan device decapsulated plenty from the vswitch node and counted no
@@ -268,11 +280,7 @@ fn kernel_vxlan_node_built_like_flannel_exchanges_ping_tcp_and_udp_with_a_vswitc
     let lab = lab("fl", 1, 1);
     let v = lab.node("n1").clone();
     let vpod = lab.pod("n1-p1");
-    let vmac = vtep_mac(&v);
-
-    let k = KernelNode::build(&lab.name, &lab.fabric_netns, 9, &v, &vmac, true, false);
-    // The vswitch node learns the kernel node as flannel's annotations would tell it.
-    add_kernel_peer(&lab.name, &v, &k, false);
+    let k = kernel_peer(&lab, &v, true, false);
     let before = ports(&v)["underlay"]["rx_packets"].as_u64().unwrap_or(0);
 
     // Ping, both ways.
@@ -332,9 +340,7 @@ fn kernel_vxlan_node_on_a_veth_with_checksum_offload_can_open_tcp_to_a_vswitch_p
     let lab = lab("fl", 1, 1);
     let v = lab.node("n1").clone();
     let vpod = lab.pod("n1-p1");
-    let vmac = vtep_mac(&v);
-    let k = KernelNode::build(&lab.name, &lab.fabric_netns, 9, &v, &vmac, false, false);
-    add_kernel_peer(&lab.name, &v, &k, false);
+    let k = kernel_peer(&lab, &v, false, false);
     assert_ping(&k.pod.name, vpod.ip);
     let tcp = iperf(&k.pod.name, &vpod.netns, vpod.ip, &[]);
     assert!(iperf_sum(&tcp, "sum_received").0 > 0, "{tcp}");
@@ -351,9 +357,7 @@ fn remote_checksum_offload_interoperates_with_a_kernel_vxlan_device() {
     let lab = lab("fr", 1, 1);
     let v = lab.node("n1").clone();
     let vpod = lab.pod("n1-p1");
-    let vmac = vtep_mac(&v);
-    let k = KernelNode::build(&lab.name, &lab.fabric_netns, 9, &v, &vmac, false, true);
-    add_kernel_peer(&lab.name, &v, &k, true);
+    let k = kernel_peer(&lab, &v, false, true);
     let peers = ctl_ok(&v, &["--json", "peers"]);
     assert!(peers.contains("\"remote_checksum\": true"), "{peers}");
     let kpod = k.pod.name.clone();

@@ -801,23 +801,20 @@ impl Worker {
                         if let Some(c) = cap {
                             c.overlay_inner(false, frame);
                         }
-                        let cut = if vnet.gso_kind() == VirtioNetHdr::GSO_UDP_L4 {
-                            segment::segment_udp4
-                        } else {
-                            segment::segment_tcp4
-                        };
                         let csum = if partial {
                             segment::Csum::Partial
                         } else {
                             segment::Csum::Full
                         };
-                        let segs = match cut(frame, &vnet, &prefix, csum, &mut self.seg) {
-                            Ok(s) => s,
-                            Err(_) => {
-                                stats.count_drop(DropReason::Malformed);
-                                continue;
-                            }
-                        };
+                        let segs =
+                            match segment::segment_ipv4(frame, &vnet, &prefix, csum, &mut self.seg)
+                            {
+                                Ok(s) => s,
+                                Err(_) => {
+                                    stats.count_drop(DropReason::Malformed);
+                                    continue;
+                                }
+                            };
                         let d = &self.seg[..segs.total];
                         if let Some(c) = cap {
                             c.overlay_sent(ends.0, ends.1, d, Some(segs.stride));

@@ -57,6 +57,21 @@ fn pseudo_sum(proto: IpProtocol, (src, dst): (Ipv4Addr, Ipv4Addr), len: usize) -
     checksum::fold(checksum::pseudo_header_v4(src, dst, proto.0, len as u16))
 }
 
+/// Segments a TCP or UDP super-frame, as its virtio-net header's GSO type says.
+pub fn segment_ipv4(
+    frame: &[u8],
+    vnet: &VirtioNetHdr,
+    prefix: &[u8],
+    csum: Csum,
+    out: &mut [u8],
+) -> Result<Segments, WireError> {
+    if vnet.gso_kind() == VirtioNetHdr::GSO_UDP_L4 {
+        segment_udp4(frame, vnet, prefix, csum, out)
+    } else {
+        segment_tcp4(frame, vnet, prefix, csum, out)
+    }
+}
+
 /// Segments a TCP/IPv4 super-frame (`frame` starts at the Ethernet header) into `out`.
 pub fn segment_tcp4(
     frame: &[u8],
@@ -282,7 +297,7 @@ mod tests {
             (udp_super_frame(3500), udp, IpProtocol::UDP),
         ] {
             let mut out = vec![0u8; 16384];
-            let s = segment_tcp4_or_udp4(&frame, &vnet, &mut out);
+            let s = segment_ipv4(&frame, &vnet, &[], Csum::Partial, &mut out).unwrap();
             assert_eq!(s.count, 4);
             for i in 0..s.count {
                 let mut seg = out[s.range(i)].to_vec();
@@ -317,15 +332,6 @@ mod tests {
                 assert!(ok, "{proto:?} segment {i}: finished checksum is wrong");
             }
         }
-    }
-
-    fn segment_tcp4_or_udp4(frame: &[u8], vnet: &VirtioNetHdr, out: &mut [u8]) -> Segments {
-        let cut = if vnet.gso_type == VirtioNetHdr::GSO_UDP_L4 {
-            segment_udp4
-        } else {
-            segment_tcp4
-        };
-        cut(frame, vnet, &[], Csum::Partial, out).unwrap()
     }
 
     fn udp_super_frame(payload_len: usize) -> Vec<u8> {
