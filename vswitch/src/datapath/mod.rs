@@ -577,17 +577,20 @@ impl Worker {
             self.bulk = false;
             self.local_bulk = false;
             self.service_ready();
-            if self.local_bulk {
-                self.last_local_bulk = Some(std::time::Instant::now());
+            if !work {
+                continue;
             }
-            if work && !self.busy_poll.is_zero() {
+            let now = std::time::Instant::now();
+            if self.bulk {
+                self.last_bulk = Some(now);
+            }
+            if self.local_bulk {
+                self.last_local_bulk = Some(now);
+            }
+            if !self.busy_poll.is_zero() {
                 // Spinning pays off for request/response traffic, whose answer comes back
                 // within a round trip. A bulk transfer gets only a short spin, to bridge the
                 // gap to its next super-frame.
-                let now = std::time::Instant::now();
-                if self.bulk {
-                    self.last_bulk = Some(now);
-                }
                 // The ACK-only batches of a transfer count as bulk too: a long spin on each
                 // would take the core from the pods that move the data.
                 let bulk = self
