@@ -428,7 +428,18 @@ pub struct DatapathConfig {
     /// instead of 0.27) for a core per worker.
     #[serde(default = "default_busy_poll")]
     pub busy_poll_us: u32,
+    /// CPUs the workers are pinned to, worker i on `cpus[i % len]` (empty: not pinned, the
+    /// default). For a core set aside for the datapath, as OVS-DPDK's `pmd-cpu-mask` and
+    /// kubelet's `reservedSystemCPUs` do together: a pinned worker owns its core, so it spins
+    /// its whole `busy_poll_us` window even during bulk transfers (an unpinned one cuts it
+    /// short to leave the core to the pods). Pods must be kept off these CPUs, or they share
+    /// them with a polling worker.
+    #[serde(default)]
+    pub cpus: Vec<u32>,
 }
+
+/// The highest CPU number `datapath.cpus` takes (the size of the kernel's default cpu_set_t).
+pub const MAX_CPU: u32 = 1023;
 
 /// The longest busy-poll window, one second: longer would only mean a worker that never sleeps
 /// once it has seen a packet, which a second already is for any live traffic.
@@ -455,6 +466,7 @@ impl Default for DatapathConfig {
             workers: default_workers(),
             offload: true,
             busy_poll_us: default_busy_poll(),
+            cpus: Vec::new(),
         }
     }
 }
@@ -716,6 +728,12 @@ impl Config {
                 ),
             ));
         }
+        if let Some(c) = self.datapath.cpus.iter().find(|&&c| c > MAX_CPU) {
+            return Err(invalid(
+                "datapath.cpus",
+                format!("CPU {c}: CPU numbers go up to {MAX_CPU}"),
+            ));
+        }
         let o = &self.overlay;
         if o.port == 0 {
             return Err(invalid("overlay.port", "must not be 0"));
@@ -936,6 +954,10 @@ mod tests {
         assert_eq!(
             field_of(&format!("{MIN}[datapath]\nbusy_poll_us = 1000001\n")),
             "datapath.busy_poll_us"
+        );
+        assert_eq!(
+            field_of(&format!("{MIN}[datapath]\ncpus = [0, 4096]\n")),
+            "datapath.cpus"
         );
         assert_eq!(
             field_of(&format!("{MIN}[dns]\ncluster_domain = \".x\"\n")),

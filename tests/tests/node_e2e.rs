@@ -1,7 +1,8 @@
 //! One node, end to end: pods on a node reach each other and the gateway and move TCP data
 //! intact; the product creates no kernel bridge, vxlan or firewall rule; the daemon's config
 //! errors name the field and its admin socket is private; IPAM never hands out a leased address,
-//! also after vswitchd was killed and restarted.
+//! also after vswitchd was killed and restarted; workers pinned with `datapath.cpus` run on
+//! their CPU.
 //!
 //! Cross-node traffic is not tested here (the overlay is another issue).
 
@@ -218,6 +219,19 @@ fn config_errors_name_the_field_and_the_admin_socket_is_private() {
         ),
         (
             format!(
+                "[node]\nname = \"n\"\npod_cidr = \"10.244.1.0/24\"\n{tail}\n[datapath]\ncpus = [4096]\n"
+            ),
+            vec!["datapath.cpus", "4096"],
+        ),
+        // A CPU number the config takes but this machine does not have.
+        (
+            format!(
+                "[node]\nname = \"n\"\npod_cidr = \"10.244.1.0/24\"\n{tail}\n[datapath]\ncpus = [1023]\n"
+            ),
+            vec!["datapath.cpus", "CPU 1023"],
+        ),
+        (
+            format!(
                 "[node]\nname = \"n\"\npod_cidr = \"10.244.1.0/24\"\nstate_dir = {:?}\n\n[admin]\nsocket = \"rel.sock\"\n",
                 dir.join("state").display().to_string()
             ),
@@ -355,4 +369,50 @@ fn ipam_never_hands_out_a_leased_address_across_a_daemon_restart() {
     assert!(ports(&daemon.socket).ports.is_empty());
     assert!(leases(&daemon.state_dir).is_empty());
     assert_daemon_holds_no_pod(daemon.pid(), daemon.netns.name());
+}
+
+/// `datapath.cpus`: the worker thread runs on the CPU it was given, and the pods still reach
+/// each other through it.
+#[test]
+fn pinned_workers_run_on_their_cpu() {
+    require_root();
+    let name = unique("t");
+    // The first CPU this test may run on (`0-1`, `2,5-7`, ...).
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap();
+    let cpu: u32 = list
+        .trim()
+        .split([',', '-'])
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let spec = vswitch_lab::LabSpec {
+        cpus: vec![cpu],
+        ..vswitch_lab::LabSpec::new(&name, 1, 2)
+    };
+    let lab = vswitch_lab::LabGuard::up(spec).unwrap_or_else(|e| panic!("lab {name}: {e}"));
+    let pid = lab.node("n1").pid.expect("vswitchd pid");
+    let mut workers = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim().starts_with("vswitch-dp") {
+            let status = std::fs::read_to_string(dir.join("status")).unwrap();
+            let allowed = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .map(|v| v.trim().to_string());
+            workers.push((comm.trim().to_string(), allowed));
+        }
+    }
+    assert_eq!(
+        workers,
+        [("vswitch-dp0".to_string(), Some(cpu.to_string()))]
+    );
+    let (a, b) = (lab.pod("n1-p1"), lab.pod("n1-p2"));
+    assert_ping(&a.netns, b.ip);
 }

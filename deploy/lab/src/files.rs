@@ -51,6 +51,10 @@ pub(crate) fn daemon_config(node: &Node, all: &[Node]) -> Config {
         },
         datapath: DatapathConfig {
             workers: node.workers,
+            cpus: node.cpus.clone(),
+            busy_poll_us: node
+                .busy_poll_us
+                .unwrap_or(DatapathConfig::default().busy_poll_us),
             ..DatapathConfig::default()
         },
         // The cluster DNS address, as kube-dns's ClusterIP: answered by the switch itself.
@@ -143,6 +147,15 @@ mod tests {
         };
         let c2 = Config::parse(&render_config(&two, &all).unwrap()).unwrap();
         assert_eq!(c2.datapath.workers, 2);
+        assert!(c2.datapath.cpus.is_empty());
+        let pinned = Node {
+            cpus: vec![0],
+            busy_poll_us: Some(1_000_000),
+            ..node.clone()
+        };
+        let c3 = Config::parse(&render_config(&pinned, &all).unwrap()).unwrap();
+        assert_eq!(c3.datapath.cpus, vec![0]);
+        assert_eq!(c3.datapath.busy_poll_us, 1_000_000);
         assert_eq!(
             c.node.state_dir,
             PathBuf::from("/run/vswitch-lab/vsl/n3/state")

@@ -116,6 +116,12 @@ pub struct Node {
     /// vswitchd's datapath workers (`datapath.workers`).
     #[serde(default = "one")]
     pub workers: u32,
+    /// CPUs its workers are pinned to (`datapath.cpus`).
+    #[serde(default)]
+    pub cpus: Vec<u32>,
+    /// `datapath.busy_poll_us`, when not vswitchd's default.
+    #[serde(default)]
+    pub busy_poll_us: Option<u32>,
 }
 
 fn one() -> u32 {
@@ -139,6 +145,8 @@ impl Node {
             log: dir.join("vswitchd.log"),
             pid: None,
             workers: 1,
+            cpus: Vec::new(),
+            busy_poll_us: None,
             dir,
         }
     }
@@ -333,6 +341,8 @@ impl Lab {
         let planned: Vec<Node> = (1..=spec.nodes)
             .map(|i| Node {
                 workers: spec.workers,
+                cpus: spec.cpus.clone(),
+                busy_poll_us: spec.busy_poll_us,
                 ..Node::plan(names, i, &self.dir)
             })
             .collect();

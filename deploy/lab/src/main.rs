@@ -31,6 +31,15 @@ enum Cmd {
         /// Datapath worker threads of each vswitchd (`datapath.workers`).
         #[arg(long, default_value_t = 1)]
         workers: u32,
+        /// Pin each vswitchd's workers to these CPUs (`datapath.cpus`, e.g. `0` or `0,1`), to
+        /// give the datapath cores of its own. Run the pods' programs off them
+        /// (`taskset -c 1 ...`), as kubelet's reserved CPUs would.
+        #[arg(long, value_delimiter = ',')]
+        datapath_cpus: Vec<u32>,
+        /// Each vswitchd's `datapath.busy_poll_us` (1000000: poll all the time, for a
+        /// dedicated core).
+        #[arg(long)]
+        busy_poll_us: Option<u32>,
         /// Seconds each vswitchd gets to answer ready.
         #[arg(long, default_value_t = 10)]
         ready_timeout: u64,
@@ -205,6 +214,8 @@ fn run(cli: Cli) -> Result<ExitCode, LabError> {
             nodes,
             pods_per_node,
             workers,
+            datapath_cpus,
+            busy_poll_us,
             ready_timeout,
         } => {
             let opts = UpOptions {
@@ -217,6 +228,8 @@ fn run(cli: Cli) -> Result<ExitCode, LabError> {
                     nodes,
                     pods_per_node,
                     workers,
+                    cpus: datapath_cpus,
+                    busy_poll_us,
                 },
                 &opts,
             )?;

@@ -46,6 +46,10 @@ pub struct LabSpec {
     pub pods_per_node: u32,
     /// Datapath workers of every node's vswitchd.
     pub workers: u32,
+    /// CPUs every node's workers are pinned to (`datapath.cpus`; empty: not pinned).
+    pub cpus: Vec<u32>,
+    /// Every node's `datapath.busy_poll_us` (None: vswitchd's default).
+    pub busy_poll_us: Option<u32>,
 }
 
 impl Default for LabSpec {
@@ -55,6 +59,8 @@ impl Default for LabSpec {
             nodes: 2,
             pods_per_node: 2,
             workers: 1,
+            cpus: Vec::new(),
+            busy_poll_us: None,
         }
     }
 }
@@ -66,12 +72,24 @@ impl LabSpec {
             nodes,
             pods_per_node,
             workers: 1,
+            cpus: Vec::new(),
+            busy_poll_us: None,
         }
     }
 
     /// The same lab with `workers` datapath workers per node.
     pub fn with_workers(self, workers: u32) -> Self {
         LabSpec { workers, ..self }
+    }
+
+    /// The same lab with the datapath on cores of its own: every node's workers pinned to
+    /// `cpus` and polling all the time, as OVS-DPDK's PMD threads on `pmd-cpu-mask`.
+    pub fn with_dedicated_cpus(self, cpus: Vec<u32>) -> Self {
+        LabSpec {
+            cpus,
+            busy_poll_us: Some(conf::config::MAX_BUSY_POLL_US),
+            ..self
+        }
     }
 
     pub fn validate(&self) -> Result<(), LabError> {
@@ -93,6 +111,21 @@ impl LabSpec {
                 "--workers {} is out of range 1..={}",
                 self.workers,
                 conf::config::MAX_WORKERS
+            )));
+        }
+        if let Some(c) = self.cpus.iter().find(|&&c| c > conf::config::MAX_CPU) {
+            return Err(LabError::InvalidSpec(format!(
+                "--datapath-cpus: CPU {c} is above {}",
+                conf::config::MAX_CPU
+            )));
+        }
+        if let Some(b) = self
+            .busy_poll_us
+            .filter(|&b| b > conf::config::MAX_BUSY_POLL_US)
+        {
+            return Err(LabError::InvalidSpec(format!(
+                "--busy-poll-us {b} is above {}",
+                conf::config::MAX_BUSY_POLL_US
             )));
         }
         Ok(())

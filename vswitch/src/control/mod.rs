@@ -183,6 +183,12 @@ impl Daemon {
             crate::pipeline::CtConfig::from_config(&config.nat),
             workers,
             std::time::Duration::from_micros(config.datapath.busy_poll_us.into()),
+            &config
+                .datapath
+                .cpus
+                .iter()
+                .map(|&c| c as usize)
+                .collect::<Vec<_>>(),
         )
         .map_err(DaemonError::Datapath)?;
         // Take back the pods' ports from before a restart: their TAP devices persisted, with

@@ -150,8 +150,10 @@ impl Datapath {
         ct: CtConfig,
         workers: usize,
         busy_poll: std::time::Duration,
+        cpus: &[usize],
     ) -> io::Result<Datapath> {
         let n = workers.max(1);
+        let pins = pin_sets(cpus)?;
         if !underlays.is_empty() && underlays.len() != n {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -173,6 +175,9 @@ impl Datapath {
             worker.to_self = Some((tx.clone(), waker.clone()));
             worker.ct = ct;
             worker.busy_poll = busy_poll;
+            let pin =
+                (!pins.is_empty()).then(|| (cpus[index % cpus.len()], pins[index % pins.len()]));
+            worker.pinned = pin.is_some();
             let ct_stats = worker.ct_stats.clone();
             let frames = worker.frames_seen.clone();
             if let Some(u) = underlays.next() {
@@ -193,7 +198,17 @@ impl Datapath {
             }
             let thread = std::thread::Builder::new()
                 .name(format!("vswitch-dp{index}"))
-                .spawn(move || worker.run())?;
+                .spawn(move || {
+                    if let Some((cpu, set)) = pin {
+                        match nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set) {
+                            Ok(()) => tracing::info!("datapath worker {index} pinned to CPU {cpu}"),
+                            Err(e) => tracing::error!(
+                                "datapath worker {index}: pinning to CPU {cpu} failed: {e}"
+                            ),
+                        }
+                    }
+                    worker.run()
+                })?;
             handles.push(Handle {
                 tx,
                 waker,
@@ -343,9 +358,41 @@ impl Port {
     }
 }
 
+/// One single-CPU set per entry of `datapath.cpus`, each checked to be a CPU this process may
+/// run on (so a typo fails the start, naming the field, instead of leaving a worker unpinned).
+fn pin_sets(cpus: &[usize]) -> io::Result<Vec<nix::sched::CpuSet>> {
+    use nix::sched::{sched_getaffinity, CpuSet};
+    if cpus.is_empty() {
+        return Ok(Vec::new());
+    }
+    let allowed = sched_getaffinity(nix::unistd::Pid::from_raw(0)).map_err(io::Error::from)?;
+    let may = |c: usize| allowed.is_set(c).unwrap_or(false);
+    let list: Vec<String> = (0..CpuSet::count())
+        .filter(|&c| may(c))
+        .map(|c| c.to_string())
+        .collect();
+    cpus.iter()
+        .map(|&c| {
+            let mut set = CpuSet::new();
+            if !may(c) || set.set(c).is_err() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "datapath.cpus: CPU {c} is not one this process may run on (allowed: {})",
+                        list.join(",")
+                    ),
+                ));
+            }
+            Ok(set)
+        })
+        .collect()
+}
+
 struct Worker {
     /// Which worker this is: the TAP queue it reads.
     index: usize,
+    /// Pinned to a CPU of its own (`datapath.cpus`): spins its whole window even when bulk.
+    pinned: bool,
     /// How long to keep polling after the last packet before sleeping.
     busy_poll: std::time::Duration,
     /// Until when the worker polls without sleeping: set after every batch with packets.
@@ -484,6 +531,7 @@ impl Worker {
     ) -> Worker {
         Worker {
             index: 0,
+            pinned: false,
             busy_poll: std::time::Duration::ZERO,
             spin_until: None,
             last_bulk: None,
@@ -596,7 +644,8 @@ impl Worker {
                 let bulk = self
                     .last_bulk
                     .is_some_and(|t| now.duration_since(t) < BULK_HOLD);
-                let window = if bulk {
+                // A pinned worker's core is the datapath's: it takes nothing from the pods.
+                let window = if bulk && !self.pinned {
                     self.busy_poll.min(BULK_SPIN)
                 } else {
                     self.busy_poll
@@ -1113,4 +1162,25 @@ fn flow_hash(frame: &[u8]) -> u64 {
         ports,
     );
     foldhash::fast::FixedState::with_seed(0x7673_7774).hash_one(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pin_sets;
+
+    #[test]
+    fn pinning_takes_allowed_cpus_and_names_the_field_for_others() {
+        assert!(pin_sets(&[]).unwrap().is_empty());
+        let allowed = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap();
+        let first = (0..nix::sched::CpuSet::count())
+            .find(|&c| allowed.is_set(c).unwrap_or(false))
+            .unwrap();
+        let sets = pin_sets(&[first, first]).unwrap();
+        assert_eq!(sets.len(), 2);
+        assert!(sets[0].is_set(first).unwrap());
+        let e = pin_sets(&[first, 1023]).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+        assert!(e.to_string().starts_with("datapath.cpus: CPU 1023"), "{e}");
+        assert!(pin_sets(&[100_000]).is_err());
+    }
 }
