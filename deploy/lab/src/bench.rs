@@ -38,6 +38,10 @@ use crate::{Lab, LabError, LabGuard, LabSpec};
 pub const LAB_NAME: &str = "vbench";
 /// The lab of vswitch with two datapath workers per node.
 pub const LAB_NAME_2W: &str = "vbench2";
+/// The lab of vswitch with its datapath on a core of its own.
+pub const LAB_NAME_PIN: &str = "vbenchp";
+/// The CPU the pinned lab's workers get; its pods run on all the others.
+pub const PIN_CPU: u32 = 0;
 /// Namespace prefix of the kernel path (`vbk-n1`, `vbk-p1`, ...).
 pub const KERNEL_PREFIX: &str = "vbk";
 /// Namespace prefix of Open vSwitch (`vbo-n1`, ...).
@@ -57,17 +61,26 @@ pub enum Kind {
     Vswitch,
     /// vswitch with two datapath workers per node.
     Vswitch2,
+    /// vswitch with its workers pinned to a CPU of their own, polling, and the pods kept off it.
+    VswitchPin,
     Kernel,
     Ovs,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Vswitch, Kind::Vswitch2, Kind::Kernel, Kind::Ovs];
+    pub const ALL: [Kind; 5] = [
+        Kind::Vswitch,
+        Kind::Vswitch2,
+        Kind::VswitchPin,
+        Kind::Kernel,
+        Kind::Ovs,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Kind::Vswitch => "vswitch",
             Kind::Vswitch2 => "vswitch-2w",
+            Kind::VswitchPin => "vswitch-pin",
             Kind::Kernel => "kernel",
             Kind::Ovs => "ovs",
         }
@@ -77,6 +90,11 @@ impl Kind {
         match self {
             Kind::Vswitch => "vswitch (vswitchd, TAP + userspace VXLAN, 1 datapath worker)",
             Kind::Vswitch2 => "vswitch-2w (the same with 2 datapath workers per node)",
+            Kind::VswitchPin => {
+                "vswitch-pin (1 worker per node pinned to CPU 0 and polling, pods on the other \
+                 CPUs: a core set aside for the datapath, as OVS-DPDK's pmd-cpu-mask with \
+                 kubelet's reserved CPUs)"
+            }
             Kind::Kernel => "kernel (bridge + vxlan, as flannel builds it)",
             Kind::Ovs => "ovs (Open vSwitch userspace datapath, netdev)",
         }
@@ -536,11 +554,12 @@ pub struct Report {
 }
 
 /// The notes printed under the table and stored in the JSON.
-pub const NOTES: [&str; 4] = [
+pub const NOTES: [&str; 5] = [
     "Each value is the median of the repetitions; the datapaths were measured interleaved in one run on a shared machine, so compare ratios, not absolute numbers.",
     "CPU per GB, machine: whole-machine busy CPU time from /proc/stat deltas (user+nice+system+irq+softirq+steal) during the cross-node 1-stream TCP test, divided by the GB iperf3 delivered. It includes iperf3 and softirq/system time (the only place the kernel path's work shows) and anything else running on the machine, the same for every datapath.",
     "CPU per GB, datapath procs: utime+stime of vswitchd / ovs-vswitchd over the same test; the kernel path has no such process (n/a).",
     "TCP request/response: 1-byte ping-pong over one TCP connection (TCP_NODELAY) between pods on two nodes, transactions per second.",
+    "vswitch-pin: both lab nodes' workers share CPU 0 (the nodes are namespaces of one machine) and every pod program runs under taskset on the other CPUs; the kernel path and OVS run unpinned, as their users run them. The targets are judged on plain vswitch; vswitch-pin's ratio follows each.",
 ];
 
 impl Report {
@@ -578,10 +597,15 @@ impl Report {
 
     /// vswitch's median over `other`'s.
     pub fn ratio(&self, m: Metric, other: Kind) -> Option<f64> {
+        self.ratio_of(m, Kind::Vswitch, other)
+    }
+
+    /// `who`'s median over `other`'s.
+    pub fn ratio_of(&self, m: Metric, who: Kind, other: Kind) -> Option<f64> {
         if !m.has_ratio() {
             return None;
         }
-        let a = self.value(m, Kind::Vswitch)?;
+        let a = self.value(m, who)?;
         let b = self.value(m, other)?;
         (b != 0.0).then(|| a / b)
     }
@@ -672,6 +696,18 @@ impl Report {
                         d.metric.unit()
                     ),
                 };
+                // The pinned variant's standing, for the reader (the target is plain vswitch's).
+                let pinned = match d.against {
+                    Some(k) => self
+                        .ratio_of(d.metric, Kind::VswitchPin, k)
+                        .map(|r| format!("{r:.2}x")),
+                    None => self
+                        .value(d.metric, Kind::VswitchPin)
+                        .map(|v| format!("{}{}", d.metric.format(v), d.metric.unit())),
+                };
+                let pinned = pinned
+                    .map(|p| format!("; vswitch-pin {p}"))
+                    .unwrap_or_default();
                 match (value, shown) {
                     (Some(v), Some(s)) => {
                         let ok = if d.at_least {
@@ -682,7 +718,7 @@ impl Report {
                         Target {
                             text: d.text,
                             status: if ok { "PASS" } else { "FAIL" },
-                            detail: format!("{s} (needs {need})"),
+                            detail: format!("{s} (needs {need}){pinned}"),
                         }
                     }
                     _ => {
@@ -750,11 +786,11 @@ impl Report {
         }
     }
 
-    fn ratio_text(&self, m: Metric, k: Kind) -> String {
+    fn ratio_text(&self, m: Metric, who: Kind, k: Kind) -> String {
         if !m.has_ratio() {
             return "".into();
         }
-        match self.ratio(m, k) {
+        match self.ratio_of(m, who, k) {
             Some(r) => format!("{r:.2}x"),
             None => "-".into(),
         }
@@ -767,10 +803,12 @@ impl Report {
             "unit".into(),
             "vswitch".into(),
             "vswitch-2w".into(),
+            "vswitch-pin".into(),
             "kernel".into(),
             "ovs".into(),
             "vswitch/kernel".into(),
             "vswitch/ovs".into(),
+            "pin/kernel".into(),
         ]];
         for m in Metric::ALL {
             rows.push(vec![
@@ -778,13 +816,15 @@ impl Report {
                 m.unit().into(),
                 self.cell_text(m, Kind::Vswitch),
                 self.cell_text(m, Kind::Vswitch2),
+                self.cell_text(m, Kind::VswitchPin),
                 self.cell_text(m, Kind::Kernel),
                 self.cell_text(m, Kind::Ovs),
-                self.ratio_text(m, Kind::Kernel),
-                self.ratio_text(m, Kind::Ovs),
+                self.ratio_text(m, Kind::Vswitch, Kind::Kernel),
+                self.ratio_text(m, Kind::Vswitch, Kind::Ovs),
+                self.ratio_text(m, Kind::VswitchPin, Kind::Kernel),
             ]);
         }
-        let mut w = [0usize; 8];
+        let mut w = [0usize; 10];
         for r in &rows {
             for (i, c) in r.iter().enumerate() {
                 w[i] = w[i].max(c.chars().count());
@@ -905,6 +945,8 @@ impl Report {
                     "ratios": {
                         "vswitch/kernel": self.ratio(m, Kind::Kernel),
                         "vswitch/ovs": self.ratio(m, Kind::Ovs),
+                        "vswitch-pin/kernel": self.ratio_of(m, Kind::VswitchPin, Kind::Kernel),
+                        "vswitch-pin/ovs": self.ratio_of(m, Kind::VswitchPin, Kind::Ovs),
                     },
                 })
             })
@@ -960,8 +1002,8 @@ impl Report {
         s.push_str(
             "set style fill solid 0.85 border -1\nset boxwidth 0.6\nset grid ytics\n\
              set linetype 1 lc rgb '#d1495b'\nset linetype 2 lc rgb '#00798c'\n\
-             set linetype 3 lc rgb '#edae49'\nset linetype 4 lc rgb '#66a182'\n\
-             set xrange [-0.6:3.6]\nunset key\n",
+             set linetype 3 lc rgb '#8d6a9f'\nset linetype 4 lc rgb '#edae49'\n\
+             set linetype 5 lc rgb '#66a182'\nset xrange [-0.6:4.6]\nunset key\n",
         );
         for (i, &m) in panels.iter().enumerate() {
             let _ = writeln!(s, "$d{i} << EOD");
@@ -1252,9 +1294,9 @@ struct Server {
 }
 
 impl Server {
-    /// Starts `argv` in `netns` and waits until it listens on TCP `port` there.
-    fn start(netns: &str, argv: &[&str], program: &str, port: u16) -> Result<Server, String> {
-        let mut cmd = in_netns(netns, argv);
+    /// Starts `argv` in `pod` and waits until it listens on TCP `port` there.
+    fn start(pod: &PodRef, argv: &[&str], program: &str, port: u16) -> Result<Server, String> {
+        let mut cmd = in_pod(pod, argv);
         let what = describe(&cmd);
         let child = cmd
             .stdin(Stdio::null())
@@ -1348,6 +1390,20 @@ fn ticks_per_second() -> u64 {
 pub struct PodRef {
     pub netns: String,
     pub ip: Ipv4Addr,
+    /// The CPUs its programs run on (`taskset -c`), when kept off the datapath's.
+    pub cpus: Option<String>,
+}
+
+/// `argv` as a program of `pod`: in its namespace, on its CPUs.
+fn in_pod(pod: &PodRef, argv: &[&str]) -> Command {
+    match &pod.cpus {
+        Some(cpus) => {
+            let mut all = vec!["taskset", "-c", cpus.as_str()];
+            all.extend_from_slice(argv);
+            in_netns(&pod.netns, &all)
+        }
+        None => in_netns(&pod.netns, argv),
+    }
 }
 
 /// The three pods every testbed has.
@@ -1398,10 +1454,34 @@ fn script_cmd(kind: Kind, script: &str, prefix: &str, verb: &str) -> Command {
     c
 }
 
+/// The CPUs the pinned testbed's pods run on: every CPU this process may use but [`PIN_CPU`],
+/// as a `taskset -c` list.
+fn pod_cpus() -> Result<String, String> {
+    use nix::sched::{sched_getaffinity, CpuSet};
+    let allowed = sched_getaffinity(nix::unistd::Pid::from_raw(0))
+        .map_err(|e| format!("sched_getaffinity: {e}"))?;
+    let may: Vec<usize> = (0..CpuSet::count())
+        .filter(|&c| allowed.is_set(c).unwrap_or(false))
+        .collect();
+    if !may.contains(&(PIN_CPU as usize)) {
+        return Err(format!("CPU {PIN_CPU} is not one this process may run on"));
+    }
+    let rest: Vec<String> = may
+        .iter()
+        .filter(|&&c| c != PIN_CPU as usize)
+        .map(|c| c.to_string())
+        .collect();
+    if rest.is_empty() {
+        return Err("needs 2 CPUs: one for the datapath and one for the pods".into());
+    }
+    Ok(rest.join(","))
+}
+
 fn script_pods(prefix: &str) -> Pods {
     let pod = |n: &str, ip: [u8; 4]| PodRef {
         netns: format!("{prefix}-{n}"),
         ip: Ipv4Addr::from(ip),
+        cpus: None,
     };
     Pods {
         p1: pod("p1", [10, 244, 1, 2]),
@@ -1413,24 +1493,31 @@ fn script_pods(prefix: &str) -> Pods {
 impl Testbed {
     fn up(kind: Kind) -> Result<Testbed, String> {
         match kind {
-            Kind::Vswitch => Testbed::up_vswitch(kind, LAB_NAME, 1),
-            Kind::Vswitch2 => Testbed::up_vswitch(kind, LAB_NAME_2W, 2),
+            Kind::Vswitch => Testbed::up_vswitch(kind, LabSpec::new(LAB_NAME, 2, 0), None),
+            Kind::Vswitch2 => {
+                Testbed::up_vswitch(kind, LabSpec::new(LAB_NAME_2W, 2, 0).with_workers(2), None)
+            }
+            Kind::VswitchPin => {
+                let pods = pod_cpus()?;
+                let spec = LabSpec::new(LAB_NAME_PIN, 2, 0).with_dedicated_cpus(vec![PIN_CPU]);
+                Testbed::up_vswitch(kind, spec, Some(pods))
+            }
             Kind::Kernel => Testbed::up_script(kind, KERNEL_SCRIPT, KERNEL_PREFIX),
             Kind::Ovs => Testbed::up_script(kind, OVS_SCRIPT, OVS_PREFIX),
         }
     }
 
-    fn up_vswitch(kind: Kind, name: &str, workers: u32) -> Result<Testbed, String> {
+    fn up_vswitch(kind: Kind, spec: LabSpec, cpus: Option<String>) -> Result<Testbed, String> {
         // Leftovers of a run that was killed.
-        Lab::teardown(name).map_err(lab_err)?;
-        let mut lab =
-            LabGuard::up(LabSpec::new(name, 2, 0).with_workers(workers)).map_err(lab_err)?;
+        Lab::teardown(&spec.name).map_err(lab_err)?;
+        let mut lab = LabGuard::up(spec).map_err(lab_err)?;
         let mut pod = |node: u32, name: &str| -> Result<PodRef, String> {
             let p = lab.add_pod(node, name).map_err(lab_err)?;
             match p.ip {
                 std::net::IpAddr::V4(ip) => Ok(PodRef {
                     netns: p.netns.clone(),
                     ip,
+                    cpus: cpus.clone(),
                 }),
                 other => Err(format!("pod {} got {other}, not IPv4", p.name)),
             }
@@ -1484,7 +1571,7 @@ impl Testbed {
             let deadline = Instant::now() + Duration::from_secs(15);
             loop {
                 let r = run_bounded(
-                    &mut in_netns(&self.pods.p1.netns, &["ping", "-c", "1", "-W", "1", &ip]),
+                    &mut in_pod(&self.pods.p1, &["ping", "-c", "1", "-W", "1", &ip]),
                     Duration::from_secs(5),
                 );
                 if matches!(&r, Ok(f) if f.status.success()) {
@@ -1626,7 +1713,7 @@ fn iperf_server(to: &PodRef) -> Result<Server, String> {
         "iperf3 -s -1 -B {} -p {IPERF_PORT} --idle-timeout 30",
         to.ip
     );
-    Server::start(&to.netns, &words(&argv), "iperf3", IPERF_PORT)
+    Server::start(to, &words(&argv), "iperf3", IPERF_PORT)
 }
 
 fn words(s: &str) -> Vec<&str> {
@@ -1646,7 +1733,7 @@ fn iperf_tcp(
         "iperf3 -c {target} -p {IPERF_PORT} -t {} -P {streams} -J --connect-timeout 3000",
         t.as_secs().max(1)
     );
-    let out = iperf_client(&mut in_netns(&from.netns, &words(&argv)), t + GRACE)?;
+    let out = iperf_client(&mut in_pod(from, &words(&argv)), t + GRACE)?;
     parse_iperf_tcp(&out)
 }
 
@@ -1668,7 +1755,7 @@ fn iperf_udp64(from: &PodRef, to: &PodRef, t: Duration) -> Result<UdpResult, Str
         to.ip,
         t.as_secs().max(1)
     );
-    let out = iperf_client(&mut in_netns(&from.netns, &words(&argv)), t + GRACE)?;
+    let out = iperf_client(&mut in_pod(from, &words(&argv)), t + GRACE)?;
     parse_iperf_udp(&out)
 }
 
@@ -1678,10 +1765,7 @@ fn ping_rtt(from: &PodRef, to: &PodRef, d: &Durations) -> Result<f64, String> {
     let ip = to.ip.to_string();
     let budget = d.ping_interval * d.ping_count + Duration::from_secs(5) + Duration::from_secs(1);
     let f = run_bounded(
-        &mut in_netns(
-            &from.netns,
-            &["ping", "-c", &c, "-i", &i, "-W", "1", "-q", &ip],
-        ),
+        &mut in_pod(from, &["ping", "-c", &c, "-i", &i, "-W", "1", "-q", &ip]),
         budget,
     )?;
     parse_ping_avg(&f.stdout)
@@ -1697,15 +1781,15 @@ fn tcp_rr(from: &PodRef, to: &PodRef, d: Duration) -> Result<RrResult, String> {
     let bind = SocketAddr::from((to.ip, RR_PORT)).to_string();
     let timeout = (d + GRACE).as_secs().to_string();
     let _server = Server::start(
-        &to.netns,
+        to,
         &[&exe_s, "rr-server", "--bind", &bind, "--timeout", &timeout],
         &program,
         RR_PORT,
     )?;
     let secs = format!("{:.3}", d.as_secs_f64());
     let out = run_ok(
-        &mut in_netns(
-            &from.netns,
+        &mut in_pod(
+            from,
             &[&exe_s, "rr-client", "--connect", &bind, "--duration", &secs],
         ),
         d + GRACE,
@@ -1951,6 +2035,9 @@ pub fn run(opts: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Report, Ben
     need_tool("ip", "iproute2")?;
     need_tool("iperf3", "iperf3")?;
     need_tool("ping", "iputils-ping")?;
+    if opts.only.contains(&Kind::VswitchPin) {
+        need_tool("taskset", "util-linux")?;
+    }
     install_signal_handlers();
     INTERRUPTED.store(false, Ordering::SeqCst);
 
@@ -2014,6 +2101,14 @@ pub fn run(opts: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Report, Ben
             }
             log(&format!("rep {rep}/{}: {}", report.reps, bed.kind.name()));
             measure(bed, &opts.durations, &mut report, log);
+            if bed.kind == Kind::VswitchPin {
+                // Its workers poll on for their busy-poll window after the last packet; let
+                // them go idle before the next datapath is measured.
+                thread::sleep(
+                    Duration::from_micros(conf::config::MAX_BUSY_POLL_US.into())
+                        + Duration::from_millis(500),
+                );
+            }
         }
     }
 
@@ -2180,6 +2275,7 @@ mod tests {
         for (k, v) in [
             (Kind::Vswitch, [11.0, 12.0, 10.0]),
             (Kind::Vswitch2, [12.0, 13.0, 11.0]),
+            (Kind::VswitchPin, [13.0, 13.05, 13.1]),
             (Kind::Kernel, [14.0, 15.0, 14.5]),
             (Kind::Ovs, [1.0, 1.1, 1.2]),
         ] {
@@ -2227,7 +2323,7 @@ mod tests {
             status,
             ["PASS", "PASS", "FAIL", "PASS", "PASS", "n/a", "FAIL", "PASS"]
         );
-        assert_eq!(t[0].detail, "0.76x (needs >= 0.7x)");
+        assert_eq!(t[0].detail, "0.76x (needs >= 0.7x); vswitch-pin 0.90x");
         assert_eq!(t[3].detail, "0.5% (needs <= 1%)");
         assert!(t[5].detail.contains("not implemented"), "{}", t[5].detail);
         assert_eq!(t[6].detail, "9.00 vs 10.00 Gbit/s: 0.90x (needs >= 0.95x)");
@@ -2275,10 +2371,12 @@ mod tests {
             "unit",
             "vswitch",
             "vswitch-2w",
+            "vswitch-pin",
             "kernel",
             "ovs",
             "vswitch/kernel",
             "vswitch/ovs",
+            "pin/kernel",
         ] {
             assert!(header.contains(c), "{header}");
         }
@@ -2291,8 +2389,8 @@ mod tests {
             .unwrap();
         let cells: Vec<&str> = row.split_whitespace().collect();
         assert_eq!(
-            cells[cells.len() - 7..],
-            ["Gbit/s", "11.00", "12.00", "14.50", "1.10", "0.76x", "10.00x"]
+            cells[cells.len() - 9..],
+            ["Gbit/s", "11.00", "12.00", "13.05", "14.50", "1.10", "0.76x", "10.00x", "0.90x"]
         );
         let row = t
             .lines()
@@ -2362,9 +2460,10 @@ mod tests {
         assert!(s.contains("set multiplot layout 2,3"), "{s}");
         assert!(s.contains("0 \"vswitch\" 11 1 \"11.00\""), "{s}");
         assert!(s.contains("1 \"vswitch-2w\" 12 2 \"12.00\""), "{s}");
-        assert!(s.contains("3 \"ovs\" 1.1 4 \"1.10\""), "{s}");
+        assert!(s.contains("2 \"vswitch-pin\" 13.05 3 \"13.05\""), "{s}");
+        assert!(s.contains("4 \"ovs\" 1.1 5 \"1.10\""), "{s}");
         // same-node TCP was not measured for ovs: an empty bar that says so.
-        assert!(s.contains("3 \"ovs\" 0 4 \"error\""), "{s}");
+        assert!(s.contains("4 \"ovs\" 0 5 \"error\""), "{s}");
         assert!(!s.contains("ClusterIP"), "{s}");
     }
 
