@@ -94,7 +94,7 @@ enum Cmd {
         #[arg(long, value_name = "SECS")]
         time: Option<u64>,
         /// The datapaths to measure, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "vswitch,vswitch-2w,kernel,ovs", value_parser = parse_kind)]
+        #[arg(long, value_delimiter = ',', default_value = "vswitch,vswitch-2w,vswitch-pin,kernel,ovs", value_parser = parse_kind)]
         only: Vec<Kind>,
         /// Where latest.json, latest.txt and latest.png are written.
         #[arg(long, default_value = "docs/benchmarks")]
