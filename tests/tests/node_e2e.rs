@@ -273,6 +273,10 @@ fn config_errors_name_the_field_and_the_admin_socket_is_private() {
             !dir.join("vswitchd.sock").exists(),
             "vswitchd made its socket despite the bad config:\n{text}"
         );
+        assert!(
+            !dir.join("state").exists(),
+            "vswitchd made its state directory despite the bad config:\n{text}"
+        );
     }
     let out = run(
         Command::new(bin("vswitchd"))
@@ -371,48 +375,57 @@ fn ipam_never_hands_out_a_leased_address_across_a_daemon_restart() {
     assert_daemon_holds_no_pod(daemon.pid(), daemon.netns.name());
 }
 
-/// `datapath.cpus`: the worker thread runs on the CPU it was given, and the pods still reach
-/// each other through it.
+/// `datapath.cpus`: the worker threads run on the CPU they were given (two workers, one CPU
+/// listed: both on it), and the pods still reach each other through them.
 #[test]
 fn pinned_workers_run_on_their_cpu() {
     require_root();
     let name = unique("t");
-    // The first CPU this test may run on (`0-1`, `2,5-7`, ...).
+    // The CPUs this test may run on (`0-1`, `2,5-7`, ...), and the last of them: on a machine
+    // with more than one, a worker that was not pinned would show them all.
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let list = status
         .lines()
         .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        .unwrap();
-    let cpu: u32 = list
-        .trim()
-        .split([',', '-'])
-        .next()
         .unwrap()
-        .parse()
-        .unwrap();
+        .trim()
+        .to_string();
+    let last = list.rsplit([',', '-']).next().unwrap();
+    let cpu: u32 = last.parse().unwrap();
     let spec = vswitch_lab::LabSpec {
         cpus: vec![cpu],
-        ..vswitch_lab::LabSpec::new(&name, 1, 2)
+        ..vswitch_lab::LabSpec::new(&name, 1, 2).with_workers(2)
     };
     let lab = vswitch_lab::LabGuard::up(spec).unwrap_or_else(|e| panic!("lab {name}: {e}"));
     let pid = lab.node("n1").pid.expect("vswitchd pid");
     let mut workers = Vec::new();
+    let mut others = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let dir = task.unwrap().path();
         let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(dir.join("status")).unwrap();
+        let allowed = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .map(|v| v.trim().to_string())
+            .unwrap();
         if comm.trim().starts_with("vswitch-dp") {
-            let status = std::fs::read_to_string(dir.join("status")).unwrap();
-            let allowed = status
-                .lines()
-                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-                .map(|v| v.trim().to_string());
             workers.push((comm.trim().to_string(), allowed));
+        } else {
+            others.push(allowed);
         }
     }
+    workers.sort();
     assert_eq!(
         workers,
-        [("vswitch-dp0".to_string(), Some(cpu.to_string()))]
+        [
+            ("vswitch-dp0".to_string(), cpu.to_string()),
+            ("vswitch-dp1".to_string(), cpu.to_string())
+        ]
     );
+    // Only the workers are pinned: the control plane runs wherever the daemon may.
+    assert!(others.iter().all(|a| *a == list), "{others:?} vs {list}");
     let (a, b) = (lab.pod("n1-p1"), lab.pod("n1-p2"));
     assert_ping(&a.netns, b.ip);
+    assert_ping(&b.netns, a.ip);
 }

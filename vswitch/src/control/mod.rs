@@ -116,6 +116,9 @@ fn api_err(code: u32, msg: impl Into<String>, details: impl std::fmt::Display) -
 
 impl Daemon {
     pub fn start(config: Config) -> Result<Arc<Daemon>, DaemonError> {
+        // Checked before anything is made, so a bad CPU leaves nothing behind.
+        let cpus: Vec<usize> = config.datapath.cpus.iter().map(|&c| c as usize).collect();
+        let pins = crate::datapath::cpu_pins(&cpus).map_err(DaemonError::Datapath)?;
         let state_dir = config.node.state_dir.clone();
         let records_dir = state_dir.join("attachments");
         fs::create_dir_all(&records_dir).map_err(|source| DaemonError::State {
@@ -183,12 +186,7 @@ impl Daemon {
             crate::pipeline::CtConfig::from_config(&config.nat),
             workers,
             std::time::Duration::from_micros(config.datapath.busy_poll_us.into()),
-            &config
-                .datapath
-                .cpus
-                .iter()
-                .map(|&c| c as usize)
-                .collect::<Vec<_>>(),
+            &pins,
         )
         .map_err(DaemonError::Datapath)?;
         // Take back the pods' ports from before a restart: their TAP devices persisted, with

@@ -150,10 +150,15 @@ impl Datapath {
         ct: CtConfig,
         workers: usize,
         busy_poll: std::time::Duration,
-        cpus: &[usize],
+        pins: &[CpuPin],
     ) -> io::Result<Datapath> {
         let n = workers.max(1);
-        let pins = pin_sets(cpus)?;
+        if pins.len() > n {
+            tracing::warn!(
+                "datapath.cpus lists {} CPUs for {n} worker(s): the rest go unused",
+                pins.len()
+            );
+        }
         if !underlays.is_empty() && underlays.len() != n {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -175,8 +180,7 @@ impl Datapath {
             worker.to_self = Some((tx.clone(), waker.clone()));
             worker.ct = ct;
             worker.busy_poll = busy_poll;
-            let pin =
-                (!pins.is_empty()).then(|| (cpus[index % cpus.len()], pins[index % pins.len()]));
+            let pin = (!pins.is_empty()).then(|| pins[index % pins.len()]);
             worker.pinned = pin.is_some();
             let ct_stats = worker.ct_stats.clone();
             let frames = worker.frames_seen.clone();
@@ -199,12 +203,17 @@ impl Datapath {
             let thread = std::thread::Builder::new()
                 .name(format!("vswitch-dp{index}"))
                 .spawn(move || {
-                    if let Some((cpu, set)) = pin {
+                    let mut worker = worker;
+                    if let Some(CpuPin { cpu, set }) = pin {
                         match nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set) {
                             Ok(()) => tracing::info!("datapath worker {index} pinned to CPU {cpu}"),
-                            Err(e) => tracing::error!(
-                                "datapath worker {index}: pinning to CPU {cpu} failed: {e}"
-                            ),
+                            Err(e) => {
+                                // Not on a core of its own after all: spin like an unpinned one.
+                                worker.pinned = false;
+                                tracing::error!(
+                                    "datapath worker {index}: pinning to CPU {cpu} failed: {e}"
+                                )
+                            }
                         }
                     }
                     worker.run()
@@ -358,34 +367,58 @@ impl Port {
     }
 }
 
-/// One single-CPU set per entry of `datapath.cpus`, each checked to be a CPU this process may
-/// run on (so a typo fails the start, naming the field, instead of leaving a worker unpinned).
-fn pin_sets(cpus: &[usize]) -> io::Result<Vec<nix::sched::CpuSet>> {
+/// A CPU a worker is pinned to (`datapath.cpus`).
+#[derive(Debug, Clone, Copy)]
+pub struct CpuPin {
+    pub cpu: usize,
+    set: nix::sched::CpuSet,
+}
+
+/// One pin per entry of `datapath.cpus`, each checked to be a CPU this process may run on, so
+/// a typo fails the start, naming the field, instead of leaving a worker unpinned. vswitchd
+/// calls this before it changes anything.
+pub fn cpu_pins(cpus: &[usize]) -> io::Result<Vec<CpuPin>> {
     use nix::sched::{sched_getaffinity, CpuSet};
     if cpus.is_empty() {
         return Ok(Vec::new());
     }
     let allowed = sched_getaffinity(nix::unistd::Pid::from_raw(0)).map_err(io::Error::from)?;
     let may = |c: usize| allowed.is_set(c).unwrap_or(false);
-    let list: Vec<String> = (0..CpuSet::count())
-        .filter(|&c| may(c))
-        .map(|c| c.to_string())
-        .collect();
     cpus.iter()
-        .map(|&c| {
+        .map(|&cpu| {
             let mut set = CpuSet::new();
-            if !may(c) || set.set(c).is_err() {
+            if !may(cpu) || set.set(cpu).is_err() {
+                let list: Vec<usize> = (0..CpuSet::count()).filter(|&c| may(c)).collect();
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
                     format!(
-                        "datapath.cpus: CPU {c} is not one this process may run on (allowed: {})",
-                        list.join(",")
+                        "datapath.cpus: CPU {cpu} is not one this process may run on (allowed: {})",
+                        cpu_list(&list)
                     ),
                 ));
             }
-            Ok(set)
+            Ok(CpuPin { cpu, set })
         })
         .collect()
+}
+
+/// CPU numbers as the kernel's list format: `0-3,8,10-11`.
+fn cpu_list(cpus: &[usize]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < cpus.len() {
+        let mut j = i;
+        while j + 1 < cpus.len() && cpus[j + 1] == cpus[j] + 1 {
+            j += 1;
+        }
+        out.push(if i == j {
+            cpus[i].to_string()
+        } else {
+            format!("{}-{}", cpus[i], cpus[j])
+        });
+        i = j + 1;
+    }
+    out.join(",")
 }
 
 struct Worker {
@@ -1166,21 +1199,29 @@ fn flow_hash(frame: &[u8]) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::pin_sets;
+    use super::{cpu_list, cpu_pins};
 
     #[test]
     fn pinning_takes_allowed_cpus_and_names_the_field_for_others() {
-        assert!(pin_sets(&[]).unwrap().is_empty());
+        assert!(cpu_pins(&[]).unwrap().is_empty());
         let allowed = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap();
         let first = (0..nix::sched::CpuSet::count())
             .find(|&c| allowed.is_set(c).unwrap_or(false))
             .unwrap();
-        let sets = pin_sets(&[first, first]).unwrap();
-        assert_eq!(sets.len(), 2);
-        assert!(sets[0].is_set(first).unwrap());
-        let e = pin_sets(&[first, 1023]).unwrap_err();
+        let pins = cpu_pins(&[first, first]).unwrap();
+        assert_eq!(pins.len(), 2);
+        assert_eq!(pins[1].cpu, first);
+        assert!(pins[0].set.is_set(first).unwrap());
+        let e = cpu_pins(&[first, 1023]).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
         assert!(e.to_string().starts_with("datapath.cpus: CPU 1023"), "{e}");
-        assert!(pin_sets(&[100_000]).is_err());
+        assert!(cpu_pins(&[100_000]).is_err());
+    }
+
+    #[test]
+    fn cpu_lists_collapse_runs() {
+        assert_eq!(cpu_list(&[]), "");
+        assert_eq!(cpu_list(&[0]), "0");
+        assert_eq!(cpu_list(&[0, 1, 2, 3, 8, 10, 11]), "0-3,8,10-11");
     }
 }
