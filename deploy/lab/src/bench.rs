@@ -1003,8 +1003,9 @@ impl Report {
             "set style fill solid 0.85 border -1\nset boxwidth 0.6\nset grid ytics\n\
              set linetype 1 lc rgb '#d1495b'\nset linetype 2 lc rgb '#00798c'\n\
              set linetype 3 lc rgb '#8d6a9f'\nset linetype 4 lc rgb '#edae49'\n\
-             set linetype 5 lc rgb '#66a182'\nset xrange [-0.6:4.6]\nunset key\n",
+             set linetype 5 lc rgb '#66a182'\nunset key\n",
         );
+        let _ = writeln!(s, "set xrange [-0.6:{}.6]", Kind::ALL.len() - 1);
         for (i, &m) in panels.iter().enumerate() {
             let _ = writeln!(s, "$d{i} << EOD");
             // x, name, value, colour, label; a datapath without a value gets an empty bar
@@ -2101,7 +2102,7 @@ pub fn run(opts: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Report, Ben
             }
             log(&format!("rep {rep}/{}: {}", report.reps, bed.kind.name()));
             measure(bed, &opts.durations, &mut report, log);
-            if bed.kind == Kind::VswitchPin {
+            if bed.kind == Kind::VswitchPin && !interrupted() {
                 // Its workers poll on for their busy-poll window after the last packet; let
                 // them go idle before the next datapath is measured.
                 thread::sleep(
