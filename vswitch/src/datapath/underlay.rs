@@ -124,10 +124,12 @@ impl Underlay {
             )?;
             return Ok(1);
         };
-        let per_call = state.max_gso_segments().min(MAX_GSO_BYTES / seg).max(1);
+        let gso = state.max_gso_segments();
+        let per_call = gso.min(MAX_GSO_BYTES / seg).max(1);
         let mut sent = 0;
+        let mut result = Ok(());
         for chunk in contents.chunks(per_call * seg) {
-            state.try_send(
+            result = state.try_send(
                 sock.into(),
                 &Transmit {
                     destination,
@@ -136,10 +138,21 @@ impl Underlay {
                     segment_size: (chunk.len() > seg).then_some(seg),
                     src_ip: None,
                 },
-            )?;
+            );
+            if result.is_err() {
+                break;
+            }
             sent += chunk.len().div_ceil(seg);
         }
-        Ok(sent)
+        if gso > 1 && state.max_gso_segments() == 1 {
+            // quinn-udp saw EIO/EINVAL: the underlay device cannot segment or checksum.
+            tracing::warn!(
+                "underlay: the kernel refused UDP segmentation offload on a send socket (an \
+                 underlay device without checksum offload?); that socket sends one datagram \
+                 per call from now on"
+            );
+        }
+        result.map(|()| sent)
     }
 
     /// The address a datagram of this flow leaves from, as `send` picks the socket.
@@ -163,5 +176,75 @@ impl Underlay {
             .iter()
             .filter_map(|(s, _)| s.local_addr().ok().map(|a| a.port()))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+    use std::time::{Duration, Instant};
+
+    /// Datagrams (and bytes) the underlay's receive socket gets within a second.
+    fn drain(u: &Underlay, want: usize) -> (usize, usize) {
+        let mut buf = vec![0u8; 65_536];
+        let (mut n, mut bytes) = (0, 0);
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while bytes < want && Instant::now() < deadline {
+            let mut meta = [RecvMeta::default()];
+            match u.recv(&mut [IoSliceMut::new(&mut buf)], &mut meta) {
+                Ok(_) => {
+                    n += meta[0].len.div_ceil(meta[0].stride.max(1));
+                    bytes += meta[0].len;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Err(e) => panic!("recv: {e}"),
+            }
+        }
+        (n, bytes)
+    }
+
+    /// Where the kernel refuses UDP_SEGMENT on a socket (EIO from a device without checksum
+    /// offload on older kernels, EINVAL here, from a socket that sends no UDP checksum), the
+    /// send pool falls back to one datagram per call and the segments still arrive whole.
+    #[test]
+    fn a_refused_segmentation_offload_falls_back_to_one_datagram_per_call() {
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let mut u = Underlay::bind_group(ip, 0, 1).unwrap().remove(0);
+        u.port = u.local_addr().port();
+        let data = vec![7u8; 3000];
+        // With offload: one call, three datagrams.
+        assert_eq!(u.send(1, &data, Some(1000), ip).unwrap(), 3);
+        assert_eq!(drain(&u, 3000), (3, 3000));
+        for (s, state) in &u.tx {
+            assert!(
+                state.max_gso_segments() > 1,
+                "no segmentation offload to refuse"
+            );
+            let one: libc::c_int = 1;
+            // SAFETY: setsockopt on an open socket, with a pointer to a c_int that outlives
+            // the call and its size.
+            let rc = unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_NO_CHECK,
+                    (&one as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(rc, 0, "SO_NO_CHECK: {}", io::Error::last_os_error());
+        }
+        // The refused send is lost (a counted drop in the worker); every later one goes out
+        // datagram by datagram.
+        let first = u.send(1, &data, Some(1000), ip);
+        let (tx, state) = &u.tx[(1 % u.tx.len() as u64) as usize];
+        assert_eq!(state.max_gso_segments(), 1, "{first:?} from {tx:?}");
+        let sent_first = first.unwrap_or(0);
+        assert_eq!(u.send(1, &data, Some(1000), ip).unwrap(), 3);
+        let want = 3000 + sent_first * 1000;
+        assert_eq!(drain(&u, want), (3 + sent_first, want));
     }
 }
