@@ -22,6 +22,16 @@ use vswitch_lab::Node;
 const TCP_FLOOR_MBPS: f64 = 50.0;
 const VXLAN_PORT: u16 = 8472;
 
+/// No VXLAN datagram a node received was refused (unknown peer, bad header, ...).
+fn assert_no_vxlan_drops(n: &Node) {
+    let drops = underlay_drops(n);
+    assert!(
+        drops.keys().all(|k| !k.starts_with("vxlan_")),
+        "{}: underlay drops {drops:?}",
+        n.name
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // 1. Pods on three nodes.
 
@@ -59,12 +69,7 @@ fn pods_on_three_nodes_exchange_ping_tcp_and_udp() {
 
     // Nothing the nodes sent each other was refused.
     for n in &lab.nodes {
-        let drops = underlay_drops(n);
-        assert!(
-            drops.keys().all(|k| !k.starts_with("vxlan_")),
-            "{}: underlay drops {drops:?}",
-            n.name
-        );
+        assert_no_vxlan_drops(n);
     }
     eprintln!("took {:.1?}", started.elapsed());
 }
@@ -306,12 +311,7 @@ fn an_underlay_without_checksum_offload_still_carries_bulk_tcp() {
         TCP_FLOOR_MBPS,
     );
     for n in &lab.nodes {
-        let drops = underlay_drops(n);
-        assert!(
-            drops.keys().all(|k| !k.starts_with("vxlan_")),
-            "{}: underlay drops {drops:?}",
-            n.name
-        );
+        assert_no_vxlan_drops(n);
         for p in lab.pods.iter().filter(|p| p.node == n.name) {
             let d = port_drops(n, p.ip);
             assert_eq!(get(&d, "tx_error"), 0, "{}: {d:?}", p.name);
