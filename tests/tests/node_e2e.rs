@@ -428,4 +428,27 @@ fn pinned_workers_run_on_their_cpu() {
     let (a, b) = (lab.pod("n1-p1"), lab.pod("n1-p2"));
     assert_ping(&a.netns, b.ip);
     assert_ping(&b.netns, a.ip);
+    // `vswitch-lab exec` runs a pod's programs off the datapath's CPU, as kubelet's reserved
+    // CPUs would; a node's run anywhere.
+    let in_pod = lab.exec("n1-p1", &["grep", "Cpus_allowed_list", "/proc/self/status"]);
+    match in_pod {
+        Ok(out) => {
+            let text = String::from_utf8_lossy(&out.stdout);
+            let pod_list = text.split(':').nth(1).unwrap_or_default().trim();
+            assert!(!pod_list.is_empty(), "{text}");
+            assert!(
+                pod_list.split(',').all(|c| c != cpu.to_string()),
+                "a pod program may run on the datapath's CPU {cpu}: {pod_list}"
+            );
+        }
+        // A machine with one CPU has none left for the pods.
+        Err(e) => assert!(
+            list == cpu.to_string() && e.to_string().contains("no CPU is left"),
+            "{e}"
+        ),
+    }
+    let on_node = lab
+        .exec("n1", &["grep", "Cpus_allowed_list", "/proc/self/status"])
+        .unwrap();
+    assert!(String::from_utf8_lossy(&on_node.stdout).contains(&list));
 }

@@ -1458,24 +1458,7 @@ fn script_cmd(kind: Kind, script: &str, prefix: &str, verb: &str) -> Command {
 /// The CPUs the pinned testbed's pods run on: every CPU this process may use but [`PIN_CPU`],
 /// as a `taskset -c` list.
 fn pod_cpus() -> Result<String, String> {
-    use nix::sched::{sched_getaffinity, CpuSet};
-    let allowed = sched_getaffinity(nix::unistd::Pid::from_raw(0))
-        .map_err(|e| format!("sched_getaffinity: {e}"))?;
-    let may: Vec<usize> = (0..CpuSet::count())
-        .filter(|&c| allowed.is_set(c).unwrap_or(false))
-        .collect();
-    if !may.contains(&(PIN_CPU as usize)) {
-        return Err(format!("CPU {PIN_CPU} is not one this process may run on"));
-    }
-    let rest: Vec<String> = may
-        .iter()
-        .filter(|&&c| c != PIN_CPU as usize)
-        .map(|c| c.to_string())
-        .collect();
-    if rest.is_empty() {
-        return Err("needs 2 CPUs: one for the datapath and one for the pods".into());
-    }
-    Ok(rest.join(","))
+    crate::sys::cpus_besides(&[PIN_CPU])
 }
 
 fn script_pods(prefix: &str) -> Pods {

@@ -797,12 +797,28 @@ impl Lab {
         })
     }
 
-    /// A command that runs `argv` in a target's namespace (see [`Lab::netns_of`]).
+    /// A command that runs `argv` in a target's namespace (see [`Lab::netns_of`]). When the
+    /// lab's datapath has cores of its own (`--datapath-cpus`), a pod's program runs on the
+    /// other CPUs (`taskset -c`), as kubelet's reserved CPUs would place it.
     pub fn command<S: AsRef<OsStr>>(&self, target: &str, argv: &[S]) -> Result<Command, LabError> {
         let ns = self.netns_of(target)?;
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns]).args(argv);
+        cmd.args(["netns", "exec", ns]);
+        let reserved = self.datapath_cpus();
+        if self.find_pod(target).is_some() && !reserved.is_empty() {
+            let cpus = sys::cpus_besides(&reserved).map_err(LabError::InvalidSpec)?;
+            cmd.args(["taskset", "-c", &cpus]);
+        }
+        cmd.args(argv);
         Ok(cmd)
+    }
+
+    /// Every CPU some node's datapath is pinned to.
+    pub fn datapath_cpus(&self) -> Vec<u32> {
+        let mut all: Vec<u32> = self.nodes.iter().flat_map(|n| n.cpus.clone()).collect();
+        all.sort_unstable();
+        all.dedup();
+        all
     }
 
     /// Runs `argv` in a pod's (or node's) namespace and collects its output.

@@ -32,8 +32,8 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         workers: u32,
         /// Pin each vswitchd's workers to these CPUs (`datapath.cpus`, e.g. `0` or `0,1`), to
-        /// give the datapath cores of its own. Run the pods' programs off them
-        /// (`taskset -c 1 ...`), as kubelet's reserved CPUs would.
+        /// give the datapath cores of its own; `exec` then runs the pods' programs on the other
+        /// CPUs, as kubelet's reserved CPUs would place them.
         #[arg(long, value_delimiter = ',')]
         datapath_cpus: Vec<u32>,
         /// Each vswitchd's `datapath.busy_poll_us` (1000000: poll all the time, for a

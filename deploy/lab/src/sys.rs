@@ -321,6 +321,34 @@ pub(crate) fn log_tail(path: &Path, n: usize) -> String {
     }
 }
 
+/// The CPUs this process may run on but `reserved`, as a `taskset -c` list: where a pod's
+/// programs go when the datapath has cores of its own (what kubelet's reserved CPUs do).
+pub fn cpus_besides(reserved: &[u32]) -> Result<String, String> {
+    use nix::sched::{sched_getaffinity, CpuSet};
+    let allowed = sched_getaffinity(nix::unistd::Pid::from_raw(0))
+        .map_err(|e| format!("sched_getaffinity: {e}"))?;
+    let may: Vec<usize> = (0..CpuSet::count())
+        .filter(|&c| allowed.is_set(c).unwrap_or(false))
+        .collect();
+    cpu_list_besides(&may, reserved)
+}
+
+/// `allowed` without `reserved`, comma-separated; an error when nothing is left.
+pub(crate) fn cpu_list_besides(allowed: &[usize], reserved: &[u32]) -> Result<String, String> {
+    let rest: Vec<String> = allowed
+        .iter()
+        .filter(|&&c| !reserved.iter().any(|&r| r as usize == c))
+        .map(|c| c.to_string())
+        .collect();
+    if rest.is_empty() {
+        return Err(format!(
+            "no CPU is left for the pods: the datapath has {reserved:?} of the CPUs this process \
+             may use ({allowed:?})"
+        ));
+    }
+    Ok(rest.join(","))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -374,5 +402,15 @@ mod tests {
         assert_eq!(log_tail(&p, 2), "b\nc");
         fs::remove_file(&p).unwrap();
         assert!(log_tail(&p, 2).contains("cannot read"));
+    }
+
+    #[test]
+    fn pods_get_the_cpus_the_datapath_does_not() {
+        assert_eq!(cpu_list_besides(&[0, 1, 2, 3], &[0]).unwrap(), "1,2,3");
+        assert_eq!(cpu_list_besides(&[0, 1, 2, 3], &[1, 3]).unwrap(), "0,2");
+        assert_eq!(cpu_list_besides(&[2, 3], &[7]).unwrap(), "2,3");
+        assert!(cpu_list_besides(&[0], &[0])
+            .unwrap_err()
+            .contains("no CPU is left"));
     }
 }
