@@ -111,6 +111,10 @@ pub enum Metric {
     TcpCross1,
     TcpCross4,
     TcpSame,
+    /// The same two tests with the pods' TCP forced to cubic (Linux's default congestion
+    /// control), whatever the host's default is.
+    TcpCross1Cubic,
+    TcpSameCubic,
     Udp64Rate,
     Udp64Loss,
     PingRtt,
@@ -122,10 +126,12 @@ pub enum Metric {
 }
 
 impl Metric {
-    pub const ALL: [Metric; 11] = [
+    pub const ALL: [Metric; 13] = [
         Metric::TcpCross1,
         Metric::TcpCross4,
         Metric::TcpSame,
+        Metric::TcpCross1Cubic,
+        Metric::TcpSameCubic,
         Metric::Udp64Rate,
         Metric::Udp64Loss,
         Metric::PingRtt,
@@ -142,6 +148,8 @@ impl Metric {
             Metric::TcpCross1 => "tcp_cross_node_1",
             Metric::TcpCross4 => "tcp_cross_node_4",
             Metric::TcpSame => "tcp_same_node",
+            Metric::TcpCross1Cubic => "tcp_cross_node_1_cubic",
+            Metric::TcpSameCubic => "tcp_same_node_cubic",
             Metric::Udp64Rate => "udp64_delivered",
             Metric::Udp64Loss => "udp64_loss",
             Metric::PingRtt => "ping_rtt",
@@ -158,6 +166,8 @@ impl Metric {
             Metric::TcpCross1 => "cross-node TCP, 1 stream",
             Metric::TcpCross4 => "cross-node TCP, 4 streams",
             Metric::TcpSame => "same-node TCP",
+            Metric::TcpCross1Cubic => "cross-node TCP, cubic",
+            Metric::TcpSameCubic => "same-node TCP, cubic",
             Metric::Udp64Rate => "UDP 64 B delivered",
             Metric::Udp64Loss => "UDP 64 B loss",
             Metric::PingRtt => "ping RTT (avg)",
@@ -171,9 +181,12 @@ impl Metric {
 
     pub fn unit(self) -> &'static str {
         match self {
-            Metric::TcpCross1 | Metric::TcpCross4 | Metric::TcpSame | Metric::ClusterIpTcp => {
-                "Gbit/s"
-            }
+            Metric::TcpCross1
+            | Metric::TcpCross4
+            | Metric::TcpSame
+            | Metric::TcpCross1Cubic
+            | Metric::TcpSameCubic
+            | Metric::ClusterIpTcp => "Gbit/s",
             Metric::Udp64Rate => "kpps",
             Metric::Udp64Loss => "%",
             Metric::PingRtt => "ms",
@@ -541,6 +554,8 @@ pub struct Report {
     pub date: String,
     pub commit: Option<String>,
     pub kernel: String,
+    /// The host's default TCP congestion control, which the pods inherit.
+    pub tcp_cc: String,
     pub cpus: usize,
     pub reps: u32,
     pub quick: bool,
@@ -554,11 +569,12 @@ pub struct Report {
 }
 
 /// The notes printed under the table and stored in the JSON.
-pub const NOTES: [&str; 5] = [
+pub const NOTES: [&str; 6] = [
     "Each value is the median of the repetitions; the datapaths were measured interleaved in one run on a shared machine, so compare ratios, not absolute numbers.",
     "CPU per GB, machine: whole-machine busy CPU time from /proc/stat deltas (user+nice+system+irq+softirq+steal) during the cross-node 1-stream TCP test, divided by the GB iperf3 delivered. It includes iperf3 and softirq/system time (the only place the kernel path's work shows) and anything else running on the machine, the same for every datapath.",
     "CPU per GB, datapath procs: utime+stime of vswitchd / ovs-vswitchd over the same test; the kernel path has no such process (n/a).",
     "TCP request/response: 1-byte ping-pong over one TCP connection (TCP_NODELAY) between pods on two nodes, transactions per second.",
+    "TCP congestion control: the pods inherit the host's default (in the header line); the cubic rows force cubic (iperf3 -C cubic), Linux's own default. BBR paces every burst with a timer, which both paths pay and which changes the ratios a lot: the targets are judged on the default rows.",
     "vswitch-pin: both lab nodes' workers share CPU 0 (the nodes are namespaces of one machine) and every pod program runs under taskset on the other CPUs; the kernel path and OVS run unpinned, as their users run them. The targets are judged on plain vswitch; vswitch-pin's ratio follows each.",
 ];
 
@@ -833,13 +849,18 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "vswitch-lab bench {} ({} rep{}, {}), kernel {}, {} CPUs{}",
+            "vswitch-lab bench {} ({} rep{}, {}), kernel {}, {} CPUs, pods' TCP {}{}",
             self.date,
             self.reps,
             if self.reps == 1 { "" } else { "s" },
             if self.quick { "quick" } else { "full" },
             self.kernel,
             self.cpus,
+            if self.tcp_cc.is_empty() {
+                "?"
+            } else {
+                &self.tcp_cc
+            },
             self.commit
                 .as_ref()
                 .map(|c| format!(", commit {c}"))
@@ -961,7 +982,7 @@ impl Report {
             "tool": "vswitch-lab bench",
             "date": self.date,
             "commit": self.commit,
-            "host": { "kernel": self.kernel, "cpus": self.cpus },
+            "host": { "kernel": self.kernel, "cpus": self.cpus, "tcp_congestion_control": self.tcp_cc },
             "config": {
                 "reps": self.reps,
                 "quick": self.quick,
@@ -1711,12 +1732,16 @@ fn iperf_tcp(
     target: Ipv4Addr,
     streams: u32,
     t: Duration,
+    cc: Option<&str>,
 ) -> Result<TcpResult, String> {
     let _server = iperf_server(to)?;
-    let argv = format!(
+    let mut argv = format!(
         "iperf3 -c {target} -p {IPERF_PORT} -t {} -P {streams} -J --connect-timeout 3000",
         t.as_secs().max(1)
     );
+    if let Some(cc) = cc {
+        argv.push_str(&format!(" -C {cc}"));
+    }
     let out = iperf_client(&mut in_pod(from, &words(&argv)), t + GRACE)?;
     parse_iperf_tcp(&out)
 }
@@ -1822,7 +1847,7 @@ fn measure(bed: &Testbed, d: &Durations, report: &mut Report, log: &mut dyn FnMu
     let tps = ticks_per_second();
     let cpu0 = read_cpu();
     let pid0 = read_pids_cpu(&bed.pids);
-    let r = iperf_tcp(&pods.p1, &pods.p2, pods.p2.ip, 1, d.tcp);
+    let r = iperf_tcp(&pods.p1, &pods.p2, pods.p2.ip, 1, d.tcp, None);
     let cpu1 = read_cpu();
     let pid1 = read_pids_cpu(&bed.pids);
     match r {
@@ -1868,7 +1893,7 @@ fn measure(bed: &Testbed, d: &Durations, report: &mut Report, log: &mut dyn FnMu
     record(
         report,
         Metric::TcpCross4,
-        iperf_tcp(&pods.p1, &pods.p2, pods.p2.ip, 4, d.tcp).map(|t| t.bits_per_second / 1e9),
+        iperf_tcp(&pods.p1, &pods.p2, pods.p2.ip, 4, d.tcp, None).map(|t| t.bits_per_second / 1e9),
     );
     if interrupted() {
         return;
@@ -1876,8 +1901,23 @@ fn measure(bed: &Testbed, d: &Durations, report: &mut Report, log: &mut dyn FnMu
     record(
         report,
         Metric::TcpSame,
-        iperf_tcp(&pods.p1, &pods.p1b, pods.p1b.ip, 1, d.tcp).map(|t| t.bits_per_second / 1e9),
+        iperf_tcp(&pods.p1, &pods.p1b, pods.p1b.ip, 1, d.tcp, None)
+            .map(|t| t.bits_per_second / 1e9),
     );
+    for (m, to) in [
+        (Metric::TcpCross1Cubic, &pods.p2),
+        (Metric::TcpSameCubic, &pods.p1b),
+    ] {
+        if interrupted() {
+            return;
+        }
+        record(
+            report,
+            m,
+            iperf_tcp(&pods.p1, to, to.ip, 1, d.tcp, Some("cubic"))
+                .map(|t| t.bits_per_second / 1e9),
+        );
+    }
 
     // ClusterIP: the same cross-node test to a Service whose one endpoint is p2.
     if interrupted() {
@@ -1894,8 +1934,8 @@ fn measure(bed: &Testbed, d: &Durations, report: &mut Report, log: &mut dyn FnMu
         }
         Ok(vip) => match vip.ip() {
             std::net::IpAddr::V4(ip) => {
-                let r =
-                    iperf_tcp(&pods.p1, &pods.p2, ip, 1, d.tcp).map(|t| t.bits_per_second / 1e9);
+                let r = iperf_tcp(&pods.p1, &pods.p2, ip, 1, d.tcp, None)
+                    .map(|t| t.bits_per_second / 1e9);
                 if let (Ok(c), Some(p)) = (&r, pod_ip_gbps) {
                     if p > 0.0 {
                         record(report, Metric::ClusterIpRatio, Ok(c / p));
@@ -2033,6 +2073,9 @@ pub fn run(opts: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Report, Ben
         date: utc_timestamp(now),
         commit: git_commit(),
         kernel: fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default(),
+        tcp_cc: fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
             .map(|s| s.trim().to_string())
             .unwrap_or_default(),
         cpus: thread::available_parallelism().map_or(1, |n| n.get()),
