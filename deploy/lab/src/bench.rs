@@ -1476,12 +1476,6 @@ fn script_cmd(kind: Kind, script: &str, prefix: &str, verb: &str) -> Command {
     c
 }
 
-/// The CPUs the pinned testbed's pods run on: every CPU this process may use but [`PIN_CPU`],
-/// as a `taskset -c` list.
-fn pod_cpus() -> Result<String, String> {
-    crate::sys::cpus_besides(&[PIN_CPU])
-}
-
 fn script_pods(prefix: &str) -> Pods {
     let pod = |n: &str, ip: [u8; 4]| PodRef {
         netns: format!("{prefix}-{n}"),
@@ -1498,24 +1492,31 @@ fn script_pods(prefix: &str) -> Pods {
 impl Testbed {
     fn up(kind: Kind) -> Result<Testbed, String> {
         match kind {
-            Kind::Vswitch => Testbed::up_vswitch(kind, LabSpec::new(LAB_NAME, 2, 0), None),
+            Kind::Vswitch => Testbed::up_vswitch(kind, LabSpec::new(LAB_NAME, 2, 0)),
             Kind::Vswitch2 => {
-                Testbed::up_vswitch(kind, LabSpec::new(LAB_NAME_2W, 2, 0).with_workers(2), None)
+                Testbed::up_vswitch(kind, LabSpec::new(LAB_NAME_2W, 2, 0).with_workers(2))
             }
-            Kind::VswitchPin => {
-                let pods = pod_cpus()?;
-                let spec = LabSpec::new(LAB_NAME_PIN, 2, 0).with_dedicated_cpus(vec![PIN_CPU]);
-                Testbed::up_vswitch(kind, spec, Some(pods))
-            }
+            Kind::VswitchPin => Testbed::up_vswitch(
+                kind,
+                LabSpec::new(LAB_NAME_PIN, 2, 0).with_dedicated_cpus(vec![PIN_CPU]),
+            ),
             Kind::Kernel => Testbed::up_script(kind, KERNEL_SCRIPT, KERNEL_PREFIX),
             Kind::Ovs => Testbed::up_script(kind, OVS_SCRIPT, OVS_PREFIX),
         }
     }
 
-    fn up_vswitch(kind: Kind, spec: LabSpec, cpus: Option<String>) -> Result<Testbed, String> {
+    fn up_vswitch(kind: Kind, spec: LabSpec) -> Result<Testbed, String> {
         // Leftovers of a run that was killed.
         Lab::teardown(&spec.name).map_err(lab_err)?;
         let mut lab = LabGuard::up(spec).map_err(lab_err)?;
+        // With the datapath on cores of its own, the pods' programs run on the others, where
+        // the lab's `exec` runs them too.
+        let reserved = lab.datapath_cpus();
+        let cpus = if reserved.is_empty() {
+            None
+        } else {
+            Some(crate::sys::cpus_besides(&reserved)?)
+        };
         let mut pod = |node: u32, name: &str| -> Result<PodRef, String> {
             let p = lab.add_pod(node, name).map_err(lab_err)?;
             match p.ip {

@@ -49,13 +49,14 @@ pub(crate) fn daemon_config(node: &Node, all: &[Node]) -> Config {
             // Each node has its own namespace, so every node can use the same port.
             metrics_address: Some(([0, 0, 0, 0], 9109).into()),
         },
-        datapath: DatapathConfig {
-            workers: node.workers,
-            cpus: node.cpus.clone(),
-            busy_poll_us: node
-                .busy_poll_us
-                .unwrap_or(DatapathConfig::default().busy_poll_us),
-            ..DatapathConfig::default()
+        datapath: {
+            let d = DatapathConfig::default();
+            DatapathConfig {
+                workers: node.workers,
+                cpus: node.cpus.clone(),
+                busy_poll_us: node.busy_poll_us.unwrap_or(d.busy_poll_us),
+                ..d
+            }
         },
         // The cluster DNS address, as kube-dns's ClusterIP: answered by the switch itself.
         dns: DnsConfig {

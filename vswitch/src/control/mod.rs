@@ -117,8 +117,8 @@ fn api_err(code: u32, msg: impl Into<String>, details: impl std::fmt::Display) -
 impl Daemon {
     pub fn start(config: Config) -> Result<Arc<Daemon>, DaemonError> {
         // Checked before anything is made, so a bad CPU leaves nothing behind.
-        let cpus: Vec<usize> = config.datapath.cpus.iter().map(|&c| c as usize).collect();
-        let pins = crate::datapath::cpu_pins(&cpus).map_err(DaemonError::Datapath)?;
+        let pins =
+            crate::datapath::cpu_pins(&config.datapath.cpus).map_err(DaemonError::Datapath)?;
         let state_dir = config.node.state_dir.clone();
         let records_dir = state_dir.join("attachments");
         fs::create_dir_all(&records_dir).map_err(|source| DaemonError::State {

@@ -377,7 +377,7 @@ pub struct CpuPin {
 /// One pin per entry of `datapath.cpus`, each checked to be a CPU this process may run on, so
 /// a typo fails the start, naming the field, instead of leaving a worker unpinned. vswitchd
 /// calls this before it changes anything.
-pub fn cpu_pins(cpus: &[usize]) -> io::Result<Vec<CpuPin>> {
+pub fn cpu_pins(cpus: &[u32]) -> io::Result<Vec<CpuPin>> {
     use nix::sched::{sched_getaffinity, CpuSet};
     if cpus.is_empty() {
         return Ok(Vec::new());
@@ -386,6 +386,7 @@ pub fn cpu_pins(cpus: &[usize]) -> io::Result<Vec<CpuPin>> {
     let may = |c: usize| allowed.is_set(c).unwrap_or(false);
     cpus.iter()
         .map(|&cpu| {
+            let cpu = cpu as usize;
             let mut set = CpuSet::new();
             if !may(cpu) || set.set(cpu).is_err() {
                 let list: Vec<usize> = (0..CpuSet::count()).filter(|&c| may(c)).collect();
@@ -1208,11 +1209,11 @@ mod tests {
         let first = (0..nix::sched::CpuSet::count())
             .find(|&c| allowed.is_set(c).unwrap_or(false))
             .unwrap();
-        let pins = cpu_pins(&[first, first]).unwrap();
+        let pins = cpu_pins(&[first as u32, first as u32]).unwrap();
         assert_eq!(pins.len(), 2);
         assert_eq!(pins[1].cpu, first);
         assert!(pins[0].set.is_set(first).unwrap());
-        let e = cpu_pins(&[first, 1023]).unwrap_err();
+        let e = cpu_pins(&[first as u32, 1023]).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
         assert!(e.to_string().starts_with("datapath.cpus: CPU 1023"), "{e}");
         assert!(cpu_pins(&[100_000]).is_err());
