@@ -20,6 +20,10 @@
 //! 5. Bad input: the CNI plugin refuses a bad netconf with CNI code 7 naming the field; the
 //!    admin socket is mode 0600 and owned by root; garbage on the admin API is refused and the
 //!    daemon stays ready.
+//! 6. Unread frames: datagrams a pod sends while its switch is stopped (SIGSTOP) overflow the
+//!    TAP's queue; what the kernel dropped shows as the port's drop reason `unread` in
+//!    `vswitchctl ports` and `/metrics`, equal to the pod's eth0 `tx_dropped`, and still after
+//!    a restart takes the port back.
 //!
 //! Needs root, iproute2, ping, iperf3, tcpdump, curl, python3. The tests take a lock so they do
 //! not run at the same time as each other (timings and throughput are measured); each builds
@@ -516,6 +520,112 @@ fn sigterm_exits_cleanly_and_pods_keep_their_interfaces() {
     eprintln!("restart after SIGTERM: ready in {ready:?}");
     let (p1, p2) = (lab.pod("n1-p1").clone(), lab.pod("n1-p2").clone());
     vswitch_tests::assert_ping(&p1.netns, p2.ip);
+}
+
+/// SIGCONT for a stopped process, whatever happens in between.
+struct Stopped(u32);
+
+impl Stopped {
+    fn stop(pid: u32) -> Stopped {
+        // SAFETY: kill(2) with a pid this test started; no memory is involved.
+        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) }, 0);
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::kill(self.0 as i32, libc::SIGCONT) };
+    }
+}
+
+const UDP_BURST: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range(int(sys.argv[2])):
+    s.sendto(b"x" * 32, (sys.argv[1], 9))
+"#;
+
+/// A pod's eth0 counter from its sysfs.
+fn eth0_stat(pod: &Pod, name: &str) -> u64 {
+    let path = format!("/sys/class/net/eth0/statistics/{name}");
+    let out = exec_in(&pod.netns, &["cat", &path], SHORT);
+    assert!(out.success(), "{path}: {out}");
+    out.stdout.trim().parse().unwrap()
+}
+
+#[test]
+fn frames_the_switch_never_read_are_counted_as_unread_drops_across_a_restart() {
+    let _serial = serial();
+    let mut lab = lab(1, 2);
+    let (p1, p2) = (lab.pod("n1-p1").clone(), lab.pod("n1-p2").clone());
+    let node = lab.nodes[0].clone();
+    // The pod knows its peer's MAC, so every datagram below goes to the TAP.
+    vswitch_tests::assert_ping(&p1.netns, p2.ip);
+    assert_eq!(drops(&node.admin_socket, p1.ip, "unread"), 0);
+
+    // With the switch stopped nothing reads the TAP: once its queue (tx_queue_len, 1000) is
+    // full the kernel drops the rest.
+    let sent = 3000;
+    {
+        let _stopped = Stopped::stop(node.pid.expect("vswitchd has a pid"));
+        let out = exec_in(
+            &p1.netns,
+            &[
+                python(),
+                "-c",
+                UDP_BURST,
+                &p2.ip.to_string(),
+                &sent.to_string(),
+            ],
+            Duration::from_secs(20),
+        );
+        assert!(out.success(), "UDP burst: {out}");
+    }
+    let kernel = eth0_stat(&p1, "tx_dropped");
+    eprintln!("sent {sent} datagrams to a stopped switch: its TAP dropped {kernel}");
+    assert!(
+        (1000..=sent).contains(&kernel),
+        "the pod's eth0 dropped {kernel} of {sent} datagrams sent to a stopped switch"
+    );
+    let ok = wait_until(Duration::from_secs(5), || {
+        drops(&node.admin_socket, p1.ip, "unread") == kernel
+    });
+    assert!(
+        ok,
+        "vswitchctl ports shows unread={} for the port, its TAP dropped {kernel}",
+        drops(&node.admin_socket, p1.ip, "unread")
+    );
+    let scrape = exec_in(
+        &node.netns,
+        &[
+            "curl",
+            "-s",
+            "--max-time",
+            "3",
+            "http://127.0.0.1:9109/metrics",
+        ],
+        Duration::from_secs(5),
+    );
+    let line = format!("reason=\"unread\"}} {kernel}");
+    assert!(
+        scrape
+            .stdout
+            .lines()
+            .any(|l| l.starts_with("vswitch_port_drops_total{")
+                && l.contains("ifname=\"eth0\"")
+                && l.ends_with(&line)),
+        "no vswitch_port_drops_total ... {line} in /metrics:\n{}",
+        scrape.stdout
+    );
+    // The other pod's port dropped nothing of the kind.
+    assert_eq!(drops(&node.admin_socket, p2.ip, "unread"), 0);
+
+    // A restarted switch takes the port back and still reads the TAP's count.
+    restart(&mut lab, 0);
+    let node = lab.nodes[0].clone();
+    assert_eq!(drops(&node.admin_socket, p1.ip, "unread"), kernel);
 }
 
 // ---------------------------------------------------------------------------------------------

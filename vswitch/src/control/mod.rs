@@ -43,7 +43,31 @@ use crate::pipeline::tables::{host_mac_for, mac_for};
 use crate::pipeline::{PortEntry, PortId, ServiceTable, Tables};
 use crate::wire::EthernetAddress;
 use ipam::Ipam;
-use netconfig::{NetConfigError, PodInterface};
+use netconfig::{LinkStats, NetConfigError, PodInterface};
+
+/// The drop reason under which a port's counters show what its TAP's kernel driver dropped.
+pub const UNREAD: &str = "unread";
+
+/// A port's kernel counters, or none (logged) if they cannot be read: the port works without.
+fn link_stats(r: std::io::Result<LinkStats>, port: PortId) -> Option<Arc<LinkStats>> {
+    r.map_err(|e| {
+        tracing::warn!("port {port}: the kernel's counters of its TAP are unavailable: {e}")
+    })
+    .ok()
+    .map(Arc::new)
+}
+
+/// `c` with what the port's TAP dropped before the switch read it, as the drop reason
+/// [`UNREAD`] (when there is any).
+fn with_link_drops(
+    mut c: conf::api::PortCounters,
+    link: Option<&LinkStats>,
+) -> conf::api::PortCounters {
+    if let Some(n) = link.and_then(|l| l.tx_dropped().ok()).filter(|&n| n > 0) {
+        c.drops.insert(UNREAD.to_string(), n);
+    }
+    c
+}
 
 /// What the daemon remembers of an attachment, on disk and in memory.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -62,6 +86,9 @@ struct Record {
     live: bool,
     #[serde(skip)]
     stats: Arc<PortStats>,
+    /// The kernel's counters of the pod's TAP (what the switch never got to read).
+    #[serde(skip)]
+    link: Option<Arc<LinkStats>>,
 }
 
 struct State {
@@ -82,6 +109,7 @@ pub struct Daemon {
     records_dir: PathBuf,
     underlay_stats: Arc<PortStats>,
     host_stats: Option<Arc<PortStats>>,
+    host_link: Option<Arc<LinkStats>>,
     nodeports: std::sync::OnceLock<nodeport::NodePorts>,
     forwarder: std::sync::OnceLock<crate::dns::Forwarder>,
     /// The Kubernetes watch's counters, in Kubernetes mode.
@@ -200,6 +228,8 @@ impl Daemon {
             ) {
                 Ok(tap) => {
                     rec.live = true;
+                    rec.link =
+                        link_stats(LinkStats::open(&rec.netns, rec.ifname.clone()), rec.port);
                     datapath.add_port(rec.port, tap, rec.stats.clone());
                     tracing::info!(
                         "took back port {} of {}/{} ({})",
@@ -217,6 +247,9 @@ impl Daemon {
                 ),
             }
         }
+        let host_link = host_tap
+            .as_ref()
+            .and_then(|_| link_stats(LinkStats::open_own(&config.host.interface), HOST_PORT));
         let host_stats = host_tap.map(|tap| {
             let stats = Arc::new(PortStats::default());
             datapath.add_port(HOST_PORT, tap, stats.clone());
@@ -238,6 +271,7 @@ impl Daemon {
             records_dir,
             underlay_stats,
             host_stats,
+            host_link,
             nodeports: std::sync::OnceLock::new(),
             forwarder: std::sync::OnceLock::new(),
             k8s_stats: std::sync::OnceLock::new(),
@@ -482,6 +516,7 @@ impl Daemon {
             port,
             live: true,
             stats: Arc::new(PortStats::default()),
+            link: link_stats(LinkStats::open(&req.netns, req.ifname.clone()), port),
         };
         if let Err(e) = self.save_record(&rec) {
             drop(tap);
@@ -634,7 +669,7 @@ impl Daemon {
                     pod: r.pod.clone(),
                     mac: r.mac.clone(),
                     ip: IpAddr::V4(r.ip),
-                    counters: r.stats.snapshot(),
+                    counters: with_link_drops(r.stats.snapshot(), r.link.as_deref()),
                 })
                 .collect(),
             switch_drops: BTreeMap::new(),
@@ -648,7 +683,7 @@ impl Daemon {
                     pod: Some("(host)".into()),
                     mac: host_mac_for(gw).to_string(),
                     ip: IpAddr::V4(gw),
-                    counters: s.snapshot(),
+                    counters: with_link_drops(s.snapshot(), self.host_link.as_deref()),
                 }
             }),
             underlay: self

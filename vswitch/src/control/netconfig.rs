@@ -329,3 +329,98 @@ fn check(want: &PodInterface) -> Result<(), NetConfigError> {
         Ok(())
     })
 }
+
+/// The kernel's own counters of a port's interface, read over a netlink socket that was opened
+/// in the interface's namespace and stays bound to it (no thread has to enter the namespace
+/// again to read them).
+pub struct LinkStats {
+    sock: std::sync::Mutex<rtnetlink::sys::Socket>,
+    index: u32,
+    seq: std::sync::atomic::AtomicU32,
+}
+
+impl std::fmt::Debug for LinkStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkStats")
+            .field("index", &self.index)
+            .finish()
+    }
+}
+
+impl LinkStats {
+    /// For interface `ifname` of the calling thread's namespace.
+    fn open_here(ifname: &str) -> io::Result<LinkStats> {
+        let index = crate::datapath::tap::interface_index(ifname)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no {ifname}")))?;
+        let mut sock = rtnetlink::sys::Socket::new(rtnetlink::sys::protocols::NETLINK_ROUTE)?;
+        sock.bind_auto()?;
+        sock.connect(&rtnetlink::sys::SocketAddr::new(0, 0))?;
+        // A reply is a matter of microseconds; never hang a caller on a wedged socket.
+        socket2::SockRef::from(&sock)
+            .set_read_timeout(Some(std::time::Duration::from_millis(200)))?;
+        Ok(LinkStats {
+            sock: std::sync::Mutex::new(sock),
+            index,
+            seq: std::sync::atomic::AtomicU32::new(1),
+        })
+    }
+
+    /// For the pod interface `ifname` in `netns_path`.
+    pub fn open(netns_path: &Path, ifname: String) -> io::Result<LinkStats> {
+        netns::run_in(netns_path, move || LinkStats::open_here(&ifname))
+    }
+
+    /// For interface `ifname` of this process's own namespace (the host port).
+    pub fn open_own(ifname: &str) -> io::Result<LinkStats> {
+        LinkStats::open_here(ifname)
+    }
+
+    /// Frames sent on the interface that its driver dropped. For a TAP: frames the pod sent
+    /// that the switch never read, because the TAP's queue was full (the switch fell behind)
+    /// or no process held the TAP (a restart of the switch).
+    pub fn tx_dropped(&self) -> io::Result<u64> {
+        use rtnetlink::packet_core::{
+            NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_REQUEST,
+        };
+        use rtnetlink::packet_route::link::LinkMessage;
+        use rtnetlink::packet_route::RouteNetlinkMessage;
+
+        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut link = LinkMessage::default();
+        link.header.index = self.index;
+        let mut req = NetlinkMessage::new(
+            NetlinkHeader::default(),
+            NetlinkPayload::from(RouteNetlinkMessage::GetLink(link)),
+        );
+        req.header.flags = NLM_F_REQUEST;
+        req.header.sequence_number = seq;
+        req.finalize();
+        let mut out = vec![0u8; req.header.length as usize];
+        req.serialize(&mut out);
+        let sock = self.sock.lock().unwrap_or_else(|e| e.into_inner());
+        sock.send(&out, 0)?;
+        let mut buf = vec![0u8; 65_536];
+        // Skip late replies to earlier requests that timed out.
+        for _ in 0..8 {
+            let n = sock.recv(&mut &mut buf[..], 0)?;
+            let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[..n])
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+            if msg.header.sequence_number != seq {
+                continue;
+            }
+            return match msg.payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(m)) => m
+                    .attributes
+                    .iter()
+                    .find_map(|a| match a {
+                        LinkAttribute::Stats64(s) => Some(s.tx_dropped),
+                        _ => None,
+                    })
+                    .ok_or_else(|| io::Error::other("the link has no 64-bit statistics")),
+                NetlinkPayload::Error(e) => Err(io::Error::other(format!("netlink: {e}"))),
+                _ => Err(io::Error::other("unexpected netlink reply")),
+            };
+        }
+        Err(io::Error::other("no netlink reply to this request"))
+    }
+}
