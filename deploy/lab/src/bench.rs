@@ -117,6 +117,8 @@ pub enum Metric {
     TcpSameCubic,
     Udp64Rate,
     Udp64Loss,
+    Udp64Sent,
+    Udp64SocketLoss,
     PingRtt,
     TcpRr,
     ClusterIpTcp,
@@ -126,7 +128,7 @@ pub enum Metric {
 }
 
 impl Metric {
-    pub const ALL: [Metric; 13] = [
+    pub const ALL: [Metric; 15] = [
         Metric::TcpCross1,
         Metric::TcpCross4,
         Metric::TcpSame,
@@ -134,6 +136,8 @@ impl Metric {
         Metric::TcpSameCubic,
         Metric::Udp64Rate,
         Metric::Udp64Loss,
+        Metric::Udp64Sent,
+        Metric::Udp64SocketLoss,
         Metric::PingRtt,
         Metric::TcpRr,
         Metric::ClusterIpTcp,
@@ -152,6 +156,8 @@ impl Metric {
             Metric::TcpSameCubic => "tcp_same_node_cubic",
             Metric::Udp64Rate => "udp64_delivered",
             Metric::Udp64Loss => "udp64_loss",
+            Metric::Udp64Sent => "udp64_sent",
+            Metric::Udp64SocketLoss => "udp64_loss_at_receiver_socket",
             Metric::PingRtt => "ping_rtt",
             Metric::TcpRr => "tcp_rr",
             Metric::ClusterIpTcp => "clusterip_tcp",
@@ -170,6 +176,8 @@ impl Metric {
             Metric::TcpSameCubic => "same-node TCP, cubic",
             Metric::Udp64Rate => "UDP 64 B delivered",
             Metric::Udp64Loss => "UDP 64 B loss",
+            Metric::Udp64Sent => "UDP 64 B sent",
+            Metric::Udp64SocketLoss => "UDP 64 B lost at rcv socket",
             Metric::PingRtt => "ping RTT (avg)",
             Metric::TcpRr => "TCP request/response",
             Metric::ClusterIpTcp => "ClusterIP TCP",
@@ -187,8 +195,8 @@ impl Metric {
             | Metric::TcpCross1Cubic
             | Metric::TcpSameCubic
             | Metric::ClusterIpTcp => "Gbit/s",
-            Metric::Udp64Rate => "kpps",
-            Metric::Udp64Loss => "%",
+            Metric::Udp64Rate | Metric::Udp64Sent => "kpps",
+            Metric::Udp64Loss | Metric::Udp64SocketLoss => "%",
             Metric::PingRtt => "ms",
             Metric::TcpRr => "trans/s",
             Metric::ClusterIpRatio => "x",
@@ -199,19 +207,27 @@ impl Metric {
     pub fn higher_is_better(self) -> bool {
         !matches!(
             self,
-            Metric::Udp64Loss | Metric::PingRtt | Metric::CpuPerGb | Metric::DatapathCpuPerGb
+            Metric::Udp64Loss
+                | Metric::Udp64SocketLoss
+                | Metric::PingRtt
+                | Metric::CpuPerGb
+                | Metric::DatapathCpuPerGb
         )
     }
 
-    /// Whether vswitch/other makes sense (a ratio of loss percentages does not).
+    /// Whether vswitch/other makes sense (a ratio of loss percentages does not, nor one of
+    /// how fast the sending pod could hand datagrams to its interface).
     fn has_ratio(self) -> bool {
-        !matches!(self, Metric::Udp64Loss)
+        !matches!(
+            self,
+            Metric::Udp64Loss | Metric::Udp64SocketLoss | Metric::Udp64Sent
+        )
     }
 
     fn decimals(self) -> usize {
         match self {
-            Metric::Udp64Rate | Metric::TcpRr => 0,
-            Metric::Udp64Loss => 1,
+            Metric::Udp64Rate | Metric::Udp64Sent | Metric::TcpRr => 0,
+            Metric::Udp64Loss | Metric::Udp64SocketLoss => 1,
             Metric::PingRtt => 3,
             _ => 2,
         }
@@ -332,6 +348,15 @@ pub struct UdpResult {
 }
 
 impl UdpResult {
+    /// Packets per second the client sent (handed to its socket).
+    pub fn sent_pps(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.packets as f64 / self.seconds
+        } else {
+            0.0
+        }
+    }
+
     /// Packets per second that arrived.
     pub fn delivered_pps(&self) -> f64 {
         if self.seconds > 0.0 {
@@ -386,6 +411,21 @@ pub fn parse_iperf_udp(text: &str) -> Result<UdpResult, String> {
         lost: num(&s["lost_packets"], "end.sum.lost_packets")?.max(0.0) as u64,
         seconds: num(&s["seconds"], "end.sum.seconds")?,
     })
+}
+
+/// The `Udp: RcvbufErrors` counter from a `/proc/net/snmp`: datagrams the kernel dropped
+/// because the receiving socket's buffer was full.
+pub fn parse_udp_rcvbuf_errors(snmp: &str) -> Result<u64, String> {
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp: "));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        return Err("/proc/net/snmp has no Udp lines".into());
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .ok_or_else(|| format!("/proc/net/snmp has no Udp RcvbufErrors: {values:?}"))
 }
 
 /// The average RTT in ms from ping's summary, or why there is none.
@@ -569,12 +609,13 @@ pub struct Report {
 }
 
 /// The notes printed under the table and stored in the JSON.
-pub const NOTES: [&str; 6] = [
+pub const NOTES: [&str; 7] = [
     "Each value is the median of the repetitions; the datapaths were measured interleaved in one run on a shared machine, so compare ratios, not absolute numbers.",
     "CPU per GB, machine: whole-machine busy CPU time from /proc/stat deltas (user+nice+system+irq+softirq+steal) during the cross-node 1-stream TCP test, divided by the GB iperf3 delivered. It includes iperf3 and softirq/system time (the only place the kernel path's work shows) and anything else running on the machine, the same for every datapath.",
     "CPU per GB, datapath procs: utime+stime of vswitchd / ovs-vswitchd over the same test; the kernel path has no such process (n/a).",
     "TCP request/response: 1-byte ping-pong over one TCP connection (TCP_NODELAY) between pods on two nodes, transactions per second.",
     "TCP congestion control: the pods inherit the host's default (in the header line); the cubic rows force cubic (iperf3 -C cubic), Linux's own default. BBR paces every burst with a timer, which both paths pay and which changes the ratios a lot: the targets are judged on the default rows.",
+    "UDP 64 B: iperf3 -u -b 0 -l 64 across nodes. sent is the rate the client handed datagrams to its socket; lost at rcv socket is the part of the loss the receiving pod's kernel dropped because iperf3 had not read its socket buffer yet (Udp RcvbufErrors in its namespace); the rest was lost on the way. On the kernel path the sending pod's own system call carries each datagram through both nodes' stacks into the receiver's socket, which holds the sender to the receiver's pace; a switch in its own thread or process takes datagrams as fast as the sender makes them.",
     "vswitch-pin: both lab nodes' workers share CPU 0 (the nodes are namespaces of one machine) and every pod program runs under taskset on the other CPUs; the kernel path and OVS run unpinned, as their users run them. The targets are judged on plain vswitch; vswitch-pin's ratio follows each.",
 ];
 
@@ -723,7 +764,8 @@ impl Report {
                 };
                 let pinned = pinned
                     .map(|p| format!("; vswitch-pin {p}"))
-                    .unwrap_or_default();
+                    .unwrap_or_default()
+                    + &self.udp_loss_detail(d.metric);
                 match (value, shown) {
                     (Some(v), Some(s)) => {
                         let ok = if d.at_least {
@@ -752,6 +794,23 @@ impl Report {
             })
             .chain(self.worker_targets())
             .collect()
+    }
+
+    /// For the UDP loss target: how much of vswitch's loss the receiving pod's socket dropped,
+    /// and how fast its sender and the kernel path's sent.
+    fn udp_loss_detail(&self, m: Metric) -> String {
+        if m != Metric::Udp64Loss {
+            return String::new();
+        }
+        let mut s = String::new();
+        if let Some(v) = self.value(Metric::Udp64SocketLoss, Kind::Vswitch) {
+            s += &format!("; {v:.1}% at the receiving pod's socket");
+        }
+        let sent = |k| self.value(Metric::Udp64Sent, k);
+        if let (Some(v), Some(k)) = (sent(Kind::Vswitch), sent(Kind::Kernel)) {
+            s += &format!("; sent {v:.0} kpps, the kernel path's sender {k:.0}");
+        }
+        s
     }
 
     /// "Two workers never slower than one": vswitch-2w's cross-node TCP over vswitch's, for one
@@ -1757,6 +1816,15 @@ fn iperf_client(cmd: &mut Command, timeout: Duration) -> Result<String, String> 
     Ok(f.stdout)
 }
 
+/// What `pod`'s kernel dropped because a UDP socket's buffer was full, so far.
+fn udp_rcvbuf_errors(pod: &PodRef) -> Result<u64, String> {
+    let f = run_bounded(
+        &mut in_netns(&pod.netns, &["cat", "/proc/net/snmp"]),
+        Duration::from_secs(5),
+    )?;
+    parse_udp_rcvbuf_errors(&f.stdout)
+}
+
 /// 64-byte UDP datagrams as fast as iperf3 can send them.
 fn iperf_udp64(from: &PodRef, to: &PodRef, t: Duration) -> Result<UdpResult, String> {
     let _server = iperf_server(to)?;
@@ -1955,14 +2023,24 @@ fn measure(bed: &Testbed, d: &Durations, report: &mut Report, log: &mut dyn FnMu
     if interrupted() {
         return;
     }
+    let before = udp_rcvbuf_errors(&pods.p2);
     match iperf_udp64(&pods.p1, &pods.p2, d.udp) {
         Ok(u) => {
             record(report, Metric::Udp64Rate, Ok(u.delivered_pps() / 1e3));
             record(report, Metric::Udp64Loss, Ok(u.loss_percent()));
+            record(report, Metric::Udp64Sent, Ok(u.sent_pps() / 1e3));
+            // Where the loss happened: the receiving pod's socket, or on the way there.
+            let at_socket = before.and_then(|b| {
+                let a = udp_rcvbuf_errors(&pods.p2)?;
+                Ok(100.0 * a.saturating_sub(b).min(u.lost) as f64 / u.packets.max(1) as f64)
+            });
+            record(report, Metric::Udp64SocketLoss, at_socket);
         }
         Err(e) => {
             record(report, Metric::Udp64Rate, Err(e.clone()));
-            record(report, Metric::Udp64Loss, Err(e));
+            record(report, Metric::Udp64Loss, Err(e.clone()));
+            record(report, Metric::Udp64Sent, Err(e.clone()));
+            record(report, Metric::Udp64SocketLoss, Err(e));
         }
     }
 }
@@ -2199,6 +2277,43 @@ mod tests {
         assert_eq!((u.packets, u.lost), (1_143_280, 982_200));
         assert!((u.delivered_pps() - 161_080.0 / 2.004_994).abs() < 1e-6);
         assert!((u.loss_percent() - 85.910_713).abs() < 1e-4);
+        assert!((u.sent_pps() - 1_143_280.0 / 2.004_994).abs() < 1e-6);
+    }
+
+    #[test]
+    fn the_udp_target_says_where_the_loss_happened() {
+        let mut r = sample_report();
+        let udp = |r: &Report| {
+            r.targets()
+                .into_iter()
+                .find(|t| t.text.starts_with("UDP"))
+                .unwrap()
+        };
+        assert_eq!(udp(&r).detail, "0.5% (needs <= 1%)");
+        r.add(Metric::Udp64SocketLoss, Kind::Vswitch, 0.25);
+        r.add(Metric::Udp64Sent, Kind::Vswitch, 698.4);
+        r.add(Metric::Udp64Sent, Kind::Kernel, 289.0);
+        let t = udp(&r);
+        assert_eq!(t.status, "PASS");
+        assert_eq!(
+            t.detail,
+            "0.5% (needs <= 1%); 0.2% at the receiving pod's socket; \
+             sent 698 kpps, the kernel path's sender 289"
+        );
+    }
+
+    #[test]
+    fn snmp_gives_the_udp_receive_buffer_drops() {
+        let snmp = "Ip: Forwarding DefaultTTL\nIp: 1 64\n\
+            Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors InCsumErrors IgnoredMulti MemErrors\n\
+            Udp: 640897 0 1354026 12 1354026 0 0 0 0\n\
+            UdpLite: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors InCsumErrors IgnoredMulti MemErrors\n\
+            UdpLite: 0 0 0 0 7 0 0 0 0\n";
+        assert_eq!(parse_udp_rcvbuf_errors(snmp), Ok(1_354_026));
+        let e = parse_udp_rcvbuf_errors("Ip: Forwarding\nIp: 1\n").unwrap_err();
+        assert!(e.contains("no Udp"), "{e}");
+        let e = parse_udp_rcvbuf_errors("Udp: InDatagrams\nUdp: 5\n").unwrap_err();
+        assert!(e.contains("RcvbufErrors"), "{e}");
     }
 
     #[test]
