@@ -10,9 +10,14 @@
 //! Sockets are non-blocking; a full send buffer is a counted drop, never a wait.
 //!
 //! With several datapath workers each has its own `Underlay`: the receive sockets share the
-//! VXLAN port with SO_REUSEPORT, so the kernel spreads peers' flows over the workers by the
-//! outer addresses and ports (and a peer gives each inner flow its own source port), and each
-//! worker sends from its own pool, so no socket is shared between threads.
+//! VXLAN port with SO_REUSEPORT, and each worker sends from its own pool, so no socket is shared
+//! between threads. A classic BPF program on the port's group picks the receiving worker from
+//! the *inner* flow, by a hash that is the same for both directions, so a TCP stream's data
+//! and its ACKs stay on one worker per node. (The kernel's default pick, a hash of the outer
+//! addresses and ports, sent each direction's datagrams to whichever worker the peer's source
+//! port hashed to; the pod's replies follow the TAP queue last written for their flow, so for
+//! about one flow in ten the two nodes' picks disagreed and the flow moved between a node's two
+//! workers on every round trip: both read it at once, 10% slower in the lab and reordered.)
 
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -54,13 +59,102 @@ fn socket(addr: SocketAddr, reuse_port: bool) -> io::Result<(UdpSocket, UdpSocke
     Ok((s, state))
 }
 
+/// Where the inner IPv4 header starts in a datagram's payload: after the VXLAN header and the
+/// inner Ethernet header.
+const INNER_IP: u32 = (overlay::vxlan::HEADER_LEN + 14) as u32;
+
+/// 2^32 divided by the golden ratio, odd: the multiplier of Fibonacci hashing.
+pub const GOLDEN: u32 = 0x9E37_79B1;
+
+/// The classic BPF program that picks a datagram's socket in a reuseport group of `n`. The
+/// kernel runs it with the packet starting at the UDP payload (the VXLAN header) and takes the
+/// result as the socket's index. It returns, for the inner IPv4 packet,
+/// `((saddr ^ daddr ^ sport ^ dport) * GOLDEN >> 16) % n` (Fibonacci hashing: the multiply
+/// carries every bit upwards, and the bits kept are the well-mixed middle ones; XOR alone
+/// left the low bit to the ports' parity, and Linux gives connect() even ports), the ports
+/// read where the IP header's length says the L4 header starts: the same for both directions
+/// of a flow. A datagram too short
+/// for these loads ends the program with 0 (worker 0), as classic BPF does; other inner
+/// protocols hash whatever bytes are there, which only has to be the same for the same flow.
+pub fn inner_flow_program(n: u32) -> Vec<libc::sock_filter> {
+    let op = |code: u32, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    use libc::{
+        BPF_A, BPF_ABS, BPF_ALU, BPF_B, BPF_H, BPF_IND, BPF_K, BPF_LD, BPF_LDX, BPF_MEM, BPF_MISC,
+        BPF_MOD, BPF_MSH, BPF_MUL, BPF_RET, BPF_RSH, BPF_ST, BPF_TAX, BPF_W, BPF_X, BPF_XOR,
+    };
+    vec![
+        op(BPF_LD | BPF_W | BPF_ABS, INNER_IP + 12), // A = saddr
+        op(BPF_MISC | BPF_TAX, 0),                   // X = A
+        op(BPF_LD | BPF_W | BPF_ABS, INNER_IP + 16), // A = daddr
+        op(BPF_ALU | BPF_XOR | BPF_X, 0),            // A ^= X
+        op(BPF_ST, 0),                               // M[0] = A
+        op(BPF_LDX | BPF_B | BPF_MSH, INNER_IP),     // X = IP header length
+        op(BPF_LD | BPF_H | BPF_IND, INNER_IP),      // A = sport
+        op(BPF_ST, 1),                               // M[1] = A
+        op(BPF_LD | BPF_H | BPF_IND, INNER_IP + 2),  // A = dport
+        op(BPF_LDX | BPF_MEM, 1),                    // X = sport
+        op(BPF_ALU | BPF_XOR | BPF_X, 0),            // A ^= X
+        op(BPF_LDX | BPF_MEM, 0),                    // X = saddr ^ daddr
+        op(BPF_ALU | BPF_XOR | BPF_X, 0),            // A ^= X
+        op(BPF_ALU | BPF_MUL | BPF_K, GOLDEN),       // A *= 2^32 / phi
+        op(BPF_ALU | BPF_RSH | BPF_K, 16),           // A >>= 16
+        op(BPF_ALU | BPF_MOD | BPF_K, n.max(1)),     // A %= n
+        op(BPF_RET | BPF_A, 0),                      // socket index A
+    ]
+}
+
+/// Attaches [`inner_flow_program`] to the reuseport group `sock` belongs to.
+fn steer_by_inner_flow(sock: &UdpSocket, n: u32) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut prog = inner_flow_program(n);
+    let fprog = libc::sock_fprog {
+        len: prog.len() as libc::c_ushort,
+        filter: prog.as_mut_ptr(),
+    };
+    // SAFETY: setsockopt on an open socket with a sock_fprog whose filter points at `prog`,
+    // alive until after the call (the kernel copies the program); the size is the struct's.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            (&fprog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 impl Underlay {
     /// One underlay per worker, each with its receive socket on `ip:port` and its send pool on
     /// `ip:0`; with more than one, the receive sockets share the port (SO_REUSEPORT).
     pub fn bind_group(ip: IpAddr, port: u16, n: usize) -> io::Result<Vec<Underlay>> {
-        (0..n.max(1))
-            .map(|_| Underlay::bind_one(ip, port, n > 1))
-            .collect()
+        let first = Underlay::bind_one(ip, port, n > 1)?;
+        // The others join the first's port (which the kernel chose, for port 0).
+        let port = first.local_addr().port();
+        let mut group = vec![first];
+        for _ in 1..n {
+            group.push(Underlay::bind_one(ip, port, true)?);
+        }
+        if n > 1 {
+            // A socket's index in the group is the order it joined: worker i's is i.
+            steer_by_inner_flow(&group[0].rx, n as u32).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("steering the VXLAN port's flows to the workers: {e}"),
+                )
+            })?;
+        }
+        Ok(group)
     }
 
     fn bind_one(ip: IpAddr, port: u16, reuse_port: bool) -> io::Result<Underlay> {
@@ -204,6 +298,81 @@ mod tests {
             }
         }
         (n, bytes)
+    }
+
+    /// A VXLAN datagram carrying an inner IPv4 TCP header (with `opts` words of IP options).
+    fn vxlan_tcp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, opts: usize) -> Vec<u8> {
+        let mut d = vec![0x08, 0, 0, 0, 0, 0, 1, 0];
+        d.extend_from_slice(&[0x0a, 0x58, 0, 0, 0, 2, 0x0a, 0x58, 0, 0, 0, 1, 0x08, 0x00]);
+        let ihl = 5 + opts;
+        let mut ip = vec![0u8; ihl * 4];
+        ip[0] = 0x40 | ihl as u8;
+        ip[9] = 6;
+        ip[12..16].copy_from_slice(&src);
+        ip[16..20].copy_from_slice(&dst);
+        d.extend_from_slice(&ip);
+        d.extend_from_slice(&sport.to_be_bytes());
+        d.extend_from_slice(&dport.to_be_bytes());
+        d.extend_from_slice(&[0u8; 16]);
+        d
+    }
+
+    /// The worker the steering program should pick, computed here the long way.
+    fn model(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, n: u32) -> usize {
+        let h = u32::from_be_bytes(src) ^ u32::from_be_bytes(dst) ^ (sport ^ dport) as u32;
+        ((h.wrapping_mul(GOLDEN) >> 16) % n) as usize
+    }
+
+    /// Which of `group`'s receive sockets got a datagram within a second.
+    fn receiver(group: &[Underlay]) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            for (i, u) in group.iter().enumerate() {
+                let mut meta = [RecvMeta::default()];
+                if u.recv(&mut [IoSliceMut::new(&mut buf)], &mut meta).is_ok() {
+                    return i;
+                }
+            }
+            assert!(Instant::now() < deadline, "no socket of the group got it");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Both directions of an inner flow reach the same worker, whichever outer source port
+    /// they come from, and that worker is the program's hash of the inner addresses and ports
+    /// (so a socket's index in the group is its worker's); flows spread over the workers.
+    #[test]
+    fn the_vxlan_port_steers_both_directions_of_an_inner_flow_to_one_worker() {
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let n = 2;
+        let group = Underlay::bind_group(ip, 0, n).unwrap();
+        let port = group[0].local_addr().port();
+        assert!(group.iter().all(|u| u.local_addr().port() == port));
+        let to = SocketAddr::new(ip, port);
+        // Peers send from many source ports: the outer port must not matter.
+        let senders: Vec<UdpSocket> = (0..4)
+            .map(|_| UdpSocket::bind(SocketAddr::new(ip, 0)).unwrap())
+            .collect();
+        let (a, b) = ([10, 244, 1, 2], [10, 244, 2, 7]);
+        let mut seen = [0usize; 2];
+        for i in 0..32u16 {
+            // Even source ports, as connect() gets them.
+            let (sport, dport) = (40_000 + i * 2, 5201);
+            let opts = (i % 3 == 0) as usize;
+            let want = model(a, b, sport, dport, n as u32);
+            let there = vxlan_tcp(a, b, sport, dport, opts);
+            let back = vxlan_tcp(b, a, dport, sport, opts);
+            senders[i as usize % 4].send_to(&there, to).unwrap();
+            assert_eq!(receiver(&group), want, "flow {i}, forward");
+            senders[(i as usize + 1) % 4].send_to(&back, to).unwrap();
+            assert_eq!(receiver(&group), want, "flow {i}, reverse");
+            seen[want] += 1;
+        }
+        assert!(seen.iter().all(|&c| c > 0), "flows on workers: {seen:?}");
+        // Too short for the program's loads: worker 0, never an error.
+        senders[0].send_to(&[0x08, 0, 0, 0], to).unwrap();
+        assert_eq!(receiver(&group), 0);
     }
 
     /// Where the kernel refuses UDP_SEGMENT on a socket (EIO from a device without checksum
