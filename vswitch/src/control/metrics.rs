@@ -248,9 +248,14 @@ pub fn router(d: Arc<Daemon>) -> Router {
             get(move || {
                 let registry = registry.clone();
                 async move {
-                    let mut out = String::new();
-                    match prometheus_client::encoding::text::encode(&mut out, &registry) {
-                        Ok(()) => (
+                    // Reading the ports' kernel counters is netlink I/O: off the runtime.
+                    let encoded = tokio::task::spawn_blocking(move || {
+                        let mut out = String::new();
+                        prometheus_client::encoding::text::encode(&mut out, &registry).map(|()| out)
+                    })
+                    .await;
+                    match encoded {
+                        Ok(Ok(out)) => (
                             StatusCode::OK,
                             [(
                                 header::CONTENT_TYPE,
@@ -259,7 +264,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
                             out,
                         )
                             .into_response(),
-                        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+                        _ => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
                     }
                 }
             }),

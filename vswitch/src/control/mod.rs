@@ -57,16 +57,17 @@ fn link_stats(r: std::io::Result<LinkStats>, port: PortId) -> Option<Arc<LinkSta
     .map(Arc::new)
 }
 
-/// `c` with what the port's TAP dropped before the switch read it, as the drop reason
+/// Adds what the port's TAP dropped before the switch read it to `c`, as the drop reason
 /// [`UNREAD`] (when there is any).
-fn with_link_drops(
-    mut c: conf::api::PortCounters,
-    link: Option<&LinkStats>,
-) -> conf::api::PortCounters {
-    if let Some(n) = link.and_then(|l| l.tx_dropped().ok()).filter(|&n| n > 0) {
-        c.drops.insert(UNREAD.to_string(), n);
+fn add_link_drops(c: &mut conf::api::PortCounters, link: Option<&LinkStats>) {
+    let Some(link) = link else { return };
+    match link.tx_dropped() {
+        Ok(0) => {}
+        Ok(n) => {
+            c.drops.insert(UNREAD.to_string(), n);
+        }
+        Err(e) => tracing::debug!("reading a TAP's kernel counters: {e}"),
     }
-    c
 }
 
 /// What the daemon remembers of an attachment, on disk and in memory.
@@ -226,10 +227,9 @@ impl Daemon {
                 config.datapath.offload,
                 workers,
             ) {
-                Ok(tap) => {
+                Ok((tap, link)) => {
                     rec.live = true;
-                    rec.link =
-                        link_stats(LinkStats::open(&rec.netns, rec.ifname.clone()), rec.port);
+                    rec.link = link_stats(link, rec.port);
                     datapath.add_port(rec.port, tap, rec.stats.clone());
                     tracing::info!(
                         "took back port {} of {}/{} ({})",
@@ -490,7 +490,7 @@ impl Daemon {
             self.config.datapath.offload,
             self.config.datapath.workers as usize,
         );
-        let tap = match netconfig::create_pod_interface(&req.netns, want, offload, queues) {
+        let (tap, link) = match netconfig::create_pod_interface(&req.netns, want, offload, queues) {
             Ok(t) => t,
             Err(e) => {
                 let _ = st.ipam.release(&req.container_id, &req.ifname);
@@ -516,7 +516,7 @@ impl Daemon {
             port,
             live: true,
             stats: Arc::new(PortStats::default()),
-            link: link_stats(LinkStats::open(&req.netns, req.ifname.clone()), port),
+            link: link_stats(link, port),
         };
         if let Err(e) = self.save_record(&rec) {
             drop(tap);
@@ -657,7 +657,9 @@ impl Daemon {
 
     pub fn ports(&self) -> PortsResponse {
         let st = self.lock();
-        PortsResponse {
+        let links: Vec<Option<Arc<LinkStats>>> =
+            st.records.values().map(|r| r.link.clone()).collect();
+        let mut resp = PortsResponse {
             ports: st
                 .records
                 .values()
@@ -669,7 +671,7 @@ impl Daemon {
                     pod: r.pod.clone(),
                     mac: r.mac.clone(),
                     ip: IpAddr::V4(r.ip),
-                    counters: with_link_drops(r.stats.snapshot(), r.link.as_deref()),
+                    counters: r.stats.snapshot(),
                 })
                 .collect(),
             switch_drops: BTreeMap::new(),
@@ -683,7 +685,7 @@ impl Daemon {
                     pod: Some("(host)".into()),
                     mac: host_mac_for(gw).to_string(),
                     ip: IpAddr::V4(gw),
-                    counters: with_link_drops(s.snapshot(), self.host_link.as_deref()),
+                    counters: s.snapshot(),
                 }
             }),
             underlay: self
@@ -691,7 +693,16 @@ impl Daemon {
                 .overlay
                 .underlay_ip
                 .map(|_| self.underlay_stats.snapshot()),
+        };
+        // The kernel's counters are netlink round trips: not under the state lock.
+        drop(st);
+        for (p, link) in resp.ports.iter_mut().zip(links) {
+            add_link_drops(&mut p.counters, link.as_deref());
         }
+        if let Some(h) = &mut resp.host {
+            add_link_drops(&mut h.counters, self.host_link.as_deref());
+        }
+        resp
     }
 
     pub fn peers(&self) -> PeersResponse {

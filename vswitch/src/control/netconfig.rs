@@ -72,13 +72,14 @@ where
 }
 
 /// Creates the pod's TAP interface in `netns_path` and configures it. The returned [`Tap`] is
-/// the switch's end of the port.
+/// the switch's end of the port; with it the TAP's kernel counters, or why they cannot be read
+/// (which does not fail the port).
 pub fn create_pod_interface(
     netns_path: &Path,
     want: PodInterface,
     offload: bool,
     queues: usize,
-) -> Result<Tap, NetConfigError> {
+) -> Result<(Tap, io::Result<LinkStats>), NetConfigError> {
     netns::run_in(netns_path, move || {
         let mut tap = match Tap::create(&want.ifname, offload) {
             Ok(t) => t,
@@ -101,7 +102,10 @@ pub fn create_pod_interface(
                     source,
                 })
         });
-        Ok(configured.map(|()| tap))
+        Ok(configured.map(|()| {
+            let link = LinkStats::open_here(&want.ifname);
+            (tap, link)
+        }))
     })
     .map_err(NetConfigError::Netns)?
 }
@@ -147,16 +151,18 @@ fn configure(want: &PodInterface) -> Result<(), NetConfigError> {
     })
 }
 
-/// Takes back the persistent TAP `ifname` in `netns_path` after a restart of the switch.
+/// Takes back the persistent TAP `ifname` in `netns_path` after a restart of the switch, with
+/// its kernel counters as [`create_pod_interface`] returns them.
 pub fn reattach_pod_interface(
     netns_path: &Path,
     ifname: String,
     offload: bool,
     queues: usize,
-) -> Result<Tap, NetConfigError> {
+) -> Result<(Tap, io::Result<LinkStats>), NetConfigError> {
     netns::run_in(netns_path, move || {
         Ok(Tap::attach(&ifname, offload)
             .and_then(|mut t| t.add_queues(queues).map(|()| t))
+            .map(|t| (t, LinkStats::open_here(&ifname)))
             .map_err(|source| NetConfigError::Tap {
                 name: ifname.clone(),
                 source,
@@ -334,9 +340,15 @@ fn check(want: &PodInterface) -> Result<(), NetConfigError> {
 /// in the interface's namespace and stays bound to it (no thread has to enter the namespace
 /// again to read them).
 pub struct LinkStats {
-    sock: std::sync::Mutex<rtnetlink::sys::Socket>,
     index: u32,
-    seq: std::sync::atomic::AtomicU32,
+    /// One request at a time.
+    conn: std::sync::Mutex<LinkConn>,
+}
+
+struct LinkConn {
+    sock: rtnetlink::sys::Socket,
+    seq: u32,
+    buf: Vec<u8>,
 }
 
 impl std::fmt::Debug for LinkStats {
@@ -359,15 +371,13 @@ impl LinkStats {
         socket2::SockRef::from(&sock)
             .set_read_timeout(Some(std::time::Duration::from_millis(200)))?;
         Ok(LinkStats {
-            sock: std::sync::Mutex::new(sock),
             index,
-            seq: std::sync::atomic::AtomicU32::new(1),
+            conn: std::sync::Mutex::new(LinkConn {
+                sock,
+                seq: 0,
+                buf: vec![0u8; 32_768],
+            }),
         })
-    }
-
-    /// For the pod interface `ifname` in `netns_path`.
-    pub fn open(netns_path: &Path, ifname: String) -> io::Result<LinkStats> {
-        netns::run_in(netns_path, move || LinkStats::open_here(&ifname))
     }
 
     /// For interface `ifname` of this process's own namespace (the host port).
@@ -376,8 +386,10 @@ impl LinkStats {
     }
 
     /// Frames sent on the interface that its driver dropped. For a TAP: frames the pod sent
-    /// that the switch never read, because the TAP's queue was full (the switch fell behind)
-    /// or no process held the TAP (a restart of the switch).
+    /// that the switch never read, because the TAP's queue was full (the switch fell behind,
+    /// or was stopped), or, in the moment before the kernel takes the TAP's carrier down, no
+    /// process held it (a restart of the switch; after that the kernel drops the pod's frames
+    /// in its qdisc without counting them here).
     pub fn tx_dropped(&self) -> io::Result<u64> {
         use rtnetlink::packet_core::{
             NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_REQUEST,
@@ -385,7 +397,10 @@ impl LinkStats {
         use rtnetlink::packet_route::link::LinkMessage;
         use rtnetlink::packet_route::RouteNetlinkMessage;
 
-        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        let LinkConn { sock, seq, buf } = &mut *conn;
+        *seq = seq.wrapping_add(1);
+        let seq = *seq;
         let mut link = LinkMessage::default();
         link.header.index = self.index;
         let mut req = NetlinkMessage::new(
@@ -397,17 +412,21 @@ impl LinkStats {
         req.finalize();
         let mut out = vec![0u8; req.header.length as usize];
         req.serialize(&mut out);
-        let sock = self.sock.lock().unwrap_or_else(|e| e.into_inner());
         sock.send(&out, 0)?;
-        let mut buf = vec![0u8; 65_536];
-        // Skip late replies to earlier requests that timed out.
+        // Skip late replies to earlier requests that timed out, by their header's sequence
+        // number (bytes 8..12, host order) before parsing anything else.
         for _ in 0..8 {
             let n = sock.recv(&mut &mut buf[..], 0)?;
-            let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[..n])
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-            if msg.header.sequence_number != seq {
+            let reply = &buf[..n];
+            if reply
+                .get(8..12)
+                .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+                != Some(seq)
+            {
                 continue;
             }
+            let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(reply)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
             return match msg.payload {
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(m)) => m
                     .attributes

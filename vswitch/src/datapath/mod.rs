@@ -469,7 +469,7 @@ struct Worker {
 ///
 /// A stream of small packets (a UDP flood of 64-byte datagrams, a run of ACKs) to one peer
 /// becomes a run of equal-size VXLAN datagrams: appended here back to back and sent with one
-/// `sendmsg` instead of one each, as a segmented super-frame is. A batch holds one flow's hash
+/// `sendmsg` instead of one each, as a segmented super-frame is. A batch holds one steering key
 /// (so one source port) and one size (a shorter datagram may end it), and is flushed at the end
 /// of every read batch and before a super-frame of the port is sent, so no flow is reordered.
 struct SmallBatch {
@@ -478,7 +478,7 @@ struct SmallBatch {
     seg: usize,
     count: usize,
     peer: Option<std::net::IpAddr>,
-    hash: u64,
+    hash: u32,
 }
 
 impl SmallBatch {
@@ -501,7 +501,7 @@ impl SmallBatch {
         &mut self,
         u: &Underlay,
         stats: &PortStats,
-        hash: u64,
+        hash: u32,
         peer: std::net::IpAddr,
         d: &[u8],
     ) {
@@ -911,7 +911,8 @@ impl Worker {
                         continue;
                     };
                     let frame = &mut self.buf[VNET_HDR_LEN..n];
-                    let hash = flow_hash(frame);
+                    // Picks the send socket, so the outer source port (see `steer_key`).
+                    let hash = underlay::steer_key(frame);
                     let (prefix, partial) = pipeline::encap_for(tables, peer, &vnet, frame);
                     let ends = (u.source_for(hash), SocketAddr::new(peer.underlay, u.port));
                     if vnet.is_gso() {
@@ -1159,43 +1160,6 @@ impl Worker {
         }
         false
     }
-}
-
-/// A hash of the inner flow for picking the outer source port: addresses and protocol, plus
-/// the ports of TCP/UDP or the identifier of an ICMP echo (never bytes that change per packet,
-/// so one flow keeps one source port; fragments hash without ports).
-fn flow_hash(frame: &[u8]) -> u64 {
-    use crate::wire::IpProtocol;
-    use std::hash::BuildHasher;
-    let Ok(eth) = EthernetFrame::new_checked(frame) else {
-        return 0;
-    };
-    let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else {
-        return 0;
-    };
-    let l4 = ip.payload();
-    let proto = ip.protocol();
-    let word = |r: std::ops::Range<usize>| -> u32 {
-        l4.get(r)
-            .map(|b| b.iter().fold(0u32, |a, &x| a << 8 | u32::from(x)))
-            .unwrap_or(0)
-    };
-    let ports = if ip.is_fragment() {
-        0
-    } else if proto == IpProtocol::TCP || proto == IpProtocol::UDP {
-        word(0..4)
-    } else if proto == IpProtocol::ICMP && matches!(l4.first(), Some(0 | 8)) {
-        word(4..6)
-    } else {
-        0
-    };
-    let key = (
-        u32::from(ip.src_addr()),
-        u32::from(ip.dst_addr()),
-        proto.0,
-        ports,
-    );
-    foldhash::fast::FixedState::with_seed(0x7673_7774).hash_one(key)
 }
 
 #[cfg(test)]
