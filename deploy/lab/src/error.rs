@@ -88,6 +88,9 @@ pub enum LabError {
         tail: String,
     },
 
+    #[error("cannot stop the running vswitchd of node {node}: {message}")]
+    DaemonStop { node: String, message: String },
+
     #[error("CNI {command} of pod {pod} failed: {message}")]
     Cni {
         command: &'static str,

@@ -513,9 +513,11 @@ impl Lab {
         Ok(&self.pods[self.pods.len() - 1])
     }
 
-    /// Starts the vswitchd of `self.nodes[idx]` again (after a test stopped or killed it) with
-    /// the binary next to the tests, and waits up to `ready_timeout` until it is ready. Its pid
-    /// is recorded as at `up`, so teardown stops this process.
+    /// Starts the vswitchd of `self.nodes[idx]` again with the binary next to the tests, and
+    /// waits up to `ready_timeout` until it is ready. A daemon of the node that still runs is
+    /// stopped first (SIGTERM, then SIGKILL), so no process outlives the lab; after a test
+    /// stopped or killed it there is nothing to stop. The new pid is recorded as at `up`, so
+    /// teardown stops this process.
     pub fn restart_daemon(&mut self, idx: usize, ready_timeout: Duration) -> Result<u32, LabError> {
         let bins = Binaries::in_dir(&Lab::bin_dir()?)?;
         let node = self
@@ -528,6 +530,14 @@ impl Lab {
                 target: format!("#{idx}"),
                 known: self.known_nodes(),
             })?;
+        if let Some(old) = node.pid {
+            sys::stop_process(old, node.config.as_os_str(), STOP_GRACE).map_err(|message| {
+                LabError::DaemonStop {
+                    node: node.name.clone(),
+                    message,
+                }
+            })?;
+        }
         let started = Instant::now();
         let mut child = sys::spawn_daemon(&node.netns, &bins.vswitchd, &node.config, &node.log)?;
         let pid = child.id();

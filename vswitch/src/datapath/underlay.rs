@@ -171,21 +171,30 @@ pub fn inner_flow_program(n: u32) -> Vec<libc::sock_filter> {
 
 /// Attaches [`inner_flow_program`] to the reuseport group `sock` belongs to.
 fn steer_by_inner_flow(sock: &UdpSocket, n: u32) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
     let mut prog = inner_flow_program(n);
     let fprog = libc::sock_fprog {
         len: prog.len() as libc::c_ushort,
         filter: prog.as_mut_ptr(),
     };
-    // SAFETY: setsockopt on an open socket with a sock_fprog whose filter points at `prog`,
-    // alive until after the call (the kernel copies the program); the size is the struct's.
+    // The kernel copies the program during the call; `prog` outlives it.
+    set_socket_option(sock, libc::SO_ATTACH_REUSEPORT_CBPF, &fprog)
+}
+
+/// `setsockopt(2)` at SOL_SOCKET with `value`, a plain C struct or integer of the option's type.
+fn set_socket_option<T>(
+    sock: &impl std::os::fd::AsRawFd,
+    name: libc::c_int,
+    value: &T,
+) -> io::Result<()> {
+    // SAFETY: setsockopt on an open socket, with a pointer to `value` (borrowed for the whole
+    // call) and its exact size; the kernel only reads it.
     let rc = unsafe {
         libc::setsockopt(
             sock.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_ATTACH_REUSEPORT_CBPF,
-            (&fprog as *const libc::sock_fprog).cast(),
-            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+            name,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
         )
     };
     if rc == 0 {
@@ -341,7 +350,6 @@ impl Underlay {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsRawFd;
     use std::time::{Duration, Instant};
 
     /// Datagrams (and bytes) the underlay's receive socket gets within a second.
@@ -495,18 +503,7 @@ mod tests {
                 "no segmentation offload to refuse"
             );
             let one: libc::c_int = 1;
-            // SAFETY: setsockopt on an open socket, with a pointer to a c_int that outlives
-            // the call and its size.
-            let rc = unsafe {
-                libc::setsockopt(
-                    s.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_NO_CHECK,
-                    (&one as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            assert_eq!(rc, 0, "SO_NO_CHECK: {}", io::Error::last_os_error());
+            set_socket_option(s, libc::SO_NO_CHECK, &one).expect("SO_NO_CHECK");
         }
         // The refused send is lost (a counted drop in the worker); every later one goes out
         // datagram by datagram.
