@@ -383,13 +383,14 @@ fn pinned_workers_run_on_their_cpu() {
     let name = unique("t");
     // The CPUs this test may run on (`0-1`, `2,5-7`, ...), and the last of them: on a machine
     // with more than one, a worker that was not pinned would show them all.
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let list = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        .unwrap()
-        .trim()
-        .to_string();
+    let allowed_list = |status: &str| -> String {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_else(|| panic!("no Cpus_allowed_list in {status}"))
+    };
+    let list = allowed_list(&std::fs::read_to_string("/proc/self/status").unwrap());
     let last = list.rsplit([',', '-']).next().unwrap();
     let cpu: u32 = last.parse().unwrap();
     let spec = vswitch_lab::LabSpec {
@@ -403,12 +404,7 @@ fn pinned_workers_run_on_their_cpu() {
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let dir = task.unwrap().path();
         let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        let status = std::fs::read_to_string(dir.join("status")).unwrap();
-        let allowed = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-            .map(|v| v.trim().to_string())
-            .unwrap();
+        let allowed = allowed_list(&std::fs::read_to_string(dir.join("status")).unwrap());
         if comm.trim().starts_with("vswitch-dp") {
             workers.push((comm.trim().to_string(), allowed));
         } else {

@@ -158,11 +158,8 @@ fn alive(pid: u32) -> bool {
 /// and waits at most `limit` for it to end. Returns its exit code (`None`: killed by a signal,
 /// or not our child) and how long it took; panics if it outlives the bound.
 fn signal_and_reap(pid: u32, sig: libc::c_int, limit: Duration) -> (Option<i32>, Duration) {
-    let p = libc::pid_t::try_from(pid).expect("pid fits pid_t");
-    assert!(p > 0, "pid {pid}");
     let start = Instant::now();
-    // SAFETY: kill(2) on a positive pid, checked to be our vswitchd by the caller's lab state.
-    unsafe { libc::kill(p, sig) };
+    let (p, _) = signal(pid, sig);
     loop {
         let mut status = 0;
         // SAFETY: waitpid(2) with WNOHANG on one pid; `status` is a valid out-pointer.
@@ -527,23 +524,28 @@ fn sigterm_exits_cleanly_and_pods_keep_their_interfaces() {
     vswitch_tests::assert_ping(&p1.netns, p2.ip);
 }
 
+/// Sends `sig` to `pid` (our lab's vswitchd, by the caller's lab state); the pid as pid_t and
+/// kill(2)'s result.
+fn signal(pid: u32, sig: libc::c_int) -> (libc::pid_t, libc::c_int) {
+    let p = libc::pid_t::try_from(pid).expect("pid fits pid_t");
+    assert!(p > 0, "pid {pid}");
+    // SAFETY: kill(2) on a positive pid; no memory is involved.
+    (p, unsafe { libc::kill(p, sig) })
+}
+
 /// SIGCONT for a stopped process, whatever happens in between.
-struct Stopped(libc::pid_t);
+struct Stopped(u32);
 
 impl Stopped {
     fn stop(pid: u32) -> Stopped {
-        let p = libc::pid_t::try_from(pid).expect("pid fits pid_t");
-        assert!(p > 0, "pid {pid}");
-        // SAFETY: kill(2) on a positive pid, our lab's vswitchd; no memory is involved.
-        assert_eq!(unsafe { libc::kill(p, libc::SIGSTOP) }, 0);
-        Stopped(p)
+        assert_eq!(signal(pid, libc::SIGSTOP).1, 0, "SIGSTOP to {pid}");
+        Stopped(pid)
     }
 }
 
 impl Drop for Stopped {
     fn drop(&mut self) {
-        // SAFETY: as above.
-        unsafe { libc::kill(self.0, libc::SIGCONT) };
+        signal(self.0, libc::SIGCONT);
     }
 }
 

@@ -1571,12 +1571,7 @@ impl Testbed {
         let mut lab = LabGuard::up(spec).map_err(lab_err)?;
         // With the datapath on cores of its own, the pods' programs run on the others, where
         // the lab's `exec` runs them too.
-        let reserved = lab.datapath_cpus();
-        let cpus = if reserved.is_empty() {
-            None
-        } else {
-            Some(crate::sys::cpus_besides(&reserved)?)
-        };
+        let cpus = lab.pod_cpus().map_err(lab_err)?;
         let mut pod = |node: u32, name: &str| -> Result<PodRef, String> {
             let p = lab.add_pod(node, name).map_err(lab_err)?;
             match p.ip {

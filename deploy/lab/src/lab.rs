@@ -814,13 +814,25 @@ impl Lab {
         let ns = self.netns_of(target)?;
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", ns]);
-        let reserved = self.datapath_cpus();
-        if self.find_pod(target).is_some() && !reserved.is_empty() {
-            let cpus = sys::cpus_besides(&reserved).map_err(LabError::InvalidSpec)?;
-            cmd.args(["taskset", "-c", &cpus]);
+        if self.find_pod(target).is_some() {
+            if let Some(cpus) = self.pod_cpus()? {
+                cmd.args(["taskset", "-c", &cpus]);
+            }
         }
         cmd.args(argv);
         Ok(cmd)
+    }
+
+    /// The CPUs pods' programs run on (a `taskset -c` list) when the datapath has cores of its
+    /// own: all this process may use but those; `None` when the datapath is not pinned.
+    pub fn pod_cpus(&self) -> Result<Option<String>, LabError> {
+        let reserved = self.datapath_cpus();
+        if reserved.is_empty() {
+            return Ok(None);
+        }
+        sys::cpus_besides(&reserved)
+            .map(Some)
+            .map_err(LabError::InvalidSpec)
     }
 
     /// Every CPU some node's datapath is pinned to.

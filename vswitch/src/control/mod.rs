@@ -249,7 +249,7 @@ impl Daemon {
         }
         let host_link = host_tap
             .as_ref()
-            .and_then(|_| link_stats(LinkStats::open_own(&config.host.interface), HOST_PORT));
+            .and_then(|_| link_stats(LinkStats::open(&config.host.interface), HOST_PORT));
         let host_stats = host_tap.map(|tap| {
             let stats = Arc::new(PortStats::default());
             datapath.add_port(HOST_PORT, tap, stats.clone());

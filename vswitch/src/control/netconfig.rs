@@ -103,7 +103,7 @@ pub fn create_pod_interface(
                 })
         });
         Ok(configured.map(|()| {
-            let link = LinkStats::open_here(&want.ifname);
+            let link = LinkStats::open(&want.ifname);
             (tap, link)
         }))
     })
@@ -162,7 +162,7 @@ pub fn reattach_pod_interface(
     netns::run_in(netns_path, move || {
         Ok(Tap::attach(&ifname, offload)
             .and_then(|mut t| t.add_queues(queues).map(|()| t))
-            .map(|t| (t, LinkStats::open_here(&ifname)))
+            .map(|t| (t, LinkStats::open(&ifname)))
             .map_err(|source| NetConfigError::Tap {
                 name: ifname.clone(),
                 source,
@@ -360,8 +360,9 @@ impl std::fmt::Debug for LinkStats {
 }
 
 impl LinkStats {
-    /// For interface `ifname` of the calling thread's namespace.
-    fn open_here(ifname: &str) -> io::Result<LinkStats> {
+    /// For interface `ifname` of the calling thread's namespace: a pod's, on the thread that
+    /// joined it, or the switch's own (the host port).
+    pub fn open(ifname: &str) -> io::Result<LinkStats> {
         let index = crate::datapath::tap::interface_index(ifname)
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no {ifname}")))?;
         let mut sock = rtnetlink::sys::Socket::new(rtnetlink::sys::protocols::NETLINK_ROUTE)?;
@@ -378,11 +379,6 @@ impl LinkStats {
                 buf: vec![0u8; 32_768],
             }),
         })
-    }
-
-    /// For interface `ifname` of this process's own namespace (the host port).
-    pub fn open_own(ifname: &str) -> io::Result<LinkStats> {
-        LinkStats::open_here(ifname)
     }
 
     /// Frames sent on the interface that its driver dropped. For a TAP: frames the pod sent

@@ -478,7 +478,7 @@ struct SmallBatch {
     seg: usize,
     count: usize,
     peer: Option<std::net::IpAddr>,
-    hash: u32,
+    key: u32,
 }
 
 impl SmallBatch {
@@ -493,7 +493,7 @@ impl SmallBatch {
             seg: 0,
             count: 0,
             peer: None,
-            hash: 0,
+            key: 0,
         }
     }
 
@@ -501,12 +501,12 @@ impl SmallBatch {
         &mut self,
         u: &Underlay,
         stats: &PortStats,
-        hash: u32,
+        key: u32,
         peer: std::net::IpAddr,
         d: &[u8],
     ) {
         let fits = self.peer == Some(peer)
-            && self.hash == hash
+            && self.key == key
             && d.len() <= self.seg
             && self.len + d.len() <= Self::MAX
             && self.count < Self::MAX_SEGS;
@@ -518,7 +518,7 @@ impl SmallBatch {
         }
         if self.count == 0 {
             self.peer = Some(peer);
-            self.hash = hash;
+            self.key = key;
             self.seg = d.len();
         }
         self.buf[self.len..self.len + d.len()].copy_from_slice(d);
@@ -536,7 +536,7 @@ impl SmallBatch {
         }
         let Some(peer) = self.peer else { return };
         let seg = (self.count > 1).then_some(self.seg);
-        match u.send(self.hash, &self.buf[..self.len], seg, peer) {
+        match u.send(self.key, &self.buf[..self.len], seg, peer) {
             Ok(n) => stats.tx_n(n, self.len),
             Err(_) => stats.count_drop(DropReason::TxError),
         }
@@ -912,9 +912,9 @@ impl Worker {
                     };
                     let frame = &mut self.buf[VNET_HDR_LEN..n];
                     // Picks the send socket, so the outer source port (see `steer_key`).
-                    let hash = underlay::steer_key(frame);
+                    let key = underlay::steer_key(frame);
                     let (prefix, partial) = pipeline::encap_for(tables, peer, &vnet, frame);
-                    let ends = (u.source_for(hash), SocketAddr::new(peer.underlay, u.port));
+                    let ends = (u.source_for(key), SocketAddr::new(peer.underlay, u.port));
                     if vnet.is_gso() {
                         // Keep the flow's order: what is batched goes first.
                         self.small.flush(u, &self.underlay_stats);
@@ -939,7 +939,7 @@ impl Worker {
                         if let Some(c) = cap {
                             c.overlay_sent(ends.0, ends.1, d, Some(segs.stride));
                         }
-                        match u.send(hash, d, Some(segs.stride), peer.underlay) {
+                        match u.send(key, d, Some(segs.stride), peer.underlay) {
                             Ok(k) => self.underlay_stats.tx_n(k, d.len()),
                             Err(_) => stats.count_drop(DropReason::TxError),
                         }
@@ -957,7 +957,7 @@ impl Worker {
                             c.overlay_sent(ends.0, ends.1, d, None);
                         }
                         self.small
-                            .push(u, &self.underlay_stats, hash, peer.underlay, d);
+                            .push(u, &self.underlay_stats, key, peer.underlay, d);
                     }
                 }
                 Action::Reply(len) => {

@@ -208,10 +208,9 @@ impl Underlay {
     /// One underlay per worker, each with its receive socket on `ip:port` and its send pool on
     /// `ip:0`; with more than one, the receive sockets share the port (SO_REUSEPORT).
     pub fn bind_group(ip: IpAddr, port: u16, n: usize) -> io::Result<Vec<Underlay>> {
-        let first = Underlay::bind_one(ip, port, n > 1)?;
+        let mut first = Underlay::bind_one(ip, port, n > 1)?;
         // The others join the first's port (which the kernel chose, for port 0).
         let port = first.local_addr().port();
-        let mut first = first;
         first.port = port;
         let mut group = vec![first];
         for _ in 1..n {
