@@ -610,7 +610,7 @@ pub struct Report {
 
 /// The notes printed under the table and stored in the JSON.
 pub const NOTES: [&str; 7] = [
-    "Each value is the median of the repetitions; the datapaths were measured interleaved in one run on a shared machine, so compare ratios, not absolute numbers.",
+    "Each value is the median of the repetitions. In each repetition every datapath ran a test before the next test began, so the values a ratio compares were measured seconds apart; the machine is shared and its speed drifts over minutes, so compare ratios, not absolute numbers.",
     "CPU per GB, machine: whole-machine busy CPU time from /proc/stat deltas (user+nice+system+irq+softirq+steal) during the cross-node 1-stream TCP test, divided by the GB iperf3 delivered. It includes iperf3 and softirq/system time (the only place the kernel path's work shows) and anything else running on the machine, the same for every datapath.",
     "CPU per GB, datapath procs: utime+stime of vswitchd / ovs-vswitchd over the same test; the kernel path has no such process (n/a).",
     "TCP request/response: 1-byte ping-pong over one TCP connection (TCP_NODELAY) between pods on two nodes, transactions per second.",
@@ -1871,8 +1871,63 @@ fn tcp_rr(from: &PodRef, to: &PodRef, d: Duration) -> Result<RrResult, String> {
     RrResult::from_json(&out)
 }
 
-/// One repetition of every measurement on one testbed, into the report.
-fn measure(bed: &Testbed, d: &Durations, report: &mut Report, log: &mut dyn FnMut(&str)) {
+/// The bench's tests, in the order a repetition runs them. Every datapath runs a test before
+/// the next test starts, so the values a ratio compares are measured seconds apart, not a
+/// whole testbed's round of tests apart: the machine's speed drifts over minutes on a shared
+/// host (cross-node TCP moved from 12 to 10 Gbit/s and back within minutes, with nothing else
+/// running here).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Test {
+    Ping,
+    RequestResponse,
+    /// Cross-node, one stream, with the CPU it costs.
+    Cross1,
+    Cross4,
+    Same,
+    CrossCubic,
+    SameCubic,
+    /// The cross-node test to a Service whose one endpoint is p2; after [`Test::Cross1`], whose
+    /// value of the same repetition it is divided by.
+    ClusterIp,
+    Udp64,
+}
+
+impl Test {
+    const ALL: [Test; 9] = [
+        Test::Ping,
+        Test::RequestResponse,
+        Test::Cross1,
+        Test::Cross4,
+        Test::Same,
+        Test::CrossCubic,
+        Test::SameCubic,
+        Test::ClusterIp,
+        Test::Udp64,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Test::Ping => "ping",
+            Test::RequestResponse => "request/response",
+            Test::Cross1 => "cross-node TCP",
+            Test::Cross4 => "cross-node TCP, 4 streams",
+            Test::Same => "same-node TCP",
+            Test::CrossCubic => "cross-node TCP, cubic",
+            Test::SameCubic => "same-node TCP, cubic",
+            Test::ClusterIp => "ClusterIP TCP",
+            Test::Udp64 => "UDP 64 B",
+        }
+    }
+}
+
+/// One test on one testbed, into the report.
+fn measure(
+    bed: &Testbed,
+    test: Test,
+    d: &Durations,
+    report: &mut Report,
+    log: &mut dyn FnMut(&str),
+) {
     let k = bed.kind;
     let pods = &bed.pods;
     let mut record = |report: &mut Report, m: Metric, r: Result<f64, String>| match r {
@@ -1892,151 +1947,136 @@ fn measure(bed: &Testbed, d: &Durations, report: &mut Report, log: &mut dyn FnMu
         }
     };
 
-    if interrupted() {
-        return;
-    }
-    record(report, Metric::PingRtt, ping_rtt(&pods.p1, &pods.p2, d));
-    if interrupted() {
-        return;
-    }
-    record(
-        report,
-        Metric::TcpRr,
-        tcp_rr(&pods.p1, &pods.p2, d.rr).map(|r| r.rate()),
-    );
-
-    // Cross-node, one stream, with the CPU it costs.
-    if interrupted() {
-        return;
-    }
-    let tps = ticks_per_second();
-    let cpu0 = read_cpu();
-    let pid0 = read_pids_cpu(&bed.pids);
-    let r = iperf_tcp(&pods.p1, &pods.p2, pods.p2.ip, 1, d.tcp, None);
-    let cpu1 = read_cpu();
-    let pid1 = read_pids_cpu(&bed.pids);
-    match r {
-        Ok(t) => {
-            let gb = t.bytes as f64 / 1e9;
-            record(report, Metric::TcpCross1, Ok(t.bits_per_second / 1e9));
-            let machine = match (cpu0, cpu1) {
-                (Ok(a), Ok(b)) if gb > 0.0 => Ok(busy_seconds(a, b, tps) / gb),
-                (Err(e), _) | (_, Err(e)) => Err(e),
-                _ => Err("no bytes moved".into()),
-            };
-            record(report, Metric::CpuPerGb, machine);
-            if bed.pids.is_empty() {
-                report.not_applicable.insert(
-                    (Metric::DatapathCpuPerGb, k),
-                    "no datapath process: the kernel path's work is softirq/system time".into(),
-                );
-            } else {
-                let procs = match (pid0, pid1) {
-                    (Some(a), Some(b)) if gb > 0.0 => {
-                        Ok(b.saturating_sub(a) as f64 / tps as f64 / gb)
-                    }
-                    (Some(_), Some(_)) => Err("no bytes moved".into()),
-                    _ => Err("a datapath process is gone".into()),
-                };
-                record(report, Metric::DatapathCpuPerGb, procs);
-            }
-        }
-        Err(e) => {
-            record(report, Metric::TcpCross1, Err(e.clone()));
-            record(report, Metric::CpuPerGb, Err(e.clone()));
-            record(report, Metric::DatapathCpuPerGb, Err(e));
-        }
-    }
-    let pod_ip_gbps = report
-        .samples
-        .get(&(Metric::TcpCross1, k))
-        .and_then(|s| s.last().copied());
-
-    if interrupted() {
-        return;
-    }
-    record(
-        report,
-        Metric::TcpCross4,
-        iperf_tcp(&pods.p1, &pods.p2, pods.p2.ip, 4, d.tcp, None).map(|t| t.bits_per_second / 1e9),
-    );
-    if interrupted() {
-        return;
-    }
-    record(
-        report,
-        Metric::TcpSame,
-        iperf_tcp(&pods.p1, &pods.p1b, pods.p1b.ip, 1, d.tcp, None)
-            .map(|t| t.bits_per_second / 1e9),
-    );
-    for (m, to) in [
-        (Metric::TcpCross1Cubic, &pods.p2),
-        (Metric::TcpSameCubic, &pods.p1b),
-    ] {
-        if interrupted() {
-            return;
-        }
-        record(
+    match test {
+        Test::Ping => record(report, Metric::PingRtt, ping_rtt(&pods.p1, &pods.p2, d)),
+        Test::RequestResponse => record(
             report,
-            m,
-            iperf_tcp(&pods.p1, to, to.ip, 1, d.tcp, Some("cubic"))
-                .map(|t| t.bits_per_second / 1e9),
-        );
-    }
-
-    // ClusterIP: the same cross-node test to a Service whose one endpoint is p2.
-    if interrupted() {
-        return;
-    }
-    match bed.cluster_ip(&pods.p2, IPERF_PORT) {
-        Err(reason) => {
-            report
-                .not_applicable
-                .insert((Metric::ClusterIpTcp, k), reason.clone());
-            report
-                .not_applicable
-                .insert((Metric::ClusterIpRatio, k), reason);
-        }
-        Ok(vip) => match vip.ip() {
-            std::net::IpAddr::V4(ip) => {
-                let r = iperf_tcp(&pods.p1, &pods.p2, ip, 1, d.tcp, None)
-                    .map(|t| t.bits_per_second / 1e9);
-                if let (Ok(c), Some(p)) = (&r, pod_ip_gbps) {
-                    if p > 0.0 {
-                        record(report, Metric::ClusterIpRatio, Ok(c / p));
+            Metric::TcpRr,
+            tcp_rr(&pods.p1, &pods.p2, d.rr).map(|r| r.rate()),
+        ),
+        Test::Cross1 => {
+            let tps = ticks_per_second();
+            let cpu0 = read_cpu();
+            let pid0 = read_pids_cpu(&bed.pids);
+            let r = iperf_tcp(&pods.p1, &pods.p2, pods.p2.ip, 1, d.tcp, None);
+            let cpu1 = read_cpu();
+            let pid1 = read_pids_cpu(&bed.pids);
+            match r {
+                Ok(t) => {
+                    let gb = t.bytes as f64 / 1e9;
+                    record(report, Metric::TcpCross1, Ok(t.bits_per_second / 1e9));
+                    let machine = match (cpu0, cpu1) {
+                        (Ok(a), Ok(b)) if gb > 0.0 => Ok(busy_seconds(a, b, tps) / gb),
+                        (Err(e), _) | (_, Err(e)) => Err(e),
+                        _ => Err("no bytes moved".into()),
+                    };
+                    record(report, Metric::CpuPerGb, machine);
+                    if bed.pids.is_empty() {
+                        report.not_applicable.insert(
+                            (Metric::DatapathCpuPerGb, k),
+                            "no datapath process: the kernel path's work is softirq/system time"
+                                .into(),
+                        );
+                    } else {
+                        let procs = match (pid0, pid1) {
+                            (Some(a), Some(b)) if gb > 0.0 => {
+                                Ok(b.saturating_sub(a) as f64 / tps as f64 / gb)
+                            }
+                            (Some(_), Some(_)) => Err("no bytes moved".into()),
+                            _ => Err("a datapath process is gone".into()),
+                        };
+                        record(report, Metric::DatapathCpuPerGb, procs);
                     }
                 }
-                record(report, Metric::ClusterIpTcp, r);
+                Err(e) => {
+                    record(report, Metric::TcpCross1, Err(e.clone()));
+                    record(report, Metric::CpuPerGb, Err(e.clone()));
+                    record(report, Metric::DatapathCpuPerGb, Err(e));
+                }
             }
-            other => record(
-                report,
-                Metric::ClusterIpTcp,
-                Err(format!("ClusterIP {other} is not IPv4")),
-            ),
-        },
-    }
-
-    if interrupted() {
-        return;
-    }
-    let before = udp_rcvbuf_errors(&pods.p2);
-    match iperf_udp64(&pods.p1, &pods.p2, d.udp) {
-        Ok(u) => {
-            record(report, Metric::Udp64Rate, Ok(u.delivered_pps() / 1e3));
-            record(report, Metric::Udp64Loss, Ok(u.loss_percent()));
-            record(report, Metric::Udp64Sent, Ok(u.sent_pps() / 1e3));
-            // Where the loss happened: the receiving pod's socket, or on the way there.
-            let at_socket = before.and_then(|b| {
-                let a = udp_rcvbuf_errors(&pods.p2)?;
-                Ok(100.0 * a.saturating_sub(b).min(u.lost) as f64 / u.packets.max(1) as f64)
-            });
-            record(report, Metric::Udp64SocketLoss, at_socket);
         }
-        Err(e) => {
-            record(report, Metric::Udp64Rate, Err(e.clone()));
-            record(report, Metric::Udp64Loss, Err(e.clone()));
-            record(report, Metric::Udp64Sent, Err(e.clone()));
-            record(report, Metric::Udp64SocketLoss, Err(e));
+        Test::Cross4 => record(
+            report,
+            Metric::TcpCross4,
+            iperf_tcp(&pods.p1, &pods.p2, pods.p2.ip, 4, d.tcp, None)
+                .map(|t| t.bits_per_second / 1e9),
+        ),
+        Test::Same => record(
+            report,
+            Metric::TcpSame,
+            iperf_tcp(&pods.p1, &pods.p1b, pods.p1b.ip, 1, d.tcp, None)
+                .map(|t| t.bits_per_second / 1e9),
+        ),
+        Test::CrossCubic | Test::SameCubic => {
+            let (m, to) = if test == Test::CrossCubic {
+                (Metric::TcpCross1Cubic, &pods.p2)
+            } else {
+                (Metric::TcpSameCubic, &pods.p1b)
+            };
+            record(
+                report,
+                m,
+                iperf_tcp(&pods.p1, to, to.ip, 1, d.tcp, Some("cubic"))
+                    .map(|t| t.bits_per_second / 1e9),
+            );
+        }
+        Test::ClusterIp => {
+            // This repetition's pod-IP value: the last cross-node sample taken.
+            let pod_ip_gbps = report
+                .samples
+                .get(&(Metric::TcpCross1, k))
+                .and_then(|s| s.last().copied());
+            match bed.cluster_ip(&pods.p2, IPERF_PORT) {
+                Err(reason) => {
+                    report
+                        .not_applicable
+                        .insert((Metric::ClusterIpTcp, k), reason.clone());
+                    report
+                        .not_applicable
+                        .insert((Metric::ClusterIpRatio, k), reason);
+                }
+                Ok(vip) => match vip.ip() {
+                    std::net::IpAddr::V4(ip) => {
+                        let r = iperf_tcp(&pods.p1, &pods.p2, ip, 1, d.tcp, None)
+                            .map(|t| t.bits_per_second / 1e9);
+                        if let (Ok(c), Some(p)) = (&r, pod_ip_gbps) {
+                            if p > 0.0 {
+                                record(report, Metric::ClusterIpRatio, Ok(c / p));
+                            }
+                        }
+                        record(report, Metric::ClusterIpTcp, r);
+                    }
+                    other => record(
+                        report,
+                        Metric::ClusterIpTcp,
+                        Err(format!("ClusterIP {other} is not IPv4")),
+                    ),
+                },
+            }
+        }
+        Test::Udp64 => {
+            let before = udp_rcvbuf_errors(&pods.p2);
+            match iperf_udp64(&pods.p1, &pods.p2, d.udp) {
+                Ok(u) => {
+                    record(report, Metric::Udp64Rate, Ok(u.delivered_pps() / 1e3));
+                    record(report, Metric::Udp64Loss, Ok(u.loss_percent()));
+                    record(report, Metric::Udp64Sent, Ok(u.sent_pps() / 1e3));
+                    // Where the loss happened: the receiving pod's socket, or on the way there.
+                    let at_socket =
+                        before.and_then(|b| {
+                            let a = udp_rcvbuf_errors(&pods.p2)?;
+                            Ok(100.0 * a.saturating_sub(b).min(u.lost) as f64
+                                / u.packets.max(1) as f64)
+                        });
+                    record(report, Metric::Udp64SocketLoss, at_socket);
+                }
+                Err(e) => {
+                    record(report, Metric::Udp64Rate, Err(e.clone()));
+                    record(report, Metric::Udp64Loss, Err(e.clone()));
+                    record(report, Metric::Udp64Sent, Err(e.clone()));
+                    record(report, Metric::Udp64SocketLoss, Err(e));
+                }
+            }
         }
     }
 }
@@ -2197,19 +2237,21 @@ pub fn run(opts: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Report, Ben
     }
 
     for rep in 1..=report.reps {
-        for bed in &beds {
-            if interrupted() {
-                break;
-            }
-            log(&format!("rep {rep}/{}: {}", report.reps, bed.kind.name()));
-            measure(bed, &opts.durations, &mut report, log);
-            if bed.kind == Kind::VswitchPin && !interrupted() {
-                // Its workers poll on for their busy-poll window after the last packet; let
-                // them go idle before the next datapath is measured.
-                thread::sleep(
-                    Duration::from_micros(conf::config::MAX_BUSY_POLL_US.into())
-                        + Duration::from_millis(500),
-                );
+        for test in Test::ALL {
+            log(&format!("rep {rep}/{}: {}", report.reps, test.name()));
+            for bed in &beds {
+                if interrupted() {
+                    break;
+                }
+                measure(bed, test, &opts.durations, &mut report, log);
+                if bed.kind == Kind::VswitchPin && !interrupted() {
+                    // Its workers poll on for their busy-poll window after the last packet;
+                    // let them go idle before the next datapath is measured.
+                    thread::sleep(
+                        Duration::from_micros(conf::config::MAX_BUSY_POLL_US.into())
+                            + Duration::from_millis(500),
+                    );
+                }
             }
         }
     }
