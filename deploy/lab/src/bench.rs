@@ -1880,20 +1880,19 @@ fn tcp_rr(from: &PodRef, to: &PodRef, d: Duration) -> Result<RrResult, String> {
 enum Test {
     Ping,
     RequestResponse,
-    /// Cross-node, one stream, with the CPU it costs.
+    /// Cross-node, one stream, with the CPU it costs; then at once the same test to a Service
+    /// whose one endpoint is p2 (ClusterIP), so the ratio of the two compares runs seconds
+    /// apart on the same testbed.
     Cross1,
     Cross4,
     Same,
     CrossCubic,
     SameCubic,
-    /// The cross-node test to a Service whose one endpoint is p2; after [`Test::Cross1`], whose
-    /// value of the same repetition it is divided by.
-    ClusterIp,
     Udp64,
 }
 
 impl Test {
-    const ALL: [Test; 9] = [
+    const ALL: [Test; 8] = [
         Test::Ping,
         Test::RequestResponse,
         Test::Cross1,
@@ -1901,7 +1900,6 @@ impl Test {
         Test::Same,
         Test::CrossCubic,
         Test::SameCubic,
-        Test::ClusterIp,
         Test::Udp64,
     ];
 
@@ -1909,12 +1907,11 @@ impl Test {
         match self {
             Test::Ping => "ping",
             Test::RequestResponse => "request/response",
-            Test::Cross1 => "cross-node TCP",
+            Test::Cross1 => "cross-node TCP, pod IP and ClusterIP",
             Test::Cross4 => "cross-node TCP, 4 streams",
             Test::Same => "same-node TCP",
             Test::CrossCubic => "cross-node TCP, cubic",
             Test::SameCubic => "same-node TCP, cubic",
-            Test::ClusterIp => "ClusterIP TCP",
             Test::Udp64 => "UDP 64 B",
         }
     }
@@ -1961,6 +1958,7 @@ fn measure(
             let r = iperf_tcp(&pods.p1, &pods.p2, pods.p2.ip, 1, d.tcp, None);
             let cpu1 = read_cpu();
             let pid1 = read_pids_cpu(&bed.pids);
+            let pod_ip_gbps = r.as_ref().ok().map(|t| t.bits_per_second / 1e9);
             match r {
                 Ok(t) => {
                     let gb = t.bytes as f64 / 1e9;
@@ -1994,38 +1992,8 @@ fn measure(
                     record(report, Metric::DatapathCpuPerGb, Err(e));
                 }
             }
-        }
-        Test::Cross4 => record(
-            report,
-            Metric::TcpCross4,
-            iperf_tcp(&pods.p1, &pods.p2, pods.p2.ip, 4, d.tcp, None)
-                .map(|t| t.bits_per_second / 1e9),
-        ),
-        Test::Same => record(
-            report,
-            Metric::TcpSame,
-            iperf_tcp(&pods.p1, &pods.p1b, pods.p1b.ip, 1, d.tcp, None)
-                .map(|t| t.bits_per_second / 1e9),
-        ),
-        Test::CrossCubic | Test::SameCubic => {
-            let (m, to) = if test == Test::CrossCubic {
-                (Metric::TcpCross1Cubic, &pods.p2)
-            } else {
-                (Metric::TcpSameCubic, &pods.p1b)
-            };
-            record(
-                report,
-                m,
-                iperf_tcp(&pods.p1, to, to.ip, 1, d.tcp, Some("cubic"))
-                    .map(|t| t.bits_per_second / 1e9),
-            );
-        }
-        Test::ClusterIp => {
-            // This repetition's pod-IP value: the last cross-node sample taken.
-            let pod_ip_gbps = report
-                .samples
-                .get(&(Metric::TcpCross1, k))
-                .and_then(|s| s.last().copied());
+            // ClusterIP: the same test to a Service whose one endpoint is p2, right after,
+            // divided by the pod-IP value just measured.
             match bed.cluster_ip(&pods.p2, IPERF_PORT) {
                 Err(reason) => {
                     report
@@ -2053,6 +2021,31 @@ fn measure(
                     ),
                 },
             }
+        }
+        Test::Cross4 => record(
+            report,
+            Metric::TcpCross4,
+            iperf_tcp(&pods.p1, &pods.p2, pods.p2.ip, 4, d.tcp, None)
+                .map(|t| t.bits_per_second / 1e9),
+        ),
+        Test::Same => record(
+            report,
+            Metric::TcpSame,
+            iperf_tcp(&pods.p1, &pods.p1b, pods.p1b.ip, 1, d.tcp, None)
+                .map(|t| t.bits_per_second / 1e9),
+        ),
+        Test::CrossCubic | Test::SameCubic => {
+            let (m, to) = if test == Test::CrossCubic {
+                (Metric::TcpCross1Cubic, &pods.p2)
+            } else {
+                (Metric::TcpSameCubic, &pods.p1b)
+            };
+            record(
+                report,
+                m,
+                iperf_tcp(&pods.p1, to, to.ip, 1, d.tcp, Some("cubic"))
+                    .map(|t| t.bits_per_second / 1e9),
+            );
         }
         Test::Udp64 => {
             let before = udp_rcvbuf_errors(&pods.p2);
