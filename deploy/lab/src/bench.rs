@@ -616,7 +616,7 @@ pub const NOTES: [&str; 7] = [
     "TCP request/response: 1-byte ping-pong over one TCP connection (TCP_NODELAY) between pods on two nodes, transactions per second.",
     "TCP congestion control: the pods inherit the host's default (in the header line); the cubic rows force cubic (iperf3 -C cubic), Linux's own default. BBR paces every burst with a timer, which both paths pay and which changes the ratios a lot: the targets are judged on the default rows.",
     "UDP 64 B: iperf3 -u -b 0 -l 64 across nodes. sent is the rate the client handed datagrams to its socket; lost at rcv socket is the part of the loss the receiving pod's kernel dropped because iperf3 had not read its socket buffer yet (Udp RcvbufErrors in its namespace); the rest was lost on the way. On the kernel path the sending pod's own system call carries each datagram through both nodes' stacks into the receiver's socket, which holds the sender to the receiver's pace; a switch in its own thread or process takes datagrams as fast as the sender makes them.",
-    "vswitch-pin: both lab nodes' workers share CPU 0 (the nodes are namespaces of one machine) and every pod program runs under taskset on the other CPUs; the kernel path and OVS run unpinned, as their users run them. The targets are judged on plain vswitch; vswitch-pin's ratio follows each.",
+    "vswitch-pin: both lab nodes' workers share CPU 0 (the nodes are namespaces of one machine) and every pod program runs under taskset on the other CPUs; the kernel path and OVS run unpinned, as their users run them. Between its own tests its vswitchd processes are stopped (SIGSTOP), so its polling workers cannot take CPU 0 during another datapath's. The targets are judged on plain vswitch; vswitch-pin's ratio follows each.",
 ];
 
 impl Report {
@@ -1550,6 +1550,21 @@ fn script_pods(prefix: &str) -> Pods {
 }
 
 impl Testbed {
+    /// Stops (`hold`) or continues the polling testbed's datapath processes. Between its own
+    /// tests vswitch-pin's workers would otherwise wake for any stray frame (a neighbour probe)
+    /// and poll CPU 0 for up to a second, under another datapath's measurement; the plain
+    /// datapaths sleep when idle and are left alone.
+    fn hold(&self, hold: bool, log: &mut dyn FnMut(&str)) {
+        if self.kind != Kind::VswitchPin {
+            return;
+        }
+        for &pid in &self.pids {
+            if let Err(e) = crate::sys::hold_process(pid, hold) {
+                log(&format!("{}: {e}", self.kind.name()));
+            }
+        }
+    }
+
     fn up(kind: Kind) -> Result<Testbed, String> {
         match kind {
             Kind::Vswitch => Testbed::up_vswitch(kind, LabSpec::new(LAB_NAME, 2, 0)),
@@ -2236,17 +2251,14 @@ pub fn run(opts: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Report, Ben
                 if interrupted() {
                     break;
                 }
+                bed.hold(false, log);
                 measure(bed, test, &opts.durations, &mut report, log);
-                if bed.kind == Kind::VswitchPin && !interrupted() {
-                    // Its workers poll on for their busy-poll window after the last packet;
-                    // let them go idle before the next datapath is measured.
-                    thread::sleep(
-                        Duration::from_micros(conf::config::MAX_BUSY_POLL_US.into())
-                            + Duration::from_millis(500),
-                    );
-                }
+                bed.hold(true, log);
             }
         }
+    }
+    for bed in &beds {
+        bed.hold(false, log);
     }
 
     for mut bed in beds {

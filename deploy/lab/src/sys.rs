@@ -222,6 +222,20 @@ fn wait_gone(pid: u32, marker: &OsStr, timeout: Duration) -> bool {
     }
 }
 
+/// SIGSTOP (`hold`) or SIGCONT (`!hold`) to `pid`: a stopped process keeps its descriptors
+/// (a TAP keeps its carrier) but uses no CPU.
+pub(crate) fn hold_process(pid: u32, hold: bool) -> Result<(), String> {
+    let Some(p) = to_pid(pid) else {
+        return Err(format!("no such pid {pid}"));
+    };
+    let sig = if hold {
+        Signal::SIGSTOP
+    } else {
+        Signal::SIGCONT
+    };
+    kill(p, sig).map_err(|e| format!("cannot send {sig} to pid {pid}: {e}"))
+}
+
 /// SIGTERM, then SIGKILL after `grace`.
 pub(crate) fn stop_process(pid: u32, marker: &OsStr, grace: Duration) -> Result<Stopped, String> {
     let Some(p) = to_pid(pid) else {
