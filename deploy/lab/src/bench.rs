@@ -1555,11 +1555,12 @@ impl Testbed {
     /// datapath's measurement (an idle pinned lab's workers used 11% and 17% of a CPU over 5 s,
     /// seconds after its last traffic); the plain datapaths sleep when idle and are left alone.
     fn hold(&self, hold: bool, log: &mut dyn FnMut(&str)) {
-        if self.kind != Kind::VswitchPin {
+        let (Kind::VswitchPin, Some(Bed::Vswitch(lab))) = (self.kind, &self.bed) else {
             return;
-        }
-        for &pid in &self.pids {
-            if let Err(e) = crate::sys::hold_process(pid, hold) {
+        };
+        for node in &lab.nodes {
+            let Some(pid) = node.pid else { continue };
+            if let Err(e) = crate::sys::hold_process(pid, node.config.as_os_str(), hold) {
                 log(&format!("{}: {e}", self.kind.name()));
             }
         }

@@ -222,11 +222,12 @@ fn wait_gone(pid: u32, marker: &OsStr, timeout: Duration) -> bool {
     }
 }
 
-/// SIGSTOP (`hold`) or SIGCONT (`!hold`) to `pid`: a stopped process keeps its descriptors
-/// (a TAP keeps its carrier) but uses no CPU.
-pub(crate) fn hold_process(pid: u32, hold: bool) -> Result<(), String> {
-    let Some(p) = to_pid(pid) else {
-        return Err(format!("no such pid {pid}"));
+/// SIGSTOP (`hold`) or SIGCONT (`!hold`) to `pid`, if it is still the process started with
+/// `marker` (as [`stop_process`] checks, so a reused pid is never signalled): a stopped process
+/// keeps its descriptors (a TAP keeps its carrier) but uses no CPU.
+pub(crate) fn hold_process(pid: u32, marker: &OsStr, hold: bool) -> Result<(), String> {
+    let Some(p) = to_pid(pid).filter(|_| process_alive(pid, marker)) else {
+        return Err(format!("vswitchd pid {pid} is not running"));
     };
     let sig = if hold {
         Signal::SIGSTOP
