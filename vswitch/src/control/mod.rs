@@ -657,13 +657,12 @@ impl Daemon {
 
     pub fn ports(&self) -> PortsResponse {
         let st = self.lock();
-        let links: Vec<Option<Arc<LinkStats>>> =
-            st.records.values().map(|r| r.link.clone()).collect();
-        let mut resp = PortsResponse {
-            ports: st
-                .records
-                .values()
-                .map(|r| PortInfo {
+        // Each port with its TAP's counters, read below.
+        let (ports, links): (Vec<PortInfo>, Vec<Option<Arc<LinkStats>>>) = st
+            .records
+            .values()
+            .map(|r| {
+                let info = PortInfo {
                     id: r.port,
                     container_id: r.container_id.clone(),
                     ifname: r.ifname.clone(),
@@ -672,8 +671,12 @@ impl Daemon {
                     mac: r.mac.clone(),
                     ip: IpAddr::V4(r.ip),
                     counters: r.stats.snapshot(),
-                })
-                .collect(),
+                };
+                (info, r.link.clone())
+            })
+            .unzip();
+        let mut resp = PortsResponse {
+            ports,
             switch_drops: BTreeMap::new(),
             host: self.host_stats.as_ref().map(|s| {
                 let gw = self.config.gateway();
