@@ -448,3 +448,65 @@ fn pinned_workers_run_on_their_cpu() {
         .unwrap();
     assert!(String::from_utf8_lossy(&on_node.stdout).contains(&list));
 }
+
+/// Whether `pid` is still a running process (gone or a zombie is not).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|state| state != 'Z' && state != 'X')
+    })
+}
+
+#[test]
+fn down_stops_what_still_runs_in_the_labs_namespaces() {
+    let lab = lab(1, 1);
+    let (pod, node) = (lab.pod("n1-p1").clone(), lab.node("n1").clone());
+    // Detached from this test (setsid -f: the program is not our child), as a server started
+    // with `vswitch-lab exec ... -D` is; one ignores SIGTERM, so only SIGKILL stops it.
+    for (ns, argv) in [
+        (&pod.netns, vec!["setsid", "-f", "sleep", "600"]),
+        (
+            &node.netns,
+            vec!["setsid", "-f", "sh", "-c", "trap '' TERM; sleep 600"],
+        ),
+    ] {
+        let mut all = vec!["ip", "netns", "exec", ns.as_str()];
+        all.extend(argv);
+        let out = run(Command::new(all[0]).args(&all[1..]), Duration::from_secs(5));
+        assert!(out.success(), "{out:?}");
+    }
+    let netns_pids = |ns: &str| -> Vec<u32> {
+        let out = run(
+            Command::new("ip").args(["netns", "pids", ns]),
+            Duration::from_secs(5),
+        );
+        out.stdout
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    };
+    let mut left = Vec::new();
+    assert!(wait_until(Duration::from_secs(5), || {
+        left = netns_pids(&pod.netns);
+        left.extend(netns_pids(&node.netns));
+        // The pod's sleep, and the node's shell and its sleep, besides vswitchd.
+        left.len() >= 4
+    }));
+    let report = lab.into_inner().down().expect("down");
+    let mut stopped: Vec<&str> = report.stopped.iter().map(|(c, _)| c.as_str()).collect();
+    stopped.sort_unstable();
+    assert_eq!(stopped, ["sh", "sleep", "sleep"], "{report:?}");
+    for pid in left {
+        assert!(!running(pid), "pid {pid} still runs after down");
+    }
+    let names = run(
+        Command::new("ip").args(["netns", "list"]),
+        Duration::from_secs(5),
+    )
+    .stdout;
+    assert!(
+        !names.contains(&pod.netns) && !names.contains(&node.netns),
+        "{names}"
+    );
+}

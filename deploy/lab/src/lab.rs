@@ -216,6 +216,9 @@ pub struct DownReport {
     pub warnings: Vec<String>,
     /// Whether there was anything to tear down at all.
     pub found: bool,
+    /// Processes that were still running in the lab's namespaces (started with `exec`, say)
+    /// and were stopped: command name and pid.
+    pub stopped: Vec<(String, u32)>,
 }
 
 /// A running lab, as saved in `/run/vswitch-lab/NAME/lab.json`.
@@ -980,6 +983,17 @@ impl Lab {
                 if let Err(e) = sys::stop_process(pid, n.config.as_os_str(), STOP_GRACE) {
                     problems.push(format!("node {}: {e}", n.name));
                 }
+            }
+        }
+
+        // Whatever else still runs in the lab's namespaces (a server started with `exec`): a
+        // namespace with a process in it outlives `ip netns del`, and the process with it.
+        for (_, ns) in &netns {
+            match sys::stop_netns_processes(ns, STOP_GRACE) {
+                Ok(found) => report
+                    .stopped
+                    .extend(found.into_iter().map(|(pid, comm)| (comm, pid))),
+                Err(e) => problems.push(e),
             }
         }
 

@@ -255,6 +255,19 @@ fn run(cli: Cli) -> Result<ExitCode, LabError> {
             for w in &report.warnings {
                 eprintln!("vswitch-lab: warning: {w}");
             }
+            if !report.stopped.is_empty() {
+                let list: Vec<String> = report
+                    .stopped
+                    .iter()
+                    .map(|(comm, pid)| format!("{comm} (pid {pid})"))
+                    .collect();
+                println!(
+                    "stopped {} process{} still running in the lab: {}",
+                    list.len(),
+                    if list.len() == 1 { "" } else { "es" },
+                    list.join(", ")
+                );
+            }
             if report.found {
                 println!("lab {name} is down");
             } else {

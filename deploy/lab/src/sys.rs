@@ -264,6 +264,81 @@ pub(crate) fn stop_process(pid: u32, marker: &OsStr, grace: Duration) -> Result<
     }
 }
 
+/// The processes whose network namespace is `netns` (what `ip netns pids` lists), this one
+/// excepted, each with its command name.
+pub(crate) fn netns_pids(netns: &str) -> Vec<(u32, String)> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(target) = fs::metadata(netns_path(netns)) else {
+        return Vec::new();
+    };
+    let me = std::process::id();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me)
+        // A zombie has no namespaces left: its ns/net cannot be followed.
+        .filter(|pid| {
+            fs::metadata(format!("/proc/{pid}/ns/net"))
+                .is_ok_and(|m| m.dev() == target.dev() && m.ino() == target.ino())
+        })
+        .map(|pid| {
+            let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            (pid, comm.trim().to_string())
+        })
+        .collect()
+}
+
+/// Stops every process still running in `netns`: SIGTERM, then SIGKILL for what is left after
+/// `grace`. Returns what was found (pid, command name); an error when something survives.
+pub(crate) fn stop_netns_processes(
+    netns: &str,
+    grace: Duration,
+) -> Result<Vec<(u32, String)>, String> {
+    let found = netns_pids(netns);
+    let signal_all = |sig: Signal| {
+        for (pid, _) in netns_pids(netns) {
+            if let Some(p) = to_pid(pid) {
+                let _ = kill(p, sig);
+            }
+        }
+    };
+    let gone_within = |t: Duration| {
+        let deadline = Instant::now() + t;
+        loop {
+            // A child of ours that exited is a zombie until its owner waits for it, and a
+            // zombie has left its namespace: it counts as gone.
+            if netns_pids(netns).is_empty() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    };
+    if found.is_empty() {
+        return Ok(found);
+    }
+    signal_all(Signal::SIGTERM);
+    if !gone_within(grace) {
+        signal_all(Signal::SIGKILL);
+        if !gone_within(Duration::from_secs(5)) {
+            let left: Vec<String> = netns_pids(netns)
+                .iter()
+                .map(|(pid, comm)| format!("{comm} (pid {pid})"))
+                .collect();
+            return Err(format!(
+                "still running in namespace {netns} after SIGKILL: {}",
+                left.join(", ")
+            ));
+        }
+    }
+    Ok(found)
+}
+
 /// Runs a command with `input` on stdin and waits at most `timeout` for it.
 pub(crate) fn run_with_input(
     mut cmd: Command,
