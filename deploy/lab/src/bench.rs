@@ -606,16 +606,35 @@ pub struct Report {
     pub not_applicable: BTreeMap<(Metric, Kind), String>,
     /// A datapath that did not come up at all.
     pub datapath_errors: BTreeMap<Kind, String>,
+    /// What a thread wake-up costs on this machine, measured before any testbed came up; or
+    /// why it could not be.
+    pub wake: Option<Result<crate::wake::WakeCost, String>>,
+}
+
+/// The header line on what a wake-up costs here (see [`crate::wake`]).
+fn wake_text(w: &Result<crate::wake::WakeCost, String>) -> String {
+    match w {
+        Ok(w) => format!(
+            "wake-up round trip between two threads: {:.1} µs across CPUs ({:.1} µs after {} ms idle), {:.1} µs on one CPU ({:.1} µs after idle)",
+            w.cross_busy_us,
+            w.cross_idle_us,
+            w.idle.as_millis(),
+            w.same_busy_us,
+            w.same_idle_us
+        ),
+        Err(e) => format!("wake-up round trip between two threads: not measured ({e})"),
+    }
 }
 
 /// The notes printed under the table and stored in the JSON.
-pub const NOTES: [&str; 7] = [
+pub const NOTES: [&str; 8] = [
     "Each value is the median of the repetitions. In each repetition every datapath ran a test before the next test began, so the values a ratio compares were measured seconds apart; the machine is shared and its speed drifts over minutes, so compare ratios, not absolute numbers.",
     "CPU per GB, machine: whole-machine busy CPU time from /proc/stat deltas (user+nice+system+irq+softirq+steal) during the cross-node 1-stream TCP test, divided by the GB iperf3 delivered. It includes iperf3 and softirq/system time (the only place the kernel path's work shows) and anything else running on the machine, the same for every datapath.",
     "CPU per GB, datapath procs: utime+stime of vswitchd / ovs-vswitchd over the same test; the kernel path has no such process (n/a).",
     "TCP request/response: 1-byte ping-pong over one TCP connection (TCP_NODELAY) between pods on two nodes, transactions per second.",
     "TCP congestion control: the pods inherit the host's default (in the header line); the cubic rows force cubic (iperf3 -C cubic), Linux's own default. BBR paces every burst with a timer, which both paths pay and which changes the ratios a lot: the targets are judged on the default rows.",
     "UDP 64 B: iperf3 -u -b 0 -l 64 across nodes. sent is the rate the client handed datagrams to its socket; lost at rcv socket is the part of the loss the receiving pod's kernel dropped because iperf3 had not read its socket buffer yet (Udp RcvbufErrors in its namespace); the rest was lost on the way. On the kernel path the sending pod's own system call carries each datagram through both nodes' stacks into the receiver's socket, which holds the sender to the receiver's pace; a switch in its own thread or process takes datagrams as fast as the sender makes them.",
+    "Wake-up round trip (header): the median time for one byte to go from a thread to another and back over a socket pair, each thread blocked in read until the other writes, measured before the testbeds came up. Every hop that hands a packet to another thread (pod to switch, switch to switch, switch to pod) pays one wake-up, and a request after a pause, such as each ping here, pays the after-idle figure: an idle vCPU halts, and waking it takes a trip through the hypervisor. The kernel path carries a ping from the pinging sendto to the reply in one softirq without crossing threads; a userspace switch crosses three or four, so on a machine with slow wake-ups the ping and request/response ratios say more about the machine than about the switch.",
     "vswitch-pin: both lab nodes' workers share CPU 0 (the nodes are namespaces of one machine) and every pod program runs under taskset on the other CPUs; the kernel path and OVS run unpinned, as their users run them. Between its own tests its vswitchd processes are stopped (SIGSTOP), so its polling workers cannot take CPU 0 during another datapath's. The targets are judged on plain vswitch; vswitch-pin's ratio follows each.",
 ];
 
@@ -926,6 +945,9 @@ impl Report {
                 .map(|c| format!(", commit {c}"))
                 .unwrap_or_default()
         );
+        if let Some(w) = &self.wake {
+            let _ = writeln!(out, "{}", wake_text(w));
+        }
         out.push('\n');
         for r in &rows {
             let mut line = format!("{:<w0$}  {:<w1$}", r[0], r[1], w0 = w[0], w1 = w[1]);
@@ -1042,7 +1064,22 @@ impl Report {
             "tool": "vswitch-lab bench",
             "date": self.date,
             "commit": self.commit,
-            "host": { "kernel": self.kernel, "cpus": self.cpus, "tcp_congestion_control": self.tcp_cc },
+            "host": {
+                "kernel": self.kernel,
+                "cpus": self.cpus,
+                "tcp_congestion_control": self.tcp_cc,
+                "wakeup_round_trip_us": match &self.wake {
+                    Some(Ok(w)) => json!({
+                        "cross_cpu": w.cross_busy_us,
+                        "cross_cpu_after_idle": w.cross_idle_us,
+                        "same_cpu": w.same_busy_us,
+                        "same_cpu_after_idle": w.same_idle_us,
+                        "idle_seconds": w.idle.as_secs_f64(),
+                    }),
+                    Some(Err(e)) => json!({ "error": e }),
+                    None => Value::Null,
+                },
+            },
             "config": {
                 "reps": self.reps,
                 "quick": self.quick,
@@ -1553,7 +1590,9 @@ impl Testbed {
     /// Stops (`hold`) or continues the polling testbed's datapath processes. Between its own
     /// tests vswitch-pin's workers would otherwise poll CPU 0 at times under another
     /// datapath's measurement (an idle pinned lab's workers used 11% and 17% of a CPU over 5 s,
-    /// seconds after its last traffic); the plain datapaths sleep when idle and are left alone.
+    /// seconds after its last traffic: the pods' IPv6 router solicitations, which Linux repeats
+    /// for an hour, each open a 1 s polling window); the plain datapaths spin only 200 µs after
+    /// a frame and are left alone.
     fn hold(&self, hold: bool, log: &mut dyn FnMut(&str)) {
         let (Kind::VswitchPin, Some(Bed::Vswitch(lab))) = (self.kind, &self.bed) else {
             return;
@@ -2213,6 +2252,18 @@ pub fn run(opts: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Report, Ben
         ..Report::default()
     };
 
+    // On the idle machine, before any testbed: what a wake-up costs here.
+    log("wake-up round trips between two threads");
+    let wake = crate::wake::measure(
+        opts.durations.ping_interval,
+        if opts.quick { 5 } else { 20 },
+    );
+    match &wake {
+        Ok(w) => log(&wake_text(&Ok(*w))),
+        Err(e) => log(&format!("wake-up round trips not measured: {e}")),
+    }
+    report.wake = Some(wake);
+
     // Bring every datapath up; one that fails is reported and the others go on.
     let mut beds: Vec<Testbed> = Vec::new();
     for k in report.datapaths.clone() {
@@ -2635,6 +2686,42 @@ mod tests {
         assert_eq!(m["values"]["vswitch-2w"]["median"], Value::Null);
         assert_eq!(v["targets"][2]["status"], "FAIL");
         assert_eq!(v["metrics"].as_array().unwrap().len(), Metric::ALL.len());
+    }
+
+    #[test]
+    fn the_wake_up_cost_is_in_the_header_and_the_json() {
+        let mut r = sample_report();
+        assert!(!r.to_table().contains("wake-up round trip between"));
+        assert_eq!(r.to_json()["host"]["wakeup_round_trip_us"], Value::Null);
+        r.wake = Some(Ok(crate::wake::WakeCost {
+            cross_busy_us: 71.5,
+            cross_idle_us: 187.8,
+            same_busy_us: 3.0,
+            same_idle_us: 32.0,
+            idle: Duration::from_millis(50),
+        }));
+        let t = r.to_table();
+        assert_eq!(
+            t.lines().nth(1),
+            Some(
+                "wake-up round trip between two threads: 71.5 µs across CPUs (187.8 µs after 50 \
+                 ms idle), 3.0 µs on one CPU (32.0 µs after idle)"
+            ),
+            "{t}"
+        );
+        let v = r.to_json();
+        let w = &v["host"]["wakeup_round_trip_us"];
+        assert_eq!(w["cross_cpu"], 71.5);
+        assert_eq!(w["cross_cpu_after_idle"], 187.8);
+        assert_eq!(w["same_cpu"], 3.0);
+        assert_eq!(w["same_cpu_after_idle"], 32.0);
+        assert_eq!(w["idle_seconds"], 0.05);
+        r.wake = Some(Err("needs two CPUs".into()));
+        assert!(r.to_table().contains("not measured (needs two CPUs)"));
+        assert_eq!(
+            r.to_json()["host"]["wakeup_round_trip_us"]["error"],
+            "needs two CPUs"
+        );
     }
 
     #[test]

@@ -27,6 +27,7 @@ pub mod soak;
 mod spec;
 mod status;
 mod sys;
+pub mod wake;
 
 pub use error::LabError;
 pub use lab::{

@@ -414,13 +414,26 @@ pub(crate) fn log_tail(path: &Path, n: usize) -> String {
 /// The CPUs this process may run on but `reserved`, as a `taskset -c` list: where a pod's
 /// programs go when the datapath has cores of its own (what kubelet's reserved CPUs do).
 pub fn cpus_besides(reserved: &[u32]) -> Result<String, String> {
+    cpu_list_besides(&allowed_cpus()?, reserved)
+}
+
+/// The CPUs the calling thread may run on, in order.
+pub fn allowed_cpus() -> Result<Vec<usize>, String> {
     use nix::sched::{sched_getaffinity, CpuSet};
     let allowed = sched_getaffinity(nix::unistd::Pid::from_raw(0))
         .map_err(|e| format!("sched_getaffinity: {e}"))?;
-    let may: Vec<usize> = (0..CpuSet::count())
+    Ok((0..CpuSet::count())
         .filter(|&c| allowed.is_set(c).unwrap_or(false))
-        .collect();
-    cpu_list_besides(&may, reserved)
+        .collect())
+}
+
+/// Pins the calling thread to one CPU.
+pub fn pin_thread(cpu: usize) -> Result<(), String> {
+    use nix::sched::{sched_setaffinity, CpuSet};
+    let mut set = CpuSet::new();
+    set.set(cpu).map_err(|e| format!("CPU {cpu}: {e}"))?;
+    sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+        .map_err(|e| format!("sched_setaffinity to CPU {cpu}: {e}"))
 }
 
 /// `allowed` without `reserved`, comma-separated; an error when nothing is left.
