@@ -264,21 +264,42 @@ pub(crate) fn stop_process(pid: u32, marker: &OsStr, grace: Duration) -> Result<
     }
 }
 
-/// The processes whose network namespace is `netns` (what `ip netns pids` lists), this one
-/// excepted, each with its command name.
+/// This process and its ancestors (a shell the lab was run from, say).
+fn self_and_ancestors() -> Vec<u32> {
+    let mut out = vec![std::process::id()];
+    while let Some(&pid) = out.last() {
+        let ppid = fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                // The parent is the second field after the command name, which ends at the
+                // last ')'.
+                s.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+            });
+        match ppid {
+            Some(p) if p > 1 && !out.contains(&p) => out.push(p),
+            _ => break,
+        }
+    }
+    out
+}
+
+/// The processes whose network namespace is `netns` (what `ip netns pids` lists), each with
+/// its command name; not this process nor its ancestors (`down` run from a shell inside a lab
+/// namespace leaves that shell alone).
 pub(crate) fn netns_pids(netns: &str) -> Vec<(u32, String)> {
     use std::os::unix::fs::MetadataExt;
     let Ok(target) = fs::metadata(netns_path(netns)) else {
         return Vec::new();
     };
-    let me = std::process::id();
+    let spare = self_and_ancestors();
     let Ok(entries) = fs::read_dir("/proc") else {
         return Vec::new();
     };
     entries
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| pid != me)
+        .filter(|pid| !spare.contains(pid))
         // A zombie has no namespaces left: its ns/net cannot be followed.
         .filter(|pid| {
             fs::metadata(format!("/proc/{pid}/ns/net"))
@@ -455,6 +476,17 @@ pub(crate) fn cpu_list_besides(allowed: &[usize], reserved: &[u32]) -> Result<St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn this_process_and_its_parents_are_spared() {
+        let spare = self_and_ancestors();
+        assert_eq!(spare[0], std::process::id());
+        let parent = std::os::unix::process::parent_id();
+        if parent > 1 {
+            assert_eq!(spare.get(1), Some(&parent), "{spare:?}");
+        }
+        assert!(!spare.contains(&1), "{spare:?}");
+    }
 
     #[test]
     fn a_foreign_or_missing_pid_is_not_a_daemon() {
