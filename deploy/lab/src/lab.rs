@@ -987,14 +987,14 @@ impl Lab {
         }
 
         // Whatever else still runs in the lab's namespaces (a server started with `exec`): a
-        // namespace with a process in it outlives `ip netns del`, and the process with it.
-        for (_, ns) in &netns {
-            match sys::stop_netns_processes(ns, STOP_GRACE) {
-                Ok(found) => report
-                    .stopped
-                    .extend(found.into_iter().map(|(pid, comm)| (comm, pid))),
-                Err(e) => problems.push(e),
-            }
+        // namespace with a process in it outlives `ip netns del`, and the process with it. All
+        // namespaces at once, so they share one grace period.
+        let lab_netns: Vec<&str> = netns.iter().map(|(_, ns)| ns.as_str()).collect();
+        match sys::stop_netns_processes(&lab_netns, STOP_GRACE) {
+            Ok(found) => report
+                .stopped
+                .extend(found.into_iter().map(|(pid, comm)| (comm, pid))),
+            Err(e) => problems.push(e),
         }
 
         // Pods' resolv.conf for namespaces already gone (deleted by hand or by a test).

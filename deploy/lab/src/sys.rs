@@ -209,10 +209,11 @@ pub(crate) enum Stopped {
     Killed,
 }
 
-fn wait_gone(pid: u32, marker: &OsStr, timeout: Duration) -> bool {
+/// Checks `done` every 20 ms until it holds (true) or `timeout` has passed (false).
+fn poll_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
-        if !process_alive(pid, marker) {
+        if done() {
             return true;
         }
         if Instant::now() >= deadline {
@@ -220,6 +221,10 @@ fn wait_gone(pid: u32, marker: &OsStr, timeout: Duration) -> bool {
         }
         thread::sleep(Duration::from_millis(20));
     }
+}
+
+fn wait_gone(pid: u32, marker: &OsStr, timeout: Duration) -> bool {
+    poll_until(timeout, || !process_alive(pid, marker))
 }
 
 /// SIGSTOP (`hold`) or SIGCONT (`!hold`) to `pid`, if it is still the process started with
@@ -284,14 +289,19 @@ fn self_and_ancestors() -> Vec<u32> {
     out
 }
 
-/// The processes whose network namespace is `netns` (what `ip netns pids` lists), each with
-/// its command name; not this process nor its ancestors (`down` run from a shell inside a lab
-/// namespace leaves that shell alone).
-pub(crate) fn netns_pids(netns: &str) -> Vec<(u32, String)> {
+/// The processes whose network namespace is one of `netns` (what `ip netns pids` lists), each
+/// with its command name; not this process nor its ancestors (`down` run from a shell inside a
+/// lab namespace leaves that shell alone).
+pub(crate) fn netns_pids(netns: &[&str]) -> Vec<(u32, String)> {
     use std::os::unix::fs::MetadataExt;
-    let Ok(target) = fs::metadata(netns_path(netns)) else {
+    let targets: Vec<(u64, u64)> = netns
+        .iter()
+        .filter_map(|ns| fs::metadata(netns_path(ns)).ok())
+        .map(|m| (m.dev(), m.ino()))
+        .collect();
+    if targets.is_empty() {
         return Vec::new();
-    };
+    }
     let spare = self_and_ancestors();
     let Ok(entries) = fs::read_dir("/proc") else {
         return Vec::new();
@@ -303,7 +313,7 @@ pub(crate) fn netns_pids(netns: &str) -> Vec<(u32, String)> {
         // A zombie has no namespaces left: its ns/net cannot be followed.
         .filter(|pid| {
             fs::metadata(format!("/proc/{pid}/ns/net"))
-                .is_ok_and(|m| m.dev() == target.dev() && m.ino() == target.ino())
+                .is_ok_and(|m| targets.contains(&(m.dev(), m.ino())))
         })
         .map(|pid| {
             let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
@@ -312,13 +322,18 @@ pub(crate) fn netns_pids(netns: &str) -> Vec<(u32, String)> {
         .collect()
 }
 
-/// Stops every process still running in `netns`: SIGTERM, then SIGKILL for what is left after
-/// `grace`. Returns what was found (pid, command name); an error when something survives.
+/// Stops every process still running in any of `netns`, all at once: SIGTERM, then SIGKILL
+/// for what is left after `grace`. Returns what was found (pid, command name); an error when
+/// something survives.
 pub(crate) fn stop_netns_processes(
-    netns: &str,
+    netns: &[&str],
     grace: Duration,
 ) -> Result<Vec<(u32, String)>, String> {
     let found = netns_pids(netns);
+    if found.is_empty() {
+        return Ok(found);
+    }
+    // Each round looks again: a process may have started a child meanwhile.
     let signal_all = |sig: Signal| {
         for (pid, _) in netns_pids(netns) {
             if let Some(p) = to_pid(pid) {
@@ -326,33 +341,19 @@ pub(crate) fn stop_netns_processes(
             }
         }
     };
-    let gone_within = |t: Duration| {
-        let deadline = Instant::now() + t;
-        loop {
-            // A child of ours that exited is a zombie until its owner waits for it, and a
-            // zombie has left its namespace: it counts as gone.
-            if netns_pids(netns).is_empty() {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-    };
-    if found.is_empty() {
-        return Ok(found);
-    }
+    // A child of ours that exited is a zombie until its owner waits for it, and a zombie has
+    // left its namespace: it counts as gone.
+    let all_gone = || netns_pids(netns).is_empty();
     signal_all(Signal::SIGTERM);
-    if !gone_within(grace) {
+    if !poll_until(grace, all_gone) {
         signal_all(Signal::SIGKILL);
-        if !gone_within(Duration::from_secs(5)) {
+        if !poll_until(Duration::from_secs(5), all_gone) {
             let left: Vec<String> = netns_pids(netns)
                 .iter()
                 .map(|(pid, comm)| format!("{comm} (pid {pid})"))
                 .collect();
             return Err(format!(
-                "still running in namespace {netns} after SIGKILL: {}",
+                "still running in the lab's namespaces after SIGKILL: {}",
                 left.join(", ")
             ));
         }
