@@ -74,6 +74,36 @@ fn pods_on_three_nodes_exchange_ping_tcp_and_udp() {
     eprintln!("took {:.1?}", started.elapsed());
 }
 
+/// A pod reaches another node's own address (what a pod does to reach a NodePort or a
+/// host-network server on another node): the request leaves through this node's host port and
+/// the underlay, the reply comes back over the overlay with the other node's address as its
+/// source, which the receiving switch must take from that peer.
+#[test]
+fn a_pod_reaches_another_nodes_own_address_and_the_reply_crosses_the_overlay() {
+    let lab = lab("oh", 2, 1);
+    let (n1, n2) = (lab.node("n1").clone(), lab.node("n2").clone());
+    let pod = lab.pod("n1-p1");
+    let p = ping(&pod.netns, n2.underlay_ip, 3, &[]);
+    assert!(
+        p.all_answered(),
+        "ping n1-p1 -> node 2's {}: {}",
+        n2.underlay_ip,
+        p.text
+    );
+    // TCP to a server in node 2's own namespace, on its underlay address.
+    let tcp = iperf(&pod.netns, &n2.netns, n2.underlay_ip, &[]);
+    let (bytes, _) = iperf_sum(&tcp, "sum_received");
+    assert!(
+        bytes > 0,
+        "TCP n1-p1 -> node 2's {}: nothing received",
+        n2.underlay_ip
+    );
+    // The replies came back over the overlay (node 2 routes the pod CIDR of node 1 into its
+    // switch), and none was refused.
+    assert_no_vxlan_drops(&n1);
+    assert_no_vxlan_drops(&n2);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. Removing a peer at runtime and adding it back.
 
@@ -898,6 +928,19 @@ fn vxlan_from_a_host_that_is_not_a_peer_is_dropped_and_counted() {
         ),
         "vxlan_spoofed_src",
     );
+    // Nor may it speak for this node: its own underlay address is not the peer's.
+    expect_drop(
+        vxlan_datagram(
+            1,
+            node_mac,
+            stranger_mac,
+            n1.underlay_ip,
+            pod_ip,
+            9999,
+            b"spoofed-node\n",
+        ),
+        "vxlan_spoofed_src",
+    );
     let mut other_mac = node_mac;
     other_mac[5] ^= 0x55;
     expect_drop(
@@ -921,11 +964,21 @@ fn vxlan_from_a_host_that_is_not_a_peer_is_dropped_and_counted() {
     );
 
     send(good("accepted\n"));
+    // The peer's own address is a source it speaks for (a reply from its node).
+    send(vxlan_datagram(
+        1,
+        node_mac,
+        stranger_mac,
+        Ipv4Addr::new(192, 168, 100, 200),
+        pod_ip,
+        9999,
+        b"from-the-node\n",
+    ));
     let delivered = wait_until(Duration::from_secs(3), || {
         port_counters(&n1, pod.ip)["tx_packets"]
             .as_u64()
             .unwrap_or(0)
-            > tx_before
+            >= tx_before + 2
     });
     assert!(
         delivered,
@@ -934,8 +987,8 @@ fn vxlan_from_a_host_that_is_not_a_peer_is_dropped_and_counted() {
     std::thread::sleep(Duration::from_millis(100));
     let got = String::from_utf8_lossy(&receiver.stop().stdout).into_owned();
     assert_eq!(
-        got, "accepted\n",
-        "the pod must receive exactly the datagram from the peer"
+        got, "accepted\nfrom-the-node\n",
+        "the pod must receive exactly the datagrams from the peer"
     );
     ctl_ok(&n1, &["peer-del", "stranger"]);
     eprintln!("took {:.1?}", started.elapsed());

@@ -557,7 +557,7 @@ fn vxlan_from_strangers_or_with_the_wrong_vni_is_dropped() {
         ]
     );
     // The same datagram from the real peer is delivered.
-    sim.inject(underlay_of(1), underlay_of(0), d);
+    sim.inject(underlay_of(1), underlay_of(0), d.clone());
     assert!(matches!(
         &sim.take()[..],
         [Event::Delivered {
@@ -566,6 +566,36 @@ fn vxlan_from_strangers_or_with_the_wrong_vni_is_dropped() {
             ..
         }]
     ));
+    // The peer also speaks for its node's own address (a reply from a server on that node),
+    // but not for this node's.
+    let from = |src: IpAddr| {
+        let IpAddr::V4(src) = src else {
+            unreachable!("the sim's underlay is IPv4")
+        };
+        let mut x = d.clone();
+        x[ip + 12..ip + 16].copy_from_slice(&src.octets());
+        Ipv4Packet::new_checked(&mut x[ip..])
+            .unwrap()
+            .fill_checksum();
+        x
+    };
+    sim.inject(underlay_of(1), underlay_of(0), from(underlay_of(1)));
+    assert!(matches!(
+        &sim.take()[..],
+        [Event::Delivered {
+            node: 0,
+            port: 1,
+            ..
+        }]
+    ));
+    sim.inject(underlay_of(1), underlay_of(0), from(underlay_of(0)));
+    assert_eq!(
+        sim.take(),
+        [Event::Dropped {
+            node: 0,
+            reason: DropReason::VxlanSpoofedSrc
+        }]
+    );
 }
 
 #[test]

@@ -557,11 +557,13 @@ pub fn handle_underlay(
     let Ok(mut ip) = Ipv4Packet::new_checked(eth.payload_mut()) else {
         return Action::Drop(DropReason::VxlanMalformed);
     };
+    // A peer speaks for its pods and for itself: a reply from its node's own address (to a pod
+    // here that reached that node, or a NodePort on it) crosses the overlay too, as flannel's
+    // route to this node's pod CIDR sends it.
     let src = ip.src_addr();
-    let from_peer = t
-        .peers
-        .get(peer)
-        .is_some_and(|p| p.pod_cidrs.iter().any(|c| c.contains(&src)));
+    let from_peer = t.peers.get(peer).is_some_and(|p| {
+        p.underlay == IpAddr::V4(src) || p.pod_cidrs.iter().any(|c| c.contains(&src))
+    });
     if !from_peer {
         return Action::Drop(DropReason::VxlanSpoofedSrc);
     }
