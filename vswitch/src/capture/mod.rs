@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwapOption;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
-use crate::pipeline::PortId;
+use crate::pipeline::{PortId, HOST_PORT};
 pub use filter::{Fields, Filter, FilterError};
 pub use pcapng::Direction;
 
@@ -89,12 +89,36 @@ impl Point {
     }
 }
 
-/// Which points a session wants: a set of (stage, direction) and optionally one port.
+/// Which points a session wants: a set of (stage, direction) and which ports' `Port` points.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Selection {
     mask: u8,
-    /// Only this port's `Port` points (the other stages are not selected with a port).
-    port: Option<PortId>,
+    ports: Ports,
+}
+
+/// Whose `Port` points a session takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ports {
+    /// Every port's, the host port's too.
+    All,
+    /// The pods' ports (point `pod` without `host`).
+    Pods,
+    /// The host port's (point `host` without `pod`).
+    Host,
+    /// Only this port's (the other stages are not selected with a port).
+    One(PortId),
+}
+
+impl Ports {
+    #[inline]
+    fn has(self, port: PortId) -> bool {
+        match self {
+            Ports::All => true,
+            Ports::Pods => port != HOST_PORT,
+            Ports::Host => port == HOST_PORT,
+            Ports::One(p) => p == port,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -128,6 +152,7 @@ impl Selection {
         let stage = |s: Stage| both << (s as u8 * 2);
         let mut mask = 0u8;
         let mut non_port = None;
+        let (mut pods, mut host) = (false, false);
         let words: Vec<&str> = points
             .split(',')
             .map(str::trim)
@@ -135,10 +160,23 @@ impl Selection {
             .collect();
         for w in &words {
             let m = match *w {
-                "all" => 0xff,
-                // The host port is a port like the pods'; `pod` and `host` differ in name only
-                // unless a port is given.
-                "pod" | "host" | "port" => stage(Stage::Port),
+                "all" | "port" => {
+                    (pods, host) = (true, true);
+                    if *w == "all" {
+                        0xff
+                    } else {
+                        stage(Stage::Port)
+                    }
+                }
+                // The host port is a port like the pods', told apart by its id.
+                "pod" => {
+                    pods = true;
+                    stage(Stage::Port)
+                }
+                "host" => {
+                    host = true;
+                    stage(Stage::Port)
+                }
                 "nat" => stage(Stage::Nat),
                 "nat:before" => Point::bit(Stage::Nat, true),
                 "nat:after" => Point::bit(Stage::Nat, false),
@@ -173,11 +211,20 @@ impl Selection {
         if mask == 0 {
             return Err(CaptureError::Empty);
         }
-        Ok(Selection { mask, port })
+        let ports = match (port, pods, host) {
+            (Some(p), _, _) => Ports::One(p),
+            (None, true, false) => Ports::Pods,
+            (None, false, true) => Ports::Host,
+            (None, _, _) => Ports::All,
+        };
+        Ok(Selection { mask, ports })
     }
 
     pub fn port(&self) -> Option<PortId> {
-        self.port
+        match self.ports {
+            Ports::One(p) => Some(p),
+            _ => None,
+        }
     }
 }
 
@@ -238,7 +285,7 @@ impl Session {
         if self.sel.mask & Point::bit(point.stage, point.inbound) == 0 {
             return;
         }
-        if point.stage == Stage::Port && self.sel.port.is_some_and(|p| p != point.port) {
+        if point.stage == Stage::Port && !self.sel.ports.has(point.port) {
             return;
         }
         if let Some(f) = &self.filter {

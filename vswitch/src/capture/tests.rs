@@ -109,6 +109,77 @@ fn points_ports_directions_and_filters_select_what_is_copied() {
     assert_eq!(b, [(2, true), (3, false)]);
 }
 
+/// `host` is the host port's points alone, `pod` the pods' alone, both (or `port`, `all`, no
+/// point) every port's; a stage next to `host` does not bring the pods' ports in.
+#[test]
+fn pod_and_host_points_tell_the_host_port_from_the_pods() {
+    let hub = Hub::new();
+    let f = frame([10, 0, 0, 1], [10, 0, 0, 2], 1, 0, 0, 10);
+    let cases: [(&str, &str, &[(u32, bool)]); 7] = [
+        ("host", "", &[(HOST_PORT, true), (HOST_PORT, false)]),
+        ("host", "out", &[(HOST_PORT, false)]),
+        (
+            "nat:after,host",
+            "",
+            &[(HOST_PORT, true), (HOST_PORT, false)],
+        ),
+        ("pod", "", &[(1, true), (1, false), (2, true)]),
+        (
+            "pod,host",
+            "",
+            &[
+                (HOST_PORT, true),
+                (HOST_PORT, false),
+                (1, true),
+                (1, false),
+                (2, true),
+            ],
+        ),
+        (
+            "port",
+            "",
+            &[
+                (HOST_PORT, true),
+                (HOST_PORT, false),
+                (1, true),
+                (1, false),
+                (2, true),
+            ],
+        ),
+        (
+            "",
+            "",
+            &[
+                (HOST_PORT, true),
+                (HOST_PORT, false),
+                (1, true),
+                (1, false),
+                (2, true),
+            ],
+        ),
+    ];
+    for (points, dir, want) in cases {
+        let (s, rx) = open(&hub, points, dir, None, None);
+        let set = hub.current().unwrap();
+        for (port, inbound) in [
+            (HOST_PORT, true),
+            (HOST_PORT, false),
+            (1, true),
+            (1, false),
+            (2, true),
+        ] {
+            set.port(port, inbound, &f);
+        }
+        let got: Vec<(u32, bool)> = rx
+            .try_iter()
+            .filter(|c| c.point.stage == Stage::Port)
+            .map(|c| (c.point.port, c.point.inbound))
+            .collect();
+        assert_eq!(got, want, "--point {points:?} --direction {dir:?}");
+        hub.close(s.id);
+    }
+}
+
 #[test]
 fn a_full_queue_drops_and_counts_instead_of_waiting() {
     let hub = Hub::new();

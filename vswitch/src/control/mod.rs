@@ -117,8 +117,7 @@ pub struct Daemon {
     pub k8s_stats: std::sync::OnceLock<k8s::K8sStatsHandle>,
 }
 
-/// The host port's id; pod ports count from 1.
-pub const HOST_PORT: PortId = 0;
+pub use crate::pipeline::HOST_PORT;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {

@@ -46,6 +46,8 @@ use crate::wire::{
 
 /// A switch port. Stable for the life of an attachment.
 pub type PortId = u32;
+/// The host port's id (the node's own interface into the switch); pod ports count from 1.
+pub const HOST_PORT: PortId = 0;
 
 /// Per-frame facts from the virtio-net header.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
