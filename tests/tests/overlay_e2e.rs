@@ -990,6 +990,16 @@ fn vxlan_from_a_host_that_is_not_a_peer_is_dropped_and_counted() {
         got, "accepted\nfrom-the-node\n",
         "the pod must receive exactly the datagrams from the peer"
     );
+    // The plain `vswitchctl ports` shows the underlay's drops too.
+    let table = ctl_ok(&n1, &["ports"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("underlay (VXLAN datagrams):")
+                && l.contains("vxlan_spoofed_src=2")
+                && l.contains("vxlan_unknown_peer=1")),
+        "vswitchctl ports:\n{table}"
+    );
     ctl_ok(&n1, &["peer-del", "stranger"]);
     eprintln!("took {:.1?}", started.elapsed());
 }

@@ -120,12 +120,6 @@ fn main() -> ExitCode {
                 );
                 for p in r.ports.iter().chain(r.host.as_ref()) {
                     let who = p.pod.clone().unwrap_or_else(|| p.container_id.clone());
-                    let drops: Vec<String> = p
-                        .counters
-                        .drops
-                        .iter()
-                        .map(|(k, v)| format!("{k}={v}"))
-                        .collect();
                     println!(
                         "{:>4}  {:<28} {:<8} {:<15} {:<17} {:>10} {:>10}  {}",
                         p.id,
@@ -135,12 +129,19 @@ fn main() -> ExitCode {
                         p.mac,
                         p.counters.rx_packets,
                         p.counters.tx_packets,
-                        if drops.is_empty() {
-                            "-".into()
-                        } else {
-                            drops.join(" ")
-                        }
+                        drops_text(&p.counters.drops)
                     );
+                }
+                if let Some(u) = &r.underlay {
+                    println!(
+                        "underlay (VXLAN datagrams): rx {} tx {}  drops: {}",
+                        u.rx_packets,
+                        u.tx_packets,
+                        drops_text(&u.drops)
+                    );
+                }
+                if !r.switch_drops.is_empty() {
+                    println!("switch (no port): drops: {}", drops_text(&r.switch_drops));
                 }
             }
         }),
@@ -306,4 +307,13 @@ fn print_json<T: serde::Serialize>(v: &T) {
         Ok(s) => println!("{s}"),
         Err(e) => eprintln!("vswitchctl: {e}"),
     }
+}
+
+/// `reason=count ...`, or `-` for none.
+fn drops_text(drops: &std::collections::BTreeMap<String, u64>) -> String {
+    if drops.is_empty() {
+        return "-".into();
+    }
+    let v: Vec<String> = drops.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    v.join(" ")
 }
