@@ -4,8 +4,9 @@
 #
 #   deploy/kubernetes/nodes-configmap.sh | kubectl apply -f -
 #
-# Until vswitchd reads Node objects itself, this table is how each node learns its pod CIDR and
-# its peers: run it again when nodes join or leave, then
+# This table is how each node learns its own pod CIDR and address (its peers and the Services
+# come from the API; in static mode, [kubernetes] enabled = false, its peers from here too).
+# Run it again before a new node's vswitchd starts; in static mode also when nodes leave, then
 #   kubectl -n vswitch rollout restart daemonset/vswitch
 # Environment: KUBECTL (default kubectl), NAMESPACE (default vswitch).
 set -euo pipefail

@@ -707,8 +707,26 @@ fn config_step_renders_each_nodes_config_from_the_config_maps() {
         ("kind-worker", "10.244.1.0/24", "172.18.0.2"),
         ("kind-worker2", "10.244.2.0/24", "172.18.0.3"),
     ];
-    for (name, cidr, ip) in all {
-        let out = tmp.join(&format!("{name}.toml"));
+    // As shipped, vswitchd takes peers and Services from the API (it replaces kube-proxy, so
+    // without them a cluster has no Services); the same ConfigMap with the API off renders
+    // every other node as a static peer.
+    assert!(
+        cluster_config(&docs).kubernetes.enabled,
+        "vswitch-config must turn on [kubernetes]"
+    );
+    let shipped = fs::read_to_string(&cluster).expect("cluster config");
+    assert_eq!(shipped.matches("enabled = true").count(), 1);
+    let static_cluster = tmp.join("static.toml");
+    fs::write(
+        &static_cluster,
+        shipped.replace("enabled = true", "enabled = false"),
+    )
+    .expect("write static config");
+    for ((name, cidr, ip), (cluster, from_api)) in all
+        .iter()
+        .flat_map(|n| [(*n, (&cluster, true)), (*n, (&static_cluster, false))])
+    {
+        let out = tmp.join(&format!("{name}-{from_api}.toml"));
         let mut cmd = Command::new(bin("vswitch-install"));
         cmd.arg("config")
             .arg(format!("--cluster={}", cluster.display()))
@@ -719,12 +737,20 @@ fn config_step_renders_each_nodes_config_from_the_config_maps() {
         ok(cmd, Duration::from_secs(30));
         let c = Config::load(&out)
             .unwrap_or_else(|e| panic!("vswitchd would reject the config for {name}: {e}"));
+        assert_eq!(c.kubernetes.enabled, from_api);
         assert_eq!(c.node.name, name);
         assert_eq!(c.node.pod_cidr.to_string(), cidr);
         assert_eq!(c.overlay.underlay_ip, Some(ip.parse::<IpAddr>().unwrap()));
         let peers: BTreeSet<&str> = c.peers.iter().map(|p| p.name.as_str()).collect();
-        let expected: BTreeSet<&str> = all.iter().map(|n| n.0).filter(|n| *n != name).collect();
-        assert_eq!(peers, expected, "every other node is a peer of {name}");
+        let expected: BTreeSet<&str> = if from_api {
+            BTreeSet::new()
+        } else {
+            all.iter().map(|n| n.0).filter(|n| *n != name).collect()
+        };
+        assert_eq!(
+            peers, expected,
+            "{name}: static peers (from the API: none; else every other node)"
+        );
         for p in &c.peers {
             let (_, pcidr, pip) = all.iter().find(|n| n.0 == p.name).expect("known peer");
             assert_eq!(p.pod_cidrs.len(), 1);
@@ -769,9 +795,10 @@ fn config_step_renders_each_nodes_config_from_the_config_maps() {
     let bad = tmp.join("bad-cluster.toml");
     fs::write(
         &bad,
-        format!(
-            "{}\n[kubernetes]\nnode_name = \"x\"\n",
-            cluster_config_text(&docs)
+        cluster_config_text(&docs).replacen(
+            "[kubernetes]\n",
+            "[kubernetes]\nnode_name = \"x\"\n",
+            1,
         ),
     )
     .expect("write");

@@ -1,8 +1,8 @@
 //! Rendering one node's vswitchd config from the cluster-wide settings and the nodes table.
 //!
-//! Until vswitchd reads its pod CIDR and its peers from Node objects (the Kubernetes API source,
-//! not written yet), each node's config needs its own `node.name`, `node.pod_cidr`,
-//! `overlay.underlay_ip` and `[[peers]]`. The cluster config (ConfigMap `vswitch-config`) holds
+//! Each node's config needs its own `node.name`, `node.pod_cidr` and `overlay.underlay_ip`, and
+//! in static mode its `[[peers]]` (vswitchd's Kubernetes mode reads peers and Services from the
+//! API, but a node's own pod CIDR still from its config). The cluster config (ConfigMap `vswitch-config`) holds
 //! everything else; the nodes table (ConfigMap `vswitch-nodes`, generated from
 //! `kubectl get nodes` by deploy/kubernetes/nodes-configmap.sh) holds one entry per node:
 //!
