@@ -97,7 +97,15 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let client = Client::new(&args.socket).with_timeout(std::time::Duration::from_secs(10));
     let result = match args.cmd {
-        Cmd::Capture(c) => vswitch::capture::cli::run(&args.socket, &c),
+        Cmd::Capture(c) => {
+            use std::io::IsTerminal;
+            if let Err(m) = vswitch::capture::cli::check_usage(&c, std::io::stdout().is_terminal())
+            {
+                eprintln!("vswitchctl capture: {m}");
+                return ExitCode::from(2);
+            }
+            vswitch::capture::cli::run(&args.socket, &c)
+        }
         Cmd::Status => client.get::<Status>(api::PATH_STATUS).map(|s| {
             if args.json {
                 print_json(&s);

@@ -255,13 +255,27 @@ impl Sink for Rotating {
     }
 }
 
-/// Runs a capture until the count, Ctrl-C, or the output going away.
-pub fn run(socket: &std::path::Path, a: &CaptureArgs) -> Result<(), ClientError> {
-    if let Some(path) = &a.write {
-        if path.as_os_str() == "-" && a.file_size.is_some() {
-            return Err(ClientError::Protocol("-C needs a file name, not -".into()));
-        }
+/// Refuses what cannot work before anything is asked of the daemon: `-C` without a file, and
+/// binary pcapng to a terminal (as tcpdump and dumpcap refuse). `stdout_is_terminal` is
+/// `io::stdout().is_terminal()`, passed in for the tests.
+pub fn check_usage(a: &CaptureArgs, stdout_is_terminal: bool) -> Result<(), String> {
+    let to_stdout = a.write.as_ref().is_none_or(|p| p.as_os_str() == "-");
+    if to_stdout && a.file_size.is_some() {
+        return Err("-C needs a file name (-w FILE), not standard output".into());
     }
+    if to_stdout && stdout_is_terminal {
+        return Err(
+            "refusing to write pcapng to a terminal: pipe it (| tcpdump -nr -, \
+                    | wireshark -k -i -) or give -w FILE"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// Runs a capture until the count, Ctrl-C, or the output going away. Check the arguments with
+/// [`check_usage`] first.
+pub fn run(socket: &std::path::Path, a: &CaptureArgs) -> Result<(), ClientError> {
     catch_signals();
     let client = Client::new(socket).with_timeout(Duration::from_secs(10));
     let mut s = client.stream(&query(a), Some(Duration::from_millis(200)))?;
@@ -425,5 +439,30 @@ mod tests {
             query(&a),
             "/v1/capture?pod=default%2Fp1&direction=in&count=5&filter=host%2010.0.0.1%20%26%26%20%21tcp"
         );
+    }
+
+    #[test]
+    fn pcapng_never_goes_to_a_terminal_and_rotation_needs_a_file() {
+        let args = |write: Option<&str>, file_size: Option<u64>| CaptureArgs {
+            pod: None,
+            port: None,
+            point: None,
+            direction: "both".into(),
+            count: None,
+            write: write.map(PathBuf::from),
+            file_size,
+            file_count: None,
+            snaplen: None,
+            filter: Vec::new(),
+        };
+        assert!(check_usage(&args(None, None), false).is_ok());
+        assert!(check_usage(&args(Some("x.pcapng"), None), true).is_ok());
+        assert!(check_usage(&args(Some("x.pcapng"), Some(10)), true).is_ok());
+        let tty = check_usage(&args(None, None), true).unwrap_err();
+        assert!(tty.contains("terminal") && tty.contains("-w FILE"), "{tty}");
+        assert!(check_usage(&args(Some("-"), None), true).is_err());
+        let c = check_usage(&args(Some("-"), Some(10)), false).unwrap_err();
+        assert!(c.starts_with("-C needs a file name"), "{c}");
+        assert!(check_usage(&args(None, Some(10)), false).is_err());
     }
 }
