@@ -756,9 +756,21 @@ impl Lab {
 
     /// A node by its short name (`n1`) or full name (`vsl-n1`).
     pub fn find_node(&self, name: &str) -> Option<&Node> {
+        self.node_index(name).ok().map(|i| &self.nodes[i])
+    }
+
+    /// The index in `nodes` of a node named as [`Lab::find_node`] takes it, or an error that
+    /// lists the lab's nodes.
+    pub fn node_index(&self, name: &str) -> Result<usize, LabError> {
         self.nodes
             .iter()
-            .find(|n| n.name == name || format!("n{}", n.index) == name)
+            .position(|n| n.name == name || format!("n{}", n.index) == name)
+            .ok_or_else(|| LabError::NoSuchTarget {
+                lab: self.name.clone(),
+                what: "node",
+                target: name.to_string(),
+                known: self.known_nodes(),
+            })
     }
 
     /// A node by name, for tests.

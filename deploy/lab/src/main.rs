@@ -78,6 +78,9 @@ enum Cmd {
     DelPod { pod: String },
     /// Run CNI CHECK for a pod.
     CheckPod { pod: String },
+    /// Restart a node's vswitchd (SIGTERM, then start it again, as an upgrade does): its pods
+    /// keep their interfaces, addresses and connections. NODE: n1 or NAME-n1
+    Restart { node: String },
     /// Measure vswitch against the kernel path (bridge + vxlan) and Open vSwitch's userspace
     /// datapath on the same two-node, three-pod topology; print medians and ratios, check the
     /// targets, and write latest.{json,txt,png} into --out-dir. Needs root, iperf3 and ping;
@@ -296,6 +299,17 @@ fn run(cli: Cli) -> Result<ExitCode, LabError> {
         Cmd::CheckPod { pod } => {
             Lab::load(&name)?.check_pod(&pod)?;
             println!("{pod}: ok");
+        }
+        Cmd::Restart { node } => {
+            let mut lab = Lab::load(&name)?;
+            let idx = lab.node_index(&node)?;
+            let started = std::time::Instant::now();
+            let pid = lab.restart_daemon(idx, std::time::Duration::from_secs(30))?;
+            println!(
+                "{}: vswitchd restarted (pid {pid}), ready in {} ms",
+                lab.nodes[idx].name,
+                started.elapsed().as_millis()
+            );
         }
         Cmd::Bench { .. } | Cmd::Soak { .. } | Cmd::RrServer { .. } | Cmd::RrClient { .. } => {
             unreachable!("handled in main")

@@ -658,6 +658,30 @@ fn the_cli_drives_a_lab_that_outlives_each_command() {
     stdout(&cli(&["check-pod", "--name", n, "n2-web"]));
     stdout(&cli(&["del-pod", "--name", n, "n2-web"]));
 
+    // `restart` replaces a node's daemon; status follows the new one.
+    let old_pid = st["nodes"][0]["pid"].as_u64().expect("pid");
+    let restarted = stdout(&cli(&["restart", "--name", n, "n1"]));
+    assert!(
+        restarted.contains(&format!("{n}-n1: vswitchd restarted (pid ")),
+        "{restarted}"
+    );
+    let st: serde_json::Value =
+        serde_json::from_str(&stdout(&cli(&["status", "--name", n, "--json"]))).unwrap();
+    assert_eq!(st["nodes"][0]["ready"], true);
+    let new_pid = st["nodes"][0]["pid"].as_u64().expect("pid");
+    assert_ne!(new_pid, old_pid, "the old daemon is gone");
+    assert!(
+        restarted.contains(&format!("(pid {new_pid})")),
+        "{restarted}"
+    );
+    let nine = cli(&["restart", "--name", n, "n9"]);
+    assert!(!nine.status.success());
+    assert!(
+        String::from_utf8_lossy(&nine.stderr).contains("it has: n1, n2"),
+        "{}",
+        String::from_utf8_lossy(&nine.stderr)
+    );
+
     let again = cli(&["up", "--name", n]);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("run `vswitch-lab down"));
