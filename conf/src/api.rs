@@ -228,9 +228,28 @@ pub struct FrontendInfo {
     pub session_affinity_timeout: Option<u32>,
 }
 
+/// One NodePort this node listens on.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodePortInfo {
+    pub node_port: u16,
+    /// `TCP` or `UDP`.
+    pub protocol: String,
+    /// `namespace/name:port/PROTO` of the Service port.
+    pub service: String,
+    /// Where connections go: the ClusterIP, or this node's ready endpoints with
+    /// `externalTrafficPolicy: Local` (none: connections are refused).
+    pub destinations: Vec<String>,
+    /// Sent on from the client's own address (policy Local, return route in place).
+    pub local: bool,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ServicesResponse {
     pub frontends: Vec<FrontendInfo>,
+    /// The node's NodePort listeners (none before they start, or without Services that have
+    /// one).
+    #[serde(default)]
+    pub node_ports: Vec<NodePortInfo>,
 }
 
 /// One tracked connection.

@@ -1232,6 +1232,54 @@ fn nodeport_reaches_a_backend_on_another_node_from_outside_the_cluster() {
         wait_listening(&n.netns, "u", 30053);
         wait_listening(&n.netns, "u", 30054);
     }
+    // `vswitchctl services` lists node 1's NodePorts and where each sends: the ClusterIP, or
+    // for policy Local the endpoints on this node (none here: the one endpoint is on node 2).
+    let listed = vswitchctl_json(w.node(1), &["services"]);
+    let node_ports: Vec<(u64, String, String, Vec<String>, bool)> = listed["node_ports"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no node_ports in vswitchctl services: {listed}"))
+        .iter()
+        .map(|n| {
+            (
+                n["node_port"].as_u64().unwrap_or(0),
+                n["protocol"].as_str().unwrap_or("").to_string(),
+                n["service"].as_str().unwrap_or("").to_string(),
+                n["destinations"]
+                    .as_array()
+                    .map(|d| {
+                        d.iter()
+                            .filter_map(|x| x.as_str().map(String::from))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                n["local"].as_bool().unwrap_or(false),
+            )
+        })
+        .collect();
+    let row = |port: u64, proto: &str, svc: &str, dests: &[&str], local: bool| {
+        (
+            port,
+            proto.to_string(),
+            format!(
+                "default/{svc}:{}/{proto}",
+                if proto == "TCP" { 80 } else { 53 }
+            ),
+            dests.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
+            local,
+        )
+    };
+    assert_eq!(
+        node_ports,
+        vec![
+            row(30053, "UDP", "echo", &["10.96.1.44:53"], false),
+            row(30054, "UDP", "echo-local", &[], true),
+            row(30081, "TCP", "on-n2", &["10.96.1.41:80"], false),
+            row(30082, "TCP", "on-n1", &["10.96.1.42:80"], false),
+            row(30083, "TCP", "local", &[], true),
+        ],
+        "vswitchctl services on node 1: {listed}"
+    );
+
     let client = outside_client(&w, "192.168.100.250/24");
     let (n1, n2) = (w.node(1).clone(), w.node(2).clone());
 

@@ -232,6 +232,27 @@ fn main() -> ExitCode {
                     }
                 );
             }
+            if !r.node_ports.is_empty() {
+                println!();
+                println!("{:<16} {:<40} TO", "NODEPORT", "SERVICE");
+                for n in &r.node_ports {
+                    println!(
+                        "{:<16} {:<40} {}{}",
+                        format!("{}/{}", n.node_port, n.protocol),
+                        n.service,
+                        if n.destinations.is_empty() {
+                            "(no endpoint here: closed at once)".to_string()
+                        } else {
+                            n.destinations.join(" ")
+                        },
+                        if n.local {
+                            "  (policy Local, client address kept)"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+            }
         }),
         Cmd::Conntrack { ip, port } => {
             let mut q = Vec::new();

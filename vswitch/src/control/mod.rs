@@ -810,6 +810,11 @@ impl Daemon {
                     session_affinity_timeout: f.affinity_secs,
                 })
                 .collect(),
+            node_ports: self
+                .nodeports
+                .get()
+                .map(nodeport::NodePorts::list)
+                .unwrap_or_default(),
         }
     }
 

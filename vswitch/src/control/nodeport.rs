@@ -35,6 +35,8 @@ use tokio::task::JoinHandle;
 /// Where one NodePort relays to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Target {
+    /// `namespace/name:port/PROTO` of the Service port, for listings.
+    service: String,
     /// Candidate destinations: the ClusterIP, or the local endpoints for policy Local.
     dests: Vec<SocketAddr>,
     /// Send from the client's address (policy Local, with the return route in place).
@@ -91,9 +93,15 @@ fn targets(services: &[ServiceSpec], node: &str) -> HashMap<Key, Target> {
                     .map(|ip| SocketAddr::new(*ip, p.port))
                     .collect()
             };
+            let proto = if p.protocol == Protocol::Tcp {
+                "TCP"
+            } else {
+                "UDP"
+            };
             out.insert(
                 (p.protocol, np),
                 Target {
+                    service: format!("{}/{}:{}/{proto}", s.namespace, s.name, p.port),
                     dests,
                     transparent: local,
                 },
@@ -180,6 +188,26 @@ impl NodePorts {
 
     /// Opens listeners for new NodePorts, closes those that went away, and points the rest at
     /// their current destinations.
+    /// The NodePorts listened on, by port and protocol.
+    pub fn list(&self) -> Vec<conf::api::NodePortInfo> {
+        let ls = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<conf::api::NodePortInfo> = ls
+            .iter()
+            .map(|(k, l)| {
+                let t = l.target.lock().unwrap_or_else(|p| p.into_inner());
+                conf::api::NodePortInfo {
+                    node_port: k.1,
+                    protocol: if k.0 == Protocol::Tcp { "TCP" } else { "UDP" }.into(),
+                    service: t.service.clone(),
+                    destinations: t.dests.iter().map(|d| d.to_string()).collect(),
+                    local: t.transparent,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| (a.node_port, &a.protocol).cmp(&(b.node_port, &b.protocol)));
+        out
+    }
+
     pub fn reconcile(&self, services: &[ServiceSpec]) {
         self.sync_rules(services);
         let mut want = targets(services, &self.node);
