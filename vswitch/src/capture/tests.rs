@@ -115,7 +115,8 @@ fn points_ports_directions_and_filters_select_what_is_copied() {
 fn pod_and_host_points_tell_the_host_port_from_the_pods() {
     let hub = Hub::new();
     let f = frame([10, 0, 0, 1], [10, 0, 0, 2], 1, 0, 0, 10);
-    let cases: [(&str, &str, &[(u32, bool)]); 7] = [
+    type Seen = &'static [(u32, bool)];
+    let cases: [(&str, &str, Seen); 7] = [
         ("host", "", &[(HOST_PORT, true), (HOST_PORT, false)]),
         ("host", "out", &[(HOST_PORT, false)]),
         (
