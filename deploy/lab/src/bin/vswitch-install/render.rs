@@ -238,8 +238,9 @@ fn render(
         }
     }
     // Without peers the overlay stays off: no underlay socket is opened on a single node. With
-    // peers from the API the underlay is needed whenever the cluster has other nodes.
-    if !peers.is_empty() || (from_api && nodes.nodes.len() > 1) {
+    // peers from the API the overlay is on whenever the node's address is known, even on a
+    // single node: a node that joins later becomes a peer live, with no restart here.
+    if !peers.is_empty() || (from_api && underlay.is_some()) {
         let mut overlay = take_section(&mut table, "overlay", cluster_path)?;
         if let Some(ip) = underlay {
             overlay.insert("underlay_ip".into(), ip.to_string().into());
@@ -366,6 +367,20 @@ mod tests {
         assert!(c.peers.is_empty());
         assert_eq!(c.node.pod_cidr.to_string(), "10.244.0.0/24");
         assert_eq!(c.overlay.underlay_ip, Some("172.18.0.2".parse().unwrap()));
+    }
+
+    /// A one-node cluster in Kubernetes mode still opens the overlay, so the second node to
+    /// join is reached without restarting the first.
+    #[test]
+    fn with_the_api_a_single_node_keeps_its_overlay_for_nodes_that_join() {
+        let cluster = format!("{CLUSTER}[kubernetes]\nenabled = true\n");
+        let one = "[[nodes]]\nname = \"a\"\npod_cidr = \"10.244.0.0/24\"\n";
+        let c = go(&cluster, one, "a", Some("172.18.0.2".parse().unwrap())).unwrap();
+        assert!(c.peers.is_empty());
+        assert_eq!(c.overlay.underlay_ip, Some("172.18.0.2".parse().unwrap()));
+        // Without any address for the node there is nothing to bind: the overlay stays off.
+        let c = go(&cluster, one, "a", None).unwrap();
+        assert_eq!(c.overlay.underlay_ip, None);
     }
 
     #[test]
