@@ -1729,5 +1729,42 @@ fn the_node_reaches_pods_and_cluster_ips_and_pods_reach_the_node() {
         "from a pod on another node: {r:?}"
     );
     drop(node_server);
+
+    // A server on node 1's own (underlay) address, as the API server is behind the
+    // `kubernetes` Service: a pod on node 2 reaches it directly and through a ClusterIP whose
+    // endpoint is that address. Node 1 answers the pod through its switch, over the overlay,
+    // from its own address.
+    let api_like = Bg::spawn(
+        &n1.netns,
+        &w.py("http", &["api-n1", "6443", &n1.underlay_ip.to_string()]),
+        Duration::from_secs(60),
+    );
+    wait_listening(&n1.netns, "t", 6443);
+    let mut kubernetes = Svc::new("kubernetes", "10.96.1.91", vec![tcp(443, 6443)], vec![]);
+    kubernetes.endpoints = vec![Ep {
+        ip: IpAddr::V4(n1.underlay_ip),
+        node: n1.name.clone(),
+        ready: true,
+        serving: true,
+        terminating: false,
+    }];
+    w.set_services(&[
+        Svc::new(
+            "web",
+            "10.96.1.90",
+            vec![tcp(80, HTTP_PORT)],
+            vec![Ep::of(&p2)],
+        ),
+        kubernetes,
+    ]);
+    let r = curl_ok(&p2.netns, &format!("http://{}:6443/", n1.underlay_ip));
+    assert_eq!(r.name, "api-n1", "{r:?}");
+    let r = curl_ok(&p2.netns, "http://10.96.1.91:443/");
+    assert_eq!(
+        (r.name.as_str(), r.remote.as_str()),
+        ("api-n1", "10.96.1.91:443"),
+        "through the ClusterIP: {r:?}"
+    );
+    drop(api_like);
     eprintln!("took {:.1?}", started.elapsed());
 }
