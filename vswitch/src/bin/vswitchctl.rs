@@ -127,7 +127,12 @@ fn main() -> ExitCode {
                     "PORT", "POD / CONTAINER", "IFNAME", "IP", "MAC", "RX PKTS", "TX PKTS"
                 );
                 for p in r.ports.iter().chain(r.host.as_ref()) {
-                    let who = p.pod.clone().unwrap_or_else(|| p.container_id.clone());
+                    // A runtime without pod names (podman) gets its container ID cut to 12
+                    // characters, as `podman ps` shows it; --json has it whole.
+                    let who = p
+                        .pod
+                        .clone()
+                        .unwrap_or_else(|| p.container_id.chars().take(12).collect());
                     println!(
                         "{:>4}  {:<28} {:<8} {:<15} {:<17} {:>10} {:>10}  {}",
                         p.id,
