@@ -17,6 +17,10 @@ pub const PATH_CNI_CHECK: &str = "/v1/cni/check";
 pub const PATH_CNI_GC: &str = "/v1/cni/gc";
 pub const PATH_STATUS: &str = "/v1/status";
 pub const PATH_PORTS: &str = "/v1/ports";
+/// DELETE `/v1/ports/{id}` releases a port that is no longer live (its pod's namespace went
+/// away while vswitchd was down, and the runtime sent no DEL since): its address, record and
+/// device. A live port is refused: the runtime's CNI DEL releases it.
+pub const PATH_PORT_PREFIX: &str = "/v1/ports/";
 /// GET lists, POST adds or replaces one peer (by name).
 pub const PATH_PEERS: &str = "/v1/peers";
 /// GET: Service frontends and the backends in use.
@@ -189,6 +193,15 @@ pub struct PortInfo {
     pub mac: String,
     pub ip: IpAddr,
     pub counters: PortCounters,
+    /// The switch holds the port's TAP. False for a port it could not take back after a
+    /// restart (its namespace is gone): the runtime's DEL or GC, or `vswitchctl release`,
+    /// frees it.
+    #[serde(default = "live_default")]
+    pub live: bool,
+}
+
+fn live_default() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -105,6 +105,91 @@ fn del_after_the_pod_netns_is_gone_releases_everything() {
     cni.del(&a.container_id, None, &a.ifname, None).ok();
 }
 
+/// `vswitchctl ARGS...` against `node`: (success, stdout, stderr).
+fn vswitchctl(node: &Node, args: &[&str]) -> (bool, String, String) {
+    let o = std::process::Command::new(bin("vswitchctl"))
+        .arg("--socket")
+        .arg(&node.admin_socket)
+        .args(args)
+        .output()
+        .expect("run vswitchctl");
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// A runtime that removed a pod while vswitchd was down and never sends DEL (podman 4 does
+/// neither DEL again nor GC): after the restart the port is listed as gone, and `vswitchctl
+/// release` frees its address; a live port is refused.
+#[test]
+fn a_port_whose_namespace_vanished_while_the_daemon_was_down_is_released_on_request() {
+    let mut lab = lab(1, 2);
+    let (a, b) = (lab.pod("n1-p1").clone(), lab.pod("n1-p2").clone());
+    let pid = lab.node("n1").pid.expect("pid");
+    // The daemon dies; meanwhile the runtime removes the pod (its DEL failed, not retried).
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    ip(&["netns", "del", &a.netns]);
+    lab.restart_daemon(0, std::time::Duration::from_secs(10))
+        .expect("restart vswitchd");
+    let node = lab.node("n1").clone();
+
+    let listed = ports(&node.admin_socket).ports;
+    let gone = listed
+        .iter()
+        .find(|p| p.container_id == a.container_id)
+        .expect("the vanished pod's port is still listed");
+    assert!(!gone.live, "{gone:?}");
+    let live = listed
+        .iter()
+        .find(|p| p.container_id == b.container_id)
+        .expect("the other pod's port");
+    assert!(live.live, "{live:?}");
+    let (ok, table, _) = vswitchctl(&node, &["ports"]);
+    assert!(ok);
+    let id = gone.id.to_string();
+    assert!(
+        table.lines().any(|l| l.trim_start().starts_with(&format!("{id} "))
+            && l.contains(&format!("GONE (not taken back after a restart: the runtime's DEL, or `vswitchctl release {id}`"))),
+        "{table}"
+    );
+
+    // A live port is not the operator's to release, nor is a port that does not exist.
+    let (ok, _, err) = vswitchctl(&node, &["release", &live.id.to_string()]);
+    assert!(
+        !ok && err.contains("is live: the runtime's CNI DEL releases it"),
+        "{err}"
+    );
+    let (ok, _, err) = vswitchctl(&node, &["release", "999"]);
+    assert!(!ok && err.contains("no pod port 999"), "{err}");
+
+    let (ok, out, err) = vswitchctl(&node, &["release", &id]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        out.trim(),
+        format!(
+            "released port {id} of {}/{} ({})",
+            a.container_id, a.ifname, a.ip
+        )
+    );
+    let (ports_now, leases_now) = node_state(&node);
+    assert!(
+        !ports_now.iter().any(|(c, _, _)| *c == a.container_id),
+        "{ports_now:?}"
+    );
+    assert!(!leases_now.contains(&a.ip.to_string()), "{leases_now:?}");
+    assert!(leases_now.contains(&b.ip.to_string()), "{leases_now:?}");
+    // The runtime's DEL, should it come after all, still succeeds.
+    let out = Cni::for_node(&node).del(&a.container_id, None, &a.ifname, None);
+    assert!(out.success(), "{}", out.out);
+    assert_ping(&b.netns, gateway(&node));
+}
+
 #[test]
 fn check_passes_on_a_live_pod_and_fails_once_its_interface_is_broken() {
     let lab = lab(1, 3);

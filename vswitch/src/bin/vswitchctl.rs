@@ -91,6 +91,12 @@ enum Cmd {
     },
     /// Stream a live pcapng capture to stdout (`| tcpdump -nr -`) or to files (-w).
     Capture(vswitch::capture::cli::CaptureArgs),
+    /// Release a port the switch could not take back after a restart (its pod's namespace is
+    /// gone, and the runtime sent no CNI DEL since): its address, record and device.
+    Release {
+        /// The port's id (`vswitchctl ports`, first column).
+        port: u32,
+    },
 }
 
 fn main() -> ExitCode {
@@ -134,7 +140,7 @@ fn main() -> ExitCode {
                         .clone()
                         .unwrap_or_else(|| p.container_id.chars().take(12).collect());
                     println!(
-                        "{:>4}  {:<28} {:<8} {:<15} {:<17} {:>10} {:>10}  {}",
+                        "{:>4}  {:<28} {:<8} {:<15} {:<17} {:>10} {:>10}  {}{}",
                         p.id,
                         who,
                         p.ifname,
@@ -142,7 +148,16 @@ fn main() -> ExitCode {
                         p.mac,
                         p.counters.rx_packets,
                         p.counters.tx_packets,
-                        drops_text(&p.counters.drops)
+                        drops_text(&p.counters.drops),
+                        if p.live {
+                            String::new()
+                        } else {
+                            format!(
+                                "  GONE (not taken back after a restart: the runtime's DEL, \
+                                 or `vswitchctl release {}`, frees it)",
+                                p.id
+                            )
+                        }
                     );
                 }
                 if let Some(u) = &r.underlay {
@@ -213,6 +228,17 @@ fn main() -> ExitCode {
                     println!("{:>2}. {s}", i + 1);
                 }
                 println!("=> {}", r.verdict);
+            }),
+        Cmd::Release { port } => client
+            .delete::<api::PortInfo>(&format!("{}{port}", api::PATH_PORT_PREFIX))
+            .map(|p| {
+                if args.json {
+                    return print_json(&p);
+                }
+                println!(
+                    "released port {} of {}/{} ({})",
+                    p.id, p.container_id, p.ifname, p.ip
+                );
             }),
         Cmd::Services => client.get::<ServicesResponse>(api::PATH_SERVICES).map(|r| {
             if args.json {

@@ -169,6 +169,21 @@ pub fn router(d: Arc<Daemon>) -> Router {
             ),
         )
         .route(
+            "/v1/ports/{id}",
+            delete(
+                |State(d): State<Arc<Daemon>>, Path(id): Path<String>| async move {
+                    let Ok(id) = id.parse::<u32>() else {
+                        return Err(Failure(ApiError::new(
+                            code::DECODE_FAILURE,
+                            format!("{id:?} is not a port number"),
+                            "",
+                        )));
+                    };
+                    blocking(move || d.release_port(id)).await
+                },
+            ),
+        )
+        .route(
             "/v1/peers/{name}",
             delete(
                 |State(d): State<Arc<Daemon>>, Path(name): Path<String>| async move {

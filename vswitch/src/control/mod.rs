@@ -239,10 +239,12 @@ impl Daemon {
                     );
                 }
                 Err(e) => tracing::warn!(
-                    "port {} of {}/{} is gone ({e}); the runtime's DEL or GC releases it",
+                    "port {} of {}/{} is gone ({e}); the runtime's DEL or GC releases it, or \
+                     `vswitchctl release {}`",
                     rec.port,
                     rec.container_id,
-                    rec.ifname
+                    rec.ifname,
+                    rec.port
                 ),
             }
         }
@@ -570,6 +572,47 @@ impl Daemon {
         Ok(())
     }
 
+    /// Releases port `id` if the switch no longer holds it (see [`conf::api::PATH_PORT_PREFIX`]).
+    pub fn release_port(&self, id: PortId) -> Result<PortInfo, ApiError> {
+        let mut st = self.lock();
+        let Some((key, rec)) = st
+            .records
+            .iter()
+            .find(|(_, r)| r.port == id)
+            .map(|(k, r)| (k.clone(), r.clone()))
+        else {
+            return Err(api_err(
+                code::UNKNOWN_CONTAINER,
+                format!("no pod port {id} (vswitchctl ports lists them)"),
+                "",
+            ));
+        };
+        if rec.live {
+            return Err(api_err(
+                code::UNSUPPORTED_FIELD,
+                format!(
+                    "port {id} of {}/{} is live: the runtime's CNI DEL releases it",
+                    rec.container_id, rec.ifname
+                ),
+                "",
+            ));
+        }
+        let info = PortInfo {
+            id,
+            container_id: rec.container_id.clone(),
+            ifname: rec.ifname.clone(),
+            netns: rec.netns.clone(),
+            pod: rec.pod.clone(),
+            mac: rec.mac.clone(),
+            ip: IpAddr::V4(rec.ip),
+            counters: rec.stats.snapshot(),
+            live: false,
+        };
+        self.release(&mut st, &key)?;
+        tracing::info!("released port {id} by request (its namespace was gone)");
+        Ok(info)
+    }
+
     pub fn check(&self, req: CheckRequest) -> Result<AddResponse, ApiError> {
         let key = Attachment {
             container_id: req.container_id.clone(),
@@ -670,6 +713,7 @@ impl Daemon {
                     mac: r.mac.clone(),
                     ip: IpAddr::V4(r.ip),
                     counters: r.stats.snapshot(),
+                    live: r.live,
                 };
                 (info, r.link.clone())
             })
@@ -688,6 +732,7 @@ impl Daemon {
                     mac: host_mac_for(gw).to_string(),
                     ip: IpAddr::V4(gw),
                     counters: s.snapshot(),
+                    live: true,
                 }
             }),
             underlay: self
