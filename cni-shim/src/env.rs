@@ -152,13 +152,51 @@ fn validate_ifname(name: &str) -> Result<(), Error> {
 ///
 /// Follows the CNI conventions: `KEY=VALUE` pairs separated by `;`; a key vswitch does not know
 /// is an error unless `IgnoreUnknown` is `1` or `true`, so that a user asking for something
-/// vswitch does not do (say `IP=`) hears about it. Kubernetes runtimes always set IgnoreUnknown.
+/// vswitch does not do hears about it. Kubernetes runtimes always set IgnoreUnknown. `IP=` and
+/// `MAC=` ask for an address and a MAC (host-local's and podman's convention).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CniArgs {
     pub pod_namespace: Option<String>,
     pub pod_name: Option<String>,
     pub pod_uid: Option<String>,
     pub pod_infra_container_id: Option<String>,
+    /// `IP=`: the address the runtime asks for (host-local's convention; podman's `--ip`).
+    /// A comma-separated list may hold one IPv4 address; the pod network is IPv4 only.
+    pub ip: Option<std::net::Ipv4Addr>,
+    /// `MAC=`: the MAC address the runtime asks for (podman's `--mac-address`).
+    pub mac: Option<String>,
+}
+
+/// `IP=` of CNI_ARGS: empty, or a list of addresses of which exactly one is IPv4 (an IPv6
+/// one cannot be given, so asking for it is an error rather than silently ignored).
+fn requested_ip(v: &str) -> Result<Option<std::net::Ipv4Addr>, Error> {
+    let mut v4 = None;
+    for item in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        // An address may come with its prefix length (10.244.1.5/24).
+        let addr = item.split_once('/').map_or(item, |(a, _)| a);
+        match addr.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(a)) if v4.is_none() => v4 = Some(a),
+            Ok(std::net::IpAddr::V4(_)) => {
+                return Err(Error::env(
+                    "CNI_ARGS",
+                    format!("IP={v:?} asks for more than one IPv4 address"),
+                ))
+            }
+            Ok(std::net::IpAddr::V6(_)) => {
+                return Err(Error::env(
+                    "CNI_ARGS",
+                    format!("IP={v:?}: the pod network is IPv4 only"),
+                ))
+            }
+            Err(_) => {
+                return Err(Error::env(
+                    "CNI_ARGS",
+                    format!("IP={v:?}: {item:?} is not an IP address"),
+                ))
+            }
+        }
+    }
+    Ok(v4)
 }
 
 impl CniArgs {
@@ -178,6 +216,8 @@ impl CniArgs {
                 "K8S_POD_NAMESPACE" => out.pod_namespace = value,
                 "K8S_POD_NAME" => out.pod_name = value,
                 "K8S_POD_UID" => out.pod_uid = value,
+                "IP" => out.ip = requested_ip(v)?,
+                "MAC" => out.mac = value,
                 "K8S_POD_INFRA_CONTAINER_ID" => out.pod_infra_container_id = value,
                 "IgnoreUnknown" => {
                     ignore_unknown = v == "1" || v.eq_ignore_ascii_case("true");
@@ -339,6 +379,26 @@ mod tests {
         // Values may contain '='.
         let a = CniArgs::parse("K8S_POD_NAME=a=b").unwrap();
         assert_eq!(a.pod_name.as_deref(), Some("a=b"));
+    }
+
+    #[test]
+    fn cni_args_ip_and_mac_requests() {
+        let a = CniArgs::parse("IgnoreUnknown=1;IP=10.244.1.50;MAC=0a:58:0a:f4:01:32").unwrap();
+        assert_eq!(a.ip, Some(std::net::Ipv4Addr::new(10, 244, 1, 50)));
+        assert_eq!(a.mac.as_deref(), Some("0a:58:0a:f4:01:32"));
+        let a = CniArgs::parse("IP=10.244.1.50/24").unwrap();
+        assert_eq!(a.ip, Some(std::net::Ipv4Addr::new(10, 244, 1, 50)));
+        assert_eq!(CniArgs::parse("IP=").unwrap().ip, None);
+        for bad in [
+            "IP=fd00::5",
+            "IP=10.244.1.50,fd00::5",
+            "IP=10.244.1.50,10.244.1.51",
+            "IP=nope",
+        ] {
+            let e = CniArgs::parse(&format!("IgnoreUnknown=1;{bad}")).unwrap_err();
+            assert_eq!(e.code(), 4, "{bad}");
+            assert!(e.to_string().contains("IP="), "{e}");
+        }
     }
 
     #[test]

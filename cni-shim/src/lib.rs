@@ -194,6 +194,8 @@ pub fn cmd_add(args: &CmdArgs, conf: &NetConf, version: Version) -> Result<Strin
         ifname: args.ifname.clone(),
         pod_namespace: k8s.pod_namespace,
         pod_name: k8s.pod_name,
+        ip: k8s.ip,
+        mac: k8s.mac,
     };
     let resp: AddResponse = client(conf)
         .post(PATH_CNI_ADD, &req)

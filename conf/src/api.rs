@@ -5,7 +5,7 @@
 //! can hand them to the runtime unchanged.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
 use ipnet::IpNet;
@@ -57,6 +57,9 @@ pub mod code {
     pub const ADDRESSES_EXHAUSTED: u32 = 101;
     pub const CHECK_FAILED: u32 = 102;
     pub const NETNS_FAILURE: u32 = 103;
+    /// The address or MAC the runtime asked for cannot be given (taken, or not in the pod
+    /// network).
+    pub const REQUESTED_UNAVAILABLE: u32 = 104;
     pub const INTERNAL: u32 = 110;
 }
 
@@ -99,6 +102,13 @@ pub struct AddRequest {
     pub pod_namespace: Option<String>,
     #[serde(default)]
     pub pod_name: Option<String>,
+    /// An address the runtime asks for (CNI_ARGS `IP=`, as podman's `--ip`): given if it is a
+    /// free host address of the pod CIDR, else the ADD fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<Ipv4Addr>,
+    /// A MAC address the runtime asks for (CNI_ARGS `MAC=`, as podman's `--mac-address`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

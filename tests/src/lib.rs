@@ -641,6 +641,8 @@ pub struct Cni {
     pub plugin: PathBuf,
     pub netconf: Value,
     pub node_netns: Option<String>,
+    /// More `KEY=VALUE` pairs for CNI_ARGS (`IP=...;MAC=...`), after the Kubernetes ones.
+    pub extra_args: String,
 }
 
 /// One plugin call's outcome.
@@ -711,6 +713,7 @@ impl Cni {
                 "socket": socket,
             }),
             node_netns: None,
+            extra_args: String::new(),
         }
     }
 
@@ -723,6 +726,17 @@ impl Cni {
             netconf: serde_json::from_slice(&text)
                 .unwrap_or_else(|e| panic!("{}: {e}", node.cni_netconf.display())),
             node_netns: Some(node.netns.clone()),
+            extra_args: String::new(),
+        }
+    }
+
+    /// The same plugin with `args` added to CNI_ARGS.
+    pub fn with_args(&self, args: &str) -> Cni {
+        Cni {
+            plugin: self.plugin.clone(),
+            netconf: self.netconf.clone(),
+            node_netns: self.node_netns.clone(),
+            extra_args: args.to_string(),
         }
     }
 
@@ -743,8 +757,8 @@ impl Cni {
             .env(
                 "CNI_ARGS",
                 format!(
-                    "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={}",
-                    c.container_id
+                    "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={};{}",
+                    c.container_id, self.extra_args
                 ),
             )
             .env("CNI_PATH", self.plugin.parent().unwrap_or(Path::new("/")));

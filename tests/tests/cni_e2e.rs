@@ -190,6 +190,79 @@ fn a_port_whose_namespace_vanished_while_the_daemon_was_down_is_released_on_requ
     assert_ping(&b.netns, gateway(&node));
 }
 
+/// A runtime that asks for an address and a MAC (CNI_ARGS `IP=`, `MAC=`: podman's `--ip` and
+/// `--mac-address`, and what its `network reload` sends to keep them) gets them; one that
+/// cannot be given fails the ADD with code 104 and leaves nothing behind.
+#[test]
+fn a_requested_address_and_mac_are_given_or_the_add_fails_cleanly() {
+    let lab = lab(1, 1);
+    let node = lab.node("n1");
+    let other = lab.pod("n1-p1");
+    let cni = Cni::for_node(node);
+    let (ns, ns2) = (Netns::new(&unique("rq")), Netns::new(&unique("rq")));
+    let (cid, cid2) = (unique("rqc"), unique("rqc"));
+
+    let res = cni
+        .with_args("IP=10.244.1.50;MAC=02:42:0a:f4:01:32")
+        .add(&cid, &ns.path(), "eth0")
+        .ok();
+    assert_eq!(result_ip(&res), Ipv4Addr::new(10, 244, 1, 50), "{res}");
+    assert_eq!(res["interfaces"][0]["mac"], "02:42:0a:f4:01:32", "{res}");
+    let link = exec_in(ns.name(), &["ip", "-o", "link", "show", "eth0"], SHORT).ok();
+    assert!(link.contains("link/ether 02:42:0a:f4:01:32"), "{link}");
+    let addr = exec_in(
+        ns.name(),
+        &["ip", "-o", "-4", "addr", "show", "eth0"],
+        SHORT,
+    )
+    .ok();
+    assert!(addr.contains("10.244.1.50/24"), "{addr}");
+    // The switch knows the pod by that MAC and address: it passes anti-spoofing both ways.
+    assert_ping(ns.name(), gateway(node));
+    assert_ping(&other.netns, IpAddr::V4(Ipv4Addr::new(10, 244, 1, 50)));
+
+    // What cannot be given fails with 104, and nothing stays: no interface, no lease, no port.
+    let before = node_state(node);
+    for (args, why) in [
+        ("IP=10.244.1.50", "leased to"),
+        (
+            "IP=10.244.9.9",
+            "not a host address of this node's pod CIDR",
+        ),
+        ("IP=10.244.1.1", "gateway"),
+        ("MAC=02:42:0a:f4:01:32", "is taken by"),
+        ("MAC=0a:58:0a:f4:01:63", "reserved for another address"),
+        ("MAC=03:00:00:00:00:01", "not a unicast address"),
+    ] {
+        let msg = cni
+            .with_args(args)
+            .add(&cid2, &ns2.path(), "eth0")
+            .expect_error(104);
+        assert!(msg.contains(why), "{args}: {msg}");
+        assert_eq!(link_names(ns2.name()), ["lo"], "{args} left an interface");
+        assert_eq!(node_state(node), before, "{args} left state behind");
+    }
+    // A malformed request is the runtime's error (4), before anything is asked of the switch.
+    cni.with_args("IP=fd00::1")
+        .add(&cid2, &ns2.path(), "eth0")
+        .expect_error(4);
+
+    // Asking for what the pod already has (podman's network reload) works after its DEL.
+    cni.del(&cid, Some(&ns.path()), "eth0", Some(&res)).ok();
+    assert!(!node_state(node).1.contains("10.244.1.50"));
+    let again = cni
+        .with_args("IP=10.244.1.50;MAC=02:42:0a:f4:01:32")
+        .add(&cid, &ns.path(), "eth0")
+        .ok();
+    assert_eq!(result_ip(&again), Ipv4Addr::new(10, 244, 1, 50));
+    cni.del(&cid, Some(&ns.path()), "eth0", Some(&again)).ok();
+    assert_eq!(
+        node_state(node).0.len(),
+        1,
+        "only the lab's own pod is left"
+    );
+}
+
 #[test]
 fn check_passes_on_a_live_pod_and_fails_once_its_interface_is_broken() {
     let lab = lab(1, 3);

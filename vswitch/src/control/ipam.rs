@@ -18,6 +18,8 @@ use ipnet::Ipv4Net;
 pub enum IpamError {
     #[error("no free address left in pod CIDR {0}")]
     Exhausted(Ipv4Net),
+    #[error("address {ip} cannot be given: {why}")]
+    Unavailable { ip: Ipv4Addr, why: String },
     #[error("IPAM state in {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
 }
@@ -76,27 +78,77 @@ impl Ipam {
             if ip == self.gateway {
                 continue;
             }
-            let path = self.dir.join(ip.to_string());
-            match OpenOptions::new().write(true).create_new(true).open(&path) {
-                Ok(mut f) => {
-                    let owner = format!("{container_id}\n{ifname}\n");
-                    if let Err(e) = f.write_all(owner.as_bytes()).and_then(|_| f.sync_all()) {
-                        let _ = fs::remove_file(&path);
-                        return Err(self.io(&path)(e));
-                    }
-                    let last_path = self.dir.join("last_reserved_ip");
-                    fs::write(&last_path, ip.to_string()).map_err(self.io(&last_path))?;
-                    return Ok(Lease {
-                        ip,
-                        container_id: container_id.into(),
-                        ifname: ifname.into(),
-                    });
-                }
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(self.io(&path)(e)),
+            if let Some(lease) = self.claim(ip, container_id, ifname)? {
+                let last_path = self.dir.join("last_reserved_ip");
+                fs::write(&last_path, ip.to_string()).map_err(self.io(&last_path))?;
+                return Ok(lease);
             }
         }
         Err(IpamError::Exhausted(self.net))
+    }
+
+    /// Allocates the address the runtime asked for: a host address of the pod CIDR, not the
+    /// gateway, and free (or already this attachment's). Does not move the round-robin.
+    pub fn allocate_requested(
+        &self,
+        container_id: &str,
+        ifname: &str,
+        ip: Ipv4Addr,
+    ) -> Result<Lease, IpamError> {
+        let unavailable = |why: String| IpamError::Unavailable { ip, why };
+        if let Some(l) = self.find(container_id, ifname)? {
+            if l.ip == ip {
+                return Ok(l);
+            }
+            return Err(unavailable(format!(
+                "{container_id}/{ifname} already holds {}",
+                l.ip
+            )));
+        }
+        if !self.net.contains(&ip) || ip == self.net.network() || ip == self.net.broadcast() {
+            return Err(unavailable(format!(
+                "not a host address of this node's pod CIDR {}",
+                self.net
+            )));
+        }
+        if ip == self.gateway {
+            return Err(unavailable("it is the pods' gateway".into()));
+        }
+        match self.claim(ip, container_id, ifname)? {
+            Some(lease) => Ok(lease),
+            None => Err(unavailable(
+                match self.leases()?.into_iter().find(|l| l.ip == ip) {
+                    Some(l) => format!("leased to {}/{}", l.container_id, l.ifname),
+                    None => "leased".into(),
+                },
+            )),
+        }
+    }
+
+    /// Creates `ip`'s lease file for the attachment; None if another holds it.
+    fn claim(
+        &self,
+        ip: Ipv4Addr,
+        container_id: &str,
+        ifname: &str,
+    ) -> Result<Option<Lease>, IpamError> {
+        let path = self.dir.join(ip.to_string());
+        match OpenOptions::new().write(true).create_new(true).open(&path) {
+            Ok(mut f) => {
+                let owner = format!("{container_id}\n{ifname}\n");
+                if let Err(e) = f.write_all(owner.as_bytes()).and_then(|_| f.sync_all()) {
+                    let _ = fs::remove_file(&path);
+                    return Err(self.io(&path)(e));
+                }
+                Ok(Some(Lease {
+                    ip,
+                    container_id: container_id.into(),
+                    ifname: ifname.into(),
+                }))
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(None),
+            Err(e) => Err(self.io(&path)(e)),
+        }
     }
 
     /// Releases the attachment's lease; releasing nothing is not an error.
@@ -163,6 +215,48 @@ mod tests {
         let d = std::env::temp_dir().join(format!("vswitch-ipam-{}-{name}", std::process::id()));
         let _ = fs::remove_dir_all(&d);
         d
+    }
+
+    #[test]
+    fn a_requested_address_is_given_only_if_free_and_in_the_pod_cidr() {
+        let dir = tmp("requested");
+        let net: Ipv4Net = "10.1.0.0/29".parse().unwrap();
+        let gw = Ipv4Addr::new(10, 1, 0, 1);
+        let ipam = Ipam::open(&dir, net, gw).unwrap();
+        let five = Ipv4Addr::new(10, 1, 0, 5);
+        assert_eq!(ipam.allocate_requested("a", "eth0", five).unwrap().ip, five);
+        // Again for the same attachment: the same lease.
+        assert_eq!(ipam.allocate_requested("a", "eth0", five).unwrap().ip, five);
+        let why = |r: Result<Lease, IpamError>| match r {
+            Err(IpamError::Unavailable { why, .. }) => why,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            why(ipam.allocate_requested("b", "eth0", five)),
+            "leased to a/eth0"
+        );
+        assert!(
+            why(ipam.allocate_requested("a", "eth0", Ipv4Addr::new(10, 1, 0, 6)))
+                .contains("already holds 10.1.0.5")
+        );
+        for bad in [[10, 1, 0, 0], [10, 1, 0, 7], [10, 2, 0, 5]] {
+            assert!(
+                why(ipam.allocate_requested("b", "eth0", Ipv4Addr::from(bad)))
+                    .contains("not a host address of this node's pod CIDR 10.1.0.0/29")
+            );
+        }
+        assert!(why(ipam.allocate_requested("b", "eth0", gw)).contains("gateway"));
+        // The round-robin did not move: the next plain allocation starts at the bottom, and
+        // skips the requested one.
+        let mut got: Vec<Ipv4Addr> = (0..4)
+            .map(|i| ipam.allocate(&format!("c{i}"), "eth0").unwrap().ip)
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            [2, 3, 4, 6].map(|h| Ipv4Addr::new(10, 1, 0, h)).to_vec()
+        );
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -92,6 +92,14 @@ struct Record {
     link: Option<Arc<LinkStats>>,
 }
 
+impl Record {
+    /// The pod's MAC: the one recorded (derived from the address unless the runtime asked for
+    /// one), or, for a record that holds none readable, the one derived from the address.
+    fn mac_addr(&self) -> EthernetAddress {
+        self.mac.parse().unwrap_or_else(|_| mac_for(self.ip))
+    }
+}
+
 struct State {
     ipam: Ipam,
     records: BTreeMap<Attachment, Record>,
@@ -302,7 +310,7 @@ impl Daemon {
     fn publish(&self, st: &State) {
         let ports = st.records.values().filter(|r| r.live).map(|r| PortEntry {
             id: r.port,
-            mac: mac_for(r.ip),
+            mac: r.mac_addr(),
             ip: r.ip,
         });
         let next = self
@@ -470,16 +478,70 @@ impl Daemon {
                 "",
             ));
         }
-        let lease = st
-            .ipam
-            .allocate(&req.container_id, &req.ifname)
-            .map_err(|e| match e {
-                ipam::IpamError::Exhausted(_) => {
-                    api_err(code::ADDRESSES_EXHAUSTED, e.to_string(), "")
+        // A MAC the runtime asked for: unicast, and no other port's (frames are switched by
+        // it).
+        let requested_mac = match &req.mac {
+            None => None,
+            Some(m) => {
+                let mac: EthernetAddress = m.parse().map_err(|_| {
+                    api_err(
+                        code::INVALID_ENV,
+                        format!("CNI_ARGS MAC={m:?} is not a MAC address"),
+                        "",
+                    )
+                })?;
+                if mac.0[0] & 1 != 0 || mac.0 == [0; 6] {
+                    return Err(api_err(
+                        code::REQUESTED_UNAVAILABLE,
+                        format!("MAC {mac} is not a unicast address"),
+                        "",
+                    ));
                 }
-                e => api_err(code::IO_FAILURE, "IPAM failed", e),
-            })?;
-        let mac = mac_for(lease.ip);
+                if let Some(other) = st.records.values().find(|r| r.mac_addr() == mac) {
+                    return Err(api_err(
+                        code::REQUESTED_UNAVAILABLE,
+                        format!(
+                            "MAC {mac} is taken by {}/{}",
+                            other.container_id, other.ifname
+                        ),
+                        "",
+                    ));
+                }
+                Some(mac)
+            }
+        };
+        let lease = match req.ip {
+            Some(ip) => st
+                .ipam
+                .allocate_requested(&req.container_id, &req.ifname, ip),
+            None => st.ipam.allocate(&req.container_id, &req.ifname),
+        }
+        .map_err(|e| match e {
+            ipam::IpamError::Exhausted(_) => api_err(code::ADDRESSES_EXHAUSTED, e.to_string(), ""),
+            ipam::IpamError::Unavailable { .. } => {
+                api_err(code::REQUESTED_UNAVAILABLE, e.to_string(), "")
+            }
+            e => api_err(code::IO_FAILURE, "IPAM failed", e),
+        })?;
+        // The MACs derived from the pod CIDR's addresses (0a:58 and the address) belong to
+        // those addresses' pods, and the gateway's, and the host port's.
+        if let Some(mac) = requested_mac {
+            let o = mac.0;
+            let derived = Ipv4Addr::new(o[2], o[3], o[4], o[5]);
+            let reserved = (o[..2] == [0x0a, 0x58]
+                && self.config.node.pod_cidr.contains(&derived)
+                && derived != lease.ip)
+                || mac == host_mac_for(self.config.gateway());
+            if reserved {
+                let _ = st.ipam.release(&req.container_id, &req.ifname);
+                return Err(api_err(
+                    code::REQUESTED_UNAVAILABLE,
+                    format!("MAC {mac} is reserved for another address of this node's pods"),
+                    "",
+                ));
+            }
+        }
+        let mac = requested_mac.unwrap_or_else(|| mac_for(lease.ip));
         let want = PodInterface {
             ifname: req.ifname.clone(),
             mac,
@@ -641,7 +703,7 @@ impl Daemon {
         }
         let want = PodInterface {
             ifname: rec.ifname.clone(),
-            mac: mac_for(rec.ip),
+            mac: rec.mac_addr(),
             address: pod_address(&self.config, rec.ip),
             gateway: self.config.gateway(),
             mtu: self.config.node.mtu,
