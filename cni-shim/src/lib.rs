@@ -185,6 +185,30 @@ fn call<Q: Serialize>(client: &Client, path: &str, req: &Q) -> Result<Vec<u8>, C
     }
 }
 
+/// What of a requested address or MAC the daemon's answer does not have.
+fn unhonoured(req: &AddRequest, resp: &AddResponse) -> Option<String> {
+    if let Some(ip) = req.ip {
+        if resp.address.addr() != std::net::IpAddr::V4(ip) {
+            return Some(format!(
+                "asked for {ip}, vswitchd gave {}",
+                resp.address.addr()
+            ));
+        }
+    }
+    let norm = |m: &str| -> String {
+        m.chars()
+            .filter(char::is_ascii_hexdigit)
+            .map(|c| c.to_ascii_lowercase())
+            .collect()
+    };
+    if let Some(mac) = &req.mac {
+        if norm(&resp.mac) != norm(mac) {
+            return Some(format!("asked for MAC {mac}, vswitchd gave {}", resp.mac));
+        }
+    }
+    None
+}
+
 /// ADD: vswitchd creates the pod's interface; the result is written in the netconf's version.
 pub fn cmd_add(args: &CmdArgs, conf: &NetConf, version: Version) -> Result<String, Error> {
     let k8s = CniArgs::parse(&args.args)?;
@@ -200,6 +224,16 @@ pub fn cmd_add(args: &CmdArgs, conf: &NetConf, version: Version) -> Result<Strin
     let resp: AddResponse = client(conf)
         .post(PATH_CNI_ADD, &req)
         .map_err(|e| Error::from_client(e, Error::try_again))?;
+    // A vswitchd older than this plugin ignores a requested address or MAC: undo its ADD
+    // rather than hand the runtime something it did not ask for.
+    if let Some(why) = unhonoured(&req, &resp) {
+        let _ = cmd_del(args, conf);
+        return Err(Error::Daemon(ApiError::new(
+            code::REQUESTED_UNAVAILABLE,
+            why,
+            "vswitchd may be older than the plugin: upgrade it",
+        )));
+    }
     let result = CniResult::from_add(version, &args.ifname, &args.netns, &resp);
     serde_json::to_string(&result).map_err(|e| Error::Internal(e.to_string()))
 }

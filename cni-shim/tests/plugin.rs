@@ -185,6 +185,29 @@ fn add_prints_the_result_in_the_netconfs_version() {
     );
 }
 
+/// An older vswitchd ignores a requested address: the plugin does not pass its answer off as
+/// what was asked for.
+#[test]
+fn add_fails_when_the_daemon_did_not_give_the_requested_address() {
+    let dir = TestDir::new("addip");
+    let daemon = fake_daemon(&dir, 200, add_response());
+    let mut e = env("ADD");
+    for (k, v) in e.iter_mut() {
+        if *k == "CNI_ARGS" {
+            *v = "K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0;IgnoreUnknown=1;IP=10.244.1.9";
+        }
+    }
+    let (code, out) = plugin(&e, &netconf(&dir, "1.0.0").to_string());
+    let req = daemon.join().unwrap().expect("the plugin never connected");
+    assert_eq!(req.body["ip"], "10.244.1.9");
+    assert_ne!(code, 0, "{out}");
+    assert_eq!(out["code"], 104, "{out}");
+    assert_eq!(
+        out["msg"], "asked for 10.244.1.9, vswitchd gave 10.244.1.5",
+        "{out}"
+    );
+}
+
 #[test]
 fn add_in_0_4_0_has_ip_versions_and_no_mtu() {
     let dir = TestDir::new("add040");

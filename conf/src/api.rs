@@ -262,7 +262,8 @@ pub struct NodePortInfo {
     /// Where connections go: the ClusterIP, or this node's ready endpoints with
     /// `externalTrafficPolicy: Local` (none: connections are refused).
     pub destinations: Vec<String>,
-    /// Sent on from the client's own address (policy Local, return route in place).
+    /// `externalTrafficPolicy: Local`: only this node's ready endpoints, reached from the
+    /// client's own address where the return rule could be installed (else from the node's).
     pub local: bool,
 }
 

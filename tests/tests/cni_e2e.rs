@@ -121,8 +121,8 @@ fn vswitchctl(node: &Node, args: &[&str]) -> (bool, String, String) {
 }
 
 /// A runtime that removed a pod while vswitchd was down and never sends DEL (podman 4 does
-/// neither DEL again nor GC): after the restart the port is listed as gone, and `vswitchctl
-/// release` frees its address; a live port is refused.
+/// neither DEL again nor GC): after the restart the port is listed as not held, and, its
+/// namespace being gone, `vswitchctl release` frees its address; a live port is refused.
 #[test]
 fn a_port_whose_namespace_vanished_while_the_daemon_was_down_is_released_on_request() {
     let mut lab = lab(1, 2);
@@ -155,7 +155,7 @@ fn a_port_whose_namespace_vanished_while_the_daemon_was_down_is_released_on_requ
     let id = gone.id.to_string();
     assert!(
         table.lines().any(|l| l.trim_start().starts_with(&format!("{id} "))
-            && l.contains(&format!("GONE (not taken back after a restart: the runtime's DEL, or `vswitchctl release {id}`"))),
+            && l.contains(&format!("NOT HELD (not taken back after a restart: the runtime's DEL frees it, or, once its namespace is gone, `vswitchctl release {id}`)"))),
         "{table}"
     );
 

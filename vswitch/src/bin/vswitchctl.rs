@@ -153,8 +153,9 @@ fn main() -> ExitCode {
                             String::new()
                         } else {
                             format!(
-                                "  GONE (not taken back after a restart: the runtime's DEL, \
-                                 or `vswitchctl release {}`, frees it)",
+                                "  NOT HELD (not taken back after a restart: the runtime's \
+                                 DEL frees it, or, once its namespace is gone, `vswitchctl \
+                                 release {}`)",
                                 p.id
                             )
                         }
@@ -276,11 +277,7 @@ fn main() -> ExitCode {
                         } else {
                             n.destinations.join(" ")
                         },
-                        if n.local {
-                            "  (policy Local, client address kept)"
-                        } else {
-                            ""
-                        }
+                        if n.local { "  (policy Local)" } else { "" }
                     );
                 }
             }

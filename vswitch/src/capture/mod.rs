@@ -132,6 +132,10 @@ pub enum CaptureError {
     UnknownDirection(String),
     #[error("a port selects the pod and host points only, not {0}")]
     PortWithStage(String),
+    #[error(
+        "port {0} is not at point {1}: `host` is the node's own port (0), `pod` the pods' ports"
+    )]
+    PortNotAtPoint(PortId, &'static str),
     #[error("the selected points and direction leave nothing to capture")]
     Empty,
     #[error("{MAX_SESSIONS} capture sessions are running already")]
@@ -199,6 +203,15 @@ impl Selection {
         }
         if let (Some(_), Some(w)) = (port, non_port) {
             return Err(CaptureError::PortWithStage(w));
+        }
+        match (port, pods, host) {
+            (Some(p), false, true) if p != HOST_PORT => {
+                return Err(CaptureError::PortNotAtPoint(p, "host"))
+            }
+            (Some(p), true, false) if p == HOST_PORT => {
+                return Err(CaptureError::PortNotAtPoint(p, "pod"))
+            }
+            _ => {}
         }
         // The inbound bit of each stage is the odd one.
         let inbound = 0b1010_1010u8;

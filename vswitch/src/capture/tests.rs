@@ -71,6 +71,25 @@ fn selections() {
         Selection::parse("nat", "", Some(1)),
         Err(CaptureError::PortWithStage(_))
     ));
+    // `host` is port 0 alone, `pod` every port but 0.
+    assert_eq!(
+        Selection::parse("host", "", Some(3)),
+        Err(CaptureError::PortNotAtPoint(3, "host"))
+    );
+    assert_eq!(
+        Selection::parse("pod", "", Some(HOST_PORT)),
+        Err(CaptureError::PortNotAtPoint(HOST_PORT, "pod"))
+    );
+    assert_eq!(
+        Selection::parse("host", "", Some(HOST_PORT))
+            .unwrap()
+            .port(),
+        Some(HOST_PORT)
+    );
+    assert_eq!(
+        Selection::parse("pod,host", "", Some(3)).unwrap().port(),
+        Some(3)
+    );
 }
 
 #[test]

@@ -30,7 +30,7 @@ impl IntoResponse for Failure {
             | code::UNSUPPORTED_FIELD
             | code::INCOMPATIBLE_VERSION => StatusCode::BAD_REQUEST,
             code::UNKNOWN_CONTAINER => StatusCode::NOT_FOUND,
-            code::INTERFACE_EXISTS => StatusCode::CONFLICT,
+            code::INTERFACE_EXISTS | code::REQUESTED_UNAVAILABLE => StatusCode::CONFLICT,
             code::CHECK_FAILED => StatusCode::PRECONDITION_FAILED,
             code::ADDRESSES_EXHAUSTED => StatusCode::INSUFFICIENT_STORAGE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,

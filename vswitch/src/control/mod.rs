@@ -659,6 +659,22 @@ impl Daemon {
                 "",
             ));
         }
+        // Not held, but its pod may still be there (taking it back failed for another reason):
+        // only a namespace that is gone proves the pod is.
+        if rec.netns.exists() {
+            return Err(api_err(
+                code::UNSUPPORTED_FIELD,
+                format!(
+                    "port {id} of {}/{} is not held, but its namespace {} still exists: the \
+                     pod may still run (why the port was not taken back is in vswitchd's log at \
+                     its start); the runtime's CNI DEL releases it",
+                    rec.container_id,
+                    rec.ifname,
+                    rec.netns.display()
+                ),
+                "",
+            ));
+        }
         let info = PortInfo {
             id,
             container_id: rec.container_id.clone(),

@@ -39,6 +39,8 @@ struct Target {
     service: String,
     /// Candidate destinations: the ClusterIP, or the local endpoints for policy Local.
     dests: Vec<SocketAddr>,
+    /// `externalTrafficPolicy: Local`.
+    local: bool,
     /// Send from the client's address (policy Local, with the return route in place).
     transparent: bool,
 }
@@ -103,6 +105,7 @@ fn targets(services: &[ServiceSpec], node: &str) -> HashMap<Key, Target> {
                 Target {
                     service: format!("{}/{}:{}/{proto}", s.namespace, s.name, p.port),
                     dests,
+                    local,
                     transparent: local,
                 },
             );
@@ -186,8 +189,6 @@ impl NodePorts {
         });
     }
 
-    /// Opens listeners for new NodePorts, closes those that went away, and points the rest at
-    /// their current destinations.
     /// The NodePorts listened on, by port and protocol.
     pub fn list(&self) -> Vec<conf::api::NodePortInfo> {
         let ls = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
@@ -200,7 +201,7 @@ impl NodePorts {
                     protocol: if k.0 == Protocol::Tcp { "TCP" } else { "UDP" }.into(),
                     service: t.service.clone(),
                     destinations: t.dests.iter().map(|d| d.to_string()).collect(),
-                    local: t.transparent,
+                    local: t.local,
                 }
             })
             .collect();
@@ -208,6 +209,8 @@ impl NodePorts {
         out
     }
 
+    /// Opens listeners for new NodePorts, closes those that went away, and points the rest at
+    /// their current destinations.
     pub fn reconcile(&self, services: &[ServiceSpec]) {
         self.sync_rules(services);
         let mut want = targets(services, &self.node);
