@@ -365,20 +365,29 @@ mod toml_lite {
     }
 }
 
-/// A stand-in for `kubectl get nodes -o jsonpath=...` as nodes-configmap.sh calls it.
+/// A stand-in for kubectl as nodes-configmap.sh calls it: `get nodes -o jsonpath=...` prints
+/// `rows`; `get endpointslices ...` (the kubernetes Service's) prints `API`, the API server's
+/// address and port as the script's jsonpath does.
 fn fake_kubectl(dir: &Path, rows: &str) -> PathBuf {
     let path = dir.join("kubectl");
     fs::write(
         &path,
         format!(
-            "#!/bin/sh\n[ \"$1 $2 $3\" = \"get nodes -o\" ] || {{ echo \"unexpected: $*\" >&2; exit 3; }}\n\
-             printf '{rows}'\n"
+            "#!/bin/sh\ncase \"$1 $2\" in\n\
+             'get nodes') printf '{rows}' ;;\n\
+             'get endpointslices') printf '{API}' ;;\n\
+             *) echo \"unexpected: $*\" >&2; exit 3 ;;\n\
+             esac\n"
         ),
     )
     .expect("write fake kubectl");
     fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("chmod fake kubectl");
     path
 }
+
+/// The API server's address and port, as the fake kubectl reports the kubernetes Service's
+/// EndpointSlice.
+const API: &str = "172.18.0.4|6443";
 
 const NODE_ROWS: &str = "kind-control-plane|10.244.0.0/24|172.18.0.4\\n\
                          kind-worker|10.244.1.0/24|172.18.0.2 fc00:f853:ccd:e793::2\\n\
@@ -546,6 +555,24 @@ fn daemonset_runs_vswitchd_as_a_cni_daemonset_must() {
         .collect();
     assert!(env.contains(&("NODE_NAME".into(), "spec.nodeName".into())));
     assert!(env.contains(&("POD_IP".into(), "status.podIP".into())));
+    // vswitchd reaches the API server at its own address, from the nodes ConfigMap that
+    // nodes-configmap.sh generates (no kube-proxy translates the kubernetes ClusterIP for it).
+    let tmp = TempDir::new("apienv");
+    let nodes_cm = yaml_docs(&nodes_configmap(&tmp, NODE_ROWS));
+    for (var, key, want) in [
+        ("KUBERNETES_SERVICE_HOST", "apiserver-host", "172.18.0.4"),
+        ("KUBERNETES_SERVICE_PORT", "apiserver-port", "6443"),
+    ] {
+        let e = d["env"]
+            .as_array()
+            .and_then(|es| es.iter().find(|e| e["name"] == var))
+            .unwrap_or_else(|| panic!("vswitchd has no {var}"));
+        let r = &e["valueFrom"]["configMapKeyRef"];
+        assert_eq!(r["name"], "vswitch-nodes", "{var}");
+        assert_eq!(r["key"], key, "{var}");
+        assert_eq!(r["optional"], true, "{var}: a ConfigMap without it must not block the pod");
+        assert_eq!(nodes_cm[0]["data"][key], want, "{key} in vswitch-nodes");
+    }
     assert_eq!(host_path_of(pod, d, "/dev/net/tun"), "/dev/net/tun");
     assert_eq!(host_path_of(pod, d, "/run/vswitch"), "/run/vswitch");
     assert_eq!(host_path_of(pod, d, "/var/lib/vswitch"), "/var/lib/vswitch");
