@@ -570,7 +570,10 @@ fn daemonset_runs_vswitchd_as_a_cni_daemonset_must() {
         let r = &e["valueFrom"]["configMapKeyRef"];
         assert_eq!(r["name"], "vswitch-nodes", "{var}");
         assert_eq!(r["key"], key, "{var}");
-        assert_eq!(r["optional"], true, "{var}: a ConfigMap without it must not block the pod");
+        assert_eq!(
+            r["optional"], true,
+            "{var}: a ConfigMap without it must not block the pod"
+        );
         assert_eq!(nodes_cm[0]["data"][key], want, "{key} in vswitch-nodes");
     }
     assert_eq!(host_path_of(pod, d, "/dev/net/tun"), "/dev/net/tun");
