@@ -135,59 +135,28 @@ fn pod_and_host_points_tell_the_host_port_from_the_pods() {
     let hub = Hub::new();
     let f = frame([10, 0, 0, 1], [10, 0, 0, 2], 1, 0, 0, 10);
     type Seen = &'static [(u32, bool)];
+    // The points offered below, in order: every one of them is "all".
+    const ALL: Seen = &[
+        (HOST_PORT, true),
+        (HOST_PORT, false),
+        (1, true),
+        (1, false),
+        (2, true),
+    ];
+    const HOST: Seen = &[(HOST_PORT, true), (HOST_PORT, false)];
     let cases: [(&str, &str, Seen); 7] = [
-        ("host", "", &[(HOST_PORT, true), (HOST_PORT, false)]),
+        ("host", "", HOST),
         ("host", "out", &[(HOST_PORT, false)]),
-        (
-            "nat:after,host",
-            "",
-            &[(HOST_PORT, true), (HOST_PORT, false)],
-        ),
+        ("nat:after,host", "", HOST),
         ("pod", "", &[(1, true), (1, false), (2, true)]),
-        (
-            "pod,host",
-            "",
-            &[
-                (HOST_PORT, true),
-                (HOST_PORT, false),
-                (1, true),
-                (1, false),
-                (2, true),
-            ],
-        ),
-        (
-            "port",
-            "",
-            &[
-                (HOST_PORT, true),
-                (HOST_PORT, false),
-                (1, true),
-                (1, false),
-                (2, true),
-            ],
-        ),
-        (
-            "",
-            "",
-            &[
-                (HOST_PORT, true),
-                (HOST_PORT, false),
-                (1, true),
-                (1, false),
-                (2, true),
-            ],
-        ),
+        ("pod,host", "", ALL),
+        ("port", "", ALL),
+        ("", "", ALL),
     ];
     for (points, dir, want) in cases {
         let (s, rx) = open(&hub, points, dir, None, None);
         let set = hub.current().unwrap();
-        for (port, inbound) in [
-            (HOST_PORT, true),
-            (HOST_PORT, false),
-            (1, true),
-            (1, false),
-            (2, true),
-        ] {
+        for &(port, inbound) in ALL {
             set.port(port, inbound, &f);
         }
         let got: Vec<(u32, bool)> = rx
