@@ -240,6 +240,17 @@ pub enum Protocol {
     Sctp,
 }
 
+impl Protocol {
+    /// `TCP`, `UDP` or `SCTP`, as Kubernetes and the config spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub enum TrafficPolicy {
     #[default]

@@ -756,15 +756,19 @@ impl Lab {
 
     /// A node by its short name (`n1`) or full name (`vsl-n1`).
     pub fn find_node(&self, name: &str) -> Option<&Node> {
-        self.node_index(name).ok().map(|i| &self.nodes[i])
+        self.node_position(name).map(|i| &self.nodes[i])
+    }
+
+    fn node_position(&self, name: &str) -> Option<usize> {
+        self.nodes
+            .iter()
+            .position(|n| n.name == name || format!("n{}", n.index) == name)
     }
 
     /// The index in `nodes` of a node named as [`Lab::find_node`] takes it, or an error that
     /// lists the lab's nodes.
     pub fn node_index(&self, name: &str) -> Result<usize, LabError> {
-        self.nodes
-            .iter()
-            .position(|n| n.name == name || format!("n{}", n.index) == name)
+        self.node_position(name)
             .ok_or_else(|| LabError::NoSuchTarget {
                 lab: self.name.clone(),
                 what: "node",

@@ -164,13 +164,13 @@ impl Selection {
             .collect();
         for w in &words {
             let m = match *w {
-                "all" | "port" => {
+                "all" => {
                     (pods, host) = (true, true);
-                    if *w == "all" {
-                        0xff
-                    } else {
-                        stage(Stage::Port)
-                    }
+                    0xff
+                }
+                "port" => {
+                    (pods, host) = (true, true);
+                    stage(Stage::Port)
                 }
                 // The host port is a port like the pods', told apart by its id.
                 "pod" => {
@@ -204,15 +204,18 @@ impl Selection {
         if let (Some(_), Some(w)) = (port, non_port) {
             return Err(CaptureError::PortWithStage(w));
         }
-        match (port, pods, host) {
+        let ports = match (port, pods, host) {
             (Some(p), false, true) if p != HOST_PORT => {
                 return Err(CaptureError::PortNotAtPoint(p, "host"))
             }
             (Some(p), true, false) if p == HOST_PORT => {
                 return Err(CaptureError::PortNotAtPoint(p, "pod"))
             }
-            _ => {}
-        }
+            (Some(p), _, _) => Ports::One(p),
+            (None, true, false) => Ports::Pods,
+            (None, false, true) => Ports::Host,
+            (None, _, _) => Ports::All,
+        };
         // The inbound bit of each stage is the odd one.
         let inbound = 0b1010_1010u8;
         match direction {
@@ -224,12 +227,6 @@ impl Selection {
         if mask == 0 {
             return Err(CaptureError::Empty);
         }
-        let ports = match (port, pods, host) {
-            (Some(p), _, _) => Ports::One(p),
-            (None, true, false) => Ports::Pods,
-            (None, false, true) => Ports::Host,
-            (None, _, _) => Ports::All,
-        };
         Ok(Selection { mask, ports })
     }
 

@@ -98,6 +98,21 @@ impl Record {
     fn mac_addr(&self) -> EthernetAddress {
         self.mac.parse().unwrap_or_else(|_| mac_for(self.ip))
     }
+
+    /// The port as the admin API shows it.
+    fn info(&self) -> PortInfo {
+        PortInfo {
+            id: self.port,
+            container_id: self.container_id.clone(),
+            ifname: self.ifname.clone(),
+            netns: self.netns.clone(),
+            pod: self.pod.clone(),
+            mac: self.mac.clone(),
+            ip: IpAddr::V4(self.ip),
+            counters: self.stats.snapshot(),
+            live: self.live,
+        }
+    }
 }
 
 struct State {
@@ -675,17 +690,7 @@ impl Daemon {
                 "",
             ));
         }
-        let info = PortInfo {
-            id,
-            container_id: rec.container_id.clone(),
-            ifname: rec.ifname.clone(),
-            netns: rec.netns.clone(),
-            pod: rec.pod.clone(),
-            mac: rec.mac.clone(),
-            ip: IpAddr::V4(rec.ip),
-            counters: rec.stats.snapshot(),
-            live: false,
-        };
+        let info = rec.info();
         self.release(&mut st, &key)?;
         tracing::info!("released port {id} by request (its namespace was gone)");
         Ok(info)
@@ -781,20 +786,7 @@ impl Daemon {
         let (ports, links): (Vec<PortInfo>, Vec<Option<Arc<LinkStats>>>) = st
             .records
             .values()
-            .map(|r| {
-                let info = PortInfo {
-                    id: r.port,
-                    container_id: r.container_id.clone(),
-                    ifname: r.ifname.clone(),
-                    netns: r.netns.clone(),
-                    pod: r.pod.clone(),
-                    mac: r.mac.clone(),
-                    ip: IpAddr::V4(r.ip),
-                    counters: r.stats.snapshot(),
-                    live: r.live,
-                };
-                (info, r.link.clone())
-            })
+            .map(|r| (r.info(), r.link.clone()))
             .unzip();
         let mut resp = PortsResponse {
             ports,

@@ -95,15 +95,16 @@ fn targets(services: &[ServiceSpec], node: &str) -> HashMap<Key, Target> {
                     .map(|ip| SocketAddr::new(*ip, p.port))
                     .collect()
             };
-            let proto = if p.protocol == Protocol::Tcp {
-                "TCP"
-            } else {
-                "UDP"
-            };
             out.insert(
                 (p.protocol, np),
                 Target {
-                    service: format!("{}/{}:{}/{proto}", s.namespace, s.name, p.port),
+                    service: format!(
+                        "{}/{}:{}/{}",
+                        s.namespace,
+                        s.name,
+                        p.port,
+                        p.protocol.as_str()
+                    ),
                     dests,
                     local,
                     transparent: local,
@@ -198,7 +199,7 @@ impl NodePorts {
                 let t = l.target.lock().unwrap_or_else(|p| p.into_inner());
                 conf::api::NodePortInfo {
                     node_port: k.1,
-                    protocol: if k.0 == Protocol::Tcp { "TCP" } else { "UDP" }.into(),
+                    protocol: k.0.as_str().into(),
                     service: t.service.clone(),
                     destinations: t.dests.iter().map(|d| d.to_string()).collect(),
                     local: t.local,

@@ -2,9 +2,10 @@
 //!
 //! Each node's config needs its own `node.name`, `node.pod_cidr` and `overlay.underlay_ip`, and
 //! in static mode its `[[peers]]` (vswitchd's Kubernetes mode reads peers and Services from the
-//! API, but a node's own pod CIDR still from its config). The cluster config (ConfigMap `vswitch-config`) holds
-//! everything else; the nodes table (ConfigMap `vswitch-nodes`, generated from
-//! `kubectl get nodes` by deploy/kubernetes/nodes-configmap.sh) holds one entry per node:
+//! API, but a node's own pod CIDR still from its config). The cluster config (ConfigMap
+//! `vswitch-config`) holds everything else; the nodes table (ConfigMap `vswitch-nodes`,
+//! generated from `kubectl get nodes` by deploy/kubernetes/nodes-configmap.sh) holds one entry
+//! per node:
 //!
 //! ```toml
 //! [[nodes]]
@@ -16,8 +17,9 @@
 //!
 //! This node's entry fills the `[node]` and `[overlay]` fields; every other entry becomes a
 //! peer, unless the cluster config turns on `[kubernetes] enabled`, where vswitchd learns its
-//! peers from Node objects and static ones are left out. The result is checked with the daemon's own parser, so a bad ConfigMap fails the init
-//! container with the daemon's message (naming the field) instead of crash-looping vswitchd.
+//! peers from Node objects and static ones are left out. The result is checked with the
+//! daemon's own parser, so a bad ConfigMap fails the init container with the daemon's message
+//! (naming the field) instead of crash-looping vswitchd.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
