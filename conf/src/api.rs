@@ -180,6 +180,10 @@ pub struct Status {
     pub gateway_mac: String,
     pub ports: usize,
     pub ready: bool,
+    /// The node's settings that a path through the switch needs and that are wrong now, each
+    /// with what it breaks (see [`crate::sysctl`]). Empty when all is well.
+    #[serde(default)]
+    pub warnings: Vec<crate::sysctl::NodeWarning>,
 }
 
 /// Packet and drop counters of one port. Drops are keyed by reason.

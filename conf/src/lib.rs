@@ -11,5 +11,6 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod netconf;
+pub mod sysctl;
 
 pub use config::{Config, ConfigError};

@@ -890,6 +890,7 @@ impl FakeDaemon {
                     gateway_mac: "0a:58:0a:f4:07:01".into(),
                     ports: 0,
                     ready: r.load(Ordering::Relaxed),
+                    warnings: Vec::new(),
                 };
                 let body = serde_json::to_string(&status).expect("status JSON");
                 let _ = write!(
@@ -1416,5 +1417,83 @@ fn image_builds_offline_and_runs_the_daemon_and_the_plugin() {
     assert!(
         str_list(&manifest[0]["RepoTags"]).contains(&tag),
         "{manifest}"
+    );
+}
+
+/// The node-sysctls step, run as the DaemonSet runs it, in a namespace that starts from a fresh
+/// host's values (forwarding off, strict reverse-path filtering as some distributions ship):
+/// it sets what pods' paths need, says what it changed, and changes nothing the second time.
+#[test]
+fn sysctls_step_sets_what_a_node_needs_and_says_so() {
+    let ns = vswitch_tests::Netns::new(&vswitch_tests::unique("sc"));
+    let in_ns = |args: &[&str]| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns.name()])
+            .args(args)
+            .output()
+            .expect("ip netns exec");
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    let ip = |args: &[&str]| {
+        let out = Command::new("ip").args(args).output().expect("ip");
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+    };
+    ip(&["-n", ns.name(), "link", "add", "eth7", "type", "dummy"]);
+    ip(&[
+        "-n",
+        ns.name(),
+        "addr",
+        "add",
+        "10.99.0.2/24",
+        "dev",
+        "eth7",
+    ]);
+    ip(&["-n", ns.name(), "link", "set", "eth7", "up"]);
+    for (k, v) in [
+        ("net.ipv4.ip_forward", "0"),
+        ("net.ipv4.conf.all.rp_filter", "1"),
+        ("net.ipv4.conf.eth7.rp_filter", "1"),
+    ] {
+        in_ns(&["sysctl", "-qw", &format!("{k}={v}")]);
+    }
+    let install = bin("vswitch-install").to_string_lossy().into_owned();
+    let said = in_ns(&[&install, "sysctls", "--node-ip=10.99.0.2"]);
+    for line in [
+        "set net.ipv4.ip_forward = 1 (was 0)",
+        "set net.ipv4.conf.all.rp_filter = 2 (was 1)",
+        "set net.ipv4.conf.eth7.rp_filter = 2 (was 1)",
+    ] {
+        assert!(said.contains(line), "{line:?} not in: {said}");
+    }
+    let get = |k: &str| in_ns(&["sysctl", "-n", k]).trim().to_string();
+    assert_eq!(get("net.ipv4.ip_forward"), "1");
+    assert_eq!(get("net.ipv4.conf.eth7.rp_filter"), "2");
+    let again = in_ns(&[&install, "sysctls", "--node-ip=10.99.0.2"]);
+    assert!(again.contains("nothing changed"), "{again}");
+}
+
+/// The DaemonSet runs that step first, privileged, with the node's address.
+#[test]
+fn the_daemonset_sets_the_nodes_sysctls_before_vswitchd_starts() {
+    let docs = manifests();
+    let ds = object(&docs, "DaemonSet", "vswitch");
+    let pod = &ds["spec"]["template"]["spec"];
+    let first = &pod["initContainers"][0];
+    assert_eq!(first["name"], "node-sysctls");
+    let cmd = str_list(&first["command"]);
+    assert_eq!(
+        cmd,
+        [
+            "/usr/local/bin/vswitch-install",
+            "sysctls",
+            "--node-ip=$(POD_IP)"
+        ]
+    );
+    assert_eq!(first["securityContext"]["privileged"], true);
+    assert_eq!(first["env"][0]["name"], "POD_IP");
+    assert_eq!(
+        first["env"][0]["valueFrom"]["fieldRef"]["fieldPath"],
+        "status.podIP"
     );
 }

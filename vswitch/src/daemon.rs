@@ -86,6 +86,7 @@ pub fn run_with(config_path: &Path, opts: RunOptions) -> Result<(), RunError> {
         if let Some(h) = _source.k8s_stats() {
             let _ = daemon.k8s_stats.set(h);
         }
+        tokio::spawn(watch_node_settings(daemon.clone()));
         daemon.start_nodeports(tokio::runtime::Handle::current());
         daemon.start_dns(tokio::runtime::Handle::current());
         let app = api::router(daemon.clone());
@@ -99,6 +100,31 @@ pub fn run_with(config_path: &Path, opts: RunOptions) -> Result<(), RunError> {
     daemon.shutdown();
     let _ = std::fs::remove_file(&socket);
     result
+}
+
+/// How often the node's settings are read again while vswitchd runs.
+const NODE_SETTINGS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Logs the node settings that the paths through the switch need and that are wrong, at start
+/// and whenever one goes wrong or is put right while vswitchd runs (status, /readyz and
+/// /metrics read them live).
+async fn watch_node_settings(daemon: std::sync::Arc<Daemon>) {
+    let mut known: Vec<conf::sysctl::NodeWarning> = Vec::new();
+    let mut tick = tokio::time::interval(NODE_SETTINGS_EVERY);
+    loop {
+        tick.tick().await;
+        let now = daemon.node_warnings();
+        for w in now.iter().filter(|w| !known.contains(w)) {
+            tracing::warn!("node setting {w}");
+        }
+        for w in known
+            .iter()
+            .filter(|k| !now.iter().any(|n| n.setting == k.setting))
+        {
+            tracing::info!("node setting {} is now as needed", w.setting);
+        }
+        known = now;
+    }
 }
 
 async fn shutdown_signal() {

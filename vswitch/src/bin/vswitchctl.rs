@@ -122,6 +122,9 @@ fn main() -> ExitCode {
                 println!("gateway:  {} ({})", s.gateway, s.gateway_mac);
                 println!("ports:    {}", s.ports);
                 println!("ready:    {}", s.ready);
+                for w in &s.warnings {
+                    println!("warning:  {w}");
+                }
             }
         }),
         Cmd::Ports => client.get::<PortsResponse>(api::PATH_PORTS).map(|r| {

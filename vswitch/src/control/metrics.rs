@@ -140,6 +140,30 @@ impl Collector for SwitchCollector {
             "Pod ports attached.",
             ports.ports.len() as i64,
         )?;
+        let warnings = d.node_warnings();
+        gauge(
+            &mut enc,
+            "vswitch_node_warnings",
+            "Node settings a path through the switch needs that are wrong now (vswitchctl \
+             status names them and what they break).",
+            warnings.len() as i64,
+        )?;
+        {
+            let mut m = enc.encode_descriptor(
+                "vswitch_node_setting_wrong",
+                "1 for each node setting that is wrong now, with its value and the one needed.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for w in &warnings {
+                let labels: Labels = vec![
+                    ("setting", w.setting.clone()),
+                    ("value", w.value.clone()),
+                    ("want", w.want.clone()),
+                ];
+                ConstGauge::new(1i64).encode(m.encode_family(&labels)?)?;
+            }
+        }
         gauge(
             &mut enc,
             "vswitch_peers",
@@ -287,11 +311,18 @@ pub fn router(d: Arc<Daemon>) -> Router {
             get(move || {
                 let d = d.clone();
                 async move {
-                    if d.datapath_alive() && d.status().ready {
-                        (StatusCode::OK, "ready\n")
+                    // Wrong node settings break some paths, not the switch: ready, with the
+                    // warnings in the detail (a probe reads only the code).
+                    let status = d.status();
+                    let (code, mut body) = if d.datapath_alive() && status.ready {
+                        (StatusCode::OK, String::from("ready\n"))
                     } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                        (StatusCode::SERVICE_UNAVAILABLE, String::from("not ready\n"))
+                    };
+                    for w in &status.warnings {
+                        body.push_str(&format!("warning: {w}\n"));
                     }
+                    (code, body)
                 }
             }),
         )

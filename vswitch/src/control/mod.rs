@@ -777,7 +777,25 @@ impl Daemon {
             gateway_mac: mac_for(gw).to_string(),
             ports: st.records.values().filter(|r| r.live).count(),
             ready: true,
+            warnings: self.node_warnings(),
         }
+    }
+
+    /// The node's settings that the paths through the switch need and that are wrong now
+    /// (a few small reads of /proc/sys: cheap enough for each status call and scrape).
+    pub fn node_warnings(&self) -> Vec<conf::sysctl::NodeWarning> {
+        let host_if = self
+            .config
+            .host
+            .enabled
+            .then_some(self.config.host.interface.as_str());
+        // Looked up each time: the underlay's interface may come or be renamed while we run.
+        let underlay_if = self
+            .config
+            .overlay
+            .underlay_ip
+            .and_then(conf::sysctl::interface_with_address);
+        conf::sysctl::NodeSettings::new(host_if, underlay_if.as_deref()).check()
     }
 
     pub fn ports(&self) -> PortsResponse {

@@ -8,6 +8,11 @@
 //!   ready as soon as a conflist exists, so writing it early would let kubelet mark the node
 //!   Ready and schedule pods that vswitchd cannot attach yet.
 //!
+//! - `sysctls` sets the node's kernel settings that pods' paths through the node need (IPv4
+//!   forwarding, reverse-path filtering not strict on the underlay) and logs each change (a
+//!   privileged init container; the lab runs it in each node's namespace too). vswitchd itself
+//!   only checks them and warns.
+//!
 //! Every file lands by write-to-temp + rename in the destination directory, so a runtime that
 //! reads the directory (or executes the plugin) never sees a half-written file. The image is
 //! `FROM scratch`, so these steps are a binary rather than a shell script.
@@ -62,6 +67,16 @@ enum Cmd {
         /// Where to write the rendered config.
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Set the node's kernel settings that pods' paths through the node need, and say what
+    /// changed (needs a privileged container in the node's network namespace).
+    Sysctls {
+        /// The host port's interface (vswitchd's `host.interface`).
+        #[arg(long, default_value = "vsw0")]
+        host_interface: String,
+        /// The node's underlay address: its interface gets loose reverse-path filtering.
+        #[arg(long)]
+        node_ip: Option<std::net::IpAddr>,
     },
     /// Wait until vswitchd is ready, then write the CNI conflist (atomically).
     Conflist {
@@ -118,6 +133,10 @@ fn main() -> ExitCode {
         })
         .map(|summary| log(&summary))
         .map_err(|e| e.to_string()),
+        Cmd::Sysctls {
+            host_interface,
+            node_ip,
+        } => sysctls(&host_interface, node_ip),
         Cmd::Conflist {
             socket,
             dest,
@@ -144,6 +163,26 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn sysctls(host_if: &str, node_ip: Option<std::net::IpAddr>) -> Result<(), String> {
+    use conf::sysctl::{interface_with_address, NodeSettings};
+    let underlay = node_ip.and_then(interface_with_address);
+    if let (Some(ip), None) = (node_ip, &underlay) {
+        log(&format!(
+            "no interface holds {ip} in this namespace: only conf.all and conf.default's \
+             reverse-path filtering are set"
+        ));
+    }
+    let settings = NodeSettings::new(Some(host_if), underlay.as_deref());
+    let done = settings.apply().map_err(|e| e.to_string())?;
+    if done.is_empty() {
+        log("the node's settings are as vswitch needs them; nothing changed");
+    }
+    for d in &done {
+        log(&d.to_string());
+    }
+    Ok(())
 }
 
 /// One line of progress on stderr (kubelet's container log adds the timestamp).
