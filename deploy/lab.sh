@@ -10,4 +10,6 @@ if ! command -v ip >/dev/null 2>&1 || ! command -v ping >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq --no-install-recommends iproute2 iputils-ping >/dev/null
 fi
 cargo build --release --workspace --bins --quiet
+# What the lab prints as the command to run it again.
+export VSWITCH_LAB_CMD=deploy/lab.sh
 exec target/release/vswitch-lab "${@:-up}"

@@ -679,6 +679,48 @@ impl Config {
         Ok(config)
     }
 
+    /// Static Services' endpoints that this switch cannot serve as written, each as a line to
+    /// log: an endpoint whose `node` is neither this node nor a peer (a traffic policy Local
+    /// misjudges it), or whose address is in no pod CIDR the switch knows and is no node's own
+    /// (its packets go to the node's stack to be routed, if they go anywhere). Valid config
+    /// still: an endpoint outside the cluster is allowed, but pasted examples are caught.
+    pub fn endpoint_warnings(&self) -> Vec<String> {
+        let known_node =
+            |name: &str| name == self.node.name || self.peers.iter().any(|p| p.name == name);
+        let known_ip = |ip: IpAddr| match ip {
+            IpAddr::V4(v4) => {
+                self.node.pod_cidr.contains(&v4)
+                    || self.overlay.underlay_ip == Some(ip)
+                    || self
+                        .peers
+                        .iter()
+                        .any(|p| p.underlay_ip == ip || p.pod_cidrs.iter().any(|c| c.contains(&v4)))
+            }
+            IpAddr::V6(_) => false,
+        };
+        let mut out = Vec::new();
+        for svc in &self.services {
+            for ep in &svc.endpoints {
+                let who = format!("Service {}/{}: endpoint {}", svc.namespace, svc.name, ep.ip);
+                if let Some(node) = ep.node.as_deref().filter(|n| !known_node(n)) {
+                    out.push(format!(
+                        "{who} is on node {node:?}, which is neither this node ({}) nor one of \
+                         its peers",
+                        self.node.name
+                    ));
+                }
+                if !known_ip(ep.ip) {
+                    out.push(format!(
+                        "{who} is in no pod CIDR this switch knows (its own {} or a peer's) and \
+                         is no node's address: connections to it leave through the node's stack",
+                        self.node.pod_cidr
+                    ));
+                }
+            }
+        }
+        out
+    }
+
     /// Checks every field; the error names the first field that is wrong.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let n = &self.node;
@@ -925,6 +967,36 @@ mod tests {
         assert_eq!(c.node.mtu, 1450);
         assert_eq!(c.admin.socket, PathBuf::from(DEFAULT_SOCKET));
         assert!(c.datapath.offload);
+    }
+
+    #[test]
+    fn endpoints_on_unknown_nodes_or_outside_every_known_cidr_are_named() {
+        let text = format!(
+            "{MIN}[overlay]\nunderlay_ip = \"192.168.100.1\"\n\
+             [[peers]]\nname = \"n2\"\nunderlay_ip = \"192.168.100.2\"\n\
+             vtep_mac = \"0e:58:c0:a8:64:02\"\npod_cidrs = [\"10.244.2.0/24\"]\n\
+             [[services]]\nnamespace = \"default\"\nname = \"web\"\n\
+             cluster_ips = [\"10.96.0.20\"]\nports = [{{ port = 80 }}]\n\
+             endpoints = [{{ ip = \"10.244.1.5\", node = \"n1\" }}, \
+             {{ ip = \"10.244.2.5\", node = \"n2\" }}, {{ ip = \"192.168.100.2\" }}, \
+             {{ ip = \"10.244.2.6\", node = \"node-2\" }}, {{ ip = \"10.244.9.5\" }}]\n"
+        );
+        let c = Config::parse(&text).unwrap();
+        let w = c.endpoint_warnings();
+        assert_eq!(w.len(), 2, "{w:#?}");
+        assert!(
+            w[0].starts_with(
+                "Service default/web: endpoint 10.244.2.6 is on node \"node-2\", \
+                              which is neither this node (n1) nor one of its peers"
+            ),
+            "{}",
+            w[0]
+        );
+        assert!(
+            w[1].starts_with("Service default/web: endpoint 10.244.9.5 is in no pod CIDR"),
+            "{}",
+            w[1]
+        );
     }
 
     fn field_of(text: &str) -> String {

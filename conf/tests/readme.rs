@@ -15,4 +15,6 @@ fn readme_config_example_parses_and_validates() {
     assert_eq!(config.peers.len(), 1);
     assert_eq!(config.services.len(), 1);
     assert_eq!(config.dns.nameservers.len(), 1);
+    // Its Service's endpoints are on its own nodes.
+    assert_eq!(config.endpoint_warnings(), Vec::<String>::new());
 }

@@ -17,9 +17,6 @@ use std::time::{Duration, Instant};
 use overlay_support::*;
 use vswitch_lab::Node;
 
-/// Throughput any working overlay reaches here even in a debug build on a busy machine: the
-/// point is that bulk TCP works, not how fast (benchmarks measure that).
-const TCP_FLOOR_MBPS: f64 = 50.0;
 const VXLAN_PORT: u16 = 8472;
 
 /// No VXLAN datagram a node received was refused (unknown peer, bad header, ...).
@@ -60,12 +57,12 @@ fn pods_on_three_nodes_exchange_ping_tcp_and_udp() {
     // TCP node 1 <-> node 2, both directions at once.
     let (a, b) = (lab.pod("n1-p1"), lab.pod("n2-p1"));
     let tcp = iperf(&a.netns, &b.netns, b.ip, &["--bidir"]);
-    assert_tcp_bidir(&tcp, "n1-p1 <-> n2-p1", TCP_FLOOR_MBPS);
+    assert_tcp_bidir(&tcp, "n1-p1 <-> n2-p1");
 
     // UDP node 3 <-> node 1 at 50 Mbit/s each way.
     let (c, d) = (lab.pod("n3-p2"), lab.pod("n1-p2"));
     let udp = iperf(&c.netns, &d.netns, d.ip, &["-u", "-b", "50M", "--bidir"]);
-    assert_udp_bidir(&udp, "n3-p2 <-> n1-p2", 5.0);
+    assert_udp_bidir(&udp, "n3-p2 <-> n1-p2");
 
     // Nothing the nodes sent each other was refused.
     for n in &lab.nodes {
@@ -102,6 +99,97 @@ fn a_pod_reaches_another_nodes_own_address_and_the_reply_crosses_the_overlay() {
     // switch), and none was refused.
     assert_no_vxlan_drops(&n1);
     assert_no_vxlan_drops(&n2);
+}
+
+/// Each lab node has what a Kubernetes node has, whatever the host's own settings (a fresh
+/// machine forwards nothing, and new namespaces copy that), and vswitchd says so; when a
+/// setting is turned off under a running vswitchd, status, /readyz and /metrics name it and
+/// what it breaks, and the path it names stops; put back, the warning goes and the path works.
+#[test]
+fn lab_nodes_have_what_the_node_paths_need_and_vswitchd_warns_when_one_goes() {
+    let lab = lab("sc", 2, 1);
+    let (n1, n2) = (lab.node("n1").clone(), lab.node("n2").clone());
+    for n in [&n1, &n2] {
+        assert_eq!(
+            must_in(&n.netns, &["sysctl", "-n", "net.ipv4.ip_forward"]).trim(),
+            "1",
+            "{} does not forward",
+            n.name
+        );
+        let st = ctl_json(n, &["status"]);
+        assert_eq!(st["warnings"], serde_json::json!([]), "{}: {st}", n.name);
+    }
+
+    must_in(&n1.netns, &["sysctl", "-qw", "net.ipv4.ip_forward=0"]);
+    let pod = lab.pod("n1-p1");
+    let st = ctl_json(&n1, &["status"]);
+    let w = &st["warnings"][0];
+    assert_eq!(w["setting"], "net.ipv4.ip_forward", "{st}");
+    assert_eq!(w["value"], "0");
+    assert_eq!(w["want"], "1");
+    assert!(
+        w["breaks"]
+            .as_str()
+            .is_some_and(|b| b.contains("other nodes' own addresses")),
+        "{w}"
+    );
+    let text = ctl_ok(&n1, &["status"]);
+    assert!(
+        text.contains("warning:  net.ipv4.ip_forward is 0 (want 1): "),
+        "{text}"
+    );
+    let readyz = must_in(
+        &n1.netns,
+        &[
+            "curl",
+            "-s",
+            "--max-time",
+            "3",
+            "http://127.0.0.1:9109/readyz",
+        ],
+    );
+    assert!(
+        readyz.starts_with("ready\n") && readyz.contains("warning: net.ipv4.ip_forward is 0"),
+        "{readyz}"
+    );
+    let metrics = must_in(
+        &n1.netns,
+        &[
+            "curl",
+            "-s",
+            "--max-time",
+            "3",
+            "http://127.0.0.1:9109/metrics",
+        ],
+    );
+    assert!(
+        metrics.lines().any(|l| l == "vswitch_node_warnings 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.lines().any(|l| l.starts_with(
+            "vswitch_node_setting_wrong{setting=\"net.ipv4.ip_forward\",value=\"0\",want=\"1\"} 1"
+        )),
+        "{metrics}"
+    );
+    // What it names is what breaks: the node no longer forwards its pod to node 2.
+    let p = ping(&pod.netns, n2.underlay_ip, 2, &[]);
+    assert!(!p.all_answered(), "answered without forwarding: {}", p.text);
+    // And the log said so (the watcher reads the settings every 5 s).
+    let log = &n1.log;
+    assert!(
+        wait_until(Duration::from_secs(15), || std::fs::read_to_string(log)
+            .is_ok_and(|l| l.contains("node setting net.ipv4.ip_forward is 0"))),
+        "no warning in {}",
+        log.display()
+    );
+
+    must_in(&n1.netns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    assert_eq!(
+        ctl_json(&n1, &["status"])["warnings"],
+        serde_json::json!([])
+    );
+    assert_ping(&pod.netns, n2.underlay_ip);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -268,7 +356,7 @@ fn too_big_packets_get_frag_needed_and_pmtu_discovery_works() {
         );
     }
     let tcp = iperf(&c.netns, &d.netns, d.ip, &["--bidir"]);
-    assert_tcp_bidir(&tcp, "n1-p2 <-> n2-p2 at MTU 9000", TCP_FLOOR_MBPS);
+    assert_tcp_bidir(&tcp, "n1-p2 <-> n2-p2 at MTU 9000");
     for (p, q) in [(c, d), (d, c)] {
         let route = route_mtu(&p.netns, q.ip);
         assert!(
@@ -335,11 +423,7 @@ fn an_underlay_without_checksum_offload_still_carries_bulk_tcp() {
     let (a, b) = (lab.pod("n1-p1"), lab.pod("n2-p1"));
     assert_ping(&a.netns, b.ip);
     let tcp = iperf(&a.netns, &b.netns, b.ip, &["--bidir"]);
-    assert_tcp_bidir(
-        &tcp,
-        "n1-p1 <-> n2-p1 without underlay checksum offload",
-        TCP_FLOOR_MBPS,
-    );
+    assert_tcp_bidir(&tcp, "n1-p1 <-> n2-p1 without underlay checksum offload");
     for n in &lab.nodes {
         assert_no_vxlan_drops(n);
         for p in lab.pods.iter().filter(|p| p.node == n.name) {

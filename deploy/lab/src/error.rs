@@ -41,10 +41,13 @@ pub enum LabError {
 
     #[error(
         "{} not found; build with `cargo build --workspace --bins`, or set VSWITCH_BIN_DIR to \
-         the directory holding vswitchd and vswitch",
+         the directory holding vswitchd, vswitch and vswitch-install",
         path.display()
     )]
     BinaryMissing { path: PathBuf },
+
+    #[error("Service {name}: {message}")]
+    BadService { name: String, message: String },
 
     #[error("cannot run `{cmd}`: {source}")]
     Spawn { cmd: String, source: std::io::Error },

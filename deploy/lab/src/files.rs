@@ -7,7 +7,7 @@ use std::path::Path;
 
 use conf::config::{
     default_vtep_mac, AdminConfig, Config, DatapathConfig, DnsConfig, NodeConfig, OverlayConfig,
-    PeerSpec,
+    PeerSpec, ServiceSpec,
 };
 use conf::netconf::NetConf;
 
@@ -16,7 +16,7 @@ use crate::{LabError, Node};
 
 /// vswitchd's configuration for a node: every other node of the lab is a peer (full mesh over
 /// the fabric).
-pub(crate) fn daemon_config(node: &Node, all: &[Node]) -> Config {
+pub(crate) fn daemon_config(node: &Node, all: &[Node], services: &[ServiceSpec]) -> Config {
     let mac = |ip| {
         let m = default_vtep_mac(ip);
         m.iter()
@@ -77,18 +77,22 @@ pub(crate) fn daemon_config(node: &Node, all: &[Node]) -> Config {
             ],
             ..Default::default()
         },
-        services: Vec::new(),
+        services: services.to_vec(),
         kubernetes: Default::default(),
     }
 }
 
 /// The config as TOML, checked with the daemon's own parser.
-pub(crate) fn render_config(node: &Node, all: &[Node]) -> Result<String, LabError> {
+pub(crate) fn render_config(
+    node: &Node,
+    all: &[Node],
+    services: &[ServiceSpec],
+) -> Result<String, LabError> {
     let bad = |reason: String| LabError::BadConfig {
         node: node.name.clone(),
         reason,
     };
-    let config = daemon_config(node, all);
+    let config = daemon_config(node, all, services);
     let body = toml::to_string(&config).map_err(|e| bad(e.to_string()))?;
     let text = format!(
         "# vswitchd config for lab node {}, written by vswitch-lab.\n\n{body}",
@@ -99,6 +103,13 @@ pub(crate) fn render_config(node: &Node, all: &[Node]) -> Result<String, LabErro
         return Err(bad(format!("{text}\nreads back as {parsed:?}")));
     }
     Ok(text)
+}
+
+/// Writes a file by write-to-temp and rename, so vswitchd's reload never reads half of it.
+pub(crate) fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), LabError> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents).map_err(|e| LabError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| LabError::io(path, e))
 }
 
 /// The CNI netconf the lab's "runtime" hands the plugin on every call.
@@ -132,7 +143,7 @@ mod tests {
             .map(|i| Node::plan(Names("vsl"), i, &PathBuf::from("/run/vswitch-lab/vsl")))
             .collect();
         let node = all[2].clone();
-        let text = render_config(&node, &all).unwrap();
+        let text = render_config(&node, &all, &[]).unwrap();
         let c = Config::parse(&text).unwrap();
         assert_eq!(c.node.name, "vsl-n3");
         assert_eq!(c.node.pod_cidr.to_string(), "10.244.3.0/24");
@@ -146,7 +157,7 @@ mod tests {
             workers: 2,
             ..node.clone()
         };
-        let c2 = Config::parse(&render_config(&two, &all).unwrap()).unwrap();
+        let c2 = Config::parse(&render_config(&two, &all, &[]).unwrap()).unwrap();
         assert_eq!(c2.datapath.workers, 2);
         assert!(c2.datapath.cpus.is_empty());
         let pinned = Node {
@@ -154,7 +165,7 @@ mod tests {
             busy_poll_us: Some(1_000_000),
             ..node.clone()
         };
-        let c3 = Config::parse(&render_config(&pinned, &all).unwrap()).unwrap();
+        let c3 = Config::parse(&render_config(&pinned, &all, &[]).unwrap()).unwrap();
         assert_eq!(c3.datapath.cpus, vec![0]);
         assert_eq!(c3.datapath.busy_poll_us, 1_000_000);
         assert_eq!(

@@ -39,6 +39,8 @@ pub const BIN_DIR_ENV: &str = "VSWITCH_BIN_DIR";
 pub const VSWITCHD: &str = "vswitchd";
 /// The CNI plugin's binary name.
 pub const PLUGIN: &str = "vswitch";
+/// The DaemonSet's install steps; the lab sets each node's kernel settings with it.
+pub const INSTALL: &str = "vswitch-install";
 
 const STATE_VERSION: u32 = 1;
 /// How long vswitchd gets to exit after SIGTERM before SIGKILL.
@@ -65,22 +67,24 @@ impl Default for UpOptions {
     }
 }
 
-/// The paths of the two binaries the lab runs.
+/// The paths of the binaries the lab runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Binaries {
     pub vswitchd: PathBuf,
     pub plugin: PathBuf,
+    pub install: PathBuf,
 }
 
 impl Binaries {
-    /// Both binaries in `dir` (made absolute), or which one is missing.
+    /// The binaries in `dir` (made absolute), or which one is missing.
     pub fn in_dir(dir: &Path) -> Result<Binaries, LabError> {
         let dir = std::path::absolute(dir).map_err(|e| LabError::io(dir, e))?;
         let bins = Binaries {
             vswitchd: dir.join(VSWITCHD),
             plugin: dir.join(PLUGIN),
+            install: dir.join(INSTALL),
         };
-        for p in [&bins.vswitchd, &bins.plugin] {
+        for p in [&bins.vswitchd, &bins.plugin, &bins.install] {
             if !p.is_file() {
                 return Err(LabError::BinaryMissing { path: p.clone() });
             }
@@ -235,6 +239,9 @@ pub struct Lab {
     pub fabric_netns: String,
     pub nodes: Vec<Node>,
     pub pods: Vec<Pod>,
+    /// Services added with `add-service`, in every node's config.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<conf::config::ServiceSpec>,
 }
 
 impl Lab {
@@ -289,6 +296,7 @@ impl Lab {
             return Err(exists(format!("network namespace {ns} exists")));
         }
         fs::create_dir_all(RUN_DIR).map_err(|e| LabError::io(RUN_DIR, e))?;
+        let _ = fs::remove_dir_all(Lab::failed_logs_dir(&spec.name));
         // Creating the directory is what claims the name, atomically.
         match fs::create_dir(&dir) {
             Ok(()) => {}
@@ -305,22 +313,34 @@ impl Lab {
             fabric_netns: names.fabric_netns(),
             nodes: Vec::new(),
             pods: Vec::new(),
+            services: Vec::new(),
         };
         match lab.build(&spec, &bins, opts) {
             Ok(()) => Ok(lab),
-            Err(error) => match Lab::teardown(&lab.name) {
-                Ok(_) => Err(error),
-                Err(LabError::Teardown { problems, .. }) => Err(LabError::RollbackFailed {
-                    name: lab.name.clone(),
-                    error: Box::new(error),
-                    problems,
-                }),
-                Err(other) => Err(LabError::RollbackFailed {
-                    name: lab.name.clone(),
-                    error: Box::new(error),
-                    problems: vec![other.to_string()],
-                }),
-            },
+            Err(mut error) => {
+                // The rollback removes the lab's directory, logs included: keep them for the
+                // error to point at.
+                lab.keep_logs(&mut error);
+                lab.roll_back(error)
+            }
+        }
+    }
+
+    /// Tears down what a failed `up` built and returns its error (with what the rollback could
+    /// not undo, if anything).
+    fn roll_back(&self, error: LabError) -> Result<Lab, LabError> {
+        match Lab::teardown(&self.name) {
+            Ok(_) => Err(error),
+            Err(LabError::Teardown { problems, .. }) => Err(LabError::RollbackFailed {
+                name: self.name.clone(),
+                error: Box::new(error),
+                problems,
+            }),
+            Err(other) => Err(LabError::RollbackFailed {
+                name: self.name.clone(),
+                error: Box::new(error),
+                problems: vec![other.to_string()],
+            }),
         }
     }
 
@@ -353,7 +373,7 @@ impl Lab {
         for node in &planned {
             self.nodes.push(node.clone());
             self.save()?;
-            self.build_node(node, &planned)?;
+            self.build_node(node, &planned, bins)?;
             let child = sys::spawn_daemon(&node.netns, &bins.vswitchd, &node.config, &node.log)?;
             let pid = child.id();
             let idx = self.nodes.len() - 1;
@@ -374,8 +394,35 @@ impl Lab {
         Ok(())
     }
 
-    /// Node namespace, its underlay link to the fabric, and its files.
-    fn build_node(&self, node: &Node, all: &[Node]) -> Result<(), LabError> {
+    /// Where a failed `up` keeps the nodes' vswitchd logs: `/run/vswitch-lab/NAME.logs/`.
+    pub fn failed_logs_dir(name: &str) -> PathBuf {
+        Path::new(RUN_DIR).join(format!("{name}.logs"))
+    }
+
+    /// Copies each node's vswitchd log to [`Lab::failed_logs_dir`] (as `nI-vswitchd.log`) and
+    /// points `error` at the copy.
+    fn keep_logs(&self, error: &mut LabError) {
+        let kept = Lab::failed_logs_dir(&self.name);
+        if fs::create_dir_all(&kept).is_err() {
+            return;
+        }
+        for node in &self.nodes {
+            let to = kept.join(format!("n{}-vswitchd.log", node.index));
+            if fs::copy(&node.log, &to).is_ok() {
+                match error {
+                    LabError::DaemonNotReady { log, .. } | LabError::DaemonExited { log, .. }
+                        if *log == node.log =>
+                    {
+                        *log = to
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Node namespace, its underlay link to the fabric, its kernel settings, and its files.
+    fn build_node(&self, node: &Node, all: &[Node], bins: &Binaries) -> Result<(), LabError> {
         let ns = node.netns.as_str();
         let port = Names(&self.name).fabric_port(node.index);
         sys::ip(&["netns", "add", ns])?;
@@ -420,9 +467,18 @@ impl Lab {
             &mtu,
             "up",
         ])?;
+        // What a Kubernetes node has and a fresh namespace may lack (it copies the host's IPv4
+        // settings): set by the DaemonSet's own step, as on a node.
+        let node_ip = node.underlay_ip.to_string();
+        sys::run(
+            Command::new("ip")
+                .args(["netns", "exec", ns])
+                .arg(&bins.install)
+                .args(["sysctls", "--node-ip", &node_ip]),
+        )?;
         let state_dir = node.dir.join("state");
         fs::create_dir_all(&state_dir).map_err(|e| LabError::io(&state_dir, e))?;
-        write(&node.config, files::render_config(node, all)?)?;
+        write(&node.config, files::render_config(node, all, &[])?)?;
         write(
             &node.cni_netconf,
             files::render_netconf(&self.name, &node.admin_socket)?,
@@ -619,7 +675,7 @@ impl Lab {
         Binaries::in_dir(&self.bin_dir).or_else(|_| Binaries::in_dir(&Lab::bin_dir()?))
     }
 
-    fn node_of(&self, pod: &Pod) -> Result<Node, LabError> {
+    pub(crate) fn node_of(&self, pod: &Pod) -> Result<Node, LabError> {
         self.nodes
             .iter()
             .find(|n| n.index == pod.node_index)
@@ -1217,6 +1273,7 @@ mod tests {
                 mac: "02:00:00:00:00:01".into(),
                 cni_result: serde_json::json!({"ips": [{"address": "10.244.1.2/24"}]}),
             }],
+            services: Vec::new(),
             dir,
         }
     }
@@ -1303,7 +1360,7 @@ mod tests {
     }
 
     #[test]
-    fn binaries_must_both_exist() {
+    fn binaries_must_all_exist() {
         let dir = std::env::temp_dir().join(format!("vswitch-lab-bins-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
         fs::write(dir.join(VSWITCHD), "").unwrap();
@@ -1314,6 +1371,9 @@ mod tests {
             "{e}"
         );
         fs::write(dir.join(PLUGIN), "").unwrap();
+        let e = Binaries::in_dir(&dir).unwrap_err();
+        assert!(matches!(&e, LabError::BinaryMissing { path } if path.ends_with(INSTALL)));
+        fs::write(dir.join(INSTALL), "").unwrap();
         let b = Binaries::in_dir(&dir).unwrap();
         assert_eq!(b.plugin, dir.join(PLUGIN));
         fs::remove_dir_all(&dir).unwrap();

@@ -13,7 +13,7 @@
 //! Files live in `/run/vswitch-lab/NAME/`: `lab.json` (the state, see [`Lab`]) and per node
 //! `n{i}/{vswitchd.toml, cni.conf, vswitchd.log, vswitchd.pid, vswitchd.sock, state/}`.
 //!
-//! The CLI (`vswitch-lab up|status|down|exec|add-pod|del-pod`) is a thin layer over this crate;
+//! The CLI (`vswitch-lab up|status|down|exec|add-pod|del-pod|add-service|del-service`) is a thin layer over this crate;
 //! the end-to-end tests use [`Lab`] (usually inside a [`LabGuard`]) directly. `vswitch-lab bench`
 //! ([`bench`]) builds the same pod topology for vswitch, the kernel path and Open vSwitch and
 //! compares them.
@@ -23,6 +23,7 @@ mod cni;
 mod error;
 mod files;
 mod lab;
+pub mod services;
 pub mod soak;
 mod spec;
 mod status;

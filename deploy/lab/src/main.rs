@@ -78,6 +78,31 @@ enum Cmd {
     DelPod { pod: String },
     /// Run CNI CHECK for a pod.
     CheckPod { pod: String },
+    /// Add (or replace) a Service whose endpoints are the lab's pods, on every node: its
+    /// ClusterIP (given from 10.96.0.100 up unless --cluster-ip), NodePort and DNS name
+    /// (NAME.default.svc.cluster.local) work once this returns.
+    AddService {
+        /// The Service's name (namespace `default`).
+        #[arg(value_name = "NAME")]
+        service: String,
+        /// PORT[:TARGET][/tcp|udp], repeatable; TARGET defaults to PORT, the protocol to tcp.
+        #[arg(long = "port", required = true, value_name = "PORT[:TARGET][/PROTO]")]
+        ports: Vec<vswitch_lab::services::PortArg>,
+        /// The pods that serve it, comma-separated (n1-p2,n2-p1).
+        #[arg(long, value_delimiter = ',', required = true)]
+        endpoints: Vec<String>,
+        /// Its ClusterIP (in 10.96.0.0/12, the lab's Service CIDR).
+        #[arg(long)]
+        cluster_ip: Option<std::net::Ipv4Addr>,
+        /// A NodePort (30000-32767) for its first port, on every node's address.
+        #[arg(long)]
+        node_port: Option<u16>,
+    },
+    /// Remove a Service added with add-service from every node.
+    DelService {
+        #[arg(value_name = "NAME")]
+        service: String,
+    },
     /// Restart a node's vswitchd (SIGTERM, then start it again, as an upgrade does): its pods
     /// keep their interfaces, addresses and connections. NODE: n1 or NAME-n1
     Restart { node: String },
@@ -240,8 +265,9 @@ fn run(cli: Cli) -> Result<ExitCode, LabError> {
             if let Some(p) = lab.pods.first() {
                 let other = lab.pods.last().map_or(p.ip, |q| q.ip);
                 println!(
-                    "\ntry: vswitch-lab --name {} exec {} -- ping -c1 {other}",
-                    lab.name, p.name
+                    "\ntry: {} exec {} -- ping -c1 {other}",
+                    self_command(&lab.name),
+                    p.name
                 );
             }
         }
@@ -300,6 +326,49 @@ fn run(cli: Cli) -> Result<ExitCode, LabError> {
             Lab::load(&name)?.check_pod(&pod)?;
             println!("{pod}: ok");
         }
+        Cmd::AddService {
+            service: svc,
+            ports,
+            endpoints,
+            cluster_ip,
+            node_port,
+        } => {
+            let mut lab = Lab::load(&name)?;
+            let spec = lab.add_service(&vswitch_lab::services::ServiceArgs {
+                name: svc,
+                ports,
+                endpoints: endpoints.clone(),
+                cluster_ip,
+                node_port,
+            })?;
+            let ip = spec.cluster_ips[0];
+            for p in &spec.ports {
+                println!(
+                    "{}/{} {ip}:{}/{} -> {} port {}{}",
+                    spec.namespace,
+                    spec.name,
+                    p.port,
+                    p.protocol.as_str(),
+                    endpoints.join(","),
+                    p.target_port.unwrap_or(p.port),
+                    p.node_port
+                        .map(|n| format!(", NodePort {n} on every node"))
+                        .unwrap_or_default()
+                );
+            }
+            let client = lab.pods.first().map_or("n1-p1", |p| p.name.as_str());
+            println!(
+                "\ntry: {} exec {client} -- getent hosts {}.{}.svc.cluster.local",
+                self_command(&lab.name),
+                spec.name,
+                spec.namespace
+            );
+        }
+        Cmd::DelService { service: svc } => {
+            let mut lab = Lab::load(&name)?;
+            lab.del_service(&svc)?;
+            println!("deleted Service default/{svc}");
+        }
         Cmd::Restart { node } => {
             let mut lab = Lab::load(&name)?;
             let idx = lab.node_index(&node)?;
@@ -316,6 +385,21 @@ fn run(cli: Cli) -> Result<ExitCode, LabError> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// How a user runs this program again, as they can type it: `deploy/lab.sh` when run through
+/// it (it sets VSWITCH_LAB_CMD), else the path it was started by; with `--name` when not the
+/// default lab.
+fn self_command(name: &str) -> String {
+    let prog = std::env::var("VSWITCH_LAB_CMD")
+        .ok()
+        .or_else(|| std::env::args().next())
+        .unwrap_or_else(|| "vswitch-lab".into());
+    if name == DEFAULT_NAME {
+        prog
+    } else {
+        format!("{prog} --name {name}")
+    }
 }
 
 /// `vswitch-lab bench`: progress on stderr, the table on stdout, then the files.

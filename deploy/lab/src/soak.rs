@@ -908,7 +908,7 @@ mod tests {
             cni_result: serde_json::Value::Null,
         };
         let pods = vec![pod(1, "10.244.1.2"), pod(2, "10.244.2.2")];
-        let base = crate::files::render_config(&nodes[0], &nodes).unwrap();
+        let base = crate::files::render_config(&nodes[0], &nodes, &[]).unwrap();
         let mut rng = Rng(7);
         for _ in 0..20 {
             let (toml, vips) = random_services(&mut rng, &pods, &nodes);

@@ -60,6 +60,7 @@ fn fake_vswitchd() {
         gateway_mac: "02:00:00:00:00:01".into(),
         ports: 0,
         ready: true,
+        warnings: Vec::new(),
     };
     let body = serde_json::to_string(&status).unwrap();
     for conn in listener.incoming() {
@@ -149,6 +150,12 @@ impl Fixture {
             fs::write(&p, text).unwrap();
             fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
         }
+        // The real install step: it sets the fake nodes' kernel settings as for real ones.
+        std::os::unix::fs::symlink(
+            env!("CARGO_BIN_EXE_vswitch-install"),
+            bins.join("vswitch-install"),
+        )
+        .unwrap();
         Some(Fixture { name, bins })
     }
 
@@ -204,6 +211,7 @@ impl Drop for Fixture {
             eprintln!("cleanup of {}: {e}", self.name);
         }
         let _ = fs::remove_dir_all(&self.bins);
+        let _ = fs::remove_dir_all(Lab::failed_logs_dir(&self.name));
     }
 }
 
@@ -506,6 +514,18 @@ fn a_daemon_that_never_gets_ready_is_reported_with_its_log() {
     assert!(msg.contains("cannot reach vswitchd"), "{msg}");
     assert!(msg.contains("fake vswitchd: node"), "{msg}");
     fx.assert_gone();
+    // The log the message names outlives the rollback.
+    let LabError::DaemonNotReady { log, .. } = &e else {
+        unreachable!()
+    };
+    assert!(
+        log.starts_with(Lab::failed_logs_dir(&fx.name)),
+        "{}",
+        log.display()
+    );
+    assert!(msg.contains(&log.display().to_string()), "{msg}");
+    let kept = fs::read_to_string(log).unwrap();
+    assert!(kept.contains("fake vswitchd: node"), "{kept}");
 }
 
 #[test]
@@ -519,6 +539,12 @@ fn a_daemon_that_exits_is_reported_with_its_log() {
     assert!(msg.contains("exit status: 3"), "{msg}");
     assert!(msg.contains("crashing as asked"), "{msg}");
     fx.assert_gone();
+    let LabError::DaemonExited { log, .. } = &e else {
+        unreachable!()
+    };
+    assert!(fs::read_to_string(log)
+        .unwrap()
+        .contains("crashing as asked"));
     assert!(fx.cni_log().is_empty(), "no pod should be attempted");
 }
 

@@ -15,7 +15,7 @@
 //! to one of them is named in a "needs a restart" warning instead of being half applied.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -100,6 +100,9 @@ impl Reloader {
         let needs_restart = restart_fields(&self.running, &new);
         let peers = new.peers != self.running.peers;
         let services = new.services != self.running.services;
+        if peers || services {
+            warn_endpoints(&self.path, &new);
+        }
         if peers {
             if let Err(e) = sink.apply_peers(new.peers.clone()) {
                 let msg = format!("peers from {}: {e}", self.path.display());
@@ -168,6 +171,14 @@ impl Reloader {
     }
 }
 
+/// Logs each static Service endpoint the switch cannot serve as written (a pasted example's
+/// nodes, say): accepted, but not silently.
+fn warn_endpoints(path: &Path, config: &Config) {
+    for w in config.endpoint_warnings() {
+        tracing::warn!("config {}: {w}", path.display());
+    }
+}
+
 fn names(it: impl Iterator<Item = String>) -> String {
     let v: Vec<String> = it.collect();
     if v.is_empty() {
@@ -233,6 +244,7 @@ impl FileWatch {
             "static mode: peers and services from {}, reloaded when it changes",
             path.display()
         );
+        warn_endpoints(&path, &running);
         let task = tokio::spawn(poll_loop(Reloader::new(path, running), sink));
         FileWatch { task }
     }
