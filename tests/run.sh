@@ -29,5 +29,20 @@ if ! python3 -c 'import kubernetes_validate' 2>/dev/null; then
     || python3 -m pip install --quiet --break-system-packages kubernetes-validate==1.37.0
 fi
 
+# The host as a fresh machine has it: IPv4 forwarding off. New network namespaces copy the
+# host's IPv4 settings, so a suite run where something had turned it on (podman, the anchors'
+# scripts, a test run earlier) would hide a lab node that forgets to set its own. Restored on
+# exit; VSWITCH_TESTS_KEEP_HOST_SYSCTLS=1 leaves the host alone (a workstation whose containers
+# need forwarding during the run).
+fwd=/proc/sys/net/ipv4/ip_forward
+if [[ ${VSWITCH_TESTS_KEEP_HOST_SYSCTLS:-0} != 1 && -w $fwd ]]; then
+  was=$(<"$fwd")
+  if [[ $was != 0 ]]; then
+    echo "tests/run.sh: net.ipv4.ip_forward = 0 on the host for the run (was $was; restored after)"
+    trap 'echo "$was" > '"$fwd" EXIT
+    echo 0 > "$fwd"
+  fi
+fi
+
 cargo build --workspace --bins
 cargo test --workspace "$@"

@@ -13,8 +13,6 @@ use std::time::Instant;
 use overlay_support::*;
 use vswitch_lab::{Node, FABRIC_BRIDGE, POD_MTU, UNDERLAY_MTU};
 
-const TCP_FLOOR_MBPS: f64 = 50.0;
-
 /// A node as flannel's vxlan backend makes it, with one pod behind its bridge.
 struct KernelNode {
     /// The node's pod namespace (declared first: dropped, i.e. deleted, first).
@@ -306,10 +304,10 @@ fn kernel_vxlan_node_built_like_flannel_exchanges_ping_tcp_and_udp_with_a_vswitc
 
     // TCP opened from the kernel side, data both ways at once.
     let tcp = iperf(&kpod, &vpod.netns, vpod.ip, &["--bidir"]);
-    assert_tcp_bidir(&tcp, "kernel pod <-> vswitch pod", TCP_FLOOR_MBPS);
+    assert_tcp_bidir(&tcp, "kernel pod <-> vswitch pod");
     // UDP opened from the vswitch side, both ways at once.
     let udp = iperf(&vpod.netns, &kpod, &kip, &["-u", "-b", "50M", "--bidir"]);
-    assert_udp_bidir(&udp, "vswitch pod <-> kernel pod", 5.0);
+    assert_udp_bidir(&udp, "vswitch pod <-> kernel pod");
 
     // The vswitch node took the kernel's VXLAN as well-formed: received, none refused.
     let p = ports(&v);
@@ -364,11 +362,11 @@ fn remote_checksum_offload_interoperates_with_a_kernel_vxlan_device() {
     let kip = k.pod_ip();
     assert_ping(&kpod, vpod.ip);
     let tcp = iperf(&kpod, &vpod.netns, vpod.ip, &["--bidir"]);
-    assert_tcp_bidir(&tcp, "kernel pod <-> vswitch pod (RCO)", TCP_FLOOR_MBPS);
+    assert_tcp_bidir(&tcp, "kernel pod <-> vswitch pod (RCO)");
     let tcp = iperf(&vpod.netns, &kpod, &kip, &["--bidir"]);
-    assert_tcp_bidir(&tcp, "vswitch pod <-> kernel pod (RCO)", TCP_FLOOR_MBPS);
+    assert_tcp_bidir(&tcp, "vswitch pod <-> kernel pod (RCO)");
     let udp = iperf(&vpod.netns, &kpod, &kip, &["-u", "-b", "50M", "--bidir"]);
-    assert_udp_bidir(&udp, "vswitch pod <-> kernel pod (RCO)", 5.0);
+    assert_udp_bidir(&udp, "vswitch pod <-> kernel pod (RCO)");
     let drops = underlay_drops(&v);
     assert!(
         drops.keys().all(|r| !r.starts_with("vxlan_")),

@@ -447,8 +447,9 @@ pub fn iperf_sum(report: &Value, key: &str) -> (u64, f64) {
     )
 }
 
-/// Asserts a TCP iperf3 report (run with --bidir) moved data in both directions at `floor_mbps`.
-pub fn assert_tcp_bidir(report: &Value, what: &str, floor_mbps: f64) -> (f64, f64) {
+/// Asserts a TCP iperf3 report (run with --bidir) moved data in both directions, and prints
+/// the rates: how fast is the bench's question (`vswitch-lab bench`), not a test's.
+pub fn assert_tcp_bidir(report: &Value, what: &str) -> (f64, f64) {
     let (fwd_bytes, fwd_bps) = iperf_sum(report, "sum_received");
     let (rev_bytes, rev_bps) = iperf_sum(report, "sum_received_bidir_reverse");
     let (fwd, rev) = (fwd_bps / 1e6, rev_bps / 1e6);
@@ -457,15 +458,12 @@ pub fn assert_tcp_bidir(report: &Value, what: &str, floor_mbps: f64) -> (f64, f6
         fwd_bytes > 0 && rev_bytes > 0,
         "{what}: TCP received {fwd_bytes} bytes forward, {rev_bytes} reverse"
     );
-    assert!(
-        fwd >= floor_mbps && rev >= floor_mbps,
-        "{what}: TCP {fwd:.1} Mbit/s forward, {rev:.1} reverse; expected at least {floor_mbps}"
-    );
     (fwd, rev)
 }
 
-/// Asserts a UDP iperf3 report (run with --bidir) lost less than `max_loss` percent each way.
-pub fn assert_udp_bidir(report: &Value, what: &str, max_loss: f64) {
+/// Asserts a UDP iperf3 report (run with --bidir) delivered datagrams each way, and prints the
+/// loss (a rate for the bench to measure, not for a test to assert).
+pub fn assert_udp_bidir(report: &Value, what: &str) {
     for key in ["sum_received", "sum_received_bidir_reverse"] {
         let s = &report["end"][key];
         let packets = s["packets"].as_u64().unwrap_or(0);
@@ -473,12 +471,8 @@ pub fn assert_udp_bidir(report: &Value, what: &str, max_loss: f64) {
         let loss = s["lost_percent"].as_f64().unwrap_or(100.0);
         eprintln!("{what}: UDP {key}: {packets} datagrams, {lost} lost ({loss:.2}%)");
         assert!(
-            packets > 1000,
-            "{what}: UDP {key}: only {packets} datagrams: {s}"
-        );
-        assert!(
-            loss < max_loss,
-            "{what}: UDP {key}: {loss:.2}% lost (at most {max_loss}%): {s}"
+            packets > lost,
+            "{what}: UDP {key}: none of {packets} datagrams arrived: {s}"
         );
     }
 }

@@ -19,7 +19,7 @@ use axum::Json;
 use conf::api::{self, code, ApiError, CaptureSessionInfo, CaptureSessionsResponse};
 
 use super::stream::{Next, Stream};
-use super::{Filter, Request, Selection, MAX_SNAPLEN};
+use super::{Filter, Request, Selection, MAX_SNAPLEN, MIN_SNAPLEN};
 use crate::control::Daemon;
 use crate::pipeline::PortId;
 
@@ -94,7 +94,12 @@ pub async fn capture(
     let snaplen = match q.get("snaplen").map(|c| c.parse::<usize>()) {
         None => MAX_SNAPLEN,
         Some(Ok(0)) => MAX_SNAPLEN,
-        Some(Ok(n)) => n,
+        Some(Ok(n)) if (MIN_SNAPLEN..=MAX_SNAPLEN).contains(&n) => n,
+        Some(Ok(n)) => {
+            return bad(format!(
+            "snaplen={n} is out of range: {MIN_SNAPLEN}..={MAX_SNAPLEN}, or 0 for the whole packet"
+        ))
+        }
         Some(Err(_)) => return bad(format!("snaplen={:?} is not a number", get("snaplen"))),
     };
     let mut describe = vec![format!(
@@ -123,6 +128,7 @@ pub async fn capture(
         sel,
         filter,
         snaplen,
+        count,
         describe: describe.join(" "),
     }) {
         Ok(s) => s,

@@ -50,12 +50,22 @@ pub struct CaptureArgs {
     /// With -C: keep at most this many files, reusing them in turn.
     #[arg(short = 'W', requires = "file_size")]
     pub file_count: Option<u32>,
-    /// Bytes kept of each packet (64..=65535) [default: 65535].
-    #[arg(long)]
+    /// Bytes kept of each packet: 64..=65535, or 0 for the whole packet [default: 65535].
+    #[arg(long, value_parser = parse_snaplen)]
     pub snaplen: Option<usize>,
     /// A filter in tcpdump's syntax (host, net, port, portrange, tcp, udp, icmp, arp, ip,
     /// vxlan, less, greater, and/or/not, parentheses); words are joined by spaces.
     pub filter: Vec<String>,
+}
+
+fn parse_snaplen(s: &str) -> Result<usize, String> {
+    use super::{MAX_SNAPLEN, MIN_SNAPLEN};
+    match s.parse::<usize>() {
+        Ok(n) if n == 0 || (MIN_SNAPLEN..=MAX_SNAPLEN).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "{MIN_SNAPLEN}..={MAX_SNAPLEN}, or 0 for the whole packet"
+        )),
+    }
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);

@@ -46,6 +46,9 @@ pub use pcapng::Direction;
 pub const QUEUE_LEN: usize = 4096;
 /// The default and largest snap length.
 pub const MAX_SNAPLEN: usize = 65_535;
+/// The least snap length: enough for the outer headers of a VXLAN datagram and the inner
+/// Ethernet, IP and L4 headers the filter and a reader need.
+pub const MIN_SNAPLEN: usize = 64;
 /// Sessions at once, per daemon.
 pub const MAX_SESSIONS: usize = 16;
 /// Ended sessions whose counters are still shown.
@@ -268,6 +271,8 @@ pub struct Session {
     pub sel: Selection,
     pub filter: Option<Filter>,
     pub snaplen: usize,
+    /// See [`Request::count`].
+    pub count: Option<u64>,
     /// The request as given, for listing sessions.
     pub describe: String,
     pub stats: SessionStats,
@@ -303,7 +308,16 @@ impl Session {
                 return;
             }
         }
-        self.stats.matched.fetch_add(1, Relaxed);
+        // With a count, the reader ends the session at it; a packet past it would be matched
+        // but never written (`-c 1` said "2 matched").
+        if let Some(limit) = self.count {
+            if self.stats.matched.fetch_add(1, Relaxed) >= limit {
+                self.stats.matched.fetch_sub(1, Relaxed);
+                return;
+            }
+        } else {
+            self.stats.matched.fetch_add(1, Relaxed);
+        }
         if self.tx.is_full() {
             self.stats.dropped.fetch_add(1, Relaxed);
             return;
@@ -640,6 +654,8 @@ pub struct Request {
     pub sel: Selection,
     pub filter: Option<Filter>,
     pub snaplen: usize,
+    /// The reader stops after this many packets: copies past it are neither made nor counted.
+    pub count: Option<u64>,
     pub describe: String,
 }
 
@@ -723,7 +739,8 @@ impl Hub {
             id: self.next_id.fetch_add(1, Relaxed) + 1,
             sel: req.sel,
             filter: req.filter,
-            snaplen: req.snaplen.clamp(64, MAX_SNAPLEN),
+            snaplen: req.snaplen.clamp(MIN_SNAPLEN, MAX_SNAPLEN),
+            count: req.count,
             describe: req.describe,
             stats: SessionStats::default(),
             tx,

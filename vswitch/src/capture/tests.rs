@@ -36,6 +36,7 @@ fn open(
         sel: Selection::parse(points, dir, port).unwrap(),
         filter: filter.map(|f| Filter::parse(f).unwrap()),
         snaplen: MAX_SNAPLEN,
+        count: None,
         describe: String::new(),
     })
     .unwrap()
@@ -192,6 +193,7 @@ fn snaplen_cuts_copies_but_keeps_the_length() {
             sel: Selection::parse("pod", "", None).unwrap(),
             filter: None,
             snaplen: 100,
+            count: None,
             describe: String::new(),
         })
         .unwrap();
@@ -200,6 +202,27 @@ fn snaplen_cuts_copies_but_keeps_the_length() {
     let c = rx.try_recv().unwrap();
     assert_eq!(c.data.len(), 100);
     assert_eq!(c.orig_len as usize, f.len());
+}
+
+#[test]
+fn a_counted_session_matches_and_copies_no_more_than_its_count() {
+    let hub = Hub::new();
+    let (s, rx) = hub
+        .open(Request {
+            sel: Selection::parse("pod", "", None).unwrap(),
+            filter: None,
+            snaplen: MAX_SNAPLEN,
+            count: Some(2),
+            describe: String::new(),
+        })
+        .unwrap();
+    let f = frame([10, 0, 0, 1], [10, 0, 0, 2], 17, 1, 2, 100);
+    for _ in 0..5 {
+        hub.current().unwrap().port(1, true, &f);
+    }
+    assert_eq!(rx.try_iter().count(), 2);
+    assert_eq!(s.stats.matched.load(Relaxed), 2);
+    assert_eq!(s.stats.queued.load(Relaxed), 2);
 }
 
 #[test]
