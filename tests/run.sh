@@ -45,4 +45,5 @@ if [[ ${VSWITCH_TESTS_KEEP_HOST_SYSCTLS:-0} != 1 && -w $fwd ]]; then
 fi
 
 cargo build --workspace --bins
-cargo test --workspace "$@"
+# Every test binary runs even when one fails, so a run shows all that is wrong.
+cargo test --workspace --no-fail-fast "$@"

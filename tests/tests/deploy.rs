@@ -1439,7 +1439,19 @@ fn sysctls_step_sets_what_a_node_needs_and_says_so() {
         let out = Command::new("ip").args(args).output().expect("ip");
         assert!(out.status.success(), "ip {args:?}: {out:?}");
     };
-    ip(&["-n", ns.name(), "link", "add", "eth7", "type", "dummy"]);
+    // A veth (no dummy module may be loadable here) standing in for the node's interface.
+    ip(&[
+        "-n",
+        ns.name(),
+        "link",
+        "add",
+        "eth7",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth7p",
+    ]);
     ip(&[
         "-n",
         ns.name(),

@@ -594,6 +594,8 @@ pub struct Report {
     pub date: String,
     pub commit: Option<String>,
     pub kernel: String,
+    /// The processor, as /proc/cpuinfo names it (the machine a run is to be compared with).
+    pub cpu_model: String,
     /// The host's default TCP congestion control, which the pods inherit.
     pub tcp_cc: String,
     pub cpus: usize,
@@ -928,11 +930,16 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "vswitch-lab bench {} ({} rep{}, {}), kernel {}, {} CPUs, pods' TCP {}{}",
+            "vswitch-lab bench {} ({} rep{}, {}), {}, kernel {}, {} CPUs, pods' TCP {}{}",
             self.date,
             self.reps,
             if self.reps == 1 { "" } else { "s" },
             if self.quick { "quick" } else { "full" },
+            if self.cpu_model.is_empty() {
+                "CPU model unknown"
+            } else {
+                &self.cpu_model
+            },
             self.kernel,
             self.cpus,
             if self.tcp_cc.is_empty() {
@@ -1065,6 +1072,7 @@ impl Report {
             "date": self.date,
             "commit": self.commit,
             "host": {
+                "cpu_model": self.cpu_model,
                 "kernel": self.kernel,
                 "cpus": self.cpus,
                 "tcp_congestion_control": self.tcp_cc,
@@ -2160,7 +2168,21 @@ pub struct Written {
     pub png_skipped: Option<String>,
 }
 
-/// Writes latest.json, latest.txt and (with gnuplot) latest.png into `dir`.
+/// The processor's name from /proc/cpuinfo (`model name`), or empty.
+fn cpu_model() -> String {
+    fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("model name")?.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_default()
+}
+
+/// Writes latest.json, latest.txt and (with gnuplot) latest.png into `dir`, and keeps the run
+/// as `runs/DATE.{json,txt}` there too, for `vswitch-lab bench-summary` (full runs only: a
+/// quick one is no measurement to keep).
 pub fn write_outputs(report: &Report, dir: &Path) -> Result<Written, BenchError> {
     let io_err = |path: &Path| {
         let path = path.to_path_buf();
@@ -2168,13 +2190,22 @@ pub fn write_outputs(report: &Report, dir: &Path) -> Result<Written, BenchError>
     };
     fs::create_dir_all(dir).map_err(io_err(dir))?;
     let mut w = Written::default();
-    let json_path = dir.join("latest.json");
-    let text = serde_json::to_string_pretty(&report.to_json()).unwrap_or_default() + "\n";
-    fs::write(&json_path, text).map_err(io_err(&json_path))?;
-    w.files.push(json_path);
-    let txt_path = dir.join("latest.txt");
-    fs::write(&txt_path, report.to_table()).map_err(io_err(&txt_path))?;
-    w.files.push(txt_path);
+    let json = serde_json::to_string_pretty(&report.to_json()).unwrap_or_default() + "\n";
+    let table = report.to_table();
+    let mut put = |path: PathBuf, text: &str| -> Result<(), BenchError> {
+        fs::write(&path, text).map_err(io_err(&path))?;
+        w.files.push(path);
+        Ok(())
+    };
+    put(dir.join("latest.json"), &json)?;
+    put(dir.join("latest.txt"), &table)?;
+    if !report.quick {
+        let runs = dir.join("runs");
+        fs::create_dir_all(&runs).map_err(io_err(&runs))?;
+        let stem = report.date.replace(':', "");
+        put(runs.join(format!("{stem}.json")), &json)?;
+        put(runs.join(format!("{stem}.txt")), &table)?;
+    }
 
     let png = dir.join("latest.png");
     if !have_tool("gnuplot") {
@@ -2238,6 +2269,7 @@ pub fn run(opts: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Report, Ben
         kernel: fs::read_to_string("/proc/sys/kernel/osrelease")
             .map(|s| s.trim().to_string())
             .unwrap_or_default(),
+        cpu_model: cpu_model(),
         tcp_cc: fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
             .map(|s| s.trim().to_string())
             .unwrap_or_default(),

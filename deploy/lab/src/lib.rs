@@ -19,6 +19,7 @@
 //! compares them.
 
 pub mod bench;
+pub mod bench_summary;
 mod cni;
 mod error;
 mod files;

@@ -2,7 +2,7 @@
 //! namespaces. All the work is in the library; this is argument parsing and printing.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -78,6 +78,12 @@ enum Cmd {
     DelPod { pod: String },
     /// Run CNI CHECK for a pod.
     CheckPod { pod: String },
+    /// The medians of several `bench` runs (docs/benchmarks/runs/*.json by default) as the
+    /// README's Markdown table, headed by each run's date, commit and machine.
+    BenchSummary {
+        /// Run reports to summarize; default: every *.json in docs/benchmarks/runs.
+        files: Vec<PathBuf>,
+    },
     /// Add (or replace) a Service whose endpoints are the lab's pods, on every node: its
     /// ClusterIP (given from 10.96.0.100 up unless --cluster-ip), NodePort and DNS name
     /// (NAME.default.svc.cluster.local) work once this returns.
@@ -325,6 +331,25 @@ fn run(cli: Cli) -> Result<ExitCode, LabError> {
         Cmd::CheckPod { pod } => {
             Lab::load(&name)?.check_pod(&pod)?;
             println!("{pod}: ok");
+        }
+        Cmd::BenchSummary { files } => {
+            use vswitch_lab::bench_summary::{runs_in, summarize, Run};
+            let runs = if files.is_empty() {
+                runs_in(Path::new("docs/benchmarks/runs"))
+            } else {
+                files.iter().map(|f| Run::read(f)).collect()
+            };
+            match runs {
+                Ok(runs) if !runs.is_empty() => print!("{}", summarize(&runs)),
+                Ok(_) => {
+                    eprintln!("vswitch-lab bench-summary: no runs (docs/benchmarks/runs/*.json)");
+                    return Ok(ExitCode::FAILURE);
+                }
+                Err(e) => {
+                    eprintln!("vswitch-lab bench-summary: {e}");
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
         }
         Cmd::AddService {
             service: svc,
