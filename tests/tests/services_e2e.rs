@@ -1697,7 +1697,7 @@ fn a_service_added_by_the_lab_from_its_pods_works_on_every_node_and_goes() {
         assert!(
             f.iter()
                 .any(|(name, vip, backends)| name == "default/web:80/TCP"
-                    && vip == "10.96.0.100:80/TCP"
+                    && vip == "10.96.0.100"
                     && backends.len() == 2),
             "{}: {f:?}",
             n.name
