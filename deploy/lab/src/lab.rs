@@ -419,6 +419,8 @@ impl Lab {
                 }
             }
         }
+        // Nothing to keep (no daemon had started): no empty directory either.
+        let _ = fs::remove_dir(&kept);
     }
 
     /// Node namespace, its underlay link to the fabric, its kernel settings, and its files.

@@ -767,6 +767,8 @@ impl Daemon {
     }
 
     pub fn status(&self) -> Status {
+        // Read before the lock: CNI operations wait on it, and these are file reads.
+        let warnings = self.node_warnings();
         let st = self.lock();
         let gw = self.config.gateway();
         Status {
@@ -777,7 +779,7 @@ impl Daemon {
             gateway_mac: mac_for(gw).to_string(),
             ports: st.records.values().filter(|r| r.live).count(),
             ready: true,
-            warnings: self.node_warnings(),
+            warnings,
         }
     }
 
