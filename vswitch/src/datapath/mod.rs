@@ -902,12 +902,14 @@ impl Worker {
                     None => stats.count_drop(DropReason::PortGone),
                 },
                 Action::ToPeer(peer) => {
+                    // The peer left the table since the pipeline chose it (as PortGone).
                     let Some(peer) = tables.peers.get(peer) else {
-                        stats.count_drop(DropReason::UnknownPeer);
+                        stats.count_drop(DropReason::PeerGone);
                         continue;
                     };
+                    // A peer in the table but no underlay socket to send it on.
                     let Some(u) = &self.underlay else {
-                        stats.count_drop(DropReason::UnknownPeer);
+                        stats.count_drop(DropReason::NoUnderlay);
                         continue;
                     };
                     let frame = &mut self.buf[VNET_HDR_LEN..n];

@@ -140,6 +140,8 @@ drop_reasons! {
     TxError => "tx_error",
     ServiceRejected => "service_no_endpoints",
     ConntrackRefused => "conntrack_refused",
+    PeerGone => "peer_gone",
+    NoUnderlay => "no_underlay",
 }
 
 /// Decides what happens to the Ethernet frame `buf[..len]` (no virtio-net header) that
