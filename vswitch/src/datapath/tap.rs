@@ -17,7 +17,7 @@
 //! All `unsafe` of the datapath lives here; every block says why it is sound.
 
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
@@ -226,56 +226,19 @@ impl Tap {
 
     /// Reads one frame, virtio-net header first. `WouldBlock` when the queue is empty.
     pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        // SAFETY: the pointer and length describe `buf`, which is valid for writes of
-        // `buf.len()` bytes for the duration of the call.
-        let n = unsafe {
-            libc::read(
-                self.file.as_raw_fd(),
-                buf.as_mut_ptr().cast::<libc::c_void>(),
-                buf.len(),
-            )
-        };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
+        // One read(2) on the queue's fd: a TAP returns one whole frame per read.
+        (&self.file).read(buf)
     }
 
     /// Writes one frame, virtio-net header first.
     pub fn send(&self, frame: &[u8]) -> io::Result<usize> {
-        // SAFETY: the pointer and length describe `frame`, valid for reads for the call.
-        let n = unsafe {
-            libc::write(
-                self.file.as_raw_fd(),
-                frame.as_ptr().cast::<libc::c_void>(),
-                frame.len(),
-            )
-        };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
+        (&self.file).write(frame)
     }
 
     /// Writes one frame gathered from several slices (virtio-net header first). The kernel
-    /// reads them in order as one frame; at most `IOV_MAX` slices.
+    /// reads them in order as one frame (one writev(2)); at most `IOV_MAX` slices.
     pub fn send_vectored(&self, parts: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        // SAFETY: `IoSlice` is guaranteed ABI-compatible with `struct iovec` on Unix, and every
-        // slice it describes is borrowed for the duration of the call; `writev` only reads them.
-        let n = unsafe {
-            libc::writev(
-                self.file.as_raw_fd(),
-                parts.as_ptr().cast::<libc::iovec>(),
-                parts.len() as libc::c_int,
-            )
-        };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
+        (&self.file).write_vectored(parts)
     }
 
     pub fn into_fd(self) -> OwnedFd {
