@@ -510,3 +510,82 @@ fn down_stops_what_still_runs_in_the_labs_namespaces() {
         "{names}"
     );
 }
+
+/// Kubernetes mode with the API server out of reach: vswitchd runs (the datapath is up), but
+/// says it is not ready, on the admin API and /readyz, so the DaemonSet's conflist step does not
+/// write the conflist and no pod starts against a switch that knows no peer and no Service.
+#[test]
+fn kubernetes_mode_is_not_ready_before_the_first_sync() {
+    require_root();
+    let ns = Netns::new(&unique("k8"));
+    let dir = TempDir::new(&unique("k8"));
+    // An API server address in the test's own namespace, where nothing listens.
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: \
+         http://127.0.0.1:6443\ncontexts:\n- name: c\n  context:\n    cluster: c\n    user: u\n\
+         current-context: c\nusers:\n- name: u\n  user:\n    token: t\n",
+    )
+    .expect("kubeconfig");
+    let socket = dir.join("vswitchd.sock");
+    let config = dir.join("vswitchd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[node]\nname = \"k8\"\npod_cidr = \"10.244.1.0/24\"\nstate_dir = {:?}\n\n\
+             [admin]\nsocket = {:?}\nmetrics_address = \"127.0.0.1:9109\"\n\n\
+             [kubernetes]\nenabled = true\nkubeconfig = {:?}\n",
+            dir.join("state").display().to_string(),
+            socket.display().to_string(),
+            kubeconfig.display().to_string()
+        ),
+    )
+    .expect("config");
+    let vswitchd = bin("vswitchd");
+    let daemon = Bg::spawn(
+        ns.name(),
+        &[
+            &vswitchd.to_string_lossy(),
+            "--config",
+            &config.to_string_lossy(),
+        ],
+        Duration::from_secs(60),
+    );
+    let client = conf::client::Client::new(&socket).with_timeout(Duration::from_secs(2));
+    let answered = wait_until(Duration::from_secs(10), || {
+        client
+            .get::<conf::api::Status>(conf::api::PATH_STATUS)
+            .is_ok()
+    });
+    assert!(answered, "vswitchd never answered on {}", socket.display());
+    // It keeps trying the API; a few seconds later it is still not ready.
+    std::thread::sleep(Duration::from_secs(2));
+    let status = client
+        .get::<conf::api::Status>(conf::api::PATH_STATUS)
+        .expect("status");
+    assert!(!status.ready, "ready without any list from the API: {status:?}");
+    let readyz = run(
+        &mut in_netns(
+            ns.name(),
+            &[
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "3",
+                "http://127.0.0.1:9109/readyz",
+            ],
+        ),
+        SHORT,
+    );
+    assert_eq!(readyz.stdout.trim(), "503", "{readyz}");
+    let out = daemon.stop();
+    assert!(
+        out.stderr.contains("kubernetes: API server http://127.0.0.1:6443"),
+        "{out}"
+    );
+}

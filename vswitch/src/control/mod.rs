@@ -778,9 +778,18 @@ impl Daemon {
             gateway: IpAddr::V4(gw),
             gateway_mac: mac_for(gw).to_string(),
             ports: st.records.values().filter(|r| r.live).count(),
-            ready: true,
+            ready: self.synced(),
             warnings,
         }
+    }
+
+    /// Whether the switch has the cluster's tables: always in static mode (they come with the
+    /// config); in Kubernetes mode only once the first lists of Nodes, Services and
+    /// EndpointSlices have completed and been applied. Until then the DaemonSet does not write
+    /// the CNI conflist, so no pod starts against a switch that knows no peer or Service.
+    pub fn synced(&self) -> bool {
+        !self.config.kubernetes.enabled
+            || self.k8s_stats.get().is_some_and(|h| h.get().synced)
     }
 
     /// The node's settings that the paths through the switch need and that are wrong now
