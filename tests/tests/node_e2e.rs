@@ -564,7 +564,10 @@ fn kubernetes_mode_is_not_ready_before_the_first_sync() {
     let status = client
         .get::<conf::api::Status>(conf::api::PATH_STATUS)
         .expect("status");
-    assert!(!status.ready, "ready without any list from the API: {status:?}");
+    assert!(
+        !status.ready,
+        "ready without any list from the API: {status:?}"
+    );
     let readyz = run(
         &mut in_netns(
             ns.name(),
@@ -585,7 +588,8 @@ fn kubernetes_mode_is_not_ready_before_the_first_sync() {
     assert_eq!(readyz.stdout.trim(), "503", "{readyz}");
     let out = daemon.stop();
     assert!(
-        out.stderr.contains("kubernetes: API server http://127.0.0.1:6443"),
+        out.stderr
+            .contains("kubernetes: API server http://127.0.0.1:6443"),
         "{out}"
     );
 }

@@ -788,8 +788,7 @@ impl Daemon {
     /// EndpointSlices have completed and been applied. Until then the DaemonSet does not write
     /// the CNI conflist, so no pod starts against a switch that knows no peer or Service.
     pub fn synced(&self) -> bool {
-        !self.config.kubernetes.enabled
-            || self.k8s_stats.get().is_some_and(|h| h.get().synced)
+        !self.config.kubernetes.enabled || self.k8s_stats.get().is_some_and(|h| h.get().synced)
     }
 
     /// The node's settings that the paths through the switch need and that are wrong now
