@@ -102,7 +102,7 @@ pub fn runs_in(dir: &Path) -> Result<Vec<Run>, BenchError> {
 }
 
 fn fmt_value(v: f64) -> String {
-    if v.abs() >= 1000.0 {
+    if v.abs() >= 100.0 {
         format!("{v:.0}")
     } else if v.abs() >= 10.0 {
         format!("{v:.1}")
