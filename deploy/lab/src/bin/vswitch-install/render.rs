@@ -142,7 +142,7 @@ pub fn run(inp: &Inputs<'_>) -> Result<String, RenderError> {
         source,
     })?;
     Ok(format!(
-        "wrote {} for node {}: pod CIDR {}, underlay {}, {} peer(s)",
+        "wrote {} for node {}: pod CIDR {}, underlay {}, {} peer(s), metrics on {}",
         inp.out.display(),
         config.node.name,
         config.node.pod_cidr,
@@ -150,7 +150,11 @@ pub fn run(inp: &Inputs<'_>) -> Result<String, RenderError> {
             .overlay
             .underlay_ip
             .map_or_else(|| "none".to_string(), |ip| ip.to_string()),
-        config.peers.len()
+        config.peers.len(),
+        config
+            .admin
+            .metrics_address
+            .map_or_else(|| "none".to_string(), |a| a.to_string()),
     ))
 }
 
@@ -252,6 +256,21 @@ fn render(
         }
         table.insert("overlay".into(), overlay.into());
     }
+    // Metrics, health and readiness on this node's own address rather than on every interface
+    // of the host (the pod is hostNetwork): kubelet's probes and Prometheus reach the pod's
+    // address, which is the node's. An address other than 0.0.0.0 or :: is kept as given.
+    if let Some(ip) = node_ip.or(me.underlay_ip) {
+        let mut admin = take_section(&mut table, "admin", cluster_path)?;
+        let given = admin
+            .get("metrics_address")
+            .and_then(toml::Value::as_str)
+            .and_then(|a| a.parse::<std::net::SocketAddr>().ok());
+        if let Some(addr) = given.filter(|a| a.ip().is_unspecified()) {
+            let on_node = std::net::SocketAddr::new(ip, addr.port());
+            admin.insert("metrics_address".into(), on_node.to_string().into());
+        }
+        table.insert("admin".into(), admin.into());
+    }
     let mut peer_values = Vec::new();
     for p in &peers {
         let ip = p.underlay_ip.ok_or_else(|| RenderError::NoUnderlay {
@@ -350,6 +369,29 @@ mod tests {
         let c = go(CLUSTER, nodes, "a", None).unwrap();
         assert!(c.peers.is_empty());
         assert_eq!(c.overlay.underlay_ip, None);
+    }
+
+    #[test]
+    fn metrics_listen_on_the_nodes_address_unless_an_address_is_given() {
+        let nodes = "[[nodes]]\nname = \"a\"\npod_cidr = \"10.244.0.0/24\"\n";
+        let ip = Some("172.18.0.9".parse().unwrap());
+        let c = go(CLUSTER, nodes, "a", ip).unwrap();
+        assert_eq!(
+            c.admin.metrics_address,
+            Some("172.18.0.9:9109".parse().unwrap())
+        );
+        let given = "[admin]\nmetrics_address = \"127.0.0.1:9200\"\n";
+        let c = go(given, nodes, "a", ip).unwrap();
+        assert_eq!(
+            c.admin.metrics_address,
+            Some("127.0.0.1:9200".parse().unwrap())
+        );
+        // No address known for the node: as written.
+        let c = go(CLUSTER, nodes, "a", None).unwrap();
+        assert_eq!(
+            c.admin.metrics_address,
+            Some("0.0.0.0:9109".parse().unwrap())
+        );
     }
 
     #[test]
