@@ -105,11 +105,10 @@ pub(crate) fn render_config(
     Ok(text)
 }
 
-/// Writes a file by write-to-temp and rename, so vswitchd's reload never reads half of it.
+/// Writes a file by write-to-temp and rename ([`crate::fsutil::write_atomic`]), so vswitchd's
+/// reload never reads half of it.
 pub(crate) fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), LabError> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, contents).map_err(|e| LabError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| LabError::io(path, e))
+    crate::fsutil::write_atomic(path, contents, 0o644).map_err(|e| LabError::io(path, e))
 }
 
 /// The CNI netconf the lab's "runtime" hands the plugin on every call.

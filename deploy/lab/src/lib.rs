@@ -23,6 +23,7 @@ pub mod bench_summary;
 mod cni;
 mod error;
 mod files;
+pub mod fsutil;
 mod lab;
 pub mod services;
 pub mod soak;

@@ -294,7 +294,7 @@ fn soak(
             .map_err(|e| LabError::io(&lab.nodes[i].config, e))?;
         let text = with_nat(&text);
         check_config(&lab.nodes[i], &text)?;
-        write_atomic(&lab.nodes[i].config, &text)?;
+        crate::files::write_atomic(&lab.nodes[i].config, text.as_bytes())?;
         base.push(text);
         restart(lab, i)?;
     }
@@ -347,7 +347,7 @@ fn soak(
             for (i, b) in base.iter().enumerate() {
                 let text = format!("{b}{}", services.0);
                 check_config(&lab.nodes[i], &text)?;
-                write_atomic(&lab.nodes[i].config, &text)?;
+                crate::files::write_atomic(&lab.nodes[i].config, text.as_bytes())?;
             }
             *vips.lock().unwrap_or_else(|e| e.into_inner()) = services.1;
             activity.service_updates += 1;
@@ -731,12 +731,6 @@ fn check_config(node: &Node, text: &str) -> Result<(), LabError> {
             node: node.name.clone(),
             reason: e.to_string(),
         })
-}
-
-fn write_atomic(path: &std::path::Path, text: &str) -> Result<(), LabError> {
-    let tmp = path.with_extension("toml.tmp");
-    fs::write(&tmp, text).map_err(|e| LabError::io(&tmp, e))?;
-    fs::rename(&tmp, path).map_err(|e| LabError::io(path, e))
 }
 
 /// Stops node `i`'s vswitchd and starts it again as `up` does; records the new pid.

@@ -19,7 +19,8 @@ use conf::netconf::{NetConf, PLUGIN_TYPE, SUPPORTED_VERSIONS};
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use serde_json::json;
 
-use crate::{fsutil, log};
+use crate::log;
+use vswitch_lab::fsutil;
 
 /// How long one status request may take; a daemon this slow is not ready.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(3);

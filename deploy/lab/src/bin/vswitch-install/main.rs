@@ -18,7 +18,6 @@
 //! `FROM scratch`, so these steps are a binary rather than a shell script.
 
 mod conflist;
-mod fsutil;
 mod plugin;
 mod render;
 

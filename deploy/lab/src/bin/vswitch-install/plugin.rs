@@ -6,7 +6,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::fsutil;
+use vswitch_lab::fsutil;
 
 /// The plugin's file name, which is also its CNI `type`.
 const PLUGIN: &str = conf::netconf::PLUGIN_TYPE;

@@ -28,7 +28,7 @@ use conf::config::{default_vtep_mac, Config};
 use ipnet::Ipv4Net;
 use serde::Deserialize;
 
-use crate::fsutil;
+use vswitch_lab::fsutil;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RenderError {
