@@ -11,4 +11,5 @@ pub mod daemon;
 pub mod datapath;
 pub mod dns;
 pub mod pipeline;
+pub mod policy;
 pub mod wire;
