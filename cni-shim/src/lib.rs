@@ -218,6 +218,7 @@ pub fn cmd_add(args: &CmdArgs, conf: &NetConf, version: Version) -> Result<Strin
         ifname: args.ifname.clone(),
         pod_namespace: k8s.pod_namespace,
         pod_name: k8s.pod_name,
+        labels: conf.labels()?,
         ip: k8s.ip,
         mac: k8s.mac,
     };

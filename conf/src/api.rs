@@ -102,6 +102,9 @@ pub struct AddRequest {
     pub pod_namespace: Option<String>,
     #[serde(default)]
     pub pod_name: Option<String>,
+    /// The pod's labels (the netconf's `args.cni.labels`, CNI conventions), for NetworkPolicy.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
     /// An address the runtime asks for (CNI_ARGS `IP=`, as podman's `--ip`): given if it is a
     /// free host address of the pod CIDR, else the ADD fails.
     #[serde(default, skip_serializing_if = "Option::is_none")]

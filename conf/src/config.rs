@@ -63,6 +63,39 @@ pub struct Config {
     /// The Kubernetes API as the source of peers and Services (off: static mode).
     #[serde(default, skip_serializing_if = "KubernetesConfig::is_default")]
     pub kubernetes: KubernetesConfig,
+    /// NetworkPolicy: where policies, namespaces and pod labels come from in static mode.
+    #[serde(default, skip_serializing_if = "PolicyConfig::is_default")]
+    pub policy: PolicyConfig,
+}
+
+/// NetworkPolicy enforcement. In Kubernetes mode the policies, Namespaces and Pods come from
+/// the API; in static mode from `dir`, a directory of the manifests a user would `kubectl
+/// apply` (NetworkPolicy, Namespace and Pod objects, YAML or JSON, several per file), reloaded
+/// live when a file in it changes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+}
+
+impl PolicyConfig {
+    pub fn is_default(&self) -> bool {
+        *self == PolicyConfig::default()
+    }
+
+    /// Checks the section; the error names the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(d) = &self.dir {
+            if !d.is_absolute() {
+                return Err(invalid(
+                    "policy.dir",
+                    format!("{} must be an absolute path", d.display()),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Where peers and Services come from in a cluster. Off by default: static mode, where they come
@@ -883,6 +916,7 @@ impl Config {
             }
         }
         self.kubernetes.validate()?;
+        self.policy.validate()?;
         let d = &self.dns.cluster_domain;
         if d.is_empty() || d.starts_with('.') || d.ends_with('.') || d.contains("..") {
             return Err(invalid(

@@ -3,6 +3,7 @@
 //! Runtimes add fields of their own (runtimeConfig, capabilities, prevResult, args), so unknown
 //! fields are accepted here; the ones vswitch reads are validated and named in errors.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -103,6 +104,39 @@ impl NetConf {
         Ok(())
     }
 
+    /// The pod's labels, as runtimes pass them by the CNI conventions: `"args": {"cni":
+    /// {"labels": [{"key": "app", "value": "web"}]}}`. None given: empty.
+    pub fn labels(&self) -> Result<BTreeMap<String, String>, NetConfError> {
+        let field = "args.cni.labels";
+        let Some(list) = self
+            .other
+            .get("args")
+            .and_then(|a| a.get("cni"))
+            .and_then(|c| c.get("labels"))
+        else {
+            return Ok(BTreeMap::new());
+        };
+        let bad = |reason: String| NetConfError { field, reason };
+        let list = list
+            .as_array()
+            .ok_or_else(|| bad(format!("{list} is not a list of {{\"key\", \"value\"}}")))?;
+        let mut out = BTreeMap::new();
+        for (i, item) in list.iter().enumerate() {
+            let get = |k: &str| item.get(k).and_then(|v| v.as_str());
+            match (get("key"), get("value")) {
+                (Some(k), Some(v)) if !k.is_empty() => {
+                    out.insert(k.to_string(), v.to_string());
+                }
+                _ => {
+                    return Err(bad(format!(
+                        "[{i}]: {item} is not {{\"key\": \"...\", \"value\": \"...\"}}"
+                    )))
+                }
+            }
+        }
+        Ok(out)
+    }
+
     pub fn socket_path(&self) -> PathBuf {
         self.socket
             .clone()
@@ -131,5 +165,25 @@ mod tests {
         assert_eq!(bad.validate().unwrap_err().field, "type");
         let bad = NetConf::new("pods", Some("rel.sock".into()));
         assert_eq!(bad.validate().unwrap_err().field, "socket");
+    }
+
+    #[test]
+    fn labels_by_the_cni_conventions() {
+        let nc: NetConf = serde_json::from_str(
+            r#"{"cniVersion":"1.0.0","name":"pods","type":"vswitch",
+                "args":{"cni":{"labels":[{"key":"app","value":"web"},{"key":"tier","value":""}]}}}"#,
+        )
+        .unwrap();
+        let l = nc.labels().unwrap();
+        assert_eq!(l.get("app").map(String::as_str), Some("web"));
+        assert_eq!(l.get("tier").map(String::as_str), Some(""));
+        assert!(NetConf::new("pods", None).labels().unwrap().is_empty());
+        let bad: NetConf = serde_json::from_str(
+            r#"{"cniVersion":"1.0.0","name":"pods","type":"vswitch","args":{"cni":{"labels":[{"key":"app"}]}}}"#,
+        )
+        .unwrap();
+        let e = bad.labels().unwrap_err();
+        assert_eq!(e.field, "args.cni.labels");
+        assert!(e.reason.starts_with("[0]"), "{e}");
     }
 }

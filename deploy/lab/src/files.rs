@@ -79,8 +79,15 @@ pub(crate) fn daemon_config(node: &Node, all: &[Node], services: &[ServiceSpec])
         },
         services: services.to_vec(),
         kubernetes: Default::default(),
+        // One directory of manifests (NetworkPolicy, Namespace, Pod) that every node reads.
+        policy: conf::config::PolicyConfig {
+            dir: node.dir.parent().map(|lab| lab.join(POLICY_DIR)),
+        },
     }
 }
+
+/// The lab's manifest directory (`vswitch-lab apply -f`), below the lab's directory.
+pub const POLICY_DIR: &str = "policies";
 
 /// The config as TOML, checked with the daemon's own parser.
 pub(crate) fn render_config(
