@@ -31,9 +31,36 @@ pub(crate) struct Call<'a> {
     pub timeout: Duration,
 }
 
-/// CNI_ARGS for a pod, as kubelet's runtimes set them.
+/// CNI_ARGS for a pod of namespace `default`, as kubelet's runtimes set them.
 pub(crate) fn k8s_args(pod: &str) -> String {
-    format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}")
+    k8s_args_in("default", pod)
+}
+
+/// CNI_ARGS for a pod of namespace `ns`.
+pub(crate) fn k8s_args_in(ns: &str, pod: &str) -> String {
+    format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={pod}")
+}
+
+/// A netconf with the pod's labels as `args.cni.labels` (CNI conventions); unchanged when
+/// there are none.
+pub(crate) fn with_labels(
+    netconf: &[u8],
+    labels: &std::collections::BTreeMap<String, String>,
+) -> Result<Vec<u8>, String> {
+    if labels.is_empty() {
+        return Ok(netconf.to_vec());
+    }
+    let mut doc: Value =
+        serde_json::from_slice(netconf).map_err(|e| format!("netconf is not JSON: {e}"))?;
+    let list: Vec<Value> = labels
+        .iter()
+        .map(|(k, v)| serde_json::json!({"key": k, "value": v}))
+        .collect();
+    let obj = doc
+        .as_object_mut()
+        .ok_or_else(|| "netconf is not a JSON object".to_string())?;
+    obj.insert("args".into(), serde_json::json!({"cni": {"labels": list}}));
+    serde_json::to_vec(&doc).map_err(|e| e.to_string())
 }
 
 /// Adds `prevResult` to a netconf document.

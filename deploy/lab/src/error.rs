@@ -14,6 +14,9 @@ pub enum LabError {
     #[error("invalid pod name {name:?}: {reason}")]
     InvalidPodName { name: String, reason: String },
 
+    #[error("invalid namespace {0:?}: a namespace is a DNS label (1 to 63 of [a-z0-9-], not starting or ending with '-')")]
+    InvalidNamespace(String),
+
     #[error("invalid lab spec: {0}")]
     InvalidSpec(String),
 
@@ -64,6 +67,12 @@ pub enum LabError {
         path: PathBuf,
         source: std::io::Error,
     },
+
+    #[error("{}: {reason}", file.display())]
+    BadManifest { file: PathBuf, reason: String },
+
+    #[error("{0:?} is not a label (KEY=VALUE: KEY an optional DNS prefix and '/', then a name of at most 63 alphanumerics, '-', '_' or '.'; VALUE the same, or empty)")]
+    BadLabel(String),
 
     #[error("generated a bad vswitchd config for node {node} (a vswitch-lab bug): {reason}")]
     BadConfig { node: String, reason: String },

@@ -6,7 +6,7 @@
 //! lab's namespaces by name and its daemons by pid file, so it works on any partial lab and is a
 //! no-op on none.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
 use std::fs;
 use std::io::ErrorKind;
@@ -199,6 +199,32 @@ pub struct Pod {
     pub mac: String,
     /// The plugin's ADD result, handed back as prevResult on DEL and CHECK.
     pub cni_result: Value,
+    /// The Kubernetes namespace given in CNI_ARGS.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// The pod's labels (the netconf's `args.cni.labels`, and its Pod manifest).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+fn default_namespace() -> String {
+    "default".into()
+}
+
+/// What a pod is besides its name: its Kubernetes namespace and labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodOptions {
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Default for PodOptions {
+    fn default() -> Self {
+        PodOptions {
+            namespace: default_namespace(),
+            labels: BTreeMap::new(),
+        }
+    }
 }
 
 impl Pod {
@@ -305,6 +331,8 @@ impl Lab {
             }
             Err(e) => return Err(LabError::io(&dir, e)),
         }
+        let policies = crate::policy::policy_dir(&dir);
+        fs::create_dir(&policies).map_err(|e| LabError::io(&policies, e))?;
         let mut lab = Lab {
             version: STATE_VERSION,
             name: spec.name.clone(),
@@ -388,7 +416,13 @@ impl Lab {
 
         for i in 1..=spec.nodes {
             for j in 1..=spec.pods_per_node {
-                self.attach(i, &format!("p{j}"), &bins.plugin, opts.cni_timeout)?;
+                self.attach(
+                    i,
+                    &format!("p{j}"),
+                    &PodOptions::default(),
+                    &bins.plugin,
+                    opts.cni_timeout,
+                )?;
             }
         }
         Ok(())
@@ -493,10 +527,13 @@ impl Lab {
         &mut self,
         node_index: u32,
         pod: &str,
+        opts: &PodOptions,
         plugin: &Path,
         timeout: Duration,
     ) -> Result<&Pod, LabError> {
         spec::validate_pod_name(pod)?;
+        spec::validate_namespace(&opts.namespace)?;
+        let args = cni::k8s_args_in(&opts.namespace, pod);
         let node = self
             .nodes
             .iter()
@@ -518,7 +555,14 @@ impl Lab {
         }
         sys::ip(&["netns", "add", &netns])?;
         let added = sys::ip(&["-n", &netns, "link", "set", "lo", "up"]).and_then(|_| {
-            let netconf = read(&node.cni_netconf)?;
+            let netconf =
+                cni::with_labels(&read(&node.cni_netconf)?, &opts.labels).map_err(|message| {
+                    LabError::Cni {
+                        command: "ADD",
+                        pod: short.clone(),
+                        message,
+                    }
+                })?;
             let call = cni::Call {
                 plugin,
                 node_netns: Some(&node.netns),
@@ -526,7 +570,7 @@ impl Lab {
                 container_id: &netns,
                 netns: Some(sys::netns_path(&netns)),
                 ifname: spec::POD_IFNAME,
-                args: cni::k8s_args(pod),
+                args: args.clone(),
                 netconf,
                 timeout,
             };
@@ -548,7 +592,7 @@ impl Lab {
                     &node,
                     &netns,
                     spec::POD_IFNAME,
-                    &cni::k8s_args(pod),
+                    &args,
                     &Value::Null,
                     timeout,
                 );
@@ -569,9 +613,13 @@ impl Lab {
             prefix_len: added.address.prefix_len(),
             mac: added.mac,
             cni_result: result,
+            namespace: opts.namespace.clone(),
+            labels: opts.labels.clone(),
         });
         self.save()?;
-        Ok(&self.pods[self.pods.len() - 1])
+        let pod = &self.pods[self.pods.len() - 1];
+        crate::policy::write_pod_manifest(&self.dir, pod)?;
+        Ok(pod)
     }
 
     /// Starts the vswitchd of `self.nodes[idx]` again with the binary next to the tests, and
@@ -611,10 +659,21 @@ impl Lab {
 
     /// Adds a pod named `pod` on node `node_index` (1-based), as a runtime would.
     pub fn add_pod(&mut self, node_index: u32, pod: &str) -> Result<&Pod, LabError> {
+        self.add_pod_with(node_index, pod, &PodOptions::default())
+    }
+
+    /// [`Lab::add_pod`] in a namespace and with labels.
+    pub fn add_pod_with(
+        &mut self,
+        node_index: u32,
+        pod: &str,
+        opts: &PodOptions,
+    ) -> Result<&Pod, LabError> {
         let bins = self.binaries()?;
         self.attach(
             node_index,
             pod,
+            opts,
             &bins.plugin,
             UpOptions::default().cni_timeout,
         )
@@ -630,7 +689,7 @@ impl Lab {
             &node,
             &pod.container_id,
             &pod.ifname,
-            &cni::k8s_args(&pod.k8s_name),
+            &cni::k8s_args_in(&pod.namespace, &pod.k8s_name),
             &pod.cni_result,
             UpOptions::default().cni_timeout,
         )
@@ -640,6 +699,7 @@ impl Lab {
             message,
         })?;
         sys::netns_del(&pod.netns)?;
+        crate::policy::remove_pod_manifest(&self.dir, &pod);
         self.pods.retain(|p| p.name != pod.name);
         self.save()
     }
@@ -665,7 +725,7 @@ impl Lab {
             container_id: &pod.container_id,
             netns: Some(pod.netns_path()),
             ifname: &pod.ifname,
-            args: cni::k8s_args(&pod.k8s_name),
+            args: cni::k8s_args_in(&pod.namespace, &pod.k8s_name),
             netconf,
             timeout: UpOptions::default().cni_timeout,
         })
@@ -777,12 +837,15 @@ impl Lab {
                 netns: p.netns.clone(),
                 ip: p.ip,
                 mac: p.mac.clone(),
+                namespace: p.namespace.clone(),
+                labels: p.labels.clone(),
             })
             .collect();
         LabStatus {
             name: self.name.clone(),
             nodes,
             pods,
+            policy_dir: self.policy_dir(),
         }
     }
 
@@ -1274,6 +1337,8 @@ mod tests {
                 prefix_len: 24,
                 mac: "02:00:00:00:00:01".into(),
                 cni_result: serde_json::json!({"ips": [{"address": "10.244.1.2/24"}]}),
+                namespace: "default".into(),
+                labels: Default::default(),
             }],
             services: Vec::new(),
             dir,
@@ -1337,7 +1402,7 @@ mod tests {
             k.sort();
             k
         };
-        assert_eq!(keys(&v), ["name", "nodes", "pods"]);
+        assert_eq!(keys(&v), ["name", "nodes", "pods", "policy_dir"]);
         assert_eq!(
             keys(&v["nodes"][0]),
             [
@@ -1351,7 +1416,10 @@ mod tests {
                 "underlay_ip"
             ]
         );
-        assert_eq!(keys(&v["pods"][0]), ["ip", "mac", "name", "netns", "node"]);
+        assert_eq!(
+            keys(&v["pods"][0]),
+            ["ip", "labels", "mac", "name", "namespace", "netns", "node"]
+        );
         assert_eq!(v["nodes"][0]["underlay_ip"], "192.168.100.1");
         assert_eq!(v["nodes"][0]["pod_cidr"], "10.244.1.0/24");
         assert_eq!(v["nodes"][0]["pid"], 4242);

@@ -25,6 +25,7 @@ mod error;
 mod files;
 pub mod fsutil;
 mod lab;
+pub mod policy;
 pub mod services;
 pub mod soak;
 mod spec;
@@ -34,8 +35,8 @@ pub mod wake;
 
 pub use error::LabError;
 pub use lab::{
-    Binaries, DownReport, Lab, LabGuard, Node, Pod, UpOptions, BIN_DIR_ENV, PLUGIN, RUN_DIR,
-    STATE_FILE, VSWITCHD,
+    Binaries, DownReport, Lab, LabGuard, Node, Pod, PodOptions, UpOptions, BIN_DIR_ENV, PLUGIN,
+    RUN_DIR, STATE_FILE, VSWITCHD,
 };
 pub use spec::{
     validate_name, validate_pod_name, LabSpec, DEFAULT_NAME, FABRIC_BRIDGE, MAX_NAME_LEN,

@@ -73,9 +73,32 @@ enum Cmd {
         /// Pod name, [a-z0-9]; the pod is then called n<NODE>-<POD>.
         #[arg(long)]
         pod: String,
+        /// The pod's Kubernetes namespace (CNI_ARGS K8S_POD_NAMESPACE).
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        /// The pod's labels, k=v,k2=v2 (for NetworkPolicy).
+        #[arg(long, default_value = "", value_name = "K=V,...")]
+        labels: String,
     },
     /// Delete a pod through the CNI plugin.
     DelPod { pod: String },
+    /// Change a pod's labels, live: K=V sets, K- removes.
+    Label {
+        pod: String,
+        #[arg(required = true, allow_hyphen_values = true, value_name = "K=V|K-")]
+        changes: Vec<String>,
+    },
+    /// Apply manifests (NetworkPolicy, Namespace, Pod; YAML or JSON) to the lab, as
+    /// `kubectl apply -f`: every node enforces them within moments.
+    Apply {
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Delete the objects a manifest file names, as `kubectl delete -f`.
+    Delete {
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+    },
     /// Run CNI CHECK for a pod.
     CheckPod { pod: String },
     /// The medians of several `bench` runs (docs/benchmarks/runs/*.json by default) as the
@@ -318,10 +341,41 @@ fn run(cli: Cli) -> Result<ExitCode, LabError> {
             })?;
             return Ok(exit_code(status));
         }
-        Cmd::AddPod { node, pod } => {
+        Cmd::AddPod {
+            node,
+            pod,
+            namespace,
+            labels,
+        } => {
             let mut lab = Lab::load(&name)?;
-            let p = lab.add_pod(node, &pod)?;
+            let opts = vswitch_lab::PodOptions {
+                namespace,
+                labels: vswitch_lab::policy::parse_labels(&labels)?,
+            };
+            let p = lab.add_pod_with(node, &pod, &opts)?;
             println!("{} {} {} {}", p.name, p.netns, p.address(), p.mac);
+        }
+        Cmd::Label { pod, changes } => {
+            let mut lab = Lab::load(&name)?;
+            let p = lab.label(&pod, &changes)?;
+            let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            println!("{} {}", p.name, labels.join(","));
+        }
+        Cmd::Apply { files } => {
+            let lab = Lab::load(&name)?;
+            for f in files {
+                for o in lab.apply(&f)? {
+                    println!("{o} applied");
+                }
+            }
+        }
+        Cmd::Delete { files } => {
+            let lab = Lab::load(&name)?;
+            for f in files {
+                for o in lab.delete(&f)? {
+                    println!("{o} deleted");
+                }
+            }
         }
         Cmd::DelPod { pod } => {
             let mut lab = Lab::load(&name)?;

@@ -900,6 +900,8 @@ mod tests {
             prefix_len: 24,
             mac: "0a:58:0a:f4:01:02".into(),
             cni_result: serde_json::Value::Null,
+            namespace: "default".into(),
+            labels: Default::default(),
         };
         let pods = vec![pod(1, "10.244.1.2"), pod(2, "10.244.2.2")];
         let base = crate::files::render_config(&nodes[0], &nodes, &[]).unwrap();

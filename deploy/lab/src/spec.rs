@@ -158,6 +158,23 @@ pub fn validate_name(name: &str) -> Result<(), LabError> {
 }
 
 /// Checks a pod name (the `p1` in `n1-p1`): 1 to 32 characters of `[a-z0-9]`.
+/// A Kubernetes namespace name: a DNS label (1 to 63 of [a-z0-9-], not starting or ending
+/// with '-').
+pub fn validate_namespace(ns: &str) -> Result<(), LabError> {
+    let ok = !ns.is_empty()
+        && ns.len() <= 63
+        && ns
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !ns.starts_with('-')
+        && !ns.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(LabError::InvalidNamespace(ns.into()))
+    }
+}
+
 pub fn validate_pod_name(name: &str) -> Result<(), LabError> {
     let reason = if name.is_empty() {
         "it is empty"

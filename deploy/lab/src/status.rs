@@ -15,6 +15,10 @@ pub struct LabStatus {
     pub name: String,
     pub nodes: Vec<NodeStatus>,
     pub pods: Vec<PodStatus>,
+    /// The manifest directory every node reads NetworkPolicies, Namespaces and Pods from
+    /// (`vswitch-lab apply -f`).
+    #[serde(default)]
+    pub policy_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -41,6 +45,11 @@ pub struct PodStatus {
     pub netns: String,
     pub ip: IpAddr,
     pub mac: String,
+    /// The pod's Kubernetes namespace and labels.
+    #[serde(default)]
+    pub namespace: String,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 impl NodeStatus {
@@ -162,7 +171,10 @@ mod tests {
                 netns: "vsl-n1-p1".into(),
                 ip: "10.244.1.2".parse().unwrap(),
                 mac: "02:00:00:00:00:01".into(),
+                namespace: "default".into(),
+                labels: Default::default(),
             }],
+            policy_dir: "/run/vswitch-lab/vsl/policies".into(),
         };
         let t = st.to_table();
         let lines: Vec<&str> = t.lines().collect();
