@@ -1,0 +1,127 @@
+//! What the datapath reads to judge a connection: the policies in force, every pod the switch
+//! knows by address (its own and other nodes'), and for each local pod the policies that select
+//! it. Built by the control plane whenever policies, namespaces, pods or ports change, and
+//! swapped in whole with the other tables.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use super::engine::{Judgement, PodMeta, PolicySet, Remote, Selection};
+use super::model::Direction;
+
+/// A local pod as policy sees it: who it is, and which policies select it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortPolicy {
+    pub pod: Arc<PodMeta>,
+    pub selected: Selection,
+}
+
+impl PortPolicy {
+    /// Whether any policy selects the pod, in either direction: then its connections are
+    /// tracked so that the replies of what was admitted pass.
+    pub fn isolated(&self) -> bool {
+        !self.selected.ingress.is_empty() || !self.selected.egress.is_empty()
+    }
+}
+
+/// The policy tables.
+#[derive(Debug, Default)]
+pub struct PolicyTables {
+    pub set: PolicySet,
+    pods: HashMap<IpAddr, Arc<PodMeta>, foldhash::fast::RandomState>,
+}
+
+/// The verdict on a new connection at one switch: each side that is a local pod of this switch
+/// is judged here (egress for a local source, ingress for a local destination).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    pub egress: Judgement,
+    pub ingress: Judgement,
+}
+
+impl Verdict {
+    pub fn allows(&self) -> bool {
+        self.egress.allows() && self.ingress.allows()
+    }
+
+    /// The direction that denied it, egress first.
+    pub fn denied(&self) -> Option<Direction> {
+        if !self.egress.allows() {
+            Some(Direction::Egress)
+        } else if !self.ingress.allows() {
+            Some(Direction::Ingress)
+        } else {
+            None
+        }
+    }
+}
+
+/// One end of a connection as this switch sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct End<'a> {
+    pub ip: IpAddr,
+    /// Set when the end is a pod on this switch.
+    pub local: Option<&'a PortPolicy>,
+}
+
+impl PolicyTables {
+    /// `pods`: every pod known with its addresses (later entries for an address win).
+    pub fn new(set: PolicySet, pods: impl IntoIterator<Item = (IpAddr, Arc<PodMeta>)>) -> Self {
+        PolicyTables {
+            set,
+            pods: pods.into_iter().collect(),
+        }
+    }
+
+    /// The pod at `ip`, if the switch knows one there.
+    pub fn pod(&self, ip: IpAddr) -> Option<&PodMeta> {
+        self.pods.get(&ip).map(|p| &**p)
+    }
+
+    pub fn pods(&self) -> usize {
+        self.pods.len()
+    }
+
+    /// The policy side of a local pod: who it is (the pod known at its address, else `fallback`
+    /// from the CNI ADD) and the policies selecting it.
+    pub fn port(&self, ip: IpAddr, fallback: Option<Arc<PodMeta>>) -> Option<PortPolicy> {
+        let pod = self.pods.get(&ip).cloned().or(fallback)?;
+        let selected = self.set.select(&pod);
+        Some(PortPolicy { pod, selected })
+    }
+
+    /// Judges a new connection from `src` to `dst` on `proto`/`port` (the destination port
+    /// after Service translation; 0 without ports).
+    pub fn judge(&self, src: End<'_>, dst: End<'_>, proto: u8, port: u16) -> Verdict {
+        let egress = match src.local {
+            Some(l) => self.set.judge(
+                l.selected.get(Direction::Egress),
+                Direction::Egress,
+                &l.pod,
+                Remote {
+                    ip: dst.ip,
+                    pod: dst.local.map(|d| &*d.pod).or_else(|| self.pod(dst.ip)),
+                },
+                proto,
+                port,
+            ),
+            None => Judgement::NotIsolated,
+        };
+        let ingress = match dst.local {
+            Some(l) => self.set.judge(
+                l.selected.get(Direction::Ingress),
+                Direction::Ingress,
+                &l.pod,
+                Remote {
+                    ip: src.ip,
+                    pod: src.local.map(|s| &*s.pod).or_else(|| self.pod(src.ip)),
+                },
+                proto,
+                port,
+            ),
+            None => Judgement::NotIsolated,
+        };
+        Verdict { egress, ingress }
+    }
+}
