@@ -335,6 +335,55 @@ pub fn check_port_name(s: &str) -> Result<(), String> {
     }
 }
 
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Block { cidr, except } if except.is_empty() => write!(f, "ipBlock {cidr}"),
+            Peer::Block { cidr, except } => {
+                let ex: Vec<String> = except.iter().map(|e| e.to_string()).collect();
+                write!(f, "ipBlock {cidr} except {}", ex.join(","))
+            }
+            Peer::Pods {
+                namespaces: Namespaces::Own,
+                pods,
+            } => write!(f, "pods {pods} in the policy's namespace"),
+            Peer::Pods {
+                namespaces: Namespaces::Matching(ns),
+                pods,
+            } => write!(f, "pods {pods} in namespaces {ns}"),
+        }
+    }
+}
+
+impl std::fmt::Display for Port {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.port {
+            PortMatch::Any => write!(f, "{} any port", self.proto.name()),
+            PortMatch::Range(a, b) if a == b => write!(f, "{} {a}", self.proto.name()),
+            PortMatch::Range(a, b) => write!(f, "{} {a}-{b}", self.proto.name()),
+            PortMatch::Named(n) => write!(f, "{} {n}", self.proto.name()),
+        }
+    }
+}
+
+impl std::fmt::Display for Rule {
+    /// `from any peer on any port`, `pods app=web in the policy's namespace on TCP 80`, ...
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.peers.is_empty() {
+            f.write_str("any peer")?;
+        } else {
+            let p: Vec<String> = self.peers.iter().map(|p| p.to_string()).collect();
+            f.write_str(&p.join(" or "))?;
+        }
+        if self.ports.is_empty() {
+            f.write_str(", any port")
+        } else {
+            let p: Vec<String> = self.ports.iter().map(|p| p.to_string()).collect();
+            write!(f, ", {}", p.join(" or "))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -503,5 +552,21 @@ mod tests {
         ] {
             assert!(check_port_name(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn rules_read_as_sentences() {
+        let p = spec(
+            r#"{"podSelector":{},"ingress":[{}, {"from":[{"podSelector":{"matchLabels":{"pod":"b"}}},
+                {"namespaceSelector":{}},{"ipBlock":{"cidr":"10.0.0.0/8","except":["10.1.0.0/16"]}}],
+                "ports":[{"port":80,"endPort":81},{"port":"http"},{"protocol":"UDP"}]}]}"#,
+        )
+        .unwrap();
+        let r = p.ingress.unwrap();
+        assert_eq!(r[0].to_string(), "any peer, any port");
+        assert_eq!(
+            r[1].to_string(),
+            "pods pod=b in the policy's namespace or pods {} in namespaces {} or ipBlock 10.0.0.0/8 except 10.1.0.0/16, TCP 80-81 or TCP http or UDP any port"
+        );
     }
 }
