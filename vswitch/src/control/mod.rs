@@ -16,6 +16,7 @@ pub mod k8s;
 pub mod metrics;
 pub mod netconfig;
 pub mod nodeport;
+pub mod policy_dir;
 pub mod reload;
 pub mod trace;
 
