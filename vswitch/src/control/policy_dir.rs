@@ -66,11 +66,8 @@ impl PolicyDir {
             return None;
         }
         self.last = Some(sig);
-        let objects = match Objects::load_dir(&self.path) {
-            Ok(o) => o,
-            // Not there (yet): no policies, no manifests' pods.
-            Err(_) => Objects::default(),
-        };
+        // A directory that is not there (yet) holds no policies and no pods.
+        let objects = Objects::load_dir(&self.path).unwrap_or_default();
         for p in &objects.problems {
             if !self.reported.contains(p) {
                 tracing::warn!(
