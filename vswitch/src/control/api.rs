@@ -191,8 +191,8 @@ pub fn router(d: Arc<Daemon>) -> Router {
                 },
             ),
         )
-        .route(api::PATH_CAPTURE, get(crate::capture::api::capture))
-        .route(api::PATH_CAPTURE_SESSIONS, get(crate::capture::api::sessions))
+        .route(api::PATH_CAPTURE, get(super::capture_api::capture))
+        .route(api::PATH_CAPTURE_SESSIONS, get(super::capture_api::sessions))
         .with_state(d)
 }
 

@@ -10,6 +10,7 @@
 //! across a restart of the daemon.
 
 pub mod api;
+pub mod capture_api;
 pub mod dns_tcp;
 pub mod ipam;
 pub mod k8s;
