@@ -18,7 +18,10 @@ pub mod metrics;
 pub mod netconfig;
 pub mod nodeport;
 pub mod reload;
+pub mod source;
 pub mod trace;
+
+pub use source::ClusterSink;
 
 use std::collections::BTreeMap;
 use std::fs;
