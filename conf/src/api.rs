@@ -362,3 +362,137 @@ pub struct TraceResponse {
     /// What the switch would do with it.
     pub verdict: String,
 }
+
+/// The query of [`PATH_CAPTURE`], typed: what `vswitchctl capture` asks for and what the daemon
+/// reads. Empty strings count as absent; numbers are checked for form here and for range by
+/// the daemon (which knows its snap length limits).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CaptureQuery {
+    /// `NAMESPACE/NAME`, or `NAME` in `default`.
+    pub pod: Option<String>,
+    pub port: Option<u32>,
+    /// Comma-separated capture points.
+    pub point: Option<String>,
+    /// `in`, `out` or `both`.
+    pub direction: Option<String>,
+    pub count: Option<u64>,
+    /// 0 for the whole packet.
+    pub snaplen: Option<usize>,
+    /// tcpdump syntax, trimmed.
+    pub filter: Option<String>,
+}
+
+/// A [`CaptureQuery`] parameter that is not what it should be.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CaptureQueryError {
+    #[error("port={0:?} is not a port number")]
+    Port(String),
+    #[error("count={0:?} is not a number")]
+    Count(String),
+    #[error("snaplen={0:?} is not a number")]
+    Snaplen(String),
+}
+
+impl CaptureQuery {
+    /// Reads decoded `key=value` pairs (a later key wins; unknown keys are ignored).
+    pub fn from_pairs<'a>(
+        pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<CaptureQuery, CaptureQueryError> {
+        let text = |v: &str| Some(v.to_string()).filter(|v| !v.is_empty());
+        let mut q = CaptureQuery::default();
+        for (k, v) in pairs {
+            match k {
+                "pod" => q.pod = text(v),
+                "port" => q.port = Some(v.parse().map_err(|_| CaptureQueryError::Port(v.into()))?),
+                "point" => q.point = text(v),
+                "direction" => q.direction = text(v),
+                "count" => {
+                    q.count = Some(v.parse().map_err(|_| CaptureQueryError::Count(v.into()))?)
+                }
+                "snaplen" => {
+                    q.snaplen = Some(
+                        v.parse()
+                            .map_err(|_| CaptureQueryError::Snaplen(v.into()))?,
+                    )
+                }
+                "filter" => q.filter = text(v.trim()),
+                _ => {}
+            }
+        }
+        Ok(q)
+    }
+
+    /// The request path: [`PATH_CAPTURE`] with this query, percent-encoded.
+    pub fn path(&self) -> String {
+        fn text(q: &mut Vec<String>, k: &str, v: Option<&str>) {
+            if let Some(v) = v.filter(|v| !v.is_empty()) {
+                q.push(format!("{k}={}", percent_encode(v)));
+            }
+        }
+        let mut q = Vec::new();
+        text(&mut q, "pod", self.pod.as_deref());
+        if let Some(p) = self.port {
+            q.push(format!("port={p}"));
+        }
+        text(&mut q, "point", self.point.as_deref());
+        text(&mut q, "direction", self.direction.as_deref());
+        if let Some(c) = self.count {
+            q.push(format!("count={c}"));
+        }
+        if let Some(s) = self.snaplen {
+            q.push(format!("snaplen={s}"));
+        }
+        text(&mut q, "filter", self.filter.as_deref().map(str::trim));
+        if q.is_empty() {
+            PATH_CAPTURE.to_string()
+        } else {
+            format!("{PATH_CAPTURE}?{}", q.join("&"))
+        }
+    }
+}
+
+/// Every byte but RFC 3986's unreserved characters as `%XX`.
+fn percent_encode(s: &str) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capture_queries_read_typed_and_name_the_bad_parameter() {
+        let q = CaptureQuery::from_pairs([
+            ("pod", "default/p1"),
+            ("point", ""),
+            ("count", "5"),
+            ("filter", "  host 10.0.0.1 "),
+            ("other", "x"),
+        ])
+        .unwrap();
+        assert_eq!(q.pod.as_deref(), Some("default/p1"));
+        assert_eq!((q.point, q.count), (None, Some(5)));
+        assert_eq!(q.filter.as_deref(), Some("host 10.0.0.1"));
+        let e = CaptureQuery::from_pairs([("port", "x")]).unwrap_err();
+        assert_eq!(e.to_string(), "port=\"x\" is not a port number");
+        let e = CaptureQuery::from_pairs([("snaplen", "-1")]).unwrap_err();
+        assert_eq!(e.to_string(), "snaplen=\"-1\" is not a number");
+        assert_eq!(CaptureQuery::default().path(), PATH_CAPTURE);
+        let q = CaptureQuery {
+            port: Some(3),
+            direction: Some("in".into()),
+            filter: Some("!tcp".into()),
+            ..CaptureQuery::default()
+        };
+        assert_eq!(q.path(), "/v1/capture?port=3&direction=in&filter=%21tcp");
+    }
+}

@@ -77,12 +77,9 @@ pub fn run_with(config_path: &Path, opts: RunOptions) -> Result<(), RunError> {
             });
         }
         // Peers and Services from the Kubernetes API, or from the config file, reloaded.
-        let _source = crate::control::k8s::start_source(
-            daemon.clone(),
-            config_path,
-            opts.node_name.as_deref(),
-        )
-        .await?;
+        let _source =
+            crate::control::source::start(daemon.clone(), config_path, opts.node_name.as_deref())
+                .await?;
         if let Some(h) = _source.k8s_stats() {
             let _ = daemon.k8s_stats.set(h);
         }

@@ -7,7 +7,7 @@
 //! segmented or checksummed as the datapath does. The tables are those of a real node: four
 //! pods, a host port, two peers, Services built by `ServiceTable::build` (with endpoints here
 //! and on peers, with none, with affinity, with traffic policy Local, an external IP), and no
-//! DNS (so `Action::Dns` never happens).
+//! DNS (so `Action::DnsForward` never happens).
 //!
 //! Inputs are arbitrary bytes and, more usefully, valid ARP / IPv4 TCP, UDP, ICMP echo and
 //! ICMP error frames from an independent encoder (etherparse), addressed at everything the
@@ -767,7 +767,9 @@ fn run_pod_frame(
         _ => len,
     };
     match action {
-        Action::Dns => prop_assert!(false, "DNS is off in these tables, yet Action::Dns"),
+        Action::DnsForward(_) => {
+            prop_assert!(false, "DNS is off in these tables, yet Action::DnsForward")
+        }
         Action::Drop(r) => {
             prop_assert!(DropReason::ALL.contains(&r) && !r.name().is_empty());
         }
@@ -1425,7 +1427,7 @@ fn name(a: Action) -> String {
         Action::ToPort(_) => "ToPort".into(),
         Action::ToPeer(_) => "ToPeer".into(),
         Action::Reply(_) => "Reply".into(),
-        Action::Dns => "Dns".into(),
+        Action::DnsForward(_) => "DnsForward".into(),
         Action::Drop(r) => format!("drop {}", r.name()),
     }
 }

@@ -29,7 +29,8 @@ use serde_json::{json, Value};
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 use vswitch::control::k8s::convert::{self, cluster_state};
-use vswitch::control::k8s::{ClusterSink, K8sWatch, WatchSettings};
+use vswitch::control::k8s::{K8sWatch, WatchSettings};
+use vswitch::control::ClusterSink;
 
 // ---------------------------------------------------------------------------------------------
 // Fixtures

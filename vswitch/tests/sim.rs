@@ -159,7 +159,7 @@ impl Sim {
                 frame: frame[..n].to_vec(),
             }),
             Action::Drop(reason) => self.events.push(Event::Dropped { node, reason }),
-            Action::Dns => panic!("the simulated nodes do not answer DNS"),
+            Action::DnsForward(_) => panic!("the simulated nodes do not answer DNS"),
             Action::ToPeer(id) => {
                 let peer = t.peers.get(id).unwrap();
                 let (prefix, partial) = encap_for(t, peer, &vnet, &frame);

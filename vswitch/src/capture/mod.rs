@@ -25,8 +25,6 @@
 //!
 //! Off costs one relaxed atomic load per batch; on, a point nobody selected costs a bit test.
 
-pub mod api;
-pub mod cli;
 pub mod filter;
 pub mod pcapng;
 pub mod stream;

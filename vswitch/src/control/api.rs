@@ -68,132 +68,105 @@ async fn blocking<T: Send + 'static>(
 #[derive(serde::Serialize)]
 struct Empty {}
 
+type D = State<Arc<Daemon>>;
+type JsonBody<T> = Result<Json<T>, JsonRejection>;
+
+/// A daemon operation on the request's JSON body, run off the async threads.
+async fn call<Q: Send + 'static, T: Send + 'static>(
+    d: Arc<Daemon>,
+    req: JsonBody<Q>,
+    op: fn(&Daemon, Q) -> Result<T, ApiError>,
+) -> Reply<T> {
+    let req = body(req)?;
+    blocking(move || op(&d, req)).await
+}
+
+/// A read of the daemon's state, run off the async threads.
+async fn read<T: Send + 'static>(d: Arc<Daemon>, op: fn(&Daemon) -> T) -> Reply<T> {
+    blocking(move || Ok(op(&d))).await
+}
+
 pub fn router(d: Arc<Daemon>) -> Router {
     Router::new()
         .route(
             api::PATH_CNI_ADD,
-            post(
-                |State(d): State<Arc<Daemon>>, req: Result<Json<api::AddRequest>, JsonRejection>| async move {
-                    let req = body(req)?;
-                    blocking(move || d.add(req)).await
-                },
-            ),
+            post(|State(d): D, r: JsonBody<api::AddRequest>| call(d, r, Daemon::add)),
         )
         .route(
             api::PATH_CNI_DEL,
-            post(
-                |State(d): State<Arc<Daemon>>, req: Result<Json<api::DelRequest>, JsonRejection>| async move {
-                    let req = body(req)?;
-                    blocking(move || d.del(req).map(|()| Empty {})).await
-                },
-            ),
+            post(|State(d): D, r: JsonBody<api::DelRequest>| {
+                call(d, r, |d, r| d.del(r).map(|()| Empty {}))
+            }),
         )
         .route(
             api::PATH_CNI_CHECK,
-            post(
-                |State(d): State<Arc<Daemon>>, req: Result<Json<api::CheckRequest>, JsonRejection>| async move {
-                    let req = body(req)?;
-                    blocking(move || d.check(req)).await
-                },
-            ),
+            post(|State(d): D, r: JsonBody<api::CheckRequest>| call(d, r, Daemon::check)),
         )
         .route(
             api::PATH_CNI_GC,
-            post(
-                |State(d): State<Arc<Daemon>>, req: Result<Json<api::GcRequest>, JsonRejection>| async move {
-                    let req = body(req)?;
-                    blocking(move || d.gc(req)).await
-                },
-            ),
+            post(|State(d): D, r: JsonBody<api::GcRequest>| call(d, r, Daemon::gc)),
         )
-        .route(
-            api::PATH_STATUS,
-            get(|State(d): State<Arc<Daemon>>| async move {
-                blocking(move || Ok(d.status())).await
-            }),
-        )
-        .route(
-            api::PATH_PORTS,
-            get(|State(d): State<Arc<Daemon>>| async move {
-                blocking(move || Ok(d.ports())).await
-            }),
-        )
+        .route(api::PATH_STATUS, get(|State(d): D| read(d, Daemon::status)))
+        .route(api::PATH_PORTS, get(|State(d): D| read(d, Daemon::ports)))
         .route(
             api::PATH_PEERS,
-            get(|State(d): State<Arc<Daemon>>| async move {
-                blocking(move || Ok(d.peers())).await
-            })
-            .post(
-                |State(d): State<Arc<Daemon>>, req: Result<Json<conf::config::PeerSpec>, JsonRejection>| async move {
-                    let req = body(req)?;
-                    blocking(move || d.set_peer(req)).await
-                },
+            get(|State(d): D| read(d, Daemon::peers)).post(
+                |State(d): D, r: JsonBody<conf::config::PeerSpec>| call(d, r, Daemon::set_peer),
             ),
         )
         .route(
             api::PATH_TRACE,
-            post(
-                |State(d): State<Arc<Daemon>>, req: Result<Json<api::TraceRequest>, JsonRejection>| async move {
-                    let req = body(req)?;
-                    blocking(move || d.trace(req)).await
-                },
-            ),
+            post(|State(d): D, r: JsonBody<api::TraceRequest>| call(d, r, Daemon::trace)),
         )
         .route(
             api::PATH_SERVICES,
-            get(|State(d): State<Arc<Daemon>>| async move {
-                blocking(move || Ok(d.services())).await
-            }),
+            get(|State(d): D| read(d, Daemon::services)),
         )
-        .route(
-            api::PATH_CONNTRACK,
-            get(
-                |State(d): State<Arc<Daemon>>,
-                 Query(q): Query<std::collections::HashMap<String, String>>| async move {
-                    let ip = match q.get("ip").map(|s| s.parse::<std::net::IpAddr>()) {
-                        Some(Ok(ip)) => Some(ip),
-                        Some(Err(_)) => {
-                            return Err(Failure(ApiError::new(code::DECODE_FAILURE, "ip= is not an IP address", "")))
-                        }
-                        None => None,
-                    };
-                    let port = match q.get("port").map(|s| s.parse::<u16>()) {
-                        Some(Ok(p)) => Some(p),
-                        Some(Err(_)) => {
-                            return Err(Failure(ApiError::new(code::DECODE_FAILURE, "port= is not a port number", "")))
-                        }
-                        None => None,
-                    };
-                    blocking(move || Ok(d.conntrack(ip, port))).await
-                },
-            ),
-        )
-        .route(
-            "/v1/ports/{id}",
-            delete(
-                |State(d): State<Arc<Daemon>>, Path(id): Path<String>| async move {
-                    let Ok(id) = id.parse::<u32>() else {
-                        return Err(Failure(ApiError::new(
-                            code::DECODE_FAILURE,
-                            format!("{id:?} is not a port number"),
-                            "",
-                        )));
-                    };
-                    blocking(move || d.release_port(id)).await
-                },
-            ),
-        )
+        .route(api::PATH_CONNTRACK, get(conntrack))
+        .route("/v1/ports/{id}", delete(release_port))
         .route(
             "/v1/peers/{name}",
-            delete(
-                |State(d): State<Arc<Daemon>>, Path(name): Path<String>| async move {
-                    blocking(move || d.remove_peer(&name)).await
-                },
-            ),
+            delete(|State(d): D, Path(name): Path<String>| async move {
+                blocking(move || d.remove_peer(&name)).await
+            }),
         )
-        .route(api::PATH_CAPTURE, get(crate::capture::api::capture))
-        .route(api::PATH_CAPTURE_SESSIONS, get(crate::capture::api::sessions))
+        .route(api::PATH_CAPTURE, get(super::capture_api::capture))
+        .route(
+            api::PATH_CAPTURE_SESSIONS,
+            get(super::capture_api::sessions),
+        )
         .with_state(d)
+}
+
+/// `GET /v1/conntrack?ip=&port=`.
+async fn conntrack(
+    State(d): D,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> Reply<api::ConntrackResponse> {
+    let bad = |msg: &str| Failure(ApiError::new(code::DECODE_FAILURE, msg, ""));
+    let ip = match q.get("ip").map(|s| s.parse::<std::net::IpAddr>()) {
+        Some(Ok(ip)) => Some(ip),
+        Some(Err(_)) => return Err(bad("ip= is not an IP address")),
+        None => None,
+    };
+    let port = match q.get("port").map(|s| s.parse::<u16>()) {
+        Some(Ok(p)) => Some(p),
+        Some(Err(_)) => return Err(bad("port= is not a port number")),
+        None => None,
+    };
+    blocking(move || Ok(d.conntrack(ip, port))).await
+}
+
+/// `DELETE /v1/ports/{id}`.
+async fn release_port(State(d): D, Path(id): Path<String>) -> Reply<api::PortInfo> {
+    let Ok(id) = id.parse::<u32>() else {
+        return Err(Failure(ApiError::new(
+            code::DECODE_FAILURE,
+            format!("{id:?} is not a port number"),
+            "",
+        )));
+    };
+    blocking(move || d.release_port(id)).await
 }
 
 /// Binds the admin socket: the directory is created, a stale socket replaced, and the socket

@@ -20,7 +20,9 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
+use super::k8s::K8sStatsHandle;
 use super::Daemon;
+use crate::datapath::CtGauge;
 
 struct SwitchCollector(Arc<Daemon>);
 
@@ -50,89 +52,18 @@ fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> fmt::Re
     ConstGauge::new(v).encode(m)
 }
 
+/// One counter without labels.
+fn counter(enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> fmt::Result {
+    counters(enc, name, help, std::iter::once((Vec::new(), v)))
+}
+
 impl Collector for SwitchCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
         let d = &self.0;
         let ports = d.ports();
-        let port_labels = |p: &conf::api::PortInfo| -> Labels {
-            vec![
-                ("port", p.id.to_string()),
-                ("pod", p.pod.clone().unwrap_or_default()),
-                ("ifname", p.ifname.clone()),
-            ]
-        };
-        type Pick = fn(&conf::api::PortCounters) -> u64;
-        let per_port: [(&str, &str, Pick); 4] = [
-            (
-                "vswitch_port_rx_packets",
-                "Frames received from the pod.",
-                |c| c.rx_packets,
-            ),
-            (
-                "vswitch_port_rx_bytes",
-                "Bytes received from the pod.",
-                |c| c.rx_bytes,
-            ),
-            ("vswitch_port_tx_packets", "Frames sent to the pod.", |c| {
-                c.tx_packets
-            }),
-            ("vswitch_port_tx_bytes", "Bytes sent to the pod.", |c| {
-                c.tx_bytes
-            }),
-        ];
-        for (name, help, pick) in per_port {
-            counters(
-                &mut enc,
-                name,
-                help,
-                ports
-                    .ports
-                    .iter()
-                    .map(|p| (port_labels(p), pick(&p.counters))),
-            )?;
-        }
-        counters(
-            &mut enc,
-            "vswitch_port_drops",
-            "Frames from the pod dropped, by reason.",
-            ports.ports.iter().flat_map(|p| {
-                p.counters.drops.iter().map(move |(reason, n)| {
-                    let mut l = port_labels(p);
-                    l.push(("reason", reason.clone()));
-                    (l, *n)
-                })
-            }),
-        )?;
+        encode_ports(&mut enc, &ports.ports)?;
         if let Some(u) = &ports.underlay {
-            let rows: [(&str, &str, u64); 4] = [
-                (
-                    "vswitch_underlay_rx_packets",
-                    "VXLAN datagrams received.",
-                    u.rx_packets,
-                ),
-                (
-                    "vswitch_underlay_rx_bytes",
-                    "VXLAN bytes received.",
-                    u.rx_bytes,
-                ),
-                (
-                    "vswitch_underlay_tx_packets",
-                    "VXLAN datagrams sent.",
-                    u.tx_packets,
-                ),
-                ("vswitch_underlay_tx_bytes", "VXLAN bytes sent.", u.tx_bytes),
-            ];
-            for (name, help, v) in rows {
-                counters(&mut enc, name, help, std::iter::once((Vec::new(), v)))?;
-            }
-            counters(
-                &mut enc,
-                "vswitch_underlay_drops",
-                "VXLAN datagrams dropped, by reason.",
-                u.drops
-                    .iter()
-                    .map(|(r, n)| (vec![("reason", r.clone())], *n)),
-            )?;
+            encode_underlay(&mut enc, u)?;
         }
         gauge(
             &mut enc,
@@ -140,30 +71,7 @@ impl Collector for SwitchCollector {
             "Pod ports attached.",
             ports.ports.len() as i64,
         )?;
-        let warnings = d.node_warnings();
-        gauge(
-            &mut enc,
-            "vswitch_node_warnings",
-            "Node settings a path through the switch needs that are wrong now (vswitchctl \
-             status names them and what they break).",
-            warnings.len() as i64,
-        )?;
-        {
-            let mut m = enc.encode_descriptor(
-                "vswitch_node_setting_wrong",
-                "1 for each node setting that is wrong now, with its value and the one needed.",
-                None,
-                MetricType::Gauge,
-            )?;
-            for w in &warnings {
-                let labels: Labels = vec![
-                    ("setting", w.setting.clone()),
-                    ("value", w.value.clone()),
-                    ("want", w.want.clone()),
-                ];
-                ConstGauge::new(1i64).encode(m.encode_family(&labels)?)?;
-            }
-        }
+        encode_node_warnings(&mut enc, &d.node_warnings())?;
         gauge(
             &mut enc,
             "vswitch_peers",
@@ -179,63 +87,9 @@ impl Collector for SwitchCollector {
                 .enumerate()
                 .map(|(i, n)| (vec![("worker", i.to_string())], n)),
         )?;
-        let ct = d.ct_stats();
-        {
-            use std::sync::atomic::Ordering::Relaxed;
-            gauge(
-                &mut enc,
-                "vswitch_conntrack_entries",
-                "Connections tracked for Service translation.",
-                ct.entries.load(Relaxed) as i64,
-            )?;
-            let rows: [(&str, &str, u64); 4] = [
-                (
-                    "vswitch_conntrack_created",
-                    "Connections tracked.",
-                    ct.created.load(Relaxed),
-                ),
-                (
-                    "vswitch_conntrack_expired",
-                    "Connections expired.",
-                    ct.expired.load(Relaxed),
-                ),
-                (
-                    "vswitch_conntrack_evicted",
-                    "Connections evicted from a full table.",
-                    ct.evicted.load(Relaxed),
-                ),
-                (
-                    "vswitch_conntrack_flushed",
-                    "UDP connections flushed when their endpoint went.",
-                    ct.flushed.load(Relaxed),
-                ),
-            ];
-            for (name, help, v) in rows {
-                counters(&mut enc, name, help, std::iter::once((Vec::new(), v)))?;
-            }
-        }
+        encode_conntrack(&mut enc, &d.ct_stats())?;
         if let Some(k) = d.k8s_stats.get() {
-            let k = k.get();
-            let rows: [(&str, &str, u64); 3] = [
-                (
-                    "vswitch_k8s_watch_errors",
-                    "Errors of the Kubernetes watches.",
-                    k.watch_errors,
-                ),
-                (
-                    "vswitch_k8s_relists",
-                    "Relists of the Kubernetes watches.",
-                    k.relists,
-                ),
-                (
-                    "vswitch_k8s_applies",
-                    "Tables applied from the Kubernetes API.",
-                    k.applies,
-                ),
-            ];
-            for (name, help, v) in rows {
-                counters(&mut enc, name, help, std::iter::once((Vec::new(), v)))?;
-            }
+            encode_k8s(&mut enc, k)?;
         }
         gauge(
             &mut enc,
@@ -244,20 +98,188 @@ impl Collector for SwitchCollector {
             d.table_version() as i64,
         )?;
         let (copied, dropped) = d.capture().totals();
-        counters(
+        counter(
             &mut enc,
             "vswitch_capture_packets",
             "Packet copies queued for capture sessions.",
-            std::iter::once((Vec::new(), copied)),
+            copied,
         )?;
-        counters(
+        counter(
             &mut enc,
             "vswitch_capture_drops",
             "Packet copies dropped because a capture session's queue was full.",
-            std::iter::once((Vec::new(), dropped)),
-        )?;
-        Ok(())
+            dropped,
+        )
     }
+}
+
+/// Each pod port's packet, byte and drop counters.
+fn encode_ports(enc: &mut DescriptorEncoder, ports: &[conf::api::PortInfo]) -> fmt::Result {
+    let port_labels = |p: &conf::api::PortInfo| -> Labels {
+        vec![
+            ("port", p.id.to_string()),
+            ("pod", p.pod.clone().unwrap_or_default()),
+            ("ifname", p.ifname.clone()),
+        ]
+    };
+    type Pick = fn(&conf::api::PortCounters) -> u64;
+    let per_port: [(&str, &str, Pick); 4] = [
+        (
+            "vswitch_port_rx_packets",
+            "Frames received from the pod.",
+            |c| c.rx_packets,
+        ),
+        (
+            "vswitch_port_rx_bytes",
+            "Bytes received from the pod.",
+            |c| c.rx_bytes,
+        ),
+        ("vswitch_port_tx_packets", "Frames sent to the pod.", |c| {
+            c.tx_packets
+        }),
+        ("vswitch_port_tx_bytes", "Bytes sent to the pod.", |c| {
+            c.tx_bytes
+        }),
+    ];
+    for (name, help, pick) in per_port {
+        let rows = ports.iter().map(|p| (port_labels(p), pick(&p.counters)));
+        counters(enc, name, help, rows)?;
+    }
+    counters(
+        enc,
+        "vswitch_port_drops",
+        "Frames from the pod dropped, by reason.",
+        ports.iter().flat_map(|p| {
+            p.counters.drops.iter().map(move |(reason, n)| {
+                let mut l = port_labels(p);
+                l.push(("reason", reason.clone()));
+                (l, *n)
+            })
+        }),
+    )
+}
+
+/// The VXLAN socket's counters.
+fn encode_underlay(enc: &mut DescriptorEncoder, u: &conf::api::PortCounters) -> fmt::Result {
+    let rows: [(&str, &str, u64); 4] = [
+        (
+            "vswitch_underlay_rx_packets",
+            "VXLAN datagrams received.",
+            u.rx_packets,
+        ),
+        (
+            "vswitch_underlay_rx_bytes",
+            "VXLAN bytes received.",
+            u.rx_bytes,
+        ),
+        (
+            "vswitch_underlay_tx_packets",
+            "VXLAN datagrams sent.",
+            u.tx_packets,
+        ),
+        ("vswitch_underlay_tx_bytes", "VXLAN bytes sent.", u.tx_bytes),
+    ];
+    for (name, help, v) in rows {
+        counter(enc, name, help, v)?;
+    }
+    counters(
+        enc,
+        "vswitch_underlay_drops",
+        "VXLAN datagrams dropped, by reason.",
+        u.drops
+            .iter()
+            .map(|(r, n)| (vec![("reason", r.clone())], *n)),
+    )
+}
+
+/// How many node settings are wrong, and each of them.
+fn encode_node_warnings(
+    enc: &mut DescriptorEncoder,
+    warnings: &[conf::sysctl::NodeWarning],
+) -> fmt::Result {
+    gauge(
+        enc,
+        "vswitch_node_warnings",
+        "Node settings a path through the switch needs that are wrong now (vswitchctl \
+         status names them and what they break).",
+        warnings.len() as i64,
+    )?;
+    let mut m = enc.encode_descriptor(
+        "vswitch_node_setting_wrong",
+        "1 for each node setting that is wrong now, with its value and the one needed.",
+        None,
+        MetricType::Gauge,
+    )?;
+    for w in warnings {
+        let labels: Labels = vec![
+            ("setting", w.setting.clone()),
+            ("value", w.value.clone()),
+            ("want", w.want.clone()),
+        ];
+        ConstGauge::new(1i64).encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn encode_conntrack(enc: &mut DescriptorEncoder, ct: &CtGauge) -> fmt::Result {
+    use std::sync::atomic::Ordering::Relaxed;
+    gauge(
+        enc,
+        "vswitch_conntrack_entries",
+        "Connections tracked for Service translation.",
+        ct.entries.load(Relaxed) as i64,
+    )?;
+    let rows: [(&str, &str, u64); 4] = [
+        (
+            "vswitch_conntrack_created",
+            "Connections tracked.",
+            ct.created.load(Relaxed),
+        ),
+        (
+            "vswitch_conntrack_expired",
+            "Connections expired.",
+            ct.expired.load(Relaxed),
+        ),
+        (
+            "vswitch_conntrack_evicted",
+            "Connections evicted from a full table.",
+            ct.evicted.load(Relaxed),
+        ),
+        (
+            "vswitch_conntrack_flushed",
+            "UDP connections flushed when their endpoint went.",
+            ct.flushed.load(Relaxed),
+        ),
+    ];
+    for (name, help, v) in rows {
+        counter(enc, name, help, v)?;
+    }
+    Ok(())
+}
+
+fn encode_k8s(enc: &mut DescriptorEncoder, k: &K8sStatsHandle) -> fmt::Result {
+    let k = k.get();
+    let rows: [(&str, &str, u64); 3] = [
+        (
+            "vswitch_k8s_watch_errors",
+            "Errors of the Kubernetes watches.",
+            k.watch_errors,
+        ),
+        (
+            "vswitch_k8s_relists",
+            "Relists of the Kubernetes watches.",
+            k.relists,
+        ),
+        (
+            "vswitch_k8s_applies",
+            "Tables applied from the Kubernetes API.",
+            k.applies,
+        ),
+    ];
+    for (name, help, v) in rows {
+        counter(enc, name, help, v)?;
+    }
+    Ok(())
 }
 
 /// `/metrics`, `/healthz` and `/readyz`.

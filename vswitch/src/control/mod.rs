@@ -10,6 +10,7 @@
 //! across a restart of the daemon.
 
 pub mod api;
+pub mod capture_api;
 pub mod dns_tcp;
 pub mod ipam;
 pub mod k8s;
@@ -18,7 +19,10 @@ pub mod netconfig;
 pub mod nodeport;
 pub mod policy_dir;
 pub mod reload;
+pub mod source;
 pub mod trace;
+
+pub use source::ClusterSink;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -166,6 +170,174 @@ fn api_err(code: u32, msg: impl Into<String>, details: impl std::fmt::Display) -
     ApiError::new(code, msg, details.to_string())
 }
 
+/// The first table snapshot, from the config alone (no pods yet), and the host port's TAP
+/// when `host.enabled`.
+fn initial_tables(
+    config: &Config,
+    gw: Ipv4Addr,
+) -> Result<(Tables, Option<crate::datapath::tap::Tap>), DaemonError> {
+    let mut tables = Tables::new(config.node.pod_cidr, gw, mac_for(gw));
+    tables.vtep_mac = EthernetAddress(config.vtep_mac());
+    tables.vni = config.overlay.vni;
+    tables.overlay_mtu = (config.overlay.underlay_mtu - 50).min(u16::MAX as u32) as u16;
+    tables.peers = peer_table(&config.peers).map_err(|e| DaemonError::Peers(e.msg))?;
+    tables.node_name = config.node.name.clone();
+    tables.services = service_table(config, &config.services);
+    let host_tap = if config.host.enabled {
+        let routes: Vec<Ipv4Net> = config
+            .host
+            .routes
+            .iter()
+            .filter_map(|r| match r {
+                IpNet::V4(n) => Some(*n),
+                IpNet::V6(_) => None,
+            })
+            .collect();
+        let tap = netconfig::create_host_interface(
+            &config.host.interface,
+            host_mac_for(gw),
+            pod_address(config, gw),
+            config.node.mtu,
+            routes.clone(),
+            config.datapath.offload,
+            config.datapath.workers as usize,
+        )
+        .map_err(|e| DaemonError::Host(config.host.interface.clone(), e.to_string()))?;
+        tables.cluster_nets = routes;
+        tables.host = Some(PortEntry {
+            id: HOST_PORT,
+            mac: host_mac_for(gw),
+            ip: gw,
+        });
+        Some(tap)
+    } else {
+        None
+    };
+    Ok((tables, host_tap))
+}
+
+/// The datapath's workers, with the underlay sockets when the overlay is on.
+fn start_datapath(
+    config: &Config,
+    tables: Arc<ArcSwap<Tables>>,
+    underlay_stats: Arc<PortStats>,
+    pins: &[crate::datapath::CpuPin],
+) -> Result<Datapath, DaemonError> {
+    let workers = config.datapath.workers as usize;
+    let underlay = match config.overlay.underlay_ip {
+        Some(ip) => {
+            Underlay::bind_group(ip, config.overlay.port, workers).map_err(DaemonError::Underlay)?
+        }
+        None => Vec::new(),
+    };
+    Datapath::start(
+        tables,
+        underlay,
+        underlay_stats,
+        crate::pipeline::CtConfig::from_config(&config.nat),
+        workers,
+        std::time::Duration::from_micros(config.datapath.busy_poll_us.into()),
+        pins,
+    )
+    .map_err(DaemonError::Datapath)
+}
+
+/// Takes back the pods' ports from before a restart: their TAP devices persisted, with the
+/// pods' addresses and routes, so traffic resumes as soon as they are read again.
+fn take_back(config: &Config, datapath: &Datapath, records: &mut BTreeMap<Attachment, Record>) {
+    for rec in records.values_mut() {
+        match netconfig::reattach_pod_interface(
+            &rec.netns,
+            rec.ifname.clone(),
+            config.datapath.offload,
+            config.datapath.workers as usize,
+        ) {
+            Ok((tap, link)) => {
+                rec.live = true;
+                rec.link = link_stats(link, rec.port);
+                datapath.add_port(rec.port, tap, rec.stats.clone());
+                tracing::info!(
+                    "took back port {} of {}/{} ({})",
+                    rec.port,
+                    rec.container_id,
+                    rec.ifname,
+                    rec.ip
+                );
+            }
+            Err(e) => tracing::warn!(
+                "port {} of {}/{} is gone ({e}); the runtime's DEL or GC releases it, or \
+                 `vswitchctl release {}`",
+                rec.port,
+                rec.container_id,
+                rec.ifname,
+                rec.port
+            ),
+        }
+    }
+}
+
+/// What an ADD must carry before anything is looked up.
+fn check_add_request(req: &AddRequest) -> Result<(), ApiError> {
+    validate_ifname(&req.ifname)?;
+    if req.container_id.is_empty() {
+        return Err(api_err(code::INVALID_ENV, "CNI_CONTAINERID is empty", ""));
+    }
+    if !req.netns.is_absolute() {
+        return Err(api_err(
+            code::INVALID_ENV,
+            "CNI_NETNS must be an absolute path",
+            req.netns.display(),
+        ));
+    }
+    Ok(())
+}
+
+/// A MAC the runtime asked for: unicast, and no other port's (frames are switched by it).
+fn requested_mac(st: &State, m: &str) -> Result<EthernetAddress, ApiError> {
+    let mac: EthernetAddress = m.parse().map_err(|_| {
+        api_err(
+            code::INVALID_ENV,
+            format!("CNI_ARGS MAC={m:?} is not a MAC address"),
+            "",
+        )
+    })?;
+    if mac.0[0] & 1 != 0 || mac.0 == [0; 6] {
+        return Err(api_err(
+            code::REQUESTED_UNAVAILABLE,
+            format!("MAC {mac} is not a unicast address"),
+            "",
+        ));
+    }
+    if let Some(other) = st.records.values().find(|r| r.mac_addr() == mac) {
+        return Err(api_err(
+            code::REQUESTED_UNAVAILABLE,
+            format!(
+                "MAC {mac} is taken by {}/{}",
+                other.container_id, other.ifname
+            ),
+            "",
+        ));
+    }
+    Ok(mac)
+}
+
+/// The address for an ADD: the one it asked for, or the next free one.
+fn lease(st: &mut State, req: &AddRequest) -> Result<ipam::Lease, ApiError> {
+    match req.ip {
+        Some(ip) => st
+            .ipam
+            .allocate_requested(&req.container_id, &req.ifname, ip),
+        None => st.ipam.allocate(&req.container_id, &req.ifname),
+    }
+    .map_err(|e| match e {
+        ipam::IpamError::Exhausted(_) => api_err(code::ADDRESSES_EXHAUSTED, e.to_string(), ""),
+        ipam::IpamError::Unavailable { .. } => {
+            api_err(code::REQUESTED_UNAVAILABLE, e.to_string(), "")
+        }
+        e => api_err(code::IO_FAILURE, "IPAM failed", e),
+    })
+}
+
 impl Daemon {
     pub fn start(config: Config) -> Result<Arc<Daemon>, DaemonError> {
         // Checked before anything is made, so a bad CPU leaves nothing behind.
@@ -186,92 +358,11 @@ impl Daemon {
             records.insert(key, rec);
         }
 
-        let mut tables = Tables::new(config.node.pod_cidr, gw, mac_for(gw));
-        tables.vtep_mac = EthernetAddress(config.vtep_mac());
-        tables.vni = config.overlay.vni;
-        tables.overlay_mtu = (config.overlay.underlay_mtu - 50).min(u16::MAX as u32) as u16;
-        tables.peers = peer_table(&config.peers).map_err(|e| DaemonError::Peers(e.msg))?;
-        tables.node_name = config.node.name.clone();
-        tables.services = service_table(&config, &config.services);
-        let host_tap = if config.host.enabled {
-            let routes: Vec<Ipv4Net> = config
-                .host
-                .routes
-                .iter()
-                .filter_map(|r| match r {
-                    IpNet::V4(n) => Some(*n),
-                    IpNet::V6(_) => None,
-                })
-                .collect();
-            let tap = netconfig::create_host_interface(
-                &config.host.interface,
-                host_mac_for(gw),
-                pod_address(&config, gw),
-                config.node.mtu,
-                routes.clone(),
-                config.datapath.offload,
-                config.datapath.workers as usize,
-            )
-            .map_err(|e| DaemonError::Host(config.host.interface.clone(), e.to_string()))?;
-            tables.cluster_nets = routes;
-            tables.host = Some(PortEntry {
-                id: HOST_PORT,
-                mac: host_mac_for(gw),
-                ip: gw,
-            });
-            Some(tap)
-        } else {
-            None
-        };
+        let (tables, host_tap) = initial_tables(&config, gw)?;
         let tables = Arc::new(ArcSwap::from_pointee(tables));
-        let workers = config.datapath.workers as usize;
-        let underlay = match config.overlay.underlay_ip {
-            Some(ip) => Underlay::bind_group(ip, config.overlay.port, workers)
-                .map_err(DaemonError::Underlay)?,
-            None => Vec::new(),
-        };
         let underlay_stats = Arc::new(PortStats::default());
-        let datapath = Datapath::start(
-            tables.clone(),
-            underlay,
-            underlay_stats.clone(),
-            crate::pipeline::CtConfig::from_config(&config.nat),
-            workers,
-            std::time::Duration::from_micros(config.datapath.busy_poll_us.into()),
-            &pins,
-        )
-        .map_err(DaemonError::Datapath)?;
-        // Take back the pods' ports from before a restart: their TAP devices persisted, with
-        // the pods' addresses and routes, so traffic resumes as soon as they are read again.
-        for rec in records.values_mut() {
-            match netconfig::reattach_pod_interface(
-                &rec.netns,
-                rec.ifname.clone(),
-                config.datapath.offload,
-                workers,
-            ) {
-                Ok((tap, link)) => {
-                    rec.live = true;
-                    rec.link = link_stats(link, rec.port);
-                    datapath.add_port(rec.port, tap, rec.stats.clone());
-                    tracing::info!(
-                        "took back port {} of {}/{} ({})",
-                        rec.port,
-                        rec.container_id,
-                        rec.ifname,
-                        rec.ip
-                    );
-                }
-                Err(e) => tracing::warn!(
-                    "port {} of {}/{} is gone ({e}); the runtime's DEL or GC releases it, or \
-                     `vswitchctl release {}`",
-                    rec.port,
-                    rec.container_id,
-                    rec.ifname,
-                    rec.port
-                ),
-            }
-        }
+        let datapath = start_datapath(&config, tables.clone(), underlay_stats.clone(), &pins)?;
+        take_back(&config, &datapath, &mut records);
         let host_link = host_tap
             .as_ref()
             .and_then(|_| link_stats(LinkStats::open(&config.host.interface), HOST_PORT));
@@ -467,17 +558,7 @@ impl Daemon {
     }
 
     pub fn add(&self, req: AddRequest) -> Result<AddResponse, ApiError> {
-        validate_ifname(&req.ifname)?;
-        if req.container_id.is_empty() {
-            return Err(api_err(code::INVALID_ENV, "CNI_CONTAINERID is empty", ""));
-        }
-        if !req.netns.is_absolute() {
-            return Err(api_err(
-                code::INVALID_ENV,
-                "CNI_NETNS must be an absolute path",
-                req.netns.display(),
-            ));
-        }
+        check_add_request(&req)?;
         let key = Attachment {
             container_id: req.container_id.clone(),
             ifname: req.ifname.clone(),
@@ -494,90 +575,24 @@ impl Daemon {
                 "",
             ));
         }
-        // A MAC the runtime asked for: unicast, and no other port's (frames are switched by
-        // it).
         let requested_mac = match &req.mac {
             None => None,
-            Some(m) => {
-                let mac: EthernetAddress = m.parse().map_err(|_| {
-                    api_err(
-                        code::INVALID_ENV,
-                        format!("CNI_ARGS MAC={m:?} is not a MAC address"),
-                        "",
-                    )
-                })?;
-                if mac.0[0] & 1 != 0 || mac.0 == [0; 6] {
-                    return Err(api_err(
-                        code::REQUESTED_UNAVAILABLE,
-                        format!("MAC {mac} is not a unicast address"),
-                        "",
-                    ));
-                }
-                if let Some(other) = st.records.values().find(|r| r.mac_addr() == mac) {
-                    return Err(api_err(
-                        code::REQUESTED_UNAVAILABLE,
-                        format!(
-                            "MAC {mac} is taken by {}/{}",
-                            other.container_id, other.ifname
-                        ),
-                        "",
-                    ));
-                }
-                Some(mac)
-            }
+            Some(m) => Some(requested_mac(&st, m)?),
         };
-        let lease = match req.ip {
-            Some(ip) => st
-                .ipam
-                .allocate_requested(&req.container_id, &req.ifname, ip),
-            None => st.ipam.allocate(&req.container_id, &req.ifname),
-        }
-        .map_err(|e| match e {
-            ipam::IpamError::Exhausted(_) => api_err(code::ADDRESSES_EXHAUSTED, e.to_string(), ""),
-            ipam::IpamError::Unavailable { .. } => {
-                api_err(code::REQUESTED_UNAVAILABLE, e.to_string(), "")
-            }
-            e => api_err(code::IO_FAILURE, "IPAM failed", e),
-        })?;
-        // The MACs derived from the pod CIDR's addresses (0a:58 and the address) belong to
-        // those addresses' pods, and the gateway's, and the host port's.
-        if let Some(mac) = requested_mac {
-            let o = mac.0;
-            let derived = Ipv4Addr::new(o[2], o[3], o[4], o[5]);
-            let reserved = (o[..2] == [0x0a, 0x58]
-                && self.config.node.pod_cidr.contains(&derived)
-                && derived != lease.ip)
-                || mac == host_mac_for(self.config.gateway());
-            if reserved {
-                let _ = st.ipam.release(&req.container_id, &req.ifname);
-                return Err(api_err(
-                    code::REQUESTED_UNAVAILABLE,
-                    format!("MAC {mac} is reserved for another address of this node's pods"),
-                    "",
-                ));
-            }
-        }
-        let mac = requested_mac.unwrap_or_else(|| mac_for(lease.ip));
-        let want = PodInterface {
-            ifname: req.ifname.clone(),
-            mac,
-            address: pod_address(&self.config, lease.ip),
-            gateway: self.config.gateway(),
-            mtu: self.config.node.mtu,
-        };
-        let (offload, queues) = (
-            self.config.datapath.offload,
-            self.config.datapath.workers as usize,
-        );
-        let (tap, link) = match netconfig::create_pod_interface(&req.netns, want, offload, queues) {
-            Ok(t) => t,
+        let lease = lease(&mut st, &req)?;
+        // Every failure from here gives the address back.
+        let made = requested_mac
+            .map_or(Ok(()), |mac| self.check_not_reserved(mac, lease.ip))
+            .and_then(|()| {
+                let mac = requested_mac.unwrap_or_else(|| mac_for(lease.ip));
+                let (tap, link) = self.create_pod_interface(&req, mac, lease.ip)?;
+                Ok((mac, tap, link))
+            });
+        let (mac, tap, link) = match made {
+            Ok(m) => m,
             Err(e) => {
                 let _ = st.ipam.release(&req.container_id, &req.ifname);
-                return Err(match e {
-                    NetConfigError::Exists(_) => api_err(code::INTERFACE_EXISTS, e.to_string(), ""),
-                    NetConfigError::Netns(_) => api_err(code::NETNS_FAILURE, e.to_string(), ""),
-                    e => api_err(code::IO_FAILURE, "creating the pod interface failed", e),
-                });
+                return Err(e);
             }
         };
         let port = st.next_port;
@@ -615,6 +630,51 @@ impl Daemon {
         st.records.insert(key, rec);
         self.publish(&st);
         Ok(resp)
+    }
+
+    /// The MACs derived from the pod CIDR's addresses (0a:58 and the address) belong to those
+    /// addresses' pods, and the gateway's, and the host port's: a pod given `ip` may ask for
+    /// none of them but its own.
+    fn check_not_reserved(&self, mac: EthernetAddress, ip: Ipv4Addr) -> Result<(), ApiError> {
+        let o = mac.0;
+        let derived = Ipv4Addr::new(o[2], o[3], o[4], o[5]);
+        let reserved = (o[..2] == [0x0a, 0x58]
+            && self.config.node.pod_cidr.contains(&derived)
+            && derived != ip)
+            || mac == host_mac_for(self.config.gateway());
+        if reserved {
+            return Err(api_err(
+                code::REQUESTED_UNAVAILABLE,
+                format!("MAC {mac} is reserved for another address of this node's pods"),
+                "",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The pod's TAP device, made in its namespace with its address and routes.
+    fn create_pod_interface(
+        &self,
+        req: &AddRequest,
+        mac: EthernetAddress,
+        ip: Ipv4Addr,
+    ) -> Result<(crate::datapath::tap::Tap, std::io::Result<LinkStats>), ApiError> {
+        let want = PodInterface {
+            ifname: req.ifname.clone(),
+            mac,
+            address: pod_address(&self.config, ip),
+            gateway: self.config.gateway(),
+            mtu: self.config.node.mtu,
+        };
+        let (offload, queues) = (
+            self.config.datapath.offload,
+            self.config.datapath.workers as usize,
+        );
+        netconfig::create_pod_interface(&req.netns, want, offload, queues).map_err(|e| match e {
+            NetConfigError::Exists(_) => api_err(code::INTERFACE_EXISTS, e.to_string(), ""),
+            NetConfigError::Netns(_) => api_err(code::NETNS_FAILURE, e.to_string(), ""),
+            e => api_err(code::IO_FAILURE, "creating the pod interface failed", e),
+        })
     }
 
     pub fn del(&self, req: DelRequest) -> Result<(), ApiError> {

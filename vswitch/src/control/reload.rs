@@ -24,7 +24,7 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::task::JoinHandle;
 
-use super::k8s::ClusterSink;
+use super::ClusterSink;
 
 /// How often the file is looked at.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);

@@ -96,7 +96,9 @@ fn verdict(t: &Tables, a: Action) -> String {
             None => "encapsulate to an unknown peer".into(),
         },
         Action::Reply(n) => format!("answered by the switch itself ({n}-byte reply)"),
-        Action::Dns => "answered by the switch's DNS resolver".into(),
+        Action::DnsForward(_) => {
+            "forwarded by the switch's DNS resolver to the upstream resolvers".into()
+        }
         Action::Drop(r) => format!("dropped: {}", r.name()),
     }
 }

@@ -1,7 +1,8 @@
 //! Answering one query from a [`DnsTable`], without I/O.
 //!
-//! The datapath calls this for a UDP datagram to the cluster DNS address and either sends the
-//! bytes back, hands the query to the [`Forwarder`](super::Forwarder), or drops it. It writes
+//! The pipeline calls this for a UDP datagram to the cluster DNS address and either sends the
+//! bytes back, has the datapath hand the query to the [`Forwarder`](super::Forwarder), or
+//! drops it. It writes
 //! into the caller's buffer and allocates nothing, because it runs on a datapath thread.
 //!
 //! Answers are authoritative (AA) and reuse the question: every answer's owner is a

@@ -116,120 +116,132 @@ impl DnsTable {
         let zone = wire_name(cluster_domain)
             .filter(|z| z.len() > 1 && is_hostname(z))
             .ok_or_else(|| DnsError::Domain(cluster_domain.to_string()))?;
-        let under = |labels: &[&[u8]]| -> Option<Box<[u8]>> {
-            let mut w = Vec::with_capacity(64);
-            for l in labels {
-                push_label(&mut w, l)?;
-            }
-            w.extend_from_slice(&zone);
-            (w.len() <= super::message::MAX_NAME_LEN).then(|| w.into_boxed_slice())
-        };
         let serial = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(1, |d| d.as_secs() as u32);
         let mut t = DnsTable {
-            mname: under(&[b"ns", b"dns"])
-                .ok_or_else(|| DnsError::Domain(cluster_domain.into()))?,
-            rname: under(&[b"hostmaster"])
-                .ok_or_else(|| DnsError::Domain(cluster_domain.into()))?,
-            zone: zone.clone().into_boxed_slice(),
+            mname: Box::default(),
+            rname: Box::default(),
+            zone: zone.into_boxed_slice(),
             names: HashMap::new(),
             reverse_zones: reverse_zones.iter().map(IpNet::trunc).collect(),
             serial,
             ttl: CLUSTER_TTL,
         };
-        t.add(zone.clone().into_boxed_slice(), None);
-        if let Some(n) = under(&[b"dns-version"]) {
+        let domain = || DnsError::Domain(cluster_domain.into());
+        t.mname = t.under(&[b"ns", b"dns"]).ok_or_else(domain)?;
+        t.rname = t.under(&[b"hostmaster"]).ok_or_else(domain)?;
+        t.add(t.zone.clone(), None);
+        if let Some(n) = t.under(&[b"dns-version"]) {
             t.add(n, Some(Record::Txt(SPEC_VERSION)));
         }
-        if let Some(n) = under(&[b"pod"]) {
+        if let Some(n) = t.under(&[b"pod"]) {
             t.add(n, None);
         }
-
         for svc in services {
-            if !is_label(&svc.name) || !is_label(&svc.namespace) {
-                continue;
-            }
-            let (name, ns) = (svc.name.as_bytes(), svc.namespace.as_bytes());
-            let Some(base) = under(&[name, ns, b"svc"]) else {
-                continue;
-            };
-            t.add(base.clone(), None);
-            if !svc.cluster_ips.is_empty() {
-                for ip in &svc.cluster_ips {
-                    t.add(base.clone(), Some(addr_record(*ip)));
-                    t.add(reverse_name(*ip), Some(Record::Ptr(base.clone())));
-                }
-                for p in &svc.ports {
-                    let Some(srv) = srv_name(p.name.as_deref(), p.protocol, &base) else {
-                        continue;
-                    };
-                    let target = base.clone();
-                    let rec = Record::Srv {
-                        priority: 0,
-                        weight: 100,
-                        port: p.port,
-                        target,
-                    };
-                    t.add(srv, Some(rec));
-                }
-                continue;
-            }
-
-            // Headless: the endpoints themselves, each under its hostname (or its dashed
-            // address, as CoreDNS does, so SRV targets always resolve).
-            let mut ready: Vec<&EndpointSpec> = Vec::new();
-            for ep in svc.endpoints.iter().filter(|e| e.ready) {
-                if !ready
-                    .iter()
-                    .any(|r| r.ip == ep.ip && r.hostname == ep.hostname)
-                {
-                    ready.push(ep);
-                }
-            }
-            let weight = (100 / ready.len().max(1)).max(1) as u16;
-            for ep in &ready {
-                let hostname = ep.hostname.as_deref().filter(|h| is_label(h));
-                let host_label = match hostname {
-                    Some(h) => h.to_string(),
-                    None => dashed(ep.ip),
-                };
-                let Some(host) = under(&[host_label.as_bytes(), name, ns, b"svc"]) else {
-                    continue;
-                };
-                t.add(base.clone(), Some(addr_record(ep.ip)));
-                t.add(host.clone(), Some(addr_record(ep.ip)));
-                if hostname.is_some() {
-                    t.add(reverse_name(ep.ip), Some(Record::Ptr(host.clone())));
-                }
-                for p in &svc.ports {
-                    let Some(srv) = srv_name(p.name.as_deref(), p.protocol, &base) else {
-                        continue;
-                    };
-                    let rec = Record::Srv {
-                        priority: 0,
-                        weight,
-                        port: p.target_port.unwrap_or(p.port),
-                        target: host.clone(),
-                    };
-                    t.add(srv, Some(rec));
-                }
+            if is_label(&svc.name) && is_label(&svc.namespace) {
+                t.add_service(svc);
             }
         }
-
         for pod in pods {
-            let rev = reverse_name(pod.ip);
-            if t.names.get(&rev).is_some_and(|r| !r.is_empty()) || !is_label(&pod.namespace) {
-                continue;
-            }
-            let label = dashed(pod.ip);
-            if let Some(name) = under(&[label.as_bytes(), pod.namespace.as_bytes(), b"pod"]) {
-                t.add(rev, Some(Record::Ptr(name)));
-            }
+            t.add_pod(pod);
         }
-
         t.add_ancestors();
         Ok(t)
+    }
+
+    /// `labels` under the cluster zone, as a wire name; `None` when too long.
+    fn under(&self, labels: &[&[u8]]) -> Option<Box<[u8]>> {
+        let mut w = Vec::with_capacity(64);
+        for l in labels {
+            push_label(&mut w, l)?;
+        }
+        w.extend_from_slice(&self.zone);
+        (w.len() <= super::message::MAX_NAME_LEN).then(|| w.into_boxed_slice())
+    }
+
+    /// A Service's name, its addresses (or a headless Service's endpoints) and SRV records.
+    fn add_service(&mut self, svc: &ServiceSpec) {
+        let (name, ns) = (svc.name.as_bytes(), svc.namespace.as_bytes());
+        let Some(base) = self.under(&[name, ns, b"svc"]) else {
+            return;
+        };
+        self.add(base.clone(), None);
+        if svc.cluster_ips.is_empty() {
+            return self.add_headless(svc, &base);
+        }
+        for ip in &svc.cluster_ips {
+            self.add(base.clone(), Some(addr_record(*ip)));
+            self.add(reverse_name(*ip), Some(Record::Ptr(base.clone())));
+        }
+        for p in &svc.ports {
+            let Some(srv) = srv_name(p.name.as_deref(), p.protocol, &base) else {
+                continue;
+            };
+            let target = base.clone();
+            let rec = Record::Srv {
+                priority: 0,
+                weight: 100,
+                port: p.port,
+                target,
+            };
+            self.add(srv, Some(rec));
+        }
+    }
+
+    /// Headless: the endpoints themselves, each under its hostname (or its dashed address, as
+    /// CoreDNS does, so SRV targets always resolve).
+    fn add_headless(&mut self, svc: &ServiceSpec, base: &[u8]) {
+        let (name, ns) = (svc.name.as_bytes(), svc.namespace.as_bytes());
+        let mut ready: Vec<&EndpointSpec> = Vec::new();
+        for ep in svc.endpoints.iter().filter(|e| e.ready) {
+            if !ready
+                .iter()
+                .any(|r| r.ip == ep.ip && r.hostname == ep.hostname)
+            {
+                ready.push(ep);
+            }
+        }
+        let weight = (100 / ready.len().max(1)).max(1) as u16;
+        for ep in &ready {
+            let hostname = ep.hostname.as_deref().filter(|h| is_label(h));
+            let host_label = match hostname {
+                Some(h) => h.to_string(),
+                None => dashed(ep.ip),
+            };
+            let Some(host) = self.under(&[host_label.as_bytes(), name, ns, b"svc"]) else {
+                continue;
+            };
+            self.add(base.into(), Some(addr_record(ep.ip)));
+            self.add(host.clone(), Some(addr_record(ep.ip)));
+            if hostname.is_some() {
+                self.add(reverse_name(ep.ip), Some(Record::Ptr(host.clone())));
+            }
+            for p in &svc.ports {
+                let Some(srv) = srv_name(p.name.as_deref(), p.protocol, base) else {
+                    continue;
+                };
+                let rec = Record::Srv {
+                    priority: 0,
+                    weight,
+                    port: p.target_port.unwrap_or(p.port),
+                    target: host.clone(),
+                };
+                self.add(srv, Some(rec));
+            }
+        }
+    }
+
+    /// A local pod's PTR record, unless its address already has one (a Service endpoint's).
+    fn add_pod(&mut self, pod: &LocalPod) {
+        let rev = reverse_name(pod.ip);
+        if self.names.get(&rev).is_some_and(|r| !r.is_empty()) || !is_label(&pod.namespace) {
+            return;
+        }
+        let label = dashed(pod.ip);
+        if let Some(name) = self.under(&[label.as_bytes(), pod.namespace.as_bytes(), b"pod"]) {
+            self.add(rev, Some(Record::Ptr(name)));
+        }
     }
 
     /// Adds a record (or just the name) without duplicates.

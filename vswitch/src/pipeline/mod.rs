@@ -21,17 +21,22 @@
 //! 6. Before any routing decision, routed IPv4 goes through Service translation (`nat`): a
 //!    packet to a Service address is rewritten to a backend and tracked, replies are rewritten
 //!    back; a Service without backends is rejected at once (TCP RST, ICMP port unreachable).
+//! 7. A UDP query to the cluster DNS address (`Tables::dns`) is answered in place from the
+//!    cluster's records (`dns`); only a name outside the cluster goes back to the datapath,
+//!    whose forwarder asks the upstream resolvers.
 //!
 //! Connection tracking is the one piece of state the pipeline changes; it is passed in (`Ctx`)
 //! together with the time, so the pipeline still never reads a clock.
 //!
 //! Anything else is dropped with a reason; every reason has a counter.
 
+pub mod dns;
 pub mod nat;
 pub mod tables;
 
 use std::net::{IpAddr, Ipv4Addr};
 
+pub use dns::{DnsQuery, DNS_BUF_LEN};
 pub use nat::{Conntrack, CtConfig, ServiceTable};
 
 use overlay::vxlan::{self, Rco, VxlanHeader};
@@ -88,8 +93,10 @@ pub enum Action {
     /// The frame was turned into a reply of this many bytes in place: send it back out of the
     /// ingress port.
     Reply(usize),
-    /// A UDP DNS query to the switch's resolver (`Tables::dns`): the datapath answers it.
-    Dns,
+    /// A UDP DNS query to the switch's resolver (`Tables::dns`) for a name outside the
+    /// cluster: the datapath hands it to the upstream forwarder. (Names in the cluster are
+    /// answered here, as a `Reply`.)
+    DnsForward(DnsQuery),
     Drop(DropReason),
 }
 
@@ -310,8 +317,8 @@ fn route_v4(cx: &mut Ctx<'_>, port: &PortEntry, buf: &mut [u8], len: usize, meta
             && dns.addrs.contains(&ip.dst_addr())
             && ip.payload().get(2..4) == Some(&53u16.to_be_bytes()[..])
         {
-            cx.note(|| format!("DNS query to {}: answered by the switch", ip.dst_addr()));
-            return Action::Dns;
+            cx.note(|| format!("DNS query to {}: the switch's resolver", ip.dst_addr()));
+            return dns::query(cx, dns, port, buf, len);
         }
     }
     let before = (ip.src_addr(), ip.dst_addr(), nat_ports(&ip));

@@ -246,6 +246,107 @@ fn garbage_and_unsupported_frames_are_dropped_with_a_reason() {
     assert_eq!(run(&t, 1, &mut f), Action::Drop(DropReason::Malformed));
 }
 
+/// Tables whose resolver at 10.96.0.10 knows one Service, `web.default` at 10.96.0.20.
+fn dns_tables() -> Tables {
+    use conf::config::{ServiceSpec, TrafficPolicy};
+    let web = ServiceSpec {
+        namespace: "default".into(),
+        name: "web".into(),
+        cluster_ips: vec!["10.96.0.20".parse().unwrap()],
+        ports: vec![],
+        external_ips: vec![],
+        session_affinity_timeout: None,
+        internal_traffic_policy: TrafficPolicy::Cluster,
+        external_traffic_policy: TrafficPolicy::Cluster,
+        endpoints: vec![],
+    };
+    let table = crate::dns::DnsTable::new("cluster.local", &[web], &[], &[]).unwrap();
+    let dns = tables::DnsService {
+        addrs: vec![Ipv4Addr::new(10, 96, 0, 10)],
+        table,
+    };
+    tables().with_dns(Some(std::sync::Arc::new(dns)))
+}
+
+fn dns_query(name: &str) -> Vec<u8> {
+    let mut m = vec![0x42, 0x42, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for l in name.split('.') {
+        m.push(l.len() as u8);
+        m.extend(l.as_bytes());
+    }
+    m.extend([0, 0, 1, 0, 1]);
+    m
+}
+
+fn udp_to_resolver(payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(mac_for(A).0, mac_for(GW).0)
+        .ipv4(A.octets(), [10, 96, 0, 10], 64)
+        .udp(40000, 53);
+    let mut out = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut out, payload).unwrap();
+    out
+}
+
+#[test]
+fn cluster_dns_is_answered_in_place_and_the_rest_goes_upstream() {
+    let t = dns_tables();
+    let mut ct = Conntrack::new(CtConfig::default());
+    let mut cx = Ctx {
+        t: &t,
+        ct: &mut ct,
+        now_ms: 0,
+        trace: None,
+    };
+    let mut buf = vec![0u8; DNS_BUF_LEN];
+
+    // A name in the cluster: the reply from the resolver address, to the asking pod.
+    let f = udp_to_resolver(&dns_query("web.default.svc.cluster.local"));
+    buf[..f.len()].copy_from_slice(&f);
+    let Action::Reply(n) = handle(&mut cx, 1, &mut buf, f.len(), Meta::default()) else {
+        panic!("a cluster name is answered by the pipeline");
+    };
+    let reply = buf[..n].to_vec();
+    let p = SlicedPacket::from_ethernet(&reply).expect("the reply parses");
+    let Some(etherparse::LinkSlice::Ethernet2(eth)) = &p.link else {
+        panic!("not Ethernet");
+    };
+    assert_eq!(
+        (eth.source(), eth.destination()),
+        (mac_for(GW).0, mac_for(A).0)
+    );
+    let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else {
+        panic!("not IPv4");
+    };
+    assert_eq!(ip.header().source(), [10, 96, 0, 10]);
+    assert_eq!(ip.header().destination(), A.octets());
+    let Some(etherparse::TransportSlice::Udp(udp)) = &p.transport else {
+        panic!("not UDP");
+    };
+    assert_eq!((udp.source_port(), udp.destination_port()), (53, 40000));
+    let answer = udp.payload();
+    assert_eq!(&answer[..2], &[0x42, 0x42]);
+    assert_eq!(&answer[6..8], &[0, 1], "one answer record");
+    assert_eq!(&answer[answer.len() - 4..], &[10, 96, 0, 20]);
+
+    // A name outside: handed to the datapath with who asked whom, the frame unchanged.
+    let q = dns_query("example.com");
+    let f = udp_to_resolver(&q);
+    buf[..f.len()].copy_from_slice(&f);
+    let Action::DnsForward(fw) = handle(&mut cx, 1, &mut buf, f.len(), Meta::default()) else {
+        panic!("an outside name is forwarded");
+    };
+    assert_eq!(fw.client, (A, 40000));
+    assert_eq!(fw.server, Ipv4Addr::new(10, 96, 0, 10));
+    assert_eq!(fw.message(&buf[..f.len()]), &q[..]);
+    assert_eq!(&buf[..f.len()], &f[..]);
+
+    // Not a DNS message at all.
+    let f = udp_to_resolver(b"hello");
+    buf[..f.len()].copy_from_slice(&f);
+    let a = handle(&mut cx, 1, &mut buf, f.len(), Meta::default());
+    assert_eq!(a, Action::Drop(DropReason::Malformed));
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
 

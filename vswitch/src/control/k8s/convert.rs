@@ -17,8 +17,8 @@ use conf::config::{
     parse_mac, EndpointSpec, PeerSpec, Protocol, ServicePort, ServiceSpec, TrafficPolicy,
 };
 use ipnet::{IpNet, Ipv4Net};
-use k8s_openapi::api::core::v1::{Node, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::core::v1::{Node, Service, ServiceSpec as K8sServiceSpec};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::{Deserialize, Serialize};
 
@@ -326,6 +326,35 @@ fn service_spec(
         // A DNS alias: nothing to translate.
         return None;
     }
+    let (cluster_ips, external_ips) = addresses(spec, &who, problems);
+    let mut ports = wanted_ports(spec, &who, problems);
+    resolve_target_ports(&mut ports, slices);
+    let endpoints = endpoints(slices, &ports, &who, problems);
+    let out = ServiceSpec {
+        namespace: ns.to_string(),
+        name: name.to_string(),
+        cluster_ips,
+        ports: ports.into_iter().map(|w| w.port).collect(),
+        external_ips,
+        session_affinity_timeout: affinity_timeout(spec),
+        internal_traffic_policy: policy(spec.internal_traffic_policy.as_deref()),
+        external_traffic_policy: policy(spec.external_traffic_policy.as_deref()),
+        endpoints,
+    };
+    if let Err(e) = out.validate("services") {
+        problems.push(format!("{who}: {e}; left out"));
+        return None;
+    }
+    Some(out)
+}
+
+/// The Service's IPv4 cluster and external addresses (headless has none; IPv6 endpoints are
+/// not watched yet, so an IPv6 address would have none).
+fn addresses(
+    spec: &K8sServiceSpec,
+    who: &str,
+    problems: &mut Vec<String>,
+) -> (Vec<IpAddr>, Vec<IpAddr>) {
     let listed: Vec<&String> = match &spec.cluster_ips {
         Some(v) if !v.is_empty() => v.iter().collect(),
         _ => spec.cluster_ip.iter().collect(),
@@ -336,7 +365,6 @@ fn service_spec(
             continue; // headless
         }
         match ip.parse::<IpAddr>() {
-            // IPv6 endpoints are not watched yet; an IPv6 ClusterIP would have none.
             Ok(IpAddr::V4(a)) => cluster_ips.push(IpAddr::V4(a)),
             Ok(IpAddr::V6(_)) => {}
             Err(_) => problems.push(format!("{who}: clusterIP {ip:?} is not an address")),
@@ -350,12 +378,21 @@ fn service_spec(
             Err(_) => problems.push(format!("{who}: externalIP {ip:?} is not an address")),
         }
     }
+    (cluster_ips, external_ips)
+}
 
-    // Service ports, with the target port each one resolves to.
-    struct Wanted<'a> {
-        port: ServicePort,
-        target: Option<&'a IntOrString>,
-    }
+/// A Service port, with the target port it names (resolved by [`resolve_target_ports`]).
+struct Wanted<'a> {
+    port: ServicePort,
+    target: Option<&'a IntOrString>,
+}
+
+/// The Service's TCP and UDP ports; the others, and duplicates, are left out with a problem.
+fn wanted_ports<'a>(
+    spec: &'a K8sServiceSpec,
+    who: &str,
+    problems: &mut Vec<String>,
+) -> Vec<Wanted<'a>> {
     let mut ports: Vec<Wanted> = Vec::new();
     for p in spec.ports.iter().flatten() {
         let pname = p.name.clone().filter(|n| !n.is_empty());
@@ -400,22 +437,27 @@ fn service_spec(
             target: p.target_port.as_ref(),
         });
     }
+    ports
+}
 
-    // The EndpointSlice controller resolves each Service port's targetPort (by number or by the
-    // pods' port name) and writes the result into the slice's port of the same name. A Service
-    // port here has one target port, so where slices disagree (pods with differently numbered
-    // named ports) the most common number wins and the other slices' endpoints are left out
-    // rather than sent to a wrong port.
-    let slice_port = |s: &EndpointSlice, w: &Wanted| -> Option<u16> {
-        s.ports.iter().flatten().find_map(|sp| {
-            let same_name = sp.name.as_deref().unwrap_or_default()
-                == w.port.name.as_deref().unwrap_or_default();
-            let same_proto = protocol(sp.protocol.as_deref()) == Some(w.port.protocol);
-            (same_name && same_proto)
-                .then_some(sp.port.and_then(port_u16))
-                .flatten()
-        })
-    };
+/// The target port a slice gives the Service port `w` (its port of the same name and protocol).
+fn slice_port(s: &EndpointSlice, w: &Wanted) -> Option<u16> {
+    s.ports.iter().flatten().find_map(|sp| {
+        let same_name =
+            sp.name.as_deref().unwrap_or_default() == w.port.name.as_deref().unwrap_or_default();
+        let same_proto = protocol(sp.protocol.as_deref()) == Some(w.port.protocol);
+        (same_name && same_proto)
+            .then_some(sp.port.and_then(port_u16))
+            .flatten()
+    })
+}
+
+/// The EndpointSlice controller resolves each Service port's targetPort (by number or by the
+/// pods' port name) and writes the result into the slice's port of the same name. A Service
+/// port here has one target port, so where slices disagree (pods with differently numbered
+/// named ports) the most common number wins and the other slices' endpoints are left out
+/// (by [`endpoints`]) rather than sent to a wrong port.
+fn resolve_target_ports(ports: &mut [Wanted], slices: &[&EndpointSlice]) {
     for w in ports.iter_mut() {
         let mut votes: BTreeMap<u16, usize> = BTreeMap::new();
         for s in slices {
@@ -434,7 +476,15 @@ fn service_spec(
             None => Some(w.port.port),
         });
     }
+}
 
+/// The endpoints of the slices that agree with the resolved target ports, one per address.
+fn endpoints(
+    slices: &[&EndpointSlice],
+    ports: &[Wanted],
+    who: &str,
+    problems: &mut Vec<String>,
+) -> Vec<EndpointSpec> {
     let mut endpoints: BTreeMap<Ipv4Addr, EndpointSpec> = BTreeMap::new();
     for s in slices {
         let slice_name = s.metadata.name.as_deref().unwrap_or_default();
@@ -462,18 +512,7 @@ fn service_spec(
                 ));
                 continue;
             };
-            let c = ep.conditions.as_ref();
-            // The API's rules for absent conditions: ready unknown counts as ready, serving
-            // follows ready, terminating defaults to false.
-            let ready = c.and_then(|c| c.ready).unwrap_or(true);
-            let e = EndpointSpec {
-                ip: IpAddr::V4(ip),
-                node: ep.node_name.clone(),
-                ready,
-                serving: c.and_then(|c| c.serving).unwrap_or(ready),
-                terminating: c.and_then(|c| c.terminating).unwrap_or(false),
-                hostname: ep.hostname.clone(),
-            };
+            let e = endpoint(ip, ep);
             // The same endpoint can sit in two slices for a moment while the controller moves
             // it; keep its most usable state.
             let rank = |e: &EndpointSpec| (e.ready, e.serving, !e.terminating);
@@ -485,33 +524,35 @@ fn service_spec(
             }
         }
     }
+    endpoints.into_values().collect()
+}
 
-    let session_affinity_timeout =
-        (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
-            spec.session_affinity_config
-                .as_ref()
-                .and_then(|c| c.client_ip.as_ref())
-                .and_then(|c| c.timeout_seconds)
-                .and_then(|t| u32::try_from(t).ok())
-                .filter(|t| *t > 0)
-                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
-        });
-    let out = ServiceSpec {
-        namespace: ns.to_string(),
-        name: name.to_string(),
-        cluster_ips,
-        ports: ports.into_iter().map(|w| w.port).collect(),
-        external_ips,
-        session_affinity_timeout,
-        internal_traffic_policy: policy(spec.internal_traffic_policy.as_deref()),
-        external_traffic_policy: policy(spec.external_traffic_policy.as_deref()),
-        endpoints: endpoints.into_values().collect(),
-    };
-    if let Err(e) = out.validate("services") {
-        problems.push(format!("{who}: {e}; left out"));
-        return None;
+fn endpoint(ip: Ipv4Addr, ep: &Endpoint) -> EndpointSpec {
+    let c = ep.conditions.as_ref();
+    // The API's rules for absent conditions: ready unknown counts as ready, serving follows
+    // ready, terminating defaults to false.
+    let ready = c.and_then(|c| c.ready).unwrap_or(true);
+    EndpointSpec {
+        ip: IpAddr::V4(ip),
+        node: ep.node_name.clone(),
+        ready,
+        serving: c.and_then(|c| c.serving).unwrap_or(ready),
+        terminating: c.and_then(|c| c.terminating).unwrap_or(false),
+        hostname: ep.hostname.clone(),
     }
-    Some(out)
+}
+
+/// ClientIP affinity's timeout, or `None` without affinity.
+fn affinity_timeout(spec: &K8sServiceSpec) -> Option<u32> {
+    (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+        spec.session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .and_then(|t| u32::try_from(t).ok())
+            .filter(|t| *t > 0)
+            .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
+    })
 }
 
 /// The peers this node can use: those that do not overlap its own pod CIDR or share its

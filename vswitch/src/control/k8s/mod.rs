@@ -31,7 +31,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 use std::hash::Hash;
 use std::net::IpAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -52,23 +51,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::control::Daemon;
-
-/// Where computed tables go: the daemon in production, a recorder in tests. Each call carries a
-/// complete table and must replace the previous one atomically.
-pub trait ClusterSink: Send + Sync + 'static {
-    fn apply_peers(&self, peers: Vec<PeerSpec>) -> Result<(), String>;
-    fn apply_services(&self, services: Vec<ServiceSpec>) -> Result<(), String>;
-}
-
-impl ClusterSink for Daemon {
-    fn apply_peers(&self, peers: Vec<PeerSpec>) -> Result<(), String> {
-        self.replace_peers(peers).map_err(|e| e.to_string())
-    }
-    fn apply_services(&self, services: Vec<ServiceSpec>) -> Result<(), String> {
-        self.replace_services(services).map_err(|e| e.to_string())
-    }
-}
+use super::ClusterSink;
 
 #[derive(Debug, thiserror::Error)]
 pub enum K8sError {
@@ -676,39 +659,14 @@ async fn publish_loop(
     }
 }
 
-/// What keeps the daemon's tables in step with their source; dropping it stops that.
-pub enum Source {
-    Kubernetes(K8sWatch),
-    File(super::reload::FileWatch),
-}
-
-impl Source {
-    /// The watch's counters in Kubernetes mode.
-    pub fn k8s_stats(&self) -> Option<K8sStatsHandle> {
-        match self {
-            Source::Kubernetes(w) => Some(w.stats_handle()),
-            Source::File(_) => None,
-        }
-    }
-}
-
-/// Starts the Kubernetes watch when `kubernetes.enabled`, else the config file reload. Must be
-/// called on the daemon's tokio runtime.
-pub async fn start_source(
-    daemon: Arc<Daemon>,
-    config_path: &Path,
+/// Starts the watch of the Kubernetes API for this node (`node_name_flag`, or as the config
+/// says) into `sink`. Must be called on the daemon's tokio runtime.
+pub async fn start(
+    config: &Config,
     node_name_flag: Option<&str>,
-) -> Result<Source, K8sError> {
-    let config = daemon.config().clone();
-    if !config.kubernetes.enabled {
-        let sink: Arc<dyn ClusterSink> = daemon;
-        return Ok(Source::File(super::reload::FileWatch::spawn(
-            config_path.to_path_buf(),
-            config,
-            sink,
-        )));
-    }
-    let name = node_name(node_name_flag, &config, std::env::var("NODE_NAME").ok());
+    sink: Arc<dyn ClusterSink>,
+) -> Result<K8sWatch, K8sError> {
+    let name = node_name(node_name_flag, config, std::env::var("NODE_NAME").ok());
     if name != config.node.name {
         tracing::info!(
             "kubernetes: this is node {name:?} in the API (node.name in the config is {:?})",
@@ -724,9 +682,8 @@ pub async fn start_source(
     let kc = client_config(&config.kubernetes).await?;
     tracing::info!("kubernetes: API server {}", kc.cluster_url);
     let client = kube::Client::try_from(kc).map_err(K8sError::Client)?;
-    let settings = WatchSettings::from_config(&config, name);
-    let sink: Arc<dyn ClusterSink> = daemon;
-    Ok(Source::Kubernetes(K8sWatch::spawn(client, settings, sink)))
+    let settings = WatchSettings::from_config(config, name);
+    Ok(K8sWatch::spawn(client, settings, sink))
 }
 
 #[cfg(test)]

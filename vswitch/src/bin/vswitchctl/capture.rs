@@ -16,12 +16,12 @@ use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use conf::api::{self, CaptureSessionsResponse};
+use conf::api::{self, CaptureQuery, CaptureSessionsResponse};
 use conf::client::{Client, ClientError};
-
-use super::pcapng;
+use vswitch::capture::pcapng;
 
 #[derive(clap::Args, Debug)]
 pub struct CaptureArgs {
@@ -59,7 +59,7 @@ pub struct CaptureArgs {
 }
 
 fn parse_snaplen(s: &str) -> Result<usize, String> {
-    use super::{MAX_SNAPLEN, MIN_SNAPLEN};
+    use vswitch::capture::{MAX_SNAPLEN, MIN_SNAPLEN};
     match s.parse::<usize>() {
         Ok(n) if n == 0 || (MIN_SNAPLEN..=MAX_SNAPLEN).contains(&n) => Ok(n),
         _ => Err(format!(
@@ -68,68 +68,29 @@ fn parse_snaplen(s: &str) -> Result<usize, String> {
     }
 }
 
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::Relaxed);
-}
-
-/// SIGINT and SIGTERM only set a flag; reads time out often enough to look at it.
-fn catch_signals() {
-    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
-    let act = SigAction::new(
-        SigHandler::Handler(on_signal),
-        SaFlags::empty(),
-        SigSet::empty(),
-    );
-    for sig in [Signal::SIGINT, Signal::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        let _ = unsafe { sigaction(sig, &act) };
+/// SIGINT and SIGTERM only set the returned flag; reads time out often enough to look at it.
+fn catch_signals() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // Without the handler Ctrl-C still ends the capture, only without the summary.
+        let _ = signal_hook::flag::register(sig, stop.clone());
     }
-}
-
-fn encode(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    stop
 }
 
 /// The request path for these arguments.
 pub fn query(a: &CaptureArgs) -> String {
-    let mut q = Vec::new();
-    if let Some(p) = &a.pod {
-        q.push(format!("pod={}", encode(p)));
-    }
-    if let Some(p) = a.port {
-        q.push(format!("port={p}"));
-    }
-    if let Some(p) = &a.point {
-        q.push(format!("point={}", encode(p)));
-    }
-    if a.direction != "both" {
-        q.push(format!("direction={}", encode(&a.direction)));
-    }
-    if let Some(c) = a.count {
-        q.push(format!("count={c}"));
-    }
-    if let Some(s) = a.snaplen {
-        q.push(format!("snaplen={s}"));
-    }
     let filter = a.filter.join(" ");
-    if !filter.trim().is_empty() {
-        q.push(format!("filter={}", encode(filter.trim())));
+    CaptureQuery {
+        pod: a.pod.clone(),
+        port: a.port,
+        point: a.point.clone(),
+        direction: Some(a.direction.clone()).filter(|d| d != "both"),
+        count: a.count,
+        snaplen: a.snaplen,
+        filter: Some(filter.trim().to_string()),
     }
-    if q.is_empty() {
-        api::PATH_CAPTURE.to_string()
-    } else {
-        format!("{}?{}", api::PATH_CAPTURE, q.join("&"))
-    }
+    .path()
 }
 
 /// Where the stream goes.
@@ -286,7 +247,7 @@ pub fn check_usage(a: &CaptureArgs, stdout_is_terminal: bool) -> Result<(), Stri
 /// Runs a capture until the count, Ctrl-C, or the output going away. Check the arguments with
 /// [`check_usage`] first.
 pub fn run(socket: &std::path::Path, a: &CaptureArgs) -> Result<(), ClientError> {
-    catch_signals();
+    let stop = catch_signals();
     let client = Client::new(socket).with_timeout(Duration::from_secs(10));
     let mut s = client.stream(&query(a), Some(Duration::from_millis(200)))?;
     if !(200..300).contains(&s.status) {
@@ -307,7 +268,7 @@ pub fn run(socket: &std::path::Path, a: &CaptureArgs) -> Result<(), ClientError>
     };
     let mut buf = vec![0u8; 256 * 1024];
     let mut outcome = Ok(());
-    while !STOP.load(Ordering::Relaxed) {
+    while !stop.load(Ordering::Relaxed) {
         match s.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {

@@ -1,0 +1,61 @@
+//! Where peers and Services come from: the Kubernetes API ([`k8s`](super::k8s)) or the config
+//! file, reloaded ([`reload`](super::reload)). Both feed the daemon through the same
+//! [`ClusterSink`]; neither knows about the other.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use conf::config::{PeerSpec, ServiceSpec};
+
+use super::k8s::{self, K8sError, K8sStatsHandle, K8sWatch};
+use super::reload::FileWatch;
+use super::Daemon;
+
+/// Where computed tables go: the daemon in production, a recorder in tests. Each call carries a
+/// complete table and must replace the previous one atomically.
+pub trait ClusterSink: Send + Sync + 'static {
+    fn apply_peers(&self, peers: Vec<PeerSpec>) -> Result<(), String>;
+    fn apply_services(&self, services: Vec<ServiceSpec>) -> Result<(), String>;
+}
+
+impl ClusterSink for Daemon {
+    fn apply_peers(&self, peers: Vec<PeerSpec>) -> Result<(), String> {
+        self.replace_peers(peers).map_err(|e| e.to_string())
+    }
+    fn apply_services(&self, services: Vec<ServiceSpec>) -> Result<(), String> {
+        self.replace_services(services).map_err(|e| e.to_string())
+    }
+}
+
+/// What keeps the daemon's tables in step with their source; dropping it stops that.
+pub enum Source {
+    Kubernetes(K8sWatch),
+    File(FileWatch),
+}
+
+impl Source {
+    /// The watch's counters in Kubernetes mode.
+    pub fn k8s_stats(&self) -> Option<K8sStatsHandle> {
+        match self {
+            Source::Kubernetes(w) => Some(w.stats_handle()),
+            Source::File(_) => None,
+        }
+    }
+}
+
+/// Starts the Kubernetes watch when `kubernetes.enabled`, else the config file reload. Must be
+/// called on the daemon's tokio runtime.
+pub async fn start(
+    daemon: Arc<Daemon>,
+    config_path: &Path,
+    node_name_flag: Option<&str>,
+) -> Result<Source, K8sError> {
+    let config = daemon.config().clone();
+    let sink: Arc<dyn ClusterSink> = daemon;
+    if !config.kubernetes.enabled {
+        let path = config_path.to_path_buf();
+        return Ok(Source::File(FileWatch::spawn(path, config, sink)));
+    }
+    let watch = k8s::start(&config, node_name_flag, sink).await?;
+    Ok(Source::Kubernetes(watch))
+}
