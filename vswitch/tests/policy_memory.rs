@@ -59,7 +59,7 @@ fn a_known_pod_costs_under_200_bytes() {
         };
         (ip, Arc::new(meta))
     });
-    let tables = PolicyTables::new(PolicySet::default(), pods.collect::<Vec<_>>());
+    let tables = PolicyTables::new(Arc::new(PolicySet::default()), pods.collect::<Vec<_>>());
     let used = LIVE.load(Ordering::Relaxed) - before;
     assert_eq!(tables.pods(), PODS as usize);
     assert_eq!(labels.len(), DEPLOYMENTS as usize);

@@ -17,6 +17,7 @@ pub mod k8s;
 pub mod metrics;
 pub mod netconfig;
 pub mod nodeport;
+pub mod policy;
 pub mod policy_dir;
 pub mod reload;
 pub mod source;
@@ -83,6 +84,9 @@ struct Record {
     netns: PathBuf,
     #[serde(default)]
     pod: Option<String>,
+    /// The pod's labels from its ADD (for NetworkPolicy).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    labels: BTreeMap<String, String>,
     mac: String,
     ip: Ipv4Addr,
     port: PortId,
@@ -128,6 +132,8 @@ struct State {
     peers: Vec<PeerSpec>,
     /// The Services (file, Kubernetes watch).
     services: Vec<conf::config::ServiceSpec>,
+    /// NetworkPolicy's inputs (manifest directory, Kubernetes watch).
+    policy: policy::PolicyInputs,
 }
 
 pub struct Daemon {
@@ -383,6 +389,7 @@ impl Daemon {
                 next_port,
                 peers,
                 services,
+                policy: Default::default(),
             }),
             records_dir,
             underlay_stats,
@@ -605,6 +612,7 @@ impl Daemon {
                 (Some(ns), Some(n)) => Some(format!("{ns}/{n}")),
                 _ => None,
             },
+            labels: req.labels.clone(),
             mac: mac.to_string(),
             ip: lease.ip,
             port,
@@ -988,6 +996,13 @@ impl Daemon {
             self.datapath().flush_udp(gone);
         }
         Ok(())
+    }
+
+    /// Replaces NetworkPolicy's inputs (policies, namespaces, pods) and publishes the tables.
+    pub fn replace_policy(&self, inputs: policy::PolicyInputs) {
+        let mut st = self.lock();
+        st.policy = inputs;
+        self.publish(&st);
     }
 
     pub fn services(&self) -> conf::api::ServicesResponse {

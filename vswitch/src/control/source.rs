@@ -8,6 +8,7 @@ use std::sync::Arc;
 use conf::config::{PeerSpec, ServiceSpec};
 
 use super::k8s::{self, K8sError, K8sStatsHandle, K8sWatch};
+use super::policy::{DirWatch, PolicyInputs};
 use super::reload::FileWatch;
 use super::Daemon;
 
@@ -16,6 +17,10 @@ use super::Daemon;
 pub trait ClusterSink: Send + Sync + 'static {
     fn apply_peers(&self, peers: Vec<PeerSpec>) -> Result<(), String>;
     fn apply_services(&self, services: Vec<ServiceSpec>) -> Result<(), String>;
+    /// NetworkPolicies, Namespaces and Pods, all of them.
+    fn apply_policy(&self, _inputs: PolicyInputs) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 impl ClusterSink for Daemon {
@@ -25,12 +30,17 @@ impl ClusterSink for Daemon {
     fn apply_services(&self, services: Vec<ServiceSpec>) -> Result<(), String> {
         self.replace_services(services).map_err(|e| e.to_string())
     }
+    fn apply_policy(&self, inputs: PolicyInputs) -> Result<(), String> {
+        self.replace_policy(inputs);
+        Ok(())
+    }
 }
 
 /// What keeps the daemon's tables in step with their source; dropping it stops that.
 pub enum Source {
     Kubernetes(K8sWatch),
-    File(FileWatch),
+    /// The config file, and the policy manifest directory when `[policy] dir` names one.
+    File(FileWatch, Option<DirWatch>),
 }
 
 impl Source {
@@ -38,7 +48,7 @@ impl Source {
     pub fn k8s_stats(&self) -> Option<K8sStatsHandle> {
         match self {
             Source::Kubernetes(w) => Some(w.stats_handle()),
-            Source::File(_) => None,
+            Source::File(..) => None,
         }
     }
 }
@@ -54,7 +64,12 @@ pub async fn start(
     let sink: Arc<dyn ClusterSink> = daemon;
     if !config.kubernetes.enabled {
         let path = config_path.to_path_buf();
-        return Ok(Source::File(FileWatch::spawn(path, config, sink)));
+        let policy = config
+            .policy
+            .dir
+            .clone()
+            .map(|dir| DirWatch::spawn(dir, sink.clone()));
+        return Ok(Source::File(FileWatch::spawn(path, config, sink), policy));
     }
     let watch = k8s::start(&config, node_name_flag, sink).await?;
     Ok(Source::Kubernetes(watch))

@@ -28,7 +28,7 @@ impl PortPolicy {
 /// The policy tables.
 #[derive(Debug, Default)]
 pub struct PolicyTables {
-    pub set: PolicySet,
+    pub set: Arc<PolicySet>,
     pods: HashMap<IpAddr, Arc<PodMeta>, foldhash::fast::RandomState>,
 }
 
@@ -67,7 +67,10 @@ pub struct End<'a> {
 
 impl PolicyTables {
     /// `pods`: every pod known with its addresses (later entries for an address win).
-    pub fn new(set: PolicySet, pods: impl IntoIterator<Item = (IpAddr, Arc<PodMeta>)>) -> Self {
+    pub fn new(
+        set: Arc<PolicySet>,
+        pods: impl IntoIterator<Item = (IpAddr, Arc<PodMeta>)>,
+    ) -> Self {
         PolicyTables {
             set,
             pods: pods.into_iter().collect(),
