@@ -1039,9 +1039,9 @@ fn dns_query(frame: &[u8]) -> Option<((std::net::Ipv4Addr, u16), std::net::Ipv4A
     let eth = EthernetFrame::new_checked(frame).ok()?;
     let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
     let udp = crate::wire::UdpPacket::new_checked(ip.payload()).ok()?;
-    let hl = ip.header_len() as usize;
-    let start = 14 + hl + 8;
-    let end = 14 + hl + udp.len() as usize;
+    let at = crate::wire::ETHERNET_HEADER_LEN + ip.header_len() as usize;
+    let start = at + crate::wire::UdpPacket::<&[u8]>::HEADER_LEN;
+    let end = at + udp.len() as usize;
     let q = frame.get(start..end)?;
     Some(((ip.src_addr(), udp.src_port()), ip.dst_addr(), q))
 }

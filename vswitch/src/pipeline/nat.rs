@@ -438,6 +438,23 @@ impl Conn {
         }
     }
 
+    /// Rewrites a packet of this connection as its direction is translated: the client's
+    /// to the backend (and, hairpinned, from the gateway), the backend's back to the Service
+    /// address (and to the client's own address and port).
+    fn rewrite(&self, dir: Dir, ip: &mut Ipv4Packet<&mut [u8]>, csum_partial: bool) {
+        match dir {
+            Dir::Orig => {
+                let to = (self.backend.ip, self.backend.port);
+                rewrite(ip, self.snat, Some(to), csum_partial);
+            }
+            Dir::Reply => {
+                let from = (self.orig.dst, self.orig.dport);
+                let to = self.snat.map(|_| (self.orig.src, self.orig.sport));
+                rewrite(ip, Some(from), to, csum_partial);
+            }
+        }
+    }
+
     fn snapshot(&self) -> CtEntry {
         CtEntry {
             orig: self.orig,
@@ -1028,28 +1045,15 @@ pub fn rewrite(
     if let Some((a, _)) = dst {
         ip.set_dst_addr_incremental(a);
     }
-    let proto = ip.protocol();
-    let payload = ip.payload_mut();
-    // Offsets of ports and checksum in TCP and UDP.
-    let csum_at = if proto == IpProtocol::TCP {
-        16
-    } else if proto == IpProtocol::UDP {
-        6
-    } else {
+    let (Some(old_ports), Some(mut csum)) = (ip.ports(), ip.l4_checksum()) else {
         return;
     };
-    if payload.len() < csum_at + 2 {
-        return;
-    }
-    let mut csum = u16::from_be_bytes([payload[csum_at], payload[csum_at + 1]]);
-    if proto == IpProtocol::UDP && csum == 0 {
+    let src_port = src.map_or(old_ports.0, |(_, p)| p);
+    let dst_port = dst.map_or(old_ports.1, |(_, p)| p);
+    ip.set_ports(src_port, dst_port);
+    let udp = ip.protocol() == IpProtocol::UDP;
+    if udp && csum == 0 {
         // "No checksum" stays so; only the ports change.
-        if let Some((_, p)) = src {
-            payload[0..2].copy_from_slice(&p.to_be_bytes());
-        }
-        if let Some((_, p)) = dst {
-            payload[2..4].copy_from_slice(&p.to_be_bytes());
-        }
         return;
     }
     // A partial sum is the pseudo-header sum itself, not its complement.
@@ -1062,24 +1066,20 @@ pub fn rewrite(
     };
     if let Some((a, p)) = src {
         csum = update32(csum, old_src, a);
-        let old_p = u16::from_be_bytes([payload[0], payload[1]]);
         if !csum_partial {
-            csum = checksum::update_u16(csum, old_p, p);
+            csum = checksum::update_u16(csum, old_ports.0, p);
         }
-        payload[0..2].copy_from_slice(&p.to_be_bytes());
     }
     if let Some((a, p)) = dst {
         csum = update32(csum, old_dst, a);
-        let old_p = u16::from_be_bytes([payload[2], payload[3]]);
         if !csum_partial {
-            csum = checksum::update_u16(csum, old_p, p);
+            csum = checksum::update_u16(csum, old_ports.1, p);
         }
-        payload[2..4].copy_from_slice(&p.to_be_bytes());
     }
-    if proto == IpProtocol::UDP && csum == 0 && !csum_partial {
+    if udp && csum == 0 && !csum_partial {
         csum = 0xffff;
     }
-    payload[csum_at..csum_at + 2].copy_from_slice(&csum.to_be_bytes());
+    ip.set_l4_checksum(csum);
 }
 
 fn advance(state: CtState, dir: Dir, flags: TcpFlags, proto: u8) -> CtState {
@@ -1126,9 +1126,7 @@ pub fn untranslate_reply(
             return false;
         }
         e.touch(&cfg, now, Dir::Reply, l4.flags);
-        let from = (e.orig.dst, e.orig.dport);
-        let to = e.snat.map(|_| (e.orig.src, e.orig.sport));
-        rewrite(ip, Some(from), to, csum_partial);
+        e.rewrite(Dir::Reply, ip, csum_partial);
         true
     })
     .unwrap_or(false)
@@ -1151,17 +1149,7 @@ pub fn translate(
     let cfg = ct.cfg;
     let known = ct.with_conn(&key, now, |e, dir| {
         e.touch(&cfg, now, dir, l4.flags);
-        match dir {
-            Dir::Orig => {
-                let to = (e.backend.ip, e.backend.port);
-                rewrite(ip, e.snat, Some(to), csum_partial);
-            }
-            Dir::Reply => {
-                let from = (e.orig.dst, e.orig.dport);
-                let to = e.snat.map(|_| (e.orig.src, e.orig.sport));
-                rewrite(ip, Some(from), to, csum_partial);
-            }
-        }
+        e.rewrite(dir, ip, csum_partial);
     });
     if known.is_some() {
         return Nat::Translated;
@@ -1246,15 +1234,14 @@ pub fn translate_icmp_error(ct: &mut Conntrack, now: u64, ip: &mut Ipv4Packet<&m
         let Ok(q) = Ipv4Packet::new_checked_quoted(icmp.data()) else {
             return false;
         };
-        let l4 = q.payload();
-        if l4.len() < 4 {
+        let Some((sport, dport)) = q.ports() else {
             return false;
-        }
+        };
         Key {
             src: q.src_addr(),
             dst: q.dst_addr(),
-            sport: u16::from_be_bytes([l4[0], l4[1]]),
-            dport: u16::from_be_bytes([l4[2], l4[3]]),
+            sport,
+            dport,
             proto: q.protocol().0,
         }
     };
@@ -1270,21 +1257,15 @@ pub fn translate_icmp_error(ct: &mut Conntrack, now: u64, ip: &mut Ipv4Packet<&m
         Err(_) => return false,
     };
     {
-        let data = icmp.data_mut();
-        let Ok(mut q) = Ipv4Packet::new_checked_quoted(&mut *data) else {
+        let Ok(mut q) = Ipv4Packet::new_checked_quoted(icmp.data_mut()) else {
             return false;
         };
         q.set_dst_addr_incremental(orig.dst);
         if snat {
             q.set_src_addr_incremental(orig.src);
         }
-        let hl = q.header_len() as usize;
-        let l4 = &mut data[hl..];
-        if l4.len() >= 4 {
-            l4[2..4].copy_from_slice(&orig.dport.to_be_bytes());
-            if snat {
-                l4[0..2].copy_from_slice(&orig.sport.to_be_bytes());
-            }
+        if let Some((sport, _)) = q.ports() {
+            q.set_ports(if snat { orig.sport } else { sport }, orig.dport);
         }
     }
     icmp.fill_checksum();

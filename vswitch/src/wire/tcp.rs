@@ -19,14 +19,12 @@ use core::fmt;
 use core::ops::{BitAnd, BitOr, BitOrAssign, Range};
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use super::checksum;
+use super::checksum::{self, L4Checksum};
 use super::ipv4::IpProtocol;
-use super::{be16, be32, clamped, clamped_mut, put_be16, put_be32, Field, Result, WireError};
+use super::{be16, be32, check_lengths, clamped, clamped_mut, put_be16, put_be32, Field, Result};
 
-mod field {
+pub(super) mod field {
     use super::Field;
-    pub const SRC_PORT: Field = 0..2;
-    pub const DST_PORT: Field = 2..4;
     pub const SEQ_NUM: Field = 4..8;
     pub const ACK_NUM: Field = 8..12;
     pub const FLAGS: Field = 12..14;
@@ -130,55 +128,22 @@ pub mod option {
     pub const MSS: u8 = 2;
 }
 
-/// A view of a TCP segment.
-#[derive(Debug, Clone)]
-pub struct TcpPacket<T: AsRef<[u8]>> {
-    buffer: T,
+view! {
+    /// A view of a TCP segment.
+    TcpPacket
 }
+
+l4_ports!(TcpPacket);
 
 impl<T: AsRef<[u8]>> TcpPacket<T> {
     /// Length of a header without options.
     pub const MIN_HEADER_LEN: usize = field::URGENT.end;
 
-    /// Wraps a buffer without checking it; accessors may panic if it is shorter than
-    /// [`Self::MIN_HEADER_LEN`].
-    pub const fn new_unchecked(buffer: T) -> TcpPacket<T> {
-        TcpPacket { buffer }
-    }
-
-    /// Wraps a buffer after checking the data offset against the buffer.
-    pub fn new_checked(buffer: T) -> Result<TcpPacket<T>> {
-        let packet = Self::new_unchecked(buffer);
-        packet.check_len()?;
-        Ok(packet)
-    }
-
-    /// Ensures every accessor is in bounds.
+    /// Ensures every accessor is in bounds: the buffer holds the header its data offset
+    /// announces, which is at least the fixed header.
     pub fn check_len(&self) -> Result<()> {
         let len = self.buffer.as_ref().len();
-        if len < Self::MIN_HEADER_LEN {
-            return Err(WireError::Truncated);
-        }
-        let header_len = usize::from(self.header_len());
-        if header_len < Self::MIN_HEADER_LEN {
-            return Err(WireError::Malformed);
-        }
-        if len < header_len {
-            return Err(WireError::Truncated);
-        }
-        Ok(())
-    }
-
-    pub fn into_inner(self) -> T {
-        self.buffer
-    }
-
-    pub fn src_port(&self) -> u16 {
-        be16(&self.buffer.as_ref()[field::SRC_PORT])
-    }
-
-    pub fn dst_port(&self) -> u16 {
-        be16(&self.buffer.as_ref()[field::DST_PORT])
+        check_lengths(len, Self::MIN_HEADER_LEN, || usize::from(self.header_len()))
     }
 
     pub fn seq_number(&self) -> u32 {
@@ -280,14 +245,6 @@ impl<T: AsRef<[u8]>> TcpPacket<T> {
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> TcpPacket<T> {
-    pub fn set_src_port(&mut self, port: u16) {
-        put_be16(&mut self.buffer.as_mut()[field::SRC_PORT], port);
-    }
-
-    pub fn set_dst_port(&mut self, port: u16) {
-        put_be16(&mut self.buffer.as_mut()[field::DST_PORT], port);
-    }
-
     pub fn set_seq_number(&mut self, seq: u32) {
         put_be32(&mut self.buffer.as_mut()[field::SEQ_NUM], seq);
     }
@@ -376,9 +333,69 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> TcpPacket<T> {
     }
 }
 
-impl<T: AsRef<[u8]>> AsRef<[u8]> for TcpPacket<T> {
-    fn as_ref(&self) -> &[u8] {
-        self.buffer.as_ref()
+/// The meaning of a TCP header without options, detached from its buffer: what the switch
+/// needs to write a segment of its own (a RST).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TcpRepr {
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub seq_number: u32,
+    pub ack_number: u32,
+    pub flags: TcpFlags,
+    pub window_len: u16,
+    /// Bytes after the header.
+    pub payload_len: usize,
+}
+
+impl TcpRepr {
+    /// Reads a segment's header (its options are not kept), re-checking the view.
+    pub fn parse<T: AsRef<[u8]>>(packet: &TcpPacket<T>) -> Result<TcpRepr> {
+        packet.check_len()?;
+        Ok(TcpRepr {
+            src_port: packet.src_port(),
+            dst_port: packet.dst_port(),
+            seq_number: packet.seq_number(),
+            ack_number: packet.ack_number(),
+            flags: packet.flags(),
+            window_len: packet.window_len(),
+            payload_len: packet.payload().len(),
+        })
+    }
+
+    /// Bytes of the header `emit` writes (no options).
+    pub const fn header_len(&self) -> usize {
+        field::URGENT.end
+    }
+
+    /// Header and payload: the segment's length.
+    pub const fn buffer_len(&self) -> usize {
+        field::URGENT.end + self.payload_len
+    }
+
+    /// Writes every header byte (no options, urgent pointer zero) and, over the given pseudo
+    /// header, the checksum, so the payload must be in place first and the buffer exactly
+    /// [`Self::buffer_len`] long. `L4Checksum::None` leaves the checksum zero.
+    ///
+    /// # Panics
+    /// If the packet's buffer is shorter than the 20-byte header.
+    pub fn emit<T: AsRef<[u8]> + AsMut<[u8]>>(&self, packet: &mut TcpPacket<T>, csum: L4Checksum) {
+        packet.set_src_port(self.src_port);
+        packet.set_dst_port(self.dst_port);
+        packet.set_seq_number(self.seq_number);
+        packet.set_ack_number(self.ack_number);
+        // Data offset, the reserved bits and the flags: one half-word.
+        let offset = (field::URGENT.end as u16 / 4) << 12;
+        put_be16(
+            &mut packet.buffer.as_mut()[field::FLAGS],
+            offset | (self.flags.0 & TcpFlags::ALL),
+        );
+        packet.set_window_len(self.window_len);
+        packet.set_urgent_at(0);
+        match csum {
+            L4Checksum::None => packet.set_checksum(0),
+            L4Checksum::V4(src, dst) => packet.fill_checksum(src, dst),
+            L4Checksum::V6(src, dst) => packet.fill_checksum_v6(src, dst),
+        }
     }
 }
 
@@ -387,6 +404,7 @@ mod tests {
     use super::*;
     use crate::wire::ipv4::Ipv4Packet;
     use crate::wire::testdata::TCP_SYN;
+    use crate::wire::WireError;
     use proptest::prelude::*;
 
     const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);

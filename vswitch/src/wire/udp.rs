@@ -9,68 +9,33 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use super::checksum;
+use super::checksum::{self, L4Checksum};
 use super::ipv4::IpProtocol;
-use super::{be16, clamped, clamped_mut, put_be16, Field, Result, WireError};
+use super::{be16, check_lengths, clamped, clamped_mut, put_be16, Field, Result};
 
-mod field {
+pub(super) mod field {
     use super::Field;
-    pub const SRC_PORT: Field = 0..2;
-    pub const DST_PORT: Field = 2..4;
     pub const LENGTH: Field = 4..6;
     pub const CHECKSUM: Field = 6..8;
     pub const PAYLOAD: usize = 8;
 }
 
-/// A view of a UDP datagram.
-#[derive(Debug, Clone)]
-pub struct UdpPacket<T: AsRef<[u8]>> {
-    buffer: T,
+view! {
+    /// A view of a UDP datagram.
+    UdpPacket
 }
+
+l4_ports!(UdpPacket);
 
 impl<T: AsRef<[u8]>> UdpPacket<T> {
     /// Length of the UDP header.
     pub const HEADER_LEN: usize = field::PAYLOAD;
 
-    /// Wraps a buffer without checking it; accessors may panic if it is shorter than
-    /// [`Self::HEADER_LEN`].
-    pub const fn new_unchecked(buffer: T) -> UdpPacket<T> {
-        UdpPacket { buffer }
-    }
-
-    /// Wraps a buffer after checking that it holds the header and the length it announces.
-    pub fn new_checked(buffer: T) -> Result<UdpPacket<T>> {
-        let packet = Self::new_unchecked(buffer);
-        packet.check_len()?;
-        Ok(packet)
-    }
-
-    /// Ensures every accessor is in bounds and the length field is sane.
+    /// Ensures every accessor is in bounds: the buffer holds the header and the length it
+    /// announces, which is at least the header.
     pub fn check_len(&self) -> Result<()> {
         let len = self.buffer.as_ref().len();
-        if len < Self::HEADER_LEN {
-            return Err(WireError::Truncated);
-        }
-        let udp_len = usize::from(self.len());
-        if udp_len < Self::HEADER_LEN {
-            return Err(WireError::Malformed);
-        }
-        if len < udp_len {
-            return Err(WireError::Truncated);
-        }
-        Ok(())
-    }
-
-    pub fn into_inner(self) -> T {
-        self.buffer
-    }
-
-    pub fn src_port(&self) -> u16 {
-        be16(&self.buffer.as_ref()[field::SRC_PORT])
-    }
-
-    pub fn dst_port(&self) -> u16 {
-        be16(&self.buffer.as_ref()[field::DST_PORT])
+        check_lengths(len, Self::HEADER_LEN, || usize::from(self.len()))
     }
 
     /// Header plus payload, in bytes, as the length field says.
@@ -131,14 +96,6 @@ fn nonzero(csum: u16) -> u16 {
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> UdpPacket<T> {
-    pub fn set_src_port(&mut self, port: u16) {
-        put_be16(&mut self.buffer.as_mut()[field::SRC_PORT], port);
-    }
-
-    pub fn set_dst_port(&mut self, port: u16) {
-        put_be16(&mut self.buffer.as_mut()[field::DST_PORT], port);
-    }
-
     pub fn set_len(&mut self, len: u16) {
         put_be16(&mut self.buffer.as_mut()[field::LENGTH], len);
     }
@@ -167,9 +124,51 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> UdpPacket<T> {
     }
 }
 
-impl<T: AsRef<[u8]>> AsRef<[u8]> for UdpPacket<T> {
-    fn as_ref(&self) -> &[u8] {
-        self.buffer.as_ref()
+/// The meaning of a UDP header, detached from its buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct UdpRepr {
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// Bytes after the header.
+    pub payload_len: usize,
+}
+
+impl UdpRepr {
+    /// Reads a datagram's header, re-checking the view.
+    pub fn parse<T: AsRef<[u8]>>(packet: &UdpPacket<T>) -> Result<UdpRepr> {
+        packet.check_len()?;
+        Ok(UdpRepr {
+            src_port: packet.src_port(),
+            dst_port: packet.dst_port(),
+            payload_len: packet.payload().len(),
+        })
+    }
+
+    /// Bytes of the header `emit` writes.
+    pub const fn header_len(&self) -> usize {
+        field::PAYLOAD
+    }
+
+    /// Header and payload: the datagram's length.
+    pub const fn buffer_len(&self) -> usize {
+        field::PAYLOAD + self.payload_len
+    }
+
+    /// Writes the header and, over the given pseudo header, the checksum, so the payload must
+    /// be in place first. A datagram longer than the length field can say gets the largest
+    /// length (the caller sizes datagrams; an IPv4 one never is).
+    ///
+    /// # Panics
+    /// If the packet's buffer is shorter than the 8-byte header.
+    pub fn emit<T: AsRef<[u8]> + AsMut<[u8]>>(&self, packet: &mut UdpPacket<T>, csum: L4Checksum) {
+        packet.set_src_port(self.src_port);
+        packet.set_dst_port(self.dst_port);
+        packet.set_len(u16::try_from(self.buffer_len()).unwrap_or(u16::MAX));
+        match csum {
+            L4Checksum::None => packet.set_checksum(0),
+            L4Checksum::V4(src, dst) => packet.fill_checksum(src, dst),
+            L4Checksum::V6(src, dst) => packet.fill_checksum_v6(src, dst),
+        }
     }
 }
 
@@ -179,6 +178,7 @@ mod tests {
     use crate::wire::ipv4::Ipv4Packet;
     use crate::wire::ipv6::Ipv6Packet;
     use crate::wire::testdata::{DNS_QUERY, IPV6_DNS_QUERY};
+    use crate::wire::WireError;
     use proptest::prelude::*;
 
     const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);
