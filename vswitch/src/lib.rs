@@ -11,4 +11,6 @@ pub mod daemon;
 pub mod datapath;
 pub mod dns;
 pub mod pipeline;
+#[doc(hidden)]
+pub mod testutil;
 pub mod wire;

@@ -436,42 +436,53 @@ pub fn udp_frame(
         dst_port: to.1,
         payload_len: payload.len(),
     };
-    let ip = Ipv4Repr {
-        src_addr: from.0,
-        dst_addr: to.0,
-        protocol: IpProtocol::UDP,
-        payload_len: udp.buffer_len(),
-        ttl: 64,
-        dont_frag: true,
-    };
+    let ip = own_ipv4((from.0, to.0), IpProtocol::UDP, udp.buffer_len(), true);
     u16::try_from(ip.buffer_len()).ok()?;
-    let frame = out.get_mut(..ETHERNET_HEADER_LEN + ip.buffer_len())?;
-    let l4 = emit_ipv4(frame, to_mac, t.gateway_mac, &ip);
+    let (l4, len) = emit_own_ipv4(t, to_mac, &ip, out)?;
     l4[udp.header_len()..].copy_from_slice(payload);
-    udp.emit(
-        &mut UdpPacket::new_unchecked(l4),
-        L4Checksum::V4(from.0, to.0),
-    );
-    Some(frame.len())
+    let csum = L4Checksum::V4(from.0, to.0);
+    udp.emit(&mut UdpPacket::new_unchecked(l4), csum);
+    Some(len)
 }
 
-/// Writes the Ethernet and IPv4 headers of a packet the switch sends itself into `frame`
-/// (exactly as long as the packet) and returns the L4 part after them.
-fn emit_ipv4<'a>(
-    frame: &'a mut [u8],
-    dst: EthernetAddress,
-    src: EthernetAddress,
+/// The IPv4 header of a packet the switch sends itself, `(from, to)`.
+fn own_ipv4(
+    (src_addr, dst_addr): (Ipv4Addr, Ipv4Addr),
+    protocol: IpProtocol,
+    payload_len: usize,
+    dont_frag: bool,
+) -> Ipv4Repr {
+    Ipv4Repr {
+        src_addr,
+        dst_addr,
+        protocol,
+        payload_len,
+        ttl: 64,
+        dont_frag,
+    }
+}
+
+/// Writes the Ethernet header (from the gateway MAC to `to_mac`) and the IPv4 header `ip` of a
+/// packet the switch sends itself at the start of `buf`. Returns the packet's L4 part, right
+/// after the headers and exactly as long as `ip` says, and the frame's length; `None`, having
+/// written nothing, where `buf` is too short.
+fn emit_own_ipv4<'a>(
+    t: &Tables,
+    to_mac: EthernetAddress,
     ip: &Ipv4Repr,
-) -> &'a mut [u8] {
+    buf: &'a mut [u8],
+) -> Option<(&'a mut [u8], usize)> {
+    let len = ETHERNET_HEADER_LEN + ip.buffer_len();
+    let frame = buf.get_mut(..len)?;
     let eth = EthernetRepr {
-        src_addr: src,
-        dst_addr: dst,
+        src_addr: t.gateway_mac,
+        dst_addr: to_mac,
         ethertype: EtherType::IPV4,
     };
     eth.emit(&mut EthernetFrame::new_unchecked(&mut *frame));
     let ip_buf = &mut frame[ETHERNET_HEADER_LEN..];
     ip.emit(&mut Ipv4Packet::new_unchecked(&mut *ip_buf));
-    &mut ip_buf[ip.header_len()..]
+    Some((&mut ip_buf[ip.header_len()..], len))
 }
 
 /// The VXLAN header for what this node sends.
@@ -684,19 +695,10 @@ fn reject(t: &Tables, port: &PortEntry, buf: &mut [u8], len: usize) -> Action {
         return Action::Drop(DropReason::ServiceRejected);
     };
     let client = ip.src_addr();
-    let ip = Ipv4Repr {
-        src_addr: vip,
-        dst_addr: client,
-        protocol: IpProtocol::TCP,
-        payload_len: rst.buffer_len(),
-        ttl: 64,
-        dont_frag: true,
-    };
-    let len = ETHERNET_HEADER_LEN + ip.buffer_len();
-    let Some(frame) = buf.get_mut(..len) else {
+    let ip = own_ipv4((vip, client), IpProtocol::TCP, rst.buffer_len(), true);
+    let Some((l4, len)) = emit_own_ipv4(t, port.mac, &ip, buf) else {
         return Action::Drop(DropReason::Malformed);
     };
-    let l4 = emit_ipv4(frame, port.mac, t.gateway_mac, &ip);
     rst.emit(
         &mut TcpPacket::new_unchecked(l4),
         L4Checksum::V4(vip, client),
@@ -757,19 +759,10 @@ fn icmp_error(
         rest_of_header: u32::from(mtu),
         data_len: quote_len,
     };
-    let ip = Ipv4Repr {
-        src_addr: from,
-        dst_addr: port.ip,
-        protocol: IpProtocol::ICMP,
-        payload_len: icmp.buffer_len(),
-        ttl: 64,
-        dont_frag: false,
-    };
-    let len = ETHERNET_HEADER_LEN + ip.buffer_len();
-    let Some(frame) = buf.get_mut(..len) else {
+    let ip = own_ipv4((from, port.ip), IpProtocol::ICMP, icmp.buffer_len(), false);
+    let Some((l4, len)) = emit_own_ipv4(t, port.mac, &ip, buf) else {
         return Action::Drop(DropReason::TooBig);
     };
-    let l4 = emit_ipv4(frame, port.mac, t.gateway_mac, &ip);
     l4[icmp.header_len()..].copy_from_slice(&quote[..quote_len]);
     icmp.emit(&mut Icmpv4Packet::new_unchecked(l4));
     Action::Reply(len)

@@ -56,7 +56,8 @@ macro_rules! view {
     };
 }
 
-/// The two ports TCP and UDP both start with, as accessors of their views.
+/// The two ports TCP and UDP both start with, as accessors of their views, and the choice of
+/// pseudo header for their checksums.
 macro_rules! l4_ports {
     ($name:ident) => {
         impl<T: AsRef<[u8]>> $name<T> {
@@ -76,6 +77,16 @@ macro_rules! l4_ports {
 
             pub fn set_dst_port(&mut self, port: u16) {
                 $crate::wire::put_be16(&mut self.buffer.as_mut()[$crate::wire::ports::DST], port);
+            }
+
+            /// Stores the checksum over this pseudo header (the payload must be in place), or
+            /// zero for `L4Checksum::None`.
+            pub fn fill_l4_checksum(&mut self, csum: $crate::wire::L4Checksum) {
+                match csum {
+                    $crate::wire::L4Checksum::None => self.set_checksum(0),
+                    $crate::wire::L4Checksum::V4(src, dst) => self.fill_checksum(src, dst),
+                    $crate::wire::L4Checksum::V6(src, dst) => self.fill_checksum_v6(src, dst),
+                }
             }
         }
     };

@@ -391,21 +391,16 @@ impl TcpRepr {
         );
         packet.set_window_len(self.window_len);
         packet.set_urgent_at(0);
-        match csum {
-            L4Checksum::None => packet.set_checksum(0),
-            L4Checksum::V4(src, dst) => packet.fill_checksum(src, dst),
-            L4Checksum::V6(src, dst) => packet.fill_checksum_v6(src, dst),
-        }
+        packet.fill_l4_checksum(csum);
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::wire::ipv4::Ipv4Packet;
-    use crate::wire::testdata::TCP_SYN;
-    use crate::wire::WireError;
     use proptest::prelude::*;
+
+    use super::*;
+    use crate::wire::{testdata::TCP_SYN, Ipv4Packet, WireError};
 
     const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);
     const SVC_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 12, 34);

@@ -164,11 +164,7 @@ impl UdpRepr {
         packet.set_src_port(self.src_port);
         packet.set_dst_port(self.dst_port);
         packet.set_len(u16::try_from(self.buffer_len()).unwrap_or(u16::MAX));
-        match csum {
-            L4Checksum::None => packet.set_checksum(0),
-            L4Checksum::V4(src, dst) => packet.fill_checksum(src, dst),
-            L4Checksum::V6(src, dst) => packet.fill_checksum_v6(src, dst),
-        }
+        packet.fill_l4_checksum(csum);
     }
 }
 
