@@ -2,6 +2,7 @@
 //! with.
 
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use conf::config::{LoadBalancing, Protocol, ServiceSpec, TrafficPolicy};
 
@@ -32,11 +33,21 @@ pub struct Backend {
 }
 
 /// Every Service frontend, by (address, protocol, port).
+///
+/// A handle: the frontends and their Maglev tables (tens of MB at 10,000 Services) sit behind
+/// an `Arc`, so every table snapshot that keeps the Services (a pod attached or gone, new DNS
+/// records, new peers) shares them instead of copying them; only a change of Services builds
+/// a new one.
 #[derive(Debug, Clone, Default)]
 pub struct ServiceTable {
+    shared: Arc<Frontends>,
+    pub lb: LoadBalancing,
+}
+
+#[derive(Debug, Default)]
+struct Frontends {
     frontends: Vec<Frontend>,
     by_vip: Map<(Ipv4Addr, u8, u16), u32>,
-    pub lb: LoadBalancing,
 }
 
 fn proto_num(p: Protocol) -> Option<u8> {
@@ -104,10 +115,7 @@ fn maglev(backends: &[Backend]) -> Box<[u16]> {
 impl ServiceTable {
     /// Builds the frontends of `services` as seen from node `node`.
     pub fn build(services: &[ServiceSpec], node: &str, lb: LoadBalancing) -> ServiceTable {
-        let mut t = ServiceTable {
-            lb,
-            ..Default::default()
-        };
+        let mut t = Frontends::default();
         for s in services {
             let local_only = s.internal_traffic_policy == TrafficPolicy::Local;
             for p in &s.ports {
@@ -172,29 +180,39 @@ impl ServiceTable {
                 }
             }
         }
-        t
+        ServiceTable {
+            shared: Arc::new(t),
+            lb,
+        }
+    }
+
+    /// Whether two tables are one and the same (a snapshot kept its predecessor's Services).
+    pub fn ptr_eq(a: &ServiceTable, b: &ServiceTable) -> bool {
+        Arc::ptr_eq(&a.shared, &b.shared)
     }
 
     #[inline]
     pub fn lookup(&self, vip: Ipv4Addr, proto: u8, port: u16) -> Option<&Frontend> {
-        self.by_vip
+        self.shared
+            .by_vip
             .get(&(vip, proto, port))
-            .and_then(|&i| self.frontends.get(i as usize))
+            .and_then(|&i| self.shared.frontends.get(i as usize))
     }
 
     /// Whether any frontend uses this address (for "a Service address with no such port").
     pub fn is_vip(&self, ip: Ipv4Addr) -> bool {
-        self.frontends.iter().any(|f| f.vip == ip)
+        self.shared.frontends.iter().any(|f| f.vip == ip)
     }
 
     pub fn frontends(&self) -> &[Frontend] {
-        &self.frontends
+        &self.shared.frontends
     }
 
     /// Heap bytes the table holds (frontends, backends, Maglev tables, names, index), for
     /// sizing: what 10,000 Services cost.
     pub fn heap_bytes(&self) -> usize {
         let per_frontend: usize = self
+            .shared
             .frontends
             .iter()
             .map(|f| {
@@ -204,11 +222,12 @@ impl ServiceTable {
             })
             .sum();
         per_frontend
-            + self.frontends.capacity() * std::mem::size_of::<Frontend>()
-            + self.by_vip.capacity() * (std::mem::size_of::<((Ipv4Addr, u8, u16), u32)>() + 1)
+            + self.shared.frontends.capacity() * std::mem::size_of::<Frontend>()
+            + self.shared.by_vip.capacity()
+                * (std::mem::size_of::<((Ipv4Addr, u8, u16), u32)>() + 1)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.frontends.is_empty()
+        self.shared.frontends.is_empty()
     }
 }
