@@ -367,4 +367,15 @@ mod tests {
             prop_assert_eq!(ours.payload().len(), 20 + 8 + payload.len());
         }
     }
+
+    #[test]
+    fn repr_parses_and_emits_a_header() {
+        let frame = EthernetFrame::new_checked(&ICMP_ECHO[..]).unwrap();
+        let repr = EthernetRepr::parse(&frame).unwrap();
+        assert_eq!(repr.ethertype, EtherType::IPV4);
+        assert_eq!(repr.header_len(), HEADER_LEN);
+        let mut buf = [0xffu8; HEADER_LEN];
+        repr.emit(&mut EthernetFrame::new_unchecked(&mut buf[..]));
+        assert_eq!(buf[..], ICMP_ECHO[..HEADER_LEN]);
+    }
 }

@@ -374,4 +374,20 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn repr_parses_and_emits_the_echo_request() {
+        let ip = Ipv4Packet::new_checked(&ICMP_ECHO[14..]).unwrap();
+        let icmp = Icmpv4Packet::new_checked(ip.payload()).unwrap();
+        let repr = Icmpv4Repr::parse(&icmp).unwrap();
+        assert_eq!(
+            (repr.msg_type, repr.msg_code),
+            (Icmpv4Message::ECHO_REQUEST, 0)
+        );
+        assert_eq!((repr.header_len(), repr.buffer_len()), (8, 64));
+        let mut buf = [0xffu8; 64];
+        buf[8..].copy_from_slice(icmp.data());
+        repr.emit(&mut Icmpv4Packet::new_unchecked(&mut buf[..]));
+        assert_eq!(&buf[..], ip.payload());
+    }
 }

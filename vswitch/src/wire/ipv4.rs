@@ -746,4 +746,53 @@ mod tests {
     fn buf_payload_len(h: &etherparse::Ipv4Header) -> usize {
         usize::from(h.total_len) - h.header_len()
     }
+
+    #[test]
+    fn repr_parses_and_emits_a_header() {
+        let ip = Ipv4Packet::new_checked(&ICMP_ECHO[14..]).unwrap();
+        let repr = Ipv4Repr::parse(&ip).unwrap();
+        let want = Ipv4Repr {
+            src_addr: POD_IP,
+            dst_addr: Ipv4Addr::new(10, 244, 2, 7),
+            protocol: IpProtocol::ICMP,
+            payload_len: 64,
+            ttl: 64,
+            dont_frag: true,
+        };
+        assert_eq!(repr, want);
+        assert_eq!((repr.header_len(), repr.buffer_len()), (20, 84));
+        let mut buf = [0xffu8; 84];
+        repr.emit(&mut Ipv4Packet::new_unchecked(&mut buf[..]));
+        buf[20..].copy_from_slice(&ICMP_ECHO[34..]);
+        // The sample's header but for the identification, zero in the switch's own packets.
+        let mut sample: [u8; 84] = ICMP_ECHO[14..].try_into().unwrap();
+        let mut s = Ipv4Packet::new_unchecked(&mut sample[..]);
+        s.set_ident(0);
+        s.fill_checksum();
+        assert_eq!(buf, sample);
+    }
+
+    #[test]
+    fn l4_ports_and_checksum() {
+        let mut buf: [u8; 93] = DNS_QUERY[14..].try_into().unwrap();
+        let mut ip = Ipv4Packet::new_checked(&mut buf[..]).unwrap();
+        assert_eq!(ip.ports(), Some((53211, 53)));
+        assert_eq!(ip.l4_checksum(), Some(0x6f02));
+        assert!(ip.set_ports(1, 2) && ip.set_l4_checksum(0x1234));
+        assert_eq!((ip.ports(), ip.l4_checksum()), (Some((1, 2)), Some(0x1234)));
+        assert_eq!(&buf[20..28], &[0, 1, 0, 2, 0, 73, 0x12, 0x34]);
+        // A later fragment carries no L4 header.
+        let mut ip = Ipv4Packet::new_checked(&mut buf[..]).unwrap();
+        ip.set_frag_offset(8);
+        assert_eq!((ip.ports(), ip.l4_checksum()), (None, None));
+        assert!(!ip.set_ports(3, 4) && !ip.set_l4_checksum(5));
+        // ICMP has no ports.
+        let icmp = Ipv4Packet::new_checked(&ICMP_ECHO[14..]).unwrap();
+        assert_eq!((icmp.ports(), icmp.l4_checksum()), (None, None));
+        // A TCP header quoted to 8 bytes has its ports, not its checksum.
+        let quoted = Ipv4Packet::new_checked_quoted(&TCP_SYN[14..42]).unwrap();
+        let tcp = crate::wire::TcpPacket::new_checked(&TCP_SYN[34..]).unwrap();
+        assert_eq!(quoted.ports(), Some((tcp.src_port(), tcp.dst_port())));
+        assert_eq!(quoted.l4_checksum(), None);
+    }
 }

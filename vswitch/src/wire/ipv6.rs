@@ -338,4 +338,19 @@ mod tests {
             prop_assert_eq!(ip.payload().len(), 8 + payload.len());
         }
     }
+
+    #[test]
+    fn repr_parses_and_emits_a_header() {
+        let ip = Ipv6Packet::new_checked(&IPV6_DNS_QUERY[14..]).unwrap();
+        let repr = Ipv6Repr::parse(&ip).unwrap();
+        assert_eq!((repr.src_addr, repr.dst_addr), (pod(), dns()));
+        assert_eq!((repr.next_header, repr.payload_len), (IpProtocol::UDP, 62));
+        assert_eq!((repr.header_len(), repr.buffer_len()), (40, 102));
+        let mut buf = [0xffu8; 40];
+        repr.emit(&mut Ipv6Packet::new_unchecked(&mut buf[..]));
+        // The sample's header but for the flow label, zero in the switch's own packets.
+        let mut sample: [u8; 40] = IPV6_DNS_QUERY[14..54].try_into().unwrap();
+        Ipv6Packet::new_unchecked(&mut sample[..]).set_flow_label(0);
+        assert_eq!(buf, sample);
+    }
 }

@@ -654,4 +654,35 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn repr_emits_a_rst() {
+        let repr = TcpRepr {
+            src_port: 80,
+            dst_port: 40_000,
+            seq_number: 7,
+            ack_number: 9,
+            flags: TcpFlags::RST | TcpFlags::ACK,
+            window_len: 0,
+            payload_len: 0,
+        };
+        let mut buf = [0xaau8; 20];
+        let csum = L4Checksum::V4(SVC_IP, POD_IP);
+        repr.emit(&mut TcpPacket::new_unchecked(&mut buf[..]), csum);
+        assert_eq!(
+            &buf[12..14],
+            &[0x50, 0x14],
+            "data offset 5, RST|ACK, reserved zero"
+        );
+        let tcp = TcpPacket::new_checked(&buf[..]).unwrap();
+        assert_eq!(TcpRepr::parse(&tcp), Ok(repr));
+        assert_eq!((tcp.header_len(), tcp.urgent_at()), (20, 0));
+        assert!(tcp.verify_checksum(SVC_IP, POD_IP));
+        let (theirs, _) = etherparse::TcpHeader::from_slice(&buf).unwrap();
+        assert!(theirs.rst && theirs.ack && !theirs.syn);
+        assert_eq!(
+            (theirs.sequence_number, theirs.acknowledgment_number),
+            (7, 9)
+        );
+    }
 }

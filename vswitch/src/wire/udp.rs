@@ -343,4 +343,30 @@ mod tests {
             prop_assert!(udp.verify_checksum_v6(ip.src_addr(), ip.dst_addr()));
         }
     }
+
+    #[test]
+    fn repr_parses_and_emits_the_dns_query() {
+        let ip = Ipv4Packet::new_checked(&DNS_QUERY[14..]).unwrap();
+        let udp = UdpPacket::new_checked(ip.payload()).unwrap();
+        let repr = UdpRepr::parse(&udp).unwrap();
+        let want = UdpRepr {
+            src_port: 53211,
+            dst_port: 53,
+            payload_len: 65,
+        };
+        assert_eq!(repr, want);
+        assert_eq!((repr.header_len(), repr.buffer_len()), (8, 73));
+        let mut buf = [0xffu8; 73];
+        buf[8..].copy_from_slice(udp.payload());
+        repr.emit(
+            &mut UdpPacket::new_unchecked(&mut buf[..]),
+            L4Checksum::V4(POD_IP, DNS_IP),
+        );
+        assert_eq!(&buf[..], ip.payload());
+        repr.emit(
+            &mut UdpPacket::new_unchecked(&mut buf[..]),
+            L4Checksum::None,
+        );
+        assert_eq!(&buf[6..8], &[0, 0]);
+    }
 }
