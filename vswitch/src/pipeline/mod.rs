@@ -757,7 +757,7 @@ fn icmp_error(
         msg_type: msg,
         msg_code: code,
         rest_of_header: u32::from(mtu),
-        data_len: quote_len,
+        payload_len: quote_len,
     };
     let ip = own_ipv4((from, port.ip), IpProtocol::ICMP, icmp.buffer_len(), false);
     let Some((l4, len)) = emit_own_ipv4(t, port.mac, &ip, buf) else {

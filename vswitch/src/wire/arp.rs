@@ -10,13 +10,9 @@ use std::net::Ipv4Addr;
 use super::ethernet::{self, EtherType, EthernetAddress, EthernetFrame};
 use super::{be16, put_be16, Field, Result, WireError};
 
-/// The ARP operation code. Unknown codes pass through so they can be counted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ArpOperation(pub u16);
-
-impl ArpOperation {
-    pub const REQUEST: ArpOperation = ArpOperation(1);
-    pub const REPLY: ArpOperation = ArpOperation(2);
+protocol_number! {
+    /// The ARP operation code.
+    ArpOperation(u16) { REQUEST = 1, REPLY = 2 }
 }
 
 /// ARP hardware type for Ethernet.

@@ -98,16 +98,9 @@ impl From<[u8; 6]> for EthernetAddress {
     }
 }
 
-/// The EtherType field. A newtype rather than an enum so that unknown values pass through
-/// (and can be counted) without a lossy `Unknown` arm.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct EtherType(pub u16);
-
-impl EtherType {
-    pub const IPV4: EtherType = EtherType(0x0800);
-    pub const ARP: EtherType = EtherType(0x0806);
-    pub const VLAN: EtherType = EtherType(0x8100);
-    pub const IPV6: EtherType = EtherType(0x86DD);
+protocol_number! {
+    /// The EtherType field.
+    EtherType(u16) { IPV4 = 0x0800, ARP = 0x0806, VLAN = 0x8100, IPV6 = 0x86DD }
 }
 
 impl fmt::Display for EtherType {

@@ -11,16 +11,12 @@
 use super::checksum;
 use super::{be16, be32, check_lengths, put_be16, put_be32, Field, Result};
 
-/// The ICMP message type. A newtype so that unknown types pass through and can be counted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Icmpv4Message(pub u8);
+protocol_number! {
+    /// The ICMP message type.
+    Icmpv4Message(u8) { ECHO_REPLY = 0, DST_UNREACHABLE = 3, ECHO_REQUEST = 8, TIME_EXCEEDED = 11 }
+}
 
 impl Icmpv4Message {
-    pub const ECHO_REPLY: Icmpv4Message = Icmpv4Message(0);
-    pub const DST_UNREACHABLE: Icmpv4Message = Icmpv4Message(3);
-    pub const ECHO_REQUEST: Icmpv4Message = Icmpv4Message(8);
-    pub const TIME_EXCEEDED: Icmpv4Message = Icmpv4Message(11);
-
     /// Error messages quote the packet that caused them; NAT must translate that quote too.
     pub fn is_error(self) -> bool {
         matches!(self.0, 3 | 4 | 5 | 11 | 12)
@@ -164,8 +160,8 @@ pub struct Icmpv4Repr {
     pub msg_type: Icmpv4Message,
     pub msg_code: u8,
     pub rest_of_header: u32,
-    /// Bytes after the 8-byte header.
-    pub data_len: usize,
+    /// Bytes after the 8-byte header (echo data, an error's quote).
+    pub payload_len: usize,
 }
 
 impl Icmpv4Repr {
@@ -176,19 +172,11 @@ impl Icmpv4Repr {
             msg_type: packet.msg_type(),
             msg_code: packet.msg_code(),
             rest_of_header: packet.rest_of_header(),
-            data_len: packet.data().len(),
+            payload_len: packet.data().len(),
         })
     }
 
-    /// Bytes of the header `emit` writes.
-    pub const fn header_len(&self) -> usize {
-        field::DATA
-    }
-
-    /// Header and data: the ICMP message's length.
-    pub const fn buffer_len(&self) -> usize {
-        field::DATA + self.data_len
-    }
+    repr_lengths!(field::DATA);
 
     /// Writes the header and the checksum over the whole message, so the data must be in
     /// place first; the packet's buffer must be exactly [`Self::buffer_len`] long for the

@@ -16,17 +16,9 @@ use super::checksum;
 use super::WireError;
 use super::{be16, check_lengths, clamped, clamped_mut, ports, put_be16, tcp, udp, Field, Result};
 
-/// The IP protocol / IPv6 next-header number. A newtype so that unknown values pass through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct IpProtocol(pub u8);
-
-impl IpProtocol {
-    pub const HOP_BY_HOP: IpProtocol = IpProtocol(0);
-    pub const ICMP: IpProtocol = IpProtocol(1);
-    pub const TCP: IpProtocol = IpProtocol(6);
-    pub const UDP: IpProtocol = IpProtocol(17);
-    pub const IPV6_FRAG: IpProtocol = IpProtocol(44);
-    pub const ICMPV6: IpProtocol = IpProtocol(58);
+protocol_number! {
+    /// The IP protocol / IPv6 next-header number.
+    IpProtocol(u8) { HOP_BY_HOP = 0, ICMP = 1, TCP = 6, UDP = 17, IPV6_FRAG = 44, ICMPV6 = 58 }
 }
 
 mod field {
@@ -402,15 +394,7 @@ impl Ipv4Repr {
         })
     }
 
-    /// Bytes of the header `emit` writes (no options).
-    pub const fn header_len(&self) -> usize {
-        field::DST_ADDR.end
-    }
-
-    /// Header and payload: the total length.
-    pub const fn buffer_len(&self) -> usize {
-        field::DST_ADDR.end + self.payload_len
-    }
+    repr_lengths!(field::DST_ADDR.end);
 
     /// Writes every header byte, the checksum included. A total length past 65535 is stored
     /// as 65535 (the caller sizes packets; none of the switch's own is that long).

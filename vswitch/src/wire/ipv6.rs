@@ -172,15 +172,7 @@ impl Ipv6Repr {
         })
     }
 
-    /// Bytes of the header `emit` writes.
-    pub const fn header_len(&self) -> usize {
-        field::DST_ADDR.end
-    }
-
-    /// Header and payload.
-    pub const fn buffer_len(&self) -> usize {
-        field::DST_ADDR.end + self.payload_len
-    }
+    repr_lengths!(field::DST_ADDR.end);
 
     /// Writes every byte of the fixed header. A payload length past 65535 is stored as
     /// 65535 (no jumbograms here).

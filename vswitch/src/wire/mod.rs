@@ -18,6 +18,20 @@
 //! sized with `header_len`/`buffer_len`. An emitter is a fixed sequence of stores, no loop and
 //! no allocation, so it costs what writing the fields by hand did. IPv6 follows the same shape.
 
+/// A protocol number as a newtype rather than an enum, so that unknown values pass through (and
+/// can be counted) without a lossy `Unknown` arm, with its known values as constants.
+macro_rules! protocol_number {
+    ($(#[$attr:meta])* $name:ident($int:ty) { $($known:ident = $value:expr),* $(,)? }) => {
+        $(#[$attr])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(pub $int);
+
+        impl $name {
+            $(pub const $known: $name = $name($value);)*
+        }
+    };
+}
+
 /// The part every view shares: the struct around the buffer, the two constructors,
 /// `into_inner` and `AsRef`. Each view writes its own `check_len`, the one place where its
 /// lengths are proved.
@@ -56,17 +70,38 @@ macro_rules! view {
     };
 }
 
-/// The two ports TCP and UDP both start with, as accessors of their views, and the choice of
-/// pseudo header for their checksums.
-macro_rules! l4_ports {
-    ($name:ident) => {
+/// A TCP or UDP view: [`view!`] plus what the two share: the length of the fixed header
+/// (`$fixed`, a constant named as given) and a `check_len` against the length the header
+/// announces (`$announced`), the ports they both start with, the checksum field (at the
+/// calling module's `field::CHECKSUM`) and the choice of pseudo header for it.
+macro_rules! l4_view {
+    ($(#[$attr:meta])* $name:ident, $fixed:ident = $len:expr, $announced:ident) => {
+        view! {
+            $(#[$attr])*
+            $name
+        }
+
         impl<T: AsRef<[u8]>> $name<T> {
+            /// Length of the fixed header.
+            pub const $fixed: usize = $len;
+
+            /// Ensures every accessor is in bounds: the buffer holds the length the header
+            /// announces, which is at least the fixed header.
+            pub fn check_len(&self) -> $crate::wire::Result<()> {
+                let len = self.buffer.as_ref().len();
+                $crate::wire::check_lengths(len, Self::$fixed, || usize::from(self.$announced()))
+            }
+
             pub fn src_port(&self) -> u16 {
                 $crate::wire::be16(&self.buffer.as_ref()[$crate::wire::ports::SRC])
             }
 
             pub fn dst_port(&self) -> u16 {
                 $crate::wire::be16(&self.buffer.as_ref()[$crate::wire::ports::DST])
+            }
+
+            pub fn checksum(&self) -> u16 {
+                $crate::wire::be16(&self.buffer.as_ref()[field::CHECKSUM])
             }
         }
 
@@ -79,6 +114,10 @@ macro_rules! l4_ports {
                 $crate::wire::put_be16(&mut self.buffer.as_mut()[$crate::wire::ports::DST], port);
             }
 
+            pub fn set_checksum(&mut self, csum: u16) {
+                $crate::wire::put_be16(&mut self.buffer.as_mut()[field::CHECKSUM], csum);
+            }
+
             /// Stores the checksum over this pseudo header (the payload must be in place), or
             /// zero for `L4Checksum::None`.
             pub fn fill_l4_checksum(&mut self, csum: $crate::wire::L4Checksum) {
@@ -88,6 +127,22 @@ macro_rules! l4_ports {
                     $crate::wire::L4Checksum::V6(src, dst) => self.fill_checksum_v6(src, dst),
                 }
             }
+        }
+    };
+}
+
+/// `header_len` and `buffer_len` of a Repr with a fixed header of `$header` bytes and a
+/// `payload_len` field: what the caller sizes the buffer for `emit` with.
+macro_rules! repr_lengths {
+    ($header:expr) => {
+        /// Bytes of the header `emit` writes.
+        pub const fn header_len(&self) -> usize {
+            $header
+        }
+
+        /// Header and payload: the length of the buffer `emit` writes into.
+        pub const fn buffer_len(&self) -> usize {
+            $header + self.payload_len
         }
     };
 }

@@ -21,7 +21,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use super::checksum::{self, L4Checksum};
 use super::ipv4::IpProtocol;
-use super::{be16, be32, check_lengths, clamped, clamped_mut, put_be16, put_be32, Field, Result};
+use super::{be16, be32, clamped, clamped_mut, put_be16, put_be32, Field, Result};
 
 pub(super) mod field {
     use super::Field;
@@ -31,6 +31,13 @@ pub(super) mod field {
     pub const WIN_SIZE: Field = 14..16;
     pub const CHECKSUM: Field = 16..18;
     pub const URGENT: Field = 18..20;
+}
+
+/// TCP option kinds this module looks at.
+pub mod option {
+    pub const END: u8 = 0;
+    pub const NOP: u8 = 1;
+    pub const MSS: u8 = 2;
 }
 
 /// The nine TCP control bits as a bitset (the low 9 bits of header bytes 12-13).
@@ -121,31 +128,12 @@ impl fmt::Debug for TcpFlags {
     }
 }
 
-/// TCP option kinds this module looks at.
-pub mod option {
-    pub const END: u8 = 0;
-    pub const NOP: u8 = 1;
-    pub const MSS: u8 = 2;
+l4_view! {
+    /// A view of a TCP segment: the fixed header, options up to the data offset, data.
+    TcpPacket, MIN_HEADER_LEN = field::URGENT.end, header_len
 }
-
-view! {
-    /// A view of a TCP segment.
-    TcpPacket
-}
-
-l4_ports!(TcpPacket);
 
 impl<T: AsRef<[u8]>> TcpPacket<T> {
-    /// Length of a header without options.
-    pub const MIN_HEADER_LEN: usize = field::URGENT.end;
-
-    /// Ensures every accessor is in bounds: the buffer holds the header its data offset
-    /// announces, which is at least the fixed header.
-    pub fn check_len(&self) -> Result<()> {
-        let len = self.buffer.as_ref().len();
-        check_lengths(len, Self::MIN_HEADER_LEN, || usize::from(self.header_len()))
-    }
-
     pub fn seq_number(&self) -> u32 {
         be32(&self.buffer.as_ref()[field::SEQ_NUM])
     }
@@ -166,10 +154,6 @@ impl<T: AsRef<[u8]>> TcpPacket<T> {
     /// The raw window field (unscaled).
     pub fn window_len(&self) -> u16 {
         be16(&self.buffer.as_ref()[field::WIN_SIZE])
-    }
-
-    pub fn checksum(&self) -> u16 {
-        be16(&self.buffer.as_ref()[field::CHECKSUM])
     }
 
     pub fn urgent_at(&self) -> u16 {
@@ -244,6 +228,60 @@ impl<T: AsRef<[u8]>> TcpPacket<T> {
     }
 }
 
+/// The meaning of a TCP header without options, detached from its buffer: what the switch
+/// needs to write a segment of its own (a RST).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TcpRepr {
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub seq_number: u32,
+    pub ack_number: u32,
+    pub flags: TcpFlags,
+    pub window_len: u16,
+    /// Bytes after the header.
+    pub payload_len: usize,
+}
+
+impl TcpRepr {
+    /// Reads a segment's header (its options are not kept), re-checking the view.
+    pub fn parse<T: AsRef<[u8]>>(packet: &TcpPacket<T>) -> Result<TcpRepr> {
+        packet.check_len()?;
+        Ok(TcpRepr {
+            src_port: packet.src_port(),
+            dst_port: packet.dst_port(),
+            seq_number: packet.seq_number(),
+            ack_number: packet.ack_number(),
+            flags: packet.flags(),
+            window_len: packet.window_len(),
+            payload_len: packet.payload().len(),
+        })
+    }
+
+    repr_lengths!(field::URGENT.end);
+
+    /// Writes every header byte (no options, urgent pointer zero) and, over the given pseudo
+    /// header, the checksum, so the payload must be in place first and the buffer exactly
+    /// [`Self::buffer_len`] long. `L4Checksum::None` leaves the checksum zero.
+    ///
+    /// # Panics
+    /// If the packet's buffer is shorter than the 20-byte header.
+    pub fn emit<T: AsRef<[u8]> + AsMut<[u8]>>(&self, packet: &mut TcpPacket<T>, csum: L4Checksum) {
+        packet.set_src_port(self.src_port);
+        packet.set_dst_port(self.dst_port);
+        packet.set_seq_number(self.seq_number);
+        packet.set_ack_number(self.ack_number);
+        // Data offset, the reserved bits and the flags: one half-word.
+        let offset = (field::URGENT.end as u16 / 4) << 12;
+        put_be16(
+            &mut packet.buffer.as_mut()[field::FLAGS],
+            offset | (self.flags.0 & TcpFlags::ALL),
+        );
+        packet.set_window_len(self.window_len);
+        packet.set_urgent_at(0);
+        packet.fill_l4_checksum(csum);
+    }
+}
+
 impl<T: AsRef<[u8]> + AsMut<[u8]>> TcpPacket<T> {
     pub fn set_seq_number(&mut self, seq: u32) {
         put_be32(&mut self.buffer.as_mut()[field::SEQ_NUM], seq);
@@ -268,10 +306,6 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> TcpPacket<T> {
 
     pub fn set_window_len(&mut self, window: u16) {
         put_be16(&mut self.buffer.as_mut()[field::WIN_SIZE], window);
-    }
-
-    pub fn set_checksum(&mut self, csum: u16) {
-        put_be16(&mut self.buffer.as_mut()[field::CHECKSUM], csum);
     }
 
     pub fn set_urgent_at(&mut self, urgent: u16) {
@@ -333,68 +367,6 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> TcpPacket<T> {
     }
 }
 
-/// The meaning of a TCP header without options, detached from its buffer: what the switch
-/// needs to write a segment of its own (a RST).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct TcpRepr {
-    pub src_port: u16,
-    pub dst_port: u16,
-    pub seq_number: u32,
-    pub ack_number: u32,
-    pub flags: TcpFlags,
-    pub window_len: u16,
-    /// Bytes after the header.
-    pub payload_len: usize,
-}
-
-impl TcpRepr {
-    /// Reads a segment's header (its options are not kept), re-checking the view.
-    pub fn parse<T: AsRef<[u8]>>(packet: &TcpPacket<T>) -> Result<TcpRepr> {
-        packet.check_len()?;
-        Ok(TcpRepr {
-            src_port: packet.src_port(),
-            dst_port: packet.dst_port(),
-            seq_number: packet.seq_number(),
-            ack_number: packet.ack_number(),
-            flags: packet.flags(),
-            window_len: packet.window_len(),
-            payload_len: packet.payload().len(),
-        })
-    }
-
-    /// Bytes of the header `emit` writes (no options).
-    pub const fn header_len(&self) -> usize {
-        field::URGENT.end
-    }
-
-    /// Header and payload: the segment's length.
-    pub const fn buffer_len(&self) -> usize {
-        field::URGENT.end + self.payload_len
-    }
-
-    /// Writes every header byte (no options, urgent pointer zero) and, over the given pseudo
-    /// header, the checksum, so the payload must be in place first and the buffer exactly
-    /// [`Self::buffer_len`] long. `L4Checksum::None` leaves the checksum zero.
-    ///
-    /// # Panics
-    /// If the packet's buffer is shorter than the 20-byte header.
-    pub fn emit<T: AsRef<[u8]> + AsMut<[u8]>>(&self, packet: &mut TcpPacket<T>, csum: L4Checksum) {
-        packet.set_src_port(self.src_port);
-        packet.set_dst_port(self.dst_port);
-        packet.set_seq_number(self.seq_number);
-        packet.set_ack_number(self.ack_number);
-        // Data offset, the reserved bits and the flags: one half-word.
-        let offset = (field::URGENT.end as u16 / 4) << 12;
-        put_be16(
-            &mut packet.buffer.as_mut()[field::FLAGS],
-            offset | (self.flags.0 & TcpFlags::ALL),
-        );
-        packet.set_window_len(self.window_len);
-        packet.set_urgent_at(0);
-        packet.fill_l4_checksum(csum);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -407,6 +379,23 @@ mod tests {
 
     fn syn() -> [u8; 40] {
         TCP_SYN[34..].try_into().unwrap()
+    }
+
+    #[test]
+    fn construct_syn() {
+        let mut buf = [0u8; 40];
+        let mut tcp = TcpPacket::new_unchecked(&mut buf[..]);
+        tcp.set_src_port(41862);
+        tcp.set_dst_port(80);
+        tcp.set_seq_number(0x5d3a_7e11);
+        tcp.set_ack_number(0);
+        tcp.set_header_len(40);
+        tcp.set_flags(TcpFlags::SYN);
+        tcp.set_window_len(64240);
+        tcp.set_urgent_at(0);
+        tcp.options_mut().copy_from_slice(&TCP_SYN[54..]);
+        tcp.fill_checksum(POD_IP, SVC_IP);
+        assert_eq!(buf, syn());
     }
 
     #[test]
@@ -429,23 +418,6 @@ mod tests {
         assert_eq!(&tcp.options()[..4], &[2, 4, 0x05, 0xb4]);
         assert_eq!(tcp.max_seg_size(), Some(1460));
         assert!(tcp.payload().is_empty());
-    }
-
-    #[test]
-    fn construct_syn() {
-        let mut buf = [0u8; 40];
-        let mut tcp = TcpPacket::new_unchecked(&mut buf[..]);
-        tcp.set_src_port(41862);
-        tcp.set_dst_port(80);
-        tcp.set_seq_number(0x5d3a_7e11);
-        tcp.set_ack_number(0);
-        tcp.set_header_len(40);
-        tcp.set_flags(TcpFlags::SYN);
-        tcp.set_window_len(64240);
-        tcp.set_urgent_at(0);
-        tcp.options_mut().copy_from_slice(&TCP_SYN[54..]);
-        tcp.fill_checksum(POD_IP, SVC_IP);
-        assert_eq!(buf, syn());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use super::checksum::{self, L4Checksum};
 use super::ipv4::IpProtocol;
-use super::{be16, check_lengths, clamped, clamped_mut, put_be16, Field, Result};
+use super::{be16, clamped, clamped_mut, put_be16, Field, Result};
 
 pub(super) mod field {
     use super::Field;
@@ -20,24 +20,12 @@ pub(super) mod field {
     pub const PAYLOAD: usize = 8;
 }
 
-view! {
-    /// A view of a UDP datagram.
-    UdpPacket
+l4_view! {
+    /// A view of a UDP datagram, bounded by its length field.
+    UdpPacket, HEADER_LEN = field::PAYLOAD, len
 }
 
-l4_ports!(UdpPacket);
-
 impl<T: AsRef<[u8]>> UdpPacket<T> {
-    /// Length of the UDP header.
-    pub const HEADER_LEN: usize = field::PAYLOAD;
-
-    /// Ensures every accessor is in bounds: the buffer holds the header and the length it
-    /// announces, which is at least the header.
-    pub fn check_len(&self) -> Result<()> {
-        let len = self.buffer.as_ref().len();
-        check_lengths(len, Self::HEADER_LEN, || usize::from(self.len()))
-    }
-
     /// Header plus payload, in bytes, as the length field says.
     pub fn len(&self) -> u16 {
         be16(&self.buffer.as_ref()[field::LENGTH])
@@ -46,10 +34,6 @@ impl<T: AsRef<[u8]>> UdpPacket<T> {
     /// True if the length field announces no payload.
     pub fn is_empty(&self) -> bool {
         usize::from(self.len()) <= Self::HEADER_LEN
-    }
-
-    pub fn checksum(&self) -> u16 {
-        be16(&self.buffer.as_ref()[field::CHECKSUM])
     }
 
     /// Header and payload up to the length field: what the checksum covers.
@@ -100,10 +84,6 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> UdpPacket<T> {
         put_be16(&mut self.buffer.as_mut()[field::LENGTH], len);
     }
 
-    pub fn set_checksum(&mut self, csum: u16) {
-        put_be16(&mut self.buffer.as_mut()[field::CHECKSUM], csum);
-    }
-
     /// Computes the checksum with the IPv4 pseudo header and stores it.
     pub fn fill_checksum(&mut self, src: Ipv4Addr, dst: Ipv4Addr) {
         self.set_checksum(0);
@@ -144,15 +124,7 @@ impl UdpRepr {
         })
     }
 
-    /// Bytes of the header `emit` writes.
-    pub const fn header_len(&self) -> usize {
-        field::PAYLOAD
-    }
-
-    /// Header and payload: the datagram's length.
-    pub const fn buffer_len(&self) -> usize {
-        field::PAYLOAD + self.payload_len
-    }
+    repr_lengths!(field::PAYLOAD);
 
     /// Writes the header and, over the given pseudo header, the checksum, so the payload must
     /// be in place first. A datagram longer than the length field can say gets the largest

@@ -49,6 +49,16 @@ fn udp_opened_by_view_0() -> (
     (svc, cfg, w0, w1, backend)
 }
 
+/// The TCP Service and a pair of views sharing a table of 4 connections at most.
+fn tcp_pair_of_4() -> (ServiceTable, Conntrack, Conntrack) {
+    let cfg = CtConfig {
+        max: 4,
+        ..CtConfig::default()
+    };
+    let (w0, w1) = pair(cfg);
+    (tcp_svc(), w0, w1)
+}
+
 fn tcp_svc() -> ServiceTable {
     services(Protocol::Tcp, None, LoadBalancing::Maglev)
 }
@@ -336,25 +346,12 @@ fn two_views_creating_one_connection_at_once_agree_on_one() {
         proto: IpProtocol::UDP.0,
     };
     let be = |ip| Backend { ip, port: 8080 };
+    let create = |w: &mut Conntrack, b: Ipv4Addr| {
+        w.create(orig, reply(b), be(b), None, CtState::UdpNew, 0, "x")
+    };
     // Neither has seen the other's before creating its own.
-    assert!(w1.create(
-        orig,
-        reply(BACKENDS[1]),
-        be(BACKENDS[1]),
-        None,
-        CtState::UdpNew,
-        0,
-        "x"
-    ));
-    assert!(w0.create(
-        orig,
-        reply(BACKENDS[0]),
-        be(BACKENDS[0]),
-        None,
-        CtState::UdpNew,
-        0,
-        "x"
-    ));
+    assert!(create(&mut w1, BACKENDS[1]));
+    assert!(create(&mut w0, BACKENDS[0]));
     w0.sync();
     w1.sync();
     for w in [&w0, &w1] {
@@ -367,12 +364,7 @@ fn two_views_creating_one_connection_at_once_agree_on_one() {
 
 #[test]
 fn the_size_limit_holds_for_the_group() {
-    let svc = tcp_svc();
-    let cfg = CtConfig {
-        max: 4,
-        ..CtConfig::default()
-    };
-    let (mut w0, mut w1) = pair(cfg);
+    let (svc, mut w0, mut w1) = tcp_pair_of_4();
     for i in 0..2 {
         open(&svc, &mut w0, i, 1000 + i as u16);
         open(&svc, &mut w1, i, 2000 + i as u16);
@@ -398,12 +390,7 @@ fn the_size_limit_holds_for_the_group() {
 
 #[test]
 fn a_worker_owning_nothing_still_gets_room_in_a_full_table() {
-    let svc = tcp_svc();
-    let cfg = CtConfig {
-        max: 4,
-        ..CtConfig::default()
-    };
-    let (mut w0, mut w1) = pair(cfg);
+    let (svc, mut w0, mut w1) = tcp_pair_of_4();
     for i in 0..4 {
         open(&svc, &mut w0, i, 1000 + i as u16);
     }
