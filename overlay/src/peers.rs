@@ -6,6 +6,7 @@
 //! underlay address in the table.
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 
 use hashbrown::HashMap;
 use ipnet::Ipv4Net;
@@ -29,8 +30,15 @@ pub struct Peer {
     pub remote_csum: bool,
 }
 
+/// The peer table. A handle: its content sits behind an `Arc`, so a table snapshot that keeps
+/// the peers shares them instead of copying them.
 #[derive(Debug, Clone, Default)]
 pub struct PeerTable {
+    shared: Arc<Routes>,
+}
+
+#[derive(Debug, Default)]
+struct Routes {
     peers: Vec<Peer>,
     /// (prefix length, network -> peer), longest prefix first.
     routes: Vec<(u8, Map<u32, PeerId>)>,
@@ -50,7 +58,7 @@ pub enum PeerError {
 impl PeerTable {
     /// Builds a table; overlapping CIDRs or duplicate peers are refused.
     pub fn new(peers: Vec<Peer>) -> Result<PeerTable, PeerError> {
-        let mut t = PeerTable::default();
+        let mut t = Routes::default();
         let mut lens: Vec<u8> = Vec::new();
         for (i, p) in peers.iter().enumerate() {
             let id = i as PeerId;
@@ -99,17 +107,24 @@ impl PeerTable {
             t.routes.push((len, m));
         }
         t.peers = peers;
-        Ok(t)
+        Ok(PeerTable {
+            shared: Arc::new(t),
+        })
+    }
+
+    /// Whether two tables are one and the same (a snapshot kept its predecessor's peers).
+    pub fn ptr_eq(a: &PeerTable, b: &PeerTable) -> bool {
+        Arc::ptr_eq(&a.shared, &b.shared)
     }
 
     /// The peer whose pod CIDR holds `ip` (longest prefix).
     #[inline]
     pub fn route(&self, ip: Ipv4Addr) -> Option<(PeerId, &Peer)> {
         let a = u32::from(ip);
-        for (len, m) in &self.routes {
+        for (len, m) in &self.shared.routes {
             let mask = if *len == 0 { 0 } else { u32::MAX << (32 - len) };
             if let Some(&id) = m.get(&(a & mask)) {
-                return Some((id, &self.peers[id as usize]));
+                return Some((id, &self.shared.peers[id as usize]));
             }
         }
         None
@@ -118,20 +133,20 @@ impl PeerTable {
     /// The peer sending from this underlay address.
     #[inline]
     pub fn by_underlay(&self, addr: IpAddr) -> Option<(PeerId, &Peer)> {
-        let id = *self.by_underlay.get(&addr)?;
-        Some((id, &self.peers[id as usize]))
+        let id = *self.shared.by_underlay.get(&addr)?;
+        Some((id, &self.shared.peers[id as usize]))
     }
 
     pub fn get(&self, id: PeerId) -> Option<&Peer> {
-        self.peers.get(id as usize)
+        self.shared.peers.get(id as usize)
     }
 
     pub fn peers(&self) -> &[Peer] {
-        &self.peers
+        &self.shared.peers
     }
 
     pub fn is_empty(&self) -> bool {
-        self.peers.is_empty()
+        self.shared.peers.is_empty()
     }
 }
 

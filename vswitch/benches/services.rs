@@ -10,50 +10,15 @@
 //! replicating the index, once per connection.
 
 use std::hint::black_box;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 use std::time::Instant;
 
-use conf::config::{EndpointSpec, LoadBalancing, Protocol, ServicePort, ServiceSpec};
+use conf::config::LoadBalancing;
 use vswitch::pipeline::tables::mac_for;
 use vswitch::pipeline::{
     handle, Action, Conntrack, CtConfig, Ctx, Meta, PortEntry, ServiceTable, Tables,
 };
-
-fn services(n: usize) -> Vec<ServiceSpec> {
-    (0..n)
-        .map(|i| ServiceSpec {
-            namespace: "bench".into(),
-            name: format!("svc-{i}"),
-            cluster_ips: vec![IpAddr::V4(Ipv4Addr::from(0x0a60_0000u32 + i as u32 + 1))],
-            ports: vec![ServicePort {
-                name: Some("http".into()),
-                protocol: Protocol::Tcp,
-                port: 80,
-                target_port: Some(8080),
-                node_port: None,
-            }],
-            external_ips: vec![],
-            session_affinity_timeout: None,
-            internal_traffic_policy: Default::default(),
-            external_traffic_policy: Default::default(),
-            endpoints: (0..10)
-                .map(|e| EndpointSpec {
-                    ip: IpAddr::V4(Ipv4Addr::new(
-                        10,
-                        244,
-                        2 + (e % 4) as u8,
-                        10 + (i % 200) as u8 + e as u8,
-                    )),
-                    node: None,
-                    ready: true,
-                    serving: true,
-                    terminating: false,
-                    hostname: None,
-                })
-                .collect(),
-        })
-        .collect()
-}
+use vswitch::testutil::{many_services, many_services_vip};
 
 fn syn(sport: u16, vip: Ipv4Addr) -> Vec<u8> {
     let client = Ipv4Addr::new(10, 244, 1, 2);
@@ -69,7 +34,7 @@ fn syn(sport: u16, vip: Ipv4Addr) -> Vec<u8> {
 }
 
 fn measure(n_services: usize) -> (f64, f64, f64, f64, u64) {
-    let specs = services(n_services);
+    let specs = many_services(n_services);
     let t0 = Instant::now();
     let table = ServiceTable::build(&specs, "n1", LoadBalancing::Maglev);
     let build_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -85,7 +50,7 @@ fn measure(n_services: usize) -> (f64, f64, f64, f64, u64) {
     let packets = 200_000usize;
     let frames: Vec<Vec<u8>> = (0..packets)
         .map(|i| {
-            let vip = Ipv4Addr::from(0x0a60_0000u32 + (i % n_services) as u32 + 1);
+            let vip = many_services_vip(i % n_services);
             syn(1024 + (i / n_services % 60_000) as u16, vip)
         })
         .collect();

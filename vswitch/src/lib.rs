@@ -12,4 +12,6 @@ pub mod datapath;
 pub mod dns;
 pub mod pipeline;
 pub mod policy;
+#[doc(hidden)]
+pub mod testutil;
 pub mod wire;

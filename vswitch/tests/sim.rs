@@ -749,39 +749,14 @@ fn routing_decisions() {
 
 // ---- Services: translation, conntrack, rejects, hairpin ----
 
-use conf::config::{EndpointSpec, LoadBalancing, Protocol, ServicePort, ServiceSpec};
+use conf::config::{LoadBalancing, Protocol, ServiceSpec};
 use vswitch::pipeline::ServiceTable;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 
 fn service(backends: &[Ipv4Addr], proto: Protocol, affinity: Option<u32>) -> ServiceSpec {
-    ServiceSpec {
-        namespace: "default".into(),
-        name: "web".into(),
-        cluster_ips: vec![IpAddr::V4(VIP)],
-        ports: vec![ServicePort {
-            name: Some("http".into()),
-            protocol: proto,
-            port: 80,
-            target_port: Some(8080),
-            node_port: None,
-        }],
-        external_ips: vec![],
-        session_affinity_timeout: affinity,
-        internal_traffic_policy: Default::default(),
-        external_traffic_policy: Default::default(),
-        endpoints: backends
-            .iter()
-            .map(|ip| EndpointSpec {
-                ip: IpAddr::V4(*ip),
-                node: None,
-                ready: true,
-                serving: true,
-                terminating: false,
-                hostname: None,
-            })
-            .collect(),
-    }
+    let backends = backends.iter().copied();
+    vswitch::testutil::service("default", "web", VIP, proto, backends, affinity)
 }
 
 impl Sim {

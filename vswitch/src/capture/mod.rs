@@ -37,6 +37,10 @@ use arc_swap::ArcSwapOption;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 use crate::pipeline::{PortId, HOST_PORT};
+use crate::wire::{
+    EtherType, EthernetAddress, EthernetFrame, EthernetRepr, IpProtocol, Ipv4Packet, Ipv4Repr,
+    Ipv6Packet, Ipv6Repr, L4Checksum, UdpPacket, UdpRepr, ETHERNET_HEADER_LEN,
+};
 pub use filter::{Fields, Filter, FilterError};
 pub use pcapng::Direction;
 
@@ -53,7 +57,7 @@ pub const MAX_SESSIONS: usize = 16;
 const RECENT: usize = 16;
 /// Enough of a frame to hold every header NAT may rewrite: Ethernet, IPv4 with options, and
 /// for an ICMP error the quoted IPv4 header with options and 8 bytes after it.
-const NAT_SNAP: usize = 14 + 60 + 8 + 60 + 8;
+const NAT_SNAP: usize = ETHERNET_HEADER_LEN + 60 + 8 + 60 + 8;
 
 /// Where in the switch a packet was seen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -408,11 +412,23 @@ impl TapSet {
             inbound: false,
             port,
         };
+        let head = parts.clone().next().unwrap_or_default();
+        self.offer_parts(point, head, parts);
+    }
+
+    /// Offers a packet made of `parts` whose headers are all in `head` (the filter reads
+    /// only those).
+    fn offer_parts<'a>(
+        &self,
+        point: Point,
+        head: &[u8],
+        parts: impl Iterator<Item = &'a [u8]> + Clone,
+    ) {
         let len: usize = parts.clone().map(<[u8]>::len).sum();
         let mut parsed: Option<Fields> = None;
         let mut matches = |f: &Filter| {
             f.matches_fields(parsed.get_or_insert_with(|| {
-                let mut p = Fields::parse(parts.clone().next().unwrap_or_default());
+                let mut p = Fields::parse(head);
                 p.len = len as u32;
                 p
             }))
@@ -448,28 +464,12 @@ impl TapSet {
         let h = snap.len.min(after.len());
         let head = &snap.head[..h];
         let tail = &after[h..];
-        let total = after.len();
         let before = Point {
             stage: Stage::Nat,
             inbound: true,
             port: 0,
         };
-        let mut parsed: Option<Fields> = None;
-        let mut matches = |f: &Filter| {
-            f.matches_fields(parsed.get_or_insert_with(|| {
-                let mut p = Fields::parse(head);
-                p.len = total as u32;
-                p
-            }))
-        };
-        for s in &self.sessions {
-            s.offer(
-                before,
-                total,
-                &mut matches,
-                &|out: &mut Vec<u8>, take: usize| copy_parts(out, take, [head, tail].into_iter()),
-            );
-        }
+        self.offer_parts(before, head, [head, tail].into_iter());
         self.offer_frame(
             Point {
                 stage: Stage::Nat,
@@ -582,68 +582,94 @@ impl TapSet {
 /// checksum; a changed address, port or ICMP body (an ICMP error about a translated
 /// connection) is translation.
 fn translated(before: &[u8], after: &[u8]) -> bool {
-    const ETH: usize = 14;
     let n = before.len().min(after.len());
-    if n < ETH + 20 || before.get(12..14) != Some(&[0x08, 0x00]) {
+    let (Some(b), Some(a)) = (ipv4_head(&before[..n]), ipv4_head(&after[..n])) else {
         return false;
-    }
-    let (b, a) = (&before[..n], &after[..n]);
-    if b[ETH + 12..ETH + 20] != a[ETH + 12..ETH + 20] {
+    };
+    if b.src_addr() != a.src_addr() || b.dst_addr() != a.dst_addr() {
         return true;
     }
-    let ihl = usize::from(b[ETH] & 0x0f) * 4;
-    let l4 = ETH + ihl;
-    match b[ETH + 9] {
+    let b = Ipv4Packet::new_checked_quoted(b.into_inner());
+    let a = Ipv4Packet::new_checked_quoted(a.into_inner());
+    let (Ok(b), Ok(a)) = (b, a) else {
+        return false;
+    };
+    match b.protocol() {
         // Ports only: a kernel peer's partial checksum may be completed on the way in.
-        6 | 17 => b.get(l4..l4 + 4) != a.get(l4..l4 + 4),
-        1 => b.get(l4..) != a.get(l4..),
+        IpProtocol::TCP | IpProtocol::UDP => b.ports() != a.ports(),
+        IpProtocol::ICMP => b.payload() != a.payload(),
         _ => false,
     }
 }
 
+/// The IPv4 packet in a frame. A snap may end inside it, so only its fixed header is sure to be
+/// there, which is all the unchecked view's address accessors read.
+fn ipv4_head(frame: &[u8]) -> Option<Ipv4Packet<&[u8]>> {
+    let eth = EthernetFrame::new_checked(frame).ok()?;
+    let is_v4 = eth.ethertype() == EtherType::IPV4;
+    let packet = &eth.into_inner()[ETHERNET_HEADER_LEN..];
+    (is_v4 && packet.len() >= Ipv4Packet::<&[u8]>::MIN_HEADER_LEN)
+        .then(|| Ipv4Packet::new_unchecked(packet))
+}
+
 /// Room for synthesised outer headers: Ethernet, IPv6, UDP.
-const OUTER_MAX: usize = 14 + 40 + 8;
+const OUTER_MAX: usize = ETHERNET_HEADER_LEN + 40 + 8;
 
 /// Writes Ethernet/IP/UDP headers for a UDP payload of `len` bytes from `src` to `dst`;
 /// returns their length. IPv4 gets a valid header checksum and no UDP checksum (allowed).
 fn outer_headers(out: &mut [u8; OUTER_MAX], src: SocketAddr, dst: SocketAddr, len: usize) -> usize {
-    let udp_len = (8 + len).min(u16::MAX as usize) as u16;
-    let (ip_len, ethertype) = match (src.ip(), dst.ip()) {
+    let udp = UdpRepr {
+        src_port: src.port(),
+        dst_port: dst.port(),
+        payload_len: len,
+    };
+    let (ethertype, ip_len) = match (src.ip(), dst.ip()) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
-            let ip = &mut out[14..34];
-            ip[0] = 0x45;
-            let total = (20 + 8 + len).min(u16::MAX as usize) as u16;
-            ip[2..4].copy_from_slice(&total.to_be_bytes());
-            ip[6] = 0x40; // DF, as the kernel sends UDP with PMTU discovery
-            ip[8] = 64;
-            ip[9] = 17;
-            ip[12..16].copy_from_slice(&s.octets());
-            ip[16..20].copy_from_slice(&d.octets());
-            let c = crate::wire::checksum::finish(crate::wire::checksum::sum(ip));
-            ip[10..12].copy_from_slice(&c.to_be_bytes());
-            (20, 0x0800u16)
+            let ip = Ipv4Repr {
+                src_addr: s,
+                dst_addr: d,
+                protocol: IpProtocol::UDP,
+                payload_len: udp.buffer_len(),
+                ttl: 64,
+                // DF, as the kernel sends UDP with PMTU discovery.
+                dont_frag: true,
+            };
+            ip.emit(&mut Ipv4Packet::new_unchecked(
+                &mut out[ETHERNET_HEADER_LEN..],
+            ));
+            (EtherType::IPV4, ip.header_len())
         }
         (s, d) => {
             let to6 = |a: IpAddr| match a {
                 IpAddr::V6(a) => a,
                 IpAddr::V4(a) => a.to_ipv6_mapped(),
             };
-            let ip = &mut out[14..54];
-            ip[0] = 0x60;
-            ip[4..6].copy_from_slice(&udp_len.to_be_bytes());
-            ip[6] = 17;
-            ip[7] = 64;
-            ip[8..24].copy_from_slice(&to6(s).octets());
-            ip[24..40].copy_from_slice(&to6(d).octets());
-            (40, 0x86ddu16)
+            let ip = Ipv6Repr {
+                src_addr: to6(s),
+                dst_addr: to6(d),
+                next_header: IpProtocol::UDP,
+                payload_len: udp.buffer_len(),
+                hop_limit: 64,
+            };
+            ip.emit(&mut Ipv6Packet::new_unchecked(
+                &mut out[ETHERNET_HEADER_LEN..],
+            ));
+            (EtherType::IPV6, ip.header_len())
         }
     };
-    out[12..14].copy_from_slice(&ethertype.to_be_bytes());
-    let udp = &mut out[14 + ip_len..14 + ip_len + 8];
-    udp[0..2].copy_from_slice(&src.port().to_be_bytes());
-    udp[2..4].copy_from_slice(&dst.port().to_be_bytes());
-    udp[4..6].copy_from_slice(&udp_len.to_be_bytes());
-    14 + ip_len + 8
+    let eth = EthernetRepr {
+        src_addr: EthernetAddress::default(),
+        dst_addr: EthernetAddress::default(),
+        ethertype,
+    };
+    eth.emit(&mut EthernetFrame::new_unchecked(&mut out[..]));
+    let at = ETHERNET_HEADER_LEN + ip_len;
+    let end = at + udp.header_len();
+    udp.emit(
+        &mut UdpPacket::new_unchecked(&mut out[at..end]),
+        L4Checksum::None,
+    );
+    end
 }
 
 /// What a new session asks for.

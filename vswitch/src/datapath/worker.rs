@@ -40,7 +40,11 @@ const SEG_BUF_LEN: usize = 2 * 65_536 + 16_384;
 const BATCH: usize = 64;
 /// A TSO super-frame is at most 64 KiB of IP packet plus Ethernet and virtio-net headers; the
 /// pipeline answers a DNS query in the same buffer, which takes more.
-const BUF_LEN: usize = VNET_HDR_LEN + max(14 + 65_535 + 64, pipeline::DNS_BUF_LEN);
+const BUF_LEN: usize = VNET_HDR_LEN
+    + max(
+        crate::wire::ETHERNET_HEADER_LEN + 65_535 + 64,
+        pipeline::DNS_BUF_LEN,
+    );
 
 const fn max(a: usize, b: usize) -> usize {
     if a > b {

@@ -15,10 +15,10 @@ use std::net::Ipv4Addr;
 use super::tables::DnsService;
 use super::{udp_frame, Action, Ctx, DropReason, PortEntry, PortId, Tables};
 use crate::dns::{answer, Answer};
-use crate::wire::{EthernetFrame, Ipv4Packet, UdpPacket};
+use crate::wire::{EthernetFrame, Ipv4Packet, UdpPacket, ETHERNET_HEADER_LEN};
 
 /// Ethernet, IPv4 and UDP headers of an answer the switch frames itself.
-const HEADERS: usize = 14 + 20 + 8;
+const HEADERS: usize = ETHERNET_HEADER_LEN + 20 + UdpPacket::<&[u8]>::HEADER_LEN;
 /// The largest UDP payload an IPv4 datagram holds.
 const MAX_MESSAGE: usize = 65_535 - 20 - 8;
 /// A frame buffer this large leaves room for the largest answer: the answer itself in the back
@@ -43,9 +43,9 @@ impl DnsQuery {
         let eth = EthernetFrame::new_checked(frame).ok()?;
         let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
         let udp = UdpPacket::new_checked(ip.payload()).ok()?;
-        let hl = ip.header_len() as usize;
-        let start = 14 + hl + 8;
-        let end = 14 + hl + udp.len() as usize;
+        let at = ETHERNET_HEADER_LEN + ip.header_len() as usize;
+        let start = at + UdpPacket::<&[u8]>::HEADER_LEN;
+        let end = at + udp.len() as usize;
         frame.get(start..end)?;
         Some(DnsQuery {
             client: (ip.src_addr(), udp.src_port()),

@@ -45,8 +45,9 @@ pub use tables::{PortEntry, Tables};
 
 use crate::wire::icmpv4::code as icmp_code;
 use crate::wire::{
-    ArpOperation, ArpPacket, EtherType, EthernetAddress, EthernetFrame, Icmpv4Message,
-    Icmpv4Packet, IpProtocol, Ipv4Packet,
+    ArpOperation, ArpPacket, EtherType, EthernetAddress, EthernetFrame, EthernetRepr,
+    Icmpv4Message, Icmpv4Packet, Icmpv4Repr, IpProtocol, Ipv4Packet, Ipv4Repr, L4Checksum,
+    TcpFlags, TcpPacket, TcpRepr, UdpPacket, UdpRepr, ETHERNET_HEADER_LEN,
 };
 
 /// A switch port. Stable for the life of an attachment.
@@ -232,7 +233,7 @@ fn from_host(cx: &mut Ctx<'_>, buf: &mut [u8], len: usize, meta: Meta) -> Action
             arp_reply(&mut arp, host.mac, t.gateway_mac);
             eth.set_dst_addr(host.mac);
             eth.set_src_addr(t.gateway_mac);
-            Action::Reply(EthernetFrame::<&[u8]>::HEADER_LEN + ArpPacket::<&[u8]>::LEN)
+            Action::Reply(ETHERNET_HEADER_LEN + ArpPacket::<&[u8]>::LEN)
         }
         EtherType::IPV4 if eth.dst_addr() == t.gateway_mac => route_v4(cx, &host, buf, len, meta),
         EtherType::IPV4 => Action::Drop(DropReason::UnknownMac),
@@ -241,19 +242,13 @@ fn from_host(cx: &mut Ctx<'_>, buf: &mut [u8], len: usize, meta: Meta) -> Action
     }
 }
 
-/// Source and destination ports of a TCP/UDP packet, (0, 0) otherwise (for traces).
+/// Source and destination ports of an unfragmented TCP/UDP packet, (0, 0) otherwise (for
+/// traces).
 fn nat_ports(ip: &Ipv4Packet<&mut [u8]>) -> (u16, u16) {
-    let p = ip.payload();
-    if ip.is_fragment() || !(ip.protocol() == IpProtocol::TCP || ip.protocol() == IpProtocol::UDP) {
+    if ip.is_fragment() {
         return (0, 0);
     }
-    match p.get(..4) {
-        Some(b) => (
-            u16::from_be_bytes([b[0], b[1]]),
-            u16::from_be_bytes([b[2], b[3]]),
-        ),
-        None => (0, 0),
-    }
+    ip.ports().unwrap_or((0, 0))
 }
 
 fn arp(t: &Tables, port: &PortEntry, eth: &mut EthernetFrame<&mut [u8]>) -> Action {
@@ -284,7 +279,7 @@ fn arp(t: &Tables, port: &PortEntry, eth: &mut EthernetFrame<&mut [u8]>) -> Acti
     arp_reply(&mut arp, port.mac, answer);
     eth.set_dst_addr(port.mac);
     eth.set_src_addr(answer);
-    Action::Reply(EthernetFrame::<&[u8]>::HEADER_LEN + ArpPacket::<&[u8]>::LEN)
+    Action::Reply(ETHERNET_HEADER_LEN + ArpPacket::<&[u8]>::LEN)
 }
 
 /// Turns an ARP request into its reply in place: `answer` owns the asked-for address, and the
@@ -315,24 +310,15 @@ fn route_v4(cx: &mut Ctx<'_>, port: &PortEntry, buf: &mut [u8], len: usize, meta
             && gso_size == 0
             && !ip.is_fragment()
             && dns.addrs.contains(&ip.dst_addr())
-            && ip.payload().get(2..4) == Some(&53u16.to_be_bytes()[..])
+            && ip.ports().is_some_and(|(_, dport)| dport == 53)
         {
             cx.note(|| format!("DNS query to {}: the switch's resolver", ip.dst_addr()));
             return dns::query(cx, dns, port, buf, len);
         }
     }
     let before = (ip.src_addr(), ip.dst_addr(), nat_ports(&ip));
-    match nat::translate(
-        &t.services,
-        cx.ct,
-        cx.now_ms,
-        &mut ip,
-        t.gateway_ip,
-        meta.csum_partial,
-    ) {
-        nat::Nat::None => {
-            nat::translate_icmp_error(cx.ct, cx.now_ms, &mut ip);
-        }
+    match service_nat(cx, &mut ip, meta.csum_partial) {
+        nat::Nat::None => {}
         nat::Nat::Translated => {
             let after = (ip.src_addr(), ip.dst_addr(), nat_ports(&ip));
             cx.note(|| {
@@ -379,19 +365,7 @@ fn route_v4(cx: &mut Ctx<'_>, port: &PortEntry, buf: &mut [u8], len: usize, meta
                 EthernetAddress(peer.vtep_mac)
             )
         });
-        // A super-frame leaves as segments: each is the headers plus at most gso_size bytes.
-        let on_wire = if gso_size == 0 {
-            ip.total_len() as usize
-        } else {
-            let l4 = ip.payload();
-            let l4_hdr = if ip.protocol() == IpProtocol::TCP {
-                l4.get(12).map_or(20, |b| usize::from(b >> 4) * 4)
-            } else {
-                8
-            };
-            ip.header_len() as usize + l4_hdr + gso_size as usize
-        };
-        if on_wire > t.overlay_mtu as usize {
+        if on_wire_len(&ip, gso_size) > t.overlay_mtu as usize {
             if ip.dont_frag() {
                 return frag_needed(t, port, buf, len, t.overlay_mtu);
             }
@@ -420,6 +394,39 @@ fn route_v4(cx: &mut Ctx<'_>, port: &PortEntry, buf: &mut [u8], len: usize, meta
     action
 }
 
+/// Service translation of a routed packet: a Service's or a tracked connection's packet is
+/// translated, and an ICMP error about a translated connection is translated with it.
+fn service_nat(cx: &mut Ctx<'_>, ip: &mut Ipv4Packet<&mut [u8]>, csum_partial: bool) -> nat::Nat {
+    let t = cx.t;
+    let done = nat::translate(
+        &t.services,
+        cx.ct,
+        cx.now_ms,
+        ip,
+        t.gateway_ip,
+        csum_partial,
+    );
+    if done == nat::Nat::None {
+        nat::translate_icmp_error(cx.ct, cx.now_ms, ip);
+    }
+    done
+}
+
+/// The largest packet `ip` puts on the wire: itself, or for a super-frame each segment, the
+/// headers plus at most `gso_size` bytes.
+fn on_wire_len(ip: &Ipv4Packet<&mut [u8]>, gso_size: u16) -> usize {
+    if gso_size == 0 {
+        return ip.total_len() as usize;
+    }
+    let l4_hdr = if ip.protocol() == IpProtocol::TCP {
+        // The data offset as it is, even where a broken one says less than 20 bytes.
+        ip.payload().get(12).map_or(20, |b| usize::from(b >> 4) * 4)
+    } else {
+        UdpPacket::<&[u8]>::HEADER_LEN
+    };
+    ip.header_len() as usize + l4_hdr + gso_size as usize
+}
+
 /// Writes a complete UDP/IPv4 frame from `server:53`-style `from` to `to` carrying `payload`,
 /// addressed from the gateway MAC to `to_mac`; returns its length. For answers the switch
 /// makes itself (DNS). `out` must hold 42 + payload bytes.
@@ -431,35 +438,58 @@ pub fn udp_frame(
     payload: &[u8],
     out: &mut [u8],
 ) -> Option<usize> {
-    use crate::wire::UdpPacket;
-    let len = 14 + 20 + 8 + payload.len();
-    let ip_len = u16::try_from(20 + 8 + payload.len()).ok()?;
-    let frame = out.get_mut(..len)?;
-    frame[..42].fill(0);
-    {
-        let mut eth = EthernetFrame::new_unchecked(&mut *frame);
-        eth.set_dst_addr(to_mac);
-        eth.set_src_addr(t.gateway_mac);
-        eth.set_ethertype(EtherType::IPV4);
-    }
-    frame[42..].copy_from_slice(payload);
-    let ip_buf = &mut frame[14..];
-    let mut ip = Ipv4Packet::new_unchecked(&mut *ip_buf);
-    ip.set_version(4);
-    ip.set_header_len(20);
-    ip.set_total_len(ip_len);
-    ip.set_dont_frag(true);
-    ip.set_ttl(64);
-    ip.set_protocol(IpProtocol::UDP);
-    ip.set_src_addr(from.0);
-    ip.set_dst_addr(to.0);
-    ip.fill_checksum();
-    let mut udp = UdpPacket::new_unchecked(&mut ip_buf[20..]);
-    udp.set_src_port(from.1);
-    udp.set_dst_port(to.1);
-    udp.set_len(ip_len - 20);
-    udp.fill_checksum(from.0, to.0);
+    let udp = UdpRepr {
+        src_port: from.1,
+        dst_port: to.1,
+        payload_len: payload.len(),
+    };
+    let ip = own_ipv4((from.0, to.0), IpProtocol::UDP, udp.buffer_len(), true);
+    u16::try_from(ip.buffer_len()).ok()?;
+    let (l4, len) = emit_own_ipv4(t, to_mac, &ip, out)?;
+    l4[udp.header_len()..].copy_from_slice(payload);
+    let csum = L4Checksum::V4(from.0, to.0);
+    udp.emit(&mut UdpPacket::new_unchecked(l4), csum);
     Some(len)
+}
+
+/// The IPv4 header of a packet the switch sends itself, `(from, to)`.
+fn own_ipv4(
+    (src_addr, dst_addr): (Ipv4Addr, Ipv4Addr),
+    protocol: IpProtocol,
+    payload_len: usize,
+    dont_frag: bool,
+) -> Ipv4Repr {
+    Ipv4Repr {
+        src_addr,
+        dst_addr,
+        protocol,
+        payload_len,
+        ttl: 64,
+        dont_frag,
+    }
+}
+
+/// Writes the Ethernet header (from the gateway MAC to `to_mac`) and the IPv4 header `ip` of a
+/// packet the switch sends itself at the start of `buf`. Returns the packet's L4 part, right
+/// after the headers and exactly as long as `ip` says, and the frame's length; `None`, having
+/// written nothing, where `buf` is too short.
+fn emit_own_ipv4<'a>(
+    t: &Tables,
+    to_mac: EthernetAddress,
+    ip: &Ipv4Repr,
+    buf: &'a mut [u8],
+) -> Option<(&'a mut [u8], usize)> {
+    let len = ETHERNET_HEADER_LEN + ip.buffer_len();
+    let frame = buf.get_mut(..len)?;
+    let eth = EthernetRepr {
+        src_addr: t.gateway_mac,
+        dst_addr: to_mac,
+        ethertype: EtherType::IPV4,
+    };
+    eth.emit(&mut EthernetFrame::new_unchecked(&mut *frame));
+    let ip_buf = &mut frame[ETHERNET_HEADER_LEN..];
+    ip.emit(&mut Ipv4Packet::new_unchecked(&mut *ip_buf));
+    Some((&mut ip_buf[ip.header_len()..], len))
 }
 
 /// The VXLAN header for what this node sends.
@@ -519,7 +549,7 @@ fn l4_checksum_at(frame: &[u8]) -> Option<Rco> {
         return None;
     }
     Some(Rco {
-        start: EthernetFrame::<&[u8]>::HEADER_LEN as u16 + u16::from(ip.header_len()),
+        start: ETHERNET_HEADER_LEN as u16 + u16::from(ip.header_len()),
         offset,
     })
 }
@@ -583,18 +613,8 @@ pub fn handle_underlay(
         complete_partial_checksum(&mut ip);
     }
     // Replies from a remote backend to a client here are translated back here.
-    match nat::translate(
-        &t.services,
-        cx.ct,
-        cx.now_ms,
-        &mut ip,
-        t.gateway_ip,
-        partial,
-    ) {
-        nat::Nat::None => {
-            nat::translate_icmp_error(cx.ct, cx.now_ms, &mut ip);
-        }
-        nat::Nat::Translated | nat::Nat::NoBackend => {}
+    match service_nat(cx, &mut ip, partial) {
+        nat::Nat::None | nat::Nat::Translated | nat::Nat::NoBackend => {}
         nat::Nat::Refused => return Action::Drop(DropReason::ConntrackRefused),
     }
     let dst = ip.dst_addr();
@@ -622,7 +642,7 @@ pub fn handle_underlay(
 /// any other value is left for the pod's stack to judge. (If a complete checksum happened to
 /// equal it, recomputing writes the same value.)
 fn complete_partial_checksum(ip: &mut Ipv4Packet<&mut [u8]>) {
-    use crate::wire::{checksum, TcpPacket, UdpPacket};
+    use crate::wire::checksum;
     if ip.is_fragment() {
         return;
     }
@@ -660,9 +680,7 @@ fn frag_needed(t: &Tables, port: &PortEntry, buf: &mut [u8], len: usize, mtu: u1
 /// A Service with no endpoint refuses at once, as kube-proxy does: TCP gets a RST, anything
 /// else an ICMP port unreachable, both from the Service address.
 fn reject(t: &Tables, port: &PortEntry, buf: &mut [u8], len: usize) -> Action {
-    use crate::wire::{TcpFlags, TcpPacket};
-    const ETH: usize = 14;
-    let Some(packet) = buf.get(ETH..len) else {
+    let Some(packet) = buf.get(ETHERNET_HEADER_LEN..len) else {
         return Action::Drop(DropReason::Malformed);
     };
     let Ok(ip) = Ipv4Packet::new_checked(packet) else {
@@ -670,66 +688,56 @@ fn reject(t: &Tables, port: &PortEntry, buf: &mut [u8], len: usize) -> Action {
     };
     let vip = ip.dst_addr();
     if ip.protocol() != IpProtocol::TCP {
-        return icmp_error(
-            t,
-            port,
-            buf,
-            len,
-            vip,
-            (
-                Icmpv4Message::DST_UNREACHABLE,
-                icmp_code::PORT_UNREACHABLE,
-                0,
-            ),
+        let msg = (
+            Icmpv4Message::DST_UNREACHABLE,
+            icmp_code::PORT_UNREACHABLE,
+            0,
         );
+        return icmp_error(t, port, buf, len, vip, msg);
     }
     let Ok(tcp) = TcpPacket::new_checked(ip.payload()) else {
         return Action::Drop(DropReason::Malformed);
     };
-    if tcp.flags().contains(TcpFlags::RST) {
+    let Some(rst) = rst_for(&tcp) else {
         return Action::Drop(DropReason::ServiceRejected);
+    };
+    let client = ip.src_addr();
+    let ip = own_ipv4((vip, client), IpProtocol::TCP, rst.buffer_len(), true);
+    let Some((l4, len)) = emit_own_ipv4(t, port.mac, &ip, buf) else {
+        return Action::Drop(DropReason::Malformed);
+    };
+    rst.emit(
+        &mut TcpPacket::new_unchecked(l4),
+        L4Checksum::V4(vip, client),
+    );
+    Action::Reply(len)
+}
+
+/// The RST that answers `tcp` (RFC 9293 3.10.7.1: an ACK with its number, anything else with
+/// an ACK of it); none for a RST.
+fn rst_for(tcp: &TcpPacket<&[u8]>) -> Option<TcpRepr> {
+    let flags = tcp.flags();
+    if flags.contains(TcpFlags::RST) {
+        return None;
     }
-    let (client, sport, dport) = (ip.src_addr(), tcp.src_port(), tcp.dst_port());
-    let (seq, ack_in, flags) = (tcp.seq_number(), tcp.ack_number(), tcp.flags());
     let seg_len = tcp.payload().len() as u32
         + u32::from(flags.contains(TcpFlags::SYN))
         + u32::from(flags.contains(TcpFlags::FIN));
-    // RFC 9293 3.10.7.1: answer an ACK with its number, anything else with an ACK of it.
-    let (rst_seq, rst_ack, rst_flags) = if flags.contains(TcpFlags::ACK) {
-        (ack_in, 0, TcpFlags::RST)
+    let (seq_number, ack_number, flags) = if flags.contains(TcpFlags::ACK) {
+        (tcp.ack_number(), 0, TcpFlags::RST)
     } else {
-        (0, seq.wrapping_add(seg_len), TcpFlags::RST | TcpFlags::ACK)
+        let ack = tcp.seq_number().wrapping_add(seg_len);
+        (0, ack, TcpFlags::RST | TcpFlags::ACK)
     };
-    let len = ETH + 40;
-    let Some(frame) = buf.get_mut(..len) else {
-        return Action::Drop(DropReason::Malformed);
-    };
-    {
-        let mut eth = EthernetFrame::new_unchecked(&mut *frame);
-        eth.set_dst_addr(port.mac);
-        eth.set_src_addr(t.gateway_mac);
-    }
-    let ip_buf = &mut frame[ETH..];
-    ip_buf.fill(0);
-    let mut ip = Ipv4Packet::new_unchecked(&mut *ip_buf);
-    ip.set_version(4);
-    ip.set_header_len(20);
-    ip.set_total_len(40);
-    ip.set_dont_frag(true);
-    ip.set_ttl(64);
-    ip.set_protocol(IpProtocol::TCP);
-    ip.set_src_addr(vip);
-    ip.set_dst_addr(client);
-    ip.fill_checksum();
-    let mut tcp = TcpPacket::new_unchecked(&mut ip_buf[20..]);
-    tcp.set_src_port(dport);
-    tcp.set_dst_port(sport);
-    tcp.set_seq_number(rst_seq);
-    tcp.set_ack_number(rst_ack);
-    tcp.set_header_len(20);
-    tcp.set_flags(rst_flags);
-    tcp.fill_checksum(vip, client);
-    Action::Reply(len)
+    Some(TcpRepr {
+        src_port: tcp.dst_port(),
+        dst_port: tcp.src_port(),
+        seq_number,
+        ack_number,
+        flags,
+        window_len: 0,
+        payload_len: 0,
+    })
 }
 
 /// Turns the packet in `frame` into an ICMP error about it from `from` back to its sender, in
@@ -742,9 +750,7 @@ fn icmp_error(
     from: Ipv4Addr,
     (msg, code, mtu): (Icmpv4Message, u8, u16),
 ) -> Action {
-    const ETH: usize = 14;
-    const IP: usize = 20;
-    let Some(packet) = buf.get(ETH..len) else {
+    let Some(packet) = buf.get(ETHERNET_HEADER_LEN..len) else {
         return Action::Drop(DropReason::Malformed);
     };
     let Ok(orig) = Ipv4Packet::new_checked(packet) else {
@@ -754,38 +760,18 @@ fn icmp_error(
     let quote_len = (orig.header_len() as usize + 8).min(orig.total_len() as usize);
     let mut quote = [0u8; 68];
     quote[..quote_len].copy_from_slice(&packet[..quote_len]);
-    let ip_len = IP + Icmpv4Packet::<&[u8]>::HEADER_LEN + quote_len;
-    let len = ETH + ip_len;
-    let Some(frame) = buf.get_mut(..len) else {
+    let icmp = Icmpv4Repr {
+        msg_type: msg,
+        msg_code: code,
+        rest_of_header: u32::from(mtu),
+        payload_len: quote_len,
+    };
+    let ip = own_ipv4((from, port.ip), IpProtocol::ICMP, icmp.buffer_len(), false);
+    let Some((l4, len)) = emit_own_ipv4(t, port.mac, &ip, buf) else {
         return Action::Drop(DropReason::TooBig);
     };
-    {
-        let mut eth = EthernetFrame::new_unchecked(&mut *frame);
-        eth.set_dst_addr(port.mac);
-        eth.set_src_addr(t.gateway_mac);
-        eth.set_ethertype(EtherType::IPV4);
-    }
-    let ip_buf = &mut frame[ETH..];
-    ip_buf[..IP].fill(0);
-    let mut ip = Ipv4Packet::new_unchecked(&mut *ip_buf);
-    ip.set_version(4);
-    ip.set_header_len(IP as u8);
-    ip.set_total_len(ip_len as u16);
-    ip.set_ttl(64);
-    ip.set_protocol(IpProtocol::ICMP);
-    ip.set_src_addr(from);
-    ip.set_dst_addr(port.ip);
-    ip.fill_checksum();
-    let icmp_buf = &mut ip_buf[IP..];
-    icmp_buf[..8].fill(0);
-    icmp_buf[8..8 + quote_len].copy_from_slice(&quote[..quote_len]);
-    let mut icmp = Icmpv4Packet::new_unchecked(icmp_buf);
-    icmp.set_msg_type(msg);
-    icmp.set_msg_code(code);
-    if mtu != 0 {
-        icmp.set_next_hop_mtu(mtu);
-    }
-    icmp.fill_checksum();
+    l4[icmp.header_len()..].copy_from_slice(&quote[..quote_len]);
+    icmp.emit(&mut Icmpv4Packet::new_unchecked(l4));
     Action::Reply(len)
 }
 
@@ -811,7 +797,7 @@ fn gateway_v4(t: &Tables, port: &PortEntry, eth: &mut EthernetFrame<&mut [u8]>) 
     ip.set_dst_addr(port.ip);
     ip.set_ttl(64);
     ip.fill_checksum();
-    let len = EthernetFrame::<&[u8]>::HEADER_LEN + ip.total_len() as usize;
+    let len = ETHERNET_HEADER_LEN + ip.total_len() as usize;
     eth.set_dst_addr(port.mac);
     eth.set_src_addr(t.gateway_mac);
     Action::Reply(len)

@@ -3,8 +3,14 @@
 //! The control plane builds a new `Tables` for every change and publishes it with `arc-swap`;
 //! workers load it once per batch. Lookups are hash maps keyed by what the fast path has in
 //! hand (destination MAC, destination IP, ingress port).
+//!
+//! A new snapshot shares what did not change: the Service table, the peer table, the DNS
+//! records and the port maps are each behind an `Arc` (`ServiceTable` and `PeerTable` are
+//! handles to theirs), so `with_ports` on a CNI ADD or DEL builds the port maps and nothing
+//! else, whatever the number of Services.
 
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use hashbrown::HashMap;
 use ipnet::Ipv4Net;
@@ -64,8 +70,14 @@ pub struct Tables {
     /// is dropped here rather than sent to the node, which would only send it back.
     pub cluster_nets: Vec<Ipv4Net>,
     /// Cluster DNS answered at the switch: the addresses it answers on, and its records.
-    pub dns: Option<std::sync::Arc<DnsService>>,
-    ports: Map<PortId, PortEntry>,
+    pub dns: Option<Arc<DnsService>>,
+    ports: Arc<Ports>,
+}
+
+/// The attached ports, by id and by the two keys frames carry.
+#[derive(Debug, Default)]
+struct Ports {
+    by_id: Map<PortId, PortEntry>,
     by_mac: Map<EthernetAddress, PortId>,
     by_ip: Map<Ipv4Addr, PortId>,
 }
@@ -86,9 +98,7 @@ impl Tables {
             host: None,
             cluster_nets: Vec::new(),
             dns: None,
-            ports: Map::default(),
-            by_mac: Map::default(),
-            by_ip: Map::default(),
+            ports: Arc::default(),
         }
     }
 
@@ -102,7 +112,7 @@ impl Tables {
     }
 
     /// A copy of these tables with another DNS table and a new version.
-    pub fn with_dns(&self, dns: Option<std::sync::Arc<DnsService>>) -> Self {
+    pub fn with_dns(&self, dns: Option<Arc<DnsService>>) -> Self {
         Tables {
             version: self.version + 1,
             dns,
@@ -121,24 +131,22 @@ impl Tables {
 
     /// A copy of these tables with the given ports and a new version.
     pub fn with_ports(&self, ports: impl IntoIterator<Item = PortEntry>) -> Self {
-        let mut t = Tables {
-            version: self.version + 1,
-            ports: Map::default(),
-            by_mac: Map::default(),
-            by_ip: Map::default(),
-            ..self.clone()
-        };
+        let mut maps = Ports::default();
         for p in ports {
-            t.by_mac.insert(p.mac, p.id);
-            t.by_ip.insert(p.ip, p.id);
-            t.ports.insert(p.id, p);
+            maps.by_mac.insert(p.mac, p.id);
+            maps.by_ip.insert(p.ip, p.id);
+            maps.by_id.insert(p.id, p);
         }
-        t
+        Tables {
+            version: self.version + 1,
+            ports: Arc::new(maps),
+            ..self.clone()
+        }
     }
 
     #[inline]
     pub fn port(&self, id: PortId) -> Option<&PortEntry> {
-        self.ports.get(&id)
+        self.ports.by_id.get(&id)
     }
 
     /// Whether `id` is the host port.
@@ -149,16 +157,18 @@ impl Tables {
 
     #[inline]
     pub fn port_by_mac(&self, mac: EthernetAddress) -> Option<&PortEntry> {
-        self.by_mac.get(&mac).and_then(|id| self.ports.get(id))
+        let p = &self.ports;
+        p.by_mac.get(&mac).and_then(|id| p.by_id.get(id))
     }
 
     #[inline]
     pub fn port_by_ip(&self, ip: Ipv4Addr) -> Option<&PortEntry> {
-        self.by_ip.get(&ip).and_then(|id| self.ports.get(id))
+        let p = &self.ports;
+        p.by_ip.get(&ip).and_then(|id| p.by_id.get(id))
     }
 
     pub fn ports(&self) -> impl Iterator<Item = &PortEntry> {
-        self.ports.values()
+        self.ports.by_id.values()
     }
 }
 
@@ -174,4 +184,54 @@ pub fn host_mac_for(gateway: Ipv4Addr) -> EthernetAddress {
 pub fn mac_for(ip: Ipv4Addr) -> EthernetAddress {
     let o = ip.octets();
     EthernetAddress([0x0a, 0x58, o[0], o[1], o[2], o[3]])
+}
+
+#[cfg(test)]
+mod tests {
+    use conf::config::LoadBalancing;
+    use overlay::Peer;
+
+    use super::*;
+
+    #[test]
+    fn a_new_snapshot_shares_what_did_not_change() {
+        let gw = Ipv4Addr::new(10, 244, 1, 1);
+        let services = ServiceTable::build(
+            &crate::testutil::many_services(100),
+            "n1",
+            LoadBalancing::Maglev,
+        );
+        let peers = PeerTable::new(vec![Peer {
+            name: "n2".into(),
+            underlay: "192.168.0.2".parse().unwrap(),
+            vtep_mac: [0x0e, 0x58, 0, 0, 0, 2],
+            pod_cidrs: vec!["10.244.2.0/24".parse().unwrap()],
+            remote_csum: false,
+        }])
+        .unwrap();
+        let t = Tables::new("10.244.1.0/24".parse().unwrap(), gw, mac_for(gw))
+            .with_services(services)
+            .with_peers(peers);
+        let pod = Ipv4Addr::new(10, 244, 1, 2);
+        let next = t
+            .with_ports([PortEntry {
+                id: 1,
+                mac: mac_for(pod),
+                ip: pod,
+            }])
+            .with_dns(None);
+
+        // The CNI ADD path: new ports and DNS records, the same Services and peers.
+        assert!(ServiceTable::ptr_eq(&t.services, &next.services));
+        assert!(PeerTable::ptr_eq(&t.peers, &next.peers));
+        assert_eq!(next.services.frontends().len(), 100);
+        assert_eq!(next.port_by_ip(pod).map(|p| p.id), Some(1));
+        assert!(t.port_by_ip(pod).is_none(), "the old snapshot is untouched");
+        assert_eq!(next.version, t.version + 2);
+
+        // And the other way round: new Services keep the ports.
+        let again = next.with_services(ServiceTable::default());
+        assert!(Arc::ptr_eq(&next.ports, &again.ports));
+        assert!(!ServiceTable::ptr_eq(&next.services, &again.services));
+    }
 }

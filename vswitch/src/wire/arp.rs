@@ -7,16 +7,12 @@
 
 use std::net::Ipv4Addr;
 
-use super::ethernet::{EtherType, EthernetAddress, EthernetFrame};
+use super::ethernet::{self, EtherType, EthernetAddress, EthernetFrame};
 use super::{be16, put_be16, Field, Result, WireError};
 
-/// The ARP operation code. Unknown codes pass through so they can be counted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ArpOperation(pub u16);
-
-impl ArpOperation {
-    pub const REQUEST: ArpOperation = ArpOperation(1);
-    pub const REPLY: ArpOperation = ArpOperation(2);
+protocol_number! {
+    /// The ARP operation code.
+    ArpOperation(u16) { REQUEST = 1, REPLY = 2 }
 }
 
 /// ARP hardware type for Ethernet.
@@ -39,28 +35,14 @@ fn ipv4(b: &[u8]) -> Ipv4Addr {
     Ipv4Addr::new(b[0], b[1], b[2], b[3])
 }
 
-/// A view of an Ethernet/IPv4 ARP packet.
-#[derive(Debug, Clone)]
-pub struct ArpPacket<T: AsRef<[u8]>> {
-    buffer: T,
+view! {
+    /// A view of an Ethernet/IPv4 ARP packet.
+    ArpPacket
 }
 
 impl<T: AsRef<[u8]>> ArpPacket<T> {
     /// Length of an Ethernet/IPv4 ARP packet.
     pub const LEN: usize = 28;
-
-    /// Wraps a buffer without checking it; accessors may panic if it is shorter than
-    /// [`Self::LEN`].
-    pub const fn new_unchecked(buffer: T) -> ArpPacket<T> {
-        ArpPacket { buffer }
-    }
-
-    /// Wraps a buffer after checking its length and that it is Ethernet/IPv4 ARP.
-    pub fn new_checked(buffer: T) -> Result<ArpPacket<T>> {
-        let packet = Self::new_unchecked(buffer);
-        packet.check_len()?;
-        Ok(packet)
-    }
 
     /// Ensures every accessor is in bounds and the address sizes are the ones the fixed
     /// offsets assume.
@@ -80,10 +62,6 @@ impl<T: AsRef<[u8]>> ArpPacket<T> {
             return Err(WireError::Truncated);
         }
         Ok(())
-    }
-
-    pub fn into_inner(self) -> T {
-        self.buffer
     }
 
     pub fn hardware_type(&self) -> u16 {
@@ -161,12 +139,6 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> ArpPacket<T> {
     }
 }
 
-impl<T: AsRef<[u8]>> AsRef<[u8]> for ArpPacket<T> {
-    fn as_ref(&self) -> &[u8] {
-        self.buffer.as_ref()
-    }
-}
-
 /// The meaning of an Ethernet/IPv4 ARP packet, detached from its buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ArpRepr {
@@ -224,7 +196,7 @@ pub fn emit_reply(
     to_mac: EthernetAddress,
     to_ip: Ipv4Addr,
 ) -> Result<usize> {
-    const LEN: usize = EthernetFrame::<&[u8]>::HEADER_LEN + ArpPacket::<&[u8]>::LEN;
+    const LEN: usize = ethernet::HEADER_LEN + ArpPacket::<&[u8]>::LEN;
     let buf = buf.get_mut(..LEN).ok_or(WireError::Truncated)?;
     let mut frame = EthernetFrame::new_unchecked(&mut *buf);
     frame.set_dst_addr(to_mac);

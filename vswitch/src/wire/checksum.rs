@@ -104,6 +104,15 @@ pub fn pseudo_header_v6(src: Ipv6Addr, dst: Ipv6Addr, next_header: u8, len: u32)
     u32::from(fold64(acc))
 }
 
+/// What an L4 emitter (`UdpRepr::emit`, `TcpRepr::emit`) does with the checksum field: sum
+/// it over this pseudo header, or leave it zero (UDP over IPv4 only: "no checksum").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum L4Checksum {
+    None,
+    V4(Ipv4Addr, Ipv4Addr),
+    V6(Ipv6Addr, Ipv6Addr),
+}
+
 /// New checksum after one 16-bit word covered by `old_csum` changed from `old_word` to
 /// `new_word` (RFC 1624 eqn. 3).
 #[inline]

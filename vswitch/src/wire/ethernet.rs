@@ -9,7 +9,7 @@
 use core::fmt;
 use core::str::FromStr;
 
-use super::{be16, put_be16, Field, Result, WireError};
+use super::{be16, check_lengths, put_be16, Field, Result};
 
 /// A 48-bit IEEE MAC address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
@@ -98,16 +98,9 @@ impl From<[u8; 6]> for EthernetAddress {
     }
 }
 
-/// The EtherType field. A newtype rather than an enum so that unknown values pass through
-/// (and can be counted) without a lossy `Unknown` arm.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct EtherType(pub u16);
-
-impl EtherType {
-    pub const IPV4: EtherType = EtherType(0x0800);
-    pub const ARP: EtherType = EtherType(0x0806);
-    pub const VLAN: EtherType = EtherType(0x8100);
-    pub const IPV6: EtherType = EtherType(0x86DD);
+protocol_number! {
+    /// The EtherType field.
+    EtherType(u16) { IPV4 = 0x0800, ARP = 0x0806, VLAN = 0x8100, IPV6 = 0x86DD }
 }
 
 impl fmt::Display for EtherType {
@@ -124,40 +117,21 @@ mod field {
     pub const PAYLOAD: usize = 14;
 }
 
-/// A view of an Ethernet II frame (without FCS: TAP devices and sockets never carry one).
-#[derive(Debug, Clone)]
-pub struct EthernetFrame<T: AsRef<[u8]>> {
-    buffer: T,
+/// Length of the Ethernet II header: the one definition every frame offset in the switch uses.
+pub const HEADER_LEN: usize = field::PAYLOAD;
+
+view! {
+    /// A view of an Ethernet II frame (without FCS: TAP devices and sockets never carry one).
+    EthernetFrame
 }
 
 impl<T: AsRef<[u8]>> EthernetFrame<T> {
-    /// Length of the Ethernet II header.
-    pub const HEADER_LEN: usize = field::PAYLOAD;
+    /// Length of the Ethernet II header ([`HEADER_LEN`]).
+    pub const HEADER_LEN: usize = HEADER_LEN;
 
-    /// Wraps a buffer without checking it; accessors may panic if it is shorter than
-    /// [`Self::HEADER_LEN`].
-    pub const fn new_unchecked(buffer: T) -> EthernetFrame<T> {
-        EthernetFrame { buffer }
-    }
-
-    /// Wraps a buffer after checking that it holds a whole header.
-    pub fn new_checked(buffer: T) -> Result<EthernetFrame<T>> {
-        let frame = Self::new_unchecked(buffer);
-        frame.check_len()?;
-        Ok(frame)
-    }
-
-    /// Ensures every accessor is in bounds.
+    /// Ensures every accessor is in bounds: the buffer holds a whole header.
     pub fn check_len(&self) -> Result<()> {
-        if self.buffer.as_ref().len() < Self::HEADER_LEN {
-            Err(WireError::Truncated)
-        } else {
-            Ok(())
-        }
-    }
-
-    pub fn into_inner(self) -> T {
-        self.buffer
+        check_lengths(self.buffer.as_ref().len(), HEADER_LEN, || HEADER_LEN)
     }
 
     pub fn dst_addr(&self) -> EthernetAddress {
@@ -198,9 +172,39 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> EthernetFrame<T> {
     }
 }
 
-impl<T: AsRef<[u8]>> AsRef<[u8]> for EthernetFrame<T> {
-    fn as_ref(&self) -> &[u8] {
-        self.buffer.as_ref()
+/// The meaning of an Ethernet II header, detached from its buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct EthernetRepr {
+    pub src_addr: EthernetAddress,
+    pub dst_addr: EthernetAddress,
+    pub ethertype: EtherType,
+}
+
+impl EthernetRepr {
+    /// Reads a frame's header, re-checking it so that a view made with `new_unchecked` is
+    /// safe too.
+    pub fn parse<T: AsRef<[u8]>>(frame: &EthernetFrame<T>) -> Result<EthernetRepr> {
+        frame.check_len()?;
+        Ok(EthernetRepr {
+            src_addr: frame.src_addr(),
+            dst_addr: frame.dst_addr(),
+            ethertype: frame.ethertype(),
+        })
+    }
+
+    /// Bytes `emit` writes.
+    pub const fn header_len(&self) -> usize {
+        HEADER_LEN
+    }
+
+    /// Writes the header; the payload is the caller's.
+    ///
+    /// # Panics
+    /// If the frame's buffer is shorter than [`HEADER_LEN`].
+    pub fn emit<T: AsRef<[u8]> + AsMut<[u8]>>(&self, frame: &mut EthernetFrame<T>) {
+        frame.set_dst_addr(self.dst_addr);
+        frame.set_src_addr(self.src_addr);
+        frame.set_ethertype(self.ethertype);
     }
 }
 
@@ -208,6 +212,7 @@ impl<T: AsRef<[u8]>> AsRef<[u8]> for EthernetFrame<T> {
 mod tests {
     use super::*;
     use crate::wire::testdata::{ARP_REQUEST, ICMP_ECHO, IPV6_DNS_QUERY};
+    use crate::wire::WireError;
     use proptest::prelude::*;
 
     const POD_MAC: EthernetAddress = EthernetAddress([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
@@ -354,5 +359,16 @@ mod tests {
             prop_assert_eq!(ours.ethertype(), EtherType::IPV4);
             prop_assert_eq!(ours.payload().len(), 20 + 8 + payload.len());
         }
+    }
+
+    #[test]
+    fn repr_parses_and_emits_a_header() {
+        let frame = EthernetFrame::new_checked(&ICMP_ECHO[..]).unwrap();
+        let repr = EthernetRepr::parse(&frame).unwrap();
+        assert_eq!(repr.ethertype, EtherType::IPV4);
+        assert_eq!(repr.header_len(), HEADER_LEN);
+        let mut buf = [0xffu8; HEADER_LEN];
+        repr.emit(&mut EthernetFrame::new_unchecked(&mut buf[..]));
+        assert_eq!(buf[..], ICMP_ECHO[..HEADER_LEN]);
     }
 }

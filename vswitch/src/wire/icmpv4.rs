@@ -9,18 +9,14 @@
 //! (`Ipv4Packet::payload`), because the checksum covers every byte it is given.
 
 use super::checksum;
-use super::{be16, be32, put_be16, put_be32, Field, Result, WireError};
+use super::{be16, be32, check_lengths, put_be16, put_be32, Field, Result};
 
-/// The ICMP message type. A newtype so that unknown types pass through and can be counted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Icmpv4Message(pub u8);
+protocol_number! {
+    /// The ICMP message type.
+    Icmpv4Message(u8) { ECHO_REPLY = 0, DST_UNREACHABLE = 3, ECHO_REQUEST = 8, TIME_EXCEEDED = 11 }
+}
 
 impl Icmpv4Message {
-    pub const ECHO_REPLY: Icmpv4Message = Icmpv4Message(0);
-    pub const DST_UNREACHABLE: Icmpv4Message = Icmpv4Message(3);
-    pub const ECHO_REQUEST: Icmpv4Message = Icmpv4Message(8);
-    pub const TIME_EXCEEDED: Icmpv4Message = Icmpv4Message(11);
-
     /// Error messages quote the packet that caused them; NAT must translate that quote too.
     pub fn is_error(self) -> bool {
         matches!(self.0, 3 | 4 | 5 | 11 | 12)
@@ -56,40 +52,19 @@ mod field {
     pub const DATA: usize = 8;
 }
 
-/// A view of an ICMPv4 message.
-#[derive(Debug, Clone)]
-pub struct Icmpv4Packet<T: AsRef<[u8]>> {
-    buffer: T,
+view! {
+    /// A view of an ICMPv4 message.
+    Icmpv4Packet
 }
 
 impl<T: AsRef<[u8]>> Icmpv4Packet<T> {
     /// Length of the header of every message this view understands.
     pub const HEADER_LEN: usize = field::DATA;
 
-    /// Wraps a buffer without checking it; accessors may panic if it is shorter than
-    /// [`Self::HEADER_LEN`].
-    pub const fn new_unchecked(buffer: T) -> Icmpv4Packet<T> {
-        Icmpv4Packet { buffer }
-    }
-
-    /// Wraps a buffer after checking that it holds the 8-byte header.
-    pub fn new_checked(buffer: T) -> Result<Icmpv4Packet<T>> {
-        let packet = Self::new_unchecked(buffer);
-        packet.check_len()?;
-        Ok(packet)
-    }
-
-    /// Ensures every accessor is in bounds.
+    /// Ensures every accessor is in bounds: the buffer holds the 8-byte header.
     pub fn check_len(&self) -> Result<()> {
-        if self.buffer.as_ref().len() < Self::HEADER_LEN {
-            Err(WireError::Truncated)
-        } else {
-            Ok(())
-        }
-    }
-
-    pub fn into_inner(self) -> T {
-        self.buffer
+        let len = self.buffer.as_ref().len();
+        check_lengths(len, Self::HEADER_LEN, || Self::HEADER_LEN)
     }
 
     pub fn msg_type(&self) -> Icmpv4Message {
@@ -177,9 +152,43 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Icmpv4Packet<T> {
     }
 }
 
-impl<T: AsRef<[u8]>> AsRef<[u8]> for Icmpv4Packet<T> {
-    fn as_ref(&self) -> &[u8] {
-        self.buffer.as_ref()
+/// The meaning of an ICMPv4 message header, detached from its buffer: the type, the code and
+/// the second header word (echo identifier and sequence number, or an error's next-hop MTU).
+/// The data after the header (echo data, an error's quote) stays in the buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Icmpv4Repr {
+    pub msg_type: Icmpv4Message,
+    pub msg_code: u8,
+    pub rest_of_header: u32,
+    /// Bytes after the 8-byte header (echo data, an error's quote).
+    pub payload_len: usize,
+}
+
+impl Icmpv4Repr {
+    /// Reads a message's header, re-checking the view.
+    pub fn parse<T: AsRef<[u8]>>(packet: &Icmpv4Packet<T>) -> Result<Icmpv4Repr> {
+        packet.check_len()?;
+        Ok(Icmpv4Repr {
+            msg_type: packet.msg_type(),
+            msg_code: packet.msg_code(),
+            rest_of_header: packet.rest_of_header(),
+            payload_len: packet.data().len(),
+        })
+    }
+
+    repr_lengths!(field::DATA);
+
+    /// Writes the header and the checksum over the whole message, so the data must be in
+    /// place first; the packet's buffer must be exactly [`Self::buffer_len`] long for the
+    /// checksum to cover the right bytes.
+    ///
+    /// # Panics
+    /// If the packet's buffer is shorter than the 8-byte header.
+    pub fn emit<T: AsRef<[u8]> + AsMut<[u8]>>(&self, packet: &mut Icmpv4Packet<T>) {
+        packet.set_msg_type(self.msg_type);
+        packet.set_msg_code(self.msg_code);
+        packet.set_rest_of_header(self.rest_of_header);
+        packet.fill_checksum();
     }
 }
 
@@ -189,6 +198,7 @@ mod tests {
     use crate::wire::ipv4::{IpProtocol, Ipv4Packet};
     use crate::wire::testdata::{ICMP_ECHO, ICMP_FRAG_NEEDED, TCP_SYN};
     use crate::wire::TcpPacket;
+    use crate::wire::WireError;
     use proptest::prelude::*;
     use std::net::Ipv4Addr;
 
@@ -351,5 +361,21 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn repr_parses_and_emits_the_echo_request() {
+        let ip = Ipv4Packet::new_checked(&ICMP_ECHO[14..]).unwrap();
+        let icmp = Icmpv4Packet::new_checked(ip.payload()).unwrap();
+        let repr = Icmpv4Repr::parse(&icmp).unwrap();
+        assert_eq!(
+            (repr.msg_type, repr.msg_code),
+            (Icmpv4Message::ECHO_REQUEST, 0)
+        );
+        assert_eq!((repr.header_len(), repr.buffer_len()), (8, 64));
+        let mut buf = [0xffu8; 64];
+        buf[8..].copy_from_slice(icmp.data());
+        repr.emit(&mut Icmpv4Packet::new_unchecked(&mut buf[..]));
+        assert_eq!(&buf[..], ip.payload());
     }
 }

@@ -13,19 +13,12 @@
 use std::net::Ipv4Addr;
 
 use super::checksum;
-use super::{be16, clamped, clamped_mut, put_be16, Field, Result, WireError};
+use super::WireError;
+use super::{be16, check_lengths, clamped, clamped_mut, ports, put_be16, tcp, udp, Field, Result};
 
-/// The IP protocol / IPv6 next-header number. A newtype so that unknown values pass through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct IpProtocol(pub u8);
-
-impl IpProtocol {
-    pub const HOP_BY_HOP: IpProtocol = IpProtocol(0);
-    pub const ICMP: IpProtocol = IpProtocol(1);
-    pub const TCP: IpProtocol = IpProtocol(6);
-    pub const UDP: IpProtocol = IpProtocol(17);
-    pub const IPV6_FRAG: IpProtocol = IpProtocol(44);
-    pub const ICMPV6: IpProtocol = IpProtocol(58);
+protocol_number! {
+    /// The IP protocol / IPv6 next-header number.
+    IpProtocol(u8) { HOP_BY_HOP = 0, ICMP = 1, TCP = 6, UDP = 17, IPV6_FRAG = 44, ICMPV6 = 58 }
 }
 
 mod field {
@@ -46,29 +39,14 @@ const FLAG_DF: u16 = 0x4000;
 const FLAG_MF: u16 = 0x2000;
 const OFFSET_MASK: u16 = 0x1fff;
 
-/// A view of an IPv4 packet.
-#[derive(Debug, Clone)]
-pub struct Ipv4Packet<T: AsRef<[u8]>> {
-    buffer: T,
+view! {
+    /// A view of an IPv4 packet.
+    Ipv4Packet
 }
 
 impl<T: AsRef<[u8]>> Ipv4Packet<T> {
     /// Length of a header without options.
     pub const MIN_HEADER_LEN: usize = field::DST_ADDR.end;
-
-    /// Wraps a buffer without checking it; accessors may panic if it is shorter than
-    /// [`Self::MIN_HEADER_LEN`].
-    pub const fn new_unchecked(buffer: T) -> Ipv4Packet<T> {
-        Ipv4Packet { buffer }
-    }
-
-    /// Wraps a buffer after checking version, IHL, total length and buffer length. Bytes
-    /// after the total length (link-layer padding) are allowed and ignored.
-    pub fn new_checked(buffer: T) -> Result<Ipv4Packet<T>> {
-        let packet = Self::new_unchecked(buffer);
-        packet.check_len()?;
-        Ok(packet)
-    }
 
     /// Wraps the copy of a packet quoted inside an ICMP error (RFC 792: its header plus the
     /// first 8 payload bytes, or more per RFC 1812). Such a copy is cut short on purpose, so
@@ -80,22 +58,15 @@ impl<T: AsRef<[u8]>> Ipv4Packet<T> {
         Ok(packet)
     }
 
+    /// The version, the IHL against the buffer, and the total length against the IHL. A
+    /// version other than 4 reads as a header length of zero: `Malformed`.
     fn check_header_len(&self) -> Result<()> {
         let len = self.buffer.as_ref().len();
-        if len < Self::MIN_HEADER_LEN {
-            return Err(WireError::Truncated);
-        }
-        if self.version() != 4 {
-            return Err(WireError::Malformed);
-        }
-        let header_len = usize::from(self.header_len());
-        if header_len < Self::MIN_HEADER_LEN {
-            return Err(WireError::Malformed);
-        }
-        if len < header_len {
-            return Err(WireError::Truncated);
-        }
-        if usize::from(self.total_len()) < header_len {
+        check_lengths(len, Self::MIN_HEADER_LEN, || match self.version() {
+            4 => usize::from(self.header_len()),
+            _ => 0,
+        })?;
+        if self.total_len() < u16::from(self.header_len()) {
             return Err(WireError::Malformed);
         }
         Ok(())
@@ -108,10 +79,6 @@ impl<T: AsRef<[u8]>> Ipv4Packet<T> {
             return Err(WireError::Truncated);
         }
         Ok(())
-    }
-
-    pub fn into_inner(self) -> T {
-        self.buffer
     }
 
     pub fn version(&self) -> u8 {
@@ -215,6 +182,35 @@ impl<T: AsRef<[u8]>> Ipv4Packet<T> {
             usize::from(self.header_len()),
             usize::from(self.total_len()),
         )
+    }
+
+    /// Where a TCP/UDP field is in the buffer, for a TCP or UDP packet that is not a later
+    /// fragment (only the first carries the L4 header) and holds that field. Never out of
+    /// bounds, whatever the header says.
+    fn l4_field(&self, tcp: Field, udp: Field) -> Option<Field> {
+        let f = match self.protocol() {
+            IpProtocol::TCP => tcp,
+            IpProtocol::UDP => udp,
+            _ => return None,
+        };
+        let start = usize::from(self.header_len());
+        let end = usize::from(self.total_len()).min(self.buffer.as_ref().len());
+        (self.frag_offset() == 0 && start + f.end <= end).then(|| start + f.start..start + f.end)
+    }
+
+    /// (source, destination) port of a TCP or UDP packet; `None` for another protocol, a
+    /// later fragment, or an L4 header cut short (a quote may hold only the ports).
+    pub fn ports(&self) -> Option<(u16, u16)> {
+        let r = self.l4_field(ports::BOTH, ports::BOTH)?;
+        let b = &self.buffer.as_ref()[r];
+        Some((be16(&b[ports::SRC]), be16(&b[ports::DST])))
+    }
+
+    /// The TCP or UDP checksum field, where [`Self::ports`] would find ports and the header
+    /// reaches that far.
+    pub fn l4_checksum(&self) -> Option<u16> {
+        let r = self.l4_field(tcp::field::CHECKSUM, udp::field::CHECKSUM)?;
+        Some(be16(&self.buffer.as_ref()[r]))
     }
 }
 
@@ -347,11 +343,81 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv4Packet<T> {
         let end = usize::from(self.total_len());
         clamped_mut(self.buffer.as_mut(), start, end)
     }
+
+    /// Rewrites the ports of a TCP or UDP packet, not its checksum; returns false, writing
+    /// nothing, where [`Ipv4Packet::ports`] is `None`.
+    pub fn set_ports(&mut self, src: u16, dst: u16) -> bool {
+        let Some(r) = self.l4_field(ports::BOTH, ports::BOTH) else {
+            return false;
+        };
+        let b = &mut self.buffer.as_mut()[r];
+        put_be16(&mut b[ports::SRC], src);
+        put_be16(&mut b[ports::DST], dst);
+        true
+    }
+
+    /// Stores the TCP or UDP checksum field; returns false, writing nothing, where
+    /// [`Ipv4Packet::l4_checksum`] is `None`.
+    pub fn set_l4_checksum(&mut self, csum: u16) -> bool {
+        let Some(r) = self.l4_field(tcp::field::CHECKSUM, udp::field::CHECKSUM) else {
+            return false;
+        };
+        put_be16(&mut self.buffer.as_mut()[r], csum);
+        true
+    }
 }
 
-impl<T: AsRef<[u8]>> AsRef<[u8]> for Ipv4Packet<T> {
-    fn as_ref(&self) -> &[u8] {
-        self.buffer.as_ref()
+/// The meaning of an IPv4 header without options, detached from its buffer: what the switch
+/// needs to write a packet of its own. Identification, DSCP and ECN are written as zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Ipv4Repr {
+    pub src_addr: Ipv4Addr,
+    pub dst_addr: Ipv4Addr,
+    pub protocol: IpProtocol,
+    /// Bytes after the header.
+    pub payload_len: usize,
+    pub ttl: u8,
+    pub dont_frag: bool,
+}
+
+impl Ipv4Repr {
+    /// Reads a packet's header (its options are not kept), re-checking the view.
+    pub fn parse<T: AsRef<[u8]>>(packet: &Ipv4Packet<T>) -> Result<Ipv4Repr> {
+        packet.check_len()?;
+        Ok(Ipv4Repr {
+            src_addr: packet.src_addr(),
+            dst_addr: packet.dst_addr(),
+            protocol: packet.protocol(),
+            payload_len: packet.payload().len(),
+            ttl: packet.ttl(),
+            dont_frag: packet.dont_frag(),
+        })
+    }
+
+    repr_lengths!(field::DST_ADDR.end);
+
+    /// Writes every header byte, the checksum included. A total length past 65535 is stored
+    /// as 65535 (the caller sizes packets; none of the switch's own is that long).
+    ///
+    /// # Panics
+    /// If the packet's buffer is shorter than the 20-byte header.
+    pub fn emit<T: AsRef<[u8]> + AsMut<[u8]>>(&self, packet: &mut Ipv4Packet<T>) {
+        {
+            let b = packet.buffer.as_mut();
+            b[field::VER_IHL] = 0x40 | (field::DST_ADDR.end / 4) as u8;
+            b[field::DSCP_ECN] = 0;
+            put_be16(&mut b[field::IDENT], 0);
+            put_be16(
+                &mut b[field::FLG_OFF],
+                if self.dont_frag { FLAG_DF } else { 0 },
+            );
+        }
+        packet.set_total_len(u16::try_from(self.buffer_len()).unwrap_or(u16::MAX));
+        packet.set_ttl(self.ttl);
+        packet.set_protocol(self.protocol);
+        packet.set_src_addr(self.src_addr);
+        packet.set_dst_addr(self.dst_addr);
+        packet.fill_checksum();
     }
 }
 
@@ -663,5 +729,54 @@ mod tests {
 
     fn buf_payload_len(h: &etherparse::Ipv4Header) -> usize {
         usize::from(h.total_len) - h.header_len()
+    }
+
+    #[test]
+    fn repr_parses_and_emits_a_header() {
+        let ip = Ipv4Packet::new_checked(&ICMP_ECHO[14..]).unwrap();
+        let repr = Ipv4Repr::parse(&ip).unwrap();
+        let want = Ipv4Repr {
+            src_addr: POD_IP,
+            dst_addr: Ipv4Addr::new(10, 244, 2, 7),
+            protocol: IpProtocol::ICMP,
+            payload_len: 64,
+            ttl: 64,
+            dont_frag: true,
+        };
+        assert_eq!(repr, want);
+        assert_eq!((repr.header_len(), repr.buffer_len()), (20, 84));
+        let mut buf = [0xffu8; 84];
+        repr.emit(&mut Ipv4Packet::new_unchecked(&mut buf[..]));
+        buf[20..].copy_from_slice(&ICMP_ECHO[34..]);
+        // The sample's header but for the identification, zero in the switch's own packets.
+        let mut sample: [u8; 84] = ICMP_ECHO[14..].try_into().unwrap();
+        let mut s = Ipv4Packet::new_unchecked(&mut sample[..]);
+        s.set_ident(0);
+        s.fill_checksum();
+        assert_eq!(buf, sample);
+    }
+
+    #[test]
+    fn l4_ports_and_checksum() {
+        let mut buf: [u8; 93] = DNS_QUERY[14..].try_into().unwrap();
+        let mut ip = Ipv4Packet::new_checked(&mut buf[..]).unwrap();
+        assert_eq!(ip.ports(), Some((53211, 53)));
+        assert_eq!(ip.l4_checksum(), Some(0x6f02));
+        assert!(ip.set_ports(1, 2) && ip.set_l4_checksum(0x1234));
+        assert_eq!((ip.ports(), ip.l4_checksum()), (Some((1, 2)), Some(0x1234)));
+        assert_eq!(&buf[20..28], &[0, 1, 0, 2, 0, 73, 0x12, 0x34]);
+        // A later fragment carries no L4 header.
+        let mut ip = Ipv4Packet::new_checked(&mut buf[..]).unwrap();
+        ip.set_frag_offset(8);
+        assert_eq!((ip.ports(), ip.l4_checksum()), (None, None));
+        assert!(!ip.set_ports(3, 4) && !ip.set_l4_checksum(5));
+        // ICMP has no ports.
+        let icmp = Ipv4Packet::new_checked(&ICMP_ECHO[14..]).unwrap();
+        assert_eq!((icmp.ports(), icmp.l4_checksum()), (None, None));
+        // A TCP header quoted to 8 bytes has its ports, not its checksum.
+        let quoted = Ipv4Packet::new_checked_quoted(&TCP_SYN[14..42]).unwrap();
+        let tcp = crate::wire::TcpPacket::new_checked(&TCP_SYN[34..]).unwrap();
+        assert_eq!(quoted.ports(), Some((tcp.src_port(), tcp.dst_port())));
+        assert_eq!(quoted.l4_checksum(), None);
     }
 }

@@ -11,7 +11,7 @@
 use std::net::Ipv6Addr;
 
 use super::ipv4::IpProtocol;
-use super::{be16, be32, clamped, clamped_mut, put_be16, put_be32, Field, Result, WireError};
+use super::{be16, be32, check_lengths, clamped, clamped_mut, put_be16, put_be32, Field, Result};
 
 mod field {
     use super::Field;
@@ -29,47 +29,24 @@ fn addr(b: &[u8]) -> Ipv6Addr {
     Ipv6Addr::from(a)
 }
 
-/// A view of an IPv6 packet's fixed header and payload.
-#[derive(Debug, Clone)]
-pub struct Ipv6Packet<T: AsRef<[u8]>> {
-    buffer: T,
+view! {
+    /// A view of an IPv6 packet's fixed header and payload.
+    Ipv6Packet
 }
 
 impl<T: AsRef<[u8]>> Ipv6Packet<T> {
     /// Length of the fixed header.
     pub const HEADER_LEN: usize = field::DST_ADDR.end;
 
-    /// Wraps a buffer without checking it; accessors may panic if it is shorter than
-    /// [`Self::HEADER_LEN`].
-    pub const fn new_unchecked(buffer: T) -> Ipv6Packet<T> {
-        Ipv6Packet { buffer }
-    }
-
-    /// Wraps a buffer after checking the version and that the buffer holds the header and the
-    /// payload length it announces (trailing padding is allowed).
-    pub fn new_checked(buffer: T) -> Result<Ipv6Packet<T>> {
-        let packet = Self::new_unchecked(buffer);
-        packet.check_len()?;
-        Ok(packet)
-    }
-
-    /// Ensures every accessor is in bounds.
+    /// Ensures every accessor is in bounds: the version, and that the buffer holds the header
+    /// and the payload length it announces (trailing padding is allowed). A version other than
+    /// 6 reads as a length of zero: `Malformed`.
     pub fn check_len(&self) -> Result<()> {
         let len = self.buffer.as_ref().len();
-        if len < Self::HEADER_LEN {
-            return Err(WireError::Truncated);
-        }
-        if self.version() != 6 {
-            return Err(WireError::Malformed);
-        }
-        if len < self.total_len() {
-            return Err(WireError::Truncated);
-        }
-        Ok(())
-    }
-
-    pub fn into_inner(self) -> T {
-        self.buffer
+        check_lengths(len, Self::HEADER_LEN, || match self.version() {
+            6 => self.total_len(),
+            _ => 0,
+        })
     }
 
     fn ver_tc_flow(&self) -> u32 {
@@ -170,9 +147,45 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv6Packet<T> {
     }
 }
 
-impl<T: AsRef<[u8]>> AsRef<[u8]> for Ipv6Packet<T> {
-    fn as_ref(&self) -> &[u8] {
-        self.buffer.as_ref()
+/// The meaning of an IPv6 fixed header, detached from its buffer; traffic class and flow
+/// label are written as zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Ipv6Repr {
+    pub src_addr: Ipv6Addr,
+    pub dst_addr: Ipv6Addr,
+    pub next_header: IpProtocol,
+    /// Bytes after the fixed header.
+    pub payload_len: usize,
+    pub hop_limit: u8,
+}
+
+impl Ipv6Repr {
+    /// Reads a packet's fixed header, re-checking the view.
+    pub fn parse<T: AsRef<[u8]>>(packet: &Ipv6Packet<T>) -> Result<Ipv6Repr> {
+        packet.check_len()?;
+        Ok(Ipv6Repr {
+            src_addr: packet.src_addr(),
+            dst_addr: packet.dst_addr(),
+            next_header: packet.next_header(),
+            payload_len: packet.payload().len(),
+            hop_limit: packet.hop_limit(),
+        })
+    }
+
+    repr_lengths!(field::DST_ADDR.end);
+
+    /// Writes every byte of the fixed header. A payload length past 65535 is stored as
+    /// 65535 (no jumbograms here).
+    ///
+    /// # Panics
+    /// If the packet's buffer is shorter than the 40-byte header.
+    pub fn emit<T: AsRef<[u8]> + AsMut<[u8]>>(&self, packet: &mut Ipv6Packet<T>) {
+        put_be32(&mut packet.buffer.as_mut()[field::VER_TC_FLOW], 6 << 28);
+        packet.set_payload_len(u16::try_from(self.payload_len).unwrap_or(u16::MAX));
+        packet.set_next_header(self.next_header);
+        packet.set_hop_limit(self.hop_limit);
+        packet.set_src_addr(self.src_addr);
+        packet.set_dst_addr(self.dst_addr);
     }
 }
 
@@ -180,6 +193,7 @@ impl<T: AsRef<[u8]>> AsRef<[u8]> for Ipv6Packet<T> {
 mod tests {
     use super::*;
     use crate::wire::testdata::IPV6_DNS_QUERY;
+    use crate::wire::WireError;
     use proptest::prelude::*;
 
     fn pod() -> Ipv6Addr {
@@ -315,5 +329,20 @@ mod tests {
             prop_assert_eq!(ip.next_header().0, theirs.next_header.0);
             prop_assert_eq!(ip.payload().len(), 8 + payload.len());
         }
+    }
+
+    #[test]
+    fn repr_parses_and_emits_a_header() {
+        let ip = Ipv6Packet::new_checked(&IPV6_DNS_QUERY[14..]).unwrap();
+        let repr = Ipv6Repr::parse(&ip).unwrap();
+        assert_eq!((repr.src_addr, repr.dst_addr), (pod(), dns()));
+        assert_eq!((repr.next_header, repr.payload_len), (IpProtocol::UDP, 62));
+        assert_eq!((repr.header_len(), repr.buffer_len()), (40, 102));
+        let mut buf = [0xffu8; 40];
+        repr.emit(&mut Ipv6Packet::new_unchecked(&mut buf[..]));
+        // The sample's header but for the flow label, zero in the switch's own packets.
+        let mut sample: [u8; 40] = IPV6_DNS_QUERY[14..54].try_into().unwrap();
+        Ipv6Packet::new_unchecked(&mut sample[..]).set_flow_label(0);
+        assert_eq!(buf, sample);
     }
 }

@@ -19,20 +19,25 @@ use core::fmt;
 use core::ops::{BitAnd, BitOr, BitOrAssign, Range};
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use super::checksum;
+use super::checksum::{self, L4Checksum};
 use super::ipv4::IpProtocol;
-use super::{be16, be32, clamped, clamped_mut, put_be16, put_be32, Field, Result, WireError};
+use super::{be16, be32, clamped, clamped_mut, put_be16, put_be32, Field, Result};
 
-mod field {
+pub(super) mod field {
     use super::Field;
-    pub const SRC_PORT: Field = 0..2;
-    pub const DST_PORT: Field = 2..4;
     pub const SEQ_NUM: Field = 4..8;
     pub const ACK_NUM: Field = 8..12;
     pub const FLAGS: Field = 12..14;
     pub const WIN_SIZE: Field = 14..16;
     pub const CHECKSUM: Field = 16..18;
     pub const URGENT: Field = 18..20;
+}
+
+/// TCP option kinds this module looks at.
+pub mod option {
+    pub const END: u8 = 0;
+    pub const NOP: u8 = 1;
+    pub const MSS: u8 = 2;
 }
 
 /// The nine TCP control bits as a bitset (the low 9 bits of header bytes 12-13).
@@ -123,64 +128,12 @@ impl fmt::Debug for TcpFlags {
     }
 }
 
-/// TCP option kinds this module looks at.
-pub mod option {
-    pub const END: u8 = 0;
-    pub const NOP: u8 = 1;
-    pub const MSS: u8 = 2;
-}
-
-/// A view of a TCP segment.
-#[derive(Debug, Clone)]
-pub struct TcpPacket<T: AsRef<[u8]>> {
-    buffer: T,
+l4_view! {
+    /// A view of a TCP segment: the fixed header, options up to the data offset, data.
+    TcpPacket, MIN_HEADER_LEN = field::URGENT.end, header_len
 }
 
 impl<T: AsRef<[u8]>> TcpPacket<T> {
-    /// Length of a header without options.
-    pub const MIN_HEADER_LEN: usize = field::URGENT.end;
-
-    /// Wraps a buffer without checking it; accessors may panic if it is shorter than
-    /// [`Self::MIN_HEADER_LEN`].
-    pub const fn new_unchecked(buffer: T) -> TcpPacket<T> {
-        TcpPacket { buffer }
-    }
-
-    /// Wraps a buffer after checking the data offset against the buffer.
-    pub fn new_checked(buffer: T) -> Result<TcpPacket<T>> {
-        let packet = Self::new_unchecked(buffer);
-        packet.check_len()?;
-        Ok(packet)
-    }
-
-    /// Ensures every accessor is in bounds.
-    pub fn check_len(&self) -> Result<()> {
-        let len = self.buffer.as_ref().len();
-        if len < Self::MIN_HEADER_LEN {
-            return Err(WireError::Truncated);
-        }
-        let header_len = usize::from(self.header_len());
-        if header_len < Self::MIN_HEADER_LEN {
-            return Err(WireError::Malformed);
-        }
-        if len < header_len {
-            return Err(WireError::Truncated);
-        }
-        Ok(())
-    }
-
-    pub fn into_inner(self) -> T {
-        self.buffer
-    }
-
-    pub fn src_port(&self) -> u16 {
-        be16(&self.buffer.as_ref()[field::SRC_PORT])
-    }
-
-    pub fn dst_port(&self) -> u16 {
-        be16(&self.buffer.as_ref()[field::DST_PORT])
-    }
-
     pub fn seq_number(&self) -> u32 {
         be32(&self.buffer.as_ref()[field::SEQ_NUM])
     }
@@ -201,10 +154,6 @@ impl<T: AsRef<[u8]>> TcpPacket<T> {
     /// The raw window field (unscaled).
     pub fn window_len(&self) -> u16 {
         be16(&self.buffer.as_ref()[field::WIN_SIZE])
-    }
-
-    pub fn checksum(&self) -> u16 {
-        be16(&self.buffer.as_ref()[field::CHECKSUM])
     }
 
     pub fn urgent_at(&self) -> u16 {
@@ -279,15 +228,61 @@ impl<T: AsRef<[u8]>> TcpPacket<T> {
     }
 }
 
+/// The meaning of a TCP header without options, detached from its buffer: what the switch
+/// needs to write a segment of its own (a RST).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TcpRepr {
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub seq_number: u32,
+    pub ack_number: u32,
+    pub flags: TcpFlags,
+    pub window_len: u16,
+    /// Bytes after the header.
+    pub payload_len: usize,
+}
+
+impl TcpRepr {
+    /// Reads a segment's header (its options are not kept), re-checking the view.
+    pub fn parse<T: AsRef<[u8]>>(packet: &TcpPacket<T>) -> Result<TcpRepr> {
+        packet.check_len()?;
+        Ok(TcpRepr {
+            src_port: packet.src_port(),
+            dst_port: packet.dst_port(),
+            seq_number: packet.seq_number(),
+            ack_number: packet.ack_number(),
+            flags: packet.flags(),
+            window_len: packet.window_len(),
+            payload_len: packet.payload().len(),
+        })
+    }
+
+    repr_lengths!(field::URGENT.end);
+
+    /// Writes every header byte (no options, urgent pointer zero) and, over the given pseudo
+    /// header, the checksum, so the payload must be in place first and the buffer exactly
+    /// [`Self::buffer_len`] long. `L4Checksum::None` leaves the checksum zero.
+    ///
+    /// # Panics
+    /// If the packet's buffer is shorter than the 20-byte header.
+    pub fn emit<T: AsRef<[u8]> + AsMut<[u8]>>(&self, packet: &mut TcpPacket<T>, csum: L4Checksum) {
+        packet.set_src_port(self.src_port);
+        packet.set_dst_port(self.dst_port);
+        packet.set_seq_number(self.seq_number);
+        packet.set_ack_number(self.ack_number);
+        // Data offset, the reserved bits and the flags: one half-word.
+        let offset = (field::URGENT.end as u16 / 4) << 12;
+        put_be16(
+            &mut packet.buffer.as_mut()[field::FLAGS],
+            offset | (self.flags.0 & TcpFlags::ALL),
+        );
+        packet.set_window_len(self.window_len);
+        packet.set_urgent_at(0);
+        packet.fill_l4_checksum(csum);
+    }
+}
+
 impl<T: AsRef<[u8]> + AsMut<[u8]>> TcpPacket<T> {
-    pub fn set_src_port(&mut self, port: u16) {
-        put_be16(&mut self.buffer.as_mut()[field::SRC_PORT], port);
-    }
-
-    pub fn set_dst_port(&mut self, port: u16) {
-        put_be16(&mut self.buffer.as_mut()[field::DST_PORT], port);
-    }
-
     pub fn set_seq_number(&mut self, seq: u32) {
         put_be32(&mut self.buffer.as_mut()[field::SEQ_NUM], seq);
     }
@@ -311,10 +306,6 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> TcpPacket<T> {
 
     pub fn set_window_len(&mut self, window: u16) {
         put_be16(&mut self.buffer.as_mut()[field::WIN_SIZE], window);
-    }
-
-    pub fn set_checksum(&mut self, csum: u16) {
-        put_be16(&mut self.buffer.as_mut()[field::CHECKSUM], csum);
     }
 
     pub fn set_urgent_at(&mut self, urgent: u16) {
@@ -376,24 +367,35 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> TcpPacket<T> {
     }
 }
 
-impl<T: AsRef<[u8]>> AsRef<[u8]> for TcpPacket<T> {
-    fn as_ref(&self) -> &[u8] {
-        self.buffer.as_ref()
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::wire::ipv4::Ipv4Packet;
-    use crate::wire::testdata::TCP_SYN;
     use proptest::prelude::*;
+
+    use super::*;
+    use crate::wire::{testdata::TCP_SYN, Ipv4Packet, WireError};
 
     const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);
     const SVC_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 12, 34);
 
     fn syn() -> [u8; 40] {
         TCP_SYN[34..].try_into().unwrap()
+    }
+
+    #[test]
+    fn construct_syn() {
+        let mut buf = [0u8; 40];
+        let mut tcp = TcpPacket::new_unchecked(&mut buf[..]);
+        tcp.set_src_port(41862);
+        tcp.set_dst_port(80);
+        tcp.set_seq_number(0x5d3a_7e11);
+        tcp.set_ack_number(0);
+        tcp.set_header_len(40);
+        tcp.set_flags(TcpFlags::SYN);
+        tcp.set_window_len(64240);
+        tcp.set_urgent_at(0);
+        tcp.options_mut().copy_from_slice(&TCP_SYN[54..]);
+        tcp.fill_checksum(POD_IP, SVC_IP);
+        assert_eq!(buf, syn());
     }
 
     #[test]
@@ -416,23 +418,6 @@ mod tests {
         assert_eq!(&tcp.options()[..4], &[2, 4, 0x05, 0xb4]);
         assert_eq!(tcp.max_seg_size(), Some(1460));
         assert!(tcp.payload().is_empty());
-    }
-
-    #[test]
-    fn construct_syn() {
-        let mut buf = [0u8; 40];
-        let mut tcp = TcpPacket::new_unchecked(&mut buf[..]);
-        tcp.set_src_port(41862);
-        tcp.set_dst_port(80);
-        tcp.set_seq_number(0x5d3a_7e11);
-        tcp.set_ack_number(0);
-        tcp.set_header_len(40);
-        tcp.set_flags(TcpFlags::SYN);
-        tcp.set_window_len(64240);
-        tcp.set_urgent_at(0);
-        tcp.options_mut().copy_from_slice(&TCP_SYN[54..]);
-        tcp.fill_checksum(POD_IP, SVC_IP);
-        assert_eq!(buf, syn());
     }
 
     #[test]
@@ -640,5 +625,36 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn repr_emits_a_rst() {
+        let repr = TcpRepr {
+            src_port: 80,
+            dst_port: 40_000,
+            seq_number: 7,
+            ack_number: 9,
+            flags: TcpFlags::RST | TcpFlags::ACK,
+            window_len: 0,
+            payload_len: 0,
+        };
+        let mut buf = [0xaau8; 20];
+        let csum = L4Checksum::V4(SVC_IP, POD_IP);
+        repr.emit(&mut TcpPacket::new_unchecked(&mut buf[..]), csum);
+        assert_eq!(
+            &buf[12..14],
+            &[0x50, 0x14],
+            "data offset 5, RST|ACK, reserved zero"
+        );
+        let tcp = TcpPacket::new_checked(&buf[..]).unwrap();
+        assert_eq!(TcpRepr::parse(&tcp), Ok(repr));
+        assert_eq!((tcp.header_len(), tcp.urgent_at()), (20, 0));
+        assert!(tcp.verify_checksum(SVC_IP, POD_IP));
+        let (theirs, _) = etherparse::TcpHeader::from_slice(&buf).unwrap();
+        assert!(theirs.rst && theirs.ack && !theirs.syn);
+        assert_eq!(
+            (theirs.sequence_number, theirs.acknowledgment_number),
+            (7, 9)
+        );
     }
 }

@@ -9,70 +9,23 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use super::checksum;
+use super::checksum::{self, L4Checksum};
 use super::ipv4::IpProtocol;
-use super::{be16, clamped, clamped_mut, put_be16, Field, Result, WireError};
+use super::{be16, clamped, clamped_mut, put_be16, Field, Result};
 
-mod field {
+pub(super) mod field {
     use super::Field;
-    pub const SRC_PORT: Field = 0..2;
-    pub const DST_PORT: Field = 2..4;
     pub const LENGTH: Field = 4..6;
     pub const CHECKSUM: Field = 6..8;
     pub const PAYLOAD: usize = 8;
 }
 
-/// A view of a UDP datagram.
-#[derive(Debug, Clone)]
-pub struct UdpPacket<T: AsRef<[u8]>> {
-    buffer: T,
+l4_view! {
+    /// A view of a UDP datagram, bounded by its length field.
+    UdpPacket, HEADER_LEN = field::PAYLOAD, len
 }
 
 impl<T: AsRef<[u8]>> UdpPacket<T> {
-    /// Length of the UDP header.
-    pub const HEADER_LEN: usize = field::PAYLOAD;
-
-    /// Wraps a buffer without checking it; accessors may panic if it is shorter than
-    /// [`Self::HEADER_LEN`].
-    pub const fn new_unchecked(buffer: T) -> UdpPacket<T> {
-        UdpPacket { buffer }
-    }
-
-    /// Wraps a buffer after checking that it holds the header and the length it announces.
-    pub fn new_checked(buffer: T) -> Result<UdpPacket<T>> {
-        let packet = Self::new_unchecked(buffer);
-        packet.check_len()?;
-        Ok(packet)
-    }
-
-    /// Ensures every accessor is in bounds and the length field is sane.
-    pub fn check_len(&self) -> Result<()> {
-        let len = self.buffer.as_ref().len();
-        if len < Self::HEADER_LEN {
-            return Err(WireError::Truncated);
-        }
-        let udp_len = usize::from(self.len());
-        if udp_len < Self::HEADER_LEN {
-            return Err(WireError::Malformed);
-        }
-        if len < udp_len {
-            return Err(WireError::Truncated);
-        }
-        Ok(())
-    }
-
-    pub fn into_inner(self) -> T {
-        self.buffer
-    }
-
-    pub fn src_port(&self) -> u16 {
-        be16(&self.buffer.as_ref()[field::SRC_PORT])
-    }
-
-    pub fn dst_port(&self) -> u16 {
-        be16(&self.buffer.as_ref()[field::DST_PORT])
-    }
-
     /// Header plus payload, in bytes, as the length field says.
     pub fn len(&self) -> u16 {
         be16(&self.buffer.as_ref()[field::LENGTH])
@@ -81,10 +34,6 @@ impl<T: AsRef<[u8]>> UdpPacket<T> {
     /// True if the length field announces no payload.
     pub fn is_empty(&self) -> bool {
         usize::from(self.len()) <= Self::HEADER_LEN
-    }
-
-    pub fn checksum(&self) -> u16 {
-        be16(&self.buffer.as_ref()[field::CHECKSUM])
     }
 
     /// Header and payload up to the length field: what the checksum covers.
@@ -131,20 +80,8 @@ fn nonzero(csum: u16) -> u16 {
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> UdpPacket<T> {
-    pub fn set_src_port(&mut self, port: u16) {
-        put_be16(&mut self.buffer.as_mut()[field::SRC_PORT], port);
-    }
-
-    pub fn set_dst_port(&mut self, port: u16) {
-        put_be16(&mut self.buffer.as_mut()[field::DST_PORT], port);
-    }
-
     pub fn set_len(&mut self, len: u16) {
         put_be16(&mut self.buffer.as_mut()[field::LENGTH], len);
-    }
-
-    pub fn set_checksum(&mut self, csum: u16) {
-        put_be16(&mut self.buffer.as_mut()[field::CHECKSUM], csum);
     }
 
     /// Computes the checksum with the IPv4 pseudo header and stores it.
@@ -167,9 +104,39 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> UdpPacket<T> {
     }
 }
 
-impl<T: AsRef<[u8]>> AsRef<[u8]> for UdpPacket<T> {
-    fn as_ref(&self) -> &[u8] {
-        self.buffer.as_ref()
+/// The meaning of a UDP header, detached from its buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct UdpRepr {
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// Bytes after the header.
+    pub payload_len: usize,
+}
+
+impl UdpRepr {
+    /// Reads a datagram's header, re-checking the view.
+    pub fn parse<T: AsRef<[u8]>>(packet: &UdpPacket<T>) -> Result<UdpRepr> {
+        packet.check_len()?;
+        Ok(UdpRepr {
+            src_port: packet.src_port(),
+            dst_port: packet.dst_port(),
+            payload_len: packet.payload().len(),
+        })
+    }
+
+    repr_lengths!(field::PAYLOAD);
+
+    /// Writes the header and, over the given pseudo header, the checksum, so the payload must
+    /// be in place first. A datagram longer than the length field can say gets the largest
+    /// length (the caller sizes datagrams; an IPv4 one never is).
+    ///
+    /// # Panics
+    /// If the packet's buffer is shorter than the 8-byte header.
+    pub fn emit<T: AsRef<[u8]> + AsMut<[u8]>>(&self, packet: &mut UdpPacket<T>, csum: L4Checksum) {
+        packet.set_src_port(self.src_port);
+        packet.set_dst_port(self.dst_port);
+        packet.set_len(u16::try_from(self.buffer_len()).unwrap_or(u16::MAX));
+        packet.fill_l4_checksum(csum);
     }
 }
 
@@ -179,6 +146,7 @@ mod tests {
     use crate::wire::ipv4::Ipv4Packet;
     use crate::wire::ipv6::Ipv6Packet;
     use crate::wire::testdata::{DNS_QUERY, IPV6_DNS_QUERY};
+    use crate::wire::WireError;
     use proptest::prelude::*;
 
     const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);
@@ -346,5 +314,31 @@ mod tests {
             prop_assert_eq!(udp.checksum(), theirs.checksum);
             prop_assert!(udp.verify_checksum_v6(ip.src_addr(), ip.dst_addr()));
         }
+    }
+
+    #[test]
+    fn repr_parses_and_emits_the_dns_query() {
+        let ip = Ipv4Packet::new_checked(&DNS_QUERY[14..]).unwrap();
+        let udp = UdpPacket::new_checked(ip.payload()).unwrap();
+        let repr = UdpRepr::parse(&udp).unwrap();
+        let want = UdpRepr {
+            src_port: 53211,
+            dst_port: 53,
+            payload_len: 65,
+        };
+        assert_eq!(repr, want);
+        assert_eq!((repr.header_len(), repr.buffer_len()), (8, 73));
+        let mut buf = [0xffu8; 73];
+        buf[8..].copy_from_slice(udp.payload());
+        repr.emit(
+            &mut UdpPacket::new_unchecked(&mut buf[..]),
+            L4Checksum::V4(POD_IP, DNS_IP),
+        );
+        assert_eq!(&buf[..], ip.payload());
+        repr.emit(
+            &mut UdpPacket::new_unchecked(&mut buf[..]),
+            L4Checksum::None,
+        );
+        assert_eq!(&buf[6..8], &[0, 0]);
     }
 }
