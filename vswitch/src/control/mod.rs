@@ -427,11 +427,18 @@ impl Daemon {
             mac: r.mac_addr(),
             ip: r.ip,
         });
+        let mut labels = crate::policy::selector::Interner::default();
+        let local = st.records.values().filter(|r| r.live).map(|r| {
+            let meta = policy::local_meta(r.pod.as_deref(), &r.labels, &mut labels);
+            (r.port, IpAddr::V4(r.ip), Some(meta))
+        });
+        let policy = policy::tables(&st.policy, local.collect::<Vec<_>>());
         let next = self
             .tables
             .load()
             .with_ports(ports)
-            .with_dns(self.dns_service(st, &st.services));
+            .with_dns(self.dns_service(st, &st.services))
+            .with_policy(policy);
         self.tables.store(Arc::new(next));
     }
 

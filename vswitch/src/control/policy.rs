@@ -69,22 +69,17 @@ pub fn local_meta(
     })
 }
 
-/// The tables for `inputs` and the local pods (address and identity from the ADD); `None`
-/// without policies.
+/// The tables for `inputs` and the local pods (port, address and identity from the ADD);
+/// `None` without policies, so that the datapath judges nothing.
 pub fn tables(
     inputs: &PolicyInputs,
-    local: impl IntoIterator<Item = (IpAddr, Arc<PodMeta>)>,
+    local: impl IntoIterator<Item = (u32, IpAddr, Option<Arc<PodMeta>>)>,
 ) -> Option<Arc<PolicyTables>> {
     if inputs.is_empty() {
         return None;
     }
-    let known: std::collections::HashSet<IpAddr> = inputs.pods.iter().map(|(ip, _)| *ip).collect();
-    let extra: Vec<_> = local
-        .into_iter()
-        .filter(|(ip, _)| !known.contains(ip))
-        .collect();
-    let pods = inputs.pods.iter().cloned().chain(extra);
-    Some(Arc::new(PolicyTables::new(inputs.set.clone(), pods)))
+    let t = PolicyTables::new(inputs.set.clone(), inputs.pods.iter().cloned()).with_local(local);
+    Some(Arc::new(t))
 }
 
 /// Static mode's watch of the manifest directory; dropping it stops it.

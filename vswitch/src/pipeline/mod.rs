@@ -32,6 +32,7 @@
 
 pub mod dns;
 pub mod nat;
+mod policy;
 pub mod tables;
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -150,6 +151,8 @@ drop_reasons! {
     ConntrackRefused => "conntrack_refused",
     PeerGone => "peer_gone",
     NoUnderlay => "no_underlay",
+    PolicyDeniedIngress => "policy_denied_ingress",
+    PolicyDeniedEgress => "policy_denied_egress",
 }
 
 /// Decides what happens to the Ethernet frame `buf[..len]` (no virtio-net header) that
@@ -190,15 +193,26 @@ pub fn handle(cx: &mut Ctx<'_>, ingress: PortId, buf: &mut [u8], len: usize, met
             if ip.src_addr() != port.ip {
                 return Action::Drop(DropReason::SpoofedIp);
             }
+            let mut done = nat::Nat::None;
             if nat::untranslate_reply(cx.ct, cx.now_ms, &mut ip, meta.csum_partial) {
                 cx.note(|| "a Service backend's reply: source rewritten to the Service".into());
+                done = nat::Nat::Translated;
             } else if nat::translate_icmp_error(cx.ct, cx.now_ms, &mut ip) {
                 cx.note(|| "an ICMP error about a Service connection: translated".into());
+                done = nat::Nat::Translated;
             }
             cx.note(|| format!("switched by destination MAC {dst}"));
             match t.port_by_mac(dst) {
                 Some(p) if p.id == ingress => Action::Drop(DropReason::Hairpin),
-                Some(p) => Action::ToPort(p.id),
+                Some(p) => {
+                    if t.policy.is_some() {
+                        let src = policy::From::Pod(port);
+                        if let Err(why) = policy::admit(cx, src, Some(p), &ip, done) {
+                            return Action::Drop(why);
+                        }
+                    }
+                    Action::ToPort(p.id)
+                }
                 None => Action::Drop(DropReason::UnknownMac),
             }
         }
@@ -317,9 +331,10 @@ fn route_v4(cx: &mut Ctx<'_>, port: &PortEntry, buf: &mut [u8], len: usize, meta
         }
     }
     let before = (ip.src_addr(), ip.dst_addr(), nat_ports(&ip));
-    match service_nat(cx, &mut ip, meta.csum_partial) {
-        nat::Nat::None => {}
-        nat::Nat::Translated => {
+    let done = service_nat(cx, &mut ip, meta.csum_partial);
+    match done {
+        nat::Nat::None | nat::Nat::Tracked => {}
+        nat::Nat::Translated | nat::Nat::Opened => {
             let after = (ip.src_addr(), ip.dst_addr(), nat_ports(&ip));
             cx.note(|| {
                 format!(
@@ -342,6 +357,17 @@ fn route_v4(cx: &mut Ctx<'_>, port: &PortEntry, buf: &mut [u8], len: usize, meta
         nat::Nat::Refused => return Action::Drop(DropReason::ConntrackRefused),
     }
     let dst_ip = ip.dst_addr();
+    if t.policy.is_some() {
+        // The node itself (kubelet's probes) is always let in; the pod's egress is judged.
+        let src = if from_host {
+            policy::From::Node
+        } else {
+            policy::From::Pod(port)
+        };
+        if let Err(why) = policy::admit(cx, src, t.port_by_ip(dst_ip), &ip, done) {
+            return Action::Drop(why);
+        }
+    }
     let to_host = t.host.as_ref().filter(|h| h.id != port.id);
     if dst_ip == t.gateway_ip && to_host.is_none() {
         if from_host {
@@ -613,9 +639,9 @@ pub fn handle_underlay(
         complete_partial_checksum(&mut ip);
     }
     // Replies from a remote backend to a client here are translated back here.
-    match service_nat(cx, &mut ip, partial) {
-        nat::Nat::None | nat::Nat::Translated | nat::Nat::NoBackend => {}
-        nat::Nat::Refused => return Action::Drop(DropReason::ConntrackRefused),
+    let done = service_nat(cx, &mut ip, partial);
+    if done == nat::Nat::Refused {
+        return Action::Drop(DropReason::ConntrackRefused);
     }
     let dst = ip.dst_addr();
     let out = match (t.port_by_ip(dst), &t.host) {
@@ -623,6 +649,13 @@ pub fn handle_underlay(
         (None, Some(h)) if dst == t.gateway_ip => h,
         _ => return Action::Drop(DropReason::NoRoute),
     };
+    if t.policy.is_some() {
+        // A pod of another node: its ingress was judged there, this pod's here.
+        let src = policy::From::Elsewhere;
+        if let Err(why) = policy::admit(cx, src, t.port_by_ip(dst), &ip, done) {
+            return Action::Drop(why);
+        }
+    }
     if ip.ttl() <= 1 {
         return Action::Drop(DropReason::TtlExpired);
     }

@@ -71,6 +71,8 @@ pub struct Tables {
     pub cluster_nets: Vec<Ipv4Net>,
     /// Cluster DNS answered at the switch: the addresses it answers on, and its records.
     pub dns: Option<Arc<DnsService>>,
+    /// NetworkPolicy: `None` while no policy exists, and then nothing is judged.
+    pub policy: Option<Arc<crate::policy::PolicyTables>>,
     ports: Arc<Ports>,
 }
 
@@ -98,6 +100,7 @@ impl Tables {
             host: None,
             cluster_nets: Vec::new(),
             dns: None,
+            policy: None,
             ports: Arc::default(),
         }
     }
@@ -116,6 +119,15 @@ impl Tables {
         Tables {
             version: self.version + 1,
             dns,
+            ..self.clone()
+        }
+    }
+
+    /// A copy of these tables with other policy tables and a new version.
+    pub fn with_policy(&self, policy: Option<Arc<crate::policy::PolicyTables>>) -> Self {
+        Tables {
+            version: self.version + 1,
+            policy,
             ..self.clone()
         }
     }

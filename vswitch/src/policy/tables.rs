@@ -30,6 +30,8 @@ impl PortPolicy {
 pub struct PolicyTables {
     pub set: Arc<PolicySet>,
     pods: HashMap<IpAddr, Arc<PodMeta>, foldhash::fast::RandomState>,
+    /// This switch's pods, by port.
+    local: HashMap<u32, PortPolicy, foldhash::fast::RandomState>,
 }
 
 /// The verdict on a new connection at one switch: each side that is a local pod of this switch
@@ -74,7 +76,29 @@ impl PolicyTables {
         PolicyTables {
             set,
             pods: pods.into_iter().collect(),
+            local: HashMap::default(),
         }
+    }
+
+    /// Adds this switch's pods: port, address, and the identity from the CNI ADD for a pod
+    /// the inputs do not know at that address. A pod of neither has no policy side and is
+    /// never isolated.
+    pub fn with_local(
+        mut self,
+        ports: impl IntoIterator<Item = (u32, IpAddr, Option<Arc<PodMeta>>)>,
+    ) -> Self {
+        for (id, ip, fallback) in ports {
+            if let Some(p) = self.port(ip, fallback) {
+                self.pods.entry(ip).or_insert_with(|| p.pod.clone());
+                self.local.insert(id, p);
+            }
+        }
+        self
+    }
+
+    /// The policy side of the local pod on port `id`.
+    pub fn local(&self, id: u32) -> Option<&PortPolicy> {
+        self.local.get(&id)
     }
 
     /// The pod at `ip`, if the switch knows one there.
@@ -88,7 +112,7 @@ impl PolicyTables {
 
     /// The policy side of a local pod: who it is (the pod known at its address, else `fallback`
     /// from the CNI ADD) and the policies selecting it.
-    pub fn port(&self, ip: IpAddr, fallback: Option<Arc<PodMeta>>) -> Option<PortPolicy> {
+    fn port(&self, ip: IpAddr, fallback: Option<Arc<PodMeta>>) -> Option<PortPolicy> {
         let pod = self.pods.get(&ip).cloned().or(fallback)?;
         let selected = self.set.select(&pod);
         Some(PortPolicy { pod, selected })

@@ -26,7 +26,7 @@ pub struct Key {
 }
 
 impl Key {
-    pub(super) fn reversed(&self) -> Key {
+    pub fn reversed(&self) -> Key {
         Key {
             src: self.dst,
             dst: self.src,
@@ -138,6 +138,8 @@ pub(super) struct Conn {
     pub(super) backend: Backend,
     pub(super) snat: Option<(Ipv4Addr, u16)>,
     frontend: String,
+    /// Tracked for NetworkPolicy only: nothing to rewrite, its packets pass as they are.
+    pub(super) policy_only: bool,
     /// The view that created it, the only one that frees it.
     pub(super) owner: u32,
     /// Its place in the owner's slab.
@@ -490,6 +492,14 @@ impl Conntrack {
         None
     }
 
+    /// Whether `key` belongs to a live connection (either direction); the packet carrying it
+    /// moves the connection's state and expiry on.
+    pub fn touch(&mut self, key: &Key, now: u64, flags: TcpFlags) -> bool {
+        let cfg = self.cfg;
+        self.with_conn(key, now, |e, dir| e.touch(&cfg, now, dir, flags))
+            .is_some()
+    }
+
     /// Whether a live connection already has this key.
     pub(super) fn taken(&self, key: &Key, now: u64) -> bool {
         self.index.get(key).is_some_and(|c| c.is_live(now))
@@ -575,6 +585,51 @@ impl Conntrack {
         now: u64,
         frontend: &str,
     ) -> bool {
+        self.insert(orig, reply, backend, snat, state, now, frontend, false)
+    }
+
+    /// Tracks a connection that NetworkPolicy admitted and nothing translates, so that its
+    /// later packets and replies pass without being judged again.
+    pub fn track(&mut self, orig: Key, state: CtState, now: u64) -> bool {
+        let backend = Backend {
+            ip: orig.dst,
+            port: orig.dport,
+        };
+        self.insert(
+            orig,
+            orig.reversed(),
+            backend,
+            None,
+            state,
+            now,
+            "(policy)",
+            true,
+        )
+    }
+
+    /// Ends the connection `key` belongs to if this view made it (a connection opened by a
+    /// packet that policy then refused).
+    pub fn forget(&mut self, key: &Key) {
+        let Some(c) = self.index.get(key).cloned() else {
+            return;
+        };
+        if self.owns(&c) {
+            self.remove_owned(c.slot);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn insert(
+        &mut self,
+        orig: Key,
+        reply: Key,
+        backend: Backend,
+        snat: Option<(Ipv4Addr, u16)>,
+        state: CtState,
+        now: u64,
+        frontend: &str,
+        policy_only: bool,
+    ) -> bool {
         // What the reply key still leads to has ended (a live connection's would have been
         // avoided; the original key's was ended by the lookup that missed): ended first, so
         // that every view lets the new connection replace it.
@@ -602,6 +657,7 @@ impl Conntrack {
             backend,
             snat,
             frontend: frontend.to_owned(),
+            policy_only,
             owner: self.id,
             slot,
             state: AtomicU8::new(state as u8),
@@ -746,7 +802,8 @@ impl Conntrack {
 
 /// The state a packet in direction `dir` with `flags` moves a connection to.
 pub(super) fn advance(state: CtState, dir: Dir, flags: TcpFlags, proto: u8) -> CtState {
-    if proto == IpProtocol::UDP.0 {
+    // UDP, and the ICMP echoes and other protocols policy tracks, have no flags.
+    if proto != IpProtocol::TCP.0 {
         return match (state, dir) {
             (CtState::UdpNew, Dir::Reply) => CtState::UdpAssured,
             (s, _) => s,

@@ -118,9 +118,55 @@ fn addrs(p: &[u8]) -> ((Ipv4Addr, u16), (Ipv4Addr, u16)) {
     )
 }
 
+/// Translates a client's packet; a connection opened or an existing one's packet are both
+/// "translated" here (`opened_then_translated` tells them apart).
 fn fwd(svc: &ServiceTable, ct: &mut Conntrack, now: u64, p: &mut [u8]) -> Nat {
+    match fwd_exact(svc, ct, now, p) {
+        Nat::Opened => Nat::Translated,
+        n => n,
+    }
+}
+
+fn fwd_exact(svc: &ServiceTable, ct: &mut Conntrack, now: u64, p: &mut [u8]) -> Nat {
     let mut ip = Ipv4Packet::new_checked(p).unwrap();
     translate(svc, ct, now, &mut ip, GW, false)
+}
+
+#[test]
+fn opened_then_translated() {
+    let svc = tcp_svc();
+    let mut ct = Conntrack::new(CtConfig::default());
+    let mut p = tcp((CLIENT, 40000), (VIP, 80), SYN);
+    assert_eq!(fwd_exact(&svc, &mut ct, 0, &mut p), Nat::Opened);
+    let mut p = tcp((CLIENT, 40000), (VIP, 80), ACK);
+    assert_eq!(fwd_exact(&svc, &mut ct, 1, &mut p), Nat::Translated);
+}
+
+#[test]
+fn policy_tracked_connections_pass_untouched_and_can_be_forgotten() {
+    let svc = tcp_svc();
+    let mut ct = Conntrack::new(CtConfig::default());
+    let a: Ipv4Addr = "10.244.1.9".parse().unwrap();
+    let key = Key {
+        src: CLIENT,
+        dst: a,
+        sport: 40000,
+        dport: 8080,
+        proto: 6,
+    };
+    assert!(ct.track(key, CtState::SynSent, 0));
+    let mut p = tcp((CLIENT, 40000), (a, 8080), ACK);
+    let before = p.clone();
+    assert_eq!(fwd_exact(&svc, &mut ct, 1, &mut p), Nat::Tracked);
+    assert_eq!(p, before);
+    // The reply is no Service's: not rewritten either.
+    let mut r = tcp((a, 8080), (CLIENT, 40000), SYN_ACK);
+    assert!(!back(&mut ct, 2, &mut r));
+    assert_eq!(fwd_exact(&svc, &mut ct, 2, &mut r), Nat::Tracked);
+    ct.forget(&key);
+    assert!(ct.is_empty());
+    let mut p = tcp((CLIENT, 40000), (a, 8080), ACK);
+    assert_eq!(fwd_exact(&svc, &mut ct, 3, &mut p), Nat::None);
 }
 
 fn back(ct: &mut Conntrack, now: u64, p: &mut [u8]) -> bool {

@@ -13,8 +13,13 @@ use crate::wire::{IpProtocol, Ipv4Packet, TcpFlags, TcpPacket, UdpPacket};
 pub enum Nat {
     /// Not a Service's, not a tracked connection's.
     None,
-    /// Rewritten (either direction).
+    /// Rewritten (either direction) as an existing connection says.
     Translated,
+    /// The first packet of a connection to a Service: a backend chosen, a connection made,
+    /// the packet rewritten.
+    Opened,
+    /// A connection tracked for NetworkPolicy only: nothing rewritten.
+    Tracked,
     /// A Service frontend with no backend: the caller rejects it (TCP RST or ICMP port
     /// unreachable from the Service address).
     NoBackend,
@@ -142,7 +147,7 @@ pub fn untranslate_reply(
     };
     let cfg = ct.cfg;
     ct.with_conn(&l4.key, now, |e, dir| {
-        if dir != Dir::Reply {
+        if dir != Dir::Reply || e.policy_only {
             return false;
         }
         e.touch(&cfg, now, Dir::Reply, l4.flags);
@@ -169,10 +174,14 @@ pub fn translate(
     let cfg = ct.cfg;
     let known = ct.with_conn(&key, now, |e, dir| {
         e.touch(&cfg, now, dir, l4.flags);
+        if e.policy_only {
+            return Nat::Tracked;
+        }
         rewrite_conn(e, dir, ip, csum_partial);
+        Nat::Translated
     });
-    if known.is_some() {
-        return Nat::Translated;
+    if let Some(n) = known {
+        return n;
     }
     let Some(fe) = services.lookup(key.dst, key.proto, key.dport) else {
         return Nat::None;
@@ -230,7 +239,7 @@ pub fn translate(
         return Nat::Refused;
     }
     rewrite(ip, snat, Some(to), csum_partial);
-    Nat::Translated
+    Nat::Opened
 }
 
 /// For an ICMP error about a translated connection (a backend's "port unreachable", a router's
@@ -267,7 +276,12 @@ pub fn translate_icmp_error(ct: &mut Conntrack, now: u64, ip: &mut Ipv4Packet<&m
     };
     // That packet, reversed, is what the backend would send: the reply key.
     let found = ct.with_conn(&quoted_key.reversed(), now, |e, dir| {
-        (dir == Dir::Reply).then_some((e.orig, e.reply, e.backend.ip, e.snat.is_some()))
+        (dir == Dir::Reply && !e.policy_only).then_some((
+            e.orig,
+            e.reply,
+            e.backend.ip,
+            e.snat.is_some(),
+        ))
     });
     let Some((orig, reply, backend_ip, snat)) = found.flatten() else {
         return false;
