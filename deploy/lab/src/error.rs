@@ -46,6 +46,9 @@ pub enum LabError {
     )]
     BinaryMissing { path: PathBuf },
 
+    #[error(transparent)]
+    Run(#[from] crate::process::RunError),
+
     #[error("Service {name}: {message}")]
     BadService { name: String, message: String },
 

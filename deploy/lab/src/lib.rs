@@ -25,6 +25,7 @@ mod error;
 mod files;
 pub mod fsutil;
 mod lab;
+pub mod process;
 pub mod services;
 pub mod soak;
 mod spec;

@@ -10,11 +10,11 @@
 
 use std::ffi::OsStr;
 use std::fs::{self, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
+pub(crate) use crate::process::describe;
 use crate::LabError;
 
 /// Where `ip netns` keeps its namespaces (as runtimes pass them in CNI_NETNS).
@@ -30,16 +31,6 @@ pub(crate) const NETNS_DIR: &str = "/var/run/netns";
 
 pub(crate) fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
-}
-
-/// A command line as a user would type it, for error messages.
-pub(crate) fn describe(cmd: &Command) -> String {
-    let mut s = cmd.get_program().to_string_lossy().into_owned();
-    for a in cmd.get_args() {
-        s.push(' ');
-        s.push_str(&a.to_string_lossy());
-    }
-    s
 }
 
 /// Runs a command to completion; non-zero exit is an error carrying its stderr.
@@ -361,61 +352,6 @@ pub(crate) fn stop_netns_processes(
     Ok(found)
 }
 
-/// Runs a command with `input` on stdin and waits at most `timeout` for it.
-pub(crate) fn run_with_input(
-    mut cmd: Command,
-    input: Vec<u8>,
-    timeout: Duration,
-) -> Result<Output, String> {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run `{}`: {e}", describe(&cmd)))?;
-    let stdin = child.stdin.take();
-    let writer = thread::spawn(move || {
-        if let Some(mut s) = stdin {
-            // A plugin may exit without reading; that is its business, not an error here.
-            let _ = s.write_all(&input);
-        }
-    });
-    let reader = |pipe: Option<Box<dyn Read + Send>>| {
-        thread::spawn(move || {
-            let mut buf = Vec::new();
-            if let Some(mut p) = pipe {
-                let _ = p.read_to_end(&mut buf);
-            }
-            buf
-        })
-    };
-    let out = reader(child.stdout.take().map(|p| Box::new(p) as _));
-    let err = reader(child.stderr.take().map(|p| Box::new(p) as _));
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(s)) => break s,
-            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(5)),
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!(
-                    "`{}` did not finish within {}s and was killed",
-                    describe(&cmd),
-                    timeout.as_secs()
-                ));
-            }
-            Err(e) => return Err(format!("waiting for `{}`: {e}", describe(&cmd))),
-        }
-    };
-    let _ = writer.join();
-    Ok(Output {
-        status,
-        stdout: out.join().unwrap_or_default(),
-        stderr: err.join().unwrap_or_default(),
-    })
-}
-
 /// The last `n` lines of a log file, for error messages.
 pub(crate) fn log_tail(path: &Path, n: usize) -> String {
     match fs::read(path) {
@@ -514,21 +450,6 @@ mod tests {
         assert!(!process_alive(child.id(), marker));
         // Already reaped by stop_process: this only satisfies the type's contract.
         let _ = child.wait();
-    }
-
-    #[test]
-    fn input_output_and_timeouts() {
-        let out = run_with_input(
-            Command::new("cat"),
-            b"hello".to_vec(),
-            Duration::from_secs(5),
-        )
-        .unwrap();
-        assert_eq!(out.stdout, b"hello");
-        let mut slow = Command::new("sleep");
-        slow.arg("10");
-        let e = run_with_input(slow, vec![], Duration::from_millis(100)).unwrap_err();
-        assert!(e.contains("did not finish"), "{e}");
     }
 
     #[test]
