@@ -9,6 +9,7 @@ use std::time::Duration;
 use super::exec::run_ok;
 use super::testbed::{Bed, Testbed};
 use super::{Kind, PodRef, Pods};
+use crate::LabError;
 
 pub(super) const KERNEL_SCRIPT: &str = include_str!("../../../bench/kernel-vxlan.sh");
 pub(super) const OVS_SCRIPT: &str = include_str!("../../../bench/ovs-netdev.sh");
@@ -45,7 +46,7 @@ impl Testbed {
         kind: Kind,
         script: &'static str,
         prefix: &'static str,
-    ) -> Result<Testbed, String> {
+    ) -> Result<Testbed, LabError> {
         let mut bed = Testbed {
             kind,
             pods: script_pods(prefix),

@@ -3,6 +3,8 @@
 
 use std::fs;
 
+use crate::LabError;
+
 /// The machine's CPU time from the first line of /proc/stat, in clock ticks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CpuTimes {
@@ -12,21 +14,24 @@ pub struct CpuTimes {
     pub total: u64,
 }
 
-pub fn parse_proc_stat(text: &str) -> Result<CpuTimes, String> {
+pub fn parse_proc_stat(text: &str) -> Result<CpuTimes, LabError> {
     let line = text
         .lines()
         .find(|l| l.starts_with("cpu "))
-        .ok_or("/proc/stat has no cpu line")?;
+        .ok_or_else(|| LabError::BadOutput("/proc/stat has no cpu line".into()))?;
     let f: Vec<u64> = line
         .split_whitespace()
         .skip(1)
         .map(|x| {
             x.parse::<u64>()
-                .map_err(|e| format!("/proc/stat: {x:?}: {e}"))
+                .map_err(|e| LabError::BadOutput(format!("/proc/stat: {x:?}: {e}")))
         })
         .collect::<Result<_, _>>()?;
     if f.len() < 8 {
-        return Err(format!("/proc/stat cpu line has {} fields", f.len()));
+        return Err(LabError::BadOutput(format!(
+            "/proc/stat cpu line has {} fields",
+            f.len()
+        )));
     }
     // user nice system idle iowait irq softirq steal [guest guest_nice]
     let busy = f[0] + f[1] + f[2] + f[5] + f[6] + f[7];
@@ -42,24 +47,24 @@ pub fn busy_seconds(before: CpuTimes, after: CpuTimes, ticks_per_second: u64) ->
 }
 
 /// utime + stime (clock ticks, all threads) from /proc/PID/stat.
-pub fn parse_pid_stat(text: &str) -> Result<u64, String> {
+pub fn parse_pid_stat(text: &str) -> Result<u64, LabError> {
     // The command name is in parentheses and may hold spaces: split after the last ')'.
     let rest = text
         .rsplit_once(')')
         .map(|(_, r)| r)
-        .ok_or("no ')' in /proc/PID/stat")?;
+        .ok_or_else(|| LabError::BadOutput("no ')' in /proc/PID/stat".into()))?;
     let f: Vec<&str> = rest.split_whitespace().collect();
     // rest starts at field 3 (state); utime and stime are fields 14 and 15.
-    let get = |i: usize| -> Result<u64, String> {
+    let get = |i: usize| -> Result<u64, LabError> {
         f.get(i)
             .and_then(|x| x.parse().ok())
-            .ok_or_else(|| format!("/proc/PID/stat field {} missing", i + 3))
+            .ok_or_else(|| LabError::BadOutput(format!("/proc/PID/stat field {} missing", i + 3)))
     };
     Ok(get(11)? + get(12)?)
 }
 
-pub(super) fn read_cpu() -> Result<CpuTimes, String> {
-    let text = fs::read_to_string("/proc/stat").map_err(|e| format!("/proc/stat: {e}"))?;
+pub(super) fn read_cpu() -> Result<CpuTimes, LabError> {
+    let text = fs::read_to_string("/proc/stat").map_err(|e| LabError::io("/proc/stat", e))?;
     parse_proc_stat(&text)
 }
 

@@ -1,73 +1,47 @@
 //! The bench's processes: every command is bounded in time and interruptible by Ctrl-C, and a
 //! server in a pod is killed when its guard drops.
+//!
+//! SIGINT, SIGTERM and SIGHUP only set [`interrupted`]: the driver and every wait check it, and
+//! what the bench built is torn down as after an error. A second signal of the same kind takes
+//! its default action, so a second Ctrl-C ends a teardown that hangs.
 
 use std::fs;
-use std::io::Read;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use super::tcp_table_listens;
 use super::testbed::{in_pod, PodRef};
+use crate::process::{self, RunError};
+use crate::LabError;
 
-pub(super) static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+pub(super) use crate::process::describe;
 
-extern "C" fn on_signal(_: nix::libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
+static INTERRUPTED: LazyLock<Arc<AtomicBool>> = LazyLock::new(Arc::default);
 
 pub(super) fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
 }
 
-/// SIGINT, SIGTERM and SIGHUP set a flag the bench checks between (and during) steps; the
-/// handler resets itself, so a second Ctrl-C kills at once.
+/// Arms the flag (cleared) for a run.
 pub(super) fn install_signal_handlers() {
-    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
-    let act = SigAction::new(
-        SigHandler::Handler(on_signal),
-        SaFlags::SA_RESETHAND | SaFlags::SA_RESTART,
-        SigSet::empty(),
-    );
-    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        let _ = unsafe { sigaction(sig, &act) };
-    }
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    // Registering handlers for these three cannot fail.
+    let _ = process::set_on_signals(&INTERRUPTED, &[SIGINT, SIGTERM, SIGHUP], true);
+    INTERRUPTED.store(false, Ordering::SeqCst);
 }
 
+/// A command that ran to its end.
 pub(super) struct Finished {
     pub(super) status: ExitStatus,
     pub(super) stdout: String,
     pub(super) stderr: String,
 }
 
-pub(super) fn describe(cmd: &Command) -> String {
-    let mut s = cmd.get_program().to_string_lossy().into_owned();
-    for a in cmd.get_args() {
-        let a = a.to_string_lossy();
-        if a.len() > 60 {
-            s.push_str(" ...");
-        } else {
-            s.push(' ');
-            s.push_str(&a);
-        }
-    }
-    s
-}
-
-pub(super) fn reader<R: Read + Send + 'static>(r: Option<R>) -> thread::JoinHandle<String> {
-    thread::spawn(move || {
-        let mut buf = Vec::new();
-        if let Some(mut r) = r {
-            let _ = r.read_to_end(&mut buf);
-        }
-        String::from_utf8_lossy(&buf).into_owned()
-    })
-}
-
 /// Runs a command with a deadline; it is killed on timeout or Ctrl-C.
-pub(super) fn run_bounded(cmd: &mut Command, timeout: Duration) -> Result<Finished, String> {
+pub(super) fn run_bounded(cmd: &mut Command, timeout: Duration) -> Result<Finished, LabError> {
     run_until(cmd, timeout, true)
 }
 
@@ -77,59 +51,45 @@ pub(super) fn run_until(
     cmd: &mut Command,
     timeout: Duration,
     interruptible: bool,
-) -> Result<Finished, String> {
-    let what = describe(cmd);
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("{what}: {e}"))?;
-    let out = reader(child.stdout.take());
-    let err = reader(child.stderr.take());
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(st)) => break Ok(st),
-            Ok(None) if interruptible && interrupted() => break Err("interrupted".to_string()),
-            Ok(None) if Instant::now() >= deadline => {
-                break Err(format!("timed out after {}s", timeout.as_secs()))
+) -> Result<Finished, LabError> {
+    let stop = interruptible.then_some(&**INTERRUPTED);
+    let out = process::run_bounded(cmd, None, timeout, stop).map_err(|e| {
+        let (cmd, reason) = match e {
+            RunError::Spawn { cmd, source } | RunError::Wait { cmd, source } => {
+                (cmd, source.to_string())
             }
-            Ok(None) => thread::sleep(Duration::from_millis(10)),
-            Err(e) => break Err(e.to_string()),
-        }
-    };
-    if status.is_err() {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    let stdout = out.join().unwrap_or_default();
-    let stderr = err.join().unwrap_or_default();
-    match status {
-        Ok(status) => Ok(Finished {
-            status,
-            stdout,
-            stderr,
-        }),
-        Err(e) => Err(format!("{what}: {e}")),
-    }
+            RunError::TimedOut { cmd, timeout, .. } => {
+                (cmd, format!("timed out after {}s", timeout.as_secs()))
+            }
+            RunError::Interrupted { cmd } => (cmd, "interrupted".into()),
+        };
+        LabError::BenchCommand { cmd, reason }
+    })?;
+    Ok(Finished {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
 }
 
 /// Like [`run_bounded`], and a non-zero exit is an error with the tail of stderr.
-pub(super) fn run_ok(cmd: &mut Command, timeout: Duration) -> Result<String, String> {
+pub(super) fn run_ok(cmd: &mut Command, timeout: Duration) -> Result<String, LabError> {
     let what = describe(cmd);
     let f = run_bounded(cmd, timeout)?;
     success(&what, f)
 }
 
 /// The stdout of a command that exited 0, else its status and the tail of its stderr.
-pub(super) fn success(what: &str, f: Finished) -> Result<String, String> {
+pub(super) fn success(what: &str, f: Finished) -> Result<String, LabError> {
     if f.status.success() {
         Ok(f.stdout)
     } else {
         let tail: Vec<&str> = f.stderr.lines().rev().take(6).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
-        Err(format!("{what}: {}: {}", f.status, tail.join(" | ")))
+        Err(LabError::BenchCommand {
+            cmd: what.to_string(),
+            reason: format!("{}: {}", f.status, tail.join(" | ")),
+        })
     }
 }
 
@@ -152,7 +112,7 @@ impl Server {
         argv: &[&str],
         program: &str,
         port: u16,
-    ) -> Result<Server, String> {
+    ) -> Result<Server, LabError> {
         let mut cmd = in_pod(pod, argv);
         let what = describe(&cmd);
         let child = cmd
@@ -160,18 +120,24 @@ impl Server {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .map_err(|e| format!("{what}: {e}"))?;
+            .map_err(|e| LabError::BenchCommand {
+                cmd: what.clone(),
+                reason: e.to_string(),
+            })?;
         let mut server = Server { child, what };
         server.wait_listening(program, port)?;
         Ok(server)
     }
 
-    pub(super) fn wait_listening(&mut self, program: &str, port: u16) -> Result<(), String> {
+    pub(super) fn wait_listening(&mut self, program: &str, port: u16) -> Result<(), LabError> {
         let pid = self.child.id();
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             if let Ok(Some(st)) = self.child.try_wait() {
-                return Err(format!("{} exited ({st}) before listening", self.what));
+                return Err(LabError::Measurement(format!(
+                    "{} exited ({st}) before listening",
+                    self.what
+                )));
             }
             // `ip netns exec` enters the namespace and execs: once the process is `program`,
             // its /proc/PID/net is the pod's.
@@ -187,13 +153,13 @@ impl Server {
                 }
             }
             if interrupted() {
-                return Err("interrupted".into());
+                return Err(LabError::Interrupted);
             }
             if Instant::now() >= deadline {
-                return Err(format!(
+                return Err(LabError::Measurement(format!(
                     "{} is not listening on port {port} after 5s",
                     self.what
-                ));
+                )));
             }
             thread::sleep(Duration::from_millis(10));
         }

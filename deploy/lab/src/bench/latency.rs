@@ -6,8 +6,9 @@ use std::time::Duration;
 use super::exec::{run_bounded, run_ok, Server};
 use super::testbed::in_pod;
 use super::{parse_ping_avg, Durations, PodRef, RrResult, GRACE, RR_PORT};
+use crate::LabError;
 
-pub(super) fn ping_rtt(from: &PodRef, to: &PodRef, d: &Durations) -> Result<f64, String> {
+pub(super) fn ping_rtt(from: &PodRef, to: &PodRef, d: &Durations) -> Result<f64, LabError> {
     let c = d.ping_count.to_string();
     let i = format!("{:.3}", d.ping_interval.as_secs_f64());
     let ip = to.ip.to_string();
@@ -19,8 +20,8 @@ pub(super) fn ping_rtt(from: &PodRef, to: &PodRef, d: &Durations) -> Result<f64,
     parse_ping_avg(&f.stdout)
 }
 
-pub(super) fn tcp_rr(from: &PodRef, to: &PodRef, d: Duration) -> Result<RrResult, String> {
-    let exe = std::env::current_exe().map_err(|e| format!("/proc/self/exe: {e}"))?;
+pub(super) fn tcp_rr(from: &PodRef, to: &PodRef, d: Duration) -> Result<RrResult, LabError> {
+    let exe = std::env::current_exe().map_err(|e| LabError::io("/proc/self/exe", e))?;
     let exe_s = exe.to_string_lossy().into_owned();
     let program = exe
         .file_name()

@@ -1,11 +1,15 @@
 //! One test on one testbed, into the report: the tests a repetition runs, in order, and the
 //! metrics each one gives.
 
+use std::fmt::Display;
+use std::net::IpAddr;
+
 use super::cpu::{read_cpu, read_pids_cpu, ticks_per_second};
 use super::latency::{ping_rtt, tcp_rr};
 use super::testbed::Testbed;
 use super::throughput::{iperf_tcp, iperf_udp64, udp_rcvbuf_errors};
-use super::{busy_seconds, Durations, Metric, Report, IPERF_PORT};
+use super::{busy_seconds, Durations, Kind, Metric, Report, TcpResult, IPERF_PORT};
+use crate::LabError;
 
 /// The bench's tests, in the order a repetition runs them. Every datapath runs a test before
 /// the next test starts, so the values a ratio compares are measured seconds apart, not a
@@ -53,6 +57,46 @@ impl Test {
     }
 }
 
+/// Where a test's results go: the report, and a line of progress each.
+struct Recorder<'a> {
+    kind: Kind,
+    report: &'a mut Report,
+    log: &'a mut dyn FnMut(&str),
+}
+
+impl Recorder<'_> {
+    fn record(&mut self, m: Metric, r: Result<f64, impl Display>) {
+        let k = self.kind;
+        match r {
+            Ok(v) => {
+                (self.log)(&format!(
+                    "  {:<8} {:<28} {:>10} {}",
+                    k.name(),
+                    m.label(),
+                    m.format(v),
+                    m.unit()
+                ));
+                self.report.add(m, k, v);
+            }
+            Err(e) => {
+                (self.log)(&format!("  {:<8} {:<28} error: {e}", k.name(), m.label()));
+                self.report.errors.insert((m, k), e.to_string());
+            }
+        }
+    }
+
+    /// The same error for every metric a failed test would have given.
+    fn fail(&mut self, metrics: &[Metric], e: &LabError) {
+        for &m in metrics {
+            self.record(m, Err::<f64, _>(e));
+        }
+    }
+
+    fn not_applicable(&mut self, m: Metric, reason: String) {
+        self.report.not_applicable.insert((m, self.kind), reason);
+    }
+}
+
 /// One test on one testbed, into the report.
 pub(super) fn measure(
     bed: &Testbed,
@@ -61,114 +105,30 @@ pub(super) fn measure(
     report: &mut Report,
     log: &mut dyn FnMut(&str),
 ) {
-    let k = bed.kind;
     let pods = &bed.pods;
-    let mut record = |report: &mut Report, m: Metric, r: Result<f64, String>| match r {
-        Ok(v) => {
-            log(&format!(
-                "  {:<8} {:<28} {:>10} {}",
-                k.name(),
-                m.label(),
-                m.format(v),
-                m.unit()
-            ));
-            report.add(m, k, v);
-        }
-        Err(e) => {
-            log(&format!("  {:<8} {:<28} error: {e}", k.name(), m.label()));
-            report.errors.insert((m, k), e);
-        }
+    let mut rec = Recorder {
+        kind: bed.kind,
+        report,
+        log,
     };
-
+    let gbps = |r: Result<TcpResult, LabError>| r.map(|t| t.bits_per_second / 1e9);
     match test {
-        Test::Ping => record(report, Metric::PingRtt, ping_rtt(&pods.p1, &pods.p2, d)),
-        Test::RequestResponse => record(
-            report,
+        Test::Ping => rec.record(Metric::PingRtt, ping_rtt(&pods.p1, &pods.p2, d)),
+        Test::RequestResponse => rec.record(
             Metric::TcpRr,
             tcp_rr(&pods.p1, &pods.p2, d.rr).map(|r| r.rate()),
         ),
         Test::Cross1 => {
-            let tps = ticks_per_second();
-            let cpu0 = read_cpu();
-            let pid0 = read_pids_cpu(&bed.pids);
-            let r = iperf_tcp(&pods.p1, &pods.p2, pods.p2.ip, 1, d.tcp, None);
-            let cpu1 = read_cpu();
-            let pid1 = read_pids_cpu(&bed.pids);
-            let pod_ip_gbps = r.as_ref().ok().map(|t| t.bits_per_second / 1e9);
-            match r {
-                Ok(t) => {
-                    let gb = t.bytes as f64 / 1e9;
-                    record(report, Metric::TcpCross1, Ok(t.bits_per_second / 1e9));
-                    let machine = match (cpu0, cpu1) {
-                        (Ok(a), Ok(b)) if gb > 0.0 => Ok(busy_seconds(a, b, tps) / gb),
-                        (Err(e), _) | (_, Err(e)) => Err(e),
-                        _ => Err("no bytes moved".into()),
-                    };
-                    record(report, Metric::CpuPerGb, machine);
-                    if bed.pids.is_empty() {
-                        report.not_applicable.insert(
-                            (Metric::DatapathCpuPerGb, k),
-                            "no datapath process: the kernel path's work is softirq/system time"
-                                .into(),
-                        );
-                    } else {
-                        let procs = match (pid0, pid1) {
-                            (Some(a), Some(b)) if gb > 0.0 => {
-                                Ok(b.saturating_sub(a) as f64 / tps as f64 / gb)
-                            }
-                            (Some(_), Some(_)) => Err("no bytes moved".into()),
-                            _ => Err("a datapath process is gone".into()),
-                        };
-                        record(report, Metric::DatapathCpuPerGb, procs);
-                    }
-                }
-                Err(e) => {
-                    record(report, Metric::TcpCross1, Err(e.clone()));
-                    record(report, Metric::CpuPerGb, Err(e.clone()));
-                    record(report, Metric::DatapathCpuPerGb, Err(e));
-                }
-            }
-            // ClusterIP: the same test to a Service whose one endpoint is p2, right after,
-            // divided by the pod-IP value just measured.
-            match bed.cluster_ip(&pods.p2, IPERF_PORT) {
-                Err(reason) => {
-                    report
-                        .not_applicable
-                        .insert((Metric::ClusterIpTcp, k), reason.clone());
-                    report
-                        .not_applicable
-                        .insert((Metric::ClusterIpRatio, k), reason);
-                }
-                Ok(vip) => match vip.ip() {
-                    std::net::IpAddr::V4(ip) => {
-                        let r = iperf_tcp(&pods.p1, &pods.p2, ip, 1, d.tcp, None)
-                            .map(|t| t.bits_per_second / 1e9);
-                        if let (Ok(c), Some(p)) = (&r, pod_ip_gbps) {
-                            if p > 0.0 {
-                                record(report, Metric::ClusterIpRatio, Ok(c / p));
-                            }
-                        }
-                        record(report, Metric::ClusterIpTcp, r);
-                    }
-                    other => record(
-                        report,
-                        Metric::ClusterIpTcp,
-                        Err(format!("ClusterIP {other} is not IPv4")),
-                    ),
-                },
-            }
+            let pod_ip_gbps = cross_node_with_cpu(bed, d, &mut rec);
+            cluster_ip(bed, d, pod_ip_gbps, &mut rec);
         }
-        Test::Cross4 => record(
-            report,
+        Test::Cross4 => rec.record(
             Metric::TcpCross4,
-            iperf_tcp(&pods.p1, &pods.p2, pods.p2.ip, 4, d.tcp, None)
-                .map(|t| t.bits_per_second / 1e9),
+            gbps(iperf_tcp(&pods.p1, &pods.p2, pods.p2.ip, 4, d.tcp, None)),
         ),
-        Test::Same => record(
-            report,
+        Test::Same => rec.record(
             Metric::TcpSame,
-            iperf_tcp(&pods.p1, &pods.p1b, pods.p1b.ip, 1, d.tcp, None)
-                .map(|t| t.bits_per_second / 1e9),
+            gbps(iperf_tcp(&pods.p1, &pods.p1b, pods.p1b.ip, 1, d.tcp, None)),
         ),
         Test::CrossCubic | Test::SameCubic => {
             let (m, to) = if test == Test::CrossCubic {
@@ -176,36 +136,117 @@ pub(super) fn measure(
             } else {
                 (Metric::TcpSameCubic, &pods.p1b)
             };
-            record(
-                report,
+            rec.record(
                 m,
-                iperf_tcp(&pods.p1, to, to.ip, 1, d.tcp, Some("cubic"))
-                    .map(|t| t.bits_per_second / 1e9),
+                gbps(iperf_tcp(&pods.p1, to, to.ip, 1, d.tcp, Some("cubic"))),
             );
         }
-        Test::Udp64 => {
-            let before = udp_rcvbuf_errors(&pods.p2);
-            match iperf_udp64(&pods.p1, &pods.p2, d.udp) {
-                Ok(u) => {
-                    record(report, Metric::Udp64Rate, Ok(u.delivered_pps() / 1e3));
-                    record(report, Metric::Udp64Loss, Ok(u.loss_percent()));
-                    record(report, Metric::Udp64Sent, Ok(u.sent_pps() / 1e3));
-                    // Where the loss happened: the receiving pod's socket, or on the way there.
-                    let at_socket =
-                        before.and_then(|b| {
-                            let a = udp_rcvbuf_errors(&pods.p2)?;
-                            Ok(100.0 * a.saturating_sub(b).min(u.lost) as f64
-                                / u.packets.max(1) as f64)
-                        });
-                    record(report, Metric::Udp64SocketLoss, at_socket);
-                }
-                Err(e) => {
-                    record(report, Metric::Udp64Rate, Err(e.clone()));
-                    record(report, Metric::Udp64Loss, Err(e.clone()));
-                    record(report, Metric::Udp64Sent, Err(e.clone()));
-                    record(report, Metric::Udp64SocketLoss, Err(e));
-                }
-            }
+        Test::Udp64 => udp64(bed, d, &mut rec),
+    }
+}
+
+/// Cross-node TCP, one stream, and the CPU it cost (the machine's and the datapath
+/// processes'); the pod-IP rate for the ClusterIP ratio.
+fn cross_node_with_cpu(bed: &Testbed, d: &Durations, rec: &mut Recorder) -> Option<f64> {
+    let pods = &bed.pods;
+    let tps = ticks_per_second();
+    let cpu0 = read_cpu();
+    let pid0 = read_pids_cpu(&bed.pids);
+    let r = iperf_tcp(&pods.p1, &pods.p2, pods.p2.ip, 1, d.tcp, None);
+    let cpu1 = read_cpu();
+    let pid1 = read_pids_cpu(&bed.pids);
+    let t = match r {
+        Ok(t) => t,
+        Err(e) => {
+            let all = [
+                Metric::TcpCross1,
+                Metric::CpuPerGb,
+                Metric::DatapathCpuPerGb,
+            ];
+            rec.fail(&all, &e);
+            return None;
+        }
+    };
+    let no_bytes = || LabError::Measurement("no bytes moved".into());
+    let gb = t.bytes as f64 / 1e9;
+    rec.record(
+        Metric::TcpCross1,
+        Ok::<_, LabError>(t.bits_per_second / 1e9),
+    );
+    let machine = match (cpu0, cpu1) {
+        (Ok(a), Ok(b)) if gb > 0.0 => Ok(busy_seconds(a, b, tps) / gb),
+        (Err(e), _) | (_, Err(e)) => Err(e),
+        _ => Err(no_bytes()),
+    };
+    rec.record(Metric::CpuPerGb, machine);
+    if bed.pids.is_empty() {
+        rec.not_applicable(
+            Metric::DatapathCpuPerGb,
+            "no datapath process: the kernel path's work is softirq/system time".into(),
+        );
+    } else {
+        let procs = match (pid0, pid1) {
+            (Some(a), Some(b)) if gb > 0.0 => Ok(b.saturating_sub(a) as f64 / tps as f64 / gb),
+            (Some(_), Some(_)) => Err(no_bytes()),
+            _ => Err(LabError::Measurement("a datapath process is gone".into())),
+        };
+        rec.record(Metric::DatapathCpuPerGb, procs);
+    }
+    Some(t.bits_per_second / 1e9)
+}
+
+/// ClusterIP: the same test to a Service whose one endpoint is p2, right after the pod-IP one,
+/// divided by the pod-IP value just measured.
+fn cluster_ip(bed: &Testbed, d: &Durations, pod_ip_gbps: Option<f64>, rec: &mut Recorder) {
+    let pods = &bed.pods;
+    let vip = match bed.cluster_ip(&pods.p2, IPERF_PORT) {
+        Ok(vip) => vip,
+        Err(reason) => {
+            rec.not_applicable(Metric::ClusterIpTcp, reason.to_string());
+            rec.not_applicable(Metric::ClusterIpRatio, reason.to_string());
+            return;
+        }
+    };
+    let IpAddr::V4(ip) = vip.ip() else {
+        let e = LabError::Measurement(format!("ClusterIP {} is not IPv4", vip.ip()));
+        return rec.record(Metric::ClusterIpTcp, Err::<f64, _>(e));
+    };
+    let r = iperf_tcp(&pods.p1, &pods.p2, ip, 1, d.tcp, None).map(|t| t.bits_per_second / 1e9);
+    if let (Ok(c), Some(p)) = (&r, pod_ip_gbps) {
+        if p > 0.0 {
+            rec.record(Metric::ClusterIpRatio, Ok::<_, LabError>(c / p));
         }
     }
+    rec.record(Metric::ClusterIpTcp, r);
+}
+
+/// 64-byte UDP across nodes: delivered, lost, sent, and the part of the loss at the receiving
+/// pod's socket.
+fn udp64(bed: &Testbed, d: &Durations, rec: &mut Recorder) {
+    let pods = &bed.pods;
+    let before = udp_rcvbuf_errors(&pods.p2);
+    let u = match iperf_udp64(&pods.p1, &pods.p2, d.udp) {
+        Ok(u) => u,
+        Err(e) => {
+            let all = [
+                Metric::Udp64Rate,
+                Metric::Udp64Loss,
+                Metric::Udp64Sent,
+                Metric::Udp64SocketLoss,
+            ];
+            return rec.fail(&all, &e);
+        }
+    };
+    rec.record(
+        Metric::Udp64Rate,
+        Ok::<_, LabError>(u.delivered_pps() / 1e3),
+    );
+    rec.record(Metric::Udp64Loss, Ok::<_, LabError>(u.loss_percent()));
+    rec.record(Metric::Udp64Sent, Ok::<_, LabError>(u.sent_pps() / 1e3));
+    // Where the loss happened: the receiving pod's socket, or on the way there.
+    let at_socket = before.and_then(|b| {
+        let a = udp_rcvbuf_errors(&pods.p2)?;
+        Ok(100.0 * a.saturating_sub(b).min(u.lost) as f64 / u.packets.max(1) as f64)
+    });
+    rec.record(Metric::Udp64SocketLoss, at_socket);
 }

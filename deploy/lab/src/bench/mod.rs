@@ -15,14 +15,16 @@
 //! traffic stays between namespaces this command made, and everything it built is torn down on
 //! success, on error and on Ctrl-C (the first one; a second one kills at once).
 //!
-//!
 //! The parts that need no root are testable on their own: the parsers of iperf3 JSON, ping
-//! output, `/proc/stat` and `/proc/PID/stat` ([`parse`], [`cpu`]); the report's table, JSON,
-//! targets and gnuplot script ([`report`] and its views); and the request/response client and
-//! server ([`rr`], over loopback). The rest drives processes: [`exec`] (bounded, interruptible
-//! commands and servers), [`testbed`] with the [`baseline`]s of the kernel and Open vSwitch and
-//! vswitch's [`services`], the measurement families ([`throughput`], [`latency`]), [`measure`]
-//! (one test on one testbed) and [`run`] (the driver).
+//! output, `/proc/stat` and `/proc/PID/stat` (`parse`, `cpu`); the report's table, JSON,
+//! targets and gnuplot script (`report` and its views); and the request/response client and
+//! server (`rr`, over loopback). The rest drives processes: `exec` (bounded, interruptible
+//! commands and servers), `testbed` with the `baseline`s of the kernel and Open vSwitch and
+//! vswitch's `services`, the measurement families (`throughput`, `latency`), `measure`
+//! (one test on one testbed) and `run` (the driver).
+//!
+//! A measurement that fails is a `LabError`; the report keeps its message in the failed cell, and
+//! only what stops the whole run is a [`BenchError`].
 
 mod baseline;
 mod chart;

@@ -1,15 +1,13 @@
 //! The files a run leaves: latest.{json,txt,png}, and runs/DATE.{json,txt} of a full run.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use super::exec::reader;
 use super::run::have_tool;
 use super::{BenchError, Report};
+use crate::process::{self, RunError};
 
 /// Files written by [`write_outputs`].
 #[derive(Debug, Clone, Default)]
@@ -47,38 +45,40 @@ pub fn write_outputs(report: &Report, dir: &Path) -> Result<Written, BenchError>
     }
 
     let png = dir.join("latest.png");
-    if !have_tool("gnuplot") {
-        w.png_skipped = Some("gnuplot is not installed (Debian package gnuplot-nox)".into());
-        return Ok(w);
-    }
-    let mut child = Command::new("gnuplot")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(io_err(Path::new("gnuplot")))?;
-    let script = report.gnuplot_script(&png);
-    if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.write_all(script.as_bytes());
-    }
-    let err = reader(child.stderr.take());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(s)) => break Some(s),
-            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-        }
-    };
-    let stderr = err.join().unwrap_or_default();
-    match status {
-        Some(s) if s.success() && png.is_file() => w.files.push(png),
-        Some(s) => w.png_skipped = Some(format!("gnuplot failed ({s}): {}", stderr.trim())),
-        None => w.png_skipped = Some("gnuplot timed out".into()),
+    match chart(report, &png)? {
+        None => w.files.push(png),
+        Some(why) => w.png_skipped = Some(why),
     }
     Ok(w)
+}
+
+/// Draws latest.png with gnuplot; why there is none, if there is none.
+fn chart(report: &Report, png: &Path) -> Result<Option<String>, BenchError> {
+    if !have_tool("gnuplot") {
+        return Ok(Some(
+            "gnuplot is not installed (Debian package gnuplot-nox)".into(),
+        ));
+    }
+    let script = report.gnuplot_script(png);
+    let run = process::run_bounded(
+        &mut Command::new("gnuplot"),
+        Some(script.as_bytes()),
+        Duration::from_secs(30),
+        None,
+    );
+    Ok(match run {
+        Ok(out) if out.status.success() && png.is_file() => None,
+        Ok(out) => Some(format!(
+            "gnuplot failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+        Err(RunError::Spawn { source, .. }) => {
+            return Err(BenchError::Io {
+                path: "gnuplot".into(),
+                source,
+            })
+        }
+        Err(_) => Some("gnuplot timed out".into()),
+    })
 }

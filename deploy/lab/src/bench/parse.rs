@@ -2,6 +2,8 @@
 
 use serde_json::Value;
 
+use crate::LabError;
+
 /// A TCP test as iperf3's receiver saw it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TcpResult {
@@ -46,24 +48,24 @@ impl UdpResult {
     }
 }
 
-pub(super) fn iperf_doc(text: &str) -> Result<Value, String> {
+pub(super) fn iperf_doc(text: &str) -> Result<Value, LabError> {
     let v: Value = serde_json::from_str(text).map_err(|e| {
         let head: String = text.trim().chars().take(200).collect();
-        format!("iperf3 printed no JSON ({e}): {head:?}")
+        LabError::BadOutput(format!("iperf3 printed no JSON ({e}): {head:?}"))
     })?;
     if let Some(err) = v.get("error").and_then(Value::as_str) {
-        return Err(format!("iperf3: {err}"));
+        return Err(LabError::BadOutput(format!("iperf3: {err}")));
     }
     Ok(v)
 }
 
-pub(super) fn num(v: &Value, what: &str) -> Result<f64, String> {
+pub(super) fn num(v: &Value, what: &str) -> Result<f64, LabError> {
     v.as_f64()
-        .ok_or_else(|| format!("iperf3 JSON has no number at {what}"))
+        .ok_or_else(|| LabError::BadOutput(format!("iperf3 JSON has no number at {what}")))
 }
 
 /// Parses `iperf3 -c ... -J` of a TCP test (any `-P`): the receiver's sum.
-pub fn parse_iperf_tcp(text: &str) -> Result<TcpResult, String> {
+pub fn parse_iperf_tcp(text: &str) -> Result<TcpResult, LabError> {
     let v = iperf_doc(text)?;
     let s = &v["end"]["sum_received"];
     Ok(TcpResult {
@@ -74,7 +76,7 @@ pub fn parse_iperf_tcp(text: &str) -> Result<TcpResult, String> {
 }
 
 /// Parses `iperf3 -u -c ... -J`: packets sent and lost (the server's count) from `end.sum`.
-pub fn parse_iperf_udp(text: &str) -> Result<UdpResult, String> {
+pub fn parse_iperf_udp(text: &str) -> Result<UdpResult, LabError> {
     let v = iperf_doc(text)?;
     let s = &v["end"]["sum"];
     Ok(UdpResult {
@@ -86,21 +88,27 @@ pub fn parse_iperf_udp(text: &str) -> Result<UdpResult, String> {
 
 /// The `Udp: RcvbufErrors` counter from a `/proc/net/snmp`: datagrams the kernel dropped
 /// because the receiving socket's buffer was full.
-pub fn parse_udp_rcvbuf_errors(snmp: &str) -> Result<u64, String> {
+pub fn parse_udp_rcvbuf_errors(snmp: &str) -> Result<u64, LabError> {
     let mut udp = snmp.lines().filter(|l| l.starts_with("Udp: "));
     let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
-        return Err("/proc/net/snmp has no Udp lines".into());
+        return Err(LabError::BadOutput(
+            "/proc/net/snmp has no Udp lines".into(),
+        ));
     };
     names
         .split_whitespace()
         .zip(values.split_whitespace())
         .find(|(n, _)| *n == "RcvbufErrors")
         .and_then(|(_, v)| v.parse().ok())
-        .ok_or_else(|| format!("/proc/net/snmp has no Udp RcvbufErrors: {values:?}"))
+        .ok_or_else(|| {
+            LabError::BadOutput(format!(
+                "/proc/net/snmp has no Udp RcvbufErrors: {values:?}"
+            ))
+        })
 }
 
 /// The average RTT in ms from ping's summary, or why there is none.
-pub fn parse_ping_avg(text: &str) -> Result<f64, String> {
+pub fn parse_ping_avg(text: &str) -> Result<f64, LabError> {
     let received = text
         .lines()
         .find(|l| l.contains("packets transmitted"))
@@ -113,22 +121,24 @@ pub fn parse_ping_avg(text: &str) -> Result<f64, String> {
                 .ok()
         });
     if received == Some(0) {
-        return Err("ping: no replies".into());
+        return Err(LabError::BadOutput("ping: no replies".into()));
     }
     let line = text
         .lines()
         .find(|l| l.contains("min/avg/max"))
-        .ok_or_else(|| format!("ping printed no RTT summary: {:?}", text.trim()))?;
+        .ok_or_else(|| {
+            LabError::BadOutput(format!("ping printed no RTT summary: {:?}", text.trim()))
+        })?;
     let values = line
         .split('=')
         .nth(1)
-        .ok_or_else(|| format!("unexpected ping summary {line:?}"))?;
+        .ok_or_else(|| LabError::BadOutput(format!("unexpected ping summary {line:?}")))?;
     values
         .trim()
         .split('/')
         .nth(1)
         .and_then(|a| a.trim().parse::<f64>().ok())
-        .ok_or_else(|| format!("unexpected ping summary {line:?}"))
+        .ok_or_else(|| LabError::BadOutput(format!("unexpected ping summary {line:?}")))
 }
 
 /// Whether a /proc/PID/net/tcp{,6} table has a socket listening on `port`.
@@ -233,24 +243,33 @@ mod tests {
             Udp: 640897 0 1354026 12 1354026 0 0 0 0\n\
             UdpLite: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors InCsumErrors IgnoredMulti MemErrors\n\
             UdpLite: 0 0 0 0 7 0 0 0 0\n";
-        assert_eq!(parse_udp_rcvbuf_errors(snmp), Ok(1_354_026));
-        let e = parse_udp_rcvbuf_errors("Ip: Forwarding\nIp: 1\n").unwrap_err();
+        assert_eq!(parse_udp_rcvbuf_errors(snmp).unwrap(), 1_354_026);
+        let e = parse_udp_rcvbuf_errors("Ip: Forwarding\nIp: 1\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no Udp"), "{e}");
-        let e = parse_udp_rcvbuf_errors("Udp: InDatagrams\nUdp: 5\n").unwrap_err();
+        let e = parse_udp_rcvbuf_errors("Udp: InDatagrams\nUdp: 5\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("RcvbufErrors"), "{e}");
     }
 
     #[test]
     fn iperf_errors_are_reported_not_parsed() {
         let e = parse_iperf_tcp(r#"{"start":{}, "intervals":[], "end":{}, "error":"unable to connect to server: Connection refused"}"#)
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("Connection refused"), "{e}");
-        let e = parse_iperf_tcp("iperf3: error - unable to connect").unwrap_err();
+        let e = parse_iperf_tcp("iperf3: error - unable to connect")
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("no JSON") && e.contains("unable to connect"),
             "{e}"
         );
-        let e = parse_iperf_udp(r#"{"end":{"sum":{"packets":1}}}"#).unwrap_err();
+        let e = parse_iperf_udp(r#"{"end":{"sum":{"packets":1}}}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("lost_packets"), "{e}");
     }
 
@@ -263,7 +282,10 @@ mod tests {
         assert_eq!(parse_ping_avg(out).unwrap(), 0.108);
         let lost = "--- 10.244.2.2 ping statistics ---\n\
                     20 packets transmitted, 0 received, 100% packet loss, time 1000ms\n";
-        assert_eq!(parse_ping_avg(lost).unwrap_err(), "ping: no replies");
+        assert_eq!(
+            parse_ping_avg(lost).unwrap_err().to_string(),
+            "ping: no replies"
+        );
         assert!(parse_ping_avg("").is_err());
         // busybox spells it "round-trip".
         let bb = "20 packets transmitted, 20 packets received, 0% packet loss\n\

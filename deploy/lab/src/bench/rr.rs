@@ -5,6 +5,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::LabError;
 use serde_json::{json, Value};
 
 /// What `rr-client` prints (as JSON on one line).
@@ -28,16 +29,17 @@ impl RrResult {
             .to_string()
     }
 
-    pub fn from_json(text: &str) -> Result<RrResult, String> {
-        let v: Value = serde_json::from_str(text.trim())
-            .map_err(|e| format!("rr-client printed {:?}: {e}", text.trim()))?;
+    pub fn from_json(text: &str) -> Result<RrResult, LabError> {
+        let v: Value = serde_json::from_str(text.trim()).map_err(|e| {
+            LabError::BadOutput(format!("rr-client printed {:?}: {e}", text.trim()))
+        })?;
         Ok(RrResult {
             transactions: v["transactions"]
                 .as_u64()
-                .ok_or("rr-client JSON has no transactions")?,
+                .ok_or_else(|| LabError::BadOutput("rr-client JSON has no transactions".into()))?,
             seconds: v["seconds"]
                 .as_f64()
-                .ok_or("rr-client JSON has no seconds")?,
+                .ok_or_else(|| LabError::BadOutput("rr-client JSON has no seconds".into()))?,
         })
     }
 }

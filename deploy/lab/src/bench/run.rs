@@ -3,12 +3,11 @@
 
 use std::fs;
 use std::process::{Command, Stdio};
-use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use super::cpu::cpu_model;
-use super::exec::{install_signal_handlers, interrupted, INTERRUPTED};
+use super::exec::{install_signal_handlers, interrupted};
 use super::measure::{measure, Test};
 use super::report::wake_text;
 use super::testbed::Testbed;
@@ -50,33 +49,8 @@ pub fn run(opts: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Report, Ben
         need_tool("taskset", "util-linux")?;
     }
     install_signal_handlers();
-    INTERRUPTED.store(false, Ordering::SeqCst);
 
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let mut report = Report {
-        date: utc_timestamp(now),
-        commit: git_commit(),
-        kernel: fs::read_to_string("/proc/sys/kernel/osrelease")
-            .map(|s| s.trim().to_string())
-            .unwrap_or_default(),
-        cpu_model: cpu_model(),
-        tcp_cc: fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
-            .map(|s| s.trim().to_string())
-            .unwrap_or_default(),
-        cpus: thread::available_parallelism().map_or(1, |n| n.get()),
-        reps: opts.reps.max(1),
-        quick: opts.quick,
-        durations: Some(opts.durations.clone()),
-        datapaths: Kind::ALL
-            .into_iter()
-            .filter(|k| opts.only.contains(k))
-            .collect(),
-        ..Report::default()
-    };
-
+    let mut report = new_report(opts);
     // On the idle machine, before any testbed: what a wake-up costs here.
     log("wake-up round trips between two threads");
     let wake = crate::wake::measure(
@@ -86,7 +60,69 @@ pub fn run(opts: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Report, Ben
     log(&wake_text(&wake));
     report.wake = Some(wake);
 
-    // Bring every datapath up; one that fails is reported and the others go on.
+    let beds = bring_up(&mut report, log);
+    for rep in 1..=report.reps {
+        for test in Test::ALL {
+            log(&format!("rep {rep}/{}: {}", report.reps, test.name()));
+            for bed in &beds {
+                if interrupted() {
+                    break;
+                }
+                bed.hold(false, log);
+                measure(bed, test, &opts.durations, &mut report, log);
+                bed.hold(true, log);
+            }
+        }
+    }
+    for bed in &beds {
+        bed.hold(false, log);
+    }
+    for mut bed in beds {
+        log(&format!("down: {}", bed.kind.name()));
+        if let Err(e) = bed.down() {
+            log(&format!("down: {} failed: {e}", bed.kind.name()));
+        }
+    }
+    if interrupted() {
+        return Err(BenchError::Interrupted);
+    }
+    if report.samples.is_empty() {
+        return Err(BenchError::NothingMeasured(report.problems().join("; ")));
+    }
+    Ok(report)
+}
+
+/// The report's header: the machine, the commit and what was asked for.
+fn new_report(opts: &BenchOptions) -> Report {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let first_line = |path: &str| {
+        fs::read_to_string(path)
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    };
+    Report {
+        date: utc_timestamp(now),
+        commit: git_commit(),
+        kernel: first_line("/proc/sys/kernel/osrelease"),
+        cpu_model: cpu_model(),
+        tcp_cc: first_line("/proc/sys/net/ipv4/tcp_congestion_control"),
+        cpus: thread::available_parallelism().map_or(1, |n| n.get()),
+        reps: opts.reps.max(1),
+        quick: opts.quick,
+        durations: Some(opts.durations.clone()),
+        datapaths: Kind::ALL
+            .into_iter()
+            .filter(|k| opts.only.contains(k))
+            .collect(),
+        ..Report::default()
+    }
+}
+
+/// Brings every datapath of the report up; one that fails is reported and the others go on.
+fn bring_up(report: &mut Report, log: &mut dyn FnMut(&str)) -> Vec<Testbed> {
     let mut beds: Vec<Testbed> = Vec::new();
     for k in report.datapaths.clone() {
         if interrupted() {
@@ -113,39 +149,9 @@ pub fn run(opts: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Report, Ben
             }
             Err(e) => {
                 log(&format!("up: {} failed: {e}", k.name()));
-                report.datapath_errors.insert(k, e);
+                report.datapath_errors.insert(k, e.to_string());
             }
         }
     }
-
-    for rep in 1..=report.reps {
-        for test in Test::ALL {
-            log(&format!("rep {rep}/{}: {}", report.reps, test.name()));
-            for bed in &beds {
-                if interrupted() {
-                    break;
-                }
-                bed.hold(false, log);
-                measure(bed, test, &opts.durations, &mut report, log);
-                bed.hold(true, log);
-            }
-        }
-    }
-    for bed in &beds {
-        bed.hold(false, log);
-    }
-
-    for mut bed in beds {
-        log(&format!("down: {}", bed.kind.name()));
-        if let Err(e) = bed.down() {
-            log(&format!("down: {} failed: {e}", bed.kind.name()));
-        }
-    }
-    if interrupted() {
-        return Err(BenchError::Interrupted);
-    }
-    if report.samples.is_empty() {
-        return Err(BenchError::NothingMeasured(report.problems().join("; ")));
-    }
-    Ok(report)
+    beds
 }

@@ -2,135 +2,152 @@
 
 use super::{Cell, Kind, Metric, Report, Target};
 
+/// A target: vswitch's value (or its ratio over another datapath's) against a bound.
+struct Def {
+    text: &'static str,
+    metric: Metric,
+    /// vswitch's value over this datapath's, or vswitch's value itself.
+    against: Option<Kind>,
+    at_least: bool,
+    bound: f64,
+}
+
+const fn def(
+    text: &'static str,
+    metric: Metric,
+    against: Option<Kind>,
+    at_least: bool,
+    bound: f64,
+) -> Def {
+    Def {
+        text,
+        metric,
+        against,
+        at_least,
+        bound,
+    }
+}
+
+const K: Option<Kind> = Some(Kind::Kernel);
+const O: Option<Kind> = Some(Kind::Ovs);
+
+/// The targets, in the order printed.
+const DEFS: [Def; 6] = [
+    def(
+        "cross-node TCP >= 0.7x the kernel path",
+        Metric::TcpCross1,
+        K,
+        true,
+        0.7,
+    ),
+    def(
+        "cross-node TCP >= 8x Open vSwitch userspace",
+        Metric::TcpCross1,
+        O,
+        true,
+        8.0,
+    ),
+    def(
+        "same-node TCP >= 0.9x the kernel path",
+        Metric::TcpSame,
+        K,
+        true,
+        0.9,
+    ),
+    def(
+        "UDP 64-byte at iperf3's full rate: loss <= 1%",
+        Metric::Udp64Loss,
+        None,
+        false,
+        1.0,
+    ),
+    def(
+        "ping RTT <= 2x the kernel path",
+        Metric::PingRtt,
+        K,
+        false,
+        2.0,
+    ),
+    def(
+        "ClusterIP throughput >= 0.95x pod IP",
+        Metric::ClusterIpRatio,
+        None,
+        true,
+        0.95,
+    ),
+];
+
 impl Report {
     /// The targets, each PASS, FAIL or n/a.
     pub fn targets(&self) -> Vec<Target> {
-        struct Def {
-            text: &'static str,
-            metric: Metric,
-            /// vswitch's value over this datapath's, or vswitch's value itself.
-            against: Option<Kind>,
-            at_least: bool,
-            bound: f64,
-        }
-        let def = |text, metric, against, at_least, bound| Def {
-            text,
-            metric,
-            against,
-            at_least,
-            bound,
-        };
-        let (k, o) = (Some(Kind::Kernel), Some(Kind::Ovs));
-        let defs = [
-            def(
-                "cross-node TCP >= 0.7x the kernel path",
-                Metric::TcpCross1,
-                k,
-                true,
-                0.7,
-            ),
-            def(
-                "cross-node TCP >= 8x Open vSwitch userspace",
-                Metric::TcpCross1,
-                o,
-                true,
-                8.0,
-            ),
-            def(
-                "same-node TCP >= 0.9x the kernel path",
-                Metric::TcpSame,
-                k,
-                true,
-                0.9,
-            ),
-            def(
-                "UDP 64-byte at iperf3's full rate: loss <= 1%",
-                Metric::Udp64Loss,
-                None,
-                false,
-                1.0,
-            ),
-            def(
-                "ping RTT <= 2x the kernel path",
-                Metric::PingRtt,
-                k,
-                false,
-                2.0,
-            ),
-            def(
-                "ClusterIP throughput >= 0.95x pod IP",
-                Metric::ClusterIpRatio,
-                None,
-                true,
-                0.95,
-            ),
-        ];
-        defs.iter()
-            .map(|d| {
-                let (value, shown) = match d.against {
-                    Some(k) => {
-                        let r = self.ratio(d.metric, k);
-                        (r, r.map(|r| format!("{r:.2}x")))
-                    }
-                    None => {
-                        let v = self.value(d.metric, Kind::Vswitch);
-                        (
-                            v,
-                            v.map(|v| format!("{}{}", d.metric.format(v), d.metric.unit())),
-                        )
-                    }
-                };
-                let need = match d.against {
-                    Some(_) => format!("{}{}x", if d.at_least { ">= " } else { "<= " }, d.bound),
-                    None => format!(
-                        "{}{}{}",
-                        if d.at_least { ">= " } else { "<= " },
-                        d.bound,
-                        d.metric.unit()
-                    ),
-                };
-                // The pinned variant's standing, for the reader (the target is plain vswitch's).
-                let pinned = match d.against {
-                    Some(k) => self
-                        .ratio_of(d.metric, Kind::VswitchPin, k)
-                        .map(|r| format!("{r:.2}x")),
-                    None => self
-                        .value(d.metric, Kind::VswitchPin)
-                        .map(|v| format!("{}{}", d.metric.format(v), d.metric.unit())),
-                };
-                // After the verdict: the pinned variant's standing, and the UDP breakdown.
-                let extra = pinned
-                    .map(|p| format!("; vswitch-pin {p}"))
-                    .unwrap_or_default()
-                    + &self.udp_loss_detail(d.metric);
-                match (value, shown) {
-                    (Some(v), Some(s)) => {
-                        let ok = if d.at_least {
-                            v >= d.bound
-                        } else {
-                            v <= d.bound
-                        };
-                        Target {
-                            text: d.text,
-                            status: if ok { "PASS" } else { "FAIL" },
-                            detail: format!("{s} (needs {need}){extra}"),
-                        }
-                    }
-                    _ => {
-                        let why = match self.cell(d.metric, Kind::Vswitch) {
-                            Cell::NotApplicable(r) => r,
-                            _ => "not measured in this run".into(),
-                        };
-                        Target {
-                            text: d.text,
-                            status: "n/a",
-                            detail: why,
-                        }
-                    }
-                }
-            })
+        DEFS.iter()
+            .map(|d| self.check(d))
             .chain(self.worker_targets())
             .collect()
+    }
+
+    /// `who`'s standing on `d`: its ratio over `d.against`, or its own value.
+    fn standing(&self, d: &Def, who: Kind) -> (Option<f64>, Option<String>) {
+        let metric = d.metric;
+        match d.against {
+            Some(k) => {
+                let r = self.ratio_of(metric, who, k);
+                (r, r.map(|r| format!("{r:.2}x")))
+            }
+            None => {
+                let v = self.value(metric, who);
+                (
+                    v,
+                    v.map(|v| format!("{}{}", metric.format(v), metric.unit())),
+                )
+            }
+        }
+    }
+
+    fn check(&self, d: &Def) -> Target {
+        let (value, shown) = self.standing(d, Kind::Vswitch);
+        let need = match d.against {
+            Some(_) => format!("{}{}x", if d.at_least { ">= " } else { "<= " }, d.bound),
+            None => format!(
+                "{}{}{}",
+                if d.at_least { ">= " } else { "<= " },
+                d.bound,
+                d.metric.unit()
+            ),
+        };
+        // After the verdict: the pinned variant's standing, for the reader (the target is
+        // plain vswitch's), and the UDP breakdown.
+        let extra = self
+            .standing(d, Kind::VswitchPin)
+            .1
+            .map(|p| format!("; vswitch-pin {p}"))
+            .unwrap_or_default()
+            + &self.udp_loss_detail(d.metric);
+        match (value, shown) {
+            (Some(v), Some(s)) => {
+                let ok = if d.at_least {
+                    v >= d.bound
+                } else {
+                    v <= d.bound
+                };
+                Target {
+                    text: d.text,
+                    status: if ok { "PASS" } else { "FAIL" },
+                    detail: format!("{s} (needs {need}){extra}"),
+                }
+            }
+            _ => {
+                let why = match self.cell(d.metric, Kind::Vswitch) {
+                    Cell::NotApplicable(r) => r,
+                    _ => "not measured in this run".into(),
+                };
+                Target {
+                    text: d.text,
+                    status: "n/a",
+                    detail: why,
+                }
+            }
+        }
     }
 
     /// For the UDP loss target: how much of vswitch's loss the receiving pod's socket dropped,

@@ -62,10 +62,6 @@ pub(super) struct Testbed {
     pub(super) pids: Vec<u32>,
 }
 
-pub(super) fn lab_err(e: LabError) -> String {
-    e.to_string()
-}
-
 impl Testbed {
     /// Stops (`hold`) or continues the polling testbed's datapath processes. Between its own
     /// tests vswitch-pin's workers would otherwise poll CPU 0 at times under another
@@ -85,7 +81,7 @@ impl Testbed {
         }
     }
 
-    pub(super) fn up(kind: Kind) -> Result<Testbed, String> {
+    pub(super) fn up(kind: Kind) -> Result<Testbed, LabError> {
         match kind {
             Kind::Vswitch => Testbed::up_vswitch(kind, LabSpec::new(LAB_NAME, 2, 0)),
             Kind::Vswitch2 => {
@@ -100,22 +96,25 @@ impl Testbed {
         }
     }
 
-    pub(super) fn up_vswitch(kind: Kind, spec: LabSpec) -> Result<Testbed, String> {
+    pub(super) fn up_vswitch(kind: Kind, spec: LabSpec) -> Result<Testbed, LabError> {
         // Leftovers of a run that was killed.
-        Lab::teardown(&spec.name).map_err(lab_err)?;
-        let mut lab = LabGuard::up(spec).map_err(lab_err)?;
+        Lab::teardown(&spec.name)?;
+        let mut lab = LabGuard::up(spec)?;
         // With the datapath on cores of its own, the pods' programs run on the others, where
         // the lab's `exec` runs them too.
-        let cpus = lab.pod_cpus().map_err(lab_err)?;
-        let mut pod = |node: u32, name: &str| -> Result<PodRef, String> {
-            let p = lab.add_pod(node, name).map_err(lab_err)?;
+        let cpus = lab.pod_cpus()?;
+        let mut pod = |node: u32, name: &str| -> Result<PodRef, LabError> {
+            let p = lab.add_pod(node, name)?;
             match p.ip {
                 std::net::IpAddr::V4(ip) => Ok(PodRef {
                     netns: p.netns.clone(),
                     ip,
                     cpus: cpus.clone(),
                 }),
-                other => Err(format!("pod {} got {other}, not IPv4", p.name)),
+                other => Err(LabError::Measurement(format!(
+                    "pod {} got {other}, not IPv4",
+                    p.name
+                ))),
             }
         };
         let pods = Pods {
@@ -133,7 +132,7 @@ impl Testbed {
     }
 
     /// Waits until p1 reaches p2 and p1b (OVS takes a moment to learn).
-    pub(super) fn wait_connected(&self) -> Result<(), String> {
+    pub(super) fn wait_connected(&self) -> Result<(), LabError> {
         for to in [&self.pods.p2, &self.pods.p1b] {
             let ip = to.ip.to_string();
             let deadline = Instant::now() + Duration::from_secs(15);
@@ -146,13 +145,13 @@ impl Testbed {
                     break;
                 }
                 if interrupted() {
-                    return Err("interrupted".into());
+                    return Err(LabError::Interrupted);
                 }
                 if Instant::now() >= deadline {
-                    return Err(format!(
+                    return Err(LabError::Measurement(format!(
                         "no connectivity: {} cannot ping {ip} after 15s",
                         self.pods.p1.netns
-                    ));
+                    )));
                 }
                 thread::sleep(Duration::from_millis(200));
             }
@@ -161,10 +160,10 @@ impl Testbed {
     }
 
     /// Tears the topology down; a second call does nothing.
-    pub(super) fn down(&mut self) -> Result<(), String> {
+    pub(super) fn down(&mut self) -> Result<(), LabError> {
         match self.bed.take() {
             None => Ok(()),
-            Some(Bed::Vswitch(guard)) => guard.into_inner().down().map(drop).map_err(lab_err),
+            Some(Bed::Vswitch(guard)) => guard.into_inner().down().map(drop),
             Some(Bed::Script {
                 kind,
                 script,
