@@ -34,6 +34,7 @@ mod sys;
 pub mod wake;
 
 pub use error::LabError;
+pub use files::with_nat_keys;
 pub use lab::{
     Binaries, DownReport, Lab, LabGuard, Node, Pod, UpOptions, BIN_DIR_ENV, PLUGIN, RUN_DIR,
     STATE_FILE, VSWITCHD,

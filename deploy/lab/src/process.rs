@@ -175,6 +175,20 @@ fn lock(buf: &Mutex<Vec<u8>>) -> std::sync::MutexGuard<'_, Vec<u8>> {
     buf.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Checks `done` every 20 ms until it holds (true) or `timeout` has passed (false).
+pub fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Sets `flag` when any of `signals` arrives. With `second_kills`, a second delivery of the
 /// same signal takes its default action (for SIGINT, SIGTERM and SIGHUP: the process ends), so
 /// a second Ctrl-C stops a teardown that hangs.

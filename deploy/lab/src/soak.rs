@@ -690,27 +690,14 @@ fn iperf_burst(a: &Pod, b: &Pod, port: &str) -> (bool, u64, String) {
 // Nodes: config, restart, inspection
 
 fn with_nat(text: &str) -> String {
-    let set = [
-        ("tcp_established_timeout", TCP_ESTABLISHED),
-        ("tcp_transitory_timeout", TCP_TRANSITORY),
-        ("udp_timeout", UDP_TIMEOUT),
-    ];
-    let mut out = String::new();
-    let mut in_nat = false;
-    for line in text.lines() {
-        if line.starts_with('[') {
-            in_nat = line.trim() == "[nat]";
-        }
-        let key = line.split('=').next().map(str::trim).unwrap_or("");
-        match set.iter().find(|(k, _)| in_nat && *k == key) {
-            Some((k, v)) => out.push_str(&format!("{k} = {v}\n")),
-            None => {
-                out.push_str(line);
-                out.push('\n');
-            }
-        }
-    }
-    out
+    crate::files::with_nat_keys(
+        text,
+        &[
+            ("tcp_established_timeout", TCP_ESTABLISHED),
+            ("tcp_transitory_timeout", TCP_TRANSITORY),
+            ("udp_timeout", UDP_TIMEOUT),
+        ],
+    )
 }
 
 fn check_config(node: &Node, text: &str) -> Result<(), LabError> {

@@ -15,15 +15,14 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-pub(crate) use crate::process::describe;
+pub(crate) use crate::process::{describe, wait_until};
 use crate::LabError;
 
 /// Where `ip netns` keeps its namespaces (as runtimes pass them in CNI_NETNS).
@@ -200,22 +199,8 @@ pub(crate) enum Stopped {
     Killed,
 }
 
-/// Checks `done` every 20 ms until it holds (true) or `timeout` has passed (false).
-fn poll_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if done() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn wait_gone(pid: u32, marker: &OsStr, timeout: Duration) -> bool {
-    poll_until(timeout, || !process_alive(pid, marker))
+    wait_until(timeout, || !process_alive(pid, marker))
 }
 
 /// SIGSTOP (`hold`) or SIGCONT (`!hold`) to `pid`, if it is still the process started with
@@ -336,9 +321,9 @@ pub(crate) fn stop_netns_processes(
     // left its namespace: it counts as gone.
     let all_gone = || netns_pids(netns).is_empty();
     signal_all(Signal::SIGTERM);
-    if !poll_until(grace, all_gone) {
+    if !wait_until(grace, all_gone) {
         signal_all(Signal::SIGKILL);
-        if !poll_until(Duration::from_secs(5), all_gone) {
+        if !wait_until(Duration::from_secs(5), all_gone) {
             let left: Vec<String> = netns_pids(netns)
                 .iter()
                 .map(|(pid, comm)| format!("{comm} (pid {pid})"))
