@@ -107,15 +107,6 @@ pub fn python() -> &'static str {
     }
 }
 
-/// `timeout -k 1 LIMIT ip netns exec NS ARGV...`: nothing outlives its bound.
-pub fn bounded_in(ns: &str, argv: &[&str], limit: Duration) -> Command {
-    let mut c = Command::new("timeout");
-    c.args(["-k", "1", &format!("{:.1}", limit.as_secs_f64())])
-        .args(["ip", "netns", "exec", ns])
-        .args(argv);
-    c
-}
-
 /// Runs `argv` in `ns`, killed after `limit`.
 pub fn exec_in(ns: &str, argv: &[&str], limit: Duration) -> Out {
     run(
@@ -268,7 +259,7 @@ impl std::fmt::Display for Out {
     }
 }
 
-pub use vswitch_lab::process::{describe, wait_until};
+pub use vswitch_lab::process::{bounded_in, describe, wait_until};
 
 /// Runs `cmd` to completion, killing it after `timeout` (then the test fails).
 pub fn run(cmd: &mut Command, timeout: Duration) -> Out {

@@ -39,6 +39,16 @@ pub fn describe(cmd: &Command) -> String {
     s
 }
 
+/// `timeout -k 1 LIMIT ip netns exec NS ARGV...`: `argv` in namespace `ns`, ended by coreutils'
+/// timeout after `limit` (and killed a second later) even if the caller dies first.
+pub fn bounded_in(ns: &str, argv: &[&str], limit: Duration) -> Command {
+    let mut c = Command::new("timeout");
+    c.args(["-k", "1", &format!("{:.1}", limit.as_secs_f64())])
+        .args(["ip", "netns", "exec", ns])
+        .args(argv);
+    c
+}
+
 /// Why [`run_bounded`] has no exit status to give.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {

@@ -20,7 +20,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::thread;
@@ -30,7 +29,7 @@ use conf::api::{ConntrackResponse, PortsResponse, PATH_CONNTRACK, PATH_PORTS};
 use conf::Config;
 
 use crate::spec::{LabNetns, Names};
-use crate::{sys, Lab, LabError, LabGuard, LabSpec, Node, Pod, UpOptions};
+use crate::{process, sys, Lab, LabError, LabGuard, LabSpec, Node, Pod, UpOptions};
 
 /// `[nat]` timeouts (seconds) of the soak's nodes: short, so conntrack must drain soon after.
 const TCP_ESTABLISHED: u64 = 10;
@@ -540,14 +539,11 @@ struct TrafficCounters {
     failures: Mutex<Vec<String>>,
 }
 
-/// `timeout -k 1 SECS ip netns exec NS ARGV...`, waited for.
+/// `argv` in `ns`, ended after `secs` ([`process::bounded_in`]), waited for.
 fn bounded(ns: &str, argv: &[&str], secs: u32) -> Option<std::process::Output> {
-    Command::new("timeout")
-        .args(["-k", "1", &secs.to_string(), "ip", "netns", "exec", ns])
-        .args(argv)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .ok()
+    let limit = Duration::from_secs(secs.into());
+    let mut cmd = process::bounded_in(ns, argv, limit);
+    process::run_bounded(&mut cmd, None, limit + Duration::from_secs(3), None).ok()
 }
 
 fn traffic(
@@ -648,9 +644,8 @@ fn traffic(
 
 /// A one-second iperf3 run from `a` to `b`: (success, bytes received, iperf3's error if any).
 fn iperf_burst(a: &Pod, b: &Pod, port: &str) -> (bool, u64, String) {
-    let server = Command::new("timeout")
-        .args(["-k", "1", "8", "ip", "netns", "exec", &b.netns])
-        .args(["iperf3", "-s", "-1", "-p", port])
+    let argv = ["iperf3", "-s", "-1", "-p", port];
+    let server = process::bounded_in(&b.netns, &argv, Duration::from_secs(8))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
