@@ -14,14 +14,13 @@
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -29,6 +28,7 @@ use conf::api::{PortsResponse, Status, PATH_STATUS};
 use conf::client::Client;
 use serde_json::{json, Value};
 
+use vswitch_lab::process::{self, RunError};
 pub use vswitch_lab::{Lab, LabGuard, LabSpec, Node, Pod};
 
 /// How long a short command (`ip`, `ping -c 3`, one plugin call) may take before it is killed.
@@ -107,15 +107,6 @@ pub fn python() -> &'static str {
     }
 }
 
-/// `timeout -k 1 LIMIT ip netns exec NS ARGV...`: nothing outlives its bound.
-pub fn bounded_in(ns: &str, argv: &[&str], limit: Duration) -> Command {
-    let mut c = Command::new("timeout");
-    c.args(["-k", "1", &format!("{:.1}", limit.as_secs_f64())])
-        .args(["ip", "netns", "exec", ns])
-        .args(argv);
-    c
-}
-
 /// Runs `argv` in `ns`, killed after `limit`.
 pub fn exec_in(ns: &str, argv: &[&str], limit: Duration) -> Out {
     run(
@@ -187,20 +178,14 @@ impl Bg {
 
     /// Waits up to `timeout` for it to end by itself (then kills it); what it printed.
     pub fn wait(mut self, timeout: Duration) -> Out {
-        let deadline = Instant::now() + timeout;
-        while self.running() && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(10));
-        }
+        wait_until(timeout, || !self.running());
         self.finish()
     }
 
     /// SIGTERM to the group, then SIGKILL; what it printed.
     pub fn stop(mut self) -> Out {
         self.signal(libc::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while self.running() && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(10));
-        }
+        wait_until(Duration::from_secs(2), || !self.running());
         self.finish()
     }
 
@@ -274,15 +259,7 @@ impl std::fmt::Display for Out {
     }
 }
 
-/// A command line as a user would type it.
-pub fn describe(cmd: &Command) -> String {
-    let mut s = cmd.get_program().to_string_lossy().into_owned();
-    for a in cmd.get_args() {
-        s.push(' ');
-        s.push_str(&a.to_string_lossy());
-    }
-    s
-}
+pub use vswitch_lab::process::{bounded_in, describe, wait_until};
 
 /// Runs `cmd` to completion, killing it after `timeout` (then the test fails).
 pub fn run(cmd: &mut Command, timeout: Duration) -> Out {
@@ -299,79 +276,26 @@ pub fn run_input(cmd: &mut Command, input: &[u8], timeout: Duration) -> Out {
 
 /// [`run_input`] that reports instead of panicking (for `Drop`).
 pub fn try_run(cmd: &mut Command, input: &[u8], timeout: Duration) -> Result<Out, String> {
-    let desc = describe(cmd);
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run `{desc}`: {e}"))?;
-    let stdin = child.stdin.take();
-    let input = input.to_vec();
-    thread::spawn(move || {
-        if let Some(mut s) = stdin {
-            // A command may exit without reading its input; that is not our error.
-            let _ = s.write_all(&input);
-        }
-    });
-    // Readers append as they go, so a grandchild that keeps a pipe open (a daemonised server)
-    // cannot make us wait forever: after the child exits we wait briefly, then take what came.
-    let collect = |pipe: Option<Box<dyn Read + Send>>| {
-        let buf = Arc::new(Mutex::new(Vec::new()));
-        let b = buf.clone();
-        let h = thread::spawn(move || {
-            if let Some(mut p) = pipe {
-                let mut chunk = [0u8; 65536];
-                while let Ok(n) = p.read(&mut chunk) {
-                    if n == 0 {
-                        break;
-                    }
-                    b.lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .extend_from_slice(&chunk[..n]);
-                }
-            }
-        });
-        (buf, h)
-    };
-    let (out, out_h) = collect(child.stdout.take().map(|p| Box::new(p) as _));
-    let (err, err_h) = collect(child.stderr.take().map(|p| Box::new(p) as _));
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(s)) => break s,
-            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(5)),
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                let take = |b: &Arc<Mutex<Vec<u8>>>| {
-                    String::from_utf8_lossy(&b.lock().unwrap_or_else(|e| e.into_inner()))
-                        .into_owned()
-                };
-                return Err(format!(
-                    "`{desc}` did not finish within {:?} and was killed\n--- stdout ---\n{}\n--- stderr ---\n{}",
-                    timeout,
-                    take(&out),
-                    take(&err)
-                ));
-            }
-            Err(e) => return Err(format!("waiting for `{desc}`: {e}")),
-        }
-    };
-    let grace = Instant::now() + Duration::from_secs(2);
-    while !(out_h.is_finished() && err_h.is_finished()) && Instant::now() < grace {
-        thread::sleep(Duration::from_millis(2));
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    match process::run_bounded(cmd, Some(input), timeout, None) {
+        Ok(out) => Ok(Out {
+            cmd: describe(cmd),
+            status: out.status,
+            stdout: text(&out.stdout),
+            stderr: text(&out.stderr),
+        }),
+        Err(RunError::TimedOut {
+            cmd,
+            timeout,
+            stdout,
+            stderr,
+        }) => Err(format!(
+            "`{cmd}` did not finish within {timeout:?} and was killed\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            text(&stdout),
+            text(&stderr)
+        )),
+        Err(e) => Err(e.to_string()),
     }
-    let take = |b: Arc<Mutex<Vec<u8>>>| {
-        let v = std::mem::take(&mut *b.lock().unwrap_or_else(|e| e.into_inner()));
-        String::from_utf8_lossy(&v).into_owned()
-    };
-    Ok(Out {
-        cmd: desc,
-        status,
-        stdout: take(out),
-        stderr: take(err),
-    })
 }
 
 /// `ip ARGS...`, which must succeed; returns stdout.
@@ -474,20 +398,6 @@ impl Drop for Background {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// Waits until `f` is true, polling every 20 ms; false if `timeout` passed first.
-pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -892,43 +892,8 @@ fn vxlan_from_a_host_that_is_not_a_peer_is_dropped_and_counted() {
     // A host on the same LAN as the node, not one of its peers.
     let stranger = Netns::add(&format!("{}-x", lab.name));
     let port = format!("{}x", lab.name);
-    must_host(&[
-        "ip",
-        "link",
-        "add",
-        "ul0",
-        "netns",
-        &stranger.name,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        &port,
-        "netns",
-        &lab.fabric_netns,
-    ]);
-    must_host(&[
-        "ip",
-        "-n",
-        &lab.fabric_netns,
-        "link",
-        "set",
-        &port,
-        "master",
-        vswitch_lab::FABRIC_BRIDGE,
-        "up",
-    ]);
-    must_host(&[
-        "ip",
-        "-n",
-        &stranger.name,
-        "addr",
-        "add",
-        "192.168.100.200/24",
-        "dev",
-        "ul0",
-    ]);
-    must_host(&["ip", "-n", &stranger.name, "link", "set", "ul0", "up"]);
+    lab.cable_to_fabric(&stranger.name, "ul0", &port, "192.168.100.200/24", None)
+        .unwrap_or_else(|e| panic!("cannot cable {} to the fabric: {e}", stranger.name));
     let stranger_mac = [0x02, 0x66, 0x61, 0x6b, 0x65, 0x01];
     let stranger_pod = Ipv4Addr::new(10, 244, 200, 2);
 

@@ -788,23 +788,7 @@ impl StartsWithMac for &str {
 
 /// The node's config with `[nat]` keys replaced and a Service appended.
 fn with_nat_and_service(text: &str, nat: &[(&str, u64)], service: &str) -> String {
-    let mut out = String::new();
-    let mut in_nat = false;
-    for line in text.lines() {
-        if line.starts_with('[') {
-            in_nat = line.trim() == "[nat]";
-        }
-        let key = line.split('=').next().map(str::trim).unwrap_or("");
-        if in_nat {
-            if let Some((k, v)) = nat.iter().find(|(k, _)| *k == key) {
-                out.push_str(&format!("{k} = {v}\n"));
-                continue;
-            }
-        }
-        out.push_str(line);
-        out.push('\n');
-    }
-    out + service
+    vswitch_lab::with_nat_keys(text, nat) + service
 }
 
 #[test]

@@ -1126,36 +1126,8 @@ fn outside_client(w: &World, address: &str) -> Netns {
     let lab = &w.lab;
     let ns = Netns::new(&format!("{}-x", lab.name));
     let port = format!("{}x", lab.name);
-    let ip = |args: &[&str]| {
-        let o = run(Command::new("ip").args(args), Duration::from_secs(10));
-        assert!(o.success(), "{o}");
-    };
-    ip(&[
-        "link",
-        "add",
-        "eth0",
-        "netns",
-        ns.name(),
-        "type",
-        "veth",
-        "peer",
-        "name",
-        &port,
-        "netns",
-        &lab.fabric_netns,
-    ]);
-    ip(&[
-        "-n",
-        &lab.fabric_netns,
-        "link",
-        "set",
-        &port,
-        "master",
-        vswitch_lab::FABRIC_BRIDGE,
-        "up",
-    ]);
-    ip(&["-n", ns.name(), "addr", "add", address, "dev", "eth0"]);
-    ip(&["-n", ns.name(), "link", "set", "eth0", "up"]);
+    lab.cable_to_fabric(ns.name(), "eth0", &port, address, None)
+        .unwrap_or_else(|e| panic!("cannot cable {} to the fabric: {e}", ns.name()));
     ns
 }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde_json::Value;
 
-use crate::sys;
+use crate::process;
 
 /// One plugin invocation.
 pub(crate) struct Call<'a> {
@@ -94,7 +94,8 @@ pub(crate) fn invoke(call: Call<'_>) -> Result<Value, String> {
         .env("CNI_IFNAME", call.ifname)
         .env("CNI_ARGS", &call.args)
         .env("CNI_PATH", cni_path);
-    let out = sys::run_with_input(cmd, call.netconf, call.timeout)?;
+    let out = process::run_bounded(&mut cmd, Some(&call.netconf), call.timeout, None)
+        .map_err(|e| e.to_string())?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let stderr = stderr.trim();

@@ -49,6 +49,27 @@ pub enum LabError {
     )]
     BinaryMissing { path: PathBuf },
 
+    #[error(transparent)]
+    Run(#[from] crate::process::RunError),
+
+    /// A command of the bench that could not start, did not finish, or failed (the reason
+    /// says which, with the tail of its stderr).
+    #[error("{cmd}: {reason}")]
+    BenchCommand { cmd: String, reason: String },
+
+    /// Output of a measuring tool or a /proc file that does not hold what a measurement needs;
+    /// the message names the tool and shows what it printed.
+    #[error("{0}")]
+    BadOutput(String),
+
+    /// A measurement or a testbed that did not work out: no connectivity, a server that never
+    /// listened, a Service that was not applied.
+    #[error("{0}")]
+    Measurement(String),
+
+    #[error("interrupted")]
+    Interrupted,
+
     #[error("Service {name}: {message}")]
     BadService { name: String, message: String },
 

@@ -89,6 +89,28 @@ pub(crate) fn daemon_config(node: &Node, all: &[Node], services: &[ServiceSpec])
 /// The lab's manifest directory (`vswitch-lab apply -f`), below the lab's directory.
 pub const POLICY_DIR: &str = "policies";
 
+/// A vswitchd config's text with the `[nat]` keys of `set` given new values (keys the section
+/// does not have are not added), everything else as it was: how the soak and the tests shorten
+/// conntrack timeouts or bound its size without rewriting the lab's config.
+pub fn with_nat_keys(text: &str, set: &[(&str, u64)]) -> String {
+    let mut out = String::new();
+    let mut in_nat = false;
+    for line in text.lines() {
+        if line.starts_with('[') {
+            in_nat = line.trim() == "[nat]";
+        }
+        let key = line.split('=').next().map(str::trim).unwrap_or("");
+        match set.iter().find(|(k, _)| in_nat && *k == key) {
+            Some((k, v)) => out.push_str(&format!("{k} = {v}\n")),
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
 /// The config as TOML, checked with the daemon's own parser.
 pub(crate) fn render_config(
     node: &Node,

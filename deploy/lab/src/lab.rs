@@ -457,52 +457,54 @@ impl Lab {
         let _ = fs::remove_dir(&kept);
     }
 
+    /// Cables namespace `netns` to the fabric: a veth `ifname` there with `address` (and
+    /// `mtu`, if given), whose peer `port` is enslaved to the fabric bridge. Nodes are cabled so;
+    /// so is a host on the same LAN that is not a node (the tests' outside client). Both ends
+    /// are created in their namespaces: the host's namespace never sees either.
+    pub fn cable_to_fabric(
+        &self,
+        netns: &str,
+        ifname: &str,
+        port: &str,
+        address: &str,
+        mtu: Option<u32>,
+    ) -> Result<(), LabError> {
+        let fabric = self.fabric_netns.as_str();
+        sys::ip(&[
+            "link", "add", ifname, "netns", netns, "type", "veth", "peer", "name", port, "netns",
+            fabric,
+        ])?;
+        let mtu = mtu.map(|m| m.to_string());
+        let mtu_args: Vec<&str> = match &mtu {
+            Some(m) => vec!["mtu", m],
+            None => Vec::new(),
+        };
+        let mut args = vec!["-n", fabric, "link", "set", port];
+        args.extend(&mtu_args);
+        args.extend(["master", spec::FABRIC_BRIDGE, "up"]);
+        sys::ip(&args)?;
+        sys::ip(&["-n", netns, "addr", "add", address, "dev", ifname])?;
+        let mut args = vec!["-n", netns, "link", "set", ifname];
+        args.extend(&mtu_args);
+        args.push("up");
+        sys::ip(&args)?;
+        Ok(())
+    }
+
     /// Node namespace, its underlay link to the fabric, its kernel settings, and its files.
     fn build_node(&self, node: &Node, all: &[Node], bins: &Binaries) -> Result<(), LabError> {
         let ns = node.netns.as_str();
         let port = Names(&self.name).fabric_port(node.index);
         sys::ip(&["netns", "add", ns])?;
         sys::ip(&["-n", ns, "link", "set", "lo", "up"])?;
-        // Created directly in both namespaces: the host's namespace never sees either end.
-        sys::ip(&[
-            "link",
-            "add",
-            spec::UNDERLAY_IFNAME,
-            "netns",
-            ns,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &port,
-            "netns",
-            &self.fabric_netns,
-        ])?;
-        let mtu = spec::UNDERLAY_MTU.to_string();
-        sys::ip(&[
-            "-n",
-            &self.fabric_netns,
-            "link",
-            "set",
-            &port,
-            "mtu",
-            &mtu,
-            "master",
-            spec::FABRIC_BRIDGE,
-            "up",
-        ])?;
         let addr = format!("{}/{}", node.underlay_ip, node.underlay_prefix_len);
-        sys::ip(&["-n", ns, "addr", "add", &addr, "dev", spec::UNDERLAY_IFNAME])?;
-        sys::ip(&[
-            "-n",
+        self.cable_to_fabric(
             ns,
-            "link",
-            "set",
             spec::UNDERLAY_IFNAME,
-            "mtu",
-            &mtu,
-            "up",
-        ])?;
+            &port,
+            &addr,
+            Some(spec::UNDERLAY_MTU),
+        )?;
         // What a Kubernetes node has and a fresh namespace may lack (it copies the host's IPv4
         // settings): set by the DaemonSet's own step, as on a node.
         let node_ip = node.underlay_ip.to_string();

@@ -26,6 +26,7 @@ mod files;
 pub mod fsutil;
 mod lab;
 pub mod policy;
+pub mod process;
 pub mod services;
 pub mod soak;
 mod spec;
@@ -34,6 +35,7 @@ mod sys;
 pub mod wake;
 
 pub use error::LabError;
+pub use files::with_nat_keys;
 pub use lab::{
     Binaries, DownReport, Lab, LabGuard, Node, Pod, PodOptions, UpOptions, BIN_DIR_ENV, PLUGIN,
     RUN_DIR, STATE_FILE, VSWITCHD,

@@ -20,9 +20,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -30,7 +29,7 @@ use conf::api::{ConntrackResponse, PortsResponse, PATH_CONNTRACK, PATH_PORTS};
 use conf::Config;
 
 use crate::spec::{LabNetns, Names};
-use crate::{sys, Lab, LabError, LabGuard, LabSpec, Node, Pod, UpOptions};
+use crate::{process, sys, Lab, LabError, LabGuard, LabSpec, Node, Pod, UpOptions};
 
 /// `[nat]` timeouts (seconds) of the soak's nodes: short, so conntrack must drain soon after.
 const TCP_ESTABLISHED: u64 = 10;
@@ -194,24 +193,13 @@ impl SoakReport {
     }
 }
 
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: std::ffi::c_int) {
-    STOP.store(true, Ordering::Relaxed);
-}
+static STOP: LazyLock<Arc<AtomicBool>> = LazyLock::new(Arc::default);
 
 /// Ctrl-C and SIGTERM end the churn early; the checks and the teardown still run.
+/// (Registering a handler for these two cannot fail.)
 fn catch_signals() {
-    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
-    let action = SigAction::new(
-        SigHandler::Handler(on_signal),
-        SaFlags::empty(),
-        SigSet::empty(),
-    );
-    for sig in [Signal::SIGINT, Signal::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        let _ = unsafe { sigaction(sig, &action) };
-    }
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let _ = crate::process::set_on_signals(&STOP, &[SIGINT, SIGTERM], false);
 }
 
 fn stopped() -> bool {
@@ -551,14 +539,11 @@ struct TrafficCounters {
     failures: Mutex<Vec<String>>,
 }
 
-/// `timeout -k 1 SECS ip netns exec NS ARGV...`, waited for.
+/// `argv` in `ns`, ended after `secs` ([`process::bounded_in`]), waited for.
 fn bounded(ns: &str, argv: &[&str], secs: u32) -> Option<std::process::Output> {
-    Command::new("timeout")
-        .args(["-k", "1", &secs.to_string(), "ip", "netns", "exec", ns])
-        .args(argv)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .ok()
+    let limit = Duration::from_secs(secs.into());
+    let mut cmd = process::bounded_in(ns, argv, limit);
+    process::run_bounded(&mut cmd, None, limit + Duration::from_secs(3), None).ok()
 }
 
 fn traffic(
@@ -659,9 +644,8 @@ fn traffic(
 
 /// A one-second iperf3 run from `a` to `b`: (success, bytes received, iperf3's error if any).
 fn iperf_burst(a: &Pod, b: &Pod, port: &str) -> (bool, u64, String) {
-    let server = Command::new("timeout")
-        .args(["-k", "1", "8", "ip", "netns", "exec", &b.netns])
-        .args(["iperf3", "-s", "-1", "-p", port])
+    let argv = ["iperf3", "-s", "-1", "-p", port];
+    let server = process::bounded_in(&b.netns, &argv, Duration::from_secs(8))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -701,27 +685,14 @@ fn iperf_burst(a: &Pod, b: &Pod, port: &str) -> (bool, u64, String) {
 // Nodes: config, restart, inspection
 
 fn with_nat(text: &str) -> String {
-    let set = [
-        ("tcp_established_timeout", TCP_ESTABLISHED),
-        ("tcp_transitory_timeout", TCP_TRANSITORY),
-        ("udp_timeout", UDP_TIMEOUT),
-    ];
-    let mut out = String::new();
-    let mut in_nat = false;
-    for line in text.lines() {
-        if line.starts_with('[') {
-            in_nat = line.trim() == "[nat]";
-        }
-        let key = line.split('=').next().map(str::trim).unwrap_or("");
-        match set.iter().find(|(k, _)| in_nat && *k == key) {
-            Some((k, v)) => out.push_str(&format!("{k} = {v}\n")),
-            None => {
-                out.push_str(line);
-                out.push('\n');
-            }
-        }
-    }
-    out
+    crate::files::with_nat_keys(
+        text,
+        &[
+            ("tcp_established_timeout", TCP_ESTABLISHED),
+            ("tcp_transitory_timeout", TCP_TRANSITORY),
+            ("udp_timeout", UDP_TIMEOUT),
+        ],
+    )
 }
 
 fn check_config(node: &Node, text: &str) -> Result<(), LabError> {

@@ -10,19 +10,19 @@
 
 use std::ffi::OsStr;
 use std::fs::{self, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
+pub(crate) use crate::process::{describe, wait_until};
 use crate::LabError;
 
 /// Where `ip netns` keeps its namespaces (as runtimes pass them in CNI_NETNS).
@@ -30,16 +30,6 @@ pub(crate) const NETNS_DIR: &str = "/var/run/netns";
 
 pub(crate) fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
-}
-
-/// A command line as a user would type it, for error messages.
-pub(crate) fn describe(cmd: &Command) -> String {
-    let mut s = cmd.get_program().to_string_lossy().into_owned();
-    for a in cmd.get_args() {
-        s.push(' ');
-        s.push_str(&a.to_string_lossy());
-    }
-    s
 }
 
 /// Runs a command to completion; non-zero exit is an error carrying its stderr.
@@ -209,22 +199,8 @@ pub(crate) enum Stopped {
     Killed,
 }
 
-/// Checks `done` every 20 ms until it holds (true) or `timeout` has passed (false).
-fn poll_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if done() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn wait_gone(pid: u32, marker: &OsStr, timeout: Duration) -> bool {
-    poll_until(timeout, || !process_alive(pid, marker))
+    wait_until(timeout, || !process_alive(pid, marker))
 }
 
 /// SIGSTOP (`hold`) or SIGCONT (`!hold`) to `pid`, if it is still the process started with
@@ -345,9 +321,9 @@ pub(crate) fn stop_netns_processes(
     // left its namespace: it counts as gone.
     let all_gone = || netns_pids(netns).is_empty();
     signal_all(Signal::SIGTERM);
-    if !poll_until(grace, all_gone) {
+    if !wait_until(grace, all_gone) {
         signal_all(Signal::SIGKILL);
-        if !poll_until(Duration::from_secs(5), all_gone) {
+        if !wait_until(Duration::from_secs(5), all_gone) {
             let left: Vec<String> = netns_pids(netns)
                 .iter()
                 .map(|(pid, comm)| format!("{comm} (pid {pid})"))
@@ -359,61 +335,6 @@ pub(crate) fn stop_netns_processes(
         }
     }
     Ok(found)
-}
-
-/// Runs a command with `input` on stdin and waits at most `timeout` for it.
-pub(crate) fn run_with_input(
-    mut cmd: Command,
-    input: Vec<u8>,
-    timeout: Duration,
-) -> Result<Output, String> {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run `{}`: {e}", describe(&cmd)))?;
-    let stdin = child.stdin.take();
-    let writer = thread::spawn(move || {
-        if let Some(mut s) = stdin {
-            // A plugin may exit without reading; that is its business, not an error here.
-            let _ = s.write_all(&input);
-        }
-    });
-    let reader = |pipe: Option<Box<dyn Read + Send>>| {
-        thread::spawn(move || {
-            let mut buf = Vec::new();
-            if let Some(mut p) = pipe {
-                let _ = p.read_to_end(&mut buf);
-            }
-            buf
-        })
-    };
-    let out = reader(child.stdout.take().map(|p| Box::new(p) as _));
-    let err = reader(child.stderr.take().map(|p| Box::new(p) as _));
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(s)) => break s,
-            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(5)),
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!(
-                    "`{}` did not finish within {}s and was killed",
-                    describe(&cmd),
-                    timeout.as_secs()
-                ));
-            }
-            Err(e) => return Err(format!("waiting for `{}`: {e}", describe(&cmd))),
-        }
-    };
-    let _ = writer.join();
-    Ok(Output {
-        status,
-        stdout: out.join().unwrap_or_default(),
-        stderr: err.join().unwrap_or_default(),
-    })
 }
 
 /// The last `n` lines of a log file, for error messages.
@@ -514,21 +435,6 @@ mod tests {
         assert!(!process_alive(child.id(), marker));
         // Already reaped by stop_process: this only satisfies the type's contract.
         let _ = child.wait();
-    }
-
-    #[test]
-    fn input_output_and_timeouts() {
-        let out = run_with_input(
-            Command::new("cat"),
-            b"hello".to_vec(),
-            Duration::from_secs(5),
-        )
-        .unwrap();
-        assert_eq!(out.stdout, b"hello");
-        let mut slow = Command::new("sleep");
-        slow.arg("10");
-        let e = run_with_input(slow, vec![], Duration::from_millis(100)).unwrap_err();
-        assert!(e.contains("did not finish"), "{e}");
     }
 
     #[test]

@@ -15,9 +15,10 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
+pub use vswitch_lab::process::wait_until;
 use vswitch_lab::{Lab, LabGuard, LabSpec, Node};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -206,20 +207,14 @@ impl Bg {
 
     /// Waits up to `timeout` for it to end by itself (then kills it) and returns its output.
     pub fn wait(mut self, timeout: Duration) -> Output {
-        let deadline = Instant::now() + timeout;
-        while self.running() && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(20));
-        }
+        wait_until(timeout, || !self.running());
         self.finish()
     }
 
     /// Asks it to stop (SIGTERM to its group), then kills it, and returns its output.
     pub fn stop(mut self) -> Output {
         self.signal(libc::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while self.running() && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(20));
-        }
+        wait_until(Duration::from_secs(3), || !self.running());
         self.finish()
     }
 
@@ -299,20 +294,6 @@ impl Drop for Netns {
         if !o.status.success() {
             eprintln!("cleanup: ip netns del {}: {}", self.name, text(&o));
         }
-    }
-}
-
-/// Polls `f` every 20 ms until it is true or `timeout` passes; returns whether it became true.
-pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(20));
     }
 }
 

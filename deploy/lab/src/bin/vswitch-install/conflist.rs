@@ -11,16 +11,17 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use conf::api::{Status, PATH_STATUS};
 use conf::client::Client;
 use conf::netconf::{NetConf, PLUGIN_TYPE, SUPPORTED_VERSIONS};
-use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use serde_json::json;
+use signal_hook::consts::{SIGINT, SIGTERM};
 
 use crate::log;
-use vswitch_lab::fsutil;
+use vswitch_lab::{fsutil, process};
 
 /// How long one status request may take; a daemon this slow is not ready.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(3);
@@ -40,7 +41,7 @@ pub enum ConflistError {
     #[error("stopped by a signal before vswitchd was ready")]
     Stopped,
     #[error("cannot install signal handlers: {0}")]
-    Signals(nix::Error),
+    Signals(std::io::Error),
     #[error("cannot write {path}: {source}")]
     Write {
         path: PathBuf,
@@ -85,7 +86,10 @@ pub fn render(opts: &Options) -> Result<String, ConflistError> {
 /// signal.
 pub fn run(opts: &Options) -> Result<(), ConflistError> {
     let conflist = render(opts)?;
-    install_stop_handlers().map_err(ConflistError::Signals)?;
+    // As PID 1 of its container this process gets no default SIGTERM action: without a
+    // handler kubelet would wait out the whole grace period.
+    let stop = Arc::new(AtomicBool::new(false));
+    process::set_on_signals(&stop, &[SIGTERM, SIGINT], false).map_err(ConflistError::Signals)?;
     let started = Instant::now();
     let mut last_wait: Option<String> = None;
     let mut written = false;
@@ -132,7 +136,7 @@ pub fn run(opts: &Options) -> Result<(), ConflistError> {
                 last_wait = Some(reason);
             }
         }
-        if pause(opts.poll) {
+        if pause(opts.poll, &stop) {
             return if written {
                 log("stopping");
                 Ok(())
@@ -153,33 +157,11 @@ fn probe(opts: &Options) -> Result<String, String> {
     }
 }
 
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_stop(_: nix::libc::c_int) {
-    STOP.store(true, Ordering::Relaxed);
-}
-
-/// As PID 1 of its container this process gets no default SIGTERM action: without a handler
-/// kubelet would wait out the whole grace period.
-fn install_stop_handlers() -> nix::Result<()> {
-    let action = SigAction::new(
-        SigHandler::Handler(on_stop),
-        SaFlags::SA_RESTART,
-        SigSet::empty(),
-    );
-    for sig in [Signal::SIGTERM, Signal::SIGINT] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe, and no
-        // other code in this process installs handlers for these signals.
-        unsafe { sigaction(sig, &action) }?;
-    }
-    Ok(())
-}
-
 /// Sleeps for `d` in short steps; true when a stop signal arrived.
-fn pause(d: Duration) -> bool {
+fn pause(d: Duration, stop: &AtomicBool) -> bool {
     let end = Instant::now() + d;
     loop {
-        if STOP.load(Ordering::Relaxed) {
+        if stop.load(Ordering::Relaxed) {
             return true;
         }
         let now = Instant::now();
