@@ -35,7 +35,7 @@ const PCAP_NETMASK_UNKNOWN: u32 = 0xffff_ffff;
 /// any frame the switch handles (a 64 KiB super-frame with its headers).
 const SNAPLEN: c_int = 262_144;
 
-#[link(name = "pcap")]
+// Linked by build.rs: the shared library, or the static archives for the image.
 extern "C" {
     fn pcap_open_dead(linktype: c_int, snaplen: c_int) -> *mut c_void;
     fn pcap_close(p: *mut c_void);
