@@ -45,9 +45,26 @@ if [[ -z $engine ]]; then
 fi
 command -v "$engine" >/dev/null 2>&1 || die "$engine is not installed"
 
-# Static binaries: every crate here is pure Rust or libc, so glibc's crt-static links them with
-# no shared library left (checked below). An explicit --target keeps RUSTFLAGS off build
-# scripts and proc macros, and the output apart from target/release.
+# Static binaries: every crate here is pure Rust or libc but for libpcap (the capture filter's
+# compiler, see vswitch/build.rs), whose static archive and libdbus-1's come from Debian, so
+# glibc's crt-static links them with no shared library left (checked below).
+static_libs=(libpcap.a:libpcap-dev libdbus-1.a:libdbus-1-dev)
+missing=()
+for pair in "${static_libs[@]}"; do
+  [[ $(cc -print-file-name="${pair%%:*}") == /* ]] || missing+=("${pair#*:}")
+done
+if ((${#missing[@]})); then
+  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    echo "build-image.sh: installing ${missing[*]}" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      "${missing[@]}" >/dev/null
+  else
+    die "the static build needs the Debian packages ${missing[*]} (apt-get install ${missing[*]})"
+  fi
+fi
+# An explicit --target keeps RUSTFLAGS off build scripts and proc macros, and the output apart
+# from target/release.
 echo "build-image.sh: cargo build --release --target $target (static)" >&2
 unset CARGO_ENCODED_RUSTFLAGS
 RUSTFLAGS="-C target-feature=+crt-static" \

@@ -9,7 +9,9 @@ need=(ip:iproute2 ping:iputils-ping iperf3:iperf3 tcpdump:tcpdump tshark:tshark
       podman:podman runc:runc busybox:busybox-static nc:netcat-openbsd
       socat:socat ethtool:ethtool shellcheck:shellcheck dig:dnsutils file:file
       pip3:python3-pip curl:curl
-      /usr/lib/cni/loopback:containernetworking-plugins)
+      /usr/lib/cni/loopback:containernetworking-plugins
+      # The capture filter links libpcap; the image's static build also libdbus-1's archive.
+      pcap-config:libpcap-dev "/usr/lib/$(uname -m)-linux-gnu/libdbus-1.a:libdbus-1-dev")
 missing=()
 for pair in "${need[@]}"; do
   cmd=${pair%%:*} pkg=${pair#*:}

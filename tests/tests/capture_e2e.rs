@@ -575,9 +575,9 @@ fn a_filter_keeps_only_matching_packets_and_files_rotate() {
 fn bad_requests_are_refused_with_the_reason() {
     let lab = lab("cp", 1, 1);
     let n1 = lab.node("n1").clone();
-    let o = vswitchctl(&n1, &["capture", "tcp[13]", "&", "2", "!=", "0"]);
+    let o = vswitchctl(&n1, &["capture", "tcp", "udp"]);
     assert!(!o.status.success());
-    assert!(text(&o).contains("tcp[13]"), "{}", text(&o));
+    assert!(text(&o).contains("syntax error at 'udp'"), "{}", text(&o));
     let o = vswitchctl(&n1, &["capture", "--point", "bogus"]);
     assert!(
         !o.status.success() && text(&o).contains("bogus"),
