@@ -1000,7 +1000,9 @@ fn install_step_writes_the_conflist_only_once_vswitchd_is_ready() {
         serde_json::from_str(&ok(cmd, Duration::from_secs(10))).expect("VERSION JSON");
     assert_eq!(version["cniVersion"], conf::netconf::CNI_VERSION);
 
-    // 2. The conflist step starts before the daemon, as on a fresh node.
+    // 2. The conflist step starts before the daemon, as on a fresh node. The daemon is built
+    // first: a build under a loaded machine must not eat into the step's 60 s wait.
+    let vswitchd = bin("vswitchd");
     let conflist = net_d.join("10-vswitch.conflist");
     let mut cmd = Command::new(bin("vswitch-install"));
     cmd.arg("conflist")
@@ -1032,7 +1034,7 @@ fn install_step_writes_the_conflist_only_once_vswitchd_is_ready() {
         ),
     )
     .expect("write daemon config");
-    let mut cmd = Command::new(bin("vswitchd"));
+    let mut cmd = Command::new(&vswitchd);
     cmd.arg(format!("--config={}", config.display()));
     let mut daemon = Proc::spawn(cmd, "vswitchd");
     let out = writer.wait(Duration::from_secs(60));
