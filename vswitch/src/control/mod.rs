@@ -1038,6 +1038,12 @@ impl Daemon {
         })
     }
 
+    /// NetworkPolicies in force and objects left out (for metrics).
+    pub fn policy_counts(&self) -> (usize, usize) {
+        let st = self.lock();
+        (st.policy.set.len(), st.policy.problems.len())
+    }
+
     pub fn services(&self) -> conf::api::ServicesResponse {
         let t = self.tables.load();
         conf::api::ServicesResponse {
