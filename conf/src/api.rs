@@ -38,6 +38,9 @@ pub const PATH_PEER_PREFIX: &str = "/v1/peers/";
 pub const PATH_CAPTURE: &str = "/v1/capture";
 /// GET: running and recently ended capture sessions with their counters.
 pub const PATH_CAPTURE_SESSIONS: &str = "/v1/capture/sessions";
+/// GET: NetworkPolicy as this switch applies it ([`PoliciesResponse`]); query `pod=NS/NAME`
+/// for one local pod.
+pub const PATH_POLICIES: &str = "/v1/policies";
 pub const CAPTURE_SESSION_HEADER: &str = "x-capture-session";
 
 /// CNI error codes (CNI spec 1.1.0, "Error" section).
@@ -324,6 +327,55 @@ pub struct CaptureSessionInfo {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CaptureSessionsResponse {
     pub sessions: Vec<CaptureSessionInfo>,
+}
+
+/// The rules of one policy that selects a pod, for one direction.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SelectingPolicy {
+    /// `namespace/name`.
+    pub policy: String,
+    /// Each rule as a sentence (`from pods pod=b in the policy's namespace, TCP 80`); none:
+    /// the policy admits nothing in this direction.
+    pub rules: Vec<String>,
+}
+
+/// A local pod as NetworkPolicy sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PodPolicies {
+    /// `namespace/name`.
+    pub pod: String,
+    pub port: u32,
+    pub ip: IpAddr,
+    pub labels: BTreeMap<String, String>,
+    /// A policy selects it for ingress: only what one admits reaches it.
+    pub isolated_ingress: bool,
+    /// A policy selects it for egress: it reaches only what one admits.
+    pub isolated_egress: bool,
+    pub ingress: Vec<SelectingPolicy>,
+    pub egress: Vec<SelectingPolicy>,
+}
+
+/// A NetworkPolicy in force.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PolicyInfo {
+    /// `namespace/name`.
+    pub name: String,
+    /// Its pod selector (`{}`: every pod of its namespace).
+    pub pod_selector: String,
+    /// `Ingress`, `Egress` or both.
+    pub types: Vec<String>,
+}
+
+/// `GET` [`PATH_POLICIES`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PoliciesResponse {
+    /// The local pods (or the one asked for), by name.
+    pub pods: Vec<PodPolicies>,
+    /// Every policy in force, by name.
+    pub policies: Vec<PolicyInfo>,
+    /// Objects left out (a policy the API server would refuse, a manifest that does not
+    /// parse), each with the reason.
+    pub problems: Vec<String>,
 }
 
 /// Where a traced packet enters and what it is.

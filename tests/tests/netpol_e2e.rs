@@ -458,3 +458,101 @@ fn changes_services_and_the_node() {
     );
     assert!(!out.success(), "a ping into an isolated pod was answered");
 }
+
+/// `vswitchctl` against one node's daemon, run in the node's namespace: its JSON answer.
+fn ctl(c: &Cluster, node: &str, args: &[&str]) -> serde_json::Value {
+    let n = c.lab.node(node);
+    let sock = n.admin_socket.to_str().unwrap();
+    let bin = vswitch_tests::bin("vswitchctl");
+    let mut argv = vec![bin.to_str().unwrap(), "--socket", sock, "--json"];
+    argv.extend_from_slice(args);
+    let out = vswitch_tests::run(
+        &mut vswitch_tests::in_netns(&n.netns, &argv),
+        Duration::from_secs(10),
+    );
+    assert!(out.success(), "vswitchctl {args:?}: {out}");
+    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", out.stdout))
+}
+
+/// Seeing it (issue 26 point 6): `vswitchctl policies` names the policy isolating a pod and a
+/// policy left out, `trace` says a denied connection is denied by ingress, and the node's
+/// drop counters count it.
+#[test]
+fn policies_trace_and_counters_show_a_deny() {
+    let mut c = Cluster::new();
+    c.case(&np("x", "deny", "{podSelector: {matchLabels: {pod: a}}}"));
+    c.expect("tcp", 80, |_, to| to != "x/a");
+    // x/a and x/c are on n1.
+    let v = ctl(&c, "n1", &["policies", "--pod", "x/xa"]);
+    let pods = v["pods"].as_array().unwrap();
+    assert_eq!(pods.len(), 1, "{v}");
+    let a = &pods[0];
+    assert_eq!(a["pod"], "x/xa", "{v}");
+    assert_eq!(a["labels"]["pod"], "a", "{v}");
+    assert_eq!(a["isolated_ingress"], true, "{v}");
+    assert_eq!(a["isolated_egress"], false, "{v}");
+    assert_eq!(a["ingress"][0]["policy"], "x/deny", "{v}");
+    assert_eq!(a["ingress"][0]["rules"], serde_json::json!([]), "{v}");
+    assert!(
+        v["policies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "x/deny"),
+        "{v}"
+    );
+    // A policy the API server would refuse is listed as left out.
+    c.apply(&np(
+        "y",
+        "bad",
+        "{podSelector: {}, ingress: [{from: [{ipBlock: {cidr: bogus}}]}]}",
+    ));
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let v = ctl(&c, "n1", &["policies"]);
+        let seen = v["problems"].as_array().unwrap().iter().any(|p| {
+            p.as_str()
+                .is_some_and(|p| p.contains("NetworkPolicy y/bad") && p.contains("cidr"))
+        });
+        if seen {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "y/bad not listed as left out: {v}"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    // The trace of x/c -> x/a:80 says denied, by ingress, and by which policy.
+    let xa = c.pods.iter().find(|p| p.0 == "x/a").unwrap().2.to_string();
+    let v = ctl(
+        &c,
+        "n1",
+        &["trace", "--pod", "x/xc", "--dst", &xa, "--dport", "80"],
+    );
+    assert_eq!(v["verdict"], "dropped: policy_denied_ingress", "{v}");
+    let steps: Vec<&str> = v["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s.as_str())
+        .collect();
+    assert!(
+        steps
+            .iter()
+            .any(|s| s
+                .starts_with("policy: denied by ingress: x/xa is isolated for ingress by x/deny")),
+        "{steps:#?}"
+    );
+    // The probes above were refused, and counted (on the sender's port on n1, or on the
+    // underlay for those from n2).
+    let ports = vswitch_tests::ports(&c.lab.node("n1").admin_socket);
+    let denied: u64 = ports
+        .ports
+        .iter()
+        .map(|p| &p.counters)
+        .chain(ports.underlay.as_ref())
+        .filter_map(|c| c.drops.get("policy_denied_ingress"))
+        .sum();
+    assert!(denied > 0, "no policy_denied_ingress counted: {ports:?}");
+}

@@ -22,6 +22,10 @@
 //!   VXLAN port; zero MACs; one packet per datagram (a segmented super-frame is each segment's
 //!   datagram, as on the wire). A filter matches an outer packet when it matches either the
 //!   inner frame or the outer headers (so `host <pod IP>` and `udp port 8472` both select it).
+//! - `policy:ingress` / `policy:egress` (`policy` for both; directions *in* and *out*): a packet
+//!   NetworkPolicy denied, by the destination pod's ingress or the source pod's egress, as the
+//!   verdict saw it (after Service translation, before routing). Only the packet that opens a
+//!   connection is judged, so each refused attempt shows up (a TCP client's retries too).
 //!
 //! Off costs one relaxed atomic load per batch; on, a point nobody selected costs a bit test.
 
@@ -43,6 +47,9 @@ use crate::wire::{
 };
 pub use filter::{Fields, Filter, FilterError};
 pub use pcapng::Direction;
+
+/// Every point's bit: two (in, out) for each [`Stage`].
+const ALL_POINTS: u16 = (1 << (2 * (Stage::Policy as u16 + 1))) - 1;
 
 /// Packets a session's queue holds before copies are dropped.
 pub const QUEUE_LEN: usize = 4096;
@@ -68,6 +75,8 @@ pub enum Stage {
     Nat,
     OverlayInner,
     OverlayOuter,
+    /// A packet NetworkPolicy denied: `in` by ingress, `out` by egress.
+    Policy,
 }
 
 /// A capture point as the datapath reports it.
@@ -81,8 +90,8 @@ pub struct Point {
 }
 
 impl Point {
-    fn bit(stage: Stage, inbound: bool) -> u8 {
-        1 << (stage as u8 * 2 + u8::from(inbound))
+    fn bit(stage: Stage, inbound: bool) -> u16 {
+        1 << (stage as u16 * 2 + u16::from(inbound))
     }
 
     pub fn direction(&self) -> Direction {
@@ -97,7 +106,7 @@ impl Point {
 /// Which points a session wants: a set of (stage, direction) and which ports' `Port` points.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Selection {
-    mask: u8,
+    mask: u16,
     ports: Ports,
 }
 
@@ -130,7 +139,7 @@ impl Ports {
 pub enum CaptureError {
     #[error(
         "unknown capture point {0:?}; the points are pod, host, nat, nat:before, nat:after, \
-         overlay, overlay:inner, overlay:outer, all"
+         overlay, overlay:inner, overlay:outer, policy, policy:ingress, policy:egress, all"
     )]
     UnknownPoint(String),
     #[error("unknown direction {0:?}; use in, out or both")]
@@ -158,8 +167,8 @@ impl Selection {
         port: Option<PortId>,
     ) -> Result<Selection, CaptureError> {
         let both = Point::bit(Stage::Port, true) | Point::bit(Stage::Port, false);
-        let stage = |s: Stage| both << (s as u8 * 2);
-        let mut mask = 0u8;
+        let stage = |s: Stage| both << (s as u16 * 2);
+        let mut mask = 0u16;
         let mut non_port = None;
         let (mut pods, mut host) = (false, false);
         let words: Vec<&str> = points
@@ -171,7 +180,7 @@ impl Selection {
             let m = match *w {
                 "all" => {
                     (pods, host) = (true, true);
-                    0xff
+                    ALL_POINTS
                 }
                 "port" => {
                     (pods, host) = (true, true);
@@ -192,6 +201,9 @@ impl Selection {
                 "overlay" => stage(Stage::OverlayInner) | stage(Stage::OverlayOuter),
                 "overlay:inner" => stage(Stage::OverlayInner),
                 "overlay:outer" => stage(Stage::OverlayOuter),
+                "policy" => stage(Stage::Policy),
+                "policy:ingress" => Point::bit(Stage::Policy, true),
+                "policy:egress" => Point::bit(Stage::Policy, false),
                 _ => return Err(CaptureError::UnknownPoint(w.to_string())),
             };
             if m & !stage(Stage::Port) != 0 {
@@ -203,7 +215,7 @@ impl Selection {
             mask = if port.is_some() {
                 stage(Stage::Port)
             } else {
-                0xff
+                ALL_POINTS
             };
         }
         if let (Some(_), Some(w)) = (port, non_port) {
@@ -222,7 +234,7 @@ impl Selection {
             (None, _, _) => Ports::All,
         };
         // The inbound bit of each stage is the odd one.
-        let inbound = 0b1010_1010u8;
+        let inbound = 0b10_1010_1010u16;
         match direction {
             "" | "both" | "inout" => {}
             "in" => mask &= inbound,
@@ -348,7 +360,7 @@ impl Session {
 pub struct TapSet {
     sessions: Vec<Arc<Session>>,
     /// The union of the sessions' points.
-    mask: u8,
+    mask: u16,
 }
 
 /// The headers of a frame as it entered NAT, kept until we know whether NAT rewrote it.
@@ -519,7 +531,28 @@ impl TapSet {
                 }
             }
             Action::Reply(n) => self.port(ingress, false, &buf[..n.min(buf.len())]),
-            _ => {}
+            Action::Drop(reason) => self.policy_denied(reason, frame),
+            Action::DnsForward(_) => {}
+        }
+    }
+
+    /// A frame the pipeline dropped for `reason`: offered at `policy:ingress` or
+    /// `policy:egress` when NetworkPolicy denied it.
+    #[inline]
+    pub fn policy_denied(&self, reason: crate::pipeline::DropReason, frame: &[u8]) {
+        use crate::pipeline::DropReason;
+        let inbound = match reason {
+            DropReason::PolicyDeniedIngress => true,
+            DropReason::PolicyDeniedEgress => false,
+            _ => return,
+        };
+        if self.wants(Stage::Policy, inbound) {
+            let point = Point {
+                stage: Stage::Policy,
+                inbound,
+                port: 0,
+            };
+            self.offer_frame(point, frame);
         }
     }
 

@@ -80,6 +80,14 @@ pub fn interface_name(
             format!("overlay:outer:{dir}"),
             "VXLAN datagrams with synthesised Ethernet/IP/UDP headers (zero MACs)".into(),
         ),
+        Stage::Policy if p.inbound => (
+            "policy:ingress".into(),
+            "packets NetworkPolicy denied by the destination pod's ingress".into(),
+        ),
+        Stage::Policy => (
+            "policy:egress".into(),
+            "packets NetworkPolicy denied by the source pod's egress".into(),
+        ),
     }
 }
 

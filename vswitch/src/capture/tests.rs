@@ -45,7 +45,15 @@ fn open(
 #[test]
 fn selections() {
     let all = Selection::parse("", "", None).unwrap();
-    assert_eq!(all.mask, 0xff);
+    assert_eq!(all.mask, ALL_POINTS);
+    assert_eq!(
+        Selection::parse("policy", "in", None).unwrap().mask,
+        Point::bit(Stage::Policy, true)
+    );
+    assert_eq!(
+        Selection::parse("policy:egress", "", None).unwrap().mask,
+        Point::bit(Stage::Policy, false)
+    );
     let p = Selection::parse("", "in", Some(3)).unwrap();
     assert_eq!(p.mask, Point::bit(Stage::Port, true));
     assert_eq!(p.port(), Some(3));
@@ -127,6 +135,57 @@ fn points_ports_directions_and_filters_select_what_is_copied() {
         .map(|c| (c.point.port, c.point.inbound))
         .collect();
     assert_eq!(b, [(2, true), (3, false)]);
+}
+
+/// A packet NetworkPolicy denied is offered at `policy:ingress` / `policy:egress`; other drops
+/// and forwarded frames are not, and a session on other points sees none of them.
+#[test]
+fn policy_point_takes_the_packets_policy_denied() {
+    use crate::pipeline::{Action, DropReason};
+    let hub = Hub::new();
+    let (_p, rx_p) = open(&hub, "policy", "", None, Some("tcp"));
+    let (_e, rx_e) = open(&hub, "policy:egress", "", None, None);
+    let (_n, rx_n) = open(&hub, "nat,overlay", "", None, None);
+    let set = hub.current().unwrap();
+    let tcp = frame([10, 0, 0, 1], [10, 0, 0, 2], 6, 999, 80, 10);
+    let udp = frame([10, 0, 0, 1], [10, 0, 0, 2], 17, 999, 53, 10);
+    let mut buf = tcp.clone();
+    buf.resize(tcp.len() + 64, 0);
+    for a in [
+        Action::Drop(DropReason::PolicyDeniedIngress),
+        Action::Drop(DropReason::PolicyDeniedEgress),
+        Action::Drop(DropReason::NoRoute),
+        Action::ToPort(2),
+    ] {
+        set.after(1, a, None, &buf, tcp.len());
+    }
+    set.policy_denied(DropReason::PolicyDeniedIngress, &udp);
+    let p: Vec<(Stage, bool, Vec<u8>)> = rx_p
+        .try_iter()
+        .map(|c| (c.point.stage, c.point.inbound, c.data))
+        .collect();
+    assert_eq!(
+        p,
+        [
+            (Stage::Policy, true, tcp.clone()),
+            (Stage::Policy, false, tcp.clone())
+        ]
+    );
+    let e: Vec<bool> = rx_e.try_iter().map(|c| c.point.inbound).collect();
+    assert_eq!(e, [false]);
+    assert_eq!(rx_n.try_iter().count(), 0);
+    let names = |inbound| {
+        let point = Point {
+            stage: Stage::Policy,
+            inbound,
+            port: 0,
+        };
+        super::stream::interface_name(&point, &|_| String::new()).0
+    };
+    assert_eq!(
+        (names(true), names(false)),
+        ("policy:ingress".into(), "policy:egress".into())
+    );
 }
 
 /// `host` is the host port's points alone, `pod` the pods' alone, both (or `port`, `all`, no

@@ -123,6 +123,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
             get(|State(d): D| read(d, Daemon::services)),
         )
         .route(api::PATH_CONNTRACK, get(conntrack))
+        .route(api::PATH_POLICIES, get(policies))
         .route("/v1/ports/{id}", delete(release_port))
         .route(
             "/v1/peers/{name}",
@@ -155,6 +156,15 @@ async fn conntrack(
         None => None,
     };
     blocking(move || Ok(d.conntrack(ip, port))).await
+}
+
+/// `GET /v1/policies?pod=NS/NAME`.
+async fn policies(
+    State(d): D,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> Reply<api::PoliciesResponse> {
+    let pod = q.get("pod").cloned();
+    blocking(move || d.policies(pod.as_deref())).await
 }
 
 /// `DELETE /v1/ports/{id}`.

@@ -91,6 +91,20 @@ impl Collector for SwitchCollector {
         if let Some(k) = d.k8s_stats.get() {
             encode_k8s(&mut enc, k)?;
         }
+        let (policies, problems) = d.policy_counts();
+        gauge(
+            &mut enc,
+            "vswitch_policies",
+            "NetworkPolicies in force.",
+            policies as i64,
+        )?;
+        gauge(
+            &mut enc,
+            "vswitch_policy_problems",
+            "NetworkPolicy inputs left out (refused policies, unreadable manifests); \
+             `vswitchctl policies` lists them.",
+            problems as i64,
+        )?;
         gauge(
             &mut enc,
             "vswitch_table_version",

@@ -1012,6 +1012,38 @@ impl Daemon {
         self.publish(&st);
     }
 
+    /// NetworkPolicy as the switch applies it (`GET /v1/policies`), for every local pod or
+    /// the one named `namespace/name`.
+    pub fn policies(&self, pod: Option<&str>) -> Result<conf::api::PoliciesResponse, ApiError> {
+        let st = self.lock();
+        // Loaded under the lock, so the tables are the ones built from these inputs.
+        let t = self.tables.load();
+        let mut labels = crate::policy::selector::Interner::default();
+        let ports: Vec<policy::LocalPort> = st
+            .records
+            .values()
+            .filter(|r| r.live)
+            .map(|r| policy::LocalPort {
+                id: r.port,
+                ip: IpAddr::V4(r.ip),
+                meta: policy::local_meta(r.pod.as_deref(), &r.labels, &mut labels),
+            })
+            .collect();
+        policy::view(&st.policy, t.policy.as_deref(), &ports, pod).map_err(|e| {
+            let c = match e {
+                policy::ViewError::BadName(_) => code::DECODE_FAILURE,
+                policy::ViewError::NoPod { .. } => code::UNKNOWN_CONTAINER,
+            };
+            api_err(c, e.to_string(), "")
+        })
+    }
+
+    /// NetworkPolicies in force and objects left out (for metrics).
+    pub fn policy_counts(&self) -> (usize, usize) {
+        let st = self.lock();
+        (st.policy.set.len(), st.policy.problems.len())
+    }
+
     pub fn services(&self) -> conf::api::ServicesResponse {
         let t = self.tables.load();
         conf::api::ServicesResponse {

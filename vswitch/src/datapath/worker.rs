@@ -725,7 +725,12 @@ impl UnderlayRx<'_> {
         }
         let reason = match action {
             Action::ToPort(out) => return Some((out, inner, rco)),
-            Action::Drop(reason) => reason,
+            Action::Drop(reason) => {
+                if let Some(c) = self.cap {
+                    c.policy_denied(reason, &rbuf[inner]);
+                }
+                reason
+            }
             // Frames from peers are only ever routed to local pods.
             Action::ToPeer(_) | Action::Reply(_) | Action::DnsForward(_) => DropReason::NoRoute,
         };

@@ -14,7 +14,7 @@
 
 use super::nat::{self, CtState, Key};
 use super::{Ctx, DropReason, PortEntry};
-use crate::policy::{Direction, End, PortPolicy};
+use crate::policy::{Direction, End, PolicyTables, PortPolicy};
 use crate::wire::{IpProtocol, Ipv4Packet, TcpFlags, TcpPacket};
 
 /// What connection a packet belongs to, for policy.
@@ -107,6 +107,7 @@ pub(super) fn admit(
     };
     let dp = dst.and_then(|p| pt.local(p.id));
     if !sp.is_some_and(PortPolicy::isolated) && !dp.is_some_and(PortPolicy::isolated) {
+        cx.note(|| "policy: no policy selects either end: not judged".into());
         return Ok(());
     }
     // A tracked connection's packet (translated or tracked for policy): admitted before.
@@ -141,7 +142,7 @@ pub(super) fn admit(
             (key, flags)
         }
     };
-    let verdict = pt.judge(
+    let (src_end, dst_end) = (
         End {
             ip: key.src.into(),
             local: sp,
@@ -150,9 +151,15 @@ pub(super) fn admit(
             ip: key.dst.into(),
             local: dp,
         },
-        key.proto,
-        key.dport,
     );
+    let verdict = pt.judge(src_end, dst_end, key.proto, key.dport);
+    let says = |dir| Says {
+        pt,
+        ends: (src_end, dst_end),
+        key: &key,
+        from_node: matches!(src, From::Node),
+        dir,
+    };
     // The node itself is always let in.
     let from_node = matches!(src, From::Node);
     if let Some(dir) = verdict
@@ -163,24 +170,22 @@ pub(super) fn admit(
             // The Service connection this packet opened goes with it.
             cx.ct.forget(&key.reversed());
         }
-        cx.note(|| format!("policy: {} denied: no policy admits it", dir.name()));
+        cx.note(|| {
+            let other = match dir {
+                Direction::Ingress => Direction::Egress,
+                Direction::Egress => Direction::Ingress,
+            };
+            let (d, o) = (says(dir), says(other));
+            format!("policy: denied by {}: {d}; {o}", dir.name())
+        });
         return Err(match dir {
             Direction::Ingress => DropReason::PolicyDeniedIngress,
             Direction::Egress => DropReason::PolicyDeniedEgress,
         });
     }
     cx.note(|| {
-        let name = |j: crate::policy::Judgement| match j {
-            crate::policy::Judgement::Allowed(i) => {
-                pt.set.policy(i).map_or("?".to_string(), |p| p.id())
-            }
-            _ => "no policy selects the pod".to_string(),
-        };
-        format!(
-            "policy: admitted (egress: {}; ingress: {})",
-            name(verdict.egress),
-            name(verdict.ingress)
-        )
+        let (e, i) = (says(Direction::Egress), says(Direction::Ingress));
+        format!("policy: admitted: {e}; {i}")
     });
     if done == nat::Nat::Opened {
         // The Service connection tracks it already.
@@ -197,6 +202,82 @@ pub(super) fn admit(
         return Err(DropReason::ConntrackRefused);
     }
     Ok(())
+}
+
+/// One side of a verdict in words, for `trace` (built only when tracing).
+struct Says<'a> {
+    pt: &'a PolicyTables,
+    ends: (End<'a>, End<'a>),
+    key: &'a Key,
+    from_node: bool,
+    dir: Direction,
+}
+
+impl std::fmt::Display for Says<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (src, dst) = self.ends;
+        let (me, remote) = match self.dir {
+            Direction::Egress => (src, dst),
+            Direction::Ingress => (dst, src),
+        };
+        let dir = self.dir.name();
+        let Some(local) = me.local else {
+            return write!(
+                f,
+                "{dir} not judged here ({} is not a pod of this switch)",
+                me.ip
+            );
+        };
+        let who = format!("{}/{}", local.pod.namespace, local.pod.name);
+        let names = |ids: &[u32]| {
+            let v: Vec<String> = ids
+                .iter()
+                .filter_map(|&i| self.pt.set.policy(i).map(|p| p.id()))
+                .collect();
+            v.join(", ")
+        };
+        let selected = local.selected.get(self.dir);
+        if selected.is_empty() {
+            return write!(f, "no policy selects {who} for {dir}");
+        }
+        if self.from_node && self.dir == Direction::Ingress {
+            return write!(f, "{dir} of {who}: the node itself is always let in");
+        }
+        let k = self.key;
+        let admitting = self.pt.admitting(self.dir, local, remote, k.proto, k.dport);
+        if admitting.is_empty() {
+            write!(
+                f,
+                "{who} is isolated for {dir} by {} and no rule of theirs admits {}",
+                names(selected),
+                Conn(k)
+            )
+        } else {
+            write!(f, "{dir} of {who} admitted by {}", names(&admitting))
+        }
+    }
+}
+
+/// `TCP 10.244.1.2:40000 -> 10.244.1.3:80`, `ICMP 10.244.1.2 -> 10.244.1.3`.
+struct Conn<'a>(&'a Key);
+
+impl std::fmt::Display for Conn<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let k = self.0;
+        match crate::policy::Proto::from_number(k.proto) {
+            Some(p) => write!(
+                f,
+                "{} {}:{} -> {}:{}",
+                p.name(),
+                k.src,
+                k.sport,
+                k.dst,
+                k.dport
+            ),
+            None if k.proto == IpProtocol::ICMP.0 => write!(f, "ICMP {} -> {}", k.src, k.dst),
+            None => write!(f, "IP protocol {} {} -> {}", k.proto, k.src, k.dst),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -233,3 +233,67 @@ fn without_a_policy_selecting_either_pod_nothing_is_tracked() {
     );
     assert!(s.ct.is_empty());
 }
+
+/// `vswitchctl trace` from port `from` to `dst`:`port` over TCP: the steps and the verdict.
+fn trace(t: &Tables, from: PortId, dst: Ipv4Addr, port: u16) -> (Vec<String>, String) {
+    let req = conf::api::TraceRequest {
+        pod: None,
+        port: Some(from),
+        peer: None,
+        src: None,
+        dst,
+        protocol: "tcp".into(),
+        src_port: Some(40000),
+        dst_port: Some(port),
+    };
+    let r = crate::control::trace::run(t, CtConfig::default(), &req, |_| None).unwrap();
+    (r.steps, r.verdict)
+}
+
+fn policy_step(steps: &[String]) -> &str {
+    steps
+        .iter()
+        .find(|s| s.starts_with("policy:"))
+        .map(String::as_str)
+        .unwrap_or_else(|| panic!("no policy step in {steps:#?}"))
+}
+
+#[test]
+fn trace_names_the_admitting_policy_or_the_denying_direction() {
+    let t = tables(&[WEB_FROM_CLIENT_80]);
+    let (steps, verdict) = trace(&t, 1, B, 80);
+    assert_eq!(verdict, format!("deliver to port 2 ({B})"));
+    assert_eq!(
+        policy_step(&steps),
+        "policy: admitted: no policy selects default/client for egress; \
+         ingress of default/web admitted by default/p0"
+    );
+    let (steps, verdict) = trace(&t, 1, B, 81);
+    assert_eq!(verdict, "dropped: policy_denied_ingress");
+    assert_eq!(
+        policy_step(&steps),
+        format!(
+            "policy: denied by ingress: default/web is isolated for ingress by default/p0 and \
+             no rule of theirs admits TCP {A}:40000 -> {B}:81; \
+             no policy selects default/client for egress"
+        )
+    );
+    // An egress deny names the egress side.
+    let t =
+        tables(&[r#"{"podSelector":{"matchLabels":{"app":"client"}},"policyTypes":["Egress"]}"#]);
+    let (steps, verdict) = trace(&t, 1, B, 80);
+    assert_eq!(verdict, "dropped: policy_denied_egress");
+    assert!(
+        policy_step(&steps).starts_with(
+            "policy: denied by egress: default/client is isolated for egress by default/p0"
+        ),
+        "{steps:#?}"
+    );
+    // Neither end selected: said, and not judged.
+    let t = tables(&[r#"{"podSelector":{"matchLabels":{"app":"other"}}}"#]);
+    let (steps, _) = trace(&t, 1, B, 80);
+    assert_eq!(
+        policy_step(&steps),
+        "policy: no policy selects either end: not judged"
+    );
+}

@@ -118,6 +118,33 @@ impl PolicyTables {
         Some(PortPolicy { pod, selected })
     }
 
+    /// Every policy selecting `local` for `dir` that admits a connection with `remote` (the
+    /// source for ingress, the destination for egress): for `trace`, not the datapath.
+    pub fn admitting(
+        &self,
+        dir: Direction,
+        local: &PortPolicy,
+        remote: End<'_>,
+        proto: u8,
+        port: u16,
+    ) -> Vec<u32> {
+        let remote = Remote {
+            ip: remote.ip,
+            pod: remote
+                .local
+                .map(|r| &*r.pod)
+                .or_else(|| self.pod(remote.ip)),
+        };
+        self.set.admitting(
+            local.selected.get(dir),
+            dir,
+            &local.pod,
+            remote,
+            proto,
+            port,
+        )
+    }
+
     /// Judges a new connection from `src` to `dst` on `proto`/`port` (the destination port
     /// after Service translation; 0 without ports).
     pub fn judge(&self, src: End<'_>, dst: End<'_>, proto: u8, port: u16) -> Verdict {

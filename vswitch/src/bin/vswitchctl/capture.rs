@@ -32,7 +32,8 @@ pub struct CaptureArgs {
     #[arg(long, conflicts_with = "point")]
     pub port: Option<u32>,
     /// Capture points, comma-separated: pod, host, nat, nat:before, nat:after, overlay,
-    /// overlay:inner, overlay:outer, all [default: all].
+    /// overlay:inner, overlay:outer, policy (packets NetworkPolicy denied), policy:ingress,
+    /// policy:egress, all [default: all].
     #[arg(long)]
     pub point: Option<String>,
     /// in (into the switch or stage), out, or both.

@@ -83,6 +83,13 @@ enum Cmd {
         #[arg(long)]
         dport: Option<u16>,
     },
+    /// NetworkPolicy as the switch applies it: each local pod's selecting policies and their
+    /// rules, the policies in force, and the objects left out.
+    Policies {
+        /// Only this pod (NAMESPACE/NAME).
+        #[arg(long)]
+        pod: Option<String>,
+    },
     /// Tracked (translated) connections.
     Conntrack {
         /// Only connections with this address on any side.
@@ -191,6 +198,9 @@ fn request(args: &Args) -> Result<(), ClientError> {
         Cmd::Services => client
             .get::<ServicesResponse>(api::PATH_SERVICES)
             .map(|r| print_services(&r, json)),
+        Cmd::Policies { pod } => client
+            .get::<api::PoliciesResponse>(&policies_path(pod.as_deref()))
+            .map(|r| print_policies(&r, json)),
         Cmd::Conntrack { ip, port } => client
             .get::<ConntrackResponse>(&conntrack_path(*ip, *port))
             .map(|r| print_conntrack(&r, json)),
@@ -363,6 +373,86 @@ fn print_conntrack(r: &ConntrackResponse, json: bool) {
         );
     }
     println!("{} shown of {} tracked", r.entries.len(), r.total);
+}
+
+/// `/v1/policies`, with `?pod=` percent-encoded when given.
+fn policies_path(pod: Option<&str>) -> String {
+    match pod {
+        None => api::PATH_POLICIES.to_string(),
+        Some(p) => {
+            let enc: String = p
+                .bytes()
+                .map(|b| match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'/' => {
+                        (b as char).to_string()
+                    }
+                    _ => format!("%{b:02X}"),
+                })
+                .collect();
+            format!("{}?pod={enc}", api::PATH_POLICIES)
+        }
+    }
+}
+
+fn print_policies(r: &api::PoliciesResponse, json: bool) {
+    if json {
+        return print_json(r);
+    }
+    for p in &r.pods {
+        let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!("pod {} ({}, port {})", p.pod, p.ip, p.port);
+        println!(
+            "  labels: {}",
+            if labels.is_empty() {
+                "(none)".into()
+            } else {
+                labels.join(",")
+            }
+        );
+        if p.ingress.is_empty() && p.egress.is_empty() {
+            println!("  No policy selects this pod: it is not isolated.");
+        }
+        for (dir, isolated, sel) in [
+            ("ingress", p.isolated_ingress, &p.ingress),
+            ("egress", p.isolated_egress, &p.egress),
+        ] {
+            if !isolated {
+                if !p.ingress.is_empty() || !p.egress.is_empty() {
+                    println!("  {dir}: not isolated (no policy selects it): all admitted");
+                }
+                continue;
+            }
+            println!("  {dir}: isolated: only what a rule below admits passes");
+            for s in sel {
+                if s.rules.is_empty() {
+                    println!("    {}: admits nothing", s.policy);
+                }
+                for rule in &s.rules {
+                    println!("    {}: {rule}", s.policy);
+                }
+            }
+        }
+        println!();
+    }
+    if r.policies.is_empty() {
+        println!("policies in force: none");
+    } else {
+        println!("policies in force:");
+        for p in &r.policies {
+            println!(
+                "  {:<32} pods {:<24} {}",
+                p.name,
+                p.pod_selector,
+                p.types.join(",")
+            );
+        }
+    }
+    if !r.problems.is_empty() {
+        println!("left out (not applied):");
+        for p in &r.problems {
+            println!("  {p}");
+        }
+    }
 }
 
 fn print_peers(r: &PeersResponse, json: bool) {
