@@ -89,7 +89,7 @@ pub struct K8sStats {
     pub watch_errors: u64,
     /// Relists after the first list (each follows an error or an expired resourceVersion).
     pub relists: u64,
-    /// Tables handed to the sink (peers and Services count separately).
+    /// Tables handed to the sink (peers, Services and policy inputs count separately).
     pub applies: u64,
     /// Tables the sink refused (the previous ones stay).
     pub apply_errors: u64,
@@ -559,11 +559,14 @@ fn refused_message(kind: Kind, status: &str) -> String {
     let fix = "the ClusterRole in deploy/kubernetes/10-rbac.yaml grants what vswitchd needs";
     if kind.is_policy() {
         format!(
-            "kubernetes: the API server refuses to list {kind} ({status}): NetworkPolicy is not              enforced until it allows list and watch on networkpolicies (networking.k8s.io),              namespaces and pods; {fix}. Peers and Services are not affected; retrying quietly"
+            "kubernetes: the API server refuses to list {kind} ({status}): NetworkPolicy is not \
+             enforced until it allows list and watch on networkpolicies (networking.k8s.io), \
+             namespaces and pods; {fix}. Peers and Services are not affected; retrying quietly"
         )
     } else {
         format!(
-            "kubernetes: the API server refuses to list {kind} ({status}): the tables from the              config file stay in force until it allows it; {fix}. Retrying quietly"
+            "kubernetes: the API server refuses to list {kind} ({status}): the tables from the \
+             config file stay in force until it allows it; {fix}. Retrying quietly"
         )
     }
 }
@@ -913,6 +916,26 @@ pub async fn start(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_refused_list_or_watch_is_a_refusal() {
+        use kube::core::Status;
+        let api =
+            |code| kube::Error::Api(Status::failure("no", "Forbidden").with_code(code).boxed());
+        let forbidden = watcher::Error::InitialListFailed(api(403));
+        assert_eq!(refusal(&forbidden).as_deref(), Some("403 Forbidden: no"));
+        assert!(refusal(&watcher::Error::WatchStartFailed(api(404))).is_some());
+        assert!(refusal(&watcher::Error::InitialListFailed(api(500))).is_none());
+        let gone =
+            watcher::Error::WatchError(Status::failure("old", "Expired").with_code(410).boxed());
+        assert!(refusal(&gone).is_none());
+        let m = refused_message(Kind::NetworkPolicies, "403 Forbidden: no");
+        assert!(
+            m.contains("NetworkPolicy is not enforced") && m.contains("10-rbac.yaml"),
+            "{m}"
+        );
+        assert!(refused_message(Kind::Nodes, "403").contains("config file"));
+    }
 
     #[test]
     fn node_name_precedence() {

@@ -202,6 +202,13 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn a_stored_pod_is_small() {
+        // A k8s-openapi Pod is 2,440 bytes before its strings; 100,000 of them would be 244 MB.
+        let size = std::mem::size_of::<PolicyPod>();
+        assert!(size <= 512, "PolicyPod is {size} bytes");
+    }
+
+    #[test]
     fn a_pod_from_the_api_keeps_only_what_policy_reads() {
         let mut p: PolicyPod = serde_json::from_value(json!({
             "kind": "Pod", "apiVersion": "v1",
