@@ -500,6 +500,14 @@ fn daemonset_runs_vswitchd_as_a_cni_daemonset_must() {
         "endpointslices",
         &["get", "list", "watch"]
     ));
+    // NetworkPolicy: the policies and what they select.
+    assert!(allows(
+        "networking.k8s.io",
+        "networkpolicies",
+        &["list", "watch"]
+    ));
+    assert!(allows("", "namespaces", &["list", "watch"]));
+    assert!(allows("", "pods", &["list", "watch"]));
     let binding = object(&docs, "ClusterRoleBinding", "vswitch");
     assert_eq!(binding["roleRef"]["name"], "vswitch");
     assert_eq!(binding["subjects"][0]["kind"], "ServiceAccount");

@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,6 +30,7 @@ use tokio::sync::broadcast;
 use tokio::time::Instant;
 use vswitch::control::k8s::convert::{self, cluster_state};
 use vswitch::control::k8s::{K8sWatch, WatchSettings};
+use vswitch::control::policy::PolicyInputs;
 use vswitch::control::ClusterSink;
 
 // ---------------------------------------------------------------------------------------------
@@ -393,6 +394,10 @@ struct Kind {
     watches: AtomicUsize,
     /// Lists to answer with 500 before answering properly.
     fail_lists: AtomicUsize,
+    /// Answer lists and watches with 403 Forbidden (a ClusterRole without this kind).
+    forbidden: AtomicBool,
+    /// The query of the last list.
+    list_query: Mutex<HashMap<String, String>>,
 }
 
 struct Inner {
@@ -407,6 +412,9 @@ struct FakeApi(Arc<Inner>);
 const NODES: &str = "nodes";
 const SERVICES: &str = "services";
 const SLICES: &str = "endpointslices";
+const POLICIES: &str = "networkpolicies";
+const NAMESPACES: &str = "namespaces";
+const PODS: &str = "pods";
 
 fn key(v: &Value) -> (String, String) {
     let m = &v["metadata"];
@@ -428,6 +436,8 @@ impl FakeApi {
             lists: AtomicUsize::new(0),
             watches: AtomicUsize::new(0),
             fail_lists: AtomicUsize::new(0),
+            forbidden: AtomicBool::new(false),
+            list_query: Mutex::new(HashMap::new()),
         };
         let mut kinds = BTreeMap::new();
         kinds.insert(NODES, kind("NodeList", "v1", "Node", "nodes.json"));
@@ -444,6 +454,20 @@ impl FakeApi {
                 "endpointslices.json",
             ),
         );
+        kinds.insert(
+            POLICIES,
+            kind(
+                "NetworkPolicyList",
+                "networking.k8s.io/v1",
+                "NetworkPolicy",
+                "networkpolicies.json",
+            ),
+        );
+        kinds.insert(
+            NAMESPACES,
+            kind("NamespaceList", "v1", "Namespace", "namespaces.json"),
+        );
+        kinds.insert(PODS, kind("PodList", "v1", "Pod", "pods.json"));
         FakeApi(Arc::new(Inner {
             kinds,
             rv: AtomicU64::new(1000),
@@ -474,6 +498,24 @@ impl FakeApi {
                 "/apis/discovery.k8s.io/v1/endpointslices",
                 get(|s: State<FakeApi>, q: Query<HashMap<String, String>>| {
                     list_or_watch(s, SLICES, q)
+                }),
+            )
+            .route(
+                "/apis/networking.k8s.io/v1/networkpolicies",
+                get(|s: State<FakeApi>, q: Query<HashMap<String, String>>| {
+                    list_or_watch(s, POLICIES, q)
+                }),
+            )
+            .route(
+                "/api/v1/namespaces",
+                get(|s: State<FakeApi>, q: Query<HashMap<String, String>>| {
+                    list_or_watch(s, NAMESPACES, q)
+                }),
+            )
+            .route(
+                "/api/v1/pods",
+                get(|s: State<FakeApi>, q: Query<HashMap<String, String>>| {
+                    list_or_watch(s, PODS, q)
                 }),
             )
             .with_state(self.clone());
@@ -559,6 +601,17 @@ async fn list_or_watch(
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
     let k = api.kind(kind);
+    if k.forbidden.load(Ordering::SeqCst) {
+        k.lists.fetch_add(1, Ordering::SeqCst);
+        // What an API server answers a service account its ClusterRole does not cover.
+        let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+            "status": "Failure",
+            "message": format!("{kind} is forbidden: User \"system:serviceaccount:vswitch:vswitch\" \
+                cannot list resource \"{kind}\" in API group \"{}\" at the cluster scope",
+                k.api_version.rsplit_once('/').map(|(g, _)| g).unwrap_or_default()),
+            "reason": "Forbidden", "details": {"kind": kind}, "code": 403});
+        return (StatusCode::FORBIDDEN, axum::Json(status)).into_response();
+    }
     if q.get("watch").is_some_and(|w| w == "true" || w == "1") {
         k.watches.fetch_add(1, Ordering::SeqCst);
         let from: u64 = q
@@ -599,6 +652,7 @@ async fn list_or_watch(
             .unwrap();
     }
     k.lists.fetch_add(1, Ordering::SeqCst);
+    *k.list_query.lock().unwrap() = q.clone();
     if k.fail_lists
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
         .is_ok()
@@ -662,6 +716,7 @@ async fn patch_node(
 struct Recorder {
     peers: Mutex<Vec<(Instant, Vec<PeerSpec>)>>,
     services: Mutex<Vec<(Instant, Vec<ServiceSpec>)>>,
+    policy: Mutex<Vec<(Instant, PolicyInputs)>>,
 }
 
 impl ClusterSink for Recorder {
@@ -676,6 +731,10 @@ impl ClusterSink for Recorder {
             .push((Instant::now(), services));
         Ok(())
     }
+    fn apply_policy(&self, inputs: PolicyInputs) -> Result<(), String> {
+        self.policy.lock().unwrap().push((Instant::now(), inputs));
+        Ok(())
+    }
 }
 
 impl Recorder {
@@ -684,6 +743,10 @@ impl Recorder {
     }
     fn services(&self) -> Vec<(Instant, Vec<ServiceSpec>)> {
         self.services.lock().unwrap().clone()
+    }
+    fn policy(&self) -> Vec<PolicyInputs> {
+        let p = self.policy.lock().unwrap();
+        p.iter().map(|(_, i)| i.clone()).collect()
     }
 }
 
@@ -887,7 +950,12 @@ async fn watch_replays_bookmarks_410_gone_and_relist() {
     assert_eq!(api.kind(SLICES).lists.load(Ordering::SeqCst), 1);
     assert!(api.kind(NODES).watches.load(Ordering::SeqCst) >= 2);
     assert_eq!(rec.services().len(), 3);
-    assert_eq!(stats.applies, 6);
+    assert_eq!(
+        rec.policy().len(),
+        1,
+        "nodes and endpoints do not touch policy"
+    );
+    assert_eq!(stats.applies, 7);
     assert!(stats.last_apply.is_some());
     assert!(stats.annotation_patches >= 1);
 }
@@ -940,6 +1008,223 @@ async fn nothing_is_applied_until_every_list_has_completed() {
         stats.relists, 0,
         "a failed first list is a retry, not a relist"
     );
+}
+
+/// Each pod address the inputs know, with the pod's `namespace/name` and labels.
+fn pods_of(i: &PolicyInputs) -> Vec<(String, String, String)> {
+    i.pods
+        .iter()
+        .map(|(ip, p)| {
+            let name = format!("{}/{}", p.namespace, p.name);
+            (ip.to_string(), name, p.labels.to_string())
+        })
+        .collect()
+}
+
+fn policy_ids(i: &PolicyInputs) -> Vec<String> {
+    i.set.policies().iter().map(|p| p.id()).collect()
+}
+
+fn pod_row(ip: &str, name: &str, labels: &str) -> (String, String, String) {
+    (ip.into(), name.into(), labels.into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_inputs_follow_networkpolicies_namespaces_and_pods() {
+    let api = FakeApi::from_fixtures();
+    let port = api.serve().await;
+    let rec = Arc::new(Recorder::default());
+    let watch = K8sWatch::spawn(client(port), settings(), rec.clone());
+
+    wait_until("the first policy inputs", Duration::from_secs(10), || {
+        !rec.policy().is_empty() && !rec.services().is_empty()
+    })
+    .await;
+    let first = rec.policy()[0].clone();
+    // allow-scrape's ipBlock is not a CIDR: left out with the field named, the others stay.
+    assert_eq!(policy_ids(&first), ["shop/allow-web", "shop/default-deny"]);
+    assert_eq!(first.problems.len(), 1, "{:?}", first.problems);
+    assert!(
+        first.problems[0]
+            .contains("NetworkPolicy shop/allow-scrape: spec.ingress[0].from[0].ipBlock.cidr"),
+        "{}",
+        first.problems[0]
+    );
+    // The hostNetwork pod (the node's address), the finished Job pod and the pending pod
+    // (no address yet) are left out.
+    let web = "app=web,pod-template-hash=5f7c9d8b4";
+    assert_eq!(
+        pods_of(&first),
+        [
+            pod_row("10.244.0.10", "shop/web-5f7c9d8b4-x2k9p", web),
+            pod_row("10.244.1.10", "shop/web-5f7c9d8b4-q7m2r", web),
+            pod_row(
+                "10.244.1.20",
+                "shop/client-6b8d7f9c5-h4j8n",
+                "pod-template-hash=6b8d7f9c5,role=client"
+            ),
+        ]
+    );
+    // Pods with the same labels share one label set; named ports come along.
+    assert!(Arc::ptr_eq(
+        &first.pods[0].1.labels,
+        &first.pods[1].1.labels
+    ));
+    let ports: Vec<(&str, u16)> = first.pods[0]
+        .1
+        .ports
+        .iter()
+        .map(|p| (&*p.name, p.port))
+        .collect();
+    assert_eq!(ports, [("http", 8080), ("metrics", 9100)]);
+    assert_eq!(first.set.namespace_labels("shop").get("team"), Some("blue"));
+    assert_eq!(
+        first.set.namespace_labels("monitoring").get("team"),
+        Some("ops")
+    );
+    // Finished pods are not even sent: the list asks the API server to leave them out.
+    let q = api.kind(PODS).list_query.lock().unwrap().clone();
+    assert_eq!(
+        q.get("fieldSelector").map(String::as_str),
+        Some("status.phase!=Succeeded,status.phase!=Failed")
+    );
+    let stats = watch.stats();
+    assert!(stats.synced && stats.policy_synced, "{stats:?}");
+    wait_until("six watches", Duration::from_secs(5), || {
+        [NODES, SERVICES, SLICES, POLICIES, NAMESPACES, PODS]
+            .iter()
+            .all(|k| api.active_watches(k) == 1)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (peers, services) = (rec.peers().len(), rec.services().len());
+    assert_eq!(rec.policy().len(), 1);
+
+    // A pod's labels change (a recorded watch: BOOKMARK, MODIFIED, BOOKMARK): new inputs,
+    // within the promised time, and neither the Service nor the peer table is rebuilt.
+    let sent = Instant::now();
+    for l in lines("watch-pods.jsonl") {
+        api.replay(PODS, &l);
+    }
+    wait_until("the label change", Duration::from_secs(5), || {
+        rec.policy().len() >= 2
+    })
+    .await;
+    let at = rec.policy.lock().unwrap()[1].0;
+    eprintln!("pod label change to policy inputs: {:?}", at - sent);
+    assert!(at - sent < PROMISED, "a label change took {:?}", at - sent);
+    let second = rec.policy()[1].clone();
+    assert_eq!(
+        pods_of(&second)[0],
+        pod_row(
+            "10.244.0.10",
+            "shop/web-5f7c9d8b4-x2k9p",
+            "app=web,canary=true,pod-template-hash=5f7c9d8b4"
+        )
+    );
+    assert_eq!(policy_ids(&second), policy_ids(&first));
+
+    // A pod's status changes and nothing policy reads does (its readiness): not applied again.
+    for l in lines("watch-pods-status.jsonl") {
+        api.replay(PODS, &l);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rec.policy().len(), 2, "an unchanged reading is not applied");
+
+    // The broken policy is fixed and a namespace relabelled: one apply each, in force.
+    for l in lines("watch-networkpolicies.jsonl") {
+        api.replay(POLICIES, &l);
+    }
+    wait_until("the fixed policy", Duration::from_secs(5), || {
+        rec.policy().len() >= 3
+    })
+    .await;
+    let third = rec.policy()[2].clone();
+    assert_eq!(
+        policy_ids(&third),
+        ["shop/allow-scrape", "shop/allow-web", "shop/default-deny"]
+    );
+    assert!(third.problems.is_empty(), "{:?}", third.problems);
+    for l in lines("watch-namespaces.jsonl") {
+        api.replay(NAMESPACES, &l);
+    }
+    wait_until("the relabelled namespace", Duration::from_secs(5), || {
+        rec.policy().len() >= 4
+    })
+    .await;
+    let fourth = rec.policy()[3].clone();
+    assert_eq!(
+        fourth.set.namespace_labels("monitoring").get("team"),
+        Some("blue")
+    );
+
+    // Endpoint churn rebuilds the Services and not policy.
+    for l in lines("watch-endpointslices.jsonl") {
+        api.replay(SLICES, &l);
+    }
+    wait_until("the endpoint change", Duration::from_secs(5), || {
+        rec.services().len() > services
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        rec.policy().len(),
+        4,
+        "endpoint churn does not touch policy"
+    );
+    assert_eq!(rec.services().len(), services + 1);
+    assert_eq!(
+        rec.peers().len(),
+        peers,
+        "policy changes do not touch the peers"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forbidden_networkpolicies_cost_only_policy() {
+    let api = FakeApi::from_fixtures();
+    // A cluster whose ClusterRole predates NetworkPolicy support.
+    api.kind(POLICIES).forbidden.store(true, Ordering::SeqCst);
+    let port = api.serve().await;
+    let rec = Arc::new(Recorder::default());
+    let watch = K8sWatch::spawn(client(port), settings(), rec.clone());
+
+    wait_until("the first tables", Duration::from_secs(10), || {
+        !rec.peers().is_empty() && !rec.services().is_empty()
+    })
+    .await;
+    let (p, s) = api.expected("node-a");
+    assert_eq!(
+        (rec.peers()[0].1.clone(), rec.services()[0].1.clone()),
+        (p, s)
+    );
+    wait_until("a retried list", Duration::from_secs(10), || {
+        api.kind(POLICIES).lists.load(Ordering::SeqCst) >= 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        rec.policy().is_empty(),
+        "policy applied without its policies"
+    );
+    let stats = watch.stats();
+    assert!(stats.synced && !stats.policy_synced, "{stats:?}");
+    assert!(stats.watch_errors >= 2, "{stats:?}");
+
+    // The ClusterRole is updated: the retried list succeeds and policy comes into force, no
+    // restart needed.
+    api.kind(POLICIES).forbidden.store(false, Ordering::SeqCst);
+    wait_until("the policy inputs", Duration::from_secs(30), || {
+        !rec.policy().is_empty()
+    })
+    .await;
+    assert_eq!(
+        policy_ids(&rec.policy()[0]),
+        ["shop/allow-web", "shop/default-deny"]
+    );
+    assert!(watch.stats().policy_synced);
+    assert_eq!(rec.services().len(), 1);
+    assert_eq!(rec.peers().len(), 1);
 }
 
 #[tokio::test]

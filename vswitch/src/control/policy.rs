@@ -32,8 +32,10 @@ pub struct PolicyInputs {
 }
 
 impl PolicyInputs {
+    /// The pods come out in one order (address, namespace, name) however the source listed
+    /// them, so that two readings of the same objects are equal.
     pub fn from_objects(o: Objects) -> PolicyInputs {
-        let pods = o
+        let mut pods: Vec<(IpAddr, Arc<PodMeta>)> = o
             .pods
             .into_iter()
             .flat_map(|(ips, meta)| {
@@ -41,11 +43,22 @@ impl PolicyInputs {
                 ips.into_iter().map(move |ip| (ip, meta.clone()))
             })
             .collect();
+        pods.sort_unstable_by(|(a, p), (b, q)| {
+            (a, &p.namespace, &p.name).cmp(&(b, &q.namespace, &q.name))
+        });
         PolicyInputs {
             set: Arc::new(PolicySet::new(o.policies, o.namespaces)),
             pods: Arc::new(pods),
             problems: o.problems,
         }
+    }
+
+    /// Whether `other` holds the same policies, namespaces, pods and problems (what decides
+    /// whether a new reading needs a table rebuild).
+    pub fn same_as(&self, other: &PolicyInputs) -> bool {
+        (Arc::ptr_eq(&self.set, &other.set) || self.set == other.set)
+            && (Arc::ptr_eq(&self.pods, &other.pods) || self.pods == other.pods)
+            && self.problems == other.problems
     }
 
     /// No policy at all: the datapath judges nothing.

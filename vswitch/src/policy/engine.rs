@@ -84,7 +84,7 @@ impl Judgement {
 }
 
 /// All NetworkPolicies and Namespaces in force, indexed for judging.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PolicySet {
     policies: Vec<Policy>,
     namespaces: HashMap<Arc<str>, Arc<Labels>>,

@@ -11,8 +11,9 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{ContainerPort, Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::engine::{NamedPort, PodMeta};
 use super::model::{check_port_name, Policy, Proto};
@@ -93,20 +94,13 @@ impl Objects {
             }
             ("NetworkPolicy", "networking.k8s.io/v1") => serde_json::from_value(doc)
                 .map_err(|e| format!("NetworkPolicy: {e}"))
-                .and_then(|np: NetworkPolicy| Policy::from_k8s(&np, "default"))
-                .map(|p| self.policies.push(p)),
+                .and_then(|np: NetworkPolicy| self.add_policy(&np)),
             ("Namespace", "v1") => serde_json::from_value(doc)
                 .map_err(|e| format!("Namespace: {e}"))
-                .and_then(|ns: Namespace| namespace(&ns))
-                .map(|n| self.namespaces.push(n)),
+                .and_then(|ns: Namespace| self.add_namespace(&ns)),
             ("Pod", "v1") => serde_json::from_value(doc)
                 .map_err(|e| format!("Pod: {e}"))
-                .and_then(|pod: Pod| pod_meta(&pod, "default", &mut self.labels))
-                .map(|p| {
-                    if !p.0.is_empty() {
-                        self.pods.push(p)
-                    }
-                }),
+                .and_then(|pod: Pod| self.add_pod(&pod)),
             ("", _) => Err("no `kind`".to_string()),
             (k, a) => Err(format!(
                 "{k} ({a}) is not read here (NetworkPolicy networking.k8s.io/v1, Namespace v1, Pod v1)"
@@ -116,6 +110,73 @@ impl Objects {
             self.problems.push(format!("{at}: {e}"));
         }
     }
+
+    /// Adds a NetworkPolicy (without a namespace: `default`); the error names its field.
+    pub fn add_policy(&mut self, np: &NetworkPolicy) -> Result<(), String> {
+        self.policies.push(Policy::from_k8s(np, "default")?);
+        Ok(())
+    }
+
+    /// Adds a Namespace's labels.
+    pub fn add_namespace(&mut self, ns: &Namespace) -> Result<(), String> {
+        self.namespaces.push(namespace(ns)?);
+        Ok(())
+    }
+
+    /// Adds a pod that has an address of its own (see [`owns_address`]); the error names its
+    /// field. Pods share label sets.
+    pub fn add_pod(&mut self, pod: &impl PodFields) -> Result<(), String> {
+        if owns_address(pod) {
+            let p = pod_meta(pod, "default", &mut self.labels)?;
+            if !p.0.is_empty() {
+                self.pods.push(p);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What policy reads of a Pod, from whichever shape holds it: the full `Pod` of a manifest, or
+/// a trimmed copy that keeps only these fields (the Kubernetes watch's, for memory).
+pub trait PodFields {
+    fn metadata(&self) -> &ObjectMeta;
+    /// `spec.hostNetwork`.
+    fn host_network(&self) -> bool;
+    /// `status.phase`.
+    fn phase(&self) -> Option<&str>;
+    /// `status.podIPs`, then `status.podIP`.
+    fn ips(&self) -> impl Iterator<Item = &str>;
+    /// Each container's `ports`, in order.
+    fn container_ports(&self) -> impl Iterator<Item = &[ContainerPort]>;
+}
+
+impl PodFields for Pod {
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn host_network(&self) -> bool {
+        self.spec.as_ref().and_then(|s| s.host_network) == Some(true)
+    }
+    fn phase(&self) -> Option<&str> {
+        self.status.as_ref()?.phase.as_deref()
+    }
+    fn ips(&self) -> impl Iterator<Item = &str> {
+        self.status.iter().flat_map(|s| {
+            let listed = s.pod_ips.iter().flatten().map(|p| p.ip.as_str());
+            listed.chain(s.pod_ip.as_deref())
+        })
+    }
+    fn container_ports(&self) -> impl Iterator<Item = &[ContainerPort]> {
+        let containers = self.spec.iter().flat_map(|s| s.containers.iter());
+        containers.map(|c| c.ports.as_deref().unwrap_or_default())
+    }
+}
+
+/// Whether a pod's address is its own: a pod on the node's network (`spec.hostNetwork`) has
+/// the node's, and a finished one (phase Succeeded or Failed) has given its address back, maybe
+/// to a new pod. Both are left out.
+pub fn owns_address(pod: &impl PodFields) -> bool {
+    !pod.host_network() && !matches!(pod.phase(), Some("Succeeded" | "Failed"))
 }
 
 /// A Namespace's name and labels.
@@ -137,38 +198,30 @@ fn labels(m: &BTreeMap<String, String>) -> Labels {
 /// What policy needs of a Pod: its addresses (`status.podIPs`, or `status.podIP`), namespace,
 /// name, labels and named container ports. `labels` shares label sets between pods.
 pub fn pod_meta(
-    pod: &Pod,
+    pod: &impl PodFields,
     default_namespace: &str,
     interner: &mut Interner,
 ) -> Result<(Vec<IpAddr>, PodMeta), String> {
-    let name = pod
-        .metadata
+    let metadata = pod.metadata();
+    let name = metadata
         .name
         .as_deref()
         .filter(|n| !n.is_empty())
         .ok_or("Pod: metadata.name: required")?;
-    let namespace = pod
-        .metadata
-        .namespace
-        .as_deref()
-        .unwrap_or(default_namespace);
+    let namespace = metadata.namespace.as_deref().unwrap_or(default_namespace);
     let what = format!("Pod {namespace}/{name}");
     let mut ips = Vec::new();
-    if let Some(status) = &pod.status {
-        let listed = status.pod_ips.iter().flatten().map(|p| p.ip.as_str());
-        for (i, ip) in listed.chain(status.pod_ip.as_deref()).enumerate() {
-            let ip: IpAddr = ip
-                .parse()
-                .map_err(|_| format!("{what}: status.podIPs[{i}]: {ip:?} is not an address"))?;
-            if !ips.contains(&ip) {
-                ips.push(ip);
-            }
+    for (i, ip) in pod.ips().enumerate() {
+        let ip: IpAddr = ip
+            .parse()
+            .map_err(|_| format!("{what}: status.podIPs[{i}]: {ip:?} is not an address"))?;
+        if !ips.contains(&ip) {
+            ips.push(ip);
         }
     }
     let mut ports = Vec::new();
-    let containers = pod.spec.iter().flat_map(|s| s.containers.iter());
-    for (c, container) in containers.enumerate() {
-        for (j, p) in container.ports.iter().flatten().enumerate() {
+    for (c, container) in pod.container_ports().enumerate() {
+        for (j, p) in container.iter().enumerate() {
             let Some(n) = &p.name else { continue };
             let at = format!("{what}: spec.containers[{c}].ports[{j}]");
             check_port_name(n).map_err(|e| format!("{at}.name: {e}"))?;
@@ -192,7 +245,7 @@ pub fn pod_meta(
             });
         }
     }
-    let labels = interner.intern(pod.metadata.labels.as_ref().map(labels).unwrap_or_default());
+    let labels = interner.intern(metadata.labels.as_ref().map(labels).unwrap_or_default());
     Ok((
         ips,
         PodMeta {
@@ -295,6 +348,35 @@ metadata: {name: web}
         o.add_text("kind: [unclosed", "bad.yaml");
         assert_eq!(o.problems.len(), 1);
         assert!(o.problems[0].starts_with("bad.yaml: "), "{}", o.problems[0]);
+    }
+
+    #[test]
+    fn host_network_and_finished_pods_are_left_out() {
+        let mut o = Objects::default();
+        for (n, extra) in [
+            (
+                "host",
+                r#""spec":{"hostNetwork":true,"containers":[]},"status":{"podIP":"10.0.0.9"},"#,
+            ),
+            (
+                "done",
+                r#""status":{"phase":"Succeeded","podIP":"10.0.0.9"},"#,
+            ),
+            (
+                "failed",
+                r#""status":{"phase":"Failed","podIP":"10.0.0.9"},"#,
+            ),
+            ("up", r#""status":{"phase":"Running","podIP":"10.0.0.9"},"#),
+        ] {
+            o.add_text(
+                &format!(
+                    r#"{{"apiVersion":"v1","kind":"Pod",{extra}"metadata":{{"name":"{n}"}}}}"#
+                ),
+                "p.json",
+            );
+        }
+        let names: Vec<&str> = o.pods.iter().map(|p| &*p.1.name).collect();
+        assert_eq!(names, ["up"], "{:?}", o.problems);
     }
 
     #[test]

@@ -1,11 +1,12 @@
-//! The Kubernetes API as the source of truth for peers and Services.
+//! The Kubernetes API as the source of truth for peers, Services and NetworkPolicy.
 //!
 //! Why this shape:
 //! - kube's `watcher` + `reflector` do the hard part of being a correct API client: list, then
 //!   watch from the list's resourceVersion, follow BOOKMARKs, relist after a 410 Gone or any
 //!   watch error (with client-go's backoff via `.default_backoff()`), and swap a relisted store in
-//!   whole at the end of the list. We keep three such stores (Nodes, Services, EndpointSlices)
-//!   and never act on individual events.
+//!   whole at the end of the list. We keep six such stores (Nodes, Services, EndpointSlices for
+//!   the tables; NetworkPolicies, Namespaces, Pods for policy, trimmed as they arrive, see
+//!   [`policy`]) and never act on individual events.
 //! - Events only mark a table dirty. A single loop waits until nothing has happened for
 //!   `debounce` (at most `max_delay` after the first event of a burst), takes a snapshot of the
 //!   stores, converts it with the pure [`convert`] functions and hands the result to a
@@ -17,7 +18,11 @@
 //! - The default `max_delay` (80 ms) leaves room under the promised 100 ms from an event to the
 //!   datapath for the conversion and the swap.
 //! - Node heartbeats do not rebuild Services and endpoint churn does not rebuild peers: each
-//!   kind marks only the table it feeds, and an unchanged result is not applied again.
+//!   kind marks only the table it feeds (pod churn only policy), and an unchanged result is not
+//!   applied again.
+//! - Policy has a gate of its own: its inputs are applied once its three lists are complete,
+//!   and the tables do not wait for them. An API server that refuses those lists (RBAC not
+//!   updated, 403) costs NetworkPolicy, logged once, and nothing else.
 //! - This node publishes its VTEP as an annotation on its own Node (ours, and flannel's so that
 //!   flannel nodes route to it) from a separate task that retries with backoff, so an API
 //!   server that refuses the patch never holds up the tables. The loop re-publishes when the
@@ -26,6 +31,7 @@
 //!   server that replays recorded API responses, with a recorder in place of the daemon.
 
 pub mod convert;
+pub mod policy;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
@@ -39,8 +45,9 @@ use conf::config::{KubernetesConfig, PeerSpec, ServiceSpec};
 use conf::Config;
 use futures::StreamExt;
 use ipnet::Ipv4Net;
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher::{self, Event};
@@ -51,6 +58,8 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use self::policy::PolicyPod;
+use super::policy::PolicyInputs;
 use super::ClusterSink;
 
 #[derive(Debug, thiserror::Error)]
@@ -80,7 +89,7 @@ pub struct K8sStats {
     pub watch_errors: u64,
     /// Relists after the first list (each follows an error or an expired resourceVersion).
     pub relists: u64,
-    /// Tables handed to the sink (peers and Services count separately).
+    /// Tables handed to the sink (peers, Services and policy inputs count separately).
     pub applies: u64,
     /// Tables the sink refused (the previous ones stay).
     pub apply_errors: u64,
@@ -90,6 +99,9 @@ pub struct K8sStats {
     pub last_apply: Option<SystemTime>,
     /// All three lists have completed once and the first tables were applied.
     pub synced: bool,
+    /// NetworkPolicies, Namespaces and Pods have been listed and the first policy inputs
+    /// applied (false while the API server refuses one of those lists).
+    pub policy_synced: bool,
 }
 
 #[derive(Default)]
@@ -101,6 +113,7 @@ struct Counters {
     annotation_patches: AtomicU64,
     last_apply_ms: AtomicU64,
     synced: AtomicBool,
+    policy_synced: AtomicBool,
 }
 
 /// A cheap handle on the watch's counters (e.g. for `/metrics`).
@@ -119,6 +132,7 @@ impl K8sStatsHandle {
             annotation_patches: c.annotation_patches.load(Ordering::Relaxed),
             last_apply: (ms > 0).then(|| UNIX_EPOCH + Duration::from_millis(ms)),
             synced: c.synced.load(Ordering::Relaxed),
+            policy_synced: c.policy_synced.load(Ordering::Relaxed),
         }
     }
 }
@@ -217,35 +231,7 @@ impl K8sWatch {
     ) -> Self {
         let shared = Arc::new(Shared::default());
         let stats = K8sStatsHandle::default();
-        let (nodes, nodes_w) = reflector::store::<Node>();
-        let (services, services_w) = reflector::store::<Service>();
-        let (slices, slices_w) = reflector::store::<EndpointSlice>();
-        let mut tasks = vec![
-            tokio::spawn(drive(
-                Api::<Node>::all(client.clone()),
-                Kind::Nodes,
-                nodes_w,
-                strip_node,
-                shared.clone(),
-                stats.clone(),
-            )),
-            tokio::spawn(drive(
-                Api::<Service>::all(client.clone()),
-                Kind::Services,
-                services_w,
-                strip,
-                shared.clone(),
-                stats.clone(),
-            )),
-            tokio::spawn(drive(
-                Api::<EndpointSlice>::all(client.clone()),
-                Kind::EndpointSlices,
-                slices_w,
-                strip,
-                shared.clone(),
-                stats.clone(),
-            )),
-        ];
+        let (stores, mut tasks) = watch_all(&client, &shared, &stats);
         let publish = Arc::new(Notify::new());
         if let Some(want) = settings.annotations() {
             publish.notify_one();
@@ -262,11 +248,6 @@ impl K8sWatch {
                  and this node publishes no VTEP, so pods on other nodes are unreachable"
             );
         }
-        let stores = Stores {
-            nodes,
-            services,
-            slices,
-        };
         tasks.push(tokio::spawn(apply_loop(
             stores,
             settings,
@@ -295,11 +276,109 @@ impl Drop for K8sWatch {
     }
 }
 
+/// Starts one watcher per kind, each into its store.
+fn watch_all(
+    client: &kube::Client,
+    shared: &Arc<Shared>,
+    stats: &K8sStatsHandle,
+) -> (Stores, Vec<JoinHandle<()>>) {
+    let (nodes, nodes_w) = reflector::store::<Node>();
+    let (services, services_w) = reflector::store::<Service>();
+    let (slices, slices_w) = reflector::store::<EndpointSlice>();
+    let (policies, policies_w) = reflector::store::<NetworkPolicy>();
+    let (namespaces, namespaces_w) = reflector::store::<Namespace>();
+    let (pods, pods_w) = reflector::store::<PolicyPod>();
+    let all = watcher::Config::default;
+    // A finished pod's address is not its own any more: the API server leaves such pods out of
+    // the list and sends a pod that finishes as DELETED.
+    let running = || all().fields("status.phase!=Succeeded,status.phase!=Failed");
+    let (c, sh, st) = (client, shared, stats);
+    let tasks = vec![
+        spawn_drive(
+            Api::all(c.clone()),
+            Kind::Nodes,
+            nodes_w,
+            strip_node,
+            all(),
+            sh,
+            st,
+        ),
+        spawn_drive(
+            Api::all(c.clone()),
+            Kind::Services,
+            services_w,
+            strip,
+            all(),
+            sh,
+            st,
+        ),
+        spawn_drive(
+            Api::all(c.clone()),
+            Kind::EndpointSlices,
+            slices_w,
+            strip,
+            all(),
+            sh,
+            st,
+        ),
+        spawn_drive(
+            Api::all(c.clone()),
+            Kind::NetworkPolicies,
+            policies_w,
+            policy::strip_policy,
+            all(),
+            sh,
+            st,
+        ),
+        spawn_drive(
+            Api::all(c.clone()),
+            Kind::Namespaces,
+            namespaces_w,
+            policy::strip_namespace,
+            all(),
+            sh,
+            st,
+        ),
+        spawn_drive(
+            Api::all(c.clone()),
+            Kind::Pods,
+            pods_w,
+            policy::strip_pod,
+            running(),
+            sh,
+            st,
+        ),
+    ];
+    let stores = Stores {
+        nodes,
+        services,
+        slices,
+        policies,
+        namespaces,
+        pods,
+    };
+    (stores, tasks)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Nodes,
     Services,
     EndpointSlices,
+    NetworkPolicies,
+    Namespaces,
+    Pods,
+}
+
+/// The kinds that feed the peer and Service tables.
+const TABLE_KINDS: [Kind; 3] = [Kind::Nodes, Kind::Services, Kind::EndpointSlices];
+/// The kinds that feed NetworkPolicy.
+const POLICY_KINDS: [Kind; 3] = [Kind::NetworkPolicies, Kind::Namespaces, Kind::Pods];
+
+impl Kind {
+    fn is_policy(self) -> bool {
+        POLICY_KINDS.contains(&self)
+    }
 }
 
 impl std::fmt::Display for Kind {
@@ -308,6 +387,9 @@ impl std::fmt::Display for Kind {
             Kind::Nodes => "nodes",
             Kind::Services => "services",
             Kind::EndpointSlices => "endpointslices",
+            Kind::NetworkPolicies => "networkpolicies",
+            Kind::Namespaces => "namespaces",
+            Kind::Pods => "pods",
         })
     }
 }
@@ -317,30 +399,54 @@ impl std::fmt::Display for Kind {
 struct Shared {
     peers_dirty: AtomicBool,
     services_dirty: AtomicBool,
-    listed: [AtomicBool; 3],
+    policy_dirty: AtomicBool,
+    listed: [AtomicBool; 6],
     wake: Notify,
 }
 
 impl Shared {
     fn mark(&self, kind: Kind) {
-        match kind {
-            Kind::Nodes => self.peers_dirty.store(true, Ordering::SeqCst),
-            Kind::Services | Kind::EndpointSlices => {
-                self.services_dirty.store(true, Ordering::SeqCst)
-            }
-        }
+        let dirty = match kind {
+            Kind::Nodes => &self.peers_dirty,
+            Kind::Services | Kind::EndpointSlices => &self.services_dirty,
+            Kind::NetworkPolicies | Kind::Namespaces | Kind::Pods => &self.policy_dirty,
+        };
+        dirty.store(true, Ordering::SeqCst);
         self.wake.notify_one();
     }
 
-    fn all_listed(&self) -> bool {
-        self.listed.iter().all(|l| l.load(Ordering::SeqCst))
+    fn listed(&self, kinds: &[Kind]) -> bool {
+        kinds
+            .iter()
+            .all(|k| self.listed[*k as usize].load(Ordering::SeqCst))
     }
+
+    /// Which tables to rebuild now, clearing their marks. Policy waits, marked, until all
+    /// three of its lists are complete.
+    fn take_dirty(&self) -> Dirty {
+        Dirty {
+            peers: self.peers_dirty.swap(false, Ordering::SeqCst),
+            services: self.services_dirty.swap(false, Ordering::SeqCst),
+            policy: self.listed(&POLICY_KINDS) && self.policy_dirty.swap(false, Ordering::SeqCst),
+        }
+    }
+}
+
+/// The tables to rebuild.
+#[derive(Debug, Clone, Copy)]
+struct Dirty {
+    peers: bool,
+    services: bool,
+    policy: bool,
 }
 
 struct Stores {
     nodes: Store<Node>,
     services: Store<Service>,
     slices: Store<EndpointSlice>,
+    policies: Store<NetworkPolicy>,
+    namespaces: Store<Namespace>,
+    pods: Store<PolicyPod>,
 }
 
 fn strip<K: Resource>(o: &mut K) {
@@ -358,24 +464,45 @@ fn strip_node(n: &mut Node) {
     }
 }
 
-/// Runs one watcher into its store and tells the apply loop what changed.
+fn spawn_drive<K>(
+    api: Api<K>,
+    kind: Kind,
+    writer: reflector::store::Writer<K>,
+    strip: fn(&mut K),
+    config: watcher::Config,
+    shared: &Arc<Shared>,
+    stats: &K8sStatsHandle,
+) -> JoinHandle<()>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone,
+{
+    let (shared, stats) = (shared.clone(), stats.clone());
+    tokio::spawn(drive(api, kind, writer, strip, config, shared, stats))
+}
+
+/// Runs one watcher into its store and tells the apply loop what changed. An error is retried
+/// with backoff and never stops the other watches; a list the API server refuses (403, 404) is
+/// logged once, with what it costs, and retried quietly until it is allowed.
 async fn drive<K>(
     api: Api<K>,
     kind: Kind,
     writer: reflector::store::Writer<K>,
     strip: fn(&mut K),
+    config: watcher::Config,
     shared: Arc<Shared>,
     stats: K8sStatsHandle,
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone,
 {
-    let stream = kube::runtime::watcher(api, watcher::Config::default())
+    let stream = kube::runtime::watcher(api, config)
         .default_backoff()
         .modify(strip)
         .reflect(writer);
     let mut stream = std::pin::pin!(stream);
     let mut listed = false;
+    let mut refused = false;
     while let Some(ev) = stream.next().await {
         match ev {
             Ok(Event::Init) => {
@@ -387,6 +514,9 @@ async fn drive<K>(
             }
             Ok(Event::InitApply(_)) => {}
             Ok(Event::InitDone) => {
+                if std::mem::take(&mut refused) {
+                    tracing::info!("kubernetes: {kind}: the API server allows the list now");
+                }
                 listed = true;
                 shared.listed[kind as usize].store(true, Ordering::SeqCst);
                 shared.mark(kind);
@@ -394,8 +524,13 @@ async fn drive<K>(
             Ok(Event::Apply(_) | Event::Delete(_)) => shared.mark(kind),
             Err(e) => {
                 stats.0.watch_errors.fetch_add(1, Ordering::Relaxed);
-                match &e {
-                    watcher::Error::WatchError(s) if s.code == 410 => tracing::info!(
+                match (&e, refusal(&e)) {
+                    (_, Some(s)) if refused => tracing::debug!("kubernetes: {kind}: {s}"),
+                    (_, Some(s)) => {
+                        refused = true;
+                        tracing::error!("{}", refused_message(kind, &s));
+                    }
+                    (watcher::Error::WatchError(s), _) if s.code == 410 => tracing::info!(
                         "kubernetes: {kind} watch expired (410 Gone: {}); relisting",
                         s.message
                     ),
@@ -403,6 +538,36 @@ async fn drive<K>(
                 }
             }
         }
+    }
+}
+
+/// The API server's refusal to list or watch a kind at all: 403 (this service account may not)
+/// or 404 (the server does not serve it), as `code reason: message`.
+fn refusal(e: &watcher::Error) -> Option<String> {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+            if s.code == 403 || s.code == 404 =>
+        {
+            Some(format!("{} {}: {}", s.code, s.reason, s.message))
+        }
+        _ => None,
+    }
+}
+
+fn refused_message(kind: Kind, status: &str) -> String {
+    let fix = "the ClusterRole in deploy/kubernetes/10-rbac.yaml grants what vswitchd needs";
+    if kind.is_policy() {
+        format!(
+            "kubernetes: the API server refuses to list {kind} ({status}): NetworkPolicy is not \
+             enforced until it allows list and watch on networkpolicies (networking.k8s.io), \
+             namespaces and pods; {fix}. Peers and Services are not affected; retrying quietly"
+        )
+    } else {
+        format!(
+            "kubernetes: the API server refuses to list {kind} ({status}): the tables from the \
+             config file stay in force until it allows it; {fix}. Retrying quietly"
+        )
     }
 }
 
@@ -430,12 +595,12 @@ async fn apply_loop(
     publish: Arc<Notify>,
 ) {
     let started = Instant::now();
-    while !shared.all_listed() {
+    while !shared.listed(&TABLE_KINDS) {
         if tokio::time::timeout(Duration::from_secs(30), shared.wake.notified())
             .await
             .is_err()
         {
-            let missing: Vec<String> = [Kind::Nodes, Kind::Services, Kind::EndpointSlices]
+            let missing: Vec<String> = TABLE_KINDS
                 .iter()
                 .filter(|k| !shared.listed[**k as usize].load(Ordering::SeqCst))
                 .map(|k| k.to_string())
@@ -449,9 +614,12 @@ async fn apply_loop(
         }
     }
     let mut state = ApplyState::default();
-    shared.peers_dirty.store(false, Ordering::SeqCst);
-    shared.services_dirty.store(false, Ordering::SeqCst);
-    state.rebuild(true, true, &stores, &settings, &*sink, &stats, &publish);
+    let dirty = Dirty {
+        peers: true,
+        services: true,
+        ..shared.take_dirty()
+    };
+    state.rebuild(dirty, &stores, &settings, &*sink, &stats, &publish);
     stats.0.synced.store(true, Ordering::Relaxed);
     tracing::info!(
         "kubernetes: synced {} nodes, {} services, {} endpointslices in {:?}",
@@ -473,11 +641,8 @@ async fn apply_loop(
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }
-        let peers = shared.peers_dirty.swap(false, Ordering::SeqCst);
-        let services = shared.services_dirty.swap(false, Ordering::SeqCst);
-        state.rebuild(
-            peers, services, &stores, &settings, &*sink, &stats, &publish,
-        );
+        let dirty = shared.take_dirty();
+        state.rebuild(dirty, &stores, &settings, &*sink, &stats, &publish);
     }
 }
 
@@ -485,83 +650,145 @@ async fn apply_loop(
 struct ApplyState {
     peers: Option<Vec<PeerSpec>>,
     services: Option<Vec<ServiceSpec>>,
+    policy: Option<PolicyInputs>,
     node_problems: ProblemLog,
     service_problems: ProblemLog,
+    policy_problems: ProblemLog,
     own_node_note: Option<String>,
 }
 
 impl ApplyState {
-    #[allow(clippy::too_many_arguments)]
     fn rebuild(
         &mut self,
-        peers_dirty: bool,
-        services_dirty: bool,
+        dirty: Dirty,
         stores: &Stores,
         settings: &WatchSettings,
         sink: &dyn ClusterSink,
         stats: &K8sStatsHandle,
         publish: &Notify,
     ) {
-        if peers_dirty {
-            let nodes = stores.nodes.state();
-            self.check_own_node(&nodes, settings, publish);
-            let mut problems = Vec::new();
-            let peers = convert::peers_from_nodes(
-                nodes.iter().map(|n| &**n),
-                &settings.node_name,
-                &mut problems,
-            );
-            let peers = convert::usable_peers(
-                peers,
-                settings.pod_cidr,
-                settings.underlay_ip,
-                &mut problems,
-            );
-            self.node_problems.update(problems);
-            if settings.underlay_ip.is_some() && self.peers.as_ref() != Some(&peers) {
-                let names: Vec<&str> = peers.iter().map(|p| p.name.as_str()).collect();
-                let summary = names.join(", ");
-                match sink.apply_peers(peers.clone()) {
-                    Ok(()) => {
-                        applied(stats);
-                        tracing::info!("kubernetes: {} peer(s): {summary}", names.len());
-                        self.peers = Some(peers);
-                    }
-                    Err(e) => {
-                        stats.0.apply_errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::error!(
-                            "kubernetes: peers refused, keeping the previous ones: {e}"
-                        );
-                    }
+        if dirty.peers {
+            self.rebuild_peers(stores, settings, sink, stats, publish);
+        }
+        if dirty.services {
+            self.rebuild_services(stores, sink, stats);
+        }
+        if dirty.policy {
+            self.rebuild_policy(stores, sink, stats);
+        }
+    }
+
+    fn rebuild_peers(
+        &mut self,
+        stores: &Stores,
+        settings: &WatchSettings,
+        sink: &dyn ClusterSink,
+        stats: &K8sStatsHandle,
+        publish: &Notify,
+    ) {
+        let nodes = stores.nodes.state();
+        self.check_own_node(&nodes, settings, publish);
+        let mut problems = Vec::new();
+        let peers = convert::peers_from_nodes(
+            nodes.iter().map(|n| &**n),
+            &settings.node_name,
+            &mut problems,
+        );
+        let peers = convert::usable_peers(
+            peers,
+            settings.pod_cidr,
+            settings.underlay_ip,
+            &mut problems,
+        );
+        self.node_problems.update(problems);
+        if settings.underlay_ip.is_some() && self.peers.as_ref() != Some(&peers) {
+            let names: Vec<&str> = peers.iter().map(|p| p.name.as_str()).collect();
+            let summary = names.join(", ");
+            match sink.apply_peers(peers.clone()) {
+                Ok(()) => {
+                    applied(stats);
+                    tracing::info!("kubernetes: {} peer(s): {summary}", names.len());
+                    self.peers = Some(peers);
+                }
+                Err(e) => {
+                    stats.0.apply_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!("kubernetes: peers refused, keeping the previous ones: {e}");
                 }
             }
         }
-        if services_dirty {
-            let svcs = stores.services.state();
-            let slices = stores.slices.state();
-            let mut problems = Vec::new();
-            let services = convert::services_from_api(
-                svcs.iter().map(|s| &**s),
-                slices.iter().map(|s| &**s),
-                &mut problems,
-            );
-            self.service_problems.update(problems);
-            if self.services.as_ref() != Some(&services) {
-                let n = services.len();
-                let eps: usize = services.iter().map(|s| s.endpoints.len()).sum();
-                match sink.apply_services(services.clone()) {
-                    Ok(()) => {
-                        applied(stats);
-                        tracing::debug!("kubernetes: {n} service(s), {eps} endpoint(s)");
-                        self.services = Some(services);
-                    }
-                    Err(e) => {
-                        stats.0.apply_errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::error!(
-                            "kubernetes: services refused, keeping the previous ones: {e}"
-                        );
-                    }
+    }
+
+    fn rebuild_services(
+        &mut self,
+        stores: &Stores,
+        sink: &dyn ClusterSink,
+        stats: &K8sStatsHandle,
+    ) {
+        let svcs = stores.services.state();
+        let slices = stores.slices.state();
+        let mut problems = Vec::new();
+        let services = convert::services_from_api(
+            svcs.iter().map(|s| &**s),
+            slices.iter().map(|s| &**s),
+            &mut problems,
+        );
+        self.service_problems.update(problems);
+        if self.services.as_ref() != Some(&services) {
+            let n = services.len();
+            let eps: usize = services.iter().map(|s| s.endpoints.len()).sum();
+            match sink.apply_services(services.clone()) {
+                Ok(()) => {
+                    applied(stats);
+                    tracing::debug!("kubernetes: {n} service(s), {eps} endpoint(s)");
+                    self.services = Some(services);
                 }
+                Err(e) => {
+                    stats.0.apply_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!("kubernetes: services refused, keeping the previous ones: {e}");
+                }
+            }
+        }
+    }
+
+    /// Policy's inputs from the NetworkPolicy, Namespace and Pod stores; never the peer or
+    /// Service tables. A reading equal to the last one applied (a pod's status changed, not its
+    /// address or labels) is not applied again.
+    fn rebuild_policy(&mut self, stores: &Stores, sink: &dyn ClusterSink, stats: &K8sStatsHandle) {
+        let policies = stores.policies.state();
+        let namespaces = stores.namespaces.state();
+        let pods = stores.pods.state();
+        let inputs = policy::inputs(
+            policies.iter().map(|p| &**p),
+            namespaces.iter().map(|n| &**n),
+            pods.iter().map(|p| &**p),
+        );
+        self.policy_problems.update(inputs.problems.clone());
+        if self.policy.as_ref().is_some_and(|p| p.same_as(&inputs)) {
+            return;
+        }
+        let summary = format!(
+            "{} NetworkPolicies, {} namespaces, {} pod addresses ({} objects left out)",
+            inputs.set.len(),
+            namespaces.len(),
+            inputs.pods.len(),
+            inputs.problems.len()
+        );
+        match sink.apply_policy(inputs.clone()) {
+            Ok(()) => {
+                applied(stats);
+                if self.policy.is_none() {
+                    tracing::info!("kubernetes: NetworkPolicy synced: {summary}");
+                    stats.0.policy_synced.store(true, Ordering::Relaxed);
+                } else {
+                    tracing::debug!("kubernetes: NetworkPolicy: {summary}");
+                }
+                self.policy = Some(inputs);
+            }
+            Err(e) => {
+                stats.0.apply_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    "kubernetes: NetworkPolicy inputs refused, keeping the previous ones: {e}"
+                );
             }
         }
     }
@@ -689,6 +916,26 @@ pub async fn start(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_refused_list_or_watch_is_a_refusal() {
+        use kube::core::Status;
+        let api =
+            |code| kube::Error::Api(Status::failure("no", "Forbidden").with_code(code).boxed());
+        let forbidden = watcher::Error::InitialListFailed(api(403));
+        assert_eq!(refusal(&forbidden).as_deref(), Some("403 Forbidden: no"));
+        assert!(refusal(&watcher::Error::WatchStartFailed(api(404))).is_some());
+        assert!(refusal(&watcher::Error::InitialListFailed(api(500))).is_none());
+        let gone =
+            watcher::Error::WatchError(Status::failure("old", "Expired").with_code(410).boxed());
+        assert!(refusal(&gone).is_none());
+        let m = refused_message(Kind::NetworkPolicies, "403 Forbidden: no");
+        assert!(
+            m.contains("NetworkPolicy is not enforced") && m.contains("10-rbac.yaml"),
+            "{m}"
+        );
+        assert!(refused_message(Kind::Nodes, "403").contains("config file"));
+    }
 
     #[test]
     fn node_name_precedence() {

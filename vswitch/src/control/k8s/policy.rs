@@ -1,0 +1,252 @@
+//! What the Kubernetes watch keeps of NetworkPolicies, Namespaces and Pods, and the policy
+//! inputs made from it.
+//!
+//! Memory is the constraint here: a cluster of 100,000 pods is 100,000 objects in the Pod store
+//! for as long as the daemon runs. A k8s-openapi `Pod` is 2.4 KB before any of its strings (the
+//! struct alone, every field empty), so the Pod watch parses into [`PolicyPod`] instead, a type
+//! with only the fields policy reads: serde skips everything else as it reads the API's JSON.
+//! Each object is then trimmed as it arrives (`WatchStreamExt::modify`): metadata keeps name,
+//! namespace, uid, resourceVersion and labels (no managedFields, annotations or owner
+//! references), and a pod whose address is not its own (hostNetwork, or finished) keeps only
+//! what says so. Namespaces keep name and labels, NetworkPolicies their spec.
+
+use std::borrow::Cow;
+
+use k8s_openapi::api::core::v1::{ContainerPort, Namespace};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::Deserialize;
+
+use crate::control::policy::PolicyInputs;
+use crate::policy::manifests::{owns_address, Objects, PodFields};
+
+/// A Pod as the policy watch reads it from the API (`/api/v1/pods`).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct PolicyPod {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: Option<PolicyPodSpec>,
+    #[serde(default)]
+    pub status: Option<PolicyPodStatus>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyPodSpec {
+    #[serde(default)]
+    pub host_network: Option<bool>,
+    #[serde(default)]
+    pub containers: Vec<PolicyContainer>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct PolicyContainer {
+    #[serde(default)]
+    pub ports: Option<Vec<ContainerPort>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct PolicyPodStatus {
+    #[serde(default)]
+    pub phase: Option<String>,
+    #[serde(default, rename = "podIP")]
+    pub pod_ip: Option<String>,
+    #[serde(default, rename = "podIPs")]
+    pub pod_ips: Option<Vec<PodIp>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct PodIp {
+    pub ip: String,
+}
+
+impl kube::Resource for PolicyPod {
+    type DynamicType = ();
+    type Scope = k8s_openapi::NamespaceResourceScope;
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        "Pod".into()
+    }
+    fn group(_: &()) -> Cow<'_, str> {
+        "".into()
+    }
+    fn version(_: &()) -> Cow<'_, str> {
+        "v1".into()
+    }
+    fn plural(_: &()) -> Cow<'_, str> {
+        "pods".into()
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+impl PodFields for PolicyPod {
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn host_network(&self) -> bool {
+        self.spec.as_ref().and_then(|s| s.host_network) == Some(true)
+    }
+    fn phase(&self) -> Option<&str> {
+        self.status.as_ref()?.phase.as_deref()
+    }
+    fn ips(&self) -> impl Iterator<Item = &str> {
+        self.status.iter().flat_map(|s| {
+            let listed = s.pod_ips.iter().flatten().map(|p| p.ip.as_str());
+            listed.chain(s.pod_ip.as_deref())
+        })
+    }
+    fn container_ports(&self) -> impl Iterator<Item = &[ContainerPort]> {
+        let containers = self.spec.iter().flat_map(|s| s.containers.iter());
+        containers.map(|c| c.ports.as_deref().unwrap_or_default())
+    }
+}
+
+/// The metadata the stores keep: what names an object and its version, and its labels when
+/// `labels`.
+fn trimmed(m: &mut ObjectMeta, labels: bool) {
+    let m0 = std::mem::take(m);
+    *m = ObjectMeta {
+        name: m0.name,
+        namespace: m0.namespace,
+        uid: m0.uid,
+        resource_version: m0.resource_version,
+        labels: if labels { m0.labels } else { None },
+        ..ObjectMeta::default()
+    };
+}
+
+/// Trims a Pod as it arrives. A pod whose address is not its own keeps only its name and the
+/// reason it is left out.
+pub fn strip_pod(p: &mut PolicyPod) {
+    let own = owns_address(p);
+    trimmed(&mut p.metadata, own);
+    if own {
+        for c in p.spec.iter_mut().flat_map(|s| s.containers.iter_mut()) {
+            for port in c.ports.iter_mut().flatten() {
+                port.host_ip = None;
+                port.host_port = None;
+            }
+        }
+    } else {
+        if let Some(s) = p.spec.as_mut() {
+            s.containers = Vec::new();
+        }
+        if let Some(s) = p.status.as_mut() {
+            s.pod_ip = None;
+            s.pod_ips = None;
+        }
+    }
+}
+
+/// Trims a Namespace as it arrives: name and labels.
+pub fn strip_namespace(ns: &mut Namespace) {
+    trimmed(&mut ns.metadata, true);
+    ns.spec = None;
+    ns.status = None;
+}
+
+/// Trims a NetworkPolicy as it arrives: its name and spec (kubectl's last-applied annotation,
+/// a copy of the object, goes).
+pub fn strip_policy(np: &mut NetworkPolicy) {
+    trimmed(&mut np.metadata, false);
+}
+
+/// The policy inputs from the stores' contents. Objects that cannot be used are left out, each
+/// with a problem naming it; the others stay in force.
+pub fn inputs<'a>(
+    policies: impl IntoIterator<Item = &'a NetworkPolicy>,
+    namespaces: impl IntoIterator<Item = &'a Namespace>,
+    pods: impl IntoIterator<Item = &'a PolicyPod>,
+) -> PolicyInputs {
+    let mut o = Objects::default();
+    let mut problems = Vec::new();
+    for np in policies {
+        if let Err(e) = o.add_policy(np) {
+            problems.push(e);
+        }
+    }
+    for ns in namespaces {
+        if let Err(e) = o.add_namespace(ns) {
+            problems.push(e);
+        }
+    }
+    for pod in pods {
+        if let Err(e) = o.add_pod(pod) {
+            problems.push(e);
+        }
+    }
+    // The stores' order is a hash map's: one order, so that equal readings compare equal.
+    problems.sort_unstable();
+    o.problems = problems;
+    PolicyInputs::from_objects(o)
+}
+
+/// Counts for the log: policies, namespaces, pod addresses.
+pub fn summary(i: &PolicyInputs, namespaces: usize) -> String {
+    format!(
+        "{} NetworkPolicies, {namespaces} namespaces, {} pod addresses",
+        i.set.len(),
+        i.pods.len()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_stored_pod_is_small() {
+        // A k8s-openapi Pod is 2,440 bytes before its strings; 100,000 of them would be 244 MB.
+        let size = std::mem::size_of::<PolicyPod>();
+        assert!(size <= 512, "PolicyPod is {size} bytes");
+    }
+
+    #[test]
+    fn a_pod_from_the_api_keeps_only_what_policy_reads() {
+        let mut p: PolicyPod = serde_json::from_value(json!({
+            "kind": "Pod", "apiVersion": "v1",
+            "metadata": {"name": "web-1", "namespace": "shop", "uid": "u1",
+                         "resourceVersion": "7", "labels": {"app": "web"},
+                         "annotations": {"big": "x"}, "generateName": "web-",
+                         "managedFields": [{"manager": "kubelet"}]},
+            "spec": {"nodeName": "node-a", "containers": [
+                {"name": "c", "image": "nginx", "ports": [
+                    {"name": "http", "containerPort": 80, "hostPort": 8080}]}]},
+            "status": {"phase": "Running", "podIP": "10.244.0.7",
+                       "podIPs": [{"ip": "10.244.0.7"}],
+                       "conditions": [{"type": "Ready", "status": "True"}]}
+        }))
+        .expect("a Pod as the API sends it");
+        strip_pod(&mut p);
+        assert_eq!(p.metadata.annotations, None);
+        assert_eq!(p.metadata.generate_name, None);
+        assert_eq!(p.metadata.managed_fields, None);
+        assert_eq!(p.metadata.resource_version.as_deref(), Some("7"));
+        let i = inputs([], [], [&p]);
+        assert!(i.problems.is_empty(), "{:?}", i.problems);
+        assert_eq!(i.pods.len(), 1);
+        let (ip, meta) = &i.pods[0];
+        assert_eq!(ip.to_string(), "10.244.0.7");
+        assert_eq!((&*meta.namespace, &*meta.name), ("shop", "web-1"));
+        assert_eq!(meta.labels.get("app"), Some("web"));
+        assert_eq!(meta.ports[0].port, 80);
+
+        let mut host: PolicyPod = serde_json::from_value(json!({
+            "metadata": {"name": "proxy", "namespace": "kube-system", "labels": {"k": "v"}},
+            "spec": {"hostNetwork": true, "containers": [{"name": "c"}]},
+            "status": {"phase": "Running", "podIP": "172.18.0.2"}
+        }))
+        .expect("pod");
+        strip_pod(&mut host);
+        assert_eq!(host.metadata.labels, None);
+        assert!(host.status.as_ref().unwrap().pod_ip.is_none());
+        assert!(inputs([], [], [&host]).pods.is_empty());
+    }
+}
