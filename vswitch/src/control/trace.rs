@@ -11,13 +11,30 @@ use std::net::Ipv4Addr;
 use conf::api::{code, ApiError, TraceRequest, TraceResponse};
 
 use crate::pipeline::{self, Action, Conntrack, CtConfig, Ctx, Meta, PortId, Tables};
-use crate::wire::{checksum, EthernetAddress, IpProtocol};
+use crate::wire::{
+    EtherType, EthernetAddress, EthernetFrame, EthernetRepr, Icmpv4Message, Icmpv4Packet,
+    Icmpv4Repr, IpProtocol, Ipv4Packet, Ipv4Repr, L4Checksum, TcpFlags, TcpPacket, TcpRepr,
+    UdpPacket, UdpRepr, ETHERNET_HEADER_LEN,
+};
 
 fn bad(msg: impl Into<String>) -> ApiError {
     ApiError::new(code::INVALID_ENV, msg, "")
 }
 
-/// A complete Ethernet/IPv4 frame of the requested kind.
+/// A DNS query (`kubernetes.default.svc.cluster.local`, A) for a traced UDP packet to port
+/// 53, so the trace shows what the switch's resolver does with a query, not with an empty
+/// datagram.
+fn dns_query() -> Vec<u8> {
+    let mut q = vec![0x74, 0x72, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in ["kubernetes", "default", "svc", "cluster", "local"] {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+/// A complete Ethernet/IPv4 frame of the requested kind, written with the wire emitters.
 fn frame(
     src_mac: EthernetAddress,
     dst_mac: EthernetAddress,
@@ -25,59 +42,73 @@ fn frame(
     dst: Ipv4Addr,
     req: &TraceRequest,
 ) -> Result<Vec<u8>, ApiError> {
-    let (proto, l4): (IpProtocol, Vec<u8>) = match req.protocol.to_ascii_lowercase().as_str() {
+    let sport = req.src_port.unwrap_or(40000);
+    let csum = L4Checksum::V4(src, dst);
+    let (protocol, l4): (IpProtocol, Vec<u8>) = match req.protocol.to_ascii_lowercase().as_str() {
         "tcp" => {
-            let mut t = vec![0u8; 20];
-            t[0..2].copy_from_slice(&req.src_port.unwrap_or(40000).to_be_bytes());
-            t[2..4].copy_from_slice(&req.dst_port.unwrap_or(80).to_be_bytes());
-            t[4..8].copy_from_slice(&1u32.to_be_bytes());
-            t[12] = 5 << 4;
-            t[13] = 0x02; // SYN
-            t[14..16].copy_from_slice(&64240u16.to_be_bytes());
-            (IpProtocol::TCP, t)
+            let tcp = TcpRepr {
+                src_port: sport,
+                dst_port: req.dst_port.unwrap_or(80),
+                seq_number: 1,
+                ack_number: 0,
+                flags: TcpFlags::SYN,
+                window_len: 64240,
+                payload_len: 0,
+            };
+            let mut l4 = vec![0u8; tcp.buffer_len()];
+            tcp.emit(&mut TcpPacket::new_unchecked(&mut l4[..]), csum);
+            (IpProtocol::TCP, l4)
         }
         "udp" => {
-            let mut u = vec![0u8; 8];
-            u[0..2].copy_from_slice(&req.src_port.unwrap_or(40000).to_be_bytes());
-            u[2..4].copy_from_slice(&req.dst_port.unwrap_or(53).to_be_bytes());
-            u[4..6].copy_from_slice(&8u16.to_be_bytes());
-            (IpProtocol::UDP, u)
+            let dst_port = req.dst_port.unwrap_or(53);
+            let payload = if dst_port == 53 {
+                dns_query()
+            } else {
+                Vec::new()
+            };
+            let udp = UdpRepr {
+                src_port: sport,
+                dst_port,
+                payload_len: payload.len(),
+            };
+            let mut l4 = vec![0u8; udp.buffer_len()];
+            l4[udp.header_len()..].copy_from_slice(&payload);
+            udp.emit(&mut UdpPacket::new_unchecked(&mut l4[..]), csum);
+            (IpProtocol::UDP, l4)
         }
         "icmp" => {
-            let mut i = vec![0u8; 8];
-            i[0] = 8;
-            i[4..6].copy_from_slice(&0x7472u16.to_be_bytes());
-            i[6..8].copy_from_slice(&1u16.to_be_bytes());
-            let c = checksum::finish(checksum::sum(&i));
-            i[2..4].copy_from_slice(&c.to_be_bytes());
-            (IpProtocol::ICMP, i)
+            let echo = Icmpv4Repr {
+                msg_type: Icmpv4Message::ECHO_REQUEST,
+                msg_code: 0,
+                rest_of_header: 0x7472_0001,
+                payload_len: 0,
+            };
+            let mut l4 = vec![0u8; echo.buffer_len()];
+            echo.emit(&mut Icmpv4Packet::new_unchecked(&mut l4[..]));
+            (IpProtocol::ICMP, l4)
         }
         other => return Err(bad(format!("protocol {other:?}: use tcp, udp or icmp"))),
     };
-    let mut f = Vec::with_capacity(34 + l4.len());
-    f.extend_from_slice(&dst_mac.0);
-    f.extend_from_slice(&src_mac.0);
-    f.extend_from_slice(&[0x08, 0x00]);
-    let total = (20 + l4.len()) as u16;
-    let mut ip = [0u8; 20];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&total.to_be_bytes());
-    ip[6] = 0x40;
-    ip[8] = 64;
-    ip[9] = proto.0;
-    ip[12..16].copy_from_slice(&src.octets());
-    ip[16..20].copy_from_slice(&dst.octets());
-    let c = checksum::finish(checksum::sum(&ip));
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    f.extend_from_slice(&ip);
-    let mut l4 = l4;
-    if proto != IpProtocol::ICMP {
-        let at = if proto == IpProtocol::TCP { 16 } else { 6 };
-        let sum =
-            checksum::pseudo_header_v4(src, dst, proto.0, l4.len() as u16) + checksum::sum(&l4);
-        l4[at..at + 2].copy_from_slice(&checksum::finish(sum).to_be_bytes());
-    }
-    f.extend_from_slice(&l4);
+    let ip = Ipv4Repr {
+        src_addr: src,
+        dst_addr: dst,
+        protocol,
+        payload_len: l4.len(),
+        ttl: 64,
+        dont_frag: true,
+    };
+    let eth = EthernetRepr {
+        src_addr: src_mac,
+        dst_addr: dst_mac,
+        ethertype: EtherType::IPV4,
+    };
+    let mut f = vec![0u8; ETHERNET_HEADER_LEN + ip.buffer_len()];
+    eth.emit(&mut EthernetFrame::new_unchecked(&mut f[..]));
+    let at = ETHERNET_HEADER_LEN + ip.header_len();
+    f[at..].copy_from_slice(&l4);
+    ip.emit(&mut Ipv4Packet::new_unchecked(
+        &mut f[ETHERNET_HEADER_LEN..],
+    ));
     Ok(f)
 }
 
@@ -174,4 +205,125 @@ pub fn run(
         verdict: verdict(t, action),
         steps,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+
+    use super::*;
+    use crate::pipeline::tables::{mac_for, DnsService};
+    use crate::pipeline::PortEntry;
+
+    const GW: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
+    const A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+    const B: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 3);
+    const RESOLVER: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+    fn tables() -> Tables {
+        let dns = DnsService {
+            addrs: vec![RESOLVER],
+            table: crate::dns::DnsTable::new("cluster.local", &[], &[], &[]).unwrap(),
+        };
+        Tables::new("10.244.1.0/24".parse().unwrap(), GW, mac_for(GW))
+            .with_ports([
+                PortEntry {
+                    id: 1,
+                    mac: mac_for(A),
+                    ip: A,
+                },
+                PortEntry {
+                    id: 2,
+                    mac: mac_for(B),
+                    ip: B,
+                },
+            ])
+            .with_dns(Some(Arc::new(dns)))
+    }
+
+    fn request(protocol: &str, dst: Ipv4Addr, dst_port: Option<u16>) -> TraceRequest {
+        TraceRequest {
+            pod: None,
+            port: Some(1),
+            peer: None,
+            src: None,
+            dst,
+            protocol: protocol.into(),
+            src_port: None,
+            dst_port,
+        }
+    }
+
+    #[test]
+    fn frames_are_well_formed_for_an_independent_parser() {
+        for proto in ["tcp", "udp", "icmp"] {
+            let f = frame(mac_for(A), mac_for(B), A, B, &request(proto, B, None)).unwrap();
+            let p = SlicedPacket::from_ethernet(&f).unwrap();
+            let Some(NetSlice::Ipv4(ip)) = p.net else {
+                panic!("{proto}: not IPv4")
+            };
+            assert_eq!(ip.header().source_addr(), A);
+            assert_eq!(ip.header().destination_addr(), B);
+            assert_eq!(usize::from(ip.header().total_len()), f.len() - 14);
+            let mut h = ip.header().to_header();
+            let sum = h.header_checksum;
+            h.header_checksum = h.calc_header_checksum();
+            assert_eq!(sum, h.header_checksum, "{proto}: IPv4 checksum");
+            match (proto, p.transport) {
+                ("tcp", Some(TransportSlice::Tcp(t))) => {
+                    assert!(t.syn() && !t.ack());
+                    assert_eq!((t.source_port(), t.destination_port()), (40000, 80));
+                    let want = t.to_header().calc_checksum_ipv4(&h, t.payload()).unwrap();
+                    assert_eq!(t.checksum(), want, "TCP checksum");
+                }
+                ("udp", Some(TransportSlice::Udp(u))) => {
+                    assert_eq!(u.destination_port(), 53);
+                    let want = u.to_header().calc_checksum_ipv4(&h, u.payload()).unwrap();
+                    assert_eq!(u.checksum(), want, "UDP checksum");
+                    assert!(
+                        !u.payload().is_empty(),
+                        "a query to port 53 carries a question"
+                    );
+                }
+                ("icmp", Some(TransportSlice::Icmpv4(i))) => {
+                    assert_eq!(i.type_u8(), 8, "echo request");
+                    let want = i.header().icmp_type.calc_checksum(i.payload());
+                    assert_eq!(i.checksum(), want, "ICMP checksum");
+                }
+                (p, t) => panic!("{p}: unexpected transport {t:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_traced_query_to_the_cluster_resolver_is_answered_not_malformed() {
+        let t = tables();
+        let r = run(
+            &t,
+            CtConfig::default(),
+            &request("udp", RESOLVER, Some(53)),
+            |_| None,
+        )
+        .unwrap();
+        assert!(
+            r.verdict.starts_with("answered by the switch itself"),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn a_traced_syn_to_a_local_pod_is_delivered_and_a_ping_to_the_gateway_answered() {
+        let t = tables();
+        let r = run(&t, CtConfig::default(), &request("tcp", B, None), |_| None).unwrap();
+        assert_eq!(r.verdict, format!("deliver to port 2 ({B})"), "{r:?}");
+        let r = run(&t, CtConfig::default(), &request("icmp", GW, None), |_| {
+            None
+        })
+        .unwrap();
+        assert!(r.verdict.starts_with("answered by the switch"), "{r:?}");
+        let e = run(&t, CtConfig::default(), &request("sctp", B, None), |_| None).unwrap_err();
+        assert!(e.msg.contains("use tcp, udp or icmp"), "{e:?}");
+    }
 }

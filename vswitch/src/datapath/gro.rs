@@ -34,7 +34,7 @@ use overlay::vxlan::Rco;
 
 /// Most segments merged into one super-frame (each one iovec).
 pub const MAX_SEGS: usize = 64;
-const ETH: usize = 14;
+const ETH: usize = crate::wire::ETHERNET_HEADER_LEN;
 
 /// One frame ready for a TAP: a virtio-net header and the byte ranges (into the receive buffer)
 /// that make up the frame, in order.
@@ -405,9 +405,9 @@ mod tests {
         assert_eq!(hdr.hdr_len, 54);
         assert_eq!(frame.len(), orig.len());
         assert_eq!(frame[54..], orig[54..], "payload in order");
-        let ip = Ipv4Packet::new_checked(&frame[14..]).unwrap();
+        let ip = Ipv4Packet::new_checked(&frame[ETH..]).unwrap();
         assert!(ip.verify_checksum());
-        assert_eq!(ip.total_len() as usize, orig.len() - 14);
+        assert_eq!(ip.total_len() as usize, orig.len() - ETH);
         let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
         assert!(tcp.flags().contains(TcpFlags::PSH));
         assert_eq!(tcp.seq_number(), 7);
@@ -418,7 +418,7 @@ mod tests {
             ..*hdr
         };
         crate::wire::virtio::finish_checksum(&whole, &mut f).unwrap();
-        let ip = Ipv4Packet::new_checked(&f[14..]).unwrap();
+        let ip = Ipv4Packet::new_checked(&f[ETH..]).unwrap();
         let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
         assert!(tcp.verify_checksum(ip.src_addr(), ip.dst_addr()));
     }
@@ -494,7 +494,7 @@ mod tests {
         );
         let mut f = f.clone();
         crate::wire::virtio::finish_checksum(hdr, &mut f).unwrap();
-        let ip = Ipv4Packet::new_checked(&f[14..]).unwrap();
+        let ip = Ipv4Packet::new_checked(&f[ETH..]).unwrap();
         let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
         assert!(tcp.verify_checksum(ip.src_addr(), ip.dst_addr()));
         // Without RCO the same partial segment fails the check and is passed on as it is.
@@ -576,7 +576,7 @@ mod tests {
         assert_eq!(hdr.gso_size, 1000);
         assert_eq!((hdr.csum_start, hdr.csum_offset), (34, 6));
         assert_eq!(frame.len(), 42 + 10 * 1000 + 500);
-        let ip = Ipv4Packet::new_checked(&frame[14..]).unwrap();
+        let ip = Ipv4Packet::new_checked(&frame[ETH..]).unwrap();
         assert!(ip.verify_checksum());
         // Cut again as the pod's stack does: the same datagrams, checksums valid.
         let mut out = vec![0u8; 20_000];
@@ -585,7 +585,7 @@ mod tests {
         assert_eq!(s.count, 11);
         for k in 0..s.count {
             let seg = &out[s.range(k)];
-            let ip = Ipv4Packet::new_checked(&seg[14..]).unwrap();
+            let ip = Ipv4Packet::new_checked(&seg[ETH..]).unwrap();
             let udp = UdpPacket::new_checked(ip.payload()).unwrap();
             assert!(udp.verify_checksum(ip.src_addr(), ip.dst_addr()));
             let want = if k == 10 { 500 } else { 1000 };

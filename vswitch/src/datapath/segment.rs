@@ -41,7 +41,7 @@ impl Segments {
     }
 }
 
-const ETH: usize = EthernetFrame::<&[u8]>::HEADER_LEN;
+const ETH: usize = crate::wire::ETHERNET_HEADER_LEN;
 
 /// What goes into each segment's TCP/UDP checksum field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -62,7 +62,7 @@ fn socket(addr: SocketAddr, reuse_port: bool) -> io::Result<(UdpSocket, UdpSocke
 
 /// Where the inner IPv4 header starts in a datagram's payload: after the VXLAN header and the
 /// inner Ethernet header.
-const INNER_IP: u32 = (overlay::vxlan::HEADER_LEN + 14) as u32;
+const INNER_IP: u32 = (overlay::vxlan::HEADER_LEN + crate::wire::ETHERNET_HEADER_LEN) as u32;
 
 /// Knuth's multiplier for Fibonacci hashing: the prime next to 2^32 divided by the golden
 /// ratio.

@@ -52,16 +52,7 @@ fn flow_of(ip: &Ipv4Packet<&mut [u8]>) -> Flow {
             return Flow::Conn(key(id, id), TcpFlags::empty());
         }
         if t == Icmpv4Message::DST_UNREACHABLE || t == Icmpv4Message::TIME_EXCEEDED {
-            let quoted = Ipv4Packet::new_checked_quoted(icmp.data()).ok().map(|q| {
-                let (sport, dport) = q.ports().unwrap_or((0, 0));
-                Key {
-                    src: q.src_addr(),
-                    dst: q.dst_addr(),
-                    sport,
-                    dport,
-                    proto: q.protocol().0,
-                }
-            });
+            let quoted = Key::of_quoted(icmp.data());
             return Flow::Error(quoted);
         }
         return Flow::Conn(key(0, 0), TcpFlags::empty());

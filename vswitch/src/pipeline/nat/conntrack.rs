@@ -26,6 +26,20 @@ pub struct Key {
 }
 
 impl Key {
+    /// The key of the packet an ICMP error quotes (`icmp_data`: the quoted IPv4 header and
+    /// the first bytes after it), with ports 0 when its protocol has none.
+    pub fn of_quoted(icmp_data: &[u8]) -> Option<Key> {
+        let q = crate::wire::Ipv4Packet::new_checked_quoted(icmp_data).ok()?;
+        let (sport, dport) = q.ports().unwrap_or((0, 0));
+        Some(Key {
+            src: q.src_addr(),
+            dst: q.dst_addr(),
+            sport,
+            dport,
+            proto: q.protocol().0,
+        })
+    }
+
     pub fn reversed(&self) -> Key {
         Key {
             src: self.dst,

@@ -259,20 +259,11 @@ pub fn translate_icmp_error(ct: &mut Conntrack, now: u64, ip: &mut Ipv4Packet<&m
         return false;
     }
     // The quoted packet is one the backend's side sent: client -> backend after translation.
-    let quoted_key = {
-        let Ok(q) = Ipv4Packet::new_checked_quoted(icmp.data()) else {
-            return false;
-        };
-        let Some((sport, dport)) = q.ports() else {
-            return false;
-        };
-        Key {
-            src: q.src_addr(),
-            dst: q.dst_addr(),
-            sport,
-            dport,
-            proto: q.protocol().0,
-        }
+    // Only TCP and UDP connections are translated by port.
+    let Some(quoted_key) = Key::of_quoted(icmp.data())
+        .filter(|k| k.proto == IpProtocol::TCP.0 || k.proto == IpProtocol::UDP.0)
+    else {
+        return false;
     };
     // That packet, reversed, is what the backend would send: the reply key.
     let found = ct.with_conn(&quoted_key.reversed(), now, |e, dir| {
