@@ -182,6 +182,9 @@ enum Cmd {
         /// Seconds to wait for the client (and for each request).
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+        /// A connection per transaction, closed by the server; runs until idle for --timeout.
+        #[arg(long)]
+        each: bool,
     },
     /// Request/response client for `bench`: prints {"transactions", "seconds", "rate"}.
     #[command(hide = true)]
@@ -191,6 +194,9 @@ enum Cmd {
         /// Seconds to run.
         #[arg(long)]
         duration: f64,
+        /// A new connection per transaction (new connections per second).
+        #[arg(long)]
+        each: bool,
     },
 }
 
@@ -231,8 +237,18 @@ fn main() -> ExitCode {
             pods,
             rss_bound,
         } => return run_soak(cli.name, duration, pods, rss_bound),
-        Cmd::RrServer { bind, timeout } => {
-            return match bench::rr_server(bind, Duration::from_secs(timeout)) {
+        Cmd::RrServer {
+            bind,
+            timeout,
+            each,
+        } => {
+            let timeout = Duration::from_secs(timeout);
+            let served = if each {
+                bench::crr_server(bind, timeout)
+            } else {
+                bench::rr_server(bind, timeout)
+            };
+            return match served {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("vswitch-lab rr-server: {bind}: {e}");
@@ -240,9 +256,18 @@ fn main() -> ExitCode {
                 }
             };
         }
-        Cmd::RrClient { connect, duration } => {
+        Cmd::RrClient {
+            connect,
+            duration,
+            each,
+        } => {
             let d = Duration::try_from_secs_f64(duration).unwrap_or(Duration::from_secs(1));
-            return match bench::rr_client(connect, d) {
+            let client = if each {
+                bench::crr_client(connect, d)
+            } else {
+                bench::rr_client(connect, d)
+            };
+            return match client {
                 Ok(r) => {
                     println!("{}", r.to_json());
                     ExitCode::SUCCESS

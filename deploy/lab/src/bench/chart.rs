@@ -94,10 +94,10 @@ mod tests {
     fn gnuplot_script_draws_the_metrics_that_have_values() {
         let s = sample_report().gnuplot_script(Path::new("/tmp/x/latest.png"));
         assert!(s.contains("set output '/tmp/x/latest.png'"));
-        // TcpCross1, TcpCross4, TcpSame, Udp64Loss, PingRtt have values: five panels on a 2x3
-        // grid.
-        assert_eq!(s.matches("\nplot ").count(), 5, "{s}");
-        assert!(s.contains("set multiplot layout 2,3"), "{s}");
+        // TcpCross1, TcpCross4, TcpSame, Udp64Loss, PingRtt and the two policy ratios have
+        // values: seven panels on a 3x3 grid.
+        assert_eq!(s.matches("\nplot ").count(), 7, "{s}");
+        assert!(s.contains("set multiplot layout 3,3"), "{s}");
         assert!(s.contains("0 \"vswitch\" 11 1 \"11.00\""), "{s}");
         assert!(s.contains("1 \"vswitch-2w\" 12 2 \"12.00\""), "{s}");
         assert!(s.contains("2 \"vswitch-pin\" 13.05 3 \"13.05\""), "{s}");

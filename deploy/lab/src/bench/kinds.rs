@@ -70,10 +70,19 @@ pub enum Metric {
     ClusterIpRatio,
     CpuPerGb,
     DatapathCpuPerGb,
+    /// New TCP connections a second (a connection per 1-byte transaction).
+    TcpCrr,
+    /// Cross-node TCP with 100 NetworkPolicies selecting both pods, and its ratio over the
+    /// same test with none, measured just before.
+    PolicyTcp,
+    PolicyTcpRatio,
+    /// New connections a second with 1,000 policies, and the ratio over none.
+    PolicyCrr,
+    PolicyCrrRatio,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 15] = [
+    pub const ALL: [Metric; 20] = [
         Metric::TcpCross1,
         Metric::TcpCross4,
         Metric::TcpSame,
@@ -89,6 +98,11 @@ impl Metric {
         Metric::ClusterIpRatio,
         Metric::CpuPerGb,
         Metric::DatapathCpuPerGb,
+        Metric::TcpCrr,
+        Metric::PolicyTcp,
+        Metric::PolicyTcpRatio,
+        Metric::PolicyCrr,
+        Metric::PolicyCrrRatio,
     ];
 
     /// The key in the JSON document.
@@ -109,6 +123,11 @@ impl Metric {
             Metric::ClusterIpRatio => "clusterip_vs_pod_ip",
             Metric::CpuPerGb => "cpu_per_gb",
             Metric::DatapathCpuPerGb => "datapath_cpu_per_gb",
+            Metric::TcpCrr => "tcp_crr",
+            Metric::PolicyTcp => "policy100_tcp_cross_node",
+            Metric::PolicyTcpRatio => "policy100_vs_none_tcp",
+            Metric::PolicyCrr => "policy1000_tcp_crr",
+            Metric::PolicyCrrRatio => "policy1000_vs_none_crr",
         }
     }
 
@@ -129,6 +148,11 @@ impl Metric {
             Metric::ClusterIpRatio => "ClusterIP / pod IP",
             Metric::CpuPerGb => "CPU per GB, machine",
             Metric::DatapathCpuPerGb => "CPU per GB, datapath procs",
+            Metric::TcpCrr => "TCP new connections",
+            Metric::PolicyTcp => "cross-node TCP, 100 policies",
+            Metric::PolicyTcpRatio => "100 policies / none, TCP",
+            Metric::PolicyCrr => "new conns, 1,000 policies",
+            Metric::PolicyCrrRatio => "1,000 policies / none, conns",
         }
     }
 
@@ -139,12 +163,14 @@ impl Metric {
             | Metric::TcpSame
             | Metric::TcpCross1Cubic
             | Metric::TcpSameCubic
-            | Metric::ClusterIpTcp => "Gbit/s",
+            | Metric::ClusterIpTcp
+            | Metric::PolicyTcp => "Gbit/s",
             Metric::Udp64Rate | Metric::Udp64Sent => "kpps",
             Metric::Udp64Loss | Metric::Udp64SocketLoss => "%",
             Metric::PingRtt => "ms",
             Metric::TcpRr => "trans/s",
-            Metric::ClusterIpRatio => "x",
+            Metric::TcpCrr | Metric::PolicyCrr => "conn/s",
+            Metric::ClusterIpRatio | Metric::PolicyTcpRatio | Metric::PolicyCrrRatio => "x",
             Metric::CpuPerGb | Metric::DatapathCpuPerGb => "CPU s/GB",
         }
     }
@@ -171,7 +197,11 @@ impl Metric {
 
     pub(super) fn decimals(self) -> usize {
         match self {
-            Metric::Udp64Rate | Metric::Udp64Sent | Metric::TcpRr => 0,
+            Metric::Udp64Rate
+            | Metric::Udp64Sent
+            | Metric::TcpRr
+            | Metric::TcpCrr
+            | Metric::PolicyCrr => 0,
             Metric::Udp64Loss | Metric::Udp64SocketLoss => 1,
             Metric::PingRtt => 3,
             _ => 2,

@@ -5,7 +5,7 @@ use std::fmt::Display;
 use std::net::IpAddr;
 
 use super::cpu::{read_cpu, read_pids_cpu, ticks_per_second};
-use super::latency::{ping_rtt, tcp_rr};
+use super::latency::{ping_rtt, tcp_crr, tcp_rr};
 use super::testbed::Testbed;
 use super::throughput::{iperf_tcp, iperf_udp64, udp_rcvbuf_errors};
 use super::{busy_seconds, Durations, Kind, Metric, Report, TcpResult, IPERF_PORT};
@@ -29,10 +29,15 @@ pub(super) enum Test {
     CrossCubic,
     SameCubic,
     Udp64,
+    /// New TCP connections a second, pod to pod across nodes.
+    Crr,
+    /// NetworkPolicy's cost (vswitch only): cross-node TCP with none and then with 100
+    /// policies selecting both pods; new connections a second with none and with 1,000.
+    Policy,
 }
 
 impl Test {
-    pub(super) const ALL: [Test; 8] = [
+    pub(super) const ALL: [Test; 10] = [
         Test::Ping,
         Test::RequestResponse,
         Test::Cross1,
@@ -41,6 +46,8 @@ impl Test {
         Test::CrossCubic,
         Test::SameCubic,
         Test::Udp64,
+        Test::Crr,
+        Test::Policy,
     ];
 
     pub(super) fn name(self) -> &'static str {
@@ -53,6 +60,8 @@ impl Test {
             Test::CrossCubic => "cross-node TCP, cubic",
             Test::SameCubic => "same-node TCP, cubic",
             Test::Udp64 => "UDP 64 B",
+            Test::Crr => "TCP new connections",
+            Test::Policy => "NetworkPolicy: TCP with 100, new connections with 1,000",
         }
     }
 }
@@ -142,6 +151,11 @@ pub(super) fn measure(
             );
         }
         Test::Udp64 => udp64(bed, d, &mut rec),
+        Test::Crr => rec.record(
+            Metric::TcpCrr,
+            tcp_crr(&pods.p1, &pods.p2, d.rr).map(|r| r.rate()),
+        ),
+        Test::Policy => policy(bed, d, &mut rec),
     }
 }
 
@@ -249,4 +263,65 @@ fn udp64(bed: &Testbed, d: &Durations, rec: &mut Recorder) {
         Ok(100.0 * a.saturating_sub(b).min(u.lost) as f64 / u.packets.max(1) as f64)
     });
     rec.record(Metric::Udp64SocketLoss, at_socket);
+}
+
+/// NetworkPolicy's cost, on plain vswitch: each ratio divides the value with policies by the
+/// one without, measured seconds before on the same testbed; the policies are removed after.
+fn policy(bed: &Testbed, d: &Durations, rec: &mut Recorder) {
+    const ALL: [Metric; 4] = [
+        Metric::PolicyTcp,
+        Metric::PolicyTcpRatio,
+        Metric::PolicyCrr,
+        Metric::PolicyCrrRatio,
+    ];
+    if bed.kind != Kind::Vswitch {
+        let why = if matches!(bed.kind, Kind::Kernel | Kind::Ovs) {
+            "the anchor topology enforces no NetworkPolicy"
+        } else {
+            "measured on plain vswitch (one worker) only"
+        };
+        for m in ALL {
+            rec.not_applicable(m, why.into());
+        }
+        return;
+    }
+    let pods = &bed.pods;
+    let tcp = || {
+        iperf_tcp(&pods.p1, &pods.p2, pods.p2.ip, 1, d.tcp, None).map(|t| t.bits_per_second / 1e9)
+    };
+    let crr = || tcp_crr(&pods.p1, &pods.p2, d.rr).map(|r| r.rate());
+    let ratio = |with: &Result<f64, LabError>, none: &Result<f64, LabError>| match (with, none) {
+        (Ok(w), Ok(n)) if *n > 0.0 => Ok(w / n),
+        (Err(e), _) | (_, Err(e)) => Err(LabError::Measurement(e.to_string())),
+        _ => Err(LabError::Measurement(
+            "nothing moved without policies".into(),
+        )),
+    };
+    let run = || -> Result<[Result<f64, LabError>; 4], LabError> {
+        bed.set_policies(0)?;
+        let tcp_none = tcp();
+        bed.set_policies(100)?;
+        let tcp_100 = tcp();
+        bed.set_policies(0)?;
+        let crr_none = crr();
+        bed.set_policies(1000)?;
+        let crr_1000 = crr();
+        let tcp_ratio = ratio(&tcp_100, &tcp_none);
+        let crr_ratio = ratio(&crr_1000, &crr_none);
+        Ok([tcp_100, tcp_ratio, crr_1000, crr_ratio])
+    };
+    let results = run();
+    // The policies go whatever happened, so the tests after this one run without them.
+    let cleared = bed.set_policies(0);
+    match results {
+        Ok(values) => {
+            for (m, v) in ALL.into_iter().zip(values) {
+                rec.record(m, v);
+            }
+        }
+        Err(e) => rec.fail(&ALL, &e),
+    }
+    if let Err(e) = cleared {
+        (rec.log)(&format!("  policies not removed: {e}"));
+    }
 }

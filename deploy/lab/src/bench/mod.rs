@@ -36,6 +36,7 @@ mod latency;
 mod measure;
 mod output;
 mod parse;
+mod policy;
 mod report;
 mod rr;
 mod run;
@@ -57,7 +58,7 @@ pub use parse::{
     tcp_table_listens, utc_timestamp, TcpResult, UdpResult,
 };
 pub use report::{Cell, Report, Target, NOTES};
-pub use rr::{rr_client, rr_serve, rr_server, RrResult};
+pub use rr::{crr_client, crr_serve, crr_server, rr_client, rr_serve, rr_server, RrResult};
 pub use run::run;
 pub use testbed::{PodRef, Pods};
 
@@ -76,6 +77,7 @@ pub const OVS_PREFIX: &str = "vbo";
 
 const IPERF_PORT: u16 = 5201;
 const RR_PORT: u16 = 5301;
+const CRR_PORT: u16 = 5302;
 /// What a client gets on top of its own duration before it is killed.
 const GRACE: Duration = Duration::from_secs(15);
 

@@ -192,6 +192,8 @@ pub(super) mod tests {
         r.add(Metric::PingRtt, Kind::Vswitch, 0.2);
         r.add(Metric::PingRtt, Kind::Kernel, 0.1);
         r.add(Metric::PingRtt, Kind::Ovs, 0.5);
+        r.add(Metric::PolicyTcpRatio, Kind::Vswitch, 0.97);
+        r.add(Metric::PolicyCrrRatio, Kind::Vswitch, 0.7);
         r.errors
             .insert((Metric::TcpRr, Kind::Ovs), "rr-client: timed out".into());
         for k in Kind::ALL {

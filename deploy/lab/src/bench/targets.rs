@@ -32,7 +32,7 @@ const K: Option<Kind> = Some(Kind::Kernel);
 const O: Option<Kind> = Some(Kind::Ovs);
 
 /// The targets, in the order printed.
-const DEFS: [Def; 6] = [
+const DEFS: [Def; 8] = [
     def(
         "cross-node TCP >= 0.7x the kernel path",
         Metric::TcpCross1,
@@ -74,6 +74,20 @@ const DEFS: [Def; 6] = [
         None,
         true,
         0.95,
+    ),
+    def(
+        "cross-node TCP with 100 policies >= 0.95x with none",
+        Metric::PolicyTcpRatio,
+        None,
+        true,
+        0.95,
+    ),
+    def(
+        "new connections/s with 1,000 policies >= 0.8x with none",
+        Metric::PolicyCrrRatio,
+        None,
+        true,
+        0.8,
     ),
 ];
 
@@ -221,19 +235,22 @@ mod tests {
         assert_eq!(r.ratio(Metric::Udp64Loss, Kind::Kernel), None);
         let t = r.targets();
         let status: Vec<&str> = t.iter().map(|t| t.status).collect();
-        // 0.76x kernel, 10x OVS, same-node 0.5x, loss 0.5%, RTT 2.0x, ClusterIP n/a, two
-        // workers 0.9x of one with 4 streams and 1.09x with one.
+        // 0.76x kernel, 10x OVS, same-node 0.5x, loss 0.5%, RTT 2.0x, ClusterIP n/a, 0.97x
+        // with 100 policies, 0.7x new connections with 1,000, two workers 0.9x of one with 4
+        // streams and 1.09x with one.
         assert_eq!(
             status,
-            ["PASS", "PASS", "FAIL", "PASS", "PASS", "n/a", "FAIL", "PASS"]
+            ["PASS", "PASS", "FAIL", "PASS", "PASS", "n/a", "PASS", "FAIL", "FAIL", "PASS"]
         );
+        assert_eq!(t[6].detail, "0.97x (needs >= 0.95x)");
+        assert_eq!(t[7].detail, "0.70x (needs >= 0.8x)");
         assert_eq!(t[0].detail, "0.76x (needs >= 0.7x); vswitch-pin 0.90x");
         assert_eq!(t[3].detail, "0.5% (needs <= 1%)");
         assert!(t[5].detail.contains("not implemented"), "{}", t[5].detail);
-        assert_eq!(t[6].detail, "9.00 vs 10.00 Gbit/s: 0.90x (needs >= 0.95x)");
+        assert_eq!(t[8].detail, "9.00 vs 10.00 Gbit/s: 0.90x (needs >= 0.95x)");
         let mut one_only = r.clone();
         one_only.datapaths = vec![Kind::Vswitch, Kind::Kernel, Kind::Ovs];
-        assert_eq!(one_only.targets()[7].status, "n/a");
+        assert_eq!(one_only.targets()[9].status, "n/a");
     }
 
     #[test]
