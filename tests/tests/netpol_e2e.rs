@@ -1,4 +1,4 @@
-//! NetworkPolicy end to end (issue 26), on the model of the upstream Kubernetes NetworkPolicy
+//! NetworkPolicy end to end (issue 26, 33 cases), on the model of the upstream Kubernetes NetworkPolicy
 //! e2e suite (test/e2e/network/netpol): namespaces x, y and z, pods a, b and c in each (labels
 //! `pod=a` ..., namespaces labelled `ns=x` ...), every pod serving TCP and UDP on ports 80 and
 //! 81; the pods are spread over two nodes, so half the pairs cross the overlay. Each case
@@ -457,6 +457,57 @@ fn changes_services_and_the_node() {
         Duration::from_secs(5),
     );
     assert!(!out.success(), "a ping into an isolated pod was answered");
+}
+
+/// More of the upstream suite's cases: namespace isolation, a protocol without a port, ipBlock
+/// `except` on egress and its overlap with another policy, an allow-all taking precedence, and
+/// ingress with egress in one policy.
+#[test]
+fn isolation_protocols_and_overlaps() {
+    let mut c = Cluster::new();
+    // 28. Only from the same namespace ("should deny ingress from pods on other namespaces").
+    c.case(&np(
+        "x",
+        "p",
+        "{podSelector: {}, ingress: [{from: [{podSelector: {}}]}]}",
+    ));
+    c.expect("tcp", 80, |from, to| !in_ns(to, "x") || in_ns(from, "x"));
+    // 29. A protocol and no port: every UDP port, no TCP ("allowing any port traffic to a
+    // server on a specific protocol").
+    c.case(&np(
+        "x",
+        "p",
+        "{podSelector: {matchLabels: {pod: a}}, ingress: [{ports: [{protocol: UDP}]}]}",
+    ));
+    c.expect("udp", 80, |_, _| true);
+    c.expect("udp", 81, |_, _| true);
+    c.expect("tcp", 81, |_, to| to != "x/a");
+    // 30. Egress to a CIDR but its except ("should enforce except clause while egress access to
+    // server in CIDR block").
+    let zc = c.pods.iter().find(|p| p.0 == "z/c").unwrap().2;
+    let except = format!("{{podSelector: {{matchLabels: {{pod: a}}}}, policyTypes: [Egress], egress: [{{to: [{{ipBlock: {{cidr: 10.244.0.0/16, except: [{zc}/32]}}}}]}}]}}");
+    c.case(&np("x", "p1", &except));
+    c.expect("tcp", 80, |from, to| from != "x/a" || to != "z/c");
+    // 31. An address in one policy's except and another's cidr is admitted ("should ensure an
+    // IP overlapping both IPBlock.CIDR and IPBlock.Except is allowed").
+    c.apply(&np("x", "p2", &format!("{{podSelector: {{matchLabels: {{pod: a}}}}, policyTypes: [Egress], egress: [{{to: [{{ipBlock: {{cidr: {zc}/32}}}}]}}]}}")));
+    c.expect("tcp", 80, |_, _| true);
+    // 32. An egress allow-all beside a narrower egress policy wins ("multiple egress policies
+    // with egress allow-all policy taking precedence").
+    c.case(&np("x", "narrow", "{podSelector: {matchLabels: {pod: a}}, policyTypes: [Egress], egress: [{to: [{podSelector: {matchLabels: {pod: b}}}]}]}"));
+    c.expect("udp", 81, |from, to| from != "x/a" || to == "x/b");
+    c.apply(&np(
+        "x",
+        "all",
+        "{podSelector: {matchLabels: {pod: a}}, policyTypes: [Egress], egress: [{}]}",
+    ));
+    c.expect("udp", 81, |_, _| true);
+    // 33. Ingress and egress in one policy ("should work with Ingress, Egress specified
+    // together").
+    c.case(&np("x", "p", "{podSelector: {matchLabels: {pod: a}}, policyTypes: [Ingress, Egress], ingress: [{from: [{namespaceSelector: {matchLabels: {ns: 'y'}}}]}], egress: [{to: [{namespaceSelector: {matchLabels: {ns: 'z'}}}]}]}"));
+    c.expect("tcp", 81, |from, to| {
+        (to != "x/a" || in_ns(from, "y")) && (from != "x/a" || in_ns(to, "z"))
+    });
 }
 
 /// `vswitchctl` against one node's daemon, run in the node's namespace: its JSON answer.
