@@ -625,9 +625,10 @@ impl Lab {
     }
 
     /// Starts the vswitchd of `self.nodes[idx]` again with the binary next to the tests, and
-    /// waits up to `ready_timeout` until it is ready. A daemon of the node that still runs is
-    /// stopped first (SIGTERM, then SIGKILL), so no process outlives the lab; after a test
-    /// stopped or killed it there is nothing to stop. The new pid is recorded as at `up`, so
+    /// waits up to `ready_timeout` until it is ready. A daemon of the node that still runs
+    /// hands the node over to the new one (an upgrade without an outage) and is then stopped
+    /// (SIGTERM, then SIGKILL), so no process outlives the lab; after a test stopped or killed
+    /// it there is nothing to stop. The new pid is recorded as at `up`, so
     /// teardown stops this process.
     pub fn restart_daemon(&mut self, idx: usize, ready_timeout: Duration) -> Result<u32, LabError> {
         let bins = Binaries::in_dir(&Lab::bin_dir()?)?;
@@ -641,6 +642,16 @@ impl Lab {
                 target: format!("#{idx}"),
                 known: self.known_nodes(),
             })?;
+        // The new vswitchd asks the running one to hand the node over before it touches
+        // anything (see vswitch's control::handover); once the new one is ready the old one,
+        // idle since, is stopped, as the DaemonSet's rolling update deletes the old pod.
+        let started = Instant::now();
+        let mut child = sys::spawn_daemon(&node.netns, &bins.vswitchd, &node.config, &node.log)?;
+        let pid = child.id();
+        self.nodes[idx].pid = Some(pid);
+        write(&node.pid_file(), format!("{pid}\n"))?;
+        self.save()?;
+        let ready = wait_ready(&node, &mut child, started, ready_timeout);
         if let Some(old) = node.pid {
             sys::stop_process(old, node.config.as_os_str(), STOP_GRACE).map_err(|message| {
                 LabError::DaemonStop {
@@ -649,13 +660,7 @@ impl Lab {
                 }
             })?;
         }
-        let started = Instant::now();
-        let mut child = sys::spawn_daemon(&node.netns, &bins.vswitchd, &node.config, &node.log)?;
-        let pid = child.id();
-        self.nodes[idx].pid = Some(pid);
-        write(&node.pid_file(), format!("{pid}\n"))?;
-        self.save()?;
-        wait_ready(&node, &mut child, started, ready_timeout)?;
+        ready?;
         Ok(pid)
     }
 
@@ -1232,6 +1237,10 @@ fn wait_ready(
             });
         }
         let last = match node.daemon_status(Duration::from_secs(1)) {
+            // The socket may still lead to the vswitchd this one takes the node over from.
+            Ok(s) if s.pid != 0 && s.pid != child.id() => {
+                format!("/v1/status answered by pid {}, not the new one", s.pid)
+            }
             Ok(s) if s.ready => return Ok(()),
             Ok(_) => "/v1/status says ready: false".to_string(),
             Err(e) => e,

@@ -12,6 +12,7 @@
 pub mod api;
 pub mod capture_api;
 pub mod dns_tcp;
+pub mod handover;
 pub mod ipam;
 pub mod k8s;
 pub mod metrics;
@@ -149,6 +150,8 @@ pub struct Daemon {
     forwarder: std::sync::OnceLock<crate::dns::Forwarder>,
     /// The Kubernetes watch's counters, in Kubernetes mode.
     pub k8s_stats: std::sync::OnceLock<k8s::K8sStatsHandle>,
+    /// Handing the node over to a new vswitchd.
+    pub handover: handover::Handover,
 }
 
 pub use crate::pipeline::HOST_PORT;
@@ -398,6 +401,7 @@ impl Daemon {
             nodeports: std::sync::OnceLock::new(),
             forwarder: std::sync::OnceLock::new(),
             k8s_stats: std::sync::OnceLock::new(),
+            handover: Default::default(),
         });
         // The DNS records of the configured Services exist from the start.
         {
@@ -573,6 +577,13 @@ impl Daemon {
 
     pub fn add(&self, req: AddRequest) -> Result<AddResponse, ApiError> {
         check_add_request(&req)?;
+        if self.handover.handed_over() {
+            return Err(api_err(
+                code::TRY_AGAIN_LATER,
+                "vswitchd is handing the node over to a new vswitchd: try again",
+                "",
+            ));
+        }
         let key = Attachment {
             container_id: req.container_id.clone(),
             ifname: req.ifname.clone(),
@@ -855,6 +866,7 @@ impl Daemon {
             gateway_mac: mac_for(gw).to_string(),
             ports: st.records.values().filter(|r| r.live).count(),
             ready: self.synced(),
+            pid: std::process::id(),
             warnings,
         }
     }
@@ -1166,6 +1178,13 @@ impl Daemon {
         let _ = self.nodeports.set(np);
     }
 
+    /// Closes the NodePort listeners and waits until they let go of their ports.
+    pub async fn stop_nodeports(&self) {
+        if let Some(np) = self.nodeports.get() {
+            np.stop().await;
+        }
+    }
+
     /// A synthetic packet through the pipeline (see `trace`).
     pub fn trace(
         &self,
@@ -1236,7 +1255,8 @@ impl Daemon {
         self.datapath().alive()
     }
 
-    /// Stops the datapath; pods' TAP devices go away with it.
+    /// Stops the datapath: its queues and the VXLAN socket close. Pods' TAP devices and the host
+    /// port are persistent and stay for the next vswitchd.
     pub fn shutdown(&self) {
         self.datapath().shutdown();
     }
