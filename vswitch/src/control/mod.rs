@@ -13,6 +13,7 @@ pub mod api;
 pub mod capture_api;
 pub mod dns_tcp;
 pub mod handover;
+pub mod host_routes;
 pub mod ipam;
 pub mod k8s;
 pub mod metrics;
@@ -152,6 +153,8 @@ pub struct Daemon {
     pub k8s_stats: std::sync::OnceLock<k8s::K8sStatsHandle>,
     /// Handing the node over to a new vswitchd.
     pub handover: handover::Handover,
+    /// The node's routes into the switch for other nodes' pods and Services (with a host port).
+    host_routes: Option<host_routes::HostRoutes>,
 }
 
 pub use crate::pipeline::HOST_PORT;
@@ -382,6 +385,13 @@ impl Daemon {
         });
         let peers = config.peers.clone();
         let services = config.services.clone();
+        let host_routes = if config.host.enabled {
+            let r = host_routes::HostRoutes::start(config.host.interface.clone())
+                .map_err(DaemonError::Datapath)?;
+            Some(r)
+        } else {
+            None
+        };
         let daemon = Arc::new(Daemon {
             config,
             tables,
@@ -402,11 +412,14 @@ impl Daemon {
             forwarder: std::sync::OnceLock::new(),
             k8s_stats: std::sync::OnceLock::new(),
             handover: Default::default(),
+            host_routes,
         });
-        // The DNS records of the configured Services exist from the start.
+        // The DNS records of the configured Services exist from the start, and the node's
+        // routes to the configured peers and Services.
         {
             let st = daemon.lock();
             daemon.publish(&st);
+            daemon.sync_host_routes(&st);
         }
         Ok(daemon)
     }
@@ -1011,6 +1024,7 @@ impl Daemon {
             np.reconcile(&services);
         }
         st.services = services;
+        self.sync_host_routes(&st);
         if !gone.is_empty() {
             self.datapath().flush_udp(gone);
         }
@@ -1160,7 +1174,20 @@ impl Daemon {
                 .join(", ")
         );
         st.peers = check.peers;
+        self.sync_host_routes(st);
         Ok(())
+    }
+
+    /// Points the node's routes through the host port at the current peers and Services.
+    fn sync_host_routes(&self, st: &State) {
+        if let Some(r) = &self.host_routes {
+            r.set(host_routes::wanted(
+                &self.config.host.routes,
+                self.config.node.pod_cidr,
+                &st.peers,
+                &st.services,
+            ));
+        }
     }
 
     /// Starts the NodePort listeners on the control-plane runtime `rt`.

@@ -78,6 +78,42 @@ where
     })
 }
 
+/// Adds `add` and removes `del`, routes through the host port `ifname` in this process's
+/// namespace. A route the kernel already has counts as added and one it no longer has as
+/// removed; the others that fail are returned with why.
+pub fn sync_host_routes(
+    ifname: &str,
+    add: &[Ipv4Net],
+    del: &[Ipv4Net],
+) -> Result<Vec<(Ipv4Net, String)>, NetConfigError> {
+    let index = crate::datapath::tap::interface_index(ifname)
+        .ok_or_else(|| NetConfigError::Netlink(format!("no interface {ifname}")))?;
+    let (add, del) = (add.to_vec(), del.to_vec());
+    with_handle(|handle| async move {
+        let route = |r: &Ipv4Net| {
+            RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(r.network(), r.prefix_len())
+                .output_interface(index)
+                .build()
+        };
+        let mut failed = Vec::new();
+        for r in &add {
+            match handle.route().add(route(r)).execute().await {
+                Err(e) if !already_exists(&e) => failed.push((*r, e.to_string())),
+                _ => {}
+            }
+        }
+        for r in &del {
+            match handle.route().del(route(r)).execute().await {
+                Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -libc::ESRCH => {}
+                Err(e) => failed.push((*r, e.to_string())),
+                Ok(()) => {}
+            }
+        }
+        Ok(failed)
+    })
+}
+
 /// Creates the pod's TAP interface in `netns_path` and configures it. The returned [`Tap`] is
 /// the switch's end of the port; with it the TAP's kernel counters, or why they cannot be read
 /// (which does not fail the port).
