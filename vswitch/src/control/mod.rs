@@ -886,10 +886,16 @@ impl Daemon {
 
     /// Whether the switch has the cluster's tables: always in static mode (they come with the
     /// config); in Kubernetes mode only once the first lists of Nodes, Services and
-    /// EndpointSlices have completed and been applied. Until then the DaemonSet does not write
+    /// EndpointSlices have completed and been applied, and not while every one of those watches
+    /// has failed for longer than [`k8s::API_AWAY_GRACE`] (the API server is away: the last
+    /// tables keep forwarding, but they may be stale). Until then the DaemonSet does not write
     /// the CNI conflist, so no pod starts against a switch that knows no peer or Service.
     pub fn synced(&self) -> bool {
-        !self.config.kubernetes.enabled || self.k8s_stats.get().is_some_and(|h| h.get().synced)
+        !self.config.kubernetes.enabled
+            || self.k8s_stats.get().is_some_and(|h| {
+                h.get()
+                    .ready_at(std::time::SystemTime::now(), k8s::API_AWAY_GRACE)
+            })
     }
 
     /// The node's settings that the paths through the switch need and that are wrong now

@@ -102,6 +102,24 @@ pub struct K8sStats {
     /// NetworkPolicies, Namespaces and Pods have been listed and the first policy inputs
     /// applied (false while the API server refuses one of those lists).
     pub policy_synced: bool,
+    /// Since when every watch of Nodes, Services and EndpointSlices has been failing (the API
+    /// server is away); None while one of them works.
+    pub api_away_since: Option<SystemTime>,
+}
+
+/// How long the API server may be away before vswitchd stops saying it is ready. Forwarding
+/// goes on with the last tables meanwhile and after; ready comes back with the next list.
+pub const API_AWAY_GRACE: Duration = Duration::from_secs(60);
+
+impl K8sStats {
+    /// Ready at `now`: the first tables were applied, and the API server has not been away
+    /// for longer than `grace`.
+    pub fn ready_at(&self, now: SystemTime, grace: Duration) -> bool {
+        let away_too_long = self
+            .api_away_since
+            .is_some_and(|t| now.duration_since(t).unwrap_or_default() > grace);
+        self.synced && !away_too_long
+    }
 }
 
 #[derive(Default)]
@@ -114,6 +132,32 @@ struct Counters {
     last_apply_ms: AtomicU64,
     synced: AtomicBool,
     policy_synced: AtomicBool,
+    /// Per table kind (Nodes, Services, EndpointSlices): since when its watch fails, in ms
+    /// since the epoch; 0 while it works.
+    failing_since_ms: [AtomicU64; 3],
+}
+
+impl Counters {
+    /// The watch of `kind` worked (`ok`) or failed now.
+    fn watch_health(&self, kind: Kind, ok: bool) {
+        let Some(i) = TABLE_KINDS.iter().position(|k| *k == kind) else {
+            return;
+        };
+        let since = &self.failing_since_ms[i];
+        if ok {
+            since.store(0, Ordering::Relaxed);
+        } else {
+            let now = now_ms().max(1);
+            let _ = since.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// A cheap handle on the watch's counters (e.g. for `/metrics`).
@@ -133,6 +177,16 @@ impl K8sStatsHandle {
             last_apply: (ms > 0).then(|| UNIX_EPOCH + Duration::from_millis(ms)),
             synced: c.synced.load(Ordering::Relaxed),
             policy_synced: c.policy_synced.load(Ordering::Relaxed),
+            api_away_since: {
+                let since: Vec<u64> = c
+                    .failing_since_ms
+                    .iter()
+                    .map(|a| a.load(Ordering::Relaxed))
+                    .collect();
+                since.iter().all(|&t| t > 0).then(|| {
+                    UNIX_EPOCH + Duration::from_millis(since.into_iter().max().unwrap_or(0))
+                })
+            },
         }
     }
 }
@@ -514,6 +568,7 @@ async fn drive<K>(
             }
             Ok(Event::InitApply(_)) => {}
             Ok(Event::InitDone) => {
+                stats.0.watch_health(kind, true);
                 if std::mem::take(&mut refused) {
                     tracing::info!("kubernetes: {kind}: the API server allows the list now");
                 }
@@ -521,9 +576,14 @@ async fn drive<K>(
                 shared.listed[kind as usize].store(true, Ordering::SeqCst);
                 shared.mark(kind);
             }
-            Ok(Event::Apply(_) | Event::Delete(_)) => shared.mark(kind),
+            Ok(Event::Apply(_) | Event::Delete(_)) => {
+                stats.0.watch_health(kind, true);
+                shared.mark(kind)
+            }
             Err(e) => {
                 stats.0.watch_errors.fetch_add(1, Ordering::Relaxed);
+                // A refusal is an answer: the server is there.
+                stats.0.watch_health(kind, refusal(&e).is_some());
                 match (&e, refusal(&e)) {
                     (_, Some(s)) if refused => tracing::debug!("kubernetes: {kind}: {s}"),
                     (_, Some(s)) => {
@@ -916,6 +976,31 @@ pub async fn start(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_api_is_away_only_while_every_table_watch_fails_and_ready_waits_out_the_grace() {
+        let h = K8sStatsHandle::default();
+        h.0.synced.store(true, Ordering::Relaxed);
+        let now = SystemTime::now();
+        assert!(h.get().ready_at(now, API_AWAY_GRACE));
+        // Services and EndpointSlices fail, Nodes still works: not away.
+        h.0.watch_health(Kind::Services, false);
+        h.0.watch_health(Kind::EndpointSlices, false);
+        // A policy kind does not count.
+        h.0.watch_health(Kind::Pods, false);
+        assert_eq!(h.get().api_away_since, None);
+        h.0.watch_health(Kind::Nodes, false);
+        let since = h.get().api_away_since.expect("every table watch fails");
+        // Ready through the grace, not after it.
+        assert!(h.get().ready_at(since + API_AWAY_GRACE, API_AWAY_GRACE));
+        assert!(!h.get().ready_at(since + API_AWAY_GRACE * 2, API_AWAY_GRACE));
+        // One watch back: ready again.
+        h.0.watch_health(Kind::Nodes, true);
+        assert!(h.get().ready_at(since + API_AWAY_GRACE * 2, API_AWAY_GRACE));
+        // Never ready before the first sync, API or not.
+        h.0.synced.store(false, Ordering::Relaxed);
+        assert!(!h.get().ready_at(now, API_AWAY_GRACE));
+    }
 
     #[test]
     fn only_a_refused_list_or_watch_is_a_refusal() {
