@@ -142,8 +142,8 @@ impl Drop for ApiServer {
     }
 }
 
-/// Creates `objects` (a `...List` whose items lack kind/apiVersion, as a list response has
-/// them, or one object) in `store`.
+/// Creates or replaces `objects` (a `...List` whose items lack kind/apiVersion, as a list
+/// response has them, or one object) in `store`, creating their namespaces as needed.
 pub fn load(store: &Store, objects: &Value) -> Result<usize, ApiError> {
     let kind = objects["kind"].as_str().unwrap_or("");
     let api_version = objects["apiVersion"].as_str().unwrap_or("");
@@ -171,11 +171,17 @@ pub fn load(store: &Store, objects: &Value) -> Result<usize, ApiError> {
                 store.create(nsr, None, obj)?;
             }
         }
-        match store.create(resource, ns.as_deref(), item) {
-            Ok(_) => n += 1,
-            Err(e) if e.code == 409 && resources::RESOURCES[resource].kind == "Namespace" => {}
-            Err(e) => return Err(e),
+        let key = (
+            resource,
+            ns.clone().unwrap_or_default(),
+            item["metadata"]["name"].as_str().unwrap_or("").to_string(),
+        );
+        if store.get(&key).is_some() {
+            store.update(&key, |_| Ok(item))?;
+        } else {
+            store.create(resource, ns.as_deref(), item)?;
         }
+        n += 1;
     }
     Ok(n)
 }
