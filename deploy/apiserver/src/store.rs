@@ -428,19 +428,15 @@ impl Store {
                 }
                 obj["status"]["phase"] = json!("Active");
             }
-            "Pod" => {
-                if obj["status"]["phase"].is_null() {
-                    obj["status"]["phase"] = json!("Pending");
-                }
+            "Pod" if obj["status"]["phase"].is_null() => {
+                obj["status"]["phase"] = json!("Pending");
             }
-            "NetworkPolicy" => {
-                if obj["spec"]["policyTypes"].is_null() && obj["spec"].is_object() {
-                    let mut t = vec!["Ingress"];
-                    if !obj["spec"]["egress"].is_null() {
-                        t.push("Egress");
-                    }
-                    obj["spec"]["policyTypes"] = json!(t);
+            "NetworkPolicy" if obj["spec"]["policyTypes"].is_null() && obj["spec"].is_object() => {
+                let mut t = vec!["Ingress"];
+                if !obj["spec"]["egress"].is_null() {
+                    t.push("Egress");
                 }
+                obj["spec"]["policyTypes"] = json!(t);
             }
             "Service" => self.service_defaults(g, r, &name, old, obj)?,
             _ => {}

@@ -137,7 +137,7 @@ impl Lab {
             &ApiServerState::pid_file(&self.dir),
             format!("{}\n", child.id()),
         )?;
-        self.apiserver = Some(st.clone());
+        self.apiserver = Some(Box::new(st.clone()));
         self.save()?;
         let started = Instant::now();
         while !st.address_file.exists() {
@@ -163,7 +163,7 @@ impl Lab {
 
     /// The stand-in of a lab in Kubernetes mode, or an error saying the lab is not one.
     pub fn apiserver(&self) -> Result<&ApiServerState, LabError> {
-        self.apiserver.as_ref().ok_or_else(|| {
+        self.apiserver.as_deref().ok_or_else(|| {
             LabError::InvalidSpec(format!(
                 "lab {} is not in Kubernetes mode (start it with `vswitch-lab up --kubernetes`)",
                 self.name

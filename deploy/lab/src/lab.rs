@@ -274,7 +274,7 @@ pub struct Lab {
     pub services: Vec<conf::config::ServiceSpec>,
     /// Kubernetes mode (`up --kubernetes`): the API server stand-in every vswitchd watches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub apiserver: Option<crate::kube::ApiServerState>,
+    pub apiserver: Option<Box<crate::kube::ApiServerState>>,
 }
 
 impl Lab {
@@ -1384,6 +1384,7 @@ mod tests {
                 labels: Default::default(),
             }],
             services: Vec::new(),
+            apiserver: None,
             dir,
         }
     }
