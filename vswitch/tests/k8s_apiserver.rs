@@ -316,3 +316,76 @@ async fn policy_inputs_follow_pods_through_the_field_selector() {
         .expect("web pod");
     assert_eq!(canary.1.labels.get("canary"), Some("true"));
 }
+
+fn counted(server: &ApiServer, plural: &str, watches: bool) -> usize {
+    let r = ApiServer::resource(plural).expect("a served kind");
+    let f = server.faults();
+    if watches {
+        f.watches[r]
+    } else {
+        f.lists[r]
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_applied_until_every_list_has_completed() {
+    let server = stand_in().await;
+    // The EndpointSlice list fails first (500, as when etcd times out): retried with backoff.
+    server.faults().fail_lists[ApiServer::resource("endpointslices").unwrap()] = 1;
+    let rec = Arc::new(Recorder::default());
+    let watch = K8sWatch::spawn(client(&server), settings(), rec.clone());
+    wait_until("the failed list", Duration::from_secs(5), || {
+        watch.stats().watch_errors >= 1
+    })
+    .await;
+    wait_until("the node and service lists", Duration::from_secs(5), || {
+        counted(&server, "nodes", false) >= 1 && counted(&server, "services", false) >= 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        rec.peers().is_empty() && rec.services().is_empty(),
+        "a table was applied before the EndpointSlices were listed"
+    );
+    assert!(!watch.stats().synced);
+    converged(&rec, &server.store, "the first tables").await;
+    assert_eq!(rec.services().len(), 1, "one complete Service table");
+    assert_eq!(counted(&server, "endpointslices", false), 2);
+    let stats = watch.stats();
+    assert!(stats.synced);
+    assert_eq!(stats.watch_errors, 1);
+    assert_eq!(
+        stats.relists, 0,
+        "a failed first list is a retry, not a relist"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forbidden_networkpolicies_cost_only_policy() {
+    let server = stand_in().await;
+    // A cluster whose ClusterRole predates NetworkPolicy support: 403 with the server's Status.
+    let netpol = ApiServer::resource("networkpolicies").unwrap();
+    server.faults().forbidden[netpol] = true;
+    let rec = Arc::new(Recorder::default());
+    let watch = K8sWatch::spawn(client(&server), settings(), rec.clone());
+    converged(&rec, &server.store, "the first tables").await;
+    wait_until("a retried list", Duration::from_secs(10), || {
+        counted(&server, "networkpolicies", false) >= 2
+    })
+    .await;
+    assert!(
+        rec.last_policy().is_none(),
+        "policy applied without its policies"
+    );
+    let stats = watch.stats();
+    assert!(stats.synced && !stats.policy_synced, "{stats:?}");
+
+    // The ClusterRole is updated: the retried list succeeds, no restart needed.
+    server.faults().forbidden[netpol] = false;
+    wait_until("the policy inputs", Duration::from_secs(30), || {
+        rec.last_policy().is_some()
+    })
+    .await;
+    assert!(watch.stats().policy_synced);
+    assert_eq!((rec.peers().len(), rec.services().len()), (1, 1));
+}

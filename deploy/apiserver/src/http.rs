@@ -40,9 +40,52 @@ impl Default for Settings {
     }
 }
 
+/// Faults a test injects, and what the server counted, per resource (index in RESOURCES).
+#[derive(Debug)]
+pub struct Faults {
+    /// Lists (and watches) answered 403 Forbidden, as for a ClusterRole without the kind.
+    pub forbidden: Vec<bool>,
+    /// Lists still to answer 500 before answering properly (etcd timing out).
+    pub fail_lists: Vec<usize>,
+    /// Lists and watches served (or refused), per resource.
+    pub lists: Vec<usize>,
+    pub watches: Vec<usize>,
+}
+
+impl Faults {
+    pub(crate) fn new() -> Faults {
+        let n = RESOURCES.len();
+        Faults {
+            forbidden: vec![false; n],
+            fail_lists: vec![0; n],
+            lists: vec![0; n],
+            watches: vec![0; n],
+        }
+    }
+}
+
+/// The fault an injected setting makes of a list or watch of `resource`, counting it.
+fn injected(app: &App, resource: usize, watch: bool) -> Option<ApiError> {
+    let mut f = app.faults.lock().unwrap_or_else(|p| p.into_inner());
+    if watch {
+        f.watches[resource] += 1;
+    } else {
+        f.lists[resource] += 1;
+    }
+    if f.forbidden[resource] {
+        return Some(ApiError::forbidden(&RESOURCES[resource]));
+    }
+    if !watch && f.fail_lists[resource] > 0 {
+        f.fail_lists[resource] -= 1;
+        return Some(ApiError::internal("etcdserver: request timed out"));
+    }
+    None
+}
+
 #[derive(Clone)]
 pub(crate) struct App {
     pub store: Store,
+    pub faults: Arc<std::sync::Mutex<Faults>>,
     pub settings: Settings,
     /// Until when (ms since `epoch`) every request gets 503, after a `restart`.
     pub down_until_ms: Arc<AtomicU64>,
@@ -174,7 +217,10 @@ async fn handle(
             },
             &Method::GET,
         ) => {
-            if q.get("watch").is_some_and(|w| w == "true" || w == "1") {
+            let is_watch = q.get("watch").is_some_and(|w| w == "true" || w == "1");
+            if let Some(e) = injected(&app, resource, is_watch) {
+                Err(e)
+            } else if is_watch {
                 watch(&app, resource, namespace, &q)
             } else {
                 list(&app, resource, namespace.as_deref(), &q)
@@ -226,6 +272,24 @@ fn control(app: &App, method: &Method, what: &str, q: &HashMap<String, String>) 
         "cut-watches" => {
             app.store.cut_watches();
             json_response(200, &json!({"cut": true}))
+        }
+        "forbid" | "fail-lists" => {
+            let Some(r) = q
+                .get("resource")
+                .and_then(|p| RESOURCES.iter().position(|r| r.plural == p))
+            else {
+                return error(ApiError::bad_request(
+                    "resource: a plural the stand-in serves",
+                ));
+            };
+            let n: usize = q.get("count").and_then(|c| c.parse().ok()).unwrap_or(1);
+            let mut f = app.faults.lock().unwrap_or_else(|p| p.into_inner());
+            if what == "forbid" {
+                f.forbidden[r] = q.get("on").is_none_or(|o| o != "false");
+            } else {
+                f.fail_lists[r] = n;
+            }
+            json_response(200, &json!({"resource": RESOURCES[r].plural}))
         }
         "restart" => {
             let down: u64 = q.get("down_ms").and_then(|d| d.parse().ok()).unwrap_or(500);

@@ -20,7 +20,7 @@ pub mod store;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -28,7 +28,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-pub use http::Settings;
+pub use http::{Faults, Settings};
 pub use status::ApiError;
 pub use store::Store;
 
@@ -56,6 +56,7 @@ impl Default for Options {
 pub struct ApiServer {
     pub addr: SocketAddr,
     pub store: Store,
+    faults: Arc<Mutex<Faults>>,
     options: Options,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
@@ -68,16 +69,36 @@ impl ApiServer {
         ApiServer::serve(addr, store, options).await
     }
 
+    /// Injected faults and the per-kind counts of lists and watches, shared by restarts.
+    pub fn faults(&self) -> std::sync::MutexGuard<'_, Faults> {
+        self.faults.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The index of `plural` (any group) in [`resources::RESOURCES`], for [`ApiServer::faults`].
+    pub fn resource(plural: &str) -> Option<usize> {
+        resources::RESOURCES.iter().position(|r| r.plural == plural)
+    }
+
     /// Serves `store` on `addr`.
     pub async fn serve(
         addr: SocketAddr,
         store: Store,
         options: Options,
     ) -> std::io::Result<ApiServer> {
+        ApiServer::serve_with(addr, store, options, Arc::new(Mutex::new(Faults::new()))).await
+    }
+
+    async fn serve_with(
+        addr: SocketAddr,
+        store: Store,
+        options: Options,
+        faults: Arc<Mutex<Faults>>,
+    ) -> std::io::Result<ApiServer> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let app = http::App {
             store: store.clone(),
+            faults: faults.clone(),
             settings: options.settings.clone(),
             down_until_ms: Arc::new(AtomicU64::new(0)),
             epoch: Instant::now(),
@@ -95,6 +116,7 @@ impl ApiServer {
         Ok(ApiServer {
             addr,
             store,
+            faults,
             options,
             stop: Some(stop),
             task: Some(task),
@@ -122,7 +144,13 @@ impl ApiServer {
     pub async fn restart(&mut self, down: Duration) -> std::io::Result<()> {
         self.stop().await;
         tokio::time::sleep(down).await;
-        let again = ApiServer::serve(self.addr, self.store.clone(), self.options.clone()).await?;
+        let again = ApiServer::serve_with(
+            self.addr,
+            self.store.clone(),
+            self.options.clone(),
+            self.faults.clone(),
+        )
+        .await?;
         *self = again;
         Ok(())
     }

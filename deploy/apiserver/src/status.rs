@@ -82,6 +82,25 @@ impl ApiError {
         )
     }
 
+    /// What the server answers a service account its ClusterRole does not cover.
+    pub fn forbidden(r: &Resource) -> ApiError {
+        let mut e = ApiError::new(
+            403,
+            "Forbidden",
+            format!(
+                "{} is forbidden: User \"system:serviceaccount:vswitch:vswitch\" cannot list \
+                 resource \"{}\" in API group \"{}\" at the cluster scope",
+                r.plural, r.plural, r.group
+            ),
+        );
+        e.details = Some((String::new(), r.plural.to_string()));
+        e
+    }
+
+    pub fn internal(msg: &str) -> ApiError {
+        ApiError::new(500, "InternalError", msg.to_string())
+    }
+
     pub fn bad_request(msg: &str) -> ApiError {
         ApiError::new(400, "BadRequest", msg.to_string())
     }
