@@ -196,6 +196,14 @@ async fn handle(
     if matches!(path, "/healthz" | "/livez" | "/readyz") {
         return "ok".into_response();
     }
+    if path == "/openapi/v2" && method == Method::GET {
+        let ct = "application/octet-stream";
+        return (
+            [(header::CONTENT_TYPE, ct)],
+            resources::openapi_v2_protobuf(),
+        )
+            .into_response();
+    }
     let now_ms = app.epoch.elapsed().as_millis() as u64;
     if now_ms < app.down_until_ms.load(Ordering::SeqCst) {
         return error(ApiError::unavailable());

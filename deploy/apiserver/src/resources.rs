@@ -281,6 +281,27 @@ pub fn openapi_v3_group(path: &str) -> Option<Value> {
     }))
 }
 
+/// `/openapi/v2` as the protobuf kubectl before 1.27 (Debian's 1.20) asks for and decodes
+/// before `apply`: a gnostic `openapi_v2.Document` with `swagger` (field 1), `info` (2: title,
+/// version) and an empty `paths` (8), hand-encoded. It holds no schemas: kubectl then finds no
+/// schema for a kind and leaves it unvalidated (see the README's limits).
+pub fn openapi_v2_protobuf() -> Vec<u8> {
+    fn field(out: &mut Vec<u8>, number: u8, bytes: &[u8]) {
+        out.push(number << 3 | 2);
+        // Every length here is below 128: one varint byte.
+        out.push(bytes.len() as u8);
+        out.extend_from_slice(bytes);
+    }
+    let mut info = Vec::new();
+    field(&mut info, 1, b"Kubernetes (vswitch-apiserver stand-in)");
+    field(&mut info, 2, b"v1.35.0");
+    let mut doc = Vec::new();
+    field(&mut doc, 1, b"2.0");
+    field(&mut doc, 2, &info);
+    field(&mut doc, 8, &[]);
+    doc
+}
+
 /// `/version`.
 pub fn version() -> Value {
     json!({

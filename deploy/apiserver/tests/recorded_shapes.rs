@@ -468,6 +468,10 @@ async fn discovery_answers_what_kubectl_reads() {
         .unwrap();
     let (code, doc) = get(&addr, url).await;
     assert_eq!((code, doc["openapi"].as_str()), (200, Some("3.0.0")));
+    // kubectl before 1.27 decodes /openapi/v2 as protobuf: swagger "2.0" first.
+    let (code, v2) = request(&addr, "GET", "/openapi/v2", "application/json", "").await;
+    assert_eq!(code, 200);
+    assert!(v2.as_bytes().starts_with(b"\x0a\x032.0\x12"), "{v2:?}");
     let (_, version) = get(&addr, "/version").await;
     assert_eq!(version["major"], "1");
 }
