@@ -9,6 +9,8 @@
 //! 2. A node leaves (its Node object deleted: the others drop it as a peer, its pods become
 //!    unreachable) and joins again (the Node object re-created: its vswitchd publishes its
 //!    VTEP again, the others take it back).
+//! 3. NetworkPolicy from the API: a policy applied with kubectl isolates a pod, a label
+//!    changed on the client's Pod object admits it, the policy deleted admits all.
 //!
 //! Needs root, iproute2, curl, python3, ss and kubectl (Debian's kubernetes-client). Every test
 //! builds its own lab with a unique name and tears it down on drop, also when it fails; every
@@ -19,7 +21,7 @@ use std::fs;
 use std::time::Duration;
 
 use conf::api::{PeersResponse, ServicesResponse, PATH_PEERS, PATH_SERVICES};
-use vswitch_lab::{LabGuard, LabSpec, Node, Pod};
+use vswitch_lab::{LabGuard, LabSpec, Node, Pod, PodOptions};
 use vswitch_tests::{exec_in, python, require_root, unique, wait_until, Bg, TempDir};
 
 /// How long a change in the API may take to reach traffic: the watch delivers in
@@ -338,4 +340,66 @@ fn a_node_leaves_and_joins_through_its_node_object() {
         log_tail(n3)
     );
     vswitch_tests::assert_ping(&client.netns, far.ip);
+}
+
+/// Whether one ping from `ns` to `ip` is answered.
+fn answers(ns: &str, ip: std::net::IpAddr) -> bool {
+    vswitch_tests::ping(ns, ip, 1).success()
+}
+
+#[test]
+fn network_policy_from_the_api_isolates_a_pod_and_follows_labels() {
+    let mut lab = k8s_lab(2);
+    let opts = PodOptions {
+        namespace: "shop".into(),
+        labels: [("app".to_string(), "web".to_string())].into(),
+    };
+    let web = lab
+        .add_pod_with(2, "web", &opts)
+        .unwrap_or_else(|e| panic!("add pod web: {e}"))
+        .clone();
+    // The lab's pods are Pod objects in the API, named as the lab names them.
+    let pods = kubectl(&lab, &["get", "pods", "-A", "-o", "name"]);
+    for p in ["pod/n1-p1", "pod/n2-p1", "pod/n2-web"] {
+        assert!(pods.contains(p), "{p} missing: {pods}");
+    }
+    let client = lab.pod("n1-p1").clone();
+    assert!(answers(&client.netns, web.ip), "web before any policy");
+
+    let dir = TempDir::new(&lab.name);
+    let file = dir.join("policy.yaml");
+    fs::write(
+        &file,
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: clients-only\n  \
+         namespace: shop\nspec:\n  podSelector:\n    matchLabels:\n      app: web\n  ingress:\n  \
+         - from:\n    - namespaceSelector: {}\n      podSelector:\n        matchLabels:\n          \
+         role: client\n",
+    )
+    .unwrap();
+    let out = lab
+        .apply(&file)
+        .unwrap_or_else(|e| panic!("apply the policy: {e}"));
+    assert!(out.iter().any(|l| l.contains("created")), "{out:?}");
+    let denied = wait_until(APPLY_TIMEOUT, || !answers(&client.netns, web.ip));
+    assert!(
+        denied,
+        "the policy does not isolate web\n{}",
+        log_tail(lab.node("n2"))
+    );
+
+    // The client's Pod object gains role=client: admitted.
+    lab.label("n1-p1", &["role=client".to_string()])
+        .unwrap_or_else(|e| panic!("label: {e}"));
+    let admitted = wait_until(APPLY_TIMEOUT, || answers(&client.netns, web.ip));
+    assert!(admitted, "a client labelled role=client is not admitted");
+    lab.label("n1-p1", &["role-".to_string()])
+        .unwrap_or_else(|e| panic!("label: {e}"));
+    let denied = wait_until(APPLY_TIMEOUT, || !answers(&client.netns, web.ip));
+    assert!(denied, "the label removed, the client is still admitted");
+
+    // The policy deleted: web is open again.
+    lab.delete(&file)
+        .unwrap_or_else(|e| panic!("delete the policy: {e}"));
+    let open = wait_until(APPLY_TIMEOUT, || answers(&client.netns, web.ip));
+    assert!(open, "web stays isolated after its policy was deleted");
 }

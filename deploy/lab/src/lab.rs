@@ -639,7 +639,7 @@ impl Lab {
         });
         self.save()?;
         let pod = &self.pods[self.pods.len() - 1];
-        crate::policy::write_pod_manifest(&self.dir, pod)?;
+        self.publish_pod(pod)?;
         Ok(pod)
     }
 
@@ -720,7 +720,7 @@ impl Lab {
             message,
         })?;
         sys::netns_del(&pod.netns)?;
-        crate::policy::remove_pod_manifest(&self.dir, &pod);
+        self.unpublish_pod(&pod);
         self.pods.retain(|p| p.name != pod.name);
         self.save()
     }
