@@ -202,11 +202,16 @@ fn manifests(backends: &[&Pod]) -> String {
 
 #[test]
 fn a_service_applied_with_kubectl_is_reached_scaled_survives_an_api_restart_and_goes() {
-    let lab = k8s_lab(3);
+    let mut lab = k8s_lab(3);
     let dir = TempDir::new(&lab.name);
     let script = dir.join("srv.py");
     fs::write(&script, SERVER).unwrap();
-    let (client, b2, b3) = (lab.pod("n1-p1"), lab.pod("n2-p1"), lab.pod("n3-p1"));
+    let (client, b2, b3) = (
+        lab.pod("n1-p1").clone(),
+        lab.pod("n2-p1").clone(),
+        lab.pod("n3-p1").clone(),
+    );
+    let (b2, b3) = (&b2, &b3);
     let _servers = [server(&script, b2), server(&script, b3)];
     let url = format!("http://{CLUSTER_IP}/");
     let file = dir.join("web.yaml");
@@ -297,6 +302,30 @@ fn a_service_applied_with_kubectl_is_reached_scaled_survives_an_api_restart_and_
     });
     assert!(gone, "the deleted Service is still served");
     assert_eq!(who(&client.netns, &url, 1), [None]);
+
+    // The lab's add-service goes through the API too (a Service and its EndpointSlice), and
+    // returns once every node serves it; del-service deletes them.
+    let args = vswitch_lab::services::ServiceArgs {
+        name: "api".into(),
+        ports: vec![format!("80:{HTTP_PORT}").parse().expect("port")],
+        endpoints: vec![b3.name.clone()],
+        cluster_ip: None,
+        node_port: None,
+    };
+    let spec = lab
+        .add_service(&args)
+        .unwrap_or_else(|e| panic!("add-service: {e}"));
+    let vip = spec.cluster_ips[0];
+    let objects = kubectl(&lab, &["get", "services,endpointslices", "-o", "name"]);
+    assert!(objects.contains("service/api"), "{objects}");
+    assert_eq!(
+        who(&client.netns, &format!("http://{vip}/"), 2),
+        vec![Some(b3.name.clone()); 2]
+    );
+    lab.del_service("api")
+        .unwrap_or_else(|e| panic!("del-service: {e}"));
+    let objects = kubectl(&lab, &["get", "services", "-o", "name"]);
+    assert!(!objects.contains("service/api"), "{objects}");
 }
 
 #[test]

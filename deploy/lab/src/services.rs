@@ -173,6 +173,15 @@ impl Lab {
     /// back and the error says why.
     fn set_services(&mut self, services: Vec<ServiceSpec>) -> Result<(), LabError> {
         let before = std::mem::take(&mut self.services);
+        if self.apiserver.is_some() {
+            return match self.put_services(services.clone(), &before) {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    let _ = self.put_services(before, &services);
+                    Err(e)
+                }
+            };
+        }
         match self.write_services(services) {
             Ok(()) => Ok(()),
             Err(e) => {
@@ -184,9 +193,6 @@ impl Lab {
     }
 
     fn write_services(&mut self, services: Vec<ServiceSpec>) -> Result<(), LabError> {
-        if self.apiserver.is_some() {
-            return self.put_services(services);
-        }
         let texts = self
             .nodes
             .iter()
@@ -208,9 +214,12 @@ impl Lab {
     /// server, those no longer wanted deleted, then the same wait for every vswitchd (which
     /// now learns them through its watch). Only the lab's own Services are compared: others
     /// may have been applied with kubectl.
-    fn put_services(&mut self, services: Vec<ServiceSpec>) -> Result<(), LabError> {
-        let gone: Vec<String> = self
-            .services
+    fn put_services(
+        &mut self,
+        services: Vec<ServiceSpec>,
+        before: &[ServiceSpec],
+    ) -> Result<(), LabError> {
+        let gone: Vec<String> = before
             .iter()
             .filter(|s| !services.iter().any(|n| n.name == s.name))
             .map(|s| s.name.clone())
@@ -237,7 +246,7 @@ impl Lab {
         }
         let ours: Vec<String> = services
             .iter()
-            .chain(&self.services)
+            .chain(before)
             .map(|s| s.name.clone())
             .collect();
         self.services = services;
