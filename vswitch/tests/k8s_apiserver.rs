@@ -389,3 +389,79 @@ async fn forbidden_networkpolicies_cost_only_policy() {
     assert!(watch.stats().policy_synced);
     assert_eq!((rec.peers().len(), rec.services().len()), (1, 1));
 }
+
+/// A Service `svc-{i}` in `default` with one EndpointSlice whose endpoint is 10.244.{a}.{b}.
+fn service_and_slice(i: u32, endpoint_host: u32) -> (Value, Value) {
+    let name = format!("svc-{i}");
+    let ip = format!("10.104.{}.{}", i / 250, 1 + i % 250);
+    let ep = format!("10.244.1.{}", 2 + endpoint_host % 250);
+    let svc = serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"clusterIP": ip, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
+    });
+    let slice = serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("{name}-a"), "namespace": "default",
+            "labels": {"kubernetes.io/service-name": name}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [{"addresses": [ep], "conditions": {"ready": true}, "nodeName": "node-b"}]
+    });
+    (svc, slice)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_larger_than_a_page_and_relists_during_writes_converge() {
+    let server = stand_in().await;
+    let store = server.store.clone();
+    // 1,200 Services and EndpointSlices: kube-rs lists 500 a page, so three pages each, with
+    // continue tokens.
+    const N: u32 = 1200;
+    for i in 0..N {
+        let (svc, slice) = service_and_slice(i, i);
+        server.load(&svc).expect("service");
+        server.load(&slice).expect("slice");
+    }
+    let rec = Arc::new(Recorder::default());
+    let watch = K8sWatch::spawn(client(&server), settings(), rec.clone());
+    converged(&rec, &store, "the first tables of 1,200 Services").await;
+    assert_eq!(
+        rec.services().len(),
+        1,
+        "the paged list is applied whole, once"
+    );
+    assert_eq!(counted(&server, "endpointslices", false), 3, "three pages");
+    let base = rec.services()[0].len();
+    assert!(base >= N as usize, "{base} Services");
+
+    // Endpoints keep changing while the log is compacted and every watch cut, twice: the
+    // watches come back to 410 Gone and relist in the middle of the writes.
+    let writer = {
+        let server_store = store.clone();
+        tokio::spawn(async move {
+            for round in 1..=300u32 {
+                let i = round % N;
+                let (_, slice) = service_and_slice(i, i + round);
+                vswitch_apiserver::load(&server_store, &slice).expect("slice");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        store.compact();
+        store.cut_watches();
+    }
+    writer.await.expect("writer");
+    converged(&rec, &store, "the tables after the writes and relists").await;
+    let stats = watch.stats();
+    assert!(stats.relists >= 2, "{stats:?}");
+    // Every table handed over was whole: never fewer Services than there are.
+    let sizes: Vec<usize> = rec.services().iter().map(Vec::len).collect();
+    assert!(sizes.iter().all(|s| *s == base), "{sizes:?}");
+    eprintln!(
+        "{} Service tables applied during 300 writes and 2 relists: {stats:?}",
+        sizes.len()
+    );
+}

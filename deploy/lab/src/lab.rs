@@ -1474,6 +1474,20 @@ mod tests {
     }
 
     #[test]
+    fn status_json_names_the_api_server_in_kubernetes_mode() {
+        let mut lab = sample();
+        lab.apiserver = Some(Box::new(crate::kube::ApiServerState::plan(
+            &lab.dir,
+            &lab.fabric_netns,
+        )));
+        let v = serde_json::to_value(lab.status()).unwrap();
+        assert_eq!(v["apiserver"], "192.168.100.254:6443");
+        assert_eq!(v["kubeconfig"], "/run/vswitch-lab/vsl/kubeconfig");
+        let back = Lab::from_json(&lab.to_json()).unwrap();
+        assert_eq!(back, lab, "the state round-trips with the API server in it");
+    }
+
+    #[test]
     fn binaries_must_all_exist() {
         let dir = std::env::temp_dir().join(format!("vswitch-lab-bins-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
