@@ -185,10 +185,14 @@ async fn handle(
     State(app): State<App>,
     method: Method,
     uri: Uri,
-    Query(q): Query<HashMap<String, String>>,
+    query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let q = match query {
+        Ok(Query(q)) => q,
+        Err(e) => return error(ApiError::bad_request(&format!("the query: {e}"))),
+    };
     let path = uri.path();
     if let Some(ctl) = path.strip_prefix("/_standin/") {
         return control(&app, &method, ctl, &q);
@@ -260,7 +264,7 @@ async fn handle(
             m,
         ) => {
             let key: Key = (resource, namespace.clone().unwrap_or_default(), name);
-            object(&app, key, m, &headers, &body, &q)
+            object(&app, key, m, &headers, &body)
         }
         _ => Err(ApiError::method_not_allowed()),
     };
@@ -327,7 +331,6 @@ fn object(
     method: &Method,
     headers: &HeaderMap,
     body: &[u8],
-    q: &HashMap<String, String>,
 ) -> Result<Response, ApiError> {
     let r = &RESOURCES[key.0];
     let ns = (!key.1.is_empty()).then_some(key.1.as_str());
@@ -354,6 +357,14 @@ fn object(
                 .unwrap_or("")
                 .trim()
                 .to_string();
+            if !matches!(
+                ct.as_str(),
+                "application/merge-patch+json"
+                    | "application/apply-patch+yaml"
+                    | "application/strategic-merge-patch+json"
+            ) {
+                return Err(ApiError::unsupported_media(&ct));
+            }
             let p = parse_body(body)?;
             if !p.is_object() {
                 return Err(ApiError::bad_request("the patch is not a JSON object"));
@@ -376,7 +387,6 @@ fn object(
                 return Ok(json_response(201, &o));
             }
             let o = app.store.update(&key, |old| apply(old, &p))?;
-            let _ = q;
             Ok(json_response(200, &o))
         }
         Method::DELETE => {
@@ -657,7 +667,6 @@ fn watch(
     namespace: Option<String>,
     q: &HashMap<String, String>,
 ) -> Result<Response, ApiError> {
-    let r = &RESOURCES[resource];
     let filter = Filter::new(resource, namespace, q)?;
     let from = match q.get("resourceVersion").map(String::as_str) {
         None | Some("") | Some("0") => None,
@@ -710,7 +719,6 @@ fn watch(
             w.pending.push_back(line(typ.as_str(), &obj));
         }
     }
-    let _ = r;
     let stream = futures::stream::unfold(w, |mut w| async move {
         let l = w.next().await?;
         Some((Ok::<_, Infallible>(l), w))
