@@ -126,6 +126,9 @@ pub struct Node {
     /// `datapath.busy_poll_us`, when not vswitchd's default.
     #[serde(default)]
     pub busy_poll_us: Option<u32>,
+    /// Kubernetes mode: the kubeconfig vswitchd watches the lab's API server with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubeconfig: Option<PathBuf>,
 }
 
 fn one() -> u32 {
@@ -151,6 +154,7 @@ impl Node {
             workers: 1,
             cpus: Vec::new(),
             busy_poll_us: None,
+            kubeconfig: None,
             dir,
         }
     }
@@ -268,6 +272,9 @@ pub struct Lab {
     /// Services added with `add-service`, in every node's config.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<conf::config::ServiceSpec>,
+    /// Kubernetes mode (`up --kubernetes`): the API server stand-in every vswitchd watches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apiserver: Option<Box<crate::kube::ApiServerState>>,
 }
 
 impl Lab {
@@ -342,6 +349,7 @@ impl Lab {
             nodes: Vec::new(),
             pods: Vec::new(),
             services: Vec::new(),
+            apiserver: None,
         };
         match lab.build(&spec, &bins, opts) {
             Ok(()) => Ok(lab),
@@ -389,14 +397,25 @@ impl Lab {
         sys::ip(&["-n", &fab, "link", "set", spec::FABRIC_BRIDGE, "up"])?;
 
         let names = Names(&spec.name);
+        let kubeconfig = spec
+            .kubernetes
+            .then(|| crate::kube::ApiServerState::plan(&self.dir, &self.fabric_netns).kubeconfig);
         let planned: Vec<Node> = (1..=spec.nodes)
             .map(|i| Node {
                 workers: spec.workers,
                 cpus: spec.cpus.clone(),
                 busy_poll_us: spec.busy_poll_us,
+                kubeconfig: kubeconfig.clone(),
                 ..Node::plan(names, i, &self.dir)
             })
             .collect();
+        if spec.kubernetes {
+            let exe = self.bin_dir.join(crate::kube::APISERVER);
+            if !exe.is_file() {
+                return Err(LabError::BinaryMissing { path: exe });
+            }
+            self.start_apiserver(&exe, &planned)?;
+        }
         let mut daemons: Vec<(usize, Child, Instant)> = Vec::new();
         for node in &planned {
             self.nodes.push(node.clone());
@@ -620,7 +639,7 @@ impl Lab {
         });
         self.save()?;
         let pod = &self.pods[self.pods.len() - 1];
-        crate::policy::write_pod_manifest(&self.dir, pod)?;
+        self.publish_pod(pod)?;
         Ok(pod)
     }
 
@@ -706,7 +725,7 @@ impl Lab {
             message,
         })?;
         sys::netns_del(&pod.netns)?;
-        crate::policy::remove_pod_manifest(&self.dir, &pod);
+        self.unpublish_pod(&pod);
         self.pods.retain(|p| p.name != pod.name);
         self.save()
     }
@@ -853,6 +872,8 @@ impl Lab {
             nodes,
             pods,
             policy_dir: self.policy_dir(),
+            apiserver: self.apiserver.as_ref().map(|a| a.address.clone()),
+            kubeconfig: self.apiserver.as_ref().map(|a| a.kubeconfig.clone()),
         }
     }
 
@@ -1130,6 +1151,26 @@ impl Lab {
             }
         }
 
+        // The API server stand-in (Kubernetes mode), by its pid file: the process whose
+        // arguments name this lab's address file.
+        let api_addr = crate::kube::ApiServerState::plan(&dir, &names.fabric_netns()).address_file;
+        let api_pids: Vec<u32> = state
+            .as_ref()
+            .and_then(|l| l.apiserver.as_ref())
+            .and_then(|a| a.pid)
+            .into_iter()
+            .chain(
+                fs::read_to_string(crate::kube::ApiServerState::pid_file(&dir))
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok()),
+            )
+            .collect();
+        for pid in api_pids {
+            if let Err(e) = sys::stop_process(pid, api_addr.as_os_str(), STOP_GRACE) {
+                problems.push(format!("API server stand-in: {e}"));
+            }
+        }
+
         // Whatever else still runs in the lab's namespaces (a server started with `exec`): a
         // namespace with a process in it outlives `ip netns del`, and the process with it. All
         // namespaces at once, so they share one grace period.
@@ -1352,6 +1393,7 @@ mod tests {
                 labels: Default::default(),
             }],
             services: Vec::new(),
+            apiserver: None,
             dir,
         }
     }
@@ -1438,6 +1480,20 @@ mod tests {
         assert_eq!(v["nodes"][0]["ready"], false);
         assert_eq!(v["nodes"][1]["pid"], Value::Null);
         assert_eq!(v["pods"][0]["ip"], "10.244.1.2");
+    }
+
+    #[test]
+    fn status_json_names_the_api_server_in_kubernetes_mode() {
+        let mut lab = sample();
+        lab.apiserver = Some(Box::new(crate::kube::ApiServerState::plan(
+            &lab.dir,
+            &lab.fabric_netns,
+        )));
+        let v = serde_json::to_value(lab.status()).unwrap();
+        assert_eq!(v["apiserver"], "192.168.100.254:6443");
+        assert_eq!(v["kubeconfig"], "/run/vswitch-lab/vsl/kubeconfig");
+        let back = Lab::from_json(&lab.to_json()).unwrap();
+        assert_eq!(back, lab, "the state round-trips with the API server in it");
     }
 
     #[test]

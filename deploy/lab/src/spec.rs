@@ -50,6 +50,9 @@ pub struct LabSpec {
     pub cpus: Vec<u32>,
     /// Every node's `datapath.busy_poll_us` (None: vswitchd's default).
     pub busy_poll_us: Option<u32>,
+    /// Kubernetes mode: an API server stand-in on the fabric, and every vswitchd watching it
+    /// (`[kubernetes] enabled`) instead of static peers and Services.
+    pub kubernetes: bool,
 }
 
 impl Default for LabSpec {
@@ -61,6 +64,7 @@ impl Default for LabSpec {
             workers: 1,
             cpus: Vec::new(),
             busy_poll_us: None,
+            kubernetes: false,
         }
     }
 }
@@ -74,6 +78,15 @@ impl LabSpec {
             workers: 1,
             cpus: Vec::new(),
             busy_poll_us: None,
+            kubernetes: false,
+        }
+    }
+
+    /// The same lab in Kubernetes mode (see [`LabSpec::kubernetes`]).
+    pub fn with_kubernetes(self) -> Self {
+        LabSpec {
+            kubernetes: true,
+            ..self
         }
     }
 
@@ -98,6 +111,15 @@ impl LabSpec {
             return Err(LabError::InvalidSpec(format!(
                 "--nodes {} is out of range 1..={MAX_NODES}",
                 self.nodes
+            )));
+        }
+        if self.kubernetes && self.nodes >= MAX_NODES {
+            return Err(LabError::InvalidSpec(format!(
+                "--nodes {} with --kubernetes: at most {} (the API server takes the fabric's \
+                 last address, {})",
+                self.nodes,
+                MAX_NODES - 1,
+                crate::kube::APISERVER_IP
             )));
         }
         if self.pods_per_node > MAX_PODS_PER_NODE {

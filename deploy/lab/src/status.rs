@@ -19,6 +19,12 @@ pub struct LabStatus {
     /// (`vswitch-lab apply -f`).
     #[serde(default)]
     pub policy_dir: PathBuf,
+    /// Kubernetes mode only: the API server stand-in's address (on the fabric, reachable
+    /// from every node namespace and the fabric's) and a kubeconfig for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apiserver: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubeconfig: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -73,6 +79,13 @@ impl LabStatus {
     /// The human form.
     pub fn to_table(&self) -> String {
         let mut out = format!("lab {}\n\n", self.name);
+        if let (Some(a), Some(k)) = (&self.apiserver, &self.kubeconfig) {
+            out += &format!(
+                "Kubernetes mode: API server stand-in http://{a} (kubeconfig {}; \
+                 `vswitch-lab kubectl -- get nodes`)\n\n",
+                k.display()
+            );
+        }
         let nodes: Vec<Vec<String>> = self
             .nodes
             .iter()
@@ -175,6 +188,8 @@ mod tests {
                 labels: Default::default(),
             }],
             policy_dir: "/run/vswitch-lab/vsl/policies".into(),
+            apiserver: None,
+            kubeconfig: None,
         };
         let t = st.to_table();
         let lines: Vec<&str> = t.lines().collect();
