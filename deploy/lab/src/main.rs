@@ -222,6 +222,7 @@ fn parse_kind(s: &str) -> Result<Kind, String> {
 }
 
 fn main() -> ExitCode {
+    conf::cli::quiet_on_broken_pipe();
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Bench {
