@@ -432,3 +432,41 @@ fn network_policy_from_the_api_isolates_a_pod_and_follows_labels() {
     let open = wait_until(APPLY_TIMEOUT, || answers(&client.netns, web.ip));
     assert!(open, "web stays isolated after its policy was deleted");
 }
+
+/// A node whose config names no pod CIDR (a node that joined after the nodes table was made)
+/// takes the one of its Node object (issue 24 point 3): n1 restarts without `node.pod_cidr`,
+/// takes the node over, and its pod is reached again from the other node.
+#[test]
+fn a_node_without_a_pod_cidr_in_its_config_takes_its_node_objects() {
+    let mut lab = k8s_lab(2);
+    let n1 = lab.node("n1").clone();
+    let (near, far) = (lab.pod("n1-p1").clone(), lab.pod("n2-p1").clone());
+    vswitch_tests::assert_ping(&far.netns, near.ip);
+    let text = fs::read_to_string(&n1.config).expect("n1's config");
+    let without: String = text
+        .lines()
+        .filter(|l| !l.starts_with("pod_cidr = "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_ne!(text, without, "n1's config names no pod CIDR to take away");
+    fs::write(&n1.config, &without).expect("write n1's config");
+    lab.restart_daemon(0, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("restart n1 without a pod CIDR: {e}\n{}", log_tail(&n1)));
+    let log = fs::read_to_string(&n1.log).unwrap_or_default();
+    assert!(
+        log.contains("from node") && log.contains("spec"),
+        "n1 did not take its pod CIDR from its Node:\n{}",
+        log_tail(&n1)
+    );
+    let status: conf::api::Status = n1
+        .client()
+        .get(conf::api::PATH_STATUS)
+        .expect("n1's status");
+    assert!(
+        status.pod_cidr.contains(&near.ip),
+        "n1's pod CIDR {} does not hold its pod {}",
+        status.pod_cidr,
+        near.ip
+    );
+    vswitch_tests::assert_ping(&far.netns, near.ip);
+}

@@ -42,7 +42,6 @@ pub fn run(config_path: &Path) -> Result<(), RunError> {
 
 /// [`run`] with command-line options.
 pub fn run_with(config_path: &Path, opts: RunOptions) -> Result<(), RunError> {
-    let config = Config::load(config_path)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .max_blocking_threads(64)
@@ -50,6 +49,13 @@ pub fn run_with(config_path: &Path, opts: RunOptions) -> Result<(), RunError> {
         .thread_name("vswitch-ctl")
         .build()
         .map_err(RunError::Runtime)?;
+    // In Kubernetes mode a config without node.pod_cidr takes the Node object's.
+    let config = Config::load_asking_pod_cidr(config_path, |k, node| {
+        let env = std::env::var("NODE_NAME").ok();
+        let name = crate::control::k8s::node_name_of(opts.node_name.as_deref(), k, node, env);
+        rt.block_on(crate::control::k8s::own_pod_cidr(k, &name))
+            .map_err(|e| e.to_string())
+    })?;
     let socket = config.admin.socket.clone();
     // A vswitchd already running on this node lets go of it first (an upgrade, a restart).
     crate::control::handover::take_over(&socket);

@@ -80,6 +80,8 @@ pub enum K8sError {
     NoCredentials(kube::config::KubeconfigError),
     #[error("Kubernetes client: {0}")]
     Client(kube::Error),
+    #[error("{0}")]
+    PodCidr(String),
 }
 
 /// Counters of the watch, for logs and metrics.
@@ -233,10 +235,63 @@ impl WatchSettings {
 /// This node's name in the API: `--node-name`, then `kubernetes.node_name`, then $NODE_NAME
 /// (the downward API's spec.nodeName), then `node.name`.
 pub fn node_name(flag: Option<&str>, config: &Config, env: Option<String>) -> String {
+    node_name_of(flag, &config.kubernetes, &config.node.name, env)
+}
+
+/// [`node_name`] from the `[kubernetes]` settings and `node.name` alone.
+pub fn node_name_of(
+    flag: Option<&str>,
+    k: &KubernetesConfig,
+    node: &str,
+    env: Option<String>,
+) -> String {
     flag.map(str::to_string)
-        .or_else(|| config.kubernetes.node_name.clone())
+        .or_else(|| k.node_name.clone())
         .or(env.filter(|n| !n.is_empty()))
-        .unwrap_or_else(|| config.node.name.clone())
+        .unwrap_or_else(|| node.to_string())
+}
+
+/// How long to wait between looks at a Node that has no pod CIDR yet (or an API not reached).
+const POD_CIDR_RETRY: Duration = Duration::from_secs(2);
+
+/// This node's pod CIDR from its Node object: the IPv4 one of `spec.podCIDRs`, else
+/// `spec.podCIDR`. Waits while the Node does not exist or has none yet (the controller manager
+/// allocates one soon after the node registers) or the API server is not reached, saying so
+/// in the log; fails only on a client that cannot be built or a CIDR that does not parse.
+pub async fn own_pod_cidr(k: &KubernetesConfig, node_name: &str) -> Result<Ipv4Net, K8sError> {
+    let kc = client_config(k).await?;
+    let client = kube::Client::try_from(kc).map_err(K8sError::Client)?;
+    let nodes: Api<Node> = Api::all(client);
+    for attempt in 0u32.. {
+        let why = match nodes.get_opt(node_name).await {
+            Ok(Some(n)) => {
+                let spec = n.spec.unwrap_or_default();
+                let listed = spec.pod_cidrs.unwrap_or_default();
+                let cidrs = listed.iter().chain(spec.pod_cidr.iter());
+                let mut v4 = cidrs.filter(|c| !c.contains(':'));
+                match v4.next() {
+                    Some(c) => {
+                        let cidr = c.parse().map_err(|e| {
+                            K8sError::PodCidr(format!("node {node_name}: spec.podCIDR {c:?}: {e}"))
+                        })?;
+                        tracing::info!("kubernetes: pod CIDR {cidr} from node {node_name}'s spec");
+                        return Ok(cidr);
+                    }
+                    None => "has no IPv4 spec.podCIDR yet".to_string(),
+                }
+            }
+            Ok(None) => "does not exist (yet)".to_string(),
+            Err(e) => format!("cannot be read: {e}"),
+        };
+        if attempt % 10 == 0 {
+            tracing::warn!(
+                "kubernetes: node {node_name} {why}; waiting for its pod CIDR (node.pod_cidr \
+                 is not set)"
+            );
+        }
+        tokio::time::sleep(POD_CIDR_RETRY).await;
+    }
+    unreachable!("the loop above only ends by returning")
 }
 
 /// The client configuration: `kubernetes.kubeconfig`, then $KUBECONFIG, then the in-cluster
