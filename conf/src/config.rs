@@ -1185,7 +1185,7 @@ mod tests {
         assert!(e.to_string().starts_with("node.pod_cidr: not set"), "{e}");
         // A written pod CIDR, or static mode, never asks.
         for text in [
-            format!("{k8s}").replace(
+            k8s.replace(
                 "name = \"n7\"\n",
                 "name = \"n7\"\npod_cidr = \"10.1.0.0/24\"\n",
             ),
