@@ -465,3 +465,74 @@ async fn lists_larger_than_a_page_and_relists_during_writes_converge() {
         sizes.len()
     );
 }
+
+/// Two API servers with the same objects, as an HA control plane's members share etcd; the
+/// `kubernetes` Service's EndpointSlice lists both. The watch starts on the first; when it goes
+/// away for good the watch moves to the second (issue 24 point 3), and a change made there
+/// reaches the tables, which stayed as they were in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watch_moves_to_another_api_server_address_when_its_own_is_away() {
+    let mut a = stand_in().await;
+    let port = a.url().rsplit(':').next().unwrap().parse::<u16>().unwrap();
+    let b_addr = format!("127.0.0.2:{port}").parse().unwrap();
+    let Ok(b) = ApiServer::start(b_addr, options()).await else {
+        eprintln!("127.0.0.2:{port} is taken; nothing to test on this machine");
+        return;
+    };
+    for f in [
+        "namespaces.json",
+        "nodes.json",
+        "services.json",
+        "endpointslices.json",
+        "pods.json",
+        "networkpolicies.json",
+    ] {
+        b.load(&fixture_json(f)).expect(f);
+    }
+    let api = serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "kubernetes", "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": "kubernetes"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": true}},
+                      {"addresses": ["127.0.0.2"], "conditions": {"ready": true}}],
+        "ports": [{"name": "https", "protocol": "TCP", "port": port}]
+    });
+    for s in [&a, &b] {
+        delete(
+            &s.store,
+            "discovery.k8s.io",
+            "endpointslices",
+            "default",
+            "kubernetes",
+        );
+        s.load(&api).expect("the kubernetes EndpointSlice");
+    }
+    let rec = Arc::new(Recorder::default());
+    let kc = kube::Config::new(a.url().parse().unwrap());
+    let watch = K8sWatch::spawn_with_failover(kc, settings(), rec.clone(), Duration::from_secs(1))
+        .expect("watch");
+    converged(&rec, &a.store, "the first tables, from the first server").await;
+
+    // The first server goes away; the second changes meanwhile (a Service deleted).
+    a.stop().await;
+    let applied = rec.services().len();
+    delete(&b.store, "", "services", "default", "web");
+    wait_until(
+        "the watch on the second server",
+        Duration::from_secs(30),
+        || {
+            let (p, s) = expected(&b.store);
+            rec.peers().last() == Some(&p) && rec.services().last() == Some(&s)
+        },
+    )
+    .await;
+    // Nothing but whole tables was applied in between.
+    for s in &rec.services()[applied..] {
+        assert!(
+            s.len() >= expected(&b.store).1.len(),
+            "a partial table: {s:?}"
+        );
+    }
+    assert!(watch.stats().synced);
+}

@@ -19,7 +19,7 @@ pub mod status;
 pub mod store;
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -60,6 +60,9 @@ pub struct ApiServer {
     options: Options,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
+    /// The served app's "down until" (ms since its epoch): set for good by [`ApiServer::stop`],
+    /// so no request that arrives while it stops (a watch resumed at once) is served.
+    down_until_ms: Arc<AtomicU64>,
 }
 
 impl ApiServer {
@@ -96,11 +99,12 @@ impl ApiServer {
     ) -> std::io::Result<ApiServer> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
+        let down_until_ms = Arc::new(AtomicU64::new(0));
         let app = http::App {
             store: store.clone(),
             faults: faults.clone(),
             settings: options.settings.clone(),
-            down_until_ms: Arc::new(AtomicU64::new(0)),
+            down_until_ms: down_until_ms.clone(),
             epoch: Instant::now(),
             server: addr.to_string(),
         };
@@ -120,6 +124,7 @@ impl ApiServer {
             options,
             stop: Some(stop),
             task: Some(task),
+            down_until_ms,
         })
     }
 
@@ -130,6 +135,9 @@ impl ApiServer {
 
     /// Stops serving: open watches are cut, the port is closed until [`ApiServer::restart`].
     pub async fn stop(&mut self) {
+        // Refuse first, then cut: a client that resumes its watch at once must not get one
+        // that outlives the server.
+        self.down_until_ms.store(u64::MAX, Ordering::SeqCst);
         self.store.cut_watches();
         if let Some(s) = self.stop.take() {
             let _ = s.send(());

@@ -109,6 +109,10 @@ pub struct K8sStats {
     pub api_away_since: Option<SystemTime>,
 }
 
+/// How long every table watch may fail before the watch moves to another address of the API
+/// server.
+pub const FAILOVER_AFTER: Duration = Duration::from_secs(15);
+
 /// How long the API server may be away before vswitchd stops saying it is ready. Forwarding
 /// goes on with the last tables meanwhile and after; ready comes back with the next list.
 pub const API_AWAY_GRACE: Duration = Duration::from_secs(60);
@@ -137,6 +141,9 @@ struct Counters {
     /// Per table kind (Nodes, Services, EndpointSlices): since when its watch fails, in ms
     /// since the epoch; 0 while it works.
     failing_since_ms: [AtomicU64; 3],
+    /// The API server's addresses, from the `kubernetes` Service's EndpointSlices as last
+    /// seen: where the watch moves when the address it uses is away.
+    api_endpoints: std::sync::Mutex<Vec<std::net::SocketAddr>>,
 }
 
 impl Counters {
@@ -338,8 +345,44 @@ impl K8sWatch {
         settings: WatchSettings,
         sink: Arc<dyn ClusterSink>,
     ) -> Self {
-        let shared = Arc::new(Shared::default());
+        Self::spawn_with(client, settings, sink, K8sStatsHandle::default())
+    }
+
+    /// Like [`K8sWatch::spawn`], and when every table watch has failed for `failover_after`
+    /// (the API server it uses is away) it starts again on another address of the API server,
+    /// from the `kubernetes` Service's EndpointSlices as last seen, in turn. The tables stay as
+    /// they are until the new watch has listed everything. An address is reached with the TLS
+    /// name `kubernetes.default.svc`, which every API server's certificate holds.
+    pub fn spawn_with_failover(
+        kc: kube::Config,
+        settings: WatchSettings,
+        sink: Arc<dyn ClusterSink>,
+        failover_after: Duration,
+    ) -> Result<Self, K8sError> {
         let stats = K8sStatsHandle::default();
+        let client = kube::Client::try_from(kc.clone()).map_err(K8sError::Client)?;
+        let first = Self::spawn_with(client, settings.clone(), sink.clone(), stats.clone());
+        let task = tokio::spawn(failover_loop(
+            kc,
+            first,
+            settings,
+            sink,
+            stats.clone(),
+            failover_after,
+        ));
+        Ok(K8sWatch {
+            stats,
+            tasks: vec![task],
+        })
+    }
+
+    fn spawn_with(
+        client: kube::Client,
+        settings: WatchSettings,
+        sink: Arc<dyn ClusterSink>,
+        stats: K8sStatsHandle,
+    ) -> Self {
+        let shared = Arc::new(Shared::default());
         let (stores, mut tasks) = watch_all(&client, &shared, &stats);
         let publish = Arc::new(Notify::new());
         if let Some(want) = settings.annotations() {
@@ -383,6 +426,117 @@ impl Drop for K8sWatch {
             t.abort();
         }
     }
+}
+
+/// Watches the watch: moves it to the next address of the API server while the one it uses
+/// is away (see [`K8sWatch::spawn_with_failover`]).
+async fn failover_loop(
+    kc: kube::Config,
+    mut watch: K8sWatch,
+    settings: WatchSettings,
+    sink: Arc<dyn ClusterSink>,
+    stats: K8sStatsHandle,
+    failover_after: Duration,
+) {
+    let mut current = kc.cluster_url.clone();
+    let mut moved_at = Instant::now();
+    let tick = (failover_after / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        tokio::time::sleep(tick).await;
+        let away = stats
+            .get()
+            .api_away_since
+            .and_then(|t| SystemTime::now().duration_since(t).ok());
+        if away.is_none_or(|a| a < failover_after) || moved_at.elapsed() < failover_after {
+            continue;
+        }
+        let known = stats
+            .0
+            .api_endpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some(next) = next_endpoint(&current, &known) else {
+            continue;
+        };
+        let mut to = kc.clone();
+        let scheme = current.scheme_str().unwrap_or("https").to_string();
+        let Ok(url) = format!("{scheme}://{next}").parse::<http::Uri>() else {
+            continue;
+        };
+        to.cluster_url = url.clone();
+        if scheme == "https" {
+            to.tls_server_name = Some("kubernetes.default.svc".into());
+        }
+        match kube::Client::try_from(to) {
+            Ok(client) => {
+                tracing::warn!(
+                    "kubernetes: API server {current} away for {:?}; watching through {url}",
+                    away.unwrap_or_default()
+                );
+                drop(watch);
+                watch = K8sWatch::spawn_with(client, settings.clone(), sink.clone(), stats.clone());
+                current = url;
+                moved_at = Instant::now();
+            }
+            Err(e) => tracing::warn!("kubernetes: a client for {url}: {e}"),
+        }
+    }
+}
+
+/// The API server address after the one `current` names, among `known` (in turn), or None
+/// when there is no other.
+fn next_endpoint(
+    current: &http::Uri,
+    known: &[std::net::SocketAddr],
+) -> Option<std::net::SocketAddr> {
+    let now = current.authority().map(|a| a.as_str().to_string());
+    let at = known.iter().position(|a| Some(a.to_string()) == now);
+    let others = known.len() - usize::from(at.is_some());
+    if others == 0 {
+        return None;
+    }
+    Some(match at {
+        Some(i) => known[(i + 1) % known.len()],
+        None => known[0],
+    })
+}
+
+/// The API server's addresses: the ready endpoints of the `kubernetes` Service's
+/// EndpointSlices in `default`, on their `https` port (or their only one).
+fn api_endpoints(slices: &Store<EndpointSlice>) -> Vec<std::net::SocketAddr> {
+    let mut out = Vec::new();
+    for s in slices.state() {
+        let ours = s.metadata.namespace.as_deref() == Some("default")
+            && s.labels()
+                .get("kubernetes.io/service-name")
+                .map(String::as_str)
+                == Some("kubernetes");
+        if !ours {
+            continue;
+        }
+        let ports = s.ports.as_deref().unwrap_or_default();
+        let port = ports
+            .iter()
+            .find(|p| p.name.as_deref() == Some("https"))
+            .or_else(|| (ports.len() == 1).then(|| &ports[0]))
+            .and_then(|p| p.port)
+            .and_then(|p| u16::try_from(p).ok());
+        let Some(port) = port else { continue };
+        for e in &s.endpoints {
+            if e.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                continue;
+            }
+            for a in &e.addresses {
+                if let Ok(ip) = a.parse::<IpAddr>() {
+                    out.push(std::net::SocketAddr::new(ip, port));
+                }
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// Starts one watcher per kind, each into its store.
@@ -787,6 +941,14 @@ impl ApplyState {
         }
         if dirty.services {
             self.rebuild_services(stores, sink, stats);
+            let api = api_endpoints(&stores.slices);
+            if !api.is_empty() {
+                *stats
+                    .0
+                    .api_endpoints
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = api;
+            }
         }
         if dirty.policy {
             self.rebuild_policy(stores, sink, stats);
@@ -1023,9 +1185,8 @@ pub async fn start(
     }
     let kc = client_config(&config.kubernetes).await?;
     tracing::info!("kubernetes: API server {}", kc.cluster_url);
-    let client = kube::Client::try_from(kc).map_err(K8sError::Client)?;
     let settings = WatchSettings::from_config(config, name);
-    Ok(K8sWatch::spawn(client, settings, sink))
+    K8sWatch::spawn_with_failover(kc, settings, sink, FAILOVER_AFTER)
 }
 
 #[cfg(test)]
