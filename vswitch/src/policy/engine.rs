@@ -230,20 +230,20 @@ impl PolicySet {
         proto: u8,
         port: u16,
     ) -> bool {
-        let peer_ok =
-            r.peers.is_empty() || r.peers.iter().any(|peer| self.peer_is(p, peer, remote));
-        peer_ok
-            && (r.ports.is_empty()
-                || r.ports.iter().any(|pm| {
-                    pm.proto.number() == proto
-                        && match &pm.port {
-                            PortMatch::Any => true,
-                            PortMatch::Range(a, b) => (*a..=*b).contains(&port),
-                            PortMatch::Named(n) => {
-                                dest.and_then(|d| d.named_port(n, pm.proto)) == Some(port)
-                            }
+        // The ports first: integer compares that turn most rules down before a selector is
+        // evaluated (a new connection meets every policy selecting either end).
+        let port_ok = r.ports.is_empty()
+            || r.ports.iter().any(|pm| {
+                pm.proto.number() == proto
+                    && match &pm.port {
+                        PortMatch::Any => true,
+                        PortMatch::Range(a, b) => (*a..=*b).contains(&port),
+                        PortMatch::Named(n) => {
+                            dest.and_then(|d| d.named_port(n, pm.proto)) == Some(port)
                         }
-                }))
+                    }
+            });
+        port_ok && (r.peers.is_empty() || r.peers.iter().any(|peer| self.peer_is(p, peer, remote)))
     }
 
     fn peer_is(&self, p: &Policy, peer: &Peer, remote: Remote<'_>) -> bool {
