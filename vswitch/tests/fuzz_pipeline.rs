@@ -137,6 +137,7 @@ fn services() -> Vec<ServiceSpec> {
         serving: true,
         terminating: false,
         hostname: None,
+        ports: None,
     };
     let port = |proto, port, target| ServicePort {
         name: None,
@@ -154,6 +155,9 @@ fn services() -> Vec<ServiceSpec> {
         session_affinity_timeout: None,
         internal_traffic_policy: TrafficPolicy::default(),
         external_traffic_policy: TrafficPolicy::default(),
+        load_balancer_ips: Vec::new(),
+        health_check_node_port: None,
+        proxy_name: None,
         endpoints,
     };
     let mut web = svc(

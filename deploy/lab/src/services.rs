@@ -92,6 +92,7 @@ impl Lab {
                 serving: true,
                 terminating: false,
                 hostname: None,
+                ports: None,
             });
         }
         let others: Vec<&ServiceSpec> = self
@@ -131,6 +132,9 @@ impl Lab {
             session_affinity_timeout: None,
             internal_traffic_policy: TrafficPolicy::default(),
             external_traffic_policy: TrafficPolicy::default(),
+            load_balancer_ips: Vec::new(),
+            health_check_node_port: None,
+            proxy_name: None,
             endpoints,
         };
         // The daemon's own checks (ClusterIP taken, NodePort range, ...) before any node sees it.
