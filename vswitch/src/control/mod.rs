@@ -1206,6 +1206,7 @@ impl Daemon {
                 .host
                 .enabled
                 .then(|| self.config.host.interface.clone()),
+            self.config.nat.node_port_addresses.clone(),
         );
         np.reconcile(&self.lock().services);
         let _ = self.nodeports.set(np);
@@ -1355,6 +1356,9 @@ fn service_table(config: &Config, services: &[conf::config::ServiceSpec]) -> Ser
         session_affinity_timeout: None,
         internal_traffic_policy: Default::default(),
         external_traffic_policy: Default::default(),
+        load_balancer_ips: Vec::new(),
+        health_check_node_port: None,
+        proxy_name: None,
         endpoints: vec![conf::config::EndpointSpec {
             ip: IpAddr::V4(config.gateway()),
             node: Some(config.node.name.clone()),
@@ -1362,6 +1366,7 @@ fn service_table(config: &Config, services: &[conf::config::ServiceSpec]) -> Ser
             serving: true,
             terminating: false,
             hostname: None,
+            ports: None,
         }],
     });
     ServiceTable::build(&all, &config.node.name, config.nat.load_balancing)
