@@ -795,7 +795,9 @@ mod tests {
             Local,
             vec![ep(A, "n1", true, false), ep(B, "n2", true, false)],
         );
-        let st = health_states(&[s.clone()], "n1").remove(&32000).unwrap();
+        let st = health_states(std::slice::from_ref(&s), "n1")
+            .remove(&32000)
+            .unwrap();
         assert_eq!(st.local_endpoints, 1);
         let r = health_response(&st);
         assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");

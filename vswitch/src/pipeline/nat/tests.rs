@@ -820,7 +820,7 @@ mod policy {
             [Ipv4Addr::new(10, 244, 9, 9)],
             None,
         );
-        let before = ServiceTable::build(&[web.clone()], "n1", LoadBalancing::Random);
+        let before = ServiceTable::build(std::slice::from_ref(&web), "n1", LoadBalancing::Random);
         let after = ServiceTable::build(&[other, web], "n1", LoadBalancing::Random);
         let id = |t: &ServiceTable| t.lookup(VIP, IpProtocol::TCP.0, 80).unwrap().id;
         assert_ne!(id(&before), id(&after), "the test must move the frontend");
