@@ -650,8 +650,12 @@ async fn udp(ip: IpAddr, port: u16, target: Arc<Mutex<Target>>, idle: Duration, 
     };
     tracing::info!("NodePort {port}/UDP listening on {ip}");
     let flows: Arc<Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>> = Default::default();
+    // The flows' reply tasks end with this task: a NodePort closed (its last endpoint gone)
+    // lets go of its port at once, so it can listen again as soon as an endpoint is back.
+    let mut reply_tasks = tokio::task::JoinSet::new();
     let mut buf = vec![0u8; 65_536];
     loop {
+        while reply_tasks.try_join_next().is_some() {}
         let (n, from) = match sock.recv_from(&mut buf).await {
             Ok(r) => r,
             Err(_) => continue,
@@ -681,7 +685,7 @@ async fn udp(ip: IpAddr, port: u16, target: Arc<Mutex<Target>>, idle: Duration, 
                     .insert(from, u.clone());
                 // Replies flow back until the flow is idle.
                 let (down, flows2, u2) = (sock.clone(), flows.clone(), u.clone());
-                tokio::spawn(async move {
+                reply_tasks.spawn(async move {
                     let mut b = vec![0u8; 65_536];
                     while let Ok(Ok(m)) = tokio::time::timeout(idle, u2.recv(&mut b)).await {
                         let _ = down.send_to(&b[..m], from).await;
@@ -818,5 +822,14 @@ mod tests {
         let mut cluster = s;
         cluster.external_traffic_policy = Cluster;
         assert!(health_states(&[cluster], "n1").is_empty());
+    }
+
+    #[test]
+    fn node_port_addresses_pick_the_node_s_addresses_in_them() {
+        assert_eq!(listen_addrs(&[]), [IpAddr::from([0, 0, 0, 0])]);
+        let lo: Vec<ipnet::IpNet> = vec!["127.0.0.0/8".parse().unwrap()];
+        assert!(listen_addrs(&lo).contains(&IpAddr::from([127, 0, 0, 1])));
+        let none: Vec<ipnet::IpNet> = vec!["0.0.0.0/32".parse().unwrap()];
+        assert!(listen_addrs(&none).is_empty());
     }
 }
