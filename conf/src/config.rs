@@ -375,6 +375,13 @@ pub struct EndpointSpec {
     /// its `target_port`. Present: only the ports named here; the others send it nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ports: Option<std::collections::BTreeMap<String, u16>>,
+    /// EndpointSlice topology hints: the zones (`hints.forZones`) and nodes (`hints.forNodes`)
+    /// this endpoint is meant for. Used, as kube-proxy uses them, only when every ready
+    /// endpoint of the Service has them and one is meant for this node (`node.zone`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub for_zones: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub for_nodes: Vec<String>,
 }
 
 impl EndpointSpec {
@@ -450,6 +457,10 @@ impl ServiceSpec {
 pub struct NodeConfig {
     /// The node's name (as in Kubernetes).
     pub name: String,
+    /// The node's topology zone (`topology.kubernetes.io/zone`), for EndpointSlice zone hints;
+    /// in Kubernetes mode the Node's label, when it has one, wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
     /// The node's pod CIDR; pods get addresses from it.
     pub pod_cidr: Ipv4Net,
     /// The pods' default gateway, answered by the switch itself. Default: first host address.

@@ -44,6 +44,8 @@ pub fn service(
                 terminating: false,
                 hostname: None,
                 ports: None,
+                for_zones: Vec::new(),
+                for_nodes: Vec::new(),
             })
             .collect(),
     }

@@ -138,6 +138,8 @@ fn services() -> Vec<ServiceSpec> {
         terminating: false,
         hostname: None,
         ports: None,
+        for_zones: Vec::new(),
+        for_nodes: Vec::new(),
     };
     let port = |proto, port, target| ServicePort {
         name: None,

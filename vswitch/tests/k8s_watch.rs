@@ -72,6 +72,8 @@ fn ep(ip: &str, node: Option<&str>, ready: bool, serving: bool, terminating: boo
         terminating,
         hostname: None,
         ports: None,
+        for_zones: Vec::new(),
+        for_nodes: Vec::new(),
     }
 }
 

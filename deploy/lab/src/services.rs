@@ -93,6 +93,8 @@ impl Lab {
                 terminating: false,
                 hostname: None,
                 ports: None,
+                for_zones: Vec::new(),
+                for_nodes: Vec::new(),
             });
         }
         let others: Vec<&ServiceSpec> = self

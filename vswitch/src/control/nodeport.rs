@@ -725,6 +725,8 @@ mod tests {
             terminating,
             hostname: None,
             ports: None,
+            for_zones: Vec::new(),
+            for_nodes: Vec::new(),
         }
     }
 

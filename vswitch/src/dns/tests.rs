@@ -30,6 +30,8 @@ fn ep(ip: &str, hostname: Option<&str>, ready: bool) -> EndpointSpec {
         terminating: false,
         hostname: hostname.map(str::to_string),
         ports: None,
+        for_zones: Vec::new(),
+        for_nodes: Vec::new(),
     }
 }
 

@@ -75,6 +75,8 @@ fn iperf_service(vip: SocketAddr, backend: IpAddr, node: &str) -> ServiceSpec {
             terminating: false,
             hostname: None,
             ports: None,
+            for_zones: Vec::new(),
+            for_nodes: Vec::new(),
         }],
     }
 }

@@ -175,6 +175,18 @@ pub fn node_pod_cidrs(node: &Node) -> Result<Vec<Ipv4Net>, String> {
     Ok(out)
 }
 
+/// The label holding a node's topology zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// The topology zone of node `name` (its [`ZONE_LABEL`]), if it has one.
+pub fn node_zone<N: std::ops::Deref<Target = Node>>(nodes: &[N], name: &str) -> Option<String> {
+    nodes
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(name))
+        .and_then(|n| n.metadata.labels.as_ref()?.get(ZONE_LABEL).cloned())
+        .filter(|z| !z.is_empty())
+}
+
 /// The node's InternalIP (IPv4 preferred).
 pub fn node_internal_ip(node: &Node) -> Option<IpAddr> {
     let addrs = node.status.as_ref()?.addresses.as_ref()?;
@@ -564,6 +576,20 @@ fn endpoint(ip: Ipv4Addr, ep: &Endpoint) -> EndpointSpec {
         terminating: c.and_then(|c| c.terminating).unwrap_or(false),
         hostname: ep.hostname.clone(),
         ports: None,
+        // Written by the EndpointSlice controller for trafficDistribution (PreferClose and its
+        // successors) and topology-mode Auto; kube-proxy follows them whatever asked for them.
+        for_zones: ep
+            .hints
+            .as_ref()
+            .and_then(|h| h.for_zones.as_ref())
+            .map(|z| z.iter().map(|z| z.name.clone()).collect())
+            .unwrap_or_default(),
+        for_nodes: ep
+            .hints
+            .as_ref()
+            .and_then(|h| h.for_nodes.as_ref())
+            .map(|n| n.iter().map(|n| n.name.clone()).collect())
+            .unwrap_or_default(),
     }
 }
 
@@ -615,12 +641,6 @@ fn ignored_fields(svc: &Service, who: &str, problems: &mut Vec<String>) {
         problems.push(format!(
             "{who}: {UNSUPPORTED}loadBalancerSourceRanges is not enforced (every source reaches \
              the Service)"
-        ));
-    }
-    if let Some(d) = spec.traffic_distribution.as_deref() {
-        problems.push(format!(
-            "{who}: {UNSUPPORTED}trafficDistribution {d:?} is not honoured (endpoints are \
-             chosen cluster-wide)"
         ));
     }
 }
@@ -903,5 +923,34 @@ mod tests {
             .iter()
             .any(|p| p.contains("loadBalancerSourceRanges")));
         assert!(problems.iter().any(|p| p.contains("SCTP")));
+    }
+
+    #[test]
+    fn hints_and_the_node_s_zone_are_read() {
+        let mut s = slice(
+            "web-a",
+            "web",
+            json!([{"name": "http", "port": 8080}]),
+            &[("10.244.1.10", true)],
+        );
+        s.endpoints[0].hints = serde_json::from_value(json!({
+            "forZones": [{"name": "zone-a"}], "forNodes": [{"name": "n1"}]
+        }))
+        .unwrap();
+        let svc = web(json!({"spec": {"trafficDistribution": "PreferClose"}}));
+        let (out, problems) = one(&svc, &[s]);
+        assert!(
+            problems.is_empty(),
+            "honoured, so not a problem: {problems:?}"
+        );
+        assert_eq!(out.endpoints[0].for_zones, ["zone-a"]);
+        assert_eq!(out.endpoints[0].for_nodes, ["n1"]);
+        let nodes: Vec<std::sync::Arc<Node>> = vec![std::sync::Arc::new(
+            serde_json::from_value(json!({"metadata": {"name": "n1",
+                "labels": {ZONE_LABEL: "zone-a"}}}))
+            .unwrap(),
+        )];
+        assert_eq!(node_zone(&nodes, "n1").as_deref(), Some("zone-a"));
+        assert_eq!(node_zone(&nodes, "n2"), None);
     }
 }

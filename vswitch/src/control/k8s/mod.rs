@@ -970,6 +970,10 @@ impl ApplyState {
     ) {
         let nodes = stores.nodes.state();
         self.check_own_node(&nodes, settings, publish);
+        let zone = convert::node_zone(&nodes, &settings.node_name);
+        if let Err(e) = sink.apply_zone(zone) {
+            tracing::error!("kubernetes: topology zone refused: {e}");
+        }
         let mut problems = Vec::new();
         let peers = convert::peers_from_nodes(
             nodes.iter().map(|n| &**n),

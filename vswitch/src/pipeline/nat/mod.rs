@@ -36,7 +36,7 @@ mod services;
 mod translate;
 
 pub use conntrack::{Conntrack, CtConfig, CtCounters, CtEntry, CtState, Key};
-pub use services::{backends_for, Backend, Frontend, ServiceTable};
+pub use services::{backends_for, backends_in, Backend, Frontend, ServiceTable};
 pub use translate::{
     rewrite, translate, translate_from, translate_icmp_error, untranslate_reply, Nat,
 };

@@ -141,6 +141,45 @@ fn v4(ips: &[IpAddr]) -> impl Iterator<Item = Ipv4Addr> + '_ {
     })
 }
 
+/// How topology hints narrow a Service's cluster-wide endpoints (kube-proxy's
+/// topologyModeFromHints): hints count only when every ready endpoint has them; node hints
+/// first, if one names this node; else zone hints, if one names this node's zone; else none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Topology<'a> {
+    Any,
+    SameNode(&'a str),
+    SameZone(&'a str),
+}
+
+fn topology<'a>(s: &ServiceSpec, node: &'a str, zone: Option<&'a str>) -> Topology<'a> {
+    let ready = || s.endpoints.iter().filter(|e| e.ready);
+    let has_any = ready().next().is_some();
+    // No hint for this node: zones next, as kube-proxy falls through.
+    if has_any
+        && ready().all(|e| !e.for_nodes.is_empty())
+        && ready().any(|e| e.for_nodes.iter().any(|n| n == node))
+    {
+        return Topology::SameNode(node);
+    }
+    if let Some(z) = zone {
+        if has_any
+            && ready().all(|e| !e.for_zones.is_empty())
+            && ready().any(|e| e.for_zones.iter().any(|h| h == z))
+        {
+            return Topology::SameZone(z);
+        }
+    }
+    Topology::Any
+}
+
+fn available(e: &EndpointSpec, t: Topology) -> bool {
+    match t {
+        Topology::Any => true,
+        Topology::SameNode(n) => e.for_nodes.iter().any(|h| h == n),
+        Topology::SameZone(z) => e.for_zones.iter().any(|h| h == z),
+    }
+}
+
 /// The backends of Service port `p` under traffic policy `policy` as seen from `node`: ready
 /// endpoints (only this node's for Local), else the serving-and-terminating ones (KEP-1669),
 /// each on its own target port; endpoints that do not serve `p` are not among them.
@@ -150,8 +189,25 @@ pub fn backends_for(
     node: &str,
     policy: TrafficPolicy,
 ) -> Vec<Backend> {
-    let eligible =
-        |e: &&EndpointSpec| policy == TrafficPolicy::Cluster || e.node.as_deref() == Some(node);
+    backends_in(s, p, node, None, policy)
+}
+
+/// [`backends_for`] on a node in `zone`: under policy Cluster, EndpointSlice hints narrow the
+/// endpoints to those meant for this node or its zone, as kube-proxy's do (pkg/proxy/topology.go).
+pub fn backends_in(
+    s: &ServiceSpec,
+    p: &ServicePort,
+    node: &str,
+    zone: Option<&str>,
+    policy: TrafficPolicy,
+) -> Vec<Backend> {
+    let topo = match policy {
+        TrafficPolicy::Cluster => topology(s, node, zone),
+        TrafficPolicy::Local => Topology::Any,
+    };
+    let eligible = |e: &&EndpointSpec| {
+        (policy == TrafficPolicy::Cluster || e.node.as_deref() == Some(node)) && available(e, topo)
+    };
     let backend = |e: &EndpointSpec| match (e.ip, e.target_port(p)) {
         (IpAddr::V4(ip), Some(port)) => Some(Backend { ip, port }),
         _ => None,
@@ -180,6 +236,16 @@ pub fn backends_for(
 impl ServiceTable {
     /// Builds the frontends of `services` as seen from node `node`.
     pub fn build(services: &[ServiceSpec], node: &str, lb: LoadBalancing) -> ServiceTable {
+        ServiceTable::build_in(services, node, None, lb)
+    }
+
+    /// Builds the frontends of `services` as seen from node `node` in topology zone `zone`.
+    pub fn build_in(
+        services: &[ServiceSpec],
+        node: &str,
+        zone: Option<&str>,
+        lb: LoadBalancing,
+    ) -> ServiceTable {
         let mut t = Frontends::default();
         for s in services.iter().filter(|s| s.proxy_name.is_none()) {
             for p in &s.ports {
@@ -202,8 +268,8 @@ impl ServiceTable {
                         proto,
                     ))
                 };
-                let internal = backends_for(s, p, node, s.internal_traffic_policy);
-                let external = backends_for(s, p, node, s.external_traffic_policy);
+                let internal = backends_in(s, p, node, zone, s.internal_traffic_policy);
+                let external = backends_in(s, p, node, zone, s.external_traffic_policy);
                 let add = |t: &mut Frontends, vip: Ipv4Addr, backends: &[Backend], index| {
                     let list = if index {
                         &mut t.frontends

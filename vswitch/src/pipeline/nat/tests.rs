@@ -678,6 +678,8 @@ mod policy {
             terminating,
             hostname: None,
             ports: None,
+            for_zones: Vec::new(),
+            for_nodes: Vec::new(),
         }
     }
 
@@ -853,5 +855,58 @@ mod policy {
         s.proxy_name = Some("mesh".into());
         let t = ServiceTable::build(&[s], "n1", LoadBalancing::Maglev);
         assert!(t.is_empty());
+    }
+
+    /// Cases of kube-proxy's TestCategorizeEndpoints with hints: (zone hints, node hints) per
+    /// endpoint A (n1, zone-a), B (n2, zone-b), C (n1, zone-a).
+    #[test]
+    fn topology_hints_as_kube_proxy_follows_them() {
+        let hinted = |ip, node: &str, zones: &[&str], nodes: &[&str]| EndpointSpec {
+            for_zones: zones.iter().map(|z| z.to_string()).collect(),
+            for_nodes: nodes.iter().map(|n| n.to_string()).collect(),
+            ..ep(ip, node, true, false)
+        };
+        let got = |eps: Vec<EndpointSpec>, node: &str, zone: Option<&str>, itp| {
+            let s = svc(itp, TrafficPolicy::Cluster, eps);
+            let t = ServiceTable::build_in(&[s], node, zone, LoadBalancing::Maglev);
+            backends(&t, VIP, true)
+                .into_iter()
+                .map(|(ip, _)| ip)
+                .collect::<Vec<_>>()
+        };
+        use TrafficPolicy::*;
+        let zoned = || {
+            vec![
+                hinted(A, "n1", &["zone-a"], &[]),
+                hinted(B, "n2", &["zone-b"], &[]),
+                hinted(C, "n1", &["zone-a"], &[]),
+            ]
+        };
+        // Every endpoint hinted, one for this zone: only this zone's.
+        assert_eq!(got(zoned(), "n1", Some("zone-a"), Cluster), [A, C]);
+        assert_eq!(got(zoned(), "n2", Some("zone-b"), Cluster), [B]);
+        // No endpoint for this zone, or the node has no zone label: all of them.
+        assert_eq!(got(zoned(), "n3", Some("zone-c"), Cluster), [A, C, B]);
+        assert_eq!(got(zoned(), "n1", None, Cluster), [A, C, B]);
+        // One ready endpoint without hints: hints are ignored altogether.
+        let mut partly = zoned();
+        partly[1].for_zones.clear();
+        assert_eq!(got(partly, "n1", Some("zone-a"), Cluster), [A, C, B]);
+        // ...but an unready one without hints does not count.
+        let mut unready = zoned();
+        unready.push(ep(Ipv4Addr::new(10, 244, 9, 9), "n9", false, false));
+        assert_eq!(got(unready, "n1", Some("zone-a"), Cluster), [A, C]);
+        // Node hints first when one names this node; otherwise the zone hints.
+        let noded = || {
+            vec![
+                hinted(A, "n1", &["zone-a"], &["n1"]),
+                hinted(B, "n2", &["zone-a"], &["n2"]),
+                hinted(C, "n1", &["zone-a"], &["n1"]),
+            ]
+        };
+        assert_eq!(got(noded(), "n2", Some("zone-a"), Cluster), [B]);
+        assert_eq!(got(noded(), "n3", Some("zone-a"), Cluster), [A, C, B]);
+        // Policy Local is about nodes already: hints play no part.
+        assert_eq!(got(zoned(), "n1", Some("zone-b"), Local), [A, C]);
     }
 }
