@@ -228,10 +228,12 @@ fn fixtures_convert_to_tables() {
         "node \"node-f\": flannel backend \"host-gw\"",
         "node \"node-h\": VTEP MAC \"not-a-mac\"",
         "service shop/sticky: port sig: unsupported: SCTP",
+        "service shop/sticky: unsupported: IPv6 addresses are not translated (IPv4 ones are): \
+         fd00:10:96::5",
     ] {
         assert!(problems.contains(needle), "{needle:?} not in:\n{problems}");
     }
-    assert_eq!(state.problems.len(), 3, "{problems}");
+    assert_eq!(state.problems.len(), 4, "{problems}");
 
     // The pure entry point gives the same tables.
     let (p, s) = cluster_state(&nodes, &services, &slices, "node-a");

@@ -297,7 +297,7 @@ fn encode_k8s(enc: &mut DescriptorEncoder, k: &K8sStatsHandle) -> fmt::Result {
         enc,
         "vswitch_k8s_unsupported",
         "Uses of Service features vswitch does not support (SCTP ports, \
-         loadBalancerSourceRanges), each logged once.",
+         loadBalancerSourceRanges, IPv6 addresses), each logged once.",
         k.unsupported as i64,
     )
 }

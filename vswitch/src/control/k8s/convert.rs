@@ -397,13 +397,14 @@ fn addresses(
         _ => spec.cluster_ip.iter().collect(),
     };
     let mut cluster_ips = Vec::new();
+    let mut v6: Vec<&str> = Vec::new();
     for ip in listed {
         if ip == "None" || ip.is_empty() {
             continue; // headless
         }
         match ip.parse::<IpAddr>() {
             Ok(IpAddr::V4(a)) => cluster_ips.push(IpAddr::V4(a)),
-            Ok(IpAddr::V6(_)) => {}
+            Ok(IpAddr::V6(_)) => v6.push(ip.as_str()),
             Err(_) => problems.push(format!("{who}: clusterIP {ip:?} is not an address")),
         }
     }
@@ -411,9 +412,15 @@ fn addresses(
     for ip in spec.external_ips.iter().flatten() {
         match ip.parse::<IpAddr>() {
             Ok(IpAddr::V4(a)) => external_ips.push(IpAddr::V4(a)),
-            Ok(IpAddr::V6(_)) => {}
+            Ok(IpAddr::V6(_)) => v6.push(ip.as_str()),
             Err(_) => problems.push(format!("{who}: externalIP {ip:?} is not an address")),
         }
+    }
+    if !v6.is_empty() {
+        problems.push(format!(
+            "{who}: {UNSUPPORTED}IPv6 addresses are not translated (IPv4 ones are): {}",
+            v6.join(", ")
+        ));
     }
     (cluster_ips, external_ips)
 }
