@@ -1047,7 +1047,7 @@ impl Daemon {
         self.tables
             .store(Arc::new(old.with_services(table).with_dns(dns)));
         if let Some(np) = self.nodeports.get() {
-            np.reconcile(&services);
+            np.reconcile(&services, st.zone.as_deref());
         }
         st.services = services;
         self.sync_host_routes(&st);
@@ -1228,7 +1228,10 @@ impl Daemon {
                 .then(|| self.config.host.interface.clone()),
             self.config.nat.node_port_addresses.clone(),
         );
-        np.reconcile(&self.lock().services);
+        {
+            let st = self.lock();
+            np.reconcile(&st.services, st.zone.as_deref());
+        }
         let _ = self.nodeports.set(np);
     }
 

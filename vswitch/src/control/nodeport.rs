@@ -80,7 +80,9 @@ struct Listener {
 /// The health check of one Service: what it answers, and its server.
 struct Health {
     state: Arc<Mutex<HealthState>>,
-    task: JoinHandle<()>,
+    /// One task per address listened on.
+    tasks: Vec<JoinHandle<()>>,
+    addrs: Vec<IpAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,7 +110,7 @@ pub struct NodePorts {
 
 /// The NodePort targets of `services` seen from `node`; a NodePort without any destination
 /// is left out (nothing listens, the kernel refuses).
-fn targets(services: &[ServiceSpec], node: &str) -> HashMap<Key, Target> {
+fn targets(services: &[ServiceSpec], node: &str, zone: Option<&str>) -> HashMap<Key, Target> {
     let mut out = HashMap::new();
     for s in services.iter().filter(|s| s.proxy_name.is_none()) {
         for p in &s.ports {
@@ -119,7 +121,7 @@ fn targets(services: &[ServiceSpec], node: &str) -> HashMap<Key, Target> {
             let local = s.external_traffic_policy == TrafficPolicy::Local;
             let affinity = s.session_affinity_timeout.is_some();
             let endpoints: Vec<SocketAddr> =
-                crate::pipeline::nat::backends_for(s, p, node, s.external_traffic_policy)
+                crate::pipeline::nat::backends_in(s, p, node, zone, s.external_traffic_policy)
                     .into_iter()
                     .map(|b| SocketAddr::new(IpAddr::V4(b.ip), b.port))
                     .collect();
@@ -339,7 +341,7 @@ impl NodePorts {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .drain()
-                .map(|(_, h)| h.task),
+                .flat_map(|(_, h)| h.tasks),
         );
         for t in tasks {
             t.abort();
@@ -349,8 +351,8 @@ impl NodePorts {
 
     /// Opens listeners for new NodePorts, closes those that went away (or have nothing to
     /// relay to), and points the rest at their current destinations.
-    pub fn reconcile(&self, services: &[ServiceSpec]) {
-        let mut want = targets(services, &self.node);
+    pub fn reconcile(&self, services: &[ServiceSpec], zone: Option<&str>) {
+        let mut want = targets(services, &self.node, zone);
         self.sync_rules(&want);
         if self.host_if.is_none() {
             for t in want.values_mut() {
@@ -404,9 +406,11 @@ impl NodePorts {
         let want = health_states(services, &self.node);
         let mut hs = self.health.lock().unwrap_or_else(|p| p.into_inner());
         hs.retain(|port, h| {
-            let keep = want.contains_key(port);
+            let keep = want.contains_key(port) && h.addrs == addrs;
             if !keep {
-                h.task.abort();
+                for t in &h.tasks {
+                    t.abort();
+                }
                 tracing::info!("health check {port}/TCP closed");
             }
             keep
@@ -417,16 +421,27 @@ impl NodePorts {
                 continue;
             }
             let state = Arc::new(Mutex::new(st));
-            let task = self.rt.spawn(health(port, state.clone()));
-            hs.insert(port, Health { state, task });
+            let tasks = addrs
+                .iter()
+                .map(|&ip| self.rt.spawn(health(ip, port, state.clone())))
+                .collect();
+            hs.insert(
+                port,
+                Health {
+                    state,
+                    tasks,
+                    addrs: addrs.clone(),
+                },
+            );
         }
     }
 }
 
-/// Serves one Service's health check on `port` of every address.
-async fn health(port: u16, state: Arc<Mutex<HealthState>>) {
+/// Serves one Service's health check on `ip`:`port` (the NodePorts' addresses, as kube-proxy's
+/// health server follows nodePortAddresses).
+async fn health(ip: IpAddr, port: u16, state: Arc<Mutex<HealthState>>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let bind = || TcpListener::bind((IpAddr::from([0, 0, 0, 0]), port));
+    let bind = || TcpListener::bind((ip, port));
     let listener = match retry_in_use(bind).await {
         Ok(l) => l,
         Err(e) => {
@@ -748,7 +763,7 @@ mod tests {
     }
 
     fn dests(s: ServiceSpec, node: &str) -> Option<Vec<String>> {
-        targets(&[s], node)
+        targets(&[s], node, None)
             .remove(&(Protocol::Tcp, 30080))
             .map(|t| t.dests.iter().map(|d| d.to_string()).collect())
     }
@@ -770,7 +785,9 @@ mod tests {
         // the node's.
         let mut s = svc(Cluster, Cluster, eps());
         s.session_affinity_timeout = Some(600);
-        let t = targets(&[s], "n1").remove(&(Protocol::Tcp, 30080)).unwrap();
+        let t = targets(&[s], "n1", None)
+            .remove(&(Protocol::Tcp, 30080))
+            .unwrap();
         assert_eq!(t.dests.len(), 2);
         let target = Mutex::new(t);
         let client = |port| SocketAddr::new(IpAddr::from([198, 51, 100, 1]), port);
