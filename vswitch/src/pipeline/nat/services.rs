@@ -269,7 +269,16 @@ impl ServiceTable {
                     ))
                 };
                 let internal = backends_in(s, p, node, zone, s.internal_traffic_policy);
-                let external = backends_in(s, p, node, zone, s.external_traffic_policy);
+                // Only Services with external addresses need the second set (10,000 Services
+                // build in one go).
+                let has_external = !s.external_ips.is_empty() || !s.load_balancer_ips.is_empty();
+                let external = if !has_external {
+                    Vec::new()
+                } else if s.external_traffic_policy != s.internal_traffic_policy {
+                    backends_in(s, p, node, zone, s.external_traffic_policy)
+                } else {
+                    internal.clone()
+                };
                 let add = |t: &mut Frontends, vip: Ipv4Addr, backends: &[Backend], index| {
                     let list = if index {
                         &mut t.frontends
