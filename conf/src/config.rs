@@ -230,6 +230,10 @@ pub struct NatConfig {
     /// Most connections tracked at once; the oldest idle ones are evicted beyond it.
     #[serde(default = "default_conntrack_max")]
     pub conntrack_max: u32,
+    /// Which of the node's addresses take NodePorts (kube-proxy's `nodePortAddresses`), as
+    /// CIDRs, e.g. ["10.0.0.0/8"]. Empty (the default): every address of the node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub node_port_addresses: Vec<IpNet>,
 }
 
 fn default_tcp_established() -> u32 {
@@ -253,6 +257,7 @@ impl Default for NatConfig {
             tcp_transitory_timeout: default_tcp_transitory(),
             udp_timeout: default_udp_timeout(),
             conntrack_max: default_conntrack_max(),
+            node_port_addresses: Vec::new(),
         }
     }
 }
@@ -311,6 +316,18 @@ pub struct ServiceSpec {
     pub internal_traffic_policy: TrafficPolicy,
     #[serde(default)]
     pub external_traffic_policy: TrafficPolicy,
+    /// A LoadBalancer's ingress addresses (`status.loadBalancer.ingress[].ip`, ipMode VIP):
+    /// translated like `external_ips`, following `external_traffic_policy`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub load_balancer_ips: Vec<IpAddr>,
+    /// `healthCheckNodePort` of a Service with `external_traffic_policy = "Local"`: the node
+    /// answers HTTP on it with 200 while it has a ready endpoint of the Service, else 503.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check_node_port: Option<u16>,
+    /// Served by another proxy (the label `service.kubernetes.io/service-proxy-name`): its
+    /// names are answered in DNS, its addresses are not translated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_name: Option<String>,
     #[serde(default)]
     pub endpoints: Vec<EndpointSpec>,
 }
@@ -352,6 +369,33 @@ pub struct EndpointSpec {
     /// The endpoint's hostname (headless Service DNS records).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
+    /// The endpoint's own target port for each Service port, by the Service port's name (""
+    /// for an unnamed port), as its EndpointSlice says: pods of one Service can number a
+    /// named port differently (a rollout that renumbers it). Absent: every Service port at
+    /// its `target_port`. Present: only the ports named here; the others send it nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<std::collections::BTreeMap<String, u16>>,
+    /// EndpointSlice topology hints: the zones (`hints.forZones`) and nodes (`hints.forNodes`)
+    /// this endpoint is meant for. Used, as kube-proxy uses them, only when every ready
+    /// endpoint of the Service has them and one is meant for this node (`node.zone`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub for_zones: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub for_nodes: Vec<String>,
+}
+
+impl EndpointSpec {
+    /// The port this endpoint takes Service port `p`'s traffic on, or `None` when it does
+    /// not serve that port.
+    pub fn target_port(&self, p: &ServicePort) -> Option<u16> {
+        match &self.ports {
+            None => Some(p.target_port.unwrap_or(p.port)),
+            Some(m) => m
+                .get(p.name.as_deref().unwrap_or_default())
+                .copied()
+                .filter(|n| *n != 0),
+        }
+    }
 }
 
 impl ServiceSpec {
@@ -383,7 +427,11 @@ impl ServiceSpec {
                     ),
                 ));
             }
-            if p.port == 0 || p.target_port == Some(0) || p.node_port == Some(0) {
+            if p.port == 0
+                || p.target_port == Some(0)
+                || p.node_port == Some(0)
+                || self.health_check_node_port == Some(0)
+            {
                 return Err(invalid(
                     field,
                     format!("service {who}: port numbers must not be 0"),
@@ -409,6 +457,10 @@ impl ServiceSpec {
 pub struct NodeConfig {
     /// The node's name (as in Kubernetes).
     pub name: String,
+    /// The node's topology zone (`topology.kubernetes.io/zone`), for EndpointSlice zone hints;
+    /// in Kubernetes mode the Node's label, when it has one, wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
     /// The node's pod CIDR; pods get addresses from it.
     pub pod_cidr: Ipv4Net,
     /// The pods' default gateway, answered by the switch itself. Default: first host address.
@@ -950,6 +1002,20 @@ impl Config {
                 format!("{} is out of range 1024..=16777216", nat.conntrack_max),
             ));
         }
+        for c in &nat.node_port_addresses {
+            if *c != c.trunc() {
+                return Err(invalid(
+                    "nat.node_port_addresses",
+                    format!("{c} has host bits set; did you mean {}?", c.trunc()),
+                ));
+            }
+            if !matches!(c, IpNet::V4(_)) {
+                return Err(invalid(
+                    "nat.node_port_addresses",
+                    format!("{c}: NodePorts are served on IPv4 addresses only"),
+                ));
+            }
+        }
         for (i, svc) in self.services.iter().enumerate() {
             svc.validate("services")?;
             if self.services[..i]
@@ -1078,6 +1144,48 @@ mod tests {
             "{}",
             w[1]
         );
+    }
+
+    #[test]
+    fn node_port_addresses_take_cidrs_and_bad_ones_name_the_field() {
+        let c = Config::parse(&format!(
+            "{MIN}[nat]\nnode_port_addresses = [\"10.0.0.0/8\", \"192.168.1.0/24\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(c.nat.node_port_addresses.len(), 2);
+        assert!(Config::parse(MIN)
+            .unwrap()
+            .nat
+            .node_port_addresses
+            .is_empty());
+        for bad in ["\"10.0.0.1/8\"", "\"fd00::/64\""] {
+            assert_eq!(
+                field_of(&format!("{MIN}[nat]\nnode_port_addresses = [{bad}]\n")),
+                "nat.node_port_addresses"
+            );
+        }
+        let msg = field_of(&format!("{MIN}[nat]\nnode_port_addresses = [\"eth0\"]\n"));
+        assert!(msg.contains("node_port_addresses"), "{msg}");
+    }
+
+    #[test]
+    fn endpoints_may_carry_their_own_target_ports() {
+        let text = format!(
+            "{MIN}[[services]]\nnamespace = \"default\"\nname = \"web\"\n\
+             cluster_ips = [\"10.96.0.20\"]\n\
+             ports = [{{ name = \"http\", port = 80, target_port = 8080 }}, {{ port = 9 }}]\n\
+             endpoints = [{{ ip = \"10.244.1.5\" }}, \
+             {{ ip = \"10.244.1.6\", ports = {{ http = 8081 }} }}]\n"
+        );
+        let c = Config::parse(&text).unwrap();
+        let s = &c.services[0];
+        let (http, nine) = (&s.ports[0], &s.ports[1]);
+        // Without per-endpoint ports: every Service port at its target port, as before.
+        assert_eq!(s.endpoints[0].target_port(http), Some(8080));
+        assert_eq!(s.endpoints[0].target_port(nine), Some(9));
+        // With them: its own number, and nothing for a port it does not list.
+        assert_eq!(s.endpoints[1].target_port(http), Some(8081));
+        assert_eq!(s.endpoints[1].target_port(nine), None);
     }
 
     fn field_of(text: &str) -> String {

@@ -18,7 +18,11 @@
 //! 6. a long TCP stream survives the removal and return of the Service's other endpoints;
 //! 7. a UDP flow moves to the new endpoint at once when its endpoint is removed (flush);
 //! 8. a new Service and a removed peer in the config file reach traffic without a restart;
-//! 9. the node reaches pods and ClusterIPs, and pods reach the node.
+//! 9. the node reaches pods and ClusterIPs, and pods reach the node;
+//! 10. as kube-proxy (issue 25): a rollout renumbering a named port serves old and new pods,
+//!     each on its own port; a NodePort with externalTrafficPolicy Local is still served by
+//!     its last local endpoint while that terminates, and refused (curl exit 7) with none;
+//!     its healthCheckNodePort answers 200 with the local endpoint count, then 503.
 //!
 //! The tests' Services live in namespace `default` with ClusterIPs in 10.96.1.0/24, clear of
 //! the addresses the daemon serves itself (the cluster DNS on 10.96.0.10).
@@ -249,6 +253,9 @@ struct Ep {
     ready: bool,
     serving: bool,
     terminating: bool,
+    /// Its own target port for every Service port (an EndpointSlice of its own); None: the
+    /// Service port's.
+    port: Option<u16>,
 }
 
 impl Ep {
@@ -259,7 +266,14 @@ impl Ep {
             ready: true,
             serving: true,
             terminating: false,
+            port: None,
         }
+    }
+
+    /// Numbering the Service's ports its own way (a pod of a rollout that renumbers them).
+    fn on_port(mut self, port: u16) -> Ep {
+        self.port = Some(port);
+        self
     }
 
     /// Being deleted but still serving (KEP-1669).
@@ -310,6 +324,7 @@ struct Svc {
     affinity: Option<u32>,
     internal_local: bool,
     external_local: bool,
+    health_check_node_port: Option<u16>,
     endpoints: Vec<Ep>,
 }
 
@@ -322,6 +337,7 @@ impl Svc {
             affinity: None,
             internal_local: false,
             external_local: false,
+            health_check_node_port: None,
             endpoints,
         }
     }
@@ -350,8 +366,19 @@ impl Svc {
             .endpoints
             .iter()
             .map(|e| {
+                let own = e
+                    .port
+                    .map(|n| {
+                        let each: Vec<String> = self
+                            .ports
+                            .iter()
+                            .map(|p| format!("\"{}-{}\" = {n}", p.proto.to_lowercase(), p.port))
+                            .collect();
+                        format!(", ports = {{ {} }}", each.join(", "))
+                    })
+                    .unwrap_or_default();
                 format!(
-                    "{{ ip = \"{}\", node = \"{}\", ready = {}, serving = {}, terminating = {} }}",
+                    "{{ ip = \"{}\", node = \"{}\", ready = {}, serving = {}, terminating = {}{own} }}",
                     e.ip, e.node, e.ready, e.serving, e.terminating
                 )
             })
@@ -372,6 +399,9 @@ impl Svc {
         }
         if self.external_local {
             s += "external_traffic_policy = \"Local\"\n";
+        }
+        if let Some(p) = self.health_check_node_port {
+            s += &format!("health_check_node_port = {p}\n");
         }
         s
     }
@@ -401,7 +431,7 @@ impl Svc {
                     self.vip.clone(),
                     chosen
                         .iter()
-                        .map(|e| format!("{}:{}", e.ip, p.target))
+                        .map(|e| format!("{}:{}", e.ip, e.port.unwrap_or(p.target)))
                         .collect(),
                 )
             })
@@ -1187,14 +1217,16 @@ fn nodeport_reaches_a_backend_on_another_node_from_outside_the_cluster() {
     );
     wait_listening(&p2.netns, "u", 5353);
     for n in &w.lab.nodes {
-        for np in [30081, 30082, 30083] {
+        for np in [30081, 30082] {
             wait_listening(&n.netns, "t", np);
         }
         wait_listening(&n.netns, "u", 30053);
-        wait_listening(&n.netns, "u", 30054);
     }
-    // `vswitchctl services` lists node 1's NodePorts and where each sends: the ClusterIP, or
-    // for policy Local the endpoints on this node (none here: the one endpoint is on node 2).
+    // Policy Local: only node 2, which has the endpoint, listens.
+    wait_listening(&w.node(2).netns, "t", 30083);
+    wait_listening(&w.node(2).netns, "u", 30054);
+    // `vswitchctl services` lists node 1's NodePorts and where each sends: the ClusterIP;
+    // those of policy Local have no endpoint on this node, so nothing to listen for.
     let listed = vswitchctl_json(w.node(1), &["services"]);
     let node_ports: Vec<(u64, String, String, Vec<String>, bool)> = listed["node_ports"]
         .as_array()
@@ -1233,10 +1265,8 @@ fn nodeport_reaches_a_backend_on_another_node_from_outside_the_cluster() {
         node_ports,
         vec![
             row(30053, "UDP", "echo", &["10.96.1.44:53"], false),
-            row(30054, "UDP", "echo-local", &[], true),
             row(30081, "TCP", "on-n2", &["10.96.1.41:80"], false),
             row(30082, "TCP", "on-n1", &["10.96.1.42:80"], false),
-            row(30083, "TCP", "local", &[], true),
         ],
         "vswitchctl services on node 1: {listed}"
     );
@@ -1315,7 +1345,7 @@ fn nodeport_reaches_a_backend_on_another_node_from_outside_the_cluster() {
     );
 
     // externalTrafficPolicy Local: the node with the endpoint serves it; the other refuses at
-    // once (the relay closes the accepted connection) so a load balancer can fail over.
+    // once (nothing listens: a TCP RST) so a load balancer can fail over.
     let url = format!("http://{}:30083/", n2.underlay_ip);
     let r = curl_ok(client.name(), &url);
     assert_eq!(r.name, p2.name, "{url}: {r:?}");
@@ -1330,6 +1360,11 @@ fn nodeport_reaches_a_backend_on_another_node_from_outside_the_cluster() {
                 secs < 1.0,
                 "{url}: policy Local without a local endpoint must fail at once, took {secs} s:\n{o}"
             );
+            assert_eq!(
+                o.status.code(),
+                Some(7),
+                "{url}: refused (curl exit 7), not accepted then closed:\n{o}"
+            );
             eprintln!(
                 "{url}: failed in {:.1} ms as it should ({})",
                 secs * 1e3,
@@ -1337,6 +1372,125 @@ fn nodeport_reaches_a_backend_on_another_node_from_outside_the_cluster() {
             );
         }
     }
+    eprintln!("took {:.1?}", started.elapsed());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 10. As kube-proxy serves them (issue 25).
+
+/// `curl -i` of a health check: (HTTP status, the JSON body).
+fn health_check(ns: &str, url: &str) -> (u16, serde_json::Value) {
+    let o = exec_in(
+        ns,
+        &["curl", "-sS", "--max-time", "3", "-i", url],
+        Duration::from_secs(8),
+    );
+    assert!(o.success(), "{url}: {o}");
+    let status = o
+        .stdout
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("{url}: no status line:\n{o}"));
+    let body = o.stdout.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let json = serde_json::from_str(body).unwrap_or_else(|e| panic!("{url}: {e} in {body:?}"));
+    (status, json)
+}
+
+#[test]
+fn a_renumbered_named_port_and_a_local_nodeport_as_kube_proxy_serves_them() {
+    let started = Instant::now();
+    let mut w = World::new(2, 1);
+    let (p1, p2) = (w.pod("n1-p1"), w.pod("n2-p1"));
+    // The rollout: the old pod serves the named port on 8080, the new one on 8081; the
+    // EndpointSlice controller puts them in two slices with two numbers.
+    let _old = w.http_server(&p1);
+    let _new = Bg::spawn(
+        &p2.netns,
+        &w.py("http", &[&p2.name, "8081"]),
+        Duration::from_secs(120),
+    );
+    wait_listening(&p2.netns, "t", 8081);
+    let roll = Svc::new(
+        "roll",
+        "10.96.1.101",
+        vec![tcp(80, HTTP_PORT)],
+        vec![Ep::of(&p1), Ep::of(&p2).on_port(8081)],
+    );
+    let mut local = Svc::new(
+        "local-hc",
+        "10.96.1.102",
+        vec![SvcPort {
+            node_port: Some(30101),
+            ..tcp(80, HTTP_PORT)
+        }],
+        vec![Ep::of(&p1)],
+    );
+    local.external_local = true;
+    local.health_check_node_port = Some(30102);
+    w.set_services(&[roll.clone(), local.clone()]);
+
+    // Both the old and the new pod answer through the ClusterIP, each on its own port.
+    let replies = curl_many(&p1.netns, "http://10.96.1.101/", 30);
+    let seen = counts(&replies);
+    assert_eq!(
+        seen.keys().cloned().collect::<Vec<_>>(),
+        [p1.name.clone(), p2.name.clone()],
+        "a renumbered named port must reach old and new pods: {seen:?}"
+    );
+
+    let client = outside_client(&w, "192.168.100.251/24");
+    let (n1, n2) = (w.node(1).clone(), w.node(2).clone());
+    wait_listening(&n1.netns, "t", 30101);
+    wait_listening(&n1.netns, "t", 30102);
+    wait_listening(&n2.netns, "t", 30102);
+    let np = format!("http://{}:30101/", n1.underlay_ip);
+    let hc1 = format!("http://{}:30102/", n1.underlay_ip);
+    let hc2 = format!("http://{}:30102/", n2.underlay_ip);
+    assert_eq!(curl_ok(client.name(), &np).name, p1.name);
+    let body = |n: u64| {
+        serde_json::json!({"service": {"namespace": "default", "name": "local-hc"},
+                           "localEndpoints": n, "serviceProxyHealthy": true})
+    };
+    assert_eq!(health_check(client.name(), &hc1), (200, body(1)));
+    // Node 2 has no endpoint: its health check says so, and its NodePort refuses.
+    assert_eq!(health_check(client.name(), &hc2), (503, body(0)));
+    let refused = |url: &str| match curl_once(client.name(), url, 3) {
+        Ok(r) => panic!("{url}: answered without a local endpoint: {r:?}"),
+        Err((o, secs)) => {
+            assert_eq!(o.status.code(), Some(7), "{url}: not refused:\n{o}");
+            assert!(secs < 1.0, "{url}: refused only after {secs} s");
+        }
+    };
+    refused(&format!("http://{}:30101/", n2.underlay_ip));
+
+    // The last local endpoint terminates but still serves: still served (KEP-1669), while
+    // the health check already sends balancers elsewhere.
+    local.endpoints = vec![Ep::of(&p1).terminating()];
+    w.set_services(&[roll.clone(), local.clone()]);
+    let ok = wait_until(APPLY_TIMEOUT, || health_check(client.name(), &hc1).0 == 503);
+    assert!(ok, "{hc1}: still 200 with only a terminating endpoint");
+    assert_eq!(health_check(client.name(), &hc1), (503, body(0)));
+    assert_eq!(curl_ok(client.name(), &np).name, p1.name);
+
+    // No local endpoint at all (it moved to node 2): refused, not accepted then closed.
+    local.endpoints = vec![Ep::of(&p2).on_port(8081)];
+    w.set_services(&[roll, local]);
+    let ok = wait_until(APPLY_TIMEOUT, || {
+        curl_once(client.name(), &np, 3)
+            .err()
+            .is_some_and(|(o, _)| o.status.code() == Some(7))
+    });
+    assert!(ok, "{np}: not refused after the last local endpoint went");
+    refused(&np);
+    assert_eq!(health_check(client.name(), &hc1), (503, body(0)));
+    // And node 2 now serves it, on the new pod's own port, and says so.
+    let url = format!("http://{}:30101/", n2.underlay_ip);
+    let ok = wait_until(APPLY_TIMEOUT, || curl_once(client.name(), &url, 3).is_ok());
+    assert!(ok, "{url}: not served by the new local endpoint");
+    assert_eq!(curl_ok(client.name(), &url).name, p2.name);
+    assert_eq!(health_check(client.name(), &hc2), (200, body(1)));
     eprintln!("took {:.1?}", started.elapsed());
 }
 
@@ -1776,6 +1930,7 @@ fn the_node_reaches_pods_and_cluster_ips_and_pods_reach_the_node() {
         ready: true,
         serving: true,
         terminating: false,
+        port: None,
     }];
     w.set_services(&[
         Svc::new(

@@ -50,12 +50,29 @@ pub fn run_with(config_path: &Path, opts: RunOptions) -> Result<(), RunError> {
         .build()
         .map_err(RunError::Runtime)?;
     // In Kubernetes mode a config without node.pod_cidr takes the Node object's.
-    let config = Config::load_asking_pod_cidr(config_path, |k, node| {
+    let mut config = Config::load_asking_pod_cidr(config_path, |k, node| {
         let env = std::env::var("NODE_NAME").ok();
         let name = crate::control::k8s::node_name_of(opts.node_name.as_deref(), k, node, env);
         rt.block_on(crate::control::k8s::own_pod_cidr(k, &name))
             .map_err(|e| e.to_string())
     })?;
+    if config.kubernetes.enabled {
+        // "Local" (traffic policies, NodePorts, health checks) means the node whose name the
+        // watch uses with the API, which the flag or $NODE_NAME can make other than node.name.
+        let api_name = crate::control::k8s::node_name(
+            opts.node_name.as_deref(),
+            &config,
+            std::env::var("NODE_NAME").ok(),
+        );
+        if api_name != config.node.name {
+            tracing::info!(
+                "this is node {api_name:?} in the Kubernetes API (node.name in the config is \
+                 {:?}); endpoints on {api_name:?} are local",
+                config.node.name
+            );
+            config.node.name = api_name;
+        }
+    }
     let socket = config.admin.socket.clone();
     // A vswitchd already running on this node lets go of it first (an upgrade, a restart).
     crate::control::handover::take_over(&socket);

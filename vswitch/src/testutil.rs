@@ -31,6 +31,9 @@ pub fn service(
         session_affinity_timeout: affinity,
         internal_traffic_policy: Default::default(),
         external_traffic_policy: Default::default(),
+        load_balancer_ips: Vec::new(),
+        health_check_node_port: None,
+        proxy_name: None,
         endpoints: backends
             .into_iter()
             .map(|ip| EndpointSpec {
@@ -40,6 +43,9 @@ pub fn service(
                 serving: true,
                 terminating: false,
                 hostname: None,
+                ports: None,
+                for_zones: Vec::new(),
+                for_nodes: Vec::new(),
             })
             .collect(),
     }

@@ -137,6 +137,9 @@ fn services() -> Vec<ServiceSpec> {
         serving: true,
         terminating: false,
         hostname: None,
+        ports: None,
+        for_zones: Vec::new(),
+        for_nodes: Vec::new(),
     };
     let port = |proto, port, target| ServicePort {
         name: None,
@@ -154,6 +157,9 @@ fn services() -> Vec<ServiceSpec> {
         session_affinity_timeout: None,
         internal_traffic_policy: TrafficPolicy::default(),
         external_traffic_policy: TrafficPolicy::default(),
+        load_balancer_ips: Vec::new(),
+        health_check_node_port: None,
+        proxy_name: None,
         endpoints,
     };
     let mut web = svc(

@@ -96,6 +96,7 @@ struct Recorder {
     peers: Mutex<Vec<Vec<PeerSpec>>>,
     services: Mutex<Vec<Vec<ServiceSpec>>>,
     policy: Mutex<Vec<PolicyInputs>>,
+    zone: Mutex<Option<String>>,
 }
 
 impl ClusterSink for Recorder {
@@ -109,6 +110,10 @@ impl ClusterSink for Recorder {
     }
     fn apply_policy(&self, inputs: PolicyInputs) -> Result<(), String> {
         self.policy.lock().unwrap().push(inputs);
+        Ok(())
+    }
+    fn apply_zone(&self, zone: Option<String>) -> Result<(), String> {
+        *self.zone.lock().unwrap() = zone;
         Ok(())
     }
 }
@@ -535,4 +540,115 @@ async fn the_watch_moves_to_another_api_server_address_when_its_own_is_away() {
         );
     }
     assert!(watch.stats().synced);
+}
+
+/// The last applied table's Service `name` in `default`, if any.
+fn applied(rec: &Recorder, name: &str) -> Option<ServiceSpec> {
+    rec.services()
+        .last()?
+        .iter()
+        .find(|s| s.namespace == "default" && s.name == name)
+        .cloned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_follow_kube_proxy_over_the_api() {
+    // Issue 25 through real HTTP: a rollout renumbering a named port (a second slice with
+    // another number), a LoadBalancer's ingress address, a Service of another proxy, and the
+    // node's zone from its label.
+    let server = stand_in().await;
+    let roll = serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "roll", "namespace": "default"},
+        "spec": {"clusterIP": "10.96.70.7", "type": "LoadBalancer",
+                 "externalTrafficPolicy": "Local", "healthCheckNodePort": 32070,
+                 "ports": [{"name": "http", "port": 80, "targetPort": "http", "nodePort": 30070}]},
+        "status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.70", "ipMode": "VIP"}]}}
+    });
+    let slice = |name: &str, port: u16, ips: &[&str]| {
+        serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": name, "namespace": "default",
+                "labels": {"kubernetes.io/service-name": "roll"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+            "endpoints": ips.iter().map(|ip| serde_json::json!({
+                "addresses": [ip], "conditions": {"ready": true}, "nodeName": "node-a",
+                "hints": {"forZones": [{"name": "zone-a"}]}
+            })).collect::<Vec<_>>()
+        })
+    };
+    let mesh = serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "meshed", "namespace": "default",
+            "labels": {"service.kubernetes.io/service-proxy-name": "mesh"}},
+        "spec": {"clusterIP": "10.96.70.8", "ports": [{"port": 80}]}
+    });
+    for o in [
+        &roll,
+        &slice("roll-old", 8080, &["10.244.0.70", "10.244.0.71"]),
+        &mesh,
+    ] {
+        server.load(o).expect("object");
+    }
+    let rec = Arc::new(Recorder::default());
+    let _watch = K8sWatch::spawn(client(&server), settings(), rec.clone());
+    wait_until("roll applied", Duration::from_secs(20), || {
+        applied(&rec, "roll").is_some_and(|s| s.endpoints.len() == 2)
+    })
+    .await;
+    let s = applied(&rec, "roll").unwrap();
+    assert_eq!(
+        s.load_balancer_ips,
+        ["203.0.113.70".parse::<std::net::IpAddr>().unwrap()]
+    );
+    assert_eq!(s.health_check_node_port, Some(32070));
+    assert_eq!(s.endpoints[0].for_zones, ["zone-a"]);
+    let meshed = applied(&rec, "meshed").expect("kept for DNS");
+    assert_eq!(meshed.proxy_name.as_deref(), Some("mesh"));
+
+    // The new pods come with their own number in a slice of their own: both are kept, each
+    // with its number (no vote, nothing dropped).
+    server
+        .load(&slice("roll-new", 8081, &["10.244.0.72"]))
+        .expect("slice");
+    wait_until("the new slice applied", Duration::from_secs(20), || {
+        applied(&rec, "roll").is_some_and(|s| s.endpoints.len() == 3)
+    })
+    .await;
+    let s = applied(&rec, "roll").unwrap();
+    let ports: Vec<(String, Option<u16>)> = s
+        .endpoints
+        .iter()
+        .map(|e| (e.ip.to_string(), e.target_port(&s.ports[0])))
+        .collect();
+    assert_eq!(
+        ports,
+        [
+            ("10.244.0.70".to_string(), Some(8080)),
+            ("10.244.0.71".to_string(), Some(8080)),
+            ("10.244.0.72".to_string(), Some(8081)),
+        ]
+    );
+
+    // node-a gets a zone label: the sink is told.
+    let mut node_a: Value = fixture_json("nodes.json")["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["metadata"]["name"] == "node-a")
+        .cloned()
+        .expect("node-a");
+    node_a["apiVersion"] = "v1".into();
+    node_a["kind"] = "Node".into();
+    node_a["metadata"]["labels"]["topology.kubernetes.io/zone"] = "zone-a".into();
+    node_a["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("resourceVersion");
+    server.load(&node_a).expect("node-a");
+    wait_until("the zone applied", Duration::from_secs(20), || {
+        rec.zone.lock().unwrap().as_deref() == Some("zone-a")
+    })
+    .await;
 }

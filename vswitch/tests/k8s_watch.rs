@@ -71,6 +71,16 @@ fn ep(ip: &str, node: Option<&str>, ready: bool, serving: bool, terminating: boo
         serving,
         terminating,
         hostname: None,
+        ports: None,
+        for_zones: Vec::new(),
+        for_nodes: Vec::new(),
+    }
+}
+
+fn with_ports(e: EndpointSpec, ports: &[(&str, u16)]) -> EndpointSpec {
+    EndpointSpec {
+        ports: Some(ports.iter().map(|(n, p)| (n.to_string(), *p)).collect()),
+        ..e
     }
 }
 
@@ -94,6 +104,9 @@ fn svc(ns: &str, name: &str, ips: &[&str]) -> ServiceSpec {
         session_affinity_timeout: None,
         internal_traffic_policy: TrafficPolicy::Cluster,
         external_traffic_policy: TrafficPolicy::Cluster,
+        load_balancer_ips: Vec::new(),
+        health_check_node_port: None,
+        proxy_name: None,
         endpoints: Vec::new(),
     }
 }
@@ -172,9 +185,16 @@ fn fixtures_convert_to_tables() {
         ep("10.244.0.5", Some("node-a"), true, true, false),
         ep("10.244.1.7", Some("node-b"), true, true, false),
     ];
+    // targetPort "metrics", numbered 9100 by two pods and 9200 by a third (in a slice of its
+    // own): every pod is served on its own number (the port's listed number is its first
+    // endpoint's).
     let mut exporter = svc("monitoring", "exporter", &["10.96.60.6"]);
-    exporter.ports = vec![port(None, Protocol::Tcp, 9100, 9100)];
+    exporter.ports = vec![port(None, Protocol::Tcp, 9100, 9200)];
     exporter.endpoints = vec![
+        with_ports(
+            ep("10.244.0.42", Some("node-a"), true, true, false),
+            &[("", 9200)],
+        ),
         ep("10.244.1.40", Some("node-b"), true, true, false),
         ep("10.244.2.41", Some("node-c"), true, true, false),
     ];
@@ -184,7 +204,20 @@ fn fixtures_convert_to_tables() {
     sticky.internal_traffic_policy = TrafficPolicy::Local;
     sticky.endpoints = vec![ep("10.244.0.30", Some("node-a"), true, true, false)];
     // default/search is an ExternalName Service: nothing to translate.
-    let want = vec![db, kubernetes, web, dns, exporter, sticky];
+    let mut want = vec![db, kubernetes, web, dns, exporter, sticky];
+    // Each endpoint carries its own slice's ports (all alike here but for exporter's third).
+    for (s, ports) in want.iter_mut().zip([
+        &[("pg", 5432)][..],
+        &[("https", 6443)],
+        &[("http", 8080)],
+        &[("dns-tcp", 53), ("dns", 53), ("metrics", 9153)],
+        &[("", 9100)],
+        &[("api", 8443)],
+    ]) {
+        for e in s.endpoints.iter_mut().filter(|e| e.ports.is_none()) {
+            *e = with_ports(e.clone(), ports);
+        }
+    }
     assert_eq!(state.services.len(), want.len());
     for (got, want) in state.services.iter().zip(&want) {
         assert_eq!(got, want, "{}/{}", want.namespace, want.name);
@@ -194,8 +227,9 @@ fn fixtures_convert_to_tables() {
     for needle in [
         "node \"node-f\": flannel backend \"host-gw\"",
         "node \"node-h\": VTEP MAC \"not-a-mac\"",
-        "service shop/sticky: port sig: SCTP",
-        "service monitoring/exporter: EndpointSlice exporter-bbbbb maps port (unnamed) to 9200",
+        "service shop/sticky: port sig: unsupported: SCTP",
+        "service shop/sticky: unsupported: IPv6 addresses are not translated (IPv4 ones are): \
+         fd00:10:96::5",
     ] {
         assert!(problems.contains(needle), "{needle:?} not in:\n{problems}");
     }
@@ -354,7 +388,8 @@ fn malformed_objects_are_problems_not_panics() {
     assert_eq!(ports.ports[0].node_port, None);
     assert_eq!(
         ports.endpoints,
-        [ep("10.244.1.1", None, true, true, false)],
+        // Its slice has no port 81: it stays (for DNS) but is sent none of the port's traffic.
+        [with_ports(ep("10.244.1.1", None, true, true, false), &[])],
         "endpoints without an address or with an IPv6 one in an IPv4 slice are skipped"
     );
     // Against this node's own config, x6 has our underlay address and x8 overlaps our pod

@@ -39,6 +39,7 @@ pub(crate) fn daemon_config(node: &Node, all: &[Node], services: &[ServiceSpec])
     Config {
         node: NodeConfig {
             name: node.name.clone(),
+            zone: None,
             pod_cidr: node.pod_cidr,
             gateway: None,
             mtu: POD_MTU,

@@ -92,6 +92,9 @@ impl Lab {
                 serving: true,
                 terminating: false,
                 hostname: None,
+                ports: None,
+                for_zones: Vec::new(),
+                for_nodes: Vec::new(),
             });
         }
         let others: Vec<&ServiceSpec> = self
@@ -131,6 +134,9 @@ impl Lab {
             session_affinity_timeout: None,
             internal_traffic_policy: TrafficPolicy::default(),
             external_traffic_policy: TrafficPolicy::default(),
+            load_balancer_ips: Vec::new(),
+            health_check_node_port: None,
+            proxy_name: None,
             endpoints,
         };
         // The daemon's own checks (ClusterIP taken, NodePort range, ...) before any node sees it.

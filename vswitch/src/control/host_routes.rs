@@ -39,8 +39,10 @@ pub fn wanted(
         .collect();
     let free = |n: &Ipv4Net| !covered.iter().any(|c| c.contains(n));
     let cidrs = peers.iter().flat_map(|p| p.pod_cidrs.iter().copied());
+    // A Service another proxy serves (service-proxy-name) is not the switch's to take.
     let vips = services
         .iter()
+        .filter(|s| s.proxy_name.is_none())
         .flat_map(|s| s.cluster_ips.iter())
         .filter_map(|ip| match ip {
             IpAddr::V4(ip) if !ip.is_unspecified() => Ipv4Net::new(*ip, 32).ok(),
@@ -188,6 +190,10 @@ mod tests {
                 "10.96.5.5/32"
             ])
         );
+        // Nor is a Service of another proxy.
+        let mut meshed = service(&["10.96.7.7"]);
+        meshed.proxy_name = Some("mesh".into());
+        assert!(!wanted(&[], own, &peers, &[meshed]).contains(&"10.96.7.7/32".parse().unwrap()));
         // The shipped lab's routes cover everything: nothing more to add.
         let configured: Vec<IpNet> = vec![
             "10.244.0.0/16".parse().unwrap(),

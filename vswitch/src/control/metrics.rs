@@ -293,7 +293,13 @@ fn encode_k8s(enc: &mut DescriptorEncoder, k: &K8sStatsHandle) -> fmt::Result {
     for (name, help, v) in rows {
         counter(enc, name, help, v)?;
     }
-    Ok(())
+    gauge(
+        enc,
+        "vswitch_k8s_unsupported",
+        "Uses of Service features vswitch does not support (SCTP ports, \
+         loadBalancerSourceRanges, IPv6 addresses), each logged once.",
+        k.unsupported as i64,
+    )
 }
 
 /// `/metrics`, `/healthz` and `/readyz`.

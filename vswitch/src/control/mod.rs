@@ -136,6 +136,8 @@ struct State {
     services: Vec<conf::config::ServiceSpec>,
     /// NetworkPolicy's inputs (manifest directory, Kubernetes watch).
     policy: policy::PolicyInputs,
+    /// This node's topology zone, for EndpointSlice hints (`node.zone`, or the Node's label).
+    zone: Option<String>,
 }
 
 pub struct Daemon {
@@ -194,7 +196,7 @@ fn initial_tables(
     tables.overlay_mtu = (config.overlay.underlay_mtu - 50).min(u16::MAX as u32) as u16;
     tables.peers = peer_table(&config.peers).map_err(|e| DaemonError::Peers(e.msg))?;
     tables.node_name = config.node.name.clone();
-    tables.services = service_table(config, &config.services);
+    tables.services = service_table(config, &config.services, config.node.zone.as_deref());
     let host_tap = if config.host.enabled {
         let routes: Vec<Ipv4Net> = config
             .host
@@ -385,6 +387,7 @@ impl Daemon {
         });
         let peers = config.peers.clone();
         let services = config.services.clone();
+        let zone = config.node.zone.clone();
         let host_routes = if config.host.enabled {
             let r = host_routes::HostRoutes::start(config.host.interface.clone())
                 .map_err(DaemonError::Datapath)?;
@@ -403,6 +406,7 @@ impl Daemon {
                 peers,
                 services,
                 policy: Default::default(),
+                zone: zone.clone(),
             }),
             records_dir,
             underlay_stats,
@@ -1000,6 +1004,22 @@ impl Daemon {
         self.apply_peers(&mut st, peers)
     }
 
+    /// This node's topology zone as the API says (its Node's `topology.kubernetes.io/zone`;
+    /// `None`: the config's `node.zone`): the Services are rebuilt when it changes.
+    pub fn set_zone(&self, zone: Option<String>) -> Result<(), ApiError> {
+        let zone = zone.or_else(|| self.config.node.zone.clone());
+        let services = {
+            let mut st = self.lock();
+            if st.zone == zone {
+                return Ok(());
+            }
+            tracing::info!("topology zone {zone:?}");
+            st.zone = zone;
+            st.services.clone()
+        };
+        self.replace_services(services)
+    }
+
     /// Replaces the whole Service set at once (the Kubernetes watch and config reload use this).
     pub fn replace_services(
         &self,
@@ -1010,7 +1030,7 @@ impl Daemon {
                 .map_err(|e| api_err(code::INVALID_NETCONF, e.to_string(), ""))?;
         }
         let mut st = self.lock();
-        let table = service_table(&self.config, &services);
+        let table = service_table(&self.config, &services, st.zone.as_deref());
         let old = self.tables.load();
         let udp_backends = |t: &ServiceTable| -> std::collections::BTreeSet<Ipv4Addr> {
             t.frontends()
@@ -1027,7 +1047,7 @@ impl Daemon {
         self.tables
             .store(Arc::new(old.with_services(table).with_dns(dns)));
         if let Some(np) = self.nodeports.get() {
-            np.reconcile(&services);
+            np.reconcile(&services, st.zone.as_deref());
         }
         st.services = services;
         self.sync_host_routes(&st);
@@ -1206,8 +1226,12 @@ impl Daemon {
                 .host
                 .enabled
                 .then(|| self.config.host.interface.clone()),
+            self.config.nat.node_port_addresses.clone(),
         );
-        np.reconcile(&self.lock().services);
+        {
+            let st = self.lock();
+            np.reconcile(&st.services, st.zone.as_deref());
+        }
         let _ = self.nodeports.set(np);
     }
 
@@ -1334,10 +1358,15 @@ fn pod_address(config: &Config, ip: Ipv4Addr) -> Ipv4Net {
 /// The datapath's Service table: the Services, plus, when the switch answers DNS, TCP port 53
 /// of each DNS address translated to the node's DNS-over-TCP listener on the gateway address
 /// (clients retry over TCP after a truncated answer, and the switch has no TCP stack).
-fn service_table(config: &Config, services: &[conf::config::ServiceSpec]) -> ServiceTable {
+fn service_table(
+    config: &Config,
+    services: &[conf::config::ServiceSpec],
+    zone: Option<&str>,
+) -> ServiceTable {
+    let (node, lb) = (&config.node.name, config.nat.load_balancing);
     let d = &config.dns;
     if !(d.answer && config.host.enabled && !d.nameservers.is_empty()) {
-        return ServiceTable::build(services, &config.node.name, config.nat.load_balancing);
+        return ServiceTable::build_in(services, node, zone, lb);
     }
     let mut all = services.to_vec();
     all.push(conf::config::ServiceSpec {
@@ -1355,6 +1384,9 @@ fn service_table(config: &Config, services: &[conf::config::ServiceSpec]) -> Ser
         session_affinity_timeout: None,
         internal_traffic_policy: Default::default(),
         external_traffic_policy: Default::default(),
+        load_balancer_ips: Vec::new(),
+        health_check_node_port: None,
+        proxy_name: None,
         endpoints: vec![conf::config::EndpointSpec {
             ip: IpAddr::V4(config.gateway()),
             node: Some(config.node.name.clone()),
@@ -1362,9 +1394,12 @@ fn service_table(config: &Config, services: &[conf::config::ServiceSpec]) -> Ser
             serving: true,
             terminating: false,
             hostname: None,
+            ports: None,
+            for_zones: Vec::new(),
+            for_nodes: Vec::new(),
         }],
     });
-    ServiceTable::build(&all, &config.node.name, config.nat.load_balancing)
+    ServiceTable::build_in(&all, node, zone, lb)
 }
 
 /// The datapath's peer table from validated peer specs.

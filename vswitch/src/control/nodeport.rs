@@ -7,8 +7,20 @@
 //! default `externalTrafficPolicy: Cluster` the relay connects to the ClusterIP, which the node
 //! routes into the switch through the host port, where the switch translates it like any other
 //! Service connection (to a backend on any node). With `Local` it connects only to an endpoint
-//! on this node, and refuses (closes) when there is none, so the client's load balancer can
-//! fail over.
+//! on this node (a ready one, else a serving-and-terminating one, KEP-1669). Where the
+//! ClusterIP would not serve as `Cluster` means (the Service has `internalTrafficPolicy:
+//! Local`, or ClientIP affinity, which the ClusterIP would key on the relaying node), the relay
+//! connects to the Service's endpoints itself, choosing by the client's address when affinity
+//! is on. A NodePort with no endpoint to relay to has no listener, so the node's kernel
+//! refuses it (TCP RST, ICMP port unreachable), as kube-proxy's REJECT does, and a client's
+//! load balancer fails over at once rather than seeing a connection accepted then closed.
+//! `nat.node_port_addresses` restricts the listeners to the node's addresses in those CIDRs
+//! (as found when the NodePorts change).
+//!
+//! A Service with `externalTrafficPolicy: Local` and a `healthCheckNodePort` gets the health
+//! check kube-proxy serves there (pkg/proxy/healthcheck): HTTP 200 with a JSON body counting
+//! this node's ready endpoints while there is one, 503 otherwise, so a cloud balancer sends
+//! the Service's traffic only to nodes that can serve it.
 //!
 //! The relay terminates the client's connection. With `Cluster` the backend sees the node as
 //! the client, as with kube-proxy's SNAT for that policy. With `Local` the client's address is
@@ -37,12 +49,14 @@ use tokio::task::JoinHandle;
 struct Target {
     /// `namespace/name:port/PROTO` of the Service port, for listings.
     service: String,
-    /// Candidate destinations: the ClusterIP, or the local endpoints for policy Local.
+    /// Candidate destinations: the ClusterIP, or the endpoints themselves.
     dests: Vec<SocketAddr>,
     /// `externalTrafficPolicy: Local`.
     local: bool,
     /// Send from the client's address (policy Local, with the return route in place).
     transparent: bool,
+    /// ClientIP affinity: one client, one destination (chosen by its address alone).
+    affinity: bool,
 }
 
 type Rules = Arc<Mutex<std::collections::BTreeSet<(u8, u16)>>>;
@@ -57,7 +71,26 @@ type Key = (Protocol, u16);
 
 struct Listener {
     target: Arc<Mutex<Target>>,
-    task: JoinHandle<()>,
+    /// One task per address listened on.
+    tasks: Vec<JoinHandle<()>>,
+    /// The addresses listened on (unspecified: all).
+    addrs: Vec<IpAddr>,
+}
+
+/// The health check of one Service: what it answers, and its server.
+struct Health {
+    state: Arc<Mutex<HealthState>>,
+    /// One task per address listened on.
+    tasks: Vec<JoinHandle<()>>,
+    addrs: Vec<IpAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct HealthState {
+    namespace: String,
+    name: String,
+    /// This node's ready endpoints of the Service.
+    local_endpoints: usize,
 }
 
 /// The NodePort listeners of this node, kept in step with the Services.
@@ -66,34 +99,48 @@ pub struct NodePorts {
     node: String,
     udp_idle: Duration,
     listeners: Mutex<HashMap<Key, Listener>>,
+    health: Mutex<HashMap<u16, Health>>,
+    /// `nat.node_port_addresses`: empty, every address.
+    only: Vec<ipnet::IpNet>,
     /// The host port, through which endpoints' replies reach the node; None: no transparency.
     host_if: Option<String>,
     /// (IP protocol, target port) pairs with a return rule installed.
     rules: Rules,
 }
 
-fn targets(services: &[ServiceSpec], node: &str) -> HashMap<Key, Target> {
+/// The NodePort targets of `services` seen from `node`; a NodePort without any destination
+/// is left out (nothing listens, the kernel refuses).
+fn targets(services: &[ServiceSpec], node: &str, zone: Option<&str>) -> HashMap<Key, Target> {
     let mut out = HashMap::new();
-    for s in services {
+    for s in services.iter().filter(|s| s.proxy_name.is_none()) {
         for p in &s.ports {
             let Some(np) = p.node_port else { continue };
             if p.protocol == Protocol::Sctp {
                 continue;
             }
             let local = s.external_traffic_policy == TrafficPolicy::Local;
-            let dests = if local {
-                let target = p.target_port.unwrap_or(p.port);
-                s.endpoints
-                    .iter()
-                    .filter(|e| e.ready && e.node.as_deref() == Some(node))
-                    .map(|e| SocketAddr::new(e.ip, target))
-                    .collect()
-            } else {
+            let affinity = s.session_affinity_timeout.is_some();
+            let endpoints: Vec<SocketAddr> =
+                crate::pipeline::nat::backends_in(s, p, node, zone, s.external_traffic_policy)
+                    .into_iter()
+                    .map(|b| SocketAddr::new(IpAddr::V4(b.ip), b.port))
+                    .collect();
+            if endpoints.is_empty() {
+                continue;
+            }
+            // Through the ClusterIP only where it serves as policy Cluster means.
+            let via_cluster_ip = !local
+                && !affinity
+                && s.internal_traffic_policy == TrafficPolicy::Cluster
+                && s.cluster_ips.iter().any(|ip| ip.is_ipv4());
+            let dests = if via_cluster_ip {
                 s.cluster_ips
                     .iter()
                     .filter(|ip| ip.is_ipv4())
                     .map(|ip| SocketAddr::new(*ip, p.port))
                     .collect()
+            } else {
+                endpoints
             };
             out.insert(
                 (p.protocol, np),
@@ -108,6 +155,7 @@ fn targets(services: &[ServiceSpec], node: &str) -> HashMap<Key, Target> {
                     dests,
                     local,
                     transparent: local,
+                    affinity,
                 },
             );
         }
@@ -115,11 +163,65 @@ fn targets(services: &[ServiceSpec], node: &str) -> HashMap<Key, Target> {
     out
 }
 
-fn pick(target: &Mutex<Target>, salt: u64) -> Option<SocketAddr> {
+/// The health checks of `services` seen from `node`: healthCheckNodePort -> what it answers.
+fn health_states(services: &[ServiceSpec], node: &str) -> HashMap<u16, HealthState> {
+    services
+        .iter()
+        .filter(|s| s.proxy_name.is_none() && s.external_traffic_policy == TrafficPolicy::Local)
+        .filter_map(|s| {
+            let port = s.health_check_node_port?;
+            // kube-proxy counts the ready endpoints on this node (terminating ones do not
+            // count: the balancer is to drain the node).
+            let local_endpoints = s
+                .endpoints
+                .iter()
+                .filter(|e| e.ready && e.node.as_deref() == Some(node))
+                .count();
+            Some((
+                port,
+                HealthState {
+                    namespace: s.namespace.clone(),
+                    name: s.name.clone(),
+                    local_endpoints,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// The HTTP response of a health check, as kube-proxy's service health server writes it.
+fn health_response(st: &HealthState) -> String {
+    let body = serde_json::json!({
+        "service": {"namespace": st.namespace, "name": st.name},
+        "localEndpoints": st.local_endpoints,
+        "serviceProxyHealthy": true,
+    })
+    .to_string();
+    let status = if st.local_endpoints > 0 {
+        "200 OK"
+    } else {
+        "503 Service Unavailable"
+    };
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nX-Content-Type-Options: nosniff\r\n\
+         X-Load-Balancing-Endpoint-Weight: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        st.local_endpoints,
+        body.len()
+    )
+}
+
+fn pick(target: &Mutex<Target>, from: &SocketAddr) -> Option<SocketAddr> {
     let t = target.lock().unwrap_or_else(|p| p.into_inner());
     if t.dests.is_empty() {
         return None;
     }
+    let salt = if t.affinity {
+        // The same for every connection of a client, in every run: its address alone.
+        use std::hash::BuildHasher;
+        foldhash::fast::FixedState::with_seed(0x6166).hash_one(from.ip())
+    } else {
+        salt_of(from)
+    };
     Some(t.dests[(salt % t.dests.len() as u64) as usize])
 }
 
@@ -138,40 +240,57 @@ fn salt_of(addr: &SocketAddr) -> u64 {
     foldhash::fast::RandomState::default().hash_one(addr)
 }
 
+/// The node's IPv4 addresses in `only` (all of them, as the unspecified address, when empty).
+fn listen_addrs(only: &[ipnet::IpNet]) -> Vec<IpAddr> {
+    if only.is_empty() {
+        return vec![IpAddr::from([0, 0, 0, 0])];
+    }
+    let mut out: Vec<IpAddr> = match nix::ifaddrs::getifaddrs() {
+        Ok(addrs) => addrs
+            .filter_map(|a| a.address?.as_sockaddr_in().map(|s| IpAddr::V4(s.ip())))
+            .filter(|ip| only.iter().any(|c| c.contains(ip)))
+            .collect(),
+        Err(e) => {
+            tracing::warn!("NodePorts: cannot list the node's addresses: {e}");
+            Vec::new()
+        }
+    };
+    out.sort();
+    out.dedup();
+    out
+}
+
 impl NodePorts {
     pub fn new(
         rt: tokio::runtime::Handle,
         node: String,
         udp_idle: Duration,
         host_if: Option<String>,
+        only: Vec<ipnet::IpNet>,
     ) -> Self {
         NodePorts {
             rt,
             node,
             udp_idle,
             listeners: Mutex::new(HashMap::new()),
+            health: Mutex::new(HashMap::new()),
+            only,
             host_if,
             rules: Arc::default(),
         }
     }
 
-    /// Installs (and removes) the return rules for the target ports of Local TCP NodePorts.
-    fn sync_rules(&self, services: &[ServiceSpec]) {
+    /// Installs (and removes) the return rules for the endpoints' ports of Local NodePorts.
+    fn sync_rules(&self, want: &HashMap<Key, Target>) {
         let Some(host_if) = self.host_if.clone() else {
             return;
         };
-        let want: std::collections::BTreeSet<(u8, u16)> = services
+        let want: std::collections::BTreeSet<(u8, u16)> = want
             .iter()
-            .filter(|s| s.external_traffic_policy == TrafficPolicy::Local)
-            .flat_map(|s| s.ports.iter())
-            .filter(|p| p.node_port.is_some())
-            .filter_map(|p| {
-                let proto = match p.protocol {
-                    Protocol::Tcp => TCP,
-                    Protocol::Udp => UDP,
-                    Protocol::Sctp => return None,
-                };
-                Some((proto, p.target_port.unwrap_or(p.port)))
+            .filter(|(_, t)| t.local)
+            .flat_map(|(k, t)| {
+                let proto = if k.0 == Protocol::Tcp { TCP } else { UDP };
+                t.dests.iter().map(move |d| (proto, d.port()))
             })
             .collect();
         let rules = self.rules.clone();
@@ -213,31 +332,41 @@ impl NodePorts {
     /// Closes every listener and waits until each task has ended (a vswitchd taking the node
     /// over binds the ports next).
     pub async fn stop(&self) {
-        let tasks: Vec<JoinHandle<()>> = {
+        let mut tasks: Vec<JoinHandle<()>> = {
             let mut ls = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
-            ls.drain().map(|(_, l)| l.task).collect()
+            ls.drain().flat_map(|(_, l)| l.tasks).collect()
         };
+        tasks.extend(
+            self.health
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .drain()
+                .flat_map(|(_, h)| h.tasks),
+        );
         for t in tasks {
             t.abort();
             let _ = t.await;
         }
     }
 
-    /// Opens listeners for new NodePorts, closes those that went away, and points the rest at
-    /// their current destinations.
-    pub fn reconcile(&self, services: &[ServiceSpec]) {
-        self.sync_rules(services);
-        let mut want = targets(services, &self.node);
+    /// Opens listeners for new NodePorts, closes those that went away (or have nothing to
+    /// relay to), and points the rest at their current destinations.
+    pub fn reconcile(&self, services: &[ServiceSpec], zone: Option<&str>) {
+        let mut want = targets(services, &self.node, zone);
+        self.sync_rules(&want);
         if self.host_if.is_none() {
             for t in want.values_mut() {
                 t.transparent = false;
             }
         }
+        let addrs = listen_addrs(&self.only);
         let mut ls = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
         ls.retain(|k, l| {
-            let keep = want.contains_key(k);
+            let keep = want.contains_key(k) && l.addrs == addrs;
             if !keep {
-                l.task.abort();
+                for t in &l.tasks {
+                    t.abort();
+                }
                 tracing::info!("NodePort {}/{:?} closed", k.1, k.0);
             }
             keep
@@ -248,14 +377,111 @@ impl NodePorts {
                 continue;
             }
             let target = Arc::new(Mutex::new(t));
-            let task = match k.0 {
-                Protocol::Tcp => self.rt.spawn(tcp(k.1, target.clone(), self.rules.clone())),
-                _ => self
-                    .rt
-                    .spawn(udp(k.1, target.clone(), self.udp_idle, self.rules.clone())),
-            };
-            ls.insert(k, Listener { target, task });
+            let tasks = addrs
+                .iter()
+                .map(|&ip| match k.0 {
+                    Protocol::Tcp => {
+                        self.rt
+                            .spawn(tcp(ip, k.1, target.clone(), self.rules.clone()))
+                    }
+                    _ => self.rt.spawn(udp(
+                        ip,
+                        k.1,
+                        target.clone(),
+                        self.udp_idle,
+                        self.rules.clone(),
+                    )),
+                })
+                .collect();
+            ls.insert(
+                k,
+                Listener {
+                    target,
+                    tasks,
+                    addrs: addrs.clone(),
+                },
+            );
         }
+        drop(ls);
+        let want = health_states(services, &self.node);
+        let mut hs = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        hs.retain(|port, h| {
+            let keep = want.contains_key(port) && h.addrs == addrs;
+            if !keep {
+                for t in &h.tasks {
+                    t.abort();
+                }
+                tracing::info!("health check {port}/TCP closed");
+            }
+            keep
+        });
+        for (port, st) in want {
+            if let Some(h) = hs.get(&port) {
+                *h.state.lock().unwrap_or_else(|p| p.into_inner()) = st;
+                continue;
+            }
+            let state = Arc::new(Mutex::new(st));
+            let tasks = addrs
+                .iter()
+                .map(|&ip| self.rt.spawn(health(ip, port, state.clone())))
+                .collect();
+            hs.insert(
+                port,
+                Health {
+                    state,
+                    tasks,
+                    addrs: addrs.clone(),
+                },
+            );
+        }
+    }
+}
+
+/// Serves one Service's health check on `ip`:`port` (the NodePorts' addresses, as kube-proxy's
+/// health server follows nodePortAddresses).
+async fn health(ip: IpAddr, port: u16, state: Arc<Mutex<HealthState>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let bind = || TcpListener::bind((ip, port));
+    let listener = match retry_in_use(bind).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("health check {port}/TCP: cannot listen: {e}");
+            return;
+        }
+    };
+    tracing::info!("health check {port}/TCP listening");
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            // The request itself does not matter (any path, any method), but it is read so
+            // that closing does not reset the connection under an unread request.
+            let mut buf = [0u8; 2048];
+            let mut seen = 0;
+            let read = async {
+                while let Ok(n) = conn.read(&mut buf[seen..]).await {
+                    if n == 0 {
+                        break;
+                    }
+                    seen += n;
+                    if buf[..seen].windows(4).any(|w| w == b"\r\n\r\n") || seen == buf.len() {
+                        break;
+                    }
+                }
+            };
+            if tokio::time::timeout(Duration::from_secs(5), read)
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let resp = health_response(&state.lock().unwrap_or_else(|p| p.into_inner()));
+            let _ = conn.write_all(resp.as_bytes()).await;
+            let _ = conn.shutdown().await;
+        });
     }
 }
 
@@ -284,8 +510,8 @@ where
     }
 }
 
-async fn tcp(port: u16, target: Arc<Mutex<Target>>, rules: Rules) {
-    let bind = || TcpListener::bind((IpAddr::from([0, 0, 0, 0]), port));
+async fn tcp(ip: IpAddr, port: u16, target: Arc<Mutex<Target>>, rules: Rules) {
+    let bind = || TcpListener::bind((ip, port));
     let listener = match retry_in_use(bind).await {
         Ok(l) => l,
         Err(e) => {
@@ -293,7 +519,7 @@ async fn tcp(port: u16, target: Arc<Mutex<Target>>, rules: Rules) {
             return;
         }
     };
-    tracing::info!("NodePort {port}/TCP listening");
+    tracing::info!("NodePort {port}/TCP listening on {ip}");
     loop {
         let (mut client, from) = match listener.accept().await {
             Ok(c) => c,
@@ -303,8 +529,10 @@ async fn tcp(port: u16, target: Arc<Mutex<Target>>, rules: Rules) {
                 continue;
             }
         };
-        let Some(dest) = pick(&target, salt_of(&from)) else {
-            // No (local) endpoint: close at once, as a rejected connection.
+        let Some(dest) = pick(&target, &from) else {
+            // The last endpoint went a moment ago (the listener closes with the next
+            // reconcile): reset, as a refused connection.
+            let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
             continue;
         };
         let transparent = transparent(&target, &rules, TCP, dest.port());
@@ -426,8 +654,8 @@ async fn return_rules(
     result
 }
 
-async fn udp(port: u16, target: Arc<Mutex<Target>>, idle: Duration, rules: Rules) {
-    let bind = || UdpSocket::bind((IpAddr::from([0, 0, 0, 0]), port));
+async fn udp(ip: IpAddr, port: u16, target: Arc<Mutex<Target>>, idle: Duration, rules: Rules) {
+    let bind = || UdpSocket::bind((ip, port));
     let sock = match retry_in_use(bind).await {
         Ok(s) => Arc::new(s),
         Err(e) => {
@@ -435,10 +663,14 @@ async fn udp(port: u16, target: Arc<Mutex<Target>>, idle: Duration, rules: Rules
             return;
         }
     };
-    tracing::info!("NodePort {port}/UDP listening");
+    tracing::info!("NodePort {port}/UDP listening on {ip}");
     let flows: Arc<Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>> = Default::default();
+    // The flows' reply tasks end with this task: a NodePort closed (its last endpoint gone)
+    // lets go of its port at once, so it can listen again as soon as an endpoint is back.
+    let mut reply_tasks = tokio::task::JoinSet::new();
     let mut buf = vec![0u8; 65_536];
     loop {
+        while reply_tasks.try_join_next().is_some() {}
         let (n, from) = match sock.recv_from(&mut buf).await {
             Ok(r) => r,
             Err(_) => continue,
@@ -451,7 +683,7 @@ async fn udp(port: u16, target: Arc<Mutex<Target>>, idle: Duration, rules: Rules
         let up = match existing {
             Some(u) => u,
             None => {
-                let Some(dest) = pick(&target, salt_of(&from)) else {
+                let Some(dest) = pick(&target, &from) else {
                     continue;
                 };
                 let transparent = transparent(&target, &rules, UDP, dest.port());
@@ -468,7 +700,7 @@ async fn udp(port: u16, target: Arc<Mutex<Target>>, idle: Duration, rules: Rules
                     .insert(from, u.clone());
                 // Replies flow back until the flow is idle.
                 let (down, flows2, u2) = (sock.clone(), flows.clone(), u.clone());
-                tokio::spawn(async move {
+                reply_tasks.spawn(async move {
                     let mut b = vec![0u8; 65_536];
                     while let Ok(Ok(m)) = tokio::time::timeout(idle, u2.recv(&mut b)).await {
                         let _ = down.send_to(&b[..m], from).await;
@@ -482,5 +714,141 @@ async fn udp(port: u16, target: Arc<Mutex<Target>>, idle: Duration, rules: Rules
             }
         };
         let _ = up.send(&buf[..n]).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Where NodePorts relay, modelled on kube-proxy's proxier tests of externalTrafficPolicy
+    //! (TestOnlyLocalNodePorts, TestExternalTrafficPolicyCluster) and its service health
+    //! server's tests (healthcheck_test.go).
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use conf::config::EndpointSpec;
+
+    use super::*;
+
+    const A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
+    const B: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 10);
+
+    fn ep(ip: Ipv4Addr, node: &str, ready: bool, terminating: bool) -> EndpointSpec {
+        EndpointSpec {
+            ip: IpAddr::V4(ip),
+            node: Some(node.into()),
+            ready,
+            serving: ready || terminating,
+            terminating,
+            hostname: None,
+            ports: None,
+            for_zones: Vec::new(),
+            for_nodes: Vec::new(),
+        }
+    }
+
+    fn svc(itp: TrafficPolicy, etp: TrafficPolicy, eps: Vec<EndpointSpec>) -> ServiceSpec {
+        let mut s = crate::testutil::service(
+            "default",
+            "web",
+            Ipv4Addr::new(10, 96, 0, 20),
+            Protocol::Tcp,
+            [],
+            None,
+        );
+        s.ports[0].node_port = Some(30080);
+        s.internal_traffic_policy = itp;
+        s.external_traffic_policy = etp;
+        s.health_check_node_port = (etp == TrafficPolicy::Local).then_some(32000);
+        s.endpoints = eps;
+        s
+    }
+
+    fn dests(s: ServiceSpec, node: &str) -> Option<Vec<String>> {
+        targets(&[s], node, None)
+            .remove(&(Protocol::Tcp, 30080))
+            .map(|t| t.dests.iter().map(|d| d.to_string()).collect())
+    }
+
+    #[test]
+    fn cluster_policy_relays_through_the_cluster_ip_unless_it_would_not_serve_as_cluster() {
+        use TrafficPolicy::*;
+        let eps = || vec![ep(A, "n1", true, false), ep(B, "n2", true, false)];
+        assert_eq!(
+            dests(svc(Cluster, Cluster, eps()), "n1").unwrap(),
+            ["10.96.0.20:80"]
+        );
+        // ITP Local must not leak into a Cluster NodePort: the relay goes to every endpoint.
+        assert_eq!(
+            dests(svc(Local, Cluster, eps()), "n3").unwrap(),
+            ["10.244.1.10:8080", "10.244.2.10:8080"]
+        );
+        // ClientIP affinity: the relay chooses by the client's address, not the ClusterIP by
+        // the node's.
+        let mut s = svc(Cluster, Cluster, eps());
+        s.session_affinity_timeout = Some(600);
+        let t = targets(&[s], "n1", None)
+            .remove(&(Protocol::Tcp, 30080))
+            .unwrap();
+        assert_eq!(t.dests.len(), 2);
+        let target = Mutex::new(t);
+        let client = |port| SocketAddr::new(IpAddr::from([198, 51, 100, 1]), port);
+        let first = pick(&target, &client(1000));
+        assert!((1001..1100).all(|p| pick(&target, &client(p)) == first));
+    }
+
+    #[test]
+    fn local_policy_uses_local_endpoints_then_terminating_ones_then_refuses() {
+        use TrafficPolicy::*;
+        let eps = vec![ep(A, "n1", false, true), ep(B, "n2", true, false)];
+        // The last local endpoint is terminating but serving: still served (KEP-1669).
+        assert_eq!(
+            dests(svc(Cluster, Local, eps.clone()), "n1").unwrap(),
+            ["10.244.1.10:8080"]
+        );
+        // No local endpoint at all: no listener, so the kernel refuses the connection.
+        assert_eq!(dests(svc(Cluster, Local, eps), "n3"), None);
+        // Nor for policy Cluster with no endpoint anywhere.
+        assert_eq!(dests(svc(Cluster, Cluster, vec![]), "n1"), None);
+    }
+
+    #[test]
+    fn the_health_check_counts_local_ready_endpoints() {
+        use TrafficPolicy::*;
+        let s = svc(
+            Cluster,
+            Local,
+            vec![ep(A, "n1", true, false), ep(B, "n2", true, false)],
+        );
+        let st = health_states(std::slice::from_ref(&s), "n1")
+            .remove(&32000)
+            .unwrap();
+        assert_eq!(st.local_endpoints, 1);
+        let r = health_response(&st);
+        assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
+        let body: serde_json::Value =
+            serde_json::from_str(r.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"service": {"namespace": "default", "name": "web"},
+                               "localEndpoints": 1, "serviceProxyHealthy": true})
+        );
+        // Terminating local endpoints still serve but do not count: the balancer drains.
+        let mut draining = s.clone();
+        draining.endpoints = vec![ep(A, "n1", false, true)];
+        let st = health_states(&[draining], "n1").remove(&32000).unwrap();
+        assert_eq!(st.local_endpoints, 0);
+        assert!(health_response(&st).starts_with("HTTP/1.1 503 Service Unavailable\r\n"));
+        // Policy Cluster has no health check.
+        let mut cluster = s;
+        cluster.external_traffic_policy = Cluster;
+        assert!(health_states(&[cluster], "n1").is_empty());
+    }
+
+    #[test]
+    fn node_port_addresses_pick_the_node_s_addresses_in_them() {
+        assert_eq!(listen_addrs(&[]), [IpAddr::from([0, 0, 0, 0])]);
+        let lo: Vec<ipnet::IpNet> = vec!["127.0.0.0/8".parse().unwrap()];
+        assert!(listen_addrs(&lo).contains(&IpAddr::from([127, 0, 0, 1])));
+        let none: Vec<ipnet::IpNet> = vec!["0.0.0.0/32".parse().unwrap()];
+        assert!(listen_addrs(&none).is_empty());
     }
 }

@@ -21,6 +21,10 @@ pub trait ClusterSink: Send + Sync + 'static {
     fn apply_policy(&self, _inputs: PolicyInputs) -> Result<(), String> {
         Ok(())
     }
+    /// This node's topology zone (its Node's `topology.kubernetes.io/zone` label).
+    fn apply_zone(&self, _zone: Option<String>) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 impl ClusterSink for Daemon {
@@ -33,6 +37,9 @@ impl ClusterSink for Daemon {
     fn apply_policy(&self, inputs: PolicyInputs) -> Result<(), String> {
         self.replace_policy(inputs);
         Ok(())
+    }
+    fn apply_zone(&self, zone: Option<String>) -> Result<(), String> {
+        self.set_zone(zone).map_err(|e| e.to_string())
     }
 }
 

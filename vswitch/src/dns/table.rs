@@ -221,10 +221,14 @@ impl DnsTable {
                 let Some(srv) = srv_name(p.name.as_deref(), p.protocol, base) else {
                     continue;
                 };
+                // Each endpoint's own number; one that does not serve the port has no record.
+                let Some(port) = ep.target_port(p) else {
+                    continue;
+                };
                 let rec = Record::Srv {
                     priority: 0,
                     weight,
-                    port: p.target_port.unwrap_or(p.port),
+                    port,
                     target: host.clone(),
                 };
                 self.add(srv, Some(rec));

@@ -29,6 +29,9 @@ fn ep(ip: &str, hostname: Option<&str>, ready: bool) -> EndpointSpec {
         serving: ready,
         terminating: false,
         hostname: hostname.map(str::to_string),
+        ports: None,
+        for_zones: Vec::new(),
+        for_nodes: Vec::new(),
     }
 }
 
@@ -48,6 +51,9 @@ fn svc(
         session_affinity_timeout: None,
         internal_traffic_policy: TrafficPolicy::Cluster,
         external_traffic_policy: TrafficPolicy::Cluster,
+        load_balancer_ips: Vec::new(),
+        health_check_node_port: None,
+        proxy_name: None,
         endpoints,
     }
 }

@@ -424,13 +424,21 @@ fn route_v4(cx: &mut Ctx<'_>, port: &PortEntry, buf: &mut [u8], len: usize, meta
 /// translated, and an ICMP error about a translated connection is translated with it.
 fn service_nat(cx: &mut Ctx<'_>, ip: &mut Ipv4Packet<&mut [u8]>, csum_partial: bool) -> nat::Nat {
     let t = cx.t;
-    let done = nat::translate(
+    // Pods and nodes are inside the cluster: an external address of a policy-Local Service
+    // serves them as its ClusterIP would (kube-proxy's short-circuit).
+    let in_cluster = |src: Ipv4Addr| {
+        t.pod_cidr.contains(&src)
+            || t.peers.route(src).is_some()
+            || t.cluster_nets.iter().any(|n| n.contains(&src))
+    };
+    let done = nat::translate_from(
         &t.services,
         cx.ct,
         cx.now_ms,
         ip,
         t.gateway_ip,
         csum_partial,
+        in_cluster,
     );
     if done == nat::Nat::None {
         nat::translate_icmp_error(cx.ct, cx.now_ms, ip);

@@ -258,6 +258,9 @@ fn dns_tables() -> Tables {
         session_affinity_timeout: None,
         internal_traffic_policy: TrafficPolicy::Cluster,
         external_traffic_policy: TrafficPolicy::Cluster,
+        load_balancer_ips: Vec::new(),
+        health_check_node_port: None,
+        proxy_name: None,
         endpoints: vec![],
     };
     let table = crate::dns::DnsTable::new("cluster.local", &[web], &[], &[]).unwrap();

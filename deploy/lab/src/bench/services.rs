@@ -64,6 +64,9 @@ fn iperf_service(vip: SocketAddr, backend: IpAddr, node: &str) -> ServiceSpec {
         session_affinity_timeout: None,
         internal_traffic_policy: Default::default(),
         external_traffic_policy: Default::default(),
+        load_balancer_ips: Vec::new(),
+        health_check_node_port: None,
+        proxy_name: None,
         endpoints: vec![EndpointSpec {
             ip: backend,
             node: Some(node.to_string()),
@@ -71,6 +74,9 @@ fn iperf_service(vip: SocketAddr, backend: IpAddr, node: &str) -> ServiceSpec {
             serving: true,
             terminating: false,
             hostname: None,
+            ports: None,
+            for_zones: Vec::new(),
+            for_nodes: Vec::new(),
         }],
     }
 }

@@ -34,6 +34,12 @@ pub const FLANNEL_PUBLIC_IP: &str = "flannel.alpha.coreos.com/public-ip";
 pub const FLANNEL_KUBE_SUBNET_MANAGER: &str = "flannel.alpha.coreos.com/kube-subnet-manager";
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// A Service with this label is served by the proxy it names, not by vswitch (kube-proxy
+/// leaves such Services alone too); it keeps its DNS records.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Begins every problem that is a feature vswitch does not support (as opposed to an object
+/// it cannot use): the watch loop counts those.
+pub const UNSUPPORTED: &str = "unsupported: ";
 /// Kubernetes' default sessionAffinityConfig.clientIP.timeoutSeconds.
 pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 
@@ -167,6 +173,18 @@ pub fn node_pod_cidrs(node: &Node) -> Result<Vec<Ipv4Net>, String> {
         }
     }
     Ok(out)
+}
+
+/// The label holding a node's topology zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// The topology zone of node `name` (its [`ZONE_LABEL`]), if it has one.
+pub fn node_zone<N: std::ops::Deref<Target = Node>>(nodes: &[N], name: &str) -> Option<String> {
+    nodes
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(name))
+        .and_then(|n| n.metadata.labels.as_ref()?.get(ZONE_LABEL).cloned())
+        .filter(|z| !z.is_empty())
 }
 
 /// The node's InternalIP (IPv4 preferred).
@@ -327,18 +345,37 @@ fn service_spec(
         return None;
     }
     let (cluster_ips, external_ips) = addresses(spec, &who, problems);
-    let mut ports = wanted_ports(spec, &who, problems);
-    resolve_target_ports(&mut ports, slices);
+    let ports = wanted_ports(spec, &who, problems);
     let endpoints = endpoints(slices, &ports, &who, problems);
+    ignored_fields(svc, &who, problems);
+    let external_traffic_policy = policy(spec.external_traffic_policy.as_deref());
     let out = ServiceSpec {
         namespace: ns.to_string(),
         name: name.to_string(),
         cluster_ips,
-        ports: ports.into_iter().map(|w| w.port).collect(),
+        ports: ports
+            .iter()
+            .map(|w| ServicePort {
+                target_port: service_target_port(w, &endpoints),
+                ..w.port.clone()
+            })
+            .collect(),
         external_ips,
         session_affinity_timeout: affinity_timeout(spec),
         internal_traffic_policy: policy(spec.internal_traffic_policy.as_deref()),
-        external_traffic_policy: policy(spec.external_traffic_policy.as_deref()),
+        external_traffic_policy,
+        load_balancer_ips: load_balancer_ips(svc, &who, problems),
+        // Only meaningful (and only allocated by the API server) for policy Local.
+        health_check_node_port: spec
+            .health_check_node_port
+            .and_then(port_u16)
+            .filter(|_| external_traffic_policy == TrafficPolicy::Local),
+        proxy_name: svc
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL))
+            .cloned(),
         endpoints,
     };
     if let Err(e) = out.validate("services") {
@@ -360,13 +397,14 @@ fn addresses(
         _ => spec.cluster_ip.iter().collect(),
     };
     let mut cluster_ips = Vec::new();
+    let mut v6: Vec<&str> = Vec::new();
     for ip in listed {
         if ip == "None" || ip.is_empty() {
             continue; // headless
         }
         match ip.parse::<IpAddr>() {
             Ok(IpAddr::V4(a)) => cluster_ips.push(IpAddr::V4(a)),
-            Ok(IpAddr::V6(_)) => {}
+            Ok(IpAddr::V6(_)) => v6.push(ip.as_str()),
             Err(_) => problems.push(format!("{who}: clusterIP {ip:?} is not an address")),
         }
     }
@@ -374,14 +412,20 @@ fn addresses(
     for ip in spec.external_ips.iter().flatten() {
         match ip.parse::<IpAddr>() {
             Ok(IpAddr::V4(a)) => external_ips.push(IpAddr::V4(a)),
-            Ok(IpAddr::V6(_)) => {}
+            Ok(IpAddr::V6(_)) => v6.push(ip.as_str()),
             Err(_) => problems.push(format!("{who}: externalIP {ip:?} is not an address")),
         }
+    }
+    if !v6.is_empty() {
+        problems.push(format!(
+            "{who}: {UNSUPPORTED}IPv6 addresses are not translated (IPv4 ones are): {}",
+            v6.join(", ")
+        ));
     }
     (cluster_ips, external_ips)
 }
 
-/// A Service port, with the target port it names (resolved by [`resolve_target_ports`]).
+/// A Service port, with the target port it names (resolved per endpoint by [`endpoints`]).
 struct Wanted<'a> {
     port: ServicePort,
     target: Option<&'a IntOrString>,
@@ -406,7 +450,8 @@ fn wanted_ports<'a>(
         };
         if proto == Protocol::Sctp {
             problems.push(format!(
-                "{who}: port {label}: SCTP is not translated (TCP and UDP are); port left out"
+                "{who}: port {label}: {UNSUPPORTED}SCTP is not translated (TCP and UDP are); \
+                 port left out"
             ));
             continue;
         }
@@ -452,33 +497,23 @@ fn slice_port(s: &EndpointSlice, w: &Wanted) -> Option<u16> {
     })
 }
 
-/// The EndpointSlice controller resolves each Service port's targetPort (by number or by the
-/// pods' port name) and writes the result into the slice's port of the same name. A Service
-/// port here has one target port, so where slices disagree (pods with differently numbered
-/// named ports) the most common number wins and the other slices' endpoints are left out
-/// (by [`endpoints`]) rather than sent to a wrong port.
-fn resolve_target_ports(ports: &mut [Wanted], slices: &[&EndpointSlice]) {
-    for w in ports.iter_mut() {
-        let mut votes: BTreeMap<u16, usize> = BTreeMap::new();
-        for s in slices {
-            if let Some(p) = slice_port(s, w) {
-                *votes.entry(p).or_default() += s.endpoints.len().max(1);
-            }
-        }
-        let from_slices = votes
-            .iter()
-            .max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0)))
-            .map(|(p, _)| *p);
-        w.port.target_port = from_slices.or(match w.target {
-            Some(IntOrString::Int(n)) => port_u16(*n),
-            // A named port with no endpoints yet: nothing to send to anyway.
-            Some(IntOrString::String(_)) => None,
-            None => Some(w.port.port),
-        });
+/// The Service port's own target port: a number, or for a named one (which the pods number,
+/// each as it likes) the number of its first endpoint, for listings only: translation and DNS
+/// use each endpoint's own (see [`EndpointSpec::ports`]).
+fn service_target_port(w: &Wanted, endpoints: &[EndpointSpec]) -> Option<u16> {
+    match w.target {
+        Some(IntOrString::Int(n)) => port_u16(*n),
+        Some(IntOrString::String(_)) => endpoints.iter().find_map(|e| e.target_port(&w.port)),
+        None => Some(w.port.port),
     }
 }
 
-/// The endpoints of the slices that agree with the resolved target ports, one per address.
+/// The endpoints of every slice, one per address, each with the target ports of its own slice,
+/// as kube-proxy's endpoint cache keeps them: the EndpointSlice controller resolves a named
+/// targetPort per pod and groups pods by the numbers they resolve to, so during a rollout that
+/// renumbers a port the old and the new pods sit in different slices with different numbers,
+/// and both are served, each on its own. A slice without a Service port gives its endpoints
+/// none of that port's traffic.
 fn endpoints(
     slices: &[&EndpointSlice],
     ports: &[Wanted],
@@ -488,19 +523,13 @@ fn endpoints(
     let mut endpoints: BTreeMap<Ipv4Addr, EndpointSpec> = BTreeMap::new();
     for s in slices {
         let slice_name = s.metadata.name.as_deref().unwrap_or_default();
-        if let Some(w) = ports.iter().find(|w| {
-            let p = slice_port(s, w);
-            p.is_some() && p != w.port.target_port
-        }) {
-            problems.push(format!(
-                "{who}: EndpointSlice {slice_name} maps port {} to {} where the others use {}; \
-                 its endpoints are left out",
-                w.port.name.as_deref().unwrap_or("(unnamed)"),
-                slice_port(s, w).unwrap_or_default(),
-                w.port.target_port.unwrap_or_default(),
-            ));
-            continue;
-        }
+        let slice_ports: BTreeMap<String, u16> = ports
+            .iter()
+            .filter_map(|w| {
+                let name = w.port.name.clone().unwrap_or_default();
+                slice_port(s, w).map(|p| (name, p))
+            })
+            .collect();
         for ep in &s.endpoints {
             // Addresses of one endpoint are fungible; like kube-proxy, use the first.
             let Some(addr) = ep.addresses.first() else {
@@ -512,13 +541,27 @@ fn endpoints(
                 ));
                 continue;
             };
-            let e = endpoint(ip, ep);
+            let mut e = endpoint(ip, ep);
+            e.ports = Some(slice_ports.clone());
             // The same endpoint can sit in two slices for a moment while the controller moves
-            // it; keep its most usable state.
+            // it; keep its most usable state, and every port either slice gives it (the more
+            // usable one's number where they differ).
             let rank = |e: &EndpointSpec| (e.ready, e.serving, !e.terminating);
-            match endpoints.get(&ip) {
-                Some(old) if rank(old) >= rank(&e) => {}
-                _ => {
+            match endpoints.get_mut(&ip) {
+                Some(old) => {
+                    let (mut keep, other) = if rank(old) >= rank(&e) {
+                        (old.clone(), e)
+                    } else {
+                        (e, old.clone())
+                    };
+                    if let (Some(k), Some(o)) = (keep.ports.as_mut(), other.ports) {
+                        for (name, port) in o {
+                            k.entry(name).or_insert(port);
+                        }
+                    }
+                    *old = keep;
+                }
+                None => {
                     endpoints.insert(ip, e);
                 }
             }
@@ -539,6 +582,73 @@ fn endpoint(ip: Ipv4Addr, ep: &Endpoint) -> EndpointSpec {
         serving: c.and_then(|c| c.serving).unwrap_or(ready),
         terminating: c.and_then(|c| c.terminating).unwrap_or(false),
         hostname: ep.hostname.clone(),
+        ports: None,
+        // Written by the EndpointSlice controller for trafficDistribution (PreferClose and its
+        // successors) and topology-mode Auto; kube-proxy follows them whatever asked for them.
+        for_zones: ep
+            .hints
+            .as_ref()
+            .and_then(|h| h.for_zones.as_ref())
+            .map(|z| z.iter().map(|z| z.name.clone()).collect())
+            .unwrap_or_default(),
+        for_nodes: ep
+            .hints
+            .as_ref()
+            .and_then(|h| h.for_nodes.as_ref())
+            .map(|n| n.iter().map(|n| n.name.clone()).collect())
+            .unwrap_or_default(),
+    }
+}
+
+/// A LoadBalancer's ingress addresses with ipMode VIP (the default): traffic to them is
+/// translated on the node like an external IP's. ipMode Proxy means the balancer delivers to
+/// the node's address itself (a proxy in front), so, as kube-proxy does, such an address is
+/// left alone; hostnames only are not addresses at all.
+fn load_balancer_ips(svc: &Service, who: &str, problems: &mut Vec<String>) -> Vec<IpAddr> {
+    if svc.spec.as_ref().and_then(|s| s.type_.as_deref()) != Some("LoadBalancer") {
+        return Vec::new();
+    }
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|l| l.ingress.as_ref());
+    let mut out = Vec::new();
+    for i in ingress.into_iter().flatten() {
+        if i.ip_mode.as_deref().unwrap_or("VIP") != "VIP" {
+            continue;
+        }
+        let Some(ip) = i.ip.as_deref() else { continue };
+        match ip.parse::<IpAddr>() {
+            Ok(IpAddr::V4(a)) => {
+                if !out.contains(&IpAddr::V4(a)) {
+                    out.push(IpAddr::V4(a));
+                }
+            }
+            Ok(IpAddr::V6(_)) => {}
+            Err(_) => problems.push(format!(
+                "{who}: status.loadBalancer.ingress ip {ip:?} is not an address"
+            )),
+        }
+    }
+    out
+}
+
+/// Fields of a Service that kube-proxy acts on and this switch does not: each one is a
+/// problem (logged once, counted), never silently dropped.
+fn ignored_fields(svc: &Service, who: &str, problems: &mut Vec<String>) {
+    let Some(spec) = svc.spec.as_ref() else {
+        return;
+    };
+    if spec
+        .load_balancer_source_ranges
+        .as_ref()
+        .is_some_and(|r| !r.is_empty())
+    {
+        problems.push(format!(
+            "{who}: {UNSUPPORTED}loadBalancerSourceRanges is not enforced (every source reaches \
+             the Service)"
+        ));
     }
 }
 
@@ -621,4 +731,233 @@ pub fn has_annotations(node: &Node, want: &BTreeMap<String, String>) -> bool {
     let have = node.metadata.annotations.as_ref();
     want.iter()
         .all(|(k, v)| have.and_then(|h| h.get(k)) == Some(v))
+}
+
+#[cfg(test)]
+mod tests {
+    //! Cases modelled on kube-proxy's endpointslicecache_test.go and service_test.go, with
+    //! objects in the API's JSON shape.
+    use serde_json::json;
+
+    use super::*;
+
+    fn service(v: serde_json::Value) -> Service {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn slice(
+        name: &str,
+        svc: &str,
+        ports: serde_json::Value,
+        eps: &[(&str, bool)],
+    ) -> EndpointSlice {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": svc}},
+            "addressType": "IPv4",
+            "ports": ports,
+            "endpoints": eps.iter().map(|(ip, ready)| json!({
+                "addresses": [ip], "nodeName": "n1",
+                "conditions": {"ready": ready, "serving": ready, "terminating": !ready}
+            })).collect::<Vec<_>>(),
+        }))
+        .unwrap()
+    }
+
+    fn web(extra: serde_json::Value) -> Service {
+        let mut v = json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"clusterIP": "10.96.0.20", "type": "ClusterIP", "ports": [
+                {"name": "http", "protocol": "TCP", "port": 80, "targetPort": "http"},
+                {"name": "metrics", "protocol": "TCP", "port": 9100, "targetPort": 9100}]},
+        });
+        json_merge(&mut v, extra);
+        service(v)
+    }
+
+    fn json_merge(a: &mut serde_json::Value, b: serde_json::Value) {
+        match (a, b) {
+            (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+                for (k, v) in b {
+                    json_merge(a.entry(k).or_insert(serde_json::Value::Null), v);
+                }
+            }
+            (a, b) => *a = b,
+        }
+    }
+
+    fn one(svc: &Service, slices: &[EndpointSlice]) -> (ServiceSpec, Vec<String>) {
+        let mut problems = Vec::new();
+        let mut out = services_from_api([svc], slices, &mut problems);
+        assert_eq!(out.len(), 1, "{problems:?}");
+        (out.remove(0), problems)
+    }
+
+    fn ports_of(s: &ServiceSpec, port: usize) -> Vec<(String, Option<u16>)> {
+        s.endpoints
+            .iter()
+            .map(|e| (e.ip.to_string(), e.target_port(&s.ports[port])))
+            .collect()
+    }
+
+    #[test]
+    fn a_renumbered_named_port_keeps_each_slice_s_number() {
+        // A rollout: two old pods number "http" 8080, one new pod 8081 (fewer, not ready
+        // yet in one case); a third slice's pod has no "http" port. Nothing is dropped, no
+        // vote: each endpoint is served on its own slice's number, or not at all.
+        let old = slice(
+            "web-old",
+            "web",
+            json!([{"name": "http", "port": 8080}, {"name": "metrics", "port": 9100}]),
+            &[("10.244.1.10", true), ("10.244.1.11", true)],
+        );
+        let new = slice(
+            "web-new",
+            "web",
+            json!([{"name": "http", "port": 8081}, {"name": "metrics", "port": 9100}]),
+            &[("10.244.2.10", true)],
+        );
+        let bare = slice(
+            "web-bare",
+            "web",
+            json!([{"name": "metrics", "port": 9100}]),
+            &[("10.244.3.10", true)],
+        );
+        let (s, problems) = one(&web(json!({})), &[old, new, bare]);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            ports_of(&s, 0),
+            [
+                ("10.244.1.10".into(), Some(8080)),
+                ("10.244.1.11".into(), Some(8080)),
+                ("10.244.2.10".into(), Some(8081)),
+                ("10.244.3.10".into(), None),
+            ]
+        );
+        assert!(ports_of(&s, 1).iter().all(|(_, p)| *p == Some(9100)));
+        // The table built from it sends "http" to three endpoints, each on its own port.
+        let t = crate::pipeline::nat::backends_for(&s, &s.ports[0], "n1", TrafficPolicy::Cluster);
+        let got: Vec<String> = t.iter().map(|b| format!("{}:{}", b.ip, b.port)).collect();
+        assert_eq!(
+            got,
+            ["10.244.1.10:8080", "10.244.1.11:8080", "10.244.2.10:8081"]
+        );
+    }
+
+    #[test]
+    fn an_endpoint_in_two_slices_keeps_its_best_state_and_every_port() {
+        let a = slice(
+            "web-a",
+            "web",
+            json!([{"name": "http", "port": 8080}]),
+            &[("10.244.1.10", false)],
+        );
+        let b = slice(
+            "web-b",
+            "web",
+            json!([{"name": "metrics", "port": 9100}]),
+            &[("10.244.1.10", true)],
+        );
+        let (s, _) = one(&web(json!({})), &[a, b]);
+        assert_eq!(s.endpoints.len(), 1);
+        assert!(s.endpoints[0].ready);
+        assert_eq!(ports_of(&s, 0), [("10.244.1.10".into(), Some(8080))]);
+        assert_eq!(ports_of(&s, 1), [("10.244.1.10".into(), Some(9100))]);
+    }
+
+    #[test]
+    fn services_of_another_proxy_keep_dns_but_are_marked() {
+        let svc = web(json!({"metadata": {"labels": {SERVICE_PROXY_NAME_LABEL: "mesh"}}}));
+        let (s, _) = one(&svc, &[]);
+        assert_eq!(s.proxy_name.as_deref(), Some("mesh"));
+        let t = crate::pipeline::nat::ServiceTable::build(
+            &[s],
+            "n1",
+            conf::config::LoadBalancing::Maglev,
+        );
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn load_balancer_ingress_ips_with_ip_mode_vip_are_translated() {
+        let svc = web(json!({
+            "spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+                     "healthCheckNodePort": 32000},
+            "status": {"loadBalancer": {"ingress": [
+                {"ip": "203.0.113.7"},
+                {"ip": "203.0.113.8", "ipMode": "VIP"},
+                {"ip": "203.0.113.9", "ipMode": "Proxy"},
+                {"hostname": "lb.example.com"},
+                {"ip": "2001:db8::7"}]}},
+        }));
+        let (s, problems) = one(&svc, &[]);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            s.load_balancer_ips,
+            [
+                "203.0.113.7".parse::<IpAddr>().unwrap(),
+                "203.0.113.8".parse().unwrap()
+            ]
+        );
+        assert_eq!(s.health_check_node_port, Some(32000));
+        assert_eq!(s.external_traffic_policy, TrafficPolicy::Local);
+        // Not a LoadBalancer (any more): its stale status is not followed, and a health
+        // check port means nothing under policy Cluster.
+        let svc = web(json!({
+            "spec": {"type": "ClusterIP", "healthCheckNodePort": 32000},
+            "status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.7"}]}},
+        }));
+        let (s, _) = one(&svc, &[]);
+        assert!(s.load_balancer_ips.is_empty());
+        assert_eq!(s.health_check_node_port, None);
+    }
+
+    #[test]
+    fn unsupported_fields_are_problems_marked_unsupported() {
+        let svc = web(json!({"spec": {
+            "loadBalancerSourceRanges": ["10.0.0.0/8"],
+            "ports": [{"name": "http", "protocol": "TCP", "port": 80},
+                      {"name": "sig", "protocol": "SCTP", "port": 9899}],
+        }}));
+        let (s, problems) = one(&svc, &[]);
+        assert_eq!(s.ports.len(), 1);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems.iter().all(|p| p.contains(UNSUPPORTED)),
+            "{problems:?}"
+        );
+        assert!(problems
+            .iter()
+            .any(|p| p.contains("loadBalancerSourceRanges")));
+        assert!(problems.iter().any(|p| p.contains("SCTP")));
+    }
+
+    #[test]
+    fn hints_and_the_node_s_zone_are_read() {
+        let mut s = slice(
+            "web-a",
+            "web",
+            json!([{"name": "http", "port": 8080}]),
+            &[("10.244.1.10", true)],
+        );
+        s.endpoints[0].hints = serde_json::from_value(json!({
+            "forZones": [{"name": "zone-a"}], "forNodes": [{"name": "n1"}]
+        }))
+        .unwrap();
+        let svc = web(json!({"spec": {"trafficDistribution": "PreferClose"}}));
+        let (out, problems) = one(&svc, &[s]);
+        assert!(
+            problems.is_empty(),
+            "honoured, so not a problem: {problems:?}"
+        );
+        assert_eq!(out.endpoints[0].for_zones, ["zone-a"]);
+        assert_eq!(out.endpoints[0].for_nodes, ["n1"]);
+        let nodes: Vec<std::sync::Arc<Node>> = vec![std::sync::Arc::new(
+            serde_json::from_value(json!({"metadata": {"name": "n1",
+                "labels": {ZONE_LABEL: "zone-a"}}}))
+            .unwrap(),
+        )];
+        assert_eq!(node_zone(&nodes, "n1").as_deref(), Some("zone-a"));
+        assert_eq!(node_zone(&nodes, "n2"), None);
+    }
 }

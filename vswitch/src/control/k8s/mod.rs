@@ -107,6 +107,9 @@ pub struct K8sStats {
     /// Since when every watch of Nodes, Services and EndpointSlices has been failing (the API
     /// server is away); None while one of them works.
     pub api_away_since: Option<SystemTime>,
+    /// Services' features vswitch ignores, now (SCTP ports, loadBalancerSourceRanges, ...;
+    /// each logged once when it appears).
+    pub unsupported: u64,
 }
 
 /// How long every table watch may fail before the watch moves to another address of the API
@@ -144,6 +147,7 @@ struct Counters {
     /// The API server's addresses, from the `kubernetes` Service's EndpointSlices as last
     /// seen: where the watch moves when the address it uses is away.
     api_endpoints: std::sync::Mutex<Vec<std::net::SocketAddr>>,
+    unsupported: AtomicU64,
 }
 
 impl Counters {
@@ -196,6 +200,7 @@ impl K8sStatsHandle {
                     UNIX_EPOCH + Duration::from_millis(since.into_iter().max().unwrap_or(0))
                 })
             },
+            unsupported: c.unsupported.load(Ordering::Relaxed),
         }
     }
 }
@@ -965,6 +970,10 @@ impl ApplyState {
     ) {
         let nodes = stores.nodes.state();
         self.check_own_node(&nodes, settings, publish);
+        let zone = convert::node_zone(&nodes, &settings.node_name);
+        if let Err(e) = sink.apply_zone(zone) {
+            tracing::error!("kubernetes: topology zone refused: {e}");
+        }
         let mut problems = Vec::new();
         let peers = convert::peers_from_nodes(
             nodes.iter().map(|n| &**n),
@@ -1009,6 +1018,14 @@ impl ApplyState {
             slices.iter().map(|s| &**s),
             &mut problems,
         );
+        let unsupported = problems
+            .iter()
+            .filter(|p| p.contains(convert::UNSUPPORTED))
+            .count();
+        stats
+            .0
+            .unsupported
+            .store(unsupported as u64, Ordering::Relaxed);
         self.service_problems.update(problems);
         if self.services.as_ref() != Some(&services) {
             let n = services.len();

@@ -242,7 +242,7 @@ enum Msg {
     Remove(Arc<Conn>),
     Affinity {
         client: Ipv4Addr,
-        frontend: u32,
+        frontend: u64,
         backend: Backend,
         expires_ms: u64,
     },
@@ -261,7 +261,8 @@ pub struct Conntrack {
     /// The connections this view created: only it sweeps, evicts and flushes them.
     pub(super) slots: Vec<Option<Arc<Conn>>>,
     free: Vec<u32>,
-    affinity: Map<(Ipv4Addr, u32), (Backend, u64)>,
+    /// ClientIP affinity: (client, the Service port's `Frontend::affinity_key`) -> backend.
+    affinity: Map<(Ipv4Addr, u64), (Backend, u64)>,
     /// When `sweep` last dropped expired affinities (a walk of the whole map).
     affinity_swept_ms: u64,
     /// Live (not yet ended) connections of the whole group, for `cfg.max`.
@@ -762,7 +763,7 @@ impl Conntrack {
 
     /// Records a client's backend for session affinity, here and in every other view: the
     /// client's next connection may be read by another worker.
-    fn remember(&mut self, client: Ipv4Addr, fe: u32, backend: &Backend, expires_ms: u64) {
+    fn remember(&mut self, client: Ipv4Addr, fe: u64, backend: &Backend, expires_ms: u64) {
         self.affinity
             .insert((client, fe), (backend.clone(), expires_ms));
         self.broadcast(Msg::Affinity {
@@ -786,11 +787,11 @@ impl Conntrack {
         if let Some(until) = sticky {
             let kept = self
                 .affinity
-                .get(&(key.src, fe.id))
+                .get(&(key.src, fe.affinity_key))
                 .filter(|(b, exp)| *exp > now && fe.backends.contains(b))
                 .map(|(b, _)| b.clone());
             if let Some(b) = kept {
-                self.remember(key.src, fe.id, &b, until);
+                self.remember(key.src, fe.affinity_key, &b, until);
                 return Some(b);
             }
         }
@@ -808,7 +809,7 @@ impl Conntrack {
         };
         let b = fe.backends[idx.min(n - 1)].clone();
         if let Some(until) = sticky {
-            self.remember(key.src, fe.id, &b, until);
+            self.remember(key.src, fe.affinity_key, &b, until);
         }
         Some(b)
     }

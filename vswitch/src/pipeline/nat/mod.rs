@@ -36,8 +36,10 @@ mod services;
 mod translate;
 
 pub use conntrack::{Conntrack, CtConfig, CtCounters, CtEntry, CtState, Key};
-pub use services::{Backend, Frontend, ServiceTable};
-pub use translate::{rewrite, translate, translate_icmp_error, untranslate_reply, Nat};
+pub use services::{backends_for, backends_in, Backend, Frontend, ServiceTable};
+pub use translate::{
+    rewrite, translate, translate_from, translate_icmp_error, untranslate_reply, Nat,
+};
 
 type Map<K, V> = hashbrown::HashMap<K, V, foldhash::fast::FixedState>;
 

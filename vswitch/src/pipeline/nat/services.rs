@@ -1,10 +1,23 @@
 //! Service frontends and their backends, and the Maglev table each frontend picks backends
 //! with.
+//!
+//! Which endpoints stand behind a frontend is kube-proxy's rule (pkg/proxy/topology.go): a
+//! ClusterIP follows `internalTrafficPolicy`, an external address (externalIPs, a
+//! LoadBalancer's ingress IPs) follows `externalTrafficPolicy`; policy Local takes only this
+//! node's endpoints; ready ones first and, when none is ready, serving-and-terminating ones
+//! (KEP-1669); none at all and the frontend refuses (the caller answers with a TCP RST or an
+//! ICMP port unreachable, as kube-proxy's REJECT). Traffic from inside the cluster (pods, the
+//! node) to an external address of a policy-Local Service is not "external": as kube-proxy
+//! short-circuits it, it gets the internal policy's endpoints (the frontend's `internal` twin).
+//! Each endpoint carries its own target port (that of its EndpointSlice), and an endpoint
+//! that does not serve a port stands behind none of that port's frontends.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
-use conf::config::{LoadBalancing, Protocol, ServiceSpec, TrafficPolicy};
+use conf::config::{
+    EndpointSpec, LoadBalancing, Protocol, ServicePort, ServiceSpec, TrafficPolicy,
+};
 
 use super::Map;
 use crate::wire::IpProtocol;
@@ -24,6 +37,13 @@ pub struct Frontend {
     pub(super) maglev: Box<[u16]>,
     /// sessionAffinity ClientIP timeout, seconds.
     pub affinity_secs: Option<u32>,
+    /// ClientIP affinity is remembered under this key: the Service port's identity
+    /// (namespace, name, port, protocol), so that it survives other Services coming and going
+    /// and one client keeps its backend whichever of the Service's addresses it uses.
+    pub affinity_key: u64,
+    /// An external frontend of a policy-Local Service: its twin (not in the address index,
+    /// not listed) whose backends serve clients inside the cluster.
+    pub internal: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +67,8 @@ pub struct ServiceTable {
 #[derive(Debug, Default)]
 struct Frontends {
     frontends: Vec<Frontend>,
+    /// The internal twins of external frontends (see [`Frontend::internal`]).
+    twins: Vec<Frontend>,
     by_vip: Map<(Ipv4Addr, u8, u16), u32>,
 }
 
@@ -112,77 +134,203 @@ fn maglev(backends: &[Backend]) -> Box<[u16]> {
     table.into_boxed_slice()
 }
 
+fn v4(ips: &[IpAddr]) -> impl Iterator<Item = Ipv4Addr> + '_ {
+    ips.iter().filter_map(|ip| match ip {
+        IpAddr::V4(a) => Some(*a),
+        IpAddr::V6(_) => None,
+    })
+}
+
+/// How topology hints narrow a Service's cluster-wide endpoints (kube-proxy's
+/// topologyModeFromHints): hints count only when every ready endpoint has them; node hints
+/// first, if one names this node; else zone hints, if one names this node's zone; else none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Topology<'a> {
+    Any,
+    SameNode(&'a str),
+    SameZone(&'a str),
+}
+
+fn topology<'a>(s: &ServiceSpec, node: &'a str, zone: Option<&'a str>) -> Topology<'a> {
+    let ready = || s.endpoints.iter().filter(|e| e.ready);
+    let has_any = ready().next().is_some();
+    // No hint for this node: zones next, as kube-proxy falls through.
+    if has_any
+        && ready().all(|e| !e.for_nodes.is_empty())
+        && ready().any(|e| e.for_nodes.iter().any(|n| n == node))
+    {
+        return Topology::SameNode(node);
+    }
+    if let Some(z) = zone {
+        if has_any
+            && ready().all(|e| !e.for_zones.is_empty())
+            && ready().any(|e| e.for_zones.iter().any(|h| h == z))
+        {
+            return Topology::SameZone(z);
+        }
+    }
+    Topology::Any
+}
+
+fn available(e: &EndpointSpec, t: Topology) -> bool {
+    match t {
+        Topology::Any => true,
+        Topology::SameNode(n) => e.for_nodes.iter().any(|h| h == n),
+        Topology::SameZone(z) => e.for_zones.iter().any(|h| h == z),
+    }
+}
+
+/// The backends of Service port `p` under traffic policy `policy` as seen from `node`: ready
+/// endpoints (only this node's for Local), else the serving-and-terminating ones (KEP-1669),
+/// each on its own target port; endpoints that do not serve `p` are not among them.
+pub fn backends_for(
+    s: &ServiceSpec,
+    p: &ServicePort,
+    node: &str,
+    policy: TrafficPolicy,
+) -> Vec<Backend> {
+    backends_in(s, p, node, None, policy)
+}
+
+/// [`backends_for`] on a node in `zone`: under policy Cluster, EndpointSlice hints narrow the
+/// endpoints to those meant for this node or its zone, as kube-proxy's do (pkg/proxy/topology.go).
+pub fn backends_in(
+    s: &ServiceSpec,
+    p: &ServicePort,
+    node: &str,
+    zone: Option<&str>,
+    policy: TrafficPolicy,
+) -> Vec<Backend> {
+    let topo = match policy {
+        TrafficPolicy::Cluster => topology(s, node, zone),
+        TrafficPolicy::Local => Topology::Any,
+    };
+    let eligible = |e: &&EndpointSpec| {
+        (policy == TrafficPolicy::Cluster || e.node.as_deref() == Some(node)) && available(e, topo)
+    };
+    let backend = |e: &EndpointSpec| match (e.ip, e.target_port(p)) {
+        (IpAddr::V4(ip), Some(port)) => Some(Backend { ip, port }),
+        _ => None,
+    };
+    let mut backends: Vec<Backend> = s
+        .endpoints
+        .iter()
+        .filter(eligible)
+        .filter(|e| e.ready)
+        .filter_map(backend)
+        .collect();
+    if backends.is_empty() {
+        backends = s
+            .endpoints
+            .iter()
+            .filter(eligible)
+            .filter(|e| e.serving && e.terminating)
+            .filter_map(backend)
+            .collect();
+    }
+    backends.sort_by_key(|b| (b.ip, b.port));
+    backends.dedup();
+    backends
+}
+
 impl ServiceTable {
     /// Builds the frontends of `services` as seen from node `node`.
     pub fn build(services: &[ServiceSpec], node: &str, lb: LoadBalancing) -> ServiceTable {
+        ServiceTable::build_in(services, node, None, lb)
+    }
+
+    /// Builds the frontends of `services` as seen from node `node` in topology zone `zone`.
+    pub fn build_in(
+        services: &[ServiceSpec],
+        node: &str,
+        zone: Option<&str>,
+        lb: LoadBalancing,
+    ) -> ServiceTable {
         let mut t = Frontends::default();
-        for s in services {
-            let local_only = s.internal_traffic_policy == TrafficPolicy::Local;
+        for s in services.iter().filter(|s| s.proxy_name.is_none()) {
             for p in &s.ports {
                 let Some(proto) = proto_num(p.protocol) else {
                     continue;
                 };
-                let target = p.target_port.unwrap_or(p.port);
-                let eligible = |e: &&conf::config::EndpointSpec| {
-                    !local_only || e.node.as_deref() == Some(node)
+                let name = format!(
+                    "{}/{}:{}/{}",
+                    s.namespace,
+                    s.name,
+                    p.port,
+                    p.protocol.as_str()
+                );
+                let affinity_key = {
+                    use std::hash::BuildHasher;
+                    foldhash::fast::FixedState::with_seed(0x6166_6669).hash_one((
+                        &s.namespace,
+                        &s.name,
+                        p.port,
+                        proto,
+                    ))
                 };
-                let v4 = |e: &conf::config::EndpointSpec| match e.ip {
-                    std::net::IpAddr::V4(ip) => Some(Backend { ip, port: target }),
-                    std::net::IpAddr::V6(_) => None,
+                let internal = backends_in(s, p, node, zone, s.internal_traffic_policy);
+                // Only Services with external addresses need the second set (10,000 Services
+                // build in one go).
+                let has_external = !s.external_ips.is_empty() || !s.load_balancer_ips.is_empty();
+                let external = if !has_external {
+                    Vec::new()
+                } else if s.external_traffic_policy != s.internal_traffic_policy {
+                    backends_in(s, p, node, zone, s.external_traffic_policy)
+                } else {
+                    internal.clone()
                 };
-                let mut backends: Vec<Backend> = s
-                    .endpoints
-                    .iter()
-                    .filter(eligible)
-                    .filter(|e| e.ready)
-                    .filter_map(v4)
-                    .collect();
-                if backends.is_empty() {
-                    // KEP-1669: with no ready endpoint, terminating ones that still serve are
-                    // better than a black hole.
-                    backends = s
-                        .endpoints
-                        .iter()
-                        .filter(eligible)
-                        .filter(|e| e.serving && e.terminating)
-                        .filter_map(v4)
-                        .collect();
-                }
-                backends.sort_by_key(|b| (b.ip, b.port));
-                backends.dedup();
-                let vips = s.cluster_ips.iter().chain(&s.external_ips);
-                for vip in vips {
-                    let std::net::IpAddr::V4(vip) = *vip else {
-                        continue;
+                let add = |t: &mut Frontends, vip: Ipv4Addr, backends: &[Backend], index| {
+                    let list = if index {
+                        &mut t.frontends
+                    } else {
+                        &mut t.twins
                     };
-                    let id = t.frontends.len() as u32;
-                    t.frontends.push(Frontend {
+                    let id = list.len() as u32;
+                    list.push(Frontend {
                         id,
-                        name: format!(
-                            "{}/{}:{}/{}",
-                            s.namespace,
-                            s.name,
-                            p.port,
-                            if proto == IpProtocol::TCP.0 {
-                                "TCP"
-                            } else {
-                                "UDP"
-                            }
-                        ),
+                        name: name.clone(),
                         vip,
                         port: p.port,
                         proto,
-                        maglev: maglev(&backends),
-                        backends: backends.clone(),
+                        maglev: maglev(backends),
+                        backends: backends.to_vec(),
                         affinity_secs: s.session_affinity_timeout,
+                        affinity_key,
+                        internal: None,
                     });
-                    t.by_vip.insert((vip, proto, p.port), id);
+                    if index {
+                        t.by_vip.insert((vip, proto, p.port), id);
+                    }
+                    id
+                };
+                for vip in v4(&s.cluster_ips) {
+                    add(&mut t, vip, &internal, true);
+                }
+                for vip in v4(&s.external_ips).chain(v4(&s.load_balancer_ips)) {
+                    if t.by_vip.contains_key(&(vip, proto, p.port)) {
+                        continue; // the first Service (in name order) to claim it keeps it
+                    }
+                    let twin = (s.external_traffic_policy == TrafficPolicy::Local
+                        && internal != external)
+                        .then(|| add(&mut t, vip, &internal, false));
+                    let id = add(&mut t, vip, &external, true);
+                    t.frontends[id as usize].internal = twin;
                 }
             }
         }
         ServiceTable {
             shared: Arc::new(t),
             lb,
+        }
+    }
+
+    /// The frontend serving a client at `src` that looked up `fe`: its internal twin when the
+    /// client is inside the cluster (`in_cluster`).
+    #[inline]
+    pub fn for_client<'a>(&'a self, fe: &'a Frontend, in_cluster: bool) -> &'a Frontend {
+        match fe.internal {
+            Some(i) if in_cluster => self.shared.twins.get(i as usize).unwrap_or(fe),
+            _ => fe,
         }
     }
 

@@ -653,3 +653,260 @@ proptest! {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Which endpoints stand behind which frontend, modelled on kube-proxy's topology_test.go
+// (TestCategorizeEndpoints) and endpointslicecache_test.go (named ports per slice).
+
+mod policy {
+    use std::net::IpAddr;
+
+    use conf::config::{EndpointSpec, ServiceSpec, TrafficPolicy};
+
+    use super::*;
+
+    const EXT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+    const LB: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
+    const OUTSIDE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+
+    fn ep(ip: Ipv4Addr, node: &str, ready: bool, terminating: bool) -> EndpointSpec {
+        EndpointSpec {
+            ip: IpAddr::V4(ip),
+            node: Some(node.into()),
+            ready,
+            serving: ready || terminating,
+            terminating,
+            hostname: None,
+            ports: None,
+            for_zones: Vec::new(),
+            for_nodes: Vec::new(),
+        }
+    }
+
+    fn svc(itp: TrafficPolicy, etp: TrafficPolicy, eps: Vec<EndpointSpec>) -> ServiceSpec {
+        let mut s = crate::testutil::service("default", "web", VIP, Protocol::Tcp, [], None);
+        s.internal_traffic_policy = itp;
+        s.external_traffic_policy = etp;
+        s.external_ips = vec![IpAddr::V4(EXT)];
+        s.load_balancer_ips = vec![IpAddr::V4(LB)];
+        s.endpoints = eps;
+        s
+    }
+
+    fn backends(t: &ServiceTable, vip: Ipv4Addr, in_cluster: bool) -> Vec<(Ipv4Addr, u16)> {
+        let fe = t.lookup(vip, IpProtocol::TCP.0, 80).expect("a frontend");
+        t.for_client(fe, in_cluster)
+            .backends
+            .iter()
+            .map(|b| (b.ip, b.port))
+            .collect()
+    }
+
+    const A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
+    const B: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 10);
+    const C: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 11);
+
+    #[test]
+    fn external_addresses_follow_external_policy_and_cluster_ips_internal() {
+        // ITP Local, ETP Cluster: the ClusterIP has only the local endpoint, the external IP
+        // and the LoadBalancer address every endpoint (they used to inherit ITP).
+        let s = svc(
+            TrafficPolicy::Local,
+            TrafficPolicy::Cluster,
+            vec![ep(A, "n1", true, false), ep(B, "n2", true, false)],
+        );
+        let t = ServiceTable::build(&[s], "n1", LoadBalancing::Maglev);
+        assert_eq!(backends(&t, VIP, true), [(A, 8080)]);
+        for vip in [EXT, LB] {
+            assert_eq!(backends(&t, vip, false), [(A, 8080), (B, 8080)]);
+            assert_eq!(backends(&t, vip, true), [(A, 8080), (B, 8080)]);
+        }
+        // ITP Cluster, ETP Local: outside clients of the external addresses get the local
+        // endpoint only; pods and nodes are short-circuited to the internal policy.
+        let s = svc(
+            TrafficPolicy::Cluster,
+            TrafficPolicy::Local,
+            vec![ep(A, "n1", true, false), ep(B, "n2", true, false)],
+        );
+        let t = ServiceTable::build(&[s], "n1", LoadBalancing::Maglev);
+        assert_eq!(backends(&t, VIP, false), [(A, 8080), (B, 8080)]);
+        for vip in [EXT, LB] {
+            assert_eq!(backends(&t, vip, false), [(A, 8080)]);
+            assert_eq!(backends(&t, vip, true), [(A, 8080), (B, 8080)]);
+        }
+        // Seen from n3, which has no endpoint: outside clients are refused.
+        let t = ServiceTable::build(
+            &[svc(
+                TrafficPolicy::Cluster,
+                TrafficPolicy::Local,
+                vec![ep(A, "n1", true, false)],
+            )],
+            "n3",
+            LoadBalancing::Maglev,
+        );
+        assert!(backends(&t, EXT, false).is_empty());
+        let mut ct = Conntrack::new(CtConfig::default());
+        let mut p = tcp((OUTSIDE, 40000), (EXT, 80), SYN);
+        let mut ip = Ipv4Packet::new_checked(&mut p[..]).unwrap();
+        let got = translate_from(&t, &mut ct, 0, &mut ip, GW, false, |_| false);
+        assert_eq!(got, Nat::NoBackend);
+        // A pod of the cluster still reaches it through the same address.
+        let mut p = tcp((CLIENT, 40000), (EXT, 80), SYN);
+        let mut ip = Ipv4Packet::new_checked(&mut p[..]).unwrap();
+        let got = translate_from(&t, &mut ct, 0, &mut ip, GW, false, |_| true);
+        assert_eq!(got, Nat::Opened);
+        assert_eq!(addrs(&p).1, (A, 8080));
+    }
+
+    #[test]
+    fn local_policy_falls_back_to_local_serving_terminating_endpoints() {
+        // KEP-1669 for policy Local: no local ready endpoint, a local terminating one that
+        // still serves is used rather than nothing (and a remote ready one is not).
+        let s = svc(
+            TrafficPolicy::Local,
+            TrafficPolicy::Local,
+            vec![
+                ep(A, "n1", false, true),
+                ep(C, "n1", false, false),
+                ep(B, "n2", true, false),
+            ],
+        );
+        let t = ServiceTable::build(&[s], "n1", LoadBalancing::Maglev);
+        assert_eq!(backends(&t, VIP, true), [(A, 8080)]);
+        assert_eq!(backends(&t, EXT, false), [(A, 8080)]);
+        // Once a local endpoint is ready, the terminating one is left.
+        let s = svc(
+            TrafficPolicy::Local,
+            TrafficPolicy::Local,
+            vec![ep(A, "n1", false, true), ep(C, "n1", true, false)],
+        );
+        let t = ServiceTable::build(&[s], "n1", LoadBalancing::Maglev);
+        assert_eq!(backends(&t, EXT, false), [(C, 8080)]);
+    }
+
+    #[test]
+    fn each_endpoint_is_served_on_its_own_target_port() {
+        // A rollout renumbering the named port "http": old pods on 8080, new pods on 9090,
+        // one pod whose slice has no "http" port at all.
+        let mut s = svc(TrafficPolicy::Cluster, TrafficPolicy::Cluster, vec![]);
+        let with = |ip, port: Option<u16>| EndpointSpec {
+            ports: Some(port.map(|p| ("http".to_string(), p)).into_iter().collect()),
+            ..ep(ip, "n1", true, false)
+        };
+        s.endpoints = vec![with(A, Some(8080)), with(B, Some(9090)), with(C, None)];
+        let t = ServiceTable::build(&[s], "n1", LoadBalancing::Maglev);
+        assert_eq!(backends(&t, VIP, true), [(A, 8080), (B, 9090)]);
+        // Every connection lands on a (backend, its own port) pair.
+        let mut ct = Conntrack::new(CtConfig::default());
+        let mut seen = std::collections::BTreeSet::new();
+        for sport in 1000..1200 {
+            let mut p = tcp((CLIENT, sport), (VIP, 80), SYN);
+            assert_eq!(fwd(&t, &mut ct, 0, &mut p), Nat::Translated);
+            seen.insert(addrs(&p).1);
+        }
+        assert_eq!(seen.into_iter().collect::<Vec<_>>(), [(A, 8080), (B, 9090)]);
+    }
+
+    #[test]
+    fn affinity_survives_other_services_coming_and_going() {
+        // kube-proxy keys affinity on the Service port: a table rebuilt with another Service
+        // in front of this one (every position moved) keeps each client's backend.
+        let backends4 = BACKENDS;
+        let web =
+            crate::testutil::service("default", "web", VIP, Protocol::Tcp, backends4, Some(600));
+        let other = crate::testutil::service(
+            "aaa",
+            "first",
+            Ipv4Addr::new(10, 96, 0, 1),
+            Protocol::Tcp,
+            [Ipv4Addr::new(10, 244, 9, 9)],
+            None,
+        );
+        let before = ServiceTable::build(std::slice::from_ref(&web), "n1", LoadBalancing::Random);
+        let after = ServiceTable::build(&[other, web], "n1", LoadBalancing::Random);
+        let id = |t: &ServiceTable| t.lookup(VIP, IpProtocol::TCP.0, 80).unwrap().id;
+        assert_ne!(id(&before), id(&after), "the test must move the frontend");
+        let mut ct = Conntrack::new(CtConfig::default());
+        let first = open(&before, &mut ct, 0, 1000);
+        for sport in 1001..1040 {
+            assert_eq!(open(&after, &mut ct, 1, sport), first);
+        }
+        // And one client keeps its backend whichever address of the Service it uses.
+        let mut both =
+            crate::testutil::service("default", "web", VIP, Protocol::Tcp, backends4, Some(600));
+        both.external_ips = vec![IpAddr::V4(EXT)];
+        let t = ServiceTable::build(&[both], "n1", LoadBalancing::Random);
+        let mut ct = Conntrack::new(CtConfig::default());
+        let first = open(&t, &mut ct, 0, 2000);
+        for sport in 2001..2040 {
+            let mut p = tcp((CLIENT, sport), (EXT, 80), SYN);
+            assert_eq!(fwd(&t, &mut ct, 0, &mut p), Nat::Translated);
+            assert_eq!(addrs(&p).1, first);
+        }
+    }
+
+    #[test]
+    fn a_service_of_another_proxy_is_not_translated() {
+        let mut s = svc(
+            TrafficPolicy::Cluster,
+            TrafficPolicy::Cluster,
+            vec![ep(A, "n1", true, false)],
+        );
+        s.proxy_name = Some("mesh".into());
+        let t = ServiceTable::build(&[s], "n1", LoadBalancing::Maglev);
+        assert!(t.is_empty());
+    }
+
+    /// Cases of kube-proxy's TestCategorizeEndpoints with hints: (zone hints, node hints) per
+    /// endpoint A (n1, zone-a), B (n2, zone-b), C (n1, zone-a).
+    #[test]
+    fn topology_hints_as_kube_proxy_follows_them() {
+        let hinted = |ip, node: &str, zones: &[&str], nodes: &[&str]| EndpointSpec {
+            for_zones: zones.iter().map(|z| z.to_string()).collect(),
+            for_nodes: nodes.iter().map(|n| n.to_string()).collect(),
+            ..ep(ip, node, true, false)
+        };
+        let got = |eps: Vec<EndpointSpec>, node: &str, zone: Option<&str>, itp| {
+            let s = svc(itp, TrafficPolicy::Cluster, eps);
+            let t = ServiceTable::build_in(&[s], node, zone, LoadBalancing::Maglev);
+            backends(&t, VIP, true)
+                .into_iter()
+                .map(|(ip, _)| ip)
+                .collect::<Vec<_>>()
+        };
+        use TrafficPolicy::*;
+        let zoned = || {
+            vec![
+                hinted(A, "n1", &["zone-a"], &[]),
+                hinted(B, "n2", &["zone-b"], &[]),
+                hinted(C, "n1", &["zone-a"], &[]),
+            ]
+        };
+        // Every endpoint hinted, one for this zone: only this zone's.
+        assert_eq!(got(zoned(), "n1", Some("zone-a"), Cluster), [A, C]);
+        assert_eq!(got(zoned(), "n2", Some("zone-b"), Cluster), [B]);
+        // No endpoint for this zone, or the node has no zone label: all of them.
+        assert_eq!(got(zoned(), "n3", Some("zone-c"), Cluster), [A, C, B]);
+        assert_eq!(got(zoned(), "n1", None, Cluster), [A, C, B]);
+        // One ready endpoint without hints: hints are ignored altogether.
+        let mut partly = zoned();
+        partly[1].for_zones.clear();
+        assert_eq!(got(partly, "n1", Some("zone-a"), Cluster), [A, C, B]);
+        // ...but an unready one without hints does not count.
+        let mut unready = zoned();
+        unready.push(ep(Ipv4Addr::new(10, 244, 9, 9), "n9", false, false));
+        assert_eq!(got(unready, "n1", Some("zone-a"), Cluster), [A, C]);
+        // Node hints first when one names this node; otherwise the zone hints.
+        let noded = || {
+            vec![
+                hinted(A, "n1", &["zone-a"], &["n1"]),
+                hinted(B, "n2", &["zone-a"], &["n2"]),
+                hinted(C, "n1", &["zone-a"], &["n1"]),
+            ]
+        };
+        assert_eq!(got(noded(), "n2", Some("zone-a"), Cluster), [B]);
+        assert_eq!(got(noded(), "n3", Some("zone-a"), Cluster), [A, C, B]);
+        // Policy Local is about nodes already: hints play no part.
+        assert_eq!(got(zoned(), "n1", Some("zone-b"), Local), [A, C]);
+    }
+}

@@ -167,6 +167,21 @@ pub fn translate(
     gateway: Ipv4Addr,
     csum_partial: bool,
 ) -> Nat {
+    translate_from(services, ct, now, ip, gateway, csum_partial, |_| true)
+}
+
+/// [`translate`], where `in_cluster(client)` says whether a client is inside the cluster
+/// (a pod or a node), which decides the endpoints of an external address of a Service with
+/// `externalTrafficPolicy: Local` (see `services`).
+pub fn translate_from(
+    services: &ServiceTable,
+    ct: &mut Conntrack,
+    now: u64,
+    ip: &mut Ipv4Packet<&mut [u8]>,
+    gateway: Ipv4Addr,
+    csum_partial: bool,
+    in_cluster: impl Fn(Ipv4Addr) -> bool,
+) -> Nat {
     let Some(l4) = l4_of(ip) else {
         return Nat::None;
     };
@@ -185,6 +200,11 @@ pub fn translate(
     }
     let Some(fe) = services.lookup(key.dst, key.proto, key.dport) else {
         return Nat::None;
+    };
+    let fe = if fe.internal.is_some() {
+        services.for_client(fe, in_cluster(key.src))
+    } else {
+        fe
     };
     // A non-SYN for an unknown connection (its entry expired or the switch restarted) is
     // tracked as established: Maglev sends it to the same backend as before whenever that
