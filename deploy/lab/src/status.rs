@@ -19,6 +19,19 @@ pub struct LabStatus {
     /// (`vswitch-lab apply -f`).
     #[serde(default)]
     pub policy_dir: PathBuf,
+    /// The host outside the cluster (`exec out -- ...`), where the lab has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outside: Option<OutsideStatus>,
+}
+
+/// The lab's host outside the cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutsideStatus {
+    /// `out`, as `exec` takes it.
+    pub name: String,
+    pub netns: String,
+    /// Its address on the nodes' LAN; it has no route to any pod CIDR.
+    pub ip: Ipv4Addr,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -119,6 +132,13 @@ impl LabStatus {
                 .collect();
             out += &table(&["POD", "NODE", "NETNS", "IP", "MAC"], &pods);
         }
+        if let Some(o) = &self.outside {
+            out += &format!(
+                "\noutside host {} ({}) at {}: no route to the pods; they reach it by egress \
+                 translation\n",
+                o.name, o.netns, o.ip
+            );
+        }
         out
     }
 }
@@ -175,6 +195,7 @@ mod tests {
                 labels: Default::default(),
             }],
             policy_dir: "/run/vswitch-lab/vsl/policies".into(),
+            outside: None,
         };
         let t = st.to_table();
         let lines: Vec<&str> = t.lines().collect();

@@ -130,6 +130,11 @@ fn verdict(t: &Tables, a: Action) -> String {
         Action::DnsForward(_) => {
             "forwarded by the switch's DNS resolver to the upstream resolvers".into()
         }
+        Action::ToEgress => {
+            "egress translation: the switch ends the connection and opens it again from the \
+             node's own address"
+                .into()
+        }
         Action::Drop(r) => format!("dropped: {}", r.name()),
     }
 }

@@ -99,6 +99,10 @@ pub enum Action {
     /// cluster: the datapath hands it to the upstream forwarder. (Names in the cluster are
     /// answered here, as a `Reply`.)
     DnsForward(DnsQuery),
+    /// An IPv4 packet of a pod (TCP, UDP or ICMP echo) to an address outside the cluster, with
+    /// egress translation on: the datapath hands it to the egress engine, which ends the
+    /// connection here and opens it again from the node's own address.
+    ToEgress,
     Drop(DropReason),
 }
 
@@ -153,6 +157,7 @@ drop_reasons! {
     NoUnderlay => "no_underlay",
     PolicyDeniedIngress => "policy_denied_ingress",
     PolicyDeniedEgress => "policy_denied_egress",
+    EgressBusy => "egress_queue_full",
 }
 
 /// Decides what happens to the Ethernet frame `buf[..len]` (no virtio-net header) that
@@ -402,6 +407,14 @@ fn route_v4(cx: &mut Ctx<'_>, port: &PortEntry, buf: &mut [u8], len: usize, meta
             EthernetAddress(peer.vtep_mac),
             t.vtep_mac,
         )
+    } else if !from_host
+        && egress_kind(&ip)
+        && t.egress.as_ref().is_some_and(|e| e.translates(t, dst_ip))
+    {
+        cx.note(|| {
+            format!("route: {dst_ip} is outside the cluster: leaves by egress translation, from the node's address")
+        });
+        return Action::ToEgress;
     } else if let Some(h) = to_host.filter(|_| !t.cluster_nets.iter().any(|n| n.contains(&dst_ip)))
     {
         cx.note(|| format!("route: {dst_ip} is outside the cluster: to the node (host port)"));
@@ -418,6 +431,20 @@ fn route_v4(cx: &mut Ctx<'_>, port: &PortEntry, buf: &mut [u8], len: usize, meta
     eth.set_src_addr(src_mac);
     eth.set_dst_addr(next_mac);
     action
+}
+
+/// Whether the egress engine takes this packet: unfragmented TCP, UDP or ICMP echo request
+/// (anything else goes to the node, as without egress translation).
+fn egress_kind(ip: &Ipv4Packet<&mut [u8]>) -> bool {
+    if ip.is_fragment() {
+        return false;
+    }
+    match ip.protocol() {
+        IpProtocol::TCP | IpProtocol::UDP => true,
+        IpProtocol::ICMP => Icmpv4Packet::new_checked(ip.payload())
+            .is_ok_and(|i| i.msg_type() == Icmpv4Message::ECHO_REQUEST && i.msg_code() == 0),
+        _ => false,
+    }
 }
 
 /// Service translation of a routed packet: a Service's or a tracked connection's packet is
