@@ -848,8 +848,15 @@ impl Engine {
                 Err(_) => break,
             }
         }
-        if c.established && !c.pod_fin && !s.may_recv() && !s.can_recv() && !reset {
-            // The pod's FIN, after all its data: a half-close.
+        // The pod's FIN, after all its data: a half-close. (Closed is no FIN: a RST, below.)
+        let fin_seen = matches!(
+            s.state(),
+            tcp::State::CloseWait
+                | tcp::State::LastAck
+                | tcp::State::Closing
+                | tcp::State::TimeWait
+        );
+        if c.established && fin_seen && !c.pod_fin && !s.can_recv() && !reset {
             c.pod_fin = true;
             let _ = c.host.shutdown(std::net::Shutdown::Write);
         }
