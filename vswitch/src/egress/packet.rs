@@ -186,6 +186,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        drop(p);
         assert!(
             udp_packet(from, to, &[0; 200], &mut out).is_none(),
             "too small"
