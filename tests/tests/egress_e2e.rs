@@ -341,6 +341,22 @@ fn connection_limits_hold_are_counted_and_a_pods_flows_go_with_it() {
         egress(&node)
     );
     assert_eq!(egress(&node).connections.len(), 3);
+    let metrics = exec_in(
+        &node.netns,
+        &["curl", "-s", "http://127.0.0.1:9109/metrics"],
+        LIMIT,
+    )
+    .ok();
+    let hits: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("vswitch_egress_events_total{event=\"limit_pod\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no limit_pod counter in the metrics:\n{metrics}"));
+    assert!(hits >= 2, "{metrics}");
+    assert!(
+        metrics.contains("vswitch_egress_connections 3"),
+        "{metrics}"
+    );
     let out = hold.wait(LIMIT);
     assert_eq!(
         out.stdout.trim(),

@@ -1245,6 +1245,11 @@ impl Daemon {
     }
 
     /// Connection tracking size and counters.
+    /// Egress translation's counters, when it is on.
+    pub fn egress_stats(&self) -> Option<Arc<crate::egress::EgressStats>> {
+        self.datapath().egress().map(|e| e.stats.clone())
+    }
+
     pub fn ct_stats(&self) -> Arc<crate::datapath::CtGauge> {
         self.datapath().ct_stats()
     }

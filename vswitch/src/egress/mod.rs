@@ -97,6 +97,8 @@ pub struct EgressStats {
     pub bytes_out: AtomicU64,
     pub bytes_in: AtomicU64,
     pub expired: AtomicU64,
+    /// Flows open now (a gauge).
+    pub active: AtomicU64,
 }
 
 impl EgressStats {
@@ -116,6 +118,11 @@ impl EgressStats {
             ("bytes_in", self.bytes_in.load(Relaxed)),
             ("expired", self.expired.load(Relaxed)),
         ]
+    }
+
+    /// Flows open now.
+    pub fn active(&self) -> u64 {
+        self.active.load(Relaxed)
     }
 }
 
@@ -513,6 +520,8 @@ impl Engine {
                 last_sweep = Instant::now();
                 self.sweep();
             }
+            let active = (self.tcp.len() + self.dgram.len()) as u64;
+            self.stats.active.store(active, Relaxed);
         }
     }
 
