@@ -192,6 +192,10 @@ fn initial_tables(
     if config.egress_on() {
         tables.egress = Some(Arc::new(crate::pipeline::tables::Egress {
             no_masquerade: config.egress.no_masquerade.clone(),
+            node_ips: match config.overlay.underlay_ip {
+                Some(IpAddr::V4(ip)) => vec![ip],
+                _ => Vec::new(),
+            },
         }));
     }
     let host_tap = if config.host.enabled {

@@ -320,6 +320,7 @@ fn egress_translation_takes_only_the_outside_and_only_what_policy_admits() {
     s.t.cluster_nets = vec!["10.96.0.0/12".parse().unwrap()];
     s.t.egress = Some(Arc::new(super::super::tables::Egress {
         no_masquerade: vec!["192.168.0.0/16".parse().unwrap()],
+        node_ips: vec![Ipv4Addr::new(172, 16, 0, 1)],
     }));
     // On: TCP, UDP and ICMP echo to the outside go to the egress engine...
     assert_eq!(
@@ -350,6 +351,11 @@ fn egress_translation_takes_only_the_outside_and_only_what_policy_admits() {
     assert_ne!(
         s.send(2, &routed(udp(B, (Ipv4Addr::new(10, 244, 1, 99), 53)))),
         Action::ToEgress
+    );
+    // Nor is the node's own address (nor a peer node's).
+    assert_eq!(
+        s.send(2, &routed(udp(B, (Ipv4Addr::new(172, 16, 0, 1), 53)))),
+        Action::ToPort(HOST_PORT)
     );
     // What the engine does not carry (an echo reply, here) goes to the node as before.
     assert_eq!(

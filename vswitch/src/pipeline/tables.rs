@@ -84,12 +84,16 @@ pub struct Tables {
 pub struct Egress {
     /// Destinations that keep the pod's address (`egress.no_masquerade`).
     pub no_masquerade: Vec<Ipv4Net>,
+    /// This node's own addresses (its underlay address): reached through the host port.
+    pub node_ips: Vec<Ipv4Addr>,
 }
 
 impl Egress {
     /// Whether a pod's packet to `dst` is translated: outside this node's pod CIDR, the
-    /// cluster's ranges (pod CIDRs, Service CIDR) and the no-masquerade list, and an ordinary
-    /// unicast address.
+    /// cluster's ranges (pod CIDRs, Service CIDR) and the no-masquerade list, no node of the
+    /// cluster (this one or a peer: those are inside the cluster, reached with the pod's own
+    /// address as before, their answers crossing the overlay), and an ordinary unicast
+    /// address.
     pub fn translates(&self, t: &Tables, dst: Ipv4Addr) -> bool {
         !(dst.is_broadcast()
             || dst.is_multicast()
@@ -98,7 +102,9 @@ impl Egress {
             || dst == t.gateway_ip
             || t.pod_cidr.contains(&dst)
             || t.cluster_nets.iter().any(|n| n.contains(&dst))
-            || self.no_masquerade.iter().any(|n| n.contains(&dst)))
+            || self.no_masquerade.iter().any(|n| n.contains(&dst))
+            || self.node_ips.contains(&dst)
+            || t.peers.by_underlay(std::net::IpAddr::V4(dst)).is_some())
     }
 }
 
