@@ -33,6 +33,7 @@ const LIMIT: Duration = Duration::from_secs(20);
 /// - 9004 TCP: sends `hello`, half-closes, reads to EOF and logs `after-eof DATA`;
 /// - 9005 TCP: reads until the client resets, logs `reset-seen`;
 /// - 9006 TCP: holds connections open until the client closes;
+/// - 9007 TCP: accepts and never reads (a stalled peer);
 /// - 9005 UDP: answers `ADDR DATA`;
 /// - 53 UDP: answers every A query with 192.0.2.1.
 const SERVERS: &str = r#"
@@ -75,6 +76,9 @@ def h9006(c, a):
     except OSError: pass
     c.close()
 
+def h9007(c, a):
+    import time; time.sleep(100)
+
 def serve(port, h):
     s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind(("0.0.0.0", port)); s.listen(64)
@@ -101,7 +105,7 @@ def dns():
         log("dns %s" % a[0]); s.sendto(hdr + question + ans, a)
 
 for p, h in [(9000, h9000), (9001, h9001), (9002, h9002), (9003, h9003), (9004, h9004),
-             (9005, h9005), (9006, h9006)]:
+             (9005, h9005), (9006, h9006), (9007, h9007)]:
     threading.Thread(target=serve, args=(p, h), daemon=True).start()
 threading.Thread(target=udp, daemon=True).start()
 threading.Thread(target=dns, daemon=True).start()
@@ -153,6 +157,27 @@ elif case == "refused":
         conn(9999); print("connected")
     except ConnectionRefusedError:
         print("refused")
+elif case == "unreachable":
+    try:
+        socket.create_connection(("192.168.100.253", 80), timeout=15); print("connected")
+    except OSError as e:
+        print("errno %s" % e.errno)
+elif case == "udp-closed":
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5)
+    s.connect((OUT, 9999)); s.send(b"anyone?")
+    try:
+        s.recv(100); print("answered")
+    except ConnectionRefusedError:
+        print("port unreachable")
+elif case == "stall":
+    # Writes to a peer that never reads until nothing moves for 2 s: how much went.
+    s = conn(9007); s.settimeout(2); chunk = b"s" * 65536; n = 0
+    try:
+        while n < 500 * 1024 * 1024:
+            n += s.send(chunk)
+    except socket.timeout:
+        pass
+    print(n)
 elif case == "hold":
     # Opens N connections, says which opened, keeps them a while, closes them.
     n = int(sys.argv[3]); held = []; res = []
@@ -244,6 +269,37 @@ fn pods_reach_the_outside_from_their_nodes_address_both_ways() {
     assert_eq!(client(&lab, "n1-p1", &["outside-reset"]), "reset by peer");
     assert_eq!(client(&lab, "n1-p1", &["pod-reset"]), "reset sent");
     assert_eq!(client(&lab, "n1-p1", &["refused"]), "refused");
+    // The outside's ICMP errors: a host nobody holds (the node's ARP fails), a closed UDP port.
+    assert_eq!(
+        client(&lab, "n1-p1", &["unreachable"]),
+        format!("errno {}", libc::EHOSTUNREACH)
+    );
+    assert_eq!(client(&lab, "n1-p1", &["udp-closed"]), "port unreachable");
+
+    // A peer that stops reading stops the pod (its window closes): vswitchd holds a bounded
+    // amount, whatever the pod tries to send.
+    let pid = lab.nodes[0].pid.expect("node 1's vswitchd");
+    let rss = || {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        s.lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = rss();
+    let sent: u64 = client(&lab, "n1-p1", &["stall"])
+        .parse()
+        .expect("bytes sent");
+    let grown = rss().saturating_sub(before);
+    assert!(
+        sent < 64 * 1024 * 1024,
+        "{sent} bytes went to a peer that reads nothing"
+    );
+    assert!(
+        grown < 16 * 1024,
+        "vswitchd grew by {grown} kB for a stalled peer"
+    );
+    eprintln!("stalled peer: the pod got {sent} bytes out; vswitchd grew by {grown} kB");
 
     // Ping, UDP, DNS.
     let ns1 = lab.pod("n1-p1").netns.clone();

@@ -97,6 +97,8 @@ pub struct EgressStats {
     pub bytes_out: AtomicU64,
     pub bytes_in: AtomicU64,
     pub expired: AtomicU64,
+    /// ICMP unreachables passed to pods (port closed, host or network unreachable).
+    pub unreachable: AtomicU64,
     /// Flows open now (a gauge).
     pub active: AtomicU64,
 }
@@ -117,6 +119,7 @@ impl EgressStats {
             ("bytes_out", self.bytes_out.load(Relaxed)),
             ("bytes_in", self.bytes_in.load(Relaxed)),
             ("expired", self.expired.load(Relaxed)),
+            ("unreachable", self.unreachable.load(Relaxed)),
         ]
     }
 
@@ -733,17 +736,30 @@ impl Engine {
             return;
         };
         let failed = match c.host.take_error() {
-            Ok(Some(_)) | Err(_) => true,
+            Ok(Some(e)) | Err(e) => Some(e),
             Ok(None) => match c.host.peer_addr() {
-                Ok(_) => false,
+                Ok(_) => None,
                 Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
-                Err(_) => true,
+                Err(e) => Some(e),
             },
         };
         let Some(syn) = c.syn.take() else { return };
-        if failed {
+        if let Some(e) = failed {
             self.stats.tcp_refused.fetch_add(1, Relaxed);
-            self.link.rx.push_back(syn);
+            // Unreachable as the node found it, in the pod's terms; anything else (refused,
+            // timed out) a RST, which smoltcp makes for a SYN no socket takes.
+            let code = match e.raw_os_error() {
+                Some(libc::EHOSTUNREACH) => Some(1),
+                Some(libc::ENETUNREACH) => Some(0),
+                _ => None,
+            };
+            match code {
+                Some(code) => {
+                    self.unreachable(key, code, &syn);
+                    self.recycle(syn);
+                }
+                None => self.link.rx.push_back(syn),
+            }
             self.close_tcp(key, false);
             self.poll_iface();
             return;
@@ -988,7 +1004,15 @@ impl Engine {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                // An ICMP error about the flow (port unreachable): nothing to read.
+                // The outside said the port is closed: so does the pod's side.
+                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) && !echo => {
+                    let mut orig = [0u8; 28];
+                    if packet::udp_packet(key.pod, key.dst, &[], &mut orig).is_some() {
+                        self.unreachable(key, 3, &orig);
+                    }
+                    continue;
+                }
+                // Another ICMP error about the flow: nothing to read.
                 Err(_) => continue,
             };
             f.last = Instant::now();
@@ -1004,6 +1028,16 @@ impl Engine {
             if let Some(len) = len {
                 self.link.out.send(len);
             }
+        }
+    }
+
+    /// Sends the pod an ICMP destination unreachable (`code`) from the flow's destination
+    /// about its packet `orig`.
+    fn unreachable(&mut self, key: FlowKey, code: u8, orig: &[u8]) {
+        let out = self.link.out.packet_buf();
+        if let Some(len) = packet::unreachable(*key.dst.ip(), *key.pod.ip(), code, orig, out) {
+            self.stats.unreachable.fetch_add(1, Relaxed);
+            self.link.out.send(len);
         }
     }
 

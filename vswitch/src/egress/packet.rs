@@ -4,8 +4,8 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use crate::wire::{
-    Icmpv4Message, Icmpv4Packet, IpProtocol, Ipv4Packet, Ipv4Repr, L4Checksum, TcpFlags, TcpPacket,
-    UdpPacket, UdpRepr,
+    Icmpv4Message, Icmpv4Packet, Icmpv4Repr, IpProtocol, Ipv4Packet, Ipv4Repr, L4Checksum,
+    TcpFlags, TcpPacket, UdpPacket, UdpRepr,
 };
 
 /// A pod's side and the outside's side of a translated flow. For ICMP echo the "ports" are the
@@ -135,6 +135,36 @@ pub fn echo_reply(
     Some(len)
 }
 
+/// Writes an ICMP destination unreachable (`code`) from `from` to the pod at `to`, quoting
+/// the start of the pod's packet (`orig`: its IPv4 header and 8 bytes after it), as the node's
+/// socket was told by the outside (or its own routing). `None` when it does not fit.
+pub fn unreachable(
+    from: Ipv4Addr,
+    to: Ipv4Addr,
+    code: u8,
+    orig: &[u8],
+    out: &mut [u8],
+) -> Option<usize> {
+    let ip = Ipv4Packet::new_checked(orig).ok()?;
+    let quote = &orig[..(usize::from(ip.header_len()) + 8).min(orig.len())];
+    let icmp = Icmpv4Repr {
+        msg_type: Icmpv4Message::DST_UNREACHABLE,
+        msg_code: code,
+        rest_of_header: 0,
+        payload_len: quote.len(),
+    };
+    let len = IP_HDR + icmp.buffer_len();
+    if out.len() < len {
+        return None;
+    }
+    own_ip(from, to, IpProtocol::ICMP, icmp.buffer_len())
+        .emit(&mut Ipv4Packet::new_unchecked(&mut out[..len]));
+    let l4 = &mut out[IP_HDR..len];
+    l4[icmp.header_len()..].copy_from_slice(quote);
+    icmp.emit(&mut Icmpv4Packet::new_unchecked(l4));
+    Some(len)
+}
+
 fn own_ip(src_addr: Ipv4Addr, dst_addr: Ipv4Addr, protocol: IpProtocol, len: usize) -> Ipv4Repr {
     Ipv4Repr {
         src_addr,
@@ -212,6 +242,28 @@ mod tests {
         // A request is no reply.
         msg[0] = 8;
         assert!(echo_reply(from, to, 1, &msg, &mut out).is_none());
+    }
+
+    #[test]
+    fn an_unreachable_quotes_the_pods_packet() {
+        let pod: SocketAddrV4 = "10.244.1.2:40000".parse().unwrap();
+        let dst: SocketAddrV4 = "203.0.113.5:9999".parse().unwrap();
+        let mut orig = [0u8; 64];
+        let n = udp_packet(pod, dst, b"payload", &mut orig).unwrap();
+        let mut out = [0u8; 128];
+        let len = unreachable(*dst.ip(), *pod.ip(), 3, &orig[..n], &mut out).unwrap();
+        assert_eq!(len, 20 + 8 + 28);
+        let ip = Ipv4Packet::new_checked(&out[..len]).unwrap();
+        assert!(ip.verify_checksum());
+        assert_eq!((ip.src_addr(), ip.dst_addr()), (*dst.ip(), *pod.ip()));
+        let icmp = Icmpv4Packet::new_checked(ip.payload()).unwrap();
+        assert!(icmp.verify_checksum());
+        assert_eq!(
+            (icmp.msg_type(), icmp.msg_code()),
+            (Icmpv4Message::DST_UNREACHABLE, 3)
+        );
+        assert_eq!(icmp.data(), &orig[..28]);
+        assert!(unreachable(*dst.ip(), *pod.ip(), 3, &orig[..10], &mut out).is_none());
     }
 
     #[test]
