@@ -919,7 +919,18 @@ impl Engine {
     }
 
     fn dgram_packet(&mut self, p: &Packet, key: FlowKey, echo: bool, range: (usize, usize)) {
-        let Some(payload) = p.data.get(range.0..range.1) else {
+        // A UDP super-frame's length field speaks for one datagram: its payload is the rest of
+        // the IP packet.
+        let end = if !echo && p.gso_size > 0 {
+            let total = p
+                .data
+                .get(2..4)
+                .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
+            usize::from(total).min(p.data.len()).max(range.1)
+        } else {
+            range.1
+        };
+        let Some(payload) = p.data.get(range.0..end) else {
             self.stats.malformed.fetch_add(1, Relaxed);
             return;
         };
