@@ -383,7 +383,7 @@ impl Daemon {
                 total: config.egress.total(),
                 mtu: config.node.mtu,
             };
-            let e = crate::egress::Egress::start(tables.clone(), limits)
+            let e = crate::egress::Egress::start(tables.clone(), limits, datapath.capture())
                 .map_err(DaemonError::Datapath)?;
             datapath.set_egress(e);
         }

@@ -187,14 +187,26 @@ pub struct Egress {
 }
 
 impl Egress {
-    pub fn start(tables: Arc<ArcSwap<Tables>>, limits: Limits) -> io::Result<Egress> {
+    /// Starts the engine; what it sends to pods is offered to `capture`'s sessions as the
+    /// pods' outbound frames (what they send it was offered by the workers).
+    pub fn start(
+        tables: Arc<ArcSwap<Tables>>,
+        limits: Limits,
+        capture: Arc<crate::capture::Hub>,
+    ) -> io::Result<Egress> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (tx, rx) = crossbeam_channel::bounded(QUEUE);
         let (free_tx, free_rx) = crossbeam_channel::bounded(QUEUE);
         let (cmds, cmd_rx) = crossbeam_channel::unbounded();
         let stats = Arc::new(EgressStats::default());
-        let engine = Engine::new(poll, rx, cmd_rx, free_tx, tables, limits, stats.clone());
+        let engine = Engine::new(
+            poll,
+            (rx, cmd_rx, free_tx),
+            (tables, capture),
+            limits,
+            stats.clone(),
+        );
         let thread = std::thread::Builder::new()
             .name("vswitch-egress".into())
             .spawn(move || engine.run())?;
@@ -258,6 +270,7 @@ impl Drop for Egress {
 /// Where the engine's packets to pods go: the pods' TAPs, found by destination address.
 struct ToPods {
     tables: Arc<ArcSwap<Tables>>,
+    capture: Arc<crate::capture::Hub>,
     ports: HashMap<PortId, Arc<[Tap]>>,
     /// virtio-net header + Ethernet header + the packet.
     buf: Vec<u8>,
@@ -290,6 +303,9 @@ impl ToPods {
         .emit(&mut EthernetFrame::new_unchecked(
             &mut self.buf[VNET_HDR_LEN..IP_AT],
         ));
+        if let Some(c) = self.capture.current() {
+            c.port(port.id, false, &self.buf[VNET_HDR_LEN..IP_AT + len]);
+        }
         if tap.send(&self.buf[..IP_AT + len]).is_err() {
             self.stats.tx_error.fetch_add(1, Relaxed);
         }
@@ -429,10 +445,8 @@ struct Engine {
 impl Engine {
     fn new(
         poll: Poll,
-        packets: Receiver<Packet>,
-        cmds: Receiver<Command>,
-        free: Sender<Vec<u8>>,
-        tables: Arc<ArcSwap<Tables>>,
+        (packets, cmds, free): (Receiver<Packet>, Receiver<Command>, Sender<Vec<u8>>),
+        (tables, capture): (Arc<ArcSwap<Tables>>, Arc<crate::capture::Hub>),
         limits: Limits,
         stats: Arc<EgressStats>,
     ) -> Engine {
@@ -441,6 +455,7 @@ impl Engine {
             rx: VecDeque::new(),
             out: ToPods {
                 tables,
+                capture,
                 ports: HashMap::new(),
                 buf: vec![0u8; IP_AT + 65_535],
                 stats: stats.clone(),
