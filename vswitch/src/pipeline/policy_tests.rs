@@ -357,6 +357,21 @@ fn egress_translation_takes_only_the_outside_and_only_what_policy_admits() {
         s.send(2, &routed(udp(B, (Ipv4Addr::new(172, 16, 0, 1), 53)))),
         Action::ToPort(HOST_PORT)
     );
+    // A connection the node opens from an outside client's address (a NodePort relay that
+    // keeps it): the pod's answers go back to the node, not to the egress engine.
+    let client = (Ipv4Addr::new(203, 0, 113, 9), 5555);
+    let mut syn = tcp(client, (B, 8080), true, false, true);
+    syn[6..12].copy_from_slice(&mac_of(NODE).0);
+    assert_eq!(s.send(HOST_PORT, &syn), Action::ToPort(2));
+    assert_eq!(
+        s.send(2, &tcp((B, 8080), client, true, true, true)),
+        Action::ToPort(HOST_PORT)
+    );
+    assert_eq!(
+        s.send(2, &tcp((B, 8081), client, true, false, true)),
+        Action::ToEgress,
+        "a connection of the pod's own to the same client is translated"
+    );
     // What the engine does not carry (an echo reply, here) goes to the node as before.
     assert_eq!(
         s.send(2, &routed(echo(B, other, true))),
