@@ -864,7 +864,12 @@ impl Engine {
         };
         let Some(h) = c.handle else { return };
         let s = self.sockets.get_mut::<tcp::Socket>(h);
-        if s.state() == tcp::State::Established {
+        // Past the handshake (a pod that closes at once goes from SYN-RECEIVED to CLOSE-WAIT
+        // in one poll, never seen ESTABLISHED here).
+        if !matches!(
+            s.state(),
+            tcp::State::Listen | tcp::State::SynReceived | tcp::State::SynSent | tcp::State::Closed
+        ) {
             c.established = true;
         }
         let mut reset = false;
