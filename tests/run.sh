@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 need=(ip:iproute2 ping:iputils-ping iperf3:iperf3 tcpdump:tcpdump tshark:tshark
       podman:podman runc:runc busybox:busybox-static nc:netcat-openbsd
       socat:socat ethtool:ethtool shellcheck:shellcheck dig:dnsutils file:file
-      pip3:python3-pip curl:curl
+      pip3:python3-pip curl:curl kubectl:kubernetes-client
       /usr/lib/cni/loopback:containernetworking-plugins
       # The capture filter links libpcap; the image's static build also libdbus-1's archive.
       pcap-config:libpcap-dev "/usr/lib/$(uname -m)-linux-gnu/libdbus-1.a:libdbus-1-dev")

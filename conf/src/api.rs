@@ -43,6 +43,9 @@ pub const PATH_CAPTURE_SESSIONS: &str = "/v1/capture/sessions";
 /// GET: NetworkPolicy as this switch applies it ([`PoliciesResponse`]); query `pod=NS/NAME`
 /// for one local pod.
 pub const PATH_POLICIES: &str = "/v1/policies";
+/// `POST`: a new vswitchd on this node asks the running one to let go of the node's devices
+/// and sockets and exit (an upgrade without an outage); answered once they are released.
+pub const PATH_HANDOVER: &str = "/v1/handover";
 pub const CAPTURE_SESSION_HEADER: &str = "x-capture-session";
 
 /// CNI error codes (CNI spec 1.1.0, "Error" section).
@@ -179,6 +182,16 @@ pub struct GcResponse {
     pub released: Vec<Attachment>,
 }
 
+/// The answer to `POST` [`PATH_HANDOVER`]: the devices and sockets are released, and the
+/// process that held them exits.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HandoverResponse {
+    /// The old vswitchd's process ID.
+    pub pid: u32,
+    /// Milliseconds its datapath took to stop and let go.
+    pub released_ms: u64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Status {
     pub node: String,
@@ -188,6 +201,9 @@ pub struct Status {
     pub gateway_mac: String,
     pub ports: usize,
     pub ready: bool,
+    /// The answering vswitchd's process ID (0 from a version that did not say).
+    #[serde(default)]
+    pub pid: u32,
     /// The node's settings that a path through the switch needs and that are wrong now, each
     /// with what it breaks (see [`crate::sysctl`]). Empty when all is well.
     #[serde(default)]

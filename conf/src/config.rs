@@ -781,6 +781,53 @@ impl Config {
     }
 
     /// Parses and validates config text.
+    /// [`Config::load`], except that in Kubernetes mode `node.pod_cidr` may be left out, as
+    /// flannel takes a node's subnet from its Node object: then `ask` is given the
+    /// `[kubernetes]` settings and `node.name` and answers the node's pod CIDR (or why not).
+    pub fn load_asking_pod_cidr(
+        path: &Path,
+        ask: impl FnOnce(&KubernetesConfig, &str) -> Result<Ipv4Net, String>,
+    ) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let Ok(mut table) = toml::from_str::<toml::Table>(&text) else {
+            return Config::load(path);
+        };
+        let k8s = table
+            .get("kubernetes")
+            .cloned()
+            .and_then(|v| v.try_into::<KubernetesConfig>().ok())
+            .filter(|k| k.enabled);
+        let node = table.get_mut("node").and_then(|n| n.as_table_mut());
+        let (Some(k8s), Some(node)) = (k8s, node) else {
+            return Config::load(path);
+        };
+        let name = node.get("name").and_then(|n| n.as_str());
+        let (Some(name), false) = (name, node.contains_key("pod_cidr")) else {
+            return Config::load(path);
+        };
+        let cidr = ask(&k8s, name).map_err(|why| {
+            invalid(
+                "node.pod_cidr",
+                format!("not set, and not taken from the Node object: {why}"),
+            )
+        })?;
+        node.insert("pod_cidr".into(), cidr.to_string().into());
+        let text = toml::to_string(&table).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        Config::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            e => e,
+        })
+    }
+
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: PathBuf::from("<text>"),
@@ -1242,6 +1289,45 @@ mod tests {
             assert_eq!(field_of(&format!("{MIN}[egress]\n{bad}\n")), field, "{bad}");
         }
         assert!(field_of(&format!("{MIN}[egress]\nenable = true\n")).contains("unknown field"));
+    }
+
+    #[test]
+    fn in_kubernetes_mode_a_missing_pod_cidr_is_asked_for() {
+        let dir = std::env::temp_dir().join(format!("vswitch-conf-ask-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        let k8s = "[node]\nname = \"n7\"\n[kubernetes]\nenabled = true\nnode_name = \"w7\"\n";
+        std::fs::write(&path, k8s).unwrap();
+        let c = Config::load_asking_pod_cidr(&path, |k, node| {
+            assert_eq!((k.node_name.as_deref(), node), (Some("w7"), "n7"));
+            Ok("10.244.7.0/24".parse().unwrap())
+        })
+        .unwrap();
+        assert_eq!(c.node.pod_cidr.to_string(), "10.244.7.0/24");
+        assert_eq!(c.gateway().to_string(), "10.244.7.1");
+        // The answer is validated like a written one, and a refusal names the field.
+        let e = Config::load_asking_pod_cidr(&path, |_, _| Ok("10.244.7.0/30".parse().unwrap()))
+            .unwrap_err();
+        assert!(e.to_string().contains("node.pod_cidr"), "{e}");
+        let e = Config::load_asking_pod_cidr(&path, |_, _| Err("no API".into())).unwrap_err();
+        assert!(e.to_string().starts_with("node.pod_cidr: not set"), "{e}");
+        // A written pod CIDR, or static mode, never asks.
+        for text in [
+            k8s.replace(
+                "name = \"n7\"\n",
+                "name = \"n7\"\npod_cidr = \"10.1.0.0/24\"\n",
+            ),
+            "[node]\nname = \"n7\"\npod_cidr = \"10.1.0.0/24\"\n".to_string(),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let c = Config::load_asking_pod_cidr(&path, |_, _| panic!("asked")).unwrap();
+            assert_eq!(c.node.pod_cidr.to_string(), "10.1.0.0/24");
+        }
+        // Static mode without one is the usual error.
+        std::fs::write(&path, "[node]\nname = \"n7\"\n").unwrap();
+        let e = Config::load_asking_pod_cidr(&path, |_, _| panic!("asked")).unwrap_err();
+        assert!(e.to_string().contains("pod_cidr"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

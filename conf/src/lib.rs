@@ -8,6 +8,7 @@
 //! the admin unix socket keeps the CNI plugin free of an async runtime.
 
 pub mod api;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod netconf;

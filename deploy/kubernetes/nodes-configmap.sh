@@ -5,9 +5,10 @@
 #
 #   deploy/kubernetes/nodes-configmap.sh | kubectl apply -f -
 #
-# This table is how each node learns its own pod CIDR and address (its peers and the Services
-# come from the API; in static mode, [kubernetes] enabled = false, its peers from here too).
-# Run it again before a new node's vswitchd starts; in static mode also when nodes leave, then
+# In Kubernetes mode (as shipped) a node this table does not list takes its pod CIDR from its
+# Node object, so the table is needed once, for the API server's address; in static mode,
+# [kubernetes] enabled = false, it is how each node learns its pod CIDR and its peers: run it
+# again when nodes join or leave, then
 #   kubectl -n vswitch rollout restart daemonset/vswitch
 # Environment: KUBECTL (default kubectl), NAMESPACE (default vswitch).
 set -euo pipefail

@@ -661,11 +661,19 @@ fn daemonset_runs_vswitchd_as_a_cni_daemonset_must() {
         .metrics_address
         .expect("admin.metrics_address is set")
         .port();
-    let port = d["ports"]
-        .as_array()
-        .and_then(|ps| ps.iter().find(|p| p["name"] == "metrics"))
-        .expect("a port named metrics");
-    assert_eq!(port["containerPort"], metrics_port);
+    // No container port: with the host's network it is a hostPort, and the rolling update's
+    // surge pod would not fit beside the old one.
+    assert!(
+        d["ports"].is_null(),
+        "vswitchd declares ports: {}",
+        d["ports"]
+    );
+    let update = &docs
+        .iter()
+        .find(|v| v["kind"] == "DaemonSet")
+        .expect("the DaemonSet")["spec"]["updateStrategy"];
+    assert_eq!(update["rollingUpdate"]["maxSurge"], 1, "{update}");
+    assert_eq!(update["rollingUpdate"]["maxUnavailable"], 0, "{update}");
     let state_dir = cluster.node.state_dir.to_str().expect("utf-8").to_string();
     assert_eq!(
         host_path_of(pod, d, &state_dir),
@@ -678,7 +686,7 @@ fn daemonset_runs_vswitchd_as_a_cni_daemonset_must() {
         ("readinessProbe", "/readyz"),
     ] {
         assert_eq!(d[probe]["httpGet"]["path"], path, "{probe}");
-        assert_eq!(d[probe]["httpGet"]["port"], "metrics", "{probe}");
+        assert_eq!(d[probe]["httpGet"]["port"], metrics_port, "{probe}");
     }
 
     // The plugin lands in the host's /opt/cni/bin.
@@ -898,6 +906,7 @@ impl FakeDaemon {
                     gateway_mac: "0a:58:0a:f4:07:01".into(),
                     ports: 0,
                     ready: r.load(Ordering::Relaxed),
+                    pid: std::process::id(),
                     warnings: Vec::new(),
                 };
                 let body = serde_json::to_string(&status).expect("status JSON");
@@ -1036,7 +1045,8 @@ fn install_step_writes_the_conflist_only_once_vswitchd_is_ready() {
         &config,
         format!(
             "[node]\nname = \"deploy-test\"\npod_cidr = \"10.250.0.0/24\"\nstate_dir = \"{}\"\n\
-             [admin]\nsocket = \"{}\"\n",
+             [admin]\nsocket = \"{}\"\n\
+             # Run in the machine's own namespace: no host port made there.\n[host]\nenabled = false\n",
             host.join("var/lib/vswitch").display(),
             socket.display()
         ),

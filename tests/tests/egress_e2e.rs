@@ -22,7 +22,7 @@ use conf::api::{EgressResponse, PATH_EGRESS};
 use vswitch_lab::{LabSpec, Node};
 use vswitch_tests::{exec_in, have, python, require_root, unique, wait_until, Bg, LabGuard};
 
-const OUT: &str = "192.168.100.254";
+const OUT: &str = "192.168.100.253";
 const LIMIT: Duration = Duration::from_secs(20);
 
 /// The outside host's servers, each on its own port, logging what they see on stdout:
@@ -159,7 +159,7 @@ elif case == "refused":
         print("refused")
 elif case == "unreachable":
     try:
-        socket.create_connection(("192.168.100.253", 80), timeout=15); print("connected")
+        socket.create_connection(("192.168.100.252", 80), timeout=15); print("connected")
     except OSError as e:
         print("errno %s" % e.errno)
 elif case == "udp-closed":

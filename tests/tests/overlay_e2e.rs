@@ -1147,3 +1147,106 @@ fn a_pods_udp_gso_send_is_switched_whole_and_cut_for_the_overlay() {
     let _ = std::fs::remove_dir_all(&dir);
     eprintln!("took {:.1?}", started.elapsed());
 }
+
+/// A node without `[host] routes` (the shipped ConfigMap has none) still reaches other nodes'
+/// pods and ClusterIPs from its own address: vswitchd routes each peer's pod CIDR and each
+/// ClusterIP through the host port and follows Services as they come and go (issue 24 point 1).
+#[test]
+fn a_node_without_configured_routes_reaches_other_nodes_pods_and_cluster_ips() {
+    let mut lab = vswitch_tests::lab(2, 1);
+    let n1 = lab.nodes[0].clone();
+    let remote = lab.pod("n2-p1").clone();
+    // n1 loses the lab's routes: from its config, and from the (persistent) host port.
+    let text = std::fs::read_to_string(&n1.config).expect("n1's config");
+    let without: String = text
+        .lines()
+        .filter(|l| !l.starts_with("routes = "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_ne!(
+        text, without,
+        "n1's config has no [host] routes to take away"
+    );
+    std::fs::write(&n1.config, without).expect("write config");
+    let config = conf::Config::load(&n1.config).expect("n1's config");
+    assert!(config.host.routes.is_empty(), "{:?}", config.host.routes);
+    for r in ["10.244.0.0/16", "10.96.0.0/12"] {
+        let out = vswitch_tests::exec_in(
+            &n1.netns,
+            &["ip", "route", "del", r, "dev", "vsw0"],
+            vswitch_tests::SHORT,
+        );
+        assert!(out.success(), "ip route del {r}: {out}");
+    }
+    lab.restart_daemon(0, Duration::from_secs(10))
+        .expect("restart n1's vswitchd");
+    let routes = || {
+        vswitch_tests::exec_in(
+            &n1.netns,
+            &["ip", "route", "show", "dev", "vsw0"],
+            vswitch_tests::SHORT,
+        )
+        .stdout
+    };
+    let ping = |ip: String| {
+        vswitch_tests::exec_in(
+            &n1.netns,
+            &["ping", "-c1", "-W1", &ip],
+            Duration::from_secs(5),
+        )
+        .success()
+    };
+    // The node reaches the other node's pod through its pod CIDR's route.
+    assert!(
+        vswitch_tests::wait_until(Duration::from_secs(10), || ping(remote.ip.to_string())),
+        "n1 cannot reach n2's pod {}; vsw0 routes:\n{}",
+        remote.ip,
+        routes()
+    );
+    assert!(routes().contains("10.244.2.0/24"), "{}", routes());
+
+    // A Service on n2's pod: the node reaches its ClusterIP, by a host route that follows it.
+    let _server = vswitch_tests::Bg::spawn(
+        &remote.netns,
+        &[vswitch_tests::python(), "-m", "http.server", "8080"],
+        Duration::from_secs(60),
+    );
+    let web = vswitch_lab::services::ServiceArgs {
+        name: "web".into(),
+        ports: vec!["80:8080".parse().expect("port")],
+        endpoints: vec![remote.name.clone()],
+        cluster_ip: Some("10.96.7.7".parse().expect("ip")),
+        node_port: None,
+    };
+    lab.add_service(&web).expect("add-service");
+    let curl = || {
+        vswitch_tests::exec_in(
+            &n1.netns,
+            &[
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "2",
+                "http://10.96.7.7/",
+            ],
+            Duration::from_secs(5),
+        )
+        .stdout
+            == "200"
+    };
+    assert!(
+        vswitch_tests::wait_until(Duration::from_secs(10), curl),
+        "n1 cannot reach the ClusterIP 10.96.7.7; vsw0 routes:\n{}",
+        routes()
+    );
+    lab.del_service("web").expect("del-service");
+    assert!(
+        vswitch_tests::wait_until(Duration::from_secs(10), || !routes().contains("10.96.7.7")),
+        "the ClusterIP's route outlived its Service:\n{}",
+        routes()
+    );
+}

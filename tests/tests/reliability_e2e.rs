@@ -490,6 +490,142 @@ fn kill_9_during_an_iperf3_stream_then_restart_keeps_pods_and_traffic() {
     assert!(left.is_empty(), "namespaces left after teardown: {left:?}");
 }
 
+/// The ifindex of the node's host port (vsw0), if it has one.
+fn host_port_index(node_ns: &str) -> Option<u64> {
+    let out = exec_in(node_ns, &["ip", "-j", "link", "show", "dev", "vsw0"], SHORT);
+    let v: Value = serde_json::from_str(&out.stdout).ok()?;
+    v[0]["ifindex"].as_u64()
+}
+
+/// The largest gap between consecutive `ping -D` replies, in seconds.
+fn largest_gap(times: &[f64]) -> f64 {
+    times.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max)
+}
+
+const LINES: &str = r#"
+import socket, sys, time
+if sys.argv[1] == "serve":
+    l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    l.bind(("", int(sys.argv[2]))); l.listen(1)
+    print("listening", flush=True)
+    c, _ = l.accept()
+    while True:
+        d = c.recv(64)
+        if not d: break
+        c.sendall(d)
+else:
+    s = socket.create_connection((sys.argv[2], int(sys.argv[3])), timeout=5)
+    n = 0
+    end = time.time() + float(sys.argv[4])
+    while time.time() < end:
+        s.sendall(b"x"); assert s.recv(1) == b"x"; n += 1
+        time.sleep(0.02)
+    print(n)
+"#;
+
+// ---------------------------------------------------------------------------------------------
+// 1b. An upgrade: the new vswitchd takes the node over from the running one
+
+#[test]
+fn a_restart_hands_the_node_over_and_traffic_and_connections_carry_on() {
+    let _serial = serial();
+    let mut lab = lab(2, 2);
+    let (a, b) = (lab.pod("n1-p1").clone(), lab.pod("n2-p1").clone());
+    let node = lab.nodes[0].clone();
+    let old_pid = node.pid.expect("n1's vswitchd has a pid");
+    let host_port = host_port_index(&node.netns).expect("n1 has its host port");
+    let dir = TempDir::new("handover");
+    let script = dir.join("lines.py");
+    fs::write(&script, LINES).unwrap();
+    let script = script.to_string_lossy().into_owned();
+
+    // Through n1's switch: a pod across nodes, the node to its pod (a kubelet probe's path
+    // through the host port), and one TCP connection sending a byte every 20 ms.
+    let ping_remote = Bg::spawn(
+        &a.netns,
+        &[
+            "ping",
+            "-n",
+            "-D",
+            "-i",
+            "0.02",
+            "-W",
+            "1",
+            &b.ip.to_string(),
+        ],
+        Duration::from_secs(30),
+    );
+    let ping_node = Bg::spawn(
+        &node.netns,
+        &[
+            "ping",
+            "-n",
+            "-D",
+            "-i",
+            "0.02",
+            "-W",
+            "1",
+            &a.ip.to_string(),
+        ],
+        Duration::from_secs(30),
+    );
+    let _server = Bg::spawn(
+        &b.netns,
+        &[python(), &script, "serve", "7100"],
+        Duration::from_secs(30),
+    );
+    wait_listening(&b.netns, 7100);
+    let client = Bg::spawn(
+        &a.netns,
+        &[python(), &script, "talk", &b.ip.to_string(), "7100", "5"],
+        Duration::from_secs(30),
+    );
+    thread::sleep(Duration::from_secs(2));
+    let (restarted_at, ready_after) = restart(&mut lab, 0);
+    let new_pid = lab.nodes[0].pid.expect("the new pid is recorded");
+    assert_ne!(new_pid, old_pid);
+    thread::sleep(Duration::from_secs(2));
+
+    // The old process handed over and is gone; the host port is the same device.
+    assert!(!alive(old_pid), "the old vswitchd {old_pid} still runs");
+    assert_eq!(
+        host_port_index(&node.netns),
+        Some(host_port),
+        "the host port was made anew"
+    );
+    let log = fs::read_to_string(&node.log).unwrap_or_default();
+    assert!(
+        log.contains("took the node over from vswitchd pid"),
+        "the new vswitchd did not take the node over: {log}"
+    );
+
+    // The connection carried on (the client exits 0 only if every byte came back).
+    let talk = client.wait(Duration::from_secs(20));
+    assert!(
+        talk.success(),
+        "the TCP connection broke across the handover: {talk}"
+    );
+    // Pings went on both sides of the restart; the longest gap is printed (a time for the
+    // bench and the note, not for a test to assert).
+    for (what, bg) in [("across nodes", ping_remote), ("node to pod", ping_node)] {
+        let out = bg.wait(Duration::ZERO);
+        let times = reply_times(&out.stdout);
+        assert!(
+            times.iter().any(|t| *t < restarted_at),
+            "no ping {what} before: {out}"
+        );
+        assert!(
+            times.iter().any(|t| *t > restarted_at + 1.0),
+            "no ping {what} after: {out}"
+        );
+        eprintln!(
+            "handover, ping {what} every 20 ms: {} replies, longest gap {:.0} ms (ready after {ready_after:?})",
+            times.len(),
+            largest_gap(&times) * 1000.0
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. SIGTERM
 
@@ -515,10 +651,17 @@ fn sigterm_exits_cleanly_and_pods_keep_their_interfaces() {
         before, after,
         "pods lost or changed interfaces when vswitchd stopped"
     );
+    let host_port = host_port_index(&node.netns);
+    assert!(host_port.is_some(), "the host port went away with vswitchd");
 
-    // And a new daemon takes them back.
+    // And a new daemon takes them back, the host port too.
     let (_, ready) = restart(&mut lab, 0);
     eprintln!("restart after SIGTERM: ready in {ready:?}");
+    assert_eq!(
+        host_port_index(&node.netns),
+        host_port,
+        "the host port was made anew"
+    );
     let (p1, p2) = (lab.pod("n1-p1").clone(), lab.pod("n1-p2").clone());
     vswitch_tests::assert_ping(&p1.netns, p2.ip);
 }

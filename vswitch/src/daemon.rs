@@ -42,7 +42,6 @@ pub fn run(config_path: &Path) -> Result<(), RunError> {
 
 /// [`run`] with command-line options.
 pub fn run_with(config_path: &Path, opts: RunOptions) -> Result<(), RunError> {
-    let config = Config::load(config_path)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .max_blocking_threads(64)
@@ -50,7 +49,16 @@ pub fn run_with(config_path: &Path, opts: RunOptions) -> Result<(), RunError> {
         .thread_name("vswitch-ctl")
         .build()
         .map_err(RunError::Runtime)?;
+    // In Kubernetes mode a config without node.pod_cidr takes the Node object's.
+    let config = Config::load_asking_pod_cidr(config_path, |k, node| {
+        let env = std::env::var("NODE_NAME").ok();
+        let name = crate::control::k8s::node_name_of(opts.node_name.as_deref(), k, node, env);
+        rt.block_on(crate::control::k8s::own_pod_cidr(k, &name))
+            .map_err(|e| e.to_string())
+    })?;
     let socket = config.admin.socket.clone();
+    // A vswitchd already running on this node lets go of it first (an upgrade, a restart).
+    crate::control::handover::take_over(&socket);
     let daemon = Daemon::start(config)?;
     let result = rt.block_on(async {
         let listener = api::bind(&socket).map_err(|source| RunError::Socket {
@@ -70,11 +78,11 @@ pub fn run_with(config_path: &Path, opts: RunOptions) -> Result<(), RunError> {
                 .map_err(|source| RunError::Metrics { addr, source })?;
             let app = metrics::router(daemon.clone());
             tracing::info!("metrics and health on http://{addr}");
-            tokio::spawn(async move {
+            daemon.handover.set_metrics(tokio::spawn(async move {
                 if let Err(e) = axum::serve(tcp, app).await {
                     tracing::error!("metrics server stopped: {e}");
                 }
-            });
+            }));
         }
         // Peers and Services from the Kubernetes API, or from the config file, reloaded.
         let _source =
@@ -87,17 +95,48 @@ pub fn run_with(config_path: &Path, opts: RunOptions) -> Result<(), RunError> {
         daemon.start_nodeports(tokio::runtime::Handle::current());
         daemon.start_dns(tokio::runtime::Handle::current());
         let app = api::router(daemon.clone());
-        let server = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
-        server.await.map_err(|source| RunError::Socket {
-            path: socket.clone(),
-            source,
-        })
+        let handed_over = daemon.clone();
+        let stop = async move {
+            tokio::select! {
+                _ = shutdown_signal() => {}
+                _ = handed_over.handover.done() => {}
+            }
+        };
+        let server = axum::serve(listener, app).with_graceful_shutdown(stop);
+        // Handed over, the process waits for its open requests at most a moment (a capture
+        // stream would hold it): it has nothing left to serve them with.
+        let linger = async {
+            daemon.handover.done().await;
+            tokio::time::sleep(HANDED_OVER_LINGER).await;
+        };
+        let served = tokio::select! {
+            r = server => r.map_err(|source| RunError::Socket {
+                path: socket.clone(),
+                source,
+            }),
+            _ = linger => Ok(()),
+        };
+        if daemon.handover.handed_over() {
+            // Idle until stopped, not gone: a container that exits would be started again by
+            // the kubelet, and take the node back. The rolling update stops this one (SIGTERM)
+            // once the new one is ready.
+            tracing::info!("handed over: idle until stopped");
+            shutdown_signal().await;
+        }
+        served
     });
+    if daemon.handover.handed_over() {
+        // The socket's path is the new vswitchd's now.
+        return result;
+    }
     tracing::info!("shutting down");
     daemon.shutdown();
     let _ = std::fs::remove_file(&socket);
     result
 }
+
+/// How long a vswitchd that handed its node over waits for its open admin requests.
+const HANDED_OVER_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How often the node's settings are read again while vswitchd runs.
 const NODE_SETTINGS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);

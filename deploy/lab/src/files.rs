@@ -68,7 +68,13 @@ pub(crate) fn daemon_config(node: &Node, all: &[Node], services: &[ServiceSpec])
             underlay_mtu: crate::spec::UNDERLAY_MTU,
             ..OverlayConfig::default()
         },
-        peers,
+        // Kubernetes mode: peers come from the Node objects (and the VTEPs each node
+        // publishes on its own), Services from the API.
+        peers: if node.kubeconfig.is_some() {
+            Vec::new()
+        } else {
+            peers
+        },
         nat: Default::default(),
         host: conf::config::HostConfig {
             routes: vec![
@@ -78,7 +84,15 @@ pub(crate) fn daemon_config(node: &Node, all: &[Node], services: &[ServiceSpec])
             ..Default::default()
         },
         services: services.to_vec(),
-        kubernetes: Default::default(),
+        kubernetes: match &node.kubeconfig {
+            Some(k) => conf::config::KubernetesConfig {
+                enabled: true,
+                kubeconfig: Some(k.clone()),
+                node_name: Some(node.name.clone()),
+                ..Default::default()
+            },
+            None => Default::default(),
+        },
         // One directory of manifests (NetworkPolicy, Namespace, Pod) that every node reads.
         policy: conf::config::PolicyConfig {
             dir: node.dir.parent().map(|lab| lab.join(POLICY_DIR)),
@@ -201,6 +215,13 @@ mod tests {
         let c3 = Config::parse(&render_config(&pinned, &all, &[]).unwrap()).unwrap();
         assert_eq!(c3.datapath.cpus, vec![0]);
         assert_eq!(c3.datapath.busy_poll_us, 1_000_000);
+        let k8s = Node {
+            kubeconfig: Some("/run/vswitch-lab/vsl/kubeconfig".into()),
+            ..node.clone()
+        };
+        let c4 = Config::parse(&render_config(&k8s, &all, &[]).unwrap()).unwrap();
+        assert!(c4.kubernetes.enabled && c4.peers.is_empty());
+        assert_eq!(c4.kubernetes.node_name.as_deref(), Some("vsl-n3"));
         assert_eq!(
             c.node.state_dir,
             PathBuf::from("/run/vswitch-lab/vsl/n3/state")

@@ -126,6 +126,9 @@ pub struct Node {
     /// `datapath.busy_poll_us`, when not vswitchd's default.
     #[serde(default)]
     pub busy_poll_us: Option<u32>,
+    /// Kubernetes mode: the kubeconfig vswitchd watches the lab's API server with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubeconfig: Option<PathBuf>,
 }
 
 fn one() -> u32 {
@@ -151,6 +154,7 @@ impl Node {
             workers: 1,
             cpus: Vec::new(),
             busy_poll_us: None,
+            kubeconfig: None,
             dir,
         }
     }
@@ -272,6 +276,9 @@ pub struct Lab {
     /// the fabric at [`spec::OUTSIDE_IP`] with no route to any pod CIDR.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outside_netns: Option<String>,
+    /// Kubernetes mode (`up --kubernetes`): the API server stand-in every vswitchd watches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apiserver: Option<Box<crate::kube::ApiServerState>>,
 }
 
 impl Lab {
@@ -347,6 +354,7 @@ impl Lab {
             pods: Vec::new(),
             services: Vec::new(),
             outside_netns: None,
+            apiserver: None,
         };
         match lab.build(&spec, &bins, opts) {
             Ok(()) => Ok(lab),
@@ -402,14 +410,25 @@ impl Lab {
         sys::ip(&["-n", &out, "link", "set", "lo", "up"])?;
         let addr = format!("{}/{}", spec::OUTSIDE_IP, spec::UNDERLAY_PREFIX_LEN);
         self.cable_to_fabric(&out, "eth0", &names.outside_port(), &addr, None)?;
+        let kubeconfig = spec
+            .kubernetes
+            .then(|| crate::kube::ApiServerState::plan(&self.dir, &self.fabric_netns).kubeconfig);
         let planned: Vec<Node> = (1..=spec.nodes)
             .map(|i| Node {
                 workers: spec.workers,
                 cpus: spec.cpus.clone(),
                 busy_poll_us: spec.busy_poll_us,
+                kubeconfig: kubeconfig.clone(),
                 ..Node::plan(names, i, &self.dir)
             })
             .collect();
+        if spec.kubernetes {
+            let exe = self.bin_dir.join(crate::kube::APISERVER);
+            if !exe.is_file() {
+                return Err(LabError::BinaryMissing { path: exe });
+            }
+            self.start_apiserver(&exe, &planned)?;
+        }
         let mut daemons: Vec<(usize, Child, Instant)> = Vec::new();
         for node in &planned {
             self.nodes.push(node.clone());
@@ -633,14 +652,15 @@ impl Lab {
         });
         self.save()?;
         let pod = &self.pods[self.pods.len() - 1];
-        crate::policy::write_pod_manifest(&self.dir, pod)?;
+        self.publish_pod(pod)?;
         Ok(pod)
     }
 
     /// Starts the vswitchd of `self.nodes[idx]` again with the binary next to the tests, and
-    /// waits up to `ready_timeout` until it is ready. A daemon of the node that still runs is
-    /// stopped first (SIGTERM, then SIGKILL), so no process outlives the lab; after a test
-    /// stopped or killed it there is nothing to stop. The new pid is recorded as at `up`, so
+    /// waits up to `ready_timeout` until it is ready. A daemon of the node that still runs
+    /// hands the node over to the new one (an upgrade without an outage) and is then stopped
+    /// (SIGTERM, then SIGKILL), so no process outlives the lab; after a test stopped or killed
+    /// it there is nothing to stop. The new pid is recorded as at `up`, so
     /// teardown stops this process.
     pub fn restart_daemon(&mut self, idx: usize, ready_timeout: Duration) -> Result<u32, LabError> {
         let bins = Binaries::in_dir(&Lab::bin_dir()?)?;
@@ -654,6 +674,16 @@ impl Lab {
                 target: format!("#{idx}"),
                 known: self.known_nodes(),
             })?;
+        // The new vswitchd asks the running one to hand the node over before it touches
+        // anything (see vswitch's control::handover); once the new one is ready the old one,
+        // idle since, is stopped, as the DaemonSet's rolling update deletes the old pod.
+        let started = Instant::now();
+        let mut child = sys::spawn_daemon(&node.netns, &bins.vswitchd, &node.config, &node.log)?;
+        let pid = child.id();
+        self.nodes[idx].pid = Some(pid);
+        write(&node.pid_file(), format!("{pid}\n"))?;
+        self.save()?;
+        let ready = wait_ready(&node, &mut child, started, ready_timeout);
         if let Some(old) = node.pid {
             sys::stop_process(old, node.config.as_os_str(), STOP_GRACE).map_err(|message| {
                 LabError::DaemonStop {
@@ -662,13 +692,7 @@ impl Lab {
                 }
             })?;
         }
-        let started = Instant::now();
-        let mut child = sys::spawn_daemon(&node.netns, &bins.vswitchd, &node.config, &node.log)?;
-        let pid = child.id();
-        self.nodes[idx].pid = Some(pid);
-        write(&node.pid_file(), format!("{pid}\n"))?;
-        self.save()?;
-        wait_ready(&node, &mut child, started, ready_timeout)?;
+        ready?;
         Ok(pid)
     }
 
@@ -714,7 +738,7 @@ impl Lab {
             message,
         })?;
         sys::netns_del(&pod.netns)?;
-        crate::policy::remove_pod_manifest(&self.dir, &pod);
+        self.unpublish_pod(&pod);
         self.pods.retain(|p| p.name != pod.name);
         self.save()
     }
@@ -866,6 +890,8 @@ impl Lab {
                 netns: ns.clone(),
                 ip: spec::OUTSIDE_IP,
             }),
+            apiserver: self.apiserver.as_ref().map(|a| a.address.clone()),
+            kubeconfig: self.apiserver.as_ref().map(|a| a.kubeconfig.clone()),
         }
     }
 
@@ -1159,6 +1185,26 @@ impl Lab {
             }
         }
 
+        // The API server stand-in (Kubernetes mode), by its pid file: the process whose
+        // arguments name this lab's address file.
+        let api_addr = crate::kube::ApiServerState::plan(&dir, &names.fabric_netns()).address_file;
+        let api_pids: Vec<u32> = state
+            .as_ref()
+            .and_then(|l| l.apiserver.as_ref())
+            .and_then(|a| a.pid)
+            .into_iter()
+            .chain(
+                fs::read_to_string(crate::kube::ApiServerState::pid_file(&dir))
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok()),
+            )
+            .collect();
+        for pid in api_pids {
+            if let Err(e) = sys::stop_process(pid, api_addr.as_os_str(), STOP_GRACE) {
+                problems.push(format!("API server stand-in: {e}"));
+            }
+        }
+
         // Whatever else still runs in the lab's namespaces (a server started with `exec`): a
         // namespace with a process in it outlives `ip netns del`, and the process with it. All
         // namespaces at once, so they share one grace period.
@@ -1266,6 +1312,10 @@ fn wait_ready(
             });
         }
         let last = match node.daemon_status(Duration::from_secs(1)) {
+            // The socket may still lead to the vswitchd this one takes the node over from.
+            Ok(s) if s.pid != 0 && s.pid != child.id() => {
+                format!("/v1/status answered by pid {}, not the new one", s.pid)
+            }
             Ok(s) if s.ready => return Ok(()),
             Ok(_) => "/v1/status says ready: false".to_string(),
             Err(e) => e,
@@ -1378,6 +1428,7 @@ mod tests {
             }],
             services: Vec::new(),
             outside_netns: None,
+            apiserver: None,
             dir,
         }
     }
@@ -1444,7 +1495,7 @@ mod tests {
         with_out.outside_netns = Some("vsl-out".into());
         let o = serde_json::to_value(with_out.status()).unwrap();
         assert_eq!(keys(&o["outside"]), ["ip", "name", "netns"]);
-        assert_eq!(o["outside"]["ip"], "192.168.100.254");
+        assert_eq!(o["outside"]["ip"], "192.168.100.253");
         assert_eq!(with_out.netns_of("out").unwrap(), "vsl-out");
         assert_eq!(
             keys(&v["nodes"][0]),
@@ -1470,6 +1521,20 @@ mod tests {
         assert_eq!(v["nodes"][0]["ready"], false);
         assert_eq!(v["nodes"][1]["pid"], Value::Null);
         assert_eq!(v["pods"][0]["ip"], "10.244.1.2");
+    }
+
+    #[test]
+    fn status_json_names_the_api_server_in_kubernetes_mode() {
+        let mut lab = sample();
+        lab.apiserver = Some(Box::new(crate::kube::ApiServerState::plan(
+            &lab.dir,
+            &lab.fabric_netns,
+        )));
+        let v = serde_json::to_value(lab.status()).unwrap();
+        assert_eq!(v["apiserver"], "192.168.100.254:6443");
+        assert_eq!(v["kubeconfig"], "/run/vswitch-lab/vsl/kubeconfig");
+        let back = Lab::from_json(&lab.to_json()).unwrap();
+        assert_eq!(back, lab, "the state round-trips with the API server in it");
     }
 
     #[test]

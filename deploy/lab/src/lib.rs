@@ -24,6 +24,7 @@ mod cni;
 mod error;
 mod files;
 pub mod fsutil;
+pub mod kube;
 mod lab;
 pub mod policy;
 pub mod process;

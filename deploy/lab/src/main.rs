@@ -43,6 +43,23 @@ enum Cmd {
         /// Seconds each vswitchd gets to answer ready.
         #[arg(long, default_value_t = 10)]
         ready_timeout: u64,
+        /// Kubernetes mode: start the API server stand-in (vswitch-apiserver) on the fabric
+        /// with the lab's Node objects, and run every vswitchd against it; Services come from
+        /// the API (`kubectl` through `vswitch-lab kubectl --`, or `add-service`).
+        #[arg(long)]
+        kubernetes: bool,
+    },
+    /// Run kubectl against the lab's API server stand-in (Kubernetes mode), e.g.
+    /// `vswitch-lab kubectl -- apply -f web.yaml`.
+    Kubectl {
+        /// kubectl's arguments, after `--`.
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<String>,
     },
     /// Show nodes (daemon pid, alive, ready) and pods (address, MAC).
     Status {
@@ -206,6 +223,7 @@ fn parse_kind(s: &str) -> Result<Kind, String> {
 }
 
 fn main() -> ExitCode {
+    conf::cli::quiet_on_broken_pipe();
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Bench {
@@ -300,6 +318,7 @@ fn run(cli: Cli) -> Result<ExitCode, LabError> {
             datapath_cpus,
             busy_poll_us,
             ready_timeout,
+            kubernetes,
         } => {
             let opts = UpOptions {
                 ready_timeout: Duration::from_secs(ready_timeout),
@@ -313,6 +332,7 @@ fn run(cli: Cli) -> Result<ExitCode, LabError> {
                     workers,
                     cpus: datapath_cpus,
                     busy_poll_us,
+                    kubernetes,
                 },
                 &opts,
             )?;
@@ -324,6 +344,19 @@ fn run(cli: Cli) -> Result<ExitCode, LabError> {
                     self_command(&lab.name),
                     p.name
                 );
+            }
+        }
+        Cmd::Kubectl { args } => {
+            let lab = Lab::load(&name)?;
+            let status =
+                lab.kubectl_command(&args)?
+                    .status()
+                    .map_err(|e| LabError::BenchCommand {
+                        cmd: format!("kubectl {}", args.join(" ")),
+                        reason: format!("{e} (kubectl is Debian's kubernetes-client package)"),
+                    })?;
+            if !status.success() {
+                return Ok(ExitCode::FAILURE);
             }
         }
         Cmd::Status { json } => {

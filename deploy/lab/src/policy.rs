@@ -112,7 +112,13 @@ impl Lab {
     }
 
     /// `kubectl apply -f FILE` into the lab; returns what was written (`kind/namespace/name`).
+    /// In Kubernetes mode it is `kubectl apply -f FILE` against the lab's API server.
     pub fn apply(&self, file: &Path) -> Result<Vec<String>, LabError> {
+        if self.apiserver.is_some() {
+            let f = file.to_string_lossy();
+            let out = self.kubectl(&["apply", "-f", &f], None)?;
+            return Ok(out.lines().map(str::to_string).collect());
+        }
         let dir = self.policy_dir();
         fs::create_dir_all(&dir).map_err(|e| LabError::io(&dir, e))?;
         let objs = objects(file)?;
@@ -128,6 +134,11 @@ impl Lab {
 
     /// `kubectl delete -f FILE`: removes the objects FILE names; returns those that were there.
     pub fn delete(&self, file: &Path) -> Result<Vec<String>, LabError> {
+        if self.apiserver.is_some() {
+            let f = file.to_string_lossy();
+            let out = self.kubectl(&["delete", "--ignore-not-found", "-f", &f], None)?;
+            return Ok(out.lines().map(str::to_string).collect());
+        }
         let dir = self.policy_dir();
         let mut done = Vec::new();
         for (name, _) in objects(file)? {
@@ -153,8 +164,44 @@ impl Lab {
         }
         self.pods[idx].labels = labels;
         self.save()?;
-        write_pod_manifest(&self.dir, &self.pods[idx])?;
+        self.publish_pod(&self.pods[idx])?;
         Ok(&self.pods[idx])
+    }
+
+    /// Makes a lab pod's Pod object known as a kubelet would: a manifest file every node
+    /// reads, or in Kubernetes mode the object (and its Namespace) in the API, Running with
+    /// its address.
+    pub(crate) fn publish_pod(&self, pod: &Pod) -> Result<(), LabError> {
+        if self.apiserver.is_none() {
+            return write_pod_manifest(&self.dir, pod);
+        }
+        let ns = json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": pod.namespace}});
+        let mut obj = pod_object(pod);
+        // Every node's first pod is `p1` to the CNI plugin; in one API they need names of
+        // their own: the lab's (`n1-p1`).
+        obj["metadata"]["name"] = json!(pod.name);
+        obj["status"]["phase"] = json!("Running");
+        // A stream of JSON objects (see services.rs); the Namespace first.
+        let text = format!("{ns}\n{obj}");
+        self.kubectl(&["apply", "-f", "-"], Some(&text)).map(drop)
+    }
+
+    /// Removes what [`Lab::publish_pod`] made (best effort: the pod is gone either way).
+    pub(crate) fn unpublish_pod(&self, pod: &Pod) {
+        if self.apiserver.is_none() {
+            return remove_pod_manifest(&self.dir, pod);
+        }
+        let _ = self.kubectl(
+            &[
+                "delete",
+                "--ignore-not-found",
+                "-n",
+                &pod.namespace,
+                &format!("pod/{}", pod.name),
+            ],
+            None,
+        );
     }
 }
 
@@ -192,16 +239,21 @@ fn pod_manifest_path(lab_dir: &Path, pod: &Pod) -> PathBuf {
 pub(crate) fn write_pod_manifest(lab_dir: &Path, pod: &Pod) -> Result<(), LabError> {
     let dir = policy_dir(lab_dir);
     fs::create_dir_all(&dir).map_err(|e| LabError::io(&dir, e))?;
-    let doc = json!({
+    let doc = pod_object(pod);
+    let path = pod_manifest_path(lab_dir, pod);
+    let text = serde_json::to_string_pretty(&doc).unwrap_or_default();
+    write_atomic(&path, text.as_bytes(), 0o644).map_err(|e| LabError::io(&path, e))
+}
+
+/// The Pod object of a lab pod.
+fn pod_object(pod: &Pod) -> Value {
+    json!({
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": pod.k8s_name, "namespace": pod.namespace, "labels": pod.labels},
         "spec": {"nodeName": pod.node, "containers": [{"name": "c", "ports": named_ports()}]},
         "status": {"podIP": pod.ip.to_string(), "podIPs": [{"ip": pod.ip.to_string()}]},
-    });
-    let path = pod_manifest_path(lab_dir, pod);
-    let text = serde_json::to_string_pretty(&doc).unwrap_or_default();
-    write_atomic(&path, text.as_bytes(), 0o644).map_err(|e| LabError::io(&path, e))
+    })
 }
 
 pub(crate) fn remove_pod_manifest(lab_dir: &Path, pod: &Pod) {

@@ -173,6 +173,15 @@ impl Lab {
     /// back and the error says why.
     fn set_services(&mut self, services: Vec<ServiceSpec>) -> Result<(), LabError> {
         let before = std::mem::take(&mut self.services);
+        if self.apiserver.is_some() {
+            return match self.put_services(services.clone(), &before) {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    let _ = self.put_services(before, &services);
+                    Err(e)
+                }
+            };
+        }
         match self.write_services(services) {
             Ok(()) => Ok(()),
             Err(e) => {
@@ -201,8 +210,66 @@ impl Lab {
         Ok(())
     }
 
+    /// Kubernetes mode: each Service and its EndpointSlice `kubectl apply`ed to the lab's API
+    /// server, those no longer wanted deleted, then the same wait for every vswitchd (which
+    /// now learns them through its watch). Only the lab's own Services are compared: others
+    /// may have been applied with kubectl.
+    fn put_services(
+        &mut self,
+        services: Vec<ServiceSpec>,
+        before: &[ServiceSpec],
+    ) -> Result<(), LabError> {
+        let gone: Vec<String> = before
+            .iter()
+            .filter(|s| !services.iter().any(|n| n.name == s.name))
+            .map(|s| s.name.clone())
+            .collect();
+        for name in &gone {
+            self.kubectl(
+                &[
+                    "delete",
+                    "--ignore-not-found",
+                    "-n",
+                    NAMESPACE,
+                    &format!("service/{name}"),
+                    &format!("endpointslices.discovery.k8s.io/{name}"),
+                ],
+                None,
+            )?;
+        }
+        let manifests: Vec<serde_json::Value> = services.iter().flat_map(manifests).collect();
+        if !manifests.is_empty() {
+            // A stream of JSON objects, which kubectl reads one after the other (it validates
+            // a `kind: List` against a schema the stand-in does not serve).
+            let docs: Vec<String> = manifests.iter().map(|m| m.to_string()).collect();
+            self.kubectl(&["apply", "-f", "-"], Some(&docs.join("\n")))?;
+        }
+        let ours: Vec<String> = services
+            .iter()
+            .chain(before)
+            .map(|s| s.name.clone())
+            .collect();
+        self.services = services;
+        self.save()?;
+        let want = frontends(&self.services);
+        for node in &self.nodes {
+            self.wait_services_of(node, &want, Some(&ours))?;
+        }
+        Ok(())
+    }
+
     /// Waits until `node`'s vswitchd lists exactly `want` among its Services in [`NAMESPACE`].
     fn wait_services(&self, node: &crate::Node, want: &[String]) -> Result<(), LabError> {
+        self.wait_services_of(node, want, None)
+    }
+
+    /// As [`Lab::wait_services`], looking only at the Services named in `only` if given.
+    fn wait_services_of(
+        &self,
+        node: &crate::Node,
+        want: &[String],
+        only: Option<&[String]>,
+    ) -> Result<(), LabError> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {
             let last = match node
@@ -215,6 +282,12 @@ impl Lab {
                         .frontends
                         .iter()
                         .filter(|f| f.name.starts_with(&prefix))
+                        .filter(|f| {
+                            only.is_none_or(|names| {
+                                let svc = f.name[prefix.len()..].split(':').next();
+                                names.iter().any(|n| Some(n.as_str()) == svc)
+                            })
+                        })
                         .map(|f| format!("{} {}", f.name, f.vip))
                         .collect();
                     have.sort();
@@ -238,6 +311,64 @@ impl Lab {
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
     }
+}
+
+/// A lab Service as the API has it: the Service (its ClusterIP as chosen, a NodePort if
+/// asked) and one EndpointSlice named after it, its endpoints ready on their nodes.
+pub fn manifests(s: &ServiceSpec) -> Vec<serde_json::Value> {
+    use serde_json::json;
+    let proto = |p: &ServicePort| p.protocol.as_str().to_uppercase();
+    let name = |p: &ServicePort| p.name.clone().unwrap_or_default();
+    let ports: Vec<serde_json::Value> = s
+        .ports
+        .iter()
+        .map(|p| {
+            let mut v = json!({"name": name(p), "protocol": proto(p), "port": p.port,
+                "targetPort": p.target_port.unwrap_or(p.port)});
+            if let Some(n) = p.node_port {
+                v["nodePort"] = json!(n);
+            }
+            v
+        })
+        .collect();
+    let typ = if s.ports.iter().any(|p| p.node_port.is_some()) {
+        "NodePort"
+    } else {
+        "ClusterIP"
+    };
+    let ip = s.cluster_ips.first().map(|i| i.to_string());
+    let service = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": s.name, "namespace": s.namespace},
+        "spec": {"type": typ, "clusterIP": ip, "ports": ports}
+    });
+    let slice_ports: Vec<serde_json::Value> = s
+        .ports
+        .iter()
+        .map(|p| json!({"name": name(p), "protocol": proto(p), "port": p.target_port.unwrap_or(p.port)}))
+        .collect();
+    let endpoints: Vec<serde_json::Value> = s
+        .endpoints
+        .iter()
+        .map(|e| {
+            let mut v = json!({"addresses": [e.ip.to_string()],
+                "conditions": {"ready": e.ready, "serving": e.serving, "terminating": e.terminating}});
+            if let Some(n) = &e.node {
+                v["nodeName"] = json!(n);
+            }
+            v
+        })
+        .collect();
+    let slice = json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": s.name, "namespace": s.namespace,
+            "labels": {"kubernetes.io/service-name": s.name,
+                "endpointslice.kubernetes.io/managed-by": "vswitch-lab"}},
+        "addressType": "IPv4",
+        "ports": slice_ports,
+        "endpoints": endpoints
+    });
+    vec![service, slice]
 }
 
 /// The frontends vswitchd lists for `services`: `namespace/name:port/PROTO vip`, sorted.

@@ -17,7 +17,7 @@ pub const DEFAULT_NAME: &str = "vsl";
 /// Longest lab name: `{name}n{254}` must fit in 15 bytes.
 pub const MAX_NAME_LEN: usize = 8;
 /// Most nodes: one underlay address and one /24 pod CIDR each.
-pub const MAX_NODES: u32 = 253;
+pub const MAX_NODES: u32 = 252;
 /// Most pods per node: a /24 holds 253 hosts and one is the gateway.
 pub const MAX_PODS_PER_NODE: u32 = 250;
 /// Longest pod name (the part after `n{i}-`).
@@ -40,7 +40,8 @@ pub const POD_IFNAME: &str = "eth0";
 pub struct LabSpec {
     /// At most 8 of `[a-z0-9]`; prefixes every namespace of the lab.
     pub name: String,
-    /// Number of nodes, 1..=253 (192.168.100.254 is the outside host).
+    /// Number of nodes, 1..=252 (192.168.100.253 is the outside host, .254 the API server
+    /// stand-in of Kubernetes mode).
     pub nodes: u32,
     /// Pods attached on every node at `up`, 0..=250.
     pub pods_per_node: u32,
@@ -50,6 +51,9 @@ pub struct LabSpec {
     pub cpus: Vec<u32>,
     /// Every node's `datapath.busy_poll_us` (None: vswitchd's default).
     pub busy_poll_us: Option<u32>,
+    /// Kubernetes mode: an API server stand-in on the fabric, and every vswitchd watching it
+    /// (`[kubernetes] enabled`) instead of static peers and Services.
+    pub kubernetes: bool,
 }
 
 impl Default for LabSpec {
@@ -61,6 +65,7 @@ impl Default for LabSpec {
             workers: 1,
             cpus: Vec::new(),
             busy_poll_us: None,
+            kubernetes: false,
         }
     }
 }
@@ -74,6 +79,15 @@ impl LabSpec {
             workers: 1,
             cpus: Vec::new(),
             busy_poll_us: None,
+            kubernetes: false,
+        }
+    }
+
+    /// The same lab in Kubernetes mode (see [`LabSpec::kubernetes`]).
+    pub fn with_kubernetes(self) -> Self {
+        LabSpec {
+            kubernetes: true,
+            ..self
         }
     }
 
@@ -98,6 +112,15 @@ impl LabSpec {
             return Err(LabError::InvalidSpec(format!(
                 "--nodes {} is out of range 1..={MAX_NODES}",
                 self.nodes
+            )));
+        }
+        if self.kubernetes && self.nodes >= MAX_NODES {
+            return Err(LabError::InvalidSpec(format!(
+                "--nodes {} with --kubernetes: at most {} (the API server takes the fabric's \
+                 last address, {})",
+                self.nodes,
+                MAX_NODES - 1,
+                crate::kube::APISERVER_IP
             )));
         }
         if self.pods_per_node > MAX_PODS_PER_NODE {
@@ -262,7 +285,7 @@ pub(crate) enum LabNetns {
 
 /// The outside host's address on the fabric: the nodes reach it, and it has no route to any
 /// pod CIDR, so only what egress translation sends from a node's address is answered.
-pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 254);
+pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 253);
 
 /// Node `i`'s underlay address.
 pub(crate) fn underlay_ip(i: u32) -> Ipv4Addr {
@@ -296,8 +319,8 @@ mod tests {
     #[test]
     fn specs() {
         LabSpec::default().validate().unwrap();
-        LabSpec::new("x", 253, 0).validate().unwrap();
-        assert!(LabSpec::new("x", 254, 0).validate().is_err());
+        LabSpec::new("x", 252, 0).validate().unwrap();
+        assert!(LabSpec::new("x", 253, 0).validate().is_err());
         assert!(LabSpec::new("x", 0, 1).validate().is_err());
         assert!(LabSpec::new("x", 255, 1).validate().is_err());
         assert!(LabSpec::new("x", 1, 251).validate().is_err());

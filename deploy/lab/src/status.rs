@@ -22,6 +22,12 @@ pub struct LabStatus {
     /// The host outside the cluster (`exec out -- ...`), where the lab has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outside: Option<OutsideStatus>,
+    /// Kubernetes mode only: the API server stand-in's address (on the fabric, reachable
+    /// from every node namespace and the fabric's) and a kubeconfig for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apiserver: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// The lab's host outside the cluster.
@@ -86,6 +92,13 @@ impl LabStatus {
     /// The human form.
     pub fn to_table(&self) -> String {
         let mut out = format!("lab {}\n\n", self.name);
+        if let (Some(a), Some(k)) = (&self.apiserver, &self.kubeconfig) {
+            out += &format!(
+                "Kubernetes mode: API server stand-in http://{a} (kubeconfig {}; \
+                 `vswitch-lab kubectl -- get nodes`)\n\n",
+                k.display()
+            );
+        }
         let nodes: Vec<Vec<String>> = self
             .nodes
             .iter()
@@ -196,6 +209,8 @@ mod tests {
             }],
             policy_dir: "/run/vswitch-lab/vsl/policies".into(),
             outside: None,
+            apiserver: None,
+            kubeconfig: None,
         };
         let t = st.to_table();
         let lines: Vec<&str> = t.lines().collect();

@@ -131,6 +131,16 @@ pub(crate) fn spawn_daemon(
     config: &Path,
     log: &Path,
 ) -> Result<Child, LabError> {
+    spawn_detached(netns, exe, &["--config".as_ref(), config.as_os_str()], log)
+}
+
+/// Starts `ip netns exec NETNS EXE ARGS...` in a session of its own (see [`spawn_daemon`]).
+pub(crate) fn spawn_detached(
+    netns: &str,
+    exe: &Path,
+    args: &[&std::ffi::OsStr],
+    log: &Path,
+) -> Result<Child, LabError> {
     let out = OpenOptions::new()
         .create(true)
         .append(true)
@@ -140,8 +150,7 @@ pub(crate) fn spawn_daemon(
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", netns])
         .arg(exe)
-        .arg("--config")
-        .arg(config)
+        .args(args)
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err);

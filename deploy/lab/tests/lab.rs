@@ -60,6 +60,8 @@ fn fake_vswitchd() {
         gateway_mac: "02:00:00:00:00:01".into(),
         ports: 0,
         ready: true,
+        // Not said, as by a vswitchd older than the field.
+        pid: 0,
         warnings: Vec::new(),
     };
     let body = serde_json::to_string(&status).unwrap();

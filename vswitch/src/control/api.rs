@@ -33,6 +33,7 @@ impl IntoResponse for Failure {
             code::INTERFACE_EXISTS | code::REQUESTED_UNAVAILABLE => StatusCode::CONFLICT,
             code::CHECK_FAILED => StatusCode::PRECONDITION_FAILED,
             code::ADDRESSES_EXHAUSTED => StatusCode::INSUFFICIENT_STORAGE,
+            code::TRY_AGAIN_LATER => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         (status, Json(self.0)).into_response()
@@ -128,6 +129,10 @@ pub fn router(d: Arc<Daemon>) -> Router {
             get(|State(d): D| async move { blocking(move || Ok(d.egress())).await }),
         )
         .route(api::PATH_POLICIES, get(policies))
+        .route(
+            api::PATH_HANDOVER,
+            post(|s: D| async move { super::handover::handle(s).await.map_err(Failure) }),
+        )
         .route("/v1/ports/{id}", delete(release_port))
         .route(
             "/v1/peers/{name}",

@@ -12,6 +12,8 @@
 pub mod api;
 pub mod capture_api;
 pub mod dns_tcp;
+pub mod handover;
+pub mod host_routes;
 pub mod ipam;
 pub mod k8s;
 pub mod metrics;
@@ -149,6 +151,10 @@ pub struct Daemon {
     forwarder: std::sync::OnceLock<crate::dns::Forwarder>,
     /// The Kubernetes watch's counters, in Kubernetes mode.
     pub k8s_stats: std::sync::OnceLock<k8s::K8sStatsHandle>,
+    /// Handing the node over to a new vswitchd.
+    pub handover: handover::Handover,
+    /// The node's routes into the switch for other nodes' pods and Services (with a host port).
+    host_routes: Option<host_routes::HostRoutes>,
 }
 
 pub use crate::pipeline::HOST_PORT;
@@ -398,6 +404,13 @@ impl Daemon {
         });
         let peers = config.peers.clone();
         let services = config.services.clone();
+        let host_routes = if config.host.enabled {
+            let r = host_routes::HostRoutes::start(config.host.interface.clone())
+                .map_err(DaemonError::Datapath)?;
+            Some(r)
+        } else {
+            None
+        };
         let daemon = Arc::new(Daemon {
             config,
             tables,
@@ -417,11 +430,15 @@ impl Daemon {
             nodeports: std::sync::OnceLock::new(),
             forwarder: std::sync::OnceLock::new(),
             k8s_stats: std::sync::OnceLock::new(),
+            handover: Default::default(),
+            host_routes,
         });
-        // The DNS records of the configured Services exist from the start.
+        // The DNS records of the configured Services exist from the start, and the node's
+        // routes to the configured peers and Services.
         {
             let st = daemon.lock();
             daemon.publish(&st);
+            daemon.sync_host_routes(&st);
         }
         Ok(daemon)
     }
@@ -592,6 +609,13 @@ impl Daemon {
 
     pub fn add(&self, req: AddRequest) -> Result<AddResponse, ApiError> {
         check_add_request(&req)?;
+        if self.handover.handed_over() {
+            return Err(api_err(
+                code::TRY_AGAIN_LATER,
+                "vswitchd is handing the node over to a new vswitchd: try again",
+                "",
+            ));
+        }
         let key = Attachment {
             container_id: req.container_id.clone(),
             ifname: req.ifname.clone(),
@@ -874,16 +898,23 @@ impl Daemon {
             gateway_mac: mac_for(gw).to_string(),
             ports: st.records.values().filter(|r| r.live).count(),
             ready: self.synced(),
+            pid: std::process::id(),
             warnings,
         }
     }
 
     /// Whether the switch has the cluster's tables: always in static mode (they come with the
     /// config); in Kubernetes mode only once the first lists of Nodes, Services and
-    /// EndpointSlices have completed and been applied. Until then the DaemonSet does not write
+    /// EndpointSlices have completed and been applied, and not while every one of those watches
+    /// has failed for longer than [`k8s::API_AWAY_GRACE`] (the API server is away: the last
+    /// tables keep forwarding, but they may be stale). Until then the DaemonSet does not write
     /// the CNI conflist, so no pod starts against a switch that knows no peer or Service.
     pub fn synced(&self) -> bool {
-        !self.config.kubernetes.enabled || self.k8s_stats.get().is_some_and(|h| h.get().synced)
+        !self.config.kubernetes.enabled
+            || self.k8s_stats.get().is_some_and(|h| {
+                h.get()
+                    .ready_at(std::time::SystemTime::now(), k8s::API_AWAY_GRACE)
+            })
     }
 
     /// The node's settings that the paths through the switch need and that are wrong now
@@ -1018,6 +1049,7 @@ impl Daemon {
             np.reconcile(&services);
         }
         st.services = services;
+        self.sync_host_routes(&st);
         if !gone.is_empty() {
             self.datapath().flush_udp(gone);
         }
@@ -1199,7 +1231,20 @@ impl Daemon {
                 .join(", ")
         );
         st.peers = check.peers;
+        self.sync_host_routes(st);
         Ok(())
+    }
+
+    /// Points the node's routes through the host port at the current peers and Services.
+    fn sync_host_routes(&self, st: &State) {
+        if let Some(r) = &self.host_routes {
+            r.set(host_routes::wanted(
+                &self.config.host.routes,
+                self.config.node.pod_cidr,
+                &st.peers,
+                &st.services,
+            ));
+        }
     }
 
     /// Starts the NodePort listeners on the control-plane runtime `rt`.
@@ -1215,6 +1260,13 @@ impl Daemon {
         );
         np.reconcile(&self.lock().services);
         let _ = self.nodeports.set(np);
+    }
+
+    /// Closes the NodePort listeners and waits until they let go of their ports.
+    pub async fn stop_nodeports(&self) {
+        if let Some(np) = self.nodeports.get() {
+            np.stop().await;
+        }
     }
 
     /// A synthetic packet through the pipeline (see `trace`).
@@ -1292,7 +1344,8 @@ impl Daemon {
         self.datapath().alive()
     }
 
-    /// Stops the datapath; pods' TAP devices go away with it.
+    /// Stops the datapath: its queues and the VXLAN socket close. Pods' TAP devices and the host
+    /// port are persistent and stay for the next vswitchd.
     pub fn shutdown(&self) {
         self.datapath().shutdown();
     }

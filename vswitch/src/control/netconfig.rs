@@ -37,6 +37,8 @@ pub struct PodInterface {
 pub enum NetConfigError {
     #[error("interface {0} already exists in the pod's network namespace")]
     Exists(String),
+    #[error("interface {name} exists on the node and cannot be taken as the host port: {source}")]
+    HostExists { name: String, source: io::Error },
     #[error("{0}")]
     Netns(io::Error),
     #[error("creating TAP device {name}: {source}")]
@@ -45,6 +47,11 @@ pub enum NetConfigError {
     Netlink(String),
     #[error("{0}")]
     Mismatch(String),
+}
+
+/// Whether netlink refused because what was asked for is already there (EEXIST).
+fn already_exists(e: &rtnetlink::Error) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -libc::EEXIST)
 }
 
 fn netlink<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> NetConfigError {
@@ -68,6 +75,42 @@ where
         let r = f(handle).await;
         task.abort();
         r
+    })
+}
+
+/// Adds `add` and removes `del`, routes through the host port `ifname` in this process's
+/// namespace. A route the kernel already has counts as added and one it no longer has as
+/// removed; the others that fail are returned with why.
+pub fn sync_host_routes(
+    ifname: &str,
+    add: &[Ipv4Net],
+    del: &[Ipv4Net],
+) -> Result<Vec<(Ipv4Net, String)>, NetConfigError> {
+    let index = crate::datapath::tap::interface_index(ifname)
+        .ok_or_else(|| NetConfigError::Netlink(format!("no interface {ifname}")))?;
+    let (add, del) = (add.to_vec(), del.to_vec());
+    with_handle(|handle| async move {
+        let route = |r: &Ipv4Net| {
+            RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(r.network(), r.prefix_len())
+                .output_interface(index)
+                .build()
+        };
+        let mut failed = Vec::new();
+        for r in &add {
+            match handle.route().add(route(r)).execute().await {
+                Err(e) if !already_exists(&e) => failed.push((*r, e.to_string())),
+                _ => {}
+            }
+        }
+        for r in &del {
+            match handle.route().del(route(r)).execute().await {
+                Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -libc::ESRCH => {}
+                Err(e) => failed.push((*r, e.to_string())),
+                Ok(()) => {}
+            }
+        }
+        Ok(failed)
     })
 }
 
@@ -193,17 +236,32 @@ pub fn create_host_interface(
     offload: bool,
     queues: usize,
 ) -> Result<Tap, NetConfigError> {
+    let tap_err = |source| NetConfigError::Tap {
+        name: name.to_string(),
+        source,
+    };
+    // The host port is persistent, so it outlives a vswitchd that exits (an upgrade, a
+    // restart): the node keeps its address and routes, and its probes find the device. A
+    // vswitchd that starts takes the device back; an interface of that name that is no TAP
+    // (or another kind of TAP) is refused.
     let mut tap = match Tap::create(name, offload) {
-        Ok(t) => t,
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            return Err(NetConfigError::Exists(name.to_string()))
+        Ok(t) => {
+            t.set_persist(true).map_err(tap_err)?;
+            t
         }
-        Err(source) => {
-            return Err(NetConfigError::Tap {
-                name: name.to_string(),
-                source,
-            })
-        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => match Tap::attach(name, offload) {
+            Ok(t) => {
+                tracing::info!("host port {name}: taken back from an earlier vswitchd");
+                t
+            }
+            Err(source) => {
+                return Err(NetConfigError::HostExists {
+                    name: name.to_string(),
+                    source,
+                })
+            }
+        },
+        Err(source) => return Err(tap_err(source)),
     };
     tap.add_queues(queues)
         .map_err(|source| NetConfigError::Tap {
@@ -225,20 +283,26 @@ pub fn create_host_interface(
             .execute()
             .await
             .map_err(netlink("setting the host port's MAC, MTU and link up"))?;
-        handle
+        // A device taken back already has its address and routes.
+        match handle
             .address()
             .add(index, IpAddr::V4(address.addr()), address.prefix_len())
             .execute()
             .await
-            .map_err(netlink("adding the host port's address"))?;
+        {
+            Err(e) if already_exists(&e) => {}
+            r => r.map_err(netlink("adding the host port's address"))?,
+        }
         for r in routes {
             let route = RouteMessageBuilder::<Ipv4Addr>::new()
                 .destination_prefix(r.network(), r.prefix_len())
                 .output_interface(index)
                 .build();
-            if let Err(e) = handle.route().add(route).execute().await {
-                // A route the node already has (its own pod CIDR, say) is not fatal.
-                tracing::warn!("host port route {r}: {e}");
+            match handle.route().add(route).execute().await {
+                Ok(()) => {}
+                Err(e) if already_exists(&e) => {}
+                // A route the node already has through another device is not fatal.
+                Err(e) => tracing::warn!("host port route {r}: {e}"),
             }
         }
         Ok(())

@@ -210,6 +210,19 @@ impl NodePorts {
         out
     }
 
+    /// Closes every listener and waits until each task has ended (a vswitchd taking the node
+    /// over binds the ports next).
+    pub async fn stop(&self) {
+        let tasks: Vec<JoinHandle<()>> = {
+            let mut ls = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+            ls.drain().map(|(_, l)| l.task).collect()
+        };
+        for t in tasks {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+
     /// Opens listeners for new NodePorts, closes those that went away, and points the rest at
     /// their current destinations.
     pub fn reconcile(&self, services: &[ServiceSpec]) {
@@ -246,8 +259,34 @@ impl NodePorts {
     }
 }
 
+/// How long a NodePort waits for its port while another process still holds it: the
+/// vswitchd this one took the node over from lets go of its listeners as it hands over, but a
+/// UDP flow of its relay may hold the socket a moment longer.
+const BIND_PATIENCE: Duration = Duration::from_secs(10);
+
+/// `bind()`, again every 100 ms while the address is in use, for up to [`BIND_PATIENCE`].
+async fn retry_in_use<T, F, Fut>(bind: F) -> std::io::Result<T>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<T>>,
+{
+    let deadline = tokio::time::Instant::now() + BIND_PATIENCE;
+    loop {
+        match bind().await {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            r => return r,
+        }
+    }
+}
+
 async fn tcp(port: u16, target: Arc<Mutex<Target>>, rules: Rules) {
-    let listener = match TcpListener::bind((IpAddr::from([0, 0, 0, 0]), port)).await {
+    let bind = || TcpListener::bind((IpAddr::from([0, 0, 0, 0]), port));
+    let listener = match retry_in_use(bind).await {
         Ok(l) => l,
         Err(e) => {
             tracing::error!("NodePort {port}/TCP: cannot listen: {e}");
@@ -388,7 +427,8 @@ async fn return_rules(
 }
 
 async fn udp(port: u16, target: Arc<Mutex<Target>>, idle: Duration, rules: Rules) {
-    let sock = match UdpSocket::bind((IpAddr::from([0, 0, 0, 0]), port)).await {
+    let bind = || UdpSocket::bind((IpAddr::from([0, 0, 0, 0]), port));
+    let sock = match retry_in_use(bind).await {
         Ok(s) => Arc::new(s),
         Err(e) => {
             tracing::error!("NodePort {port}/UDP: cannot bind: {e}");

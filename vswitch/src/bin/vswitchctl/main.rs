@@ -113,6 +113,7 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    conf::cli::quiet_on_broken_pipe();
     let args = Args::parse();
     let result = match &args.cmd {
         Cmd::Capture(c) => {

@@ -80,6 +80,8 @@ pub enum K8sError {
     NoCredentials(kube::config::KubeconfigError),
     #[error("Kubernetes client: {0}")]
     Client(kube::Error),
+    #[error("{0}")]
+    PodCidr(String),
 }
 
 /// Counters of the watch, for logs and metrics.
@@ -102,6 +104,28 @@ pub struct K8sStats {
     /// NetworkPolicies, Namespaces and Pods have been listed and the first policy inputs
     /// applied (false while the API server refuses one of those lists).
     pub policy_synced: bool,
+    /// Since when every watch of Nodes, Services and EndpointSlices has been failing (the API
+    /// server is away); None while one of them works.
+    pub api_away_since: Option<SystemTime>,
+}
+
+/// How long every table watch may fail before the watch moves to another address of the API
+/// server.
+pub const FAILOVER_AFTER: Duration = Duration::from_secs(15);
+
+/// How long the API server may be away before vswitchd stops saying it is ready. Forwarding
+/// goes on with the last tables meanwhile and after; ready comes back with the next list.
+pub const API_AWAY_GRACE: Duration = Duration::from_secs(60);
+
+impl K8sStats {
+    /// Ready at `now`: the first tables were applied, and the API server has not been away
+    /// for longer than `grace`.
+    pub fn ready_at(&self, now: SystemTime, grace: Duration) -> bool {
+        let away_too_long = self
+            .api_away_since
+            .is_some_and(|t| now.duration_since(t).unwrap_or_default() > grace);
+        self.synced && !away_too_long
+    }
 }
 
 #[derive(Default)]
@@ -114,6 +138,35 @@ struct Counters {
     last_apply_ms: AtomicU64,
     synced: AtomicBool,
     policy_synced: AtomicBool,
+    /// Per table kind (Nodes, Services, EndpointSlices): since when its watch fails, in ms
+    /// since the epoch; 0 while it works.
+    failing_since_ms: [AtomicU64; 3],
+    /// The API server's addresses, from the `kubernetes` Service's EndpointSlices as last
+    /// seen: where the watch moves when the address it uses is away.
+    api_endpoints: std::sync::Mutex<Vec<std::net::SocketAddr>>,
+}
+
+impl Counters {
+    /// The watch of `kind` worked (`ok`) or failed now.
+    fn watch_health(&self, kind: Kind, ok: bool) {
+        let Some(i) = TABLE_KINDS.iter().position(|k| *k == kind) else {
+            return;
+        };
+        let since = &self.failing_since_ms[i];
+        if ok {
+            since.store(0, Ordering::Relaxed);
+        } else {
+            let now = now_ms().max(1);
+            let _ = since.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// A cheap handle on the watch's counters (e.g. for `/metrics`).
@@ -133,6 +186,16 @@ impl K8sStatsHandle {
             last_apply: (ms > 0).then(|| UNIX_EPOCH + Duration::from_millis(ms)),
             synced: c.synced.load(Ordering::Relaxed),
             policy_synced: c.policy_synced.load(Ordering::Relaxed),
+            api_away_since: {
+                let since: Vec<u64> = c
+                    .failing_since_ms
+                    .iter()
+                    .map(|a| a.load(Ordering::Relaxed))
+                    .collect();
+                since.iter().all(|&t| t > 0).then(|| {
+                    UNIX_EPOCH + Duration::from_millis(since.into_iter().max().unwrap_or(0))
+                })
+            },
         }
     }
 }
@@ -179,10 +242,63 @@ impl WatchSettings {
 /// This node's name in the API: `--node-name`, then `kubernetes.node_name`, then $NODE_NAME
 /// (the downward API's spec.nodeName), then `node.name`.
 pub fn node_name(flag: Option<&str>, config: &Config, env: Option<String>) -> String {
+    node_name_of(flag, &config.kubernetes, &config.node.name, env)
+}
+
+/// [`node_name`] from the `[kubernetes]` settings and `node.name` alone.
+pub fn node_name_of(
+    flag: Option<&str>,
+    k: &KubernetesConfig,
+    node: &str,
+    env: Option<String>,
+) -> String {
     flag.map(str::to_string)
-        .or_else(|| config.kubernetes.node_name.clone())
+        .or_else(|| k.node_name.clone())
         .or(env.filter(|n| !n.is_empty()))
-        .unwrap_or_else(|| config.node.name.clone())
+        .unwrap_or_else(|| node.to_string())
+}
+
+/// How long to wait between looks at a Node that has no pod CIDR yet (or an API not reached).
+const POD_CIDR_RETRY: Duration = Duration::from_secs(2);
+
+/// This node's pod CIDR from its Node object: the IPv4 one of `spec.podCIDRs`, else
+/// `spec.podCIDR`. Waits while the Node does not exist or has none yet (the controller manager
+/// allocates one soon after the node registers) or the API server is not reached, saying so
+/// in the log; fails only on a client that cannot be built or a CIDR that does not parse.
+pub async fn own_pod_cidr(k: &KubernetesConfig, node_name: &str) -> Result<Ipv4Net, K8sError> {
+    let kc = client_config(k).await?;
+    let client = kube::Client::try_from(kc).map_err(K8sError::Client)?;
+    let nodes: Api<Node> = Api::all(client);
+    for attempt in 0u32.. {
+        let why = match nodes.get_opt(node_name).await {
+            Ok(Some(n)) => {
+                let spec = n.spec.unwrap_or_default();
+                let listed = spec.pod_cidrs.unwrap_or_default();
+                let cidrs = listed.iter().chain(spec.pod_cidr.iter());
+                let mut v4 = cidrs.filter(|c| !c.contains(':'));
+                match v4.next() {
+                    Some(c) => {
+                        let cidr = c.parse().map_err(|e| {
+                            K8sError::PodCidr(format!("node {node_name}: spec.podCIDR {c:?}: {e}"))
+                        })?;
+                        tracing::info!("kubernetes: pod CIDR {cidr} from node {node_name}'s spec");
+                        return Ok(cidr);
+                    }
+                    None => "has no IPv4 spec.podCIDR yet".to_string(),
+                }
+            }
+            Ok(None) => "does not exist (yet)".to_string(),
+            Err(e) => format!("cannot be read: {e}"),
+        };
+        if attempt % 10 == 0 {
+            tracing::warn!(
+                "kubernetes: node {node_name} {why}; waiting for its pod CIDR (node.pod_cidr \
+                 is not set)"
+            );
+        }
+        tokio::time::sleep(POD_CIDR_RETRY).await;
+    }
+    unreachable!("the loop above only ends by returning")
 }
 
 /// The client configuration: `kubernetes.kubeconfig`, then $KUBECONFIG, then the in-cluster
@@ -229,8 +345,44 @@ impl K8sWatch {
         settings: WatchSettings,
         sink: Arc<dyn ClusterSink>,
     ) -> Self {
-        let shared = Arc::new(Shared::default());
+        Self::spawn_with(client, settings, sink, K8sStatsHandle::default())
+    }
+
+    /// Like [`K8sWatch::spawn`], and when every table watch has failed for `failover_after`
+    /// (the API server it uses is away) it starts again on another address of the API server,
+    /// from the `kubernetes` Service's EndpointSlices as last seen, in turn. The tables stay as
+    /// they are until the new watch has listed everything. An address is reached with the TLS
+    /// name `kubernetes.default.svc`, which every API server's certificate holds.
+    pub fn spawn_with_failover(
+        kc: kube::Config,
+        settings: WatchSettings,
+        sink: Arc<dyn ClusterSink>,
+        failover_after: Duration,
+    ) -> Result<Self, K8sError> {
         let stats = K8sStatsHandle::default();
+        let client = kube::Client::try_from(kc.clone()).map_err(K8sError::Client)?;
+        let first = Self::spawn_with(client, settings.clone(), sink.clone(), stats.clone());
+        let task = tokio::spawn(failover_loop(
+            kc,
+            first,
+            settings,
+            sink,
+            stats.clone(),
+            failover_after,
+        ));
+        Ok(K8sWatch {
+            stats,
+            tasks: vec![task],
+        })
+    }
+
+    fn spawn_with(
+        client: kube::Client,
+        settings: WatchSettings,
+        sink: Arc<dyn ClusterSink>,
+        stats: K8sStatsHandle,
+    ) -> Self {
+        let shared = Arc::new(Shared::default());
         let (stores, mut tasks) = watch_all(&client, &shared, &stats);
         let publish = Arc::new(Notify::new());
         if let Some(want) = settings.annotations() {
@@ -274,6 +426,117 @@ impl Drop for K8sWatch {
             t.abort();
         }
     }
+}
+
+/// Watches the watch: moves it to the next address of the API server while the one it uses
+/// is away (see [`K8sWatch::spawn_with_failover`]).
+async fn failover_loop(
+    kc: kube::Config,
+    mut watch: K8sWatch,
+    settings: WatchSettings,
+    sink: Arc<dyn ClusterSink>,
+    stats: K8sStatsHandle,
+    failover_after: Duration,
+) {
+    let mut current = kc.cluster_url.clone();
+    let mut moved_at = Instant::now();
+    let tick = (failover_after / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        tokio::time::sleep(tick).await;
+        let away = stats
+            .get()
+            .api_away_since
+            .and_then(|t| SystemTime::now().duration_since(t).ok());
+        if away.is_none_or(|a| a < failover_after) || moved_at.elapsed() < failover_after {
+            continue;
+        }
+        let known = stats
+            .0
+            .api_endpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some(next) = next_endpoint(&current, &known) else {
+            continue;
+        };
+        let mut to = kc.clone();
+        let scheme = current.scheme_str().unwrap_or("https").to_string();
+        let Ok(url) = format!("{scheme}://{next}").parse::<http::Uri>() else {
+            continue;
+        };
+        to.cluster_url = url.clone();
+        if scheme == "https" {
+            to.tls_server_name = Some("kubernetes.default.svc".into());
+        }
+        match kube::Client::try_from(to) {
+            Ok(client) => {
+                tracing::warn!(
+                    "kubernetes: API server {current} away for {:?}; watching through {url}",
+                    away.unwrap_or_default()
+                );
+                drop(watch);
+                watch = K8sWatch::spawn_with(client, settings.clone(), sink.clone(), stats.clone());
+                current = url;
+                moved_at = Instant::now();
+            }
+            Err(e) => tracing::warn!("kubernetes: a client for {url}: {e}"),
+        }
+    }
+}
+
+/// The API server address after the one `current` names, among `known` (in turn), or None
+/// when there is no other.
+fn next_endpoint(
+    current: &http::Uri,
+    known: &[std::net::SocketAddr],
+) -> Option<std::net::SocketAddr> {
+    let now = current.authority().map(|a| a.as_str().to_string());
+    let at = known.iter().position(|a| Some(a.to_string()) == now);
+    let others = known.len() - usize::from(at.is_some());
+    if others == 0 {
+        return None;
+    }
+    Some(match at {
+        Some(i) => known[(i + 1) % known.len()],
+        None => known[0],
+    })
+}
+
+/// The API server's addresses: the ready endpoints of the `kubernetes` Service's
+/// EndpointSlices in `default`, on their `https` port (or their only one).
+fn api_endpoints(slices: &Store<EndpointSlice>) -> Vec<std::net::SocketAddr> {
+    let mut out = Vec::new();
+    for s in slices.state() {
+        let ours = s.metadata.namespace.as_deref() == Some("default")
+            && s.labels()
+                .get("kubernetes.io/service-name")
+                .map(String::as_str)
+                == Some("kubernetes");
+        if !ours {
+            continue;
+        }
+        let ports = s.ports.as_deref().unwrap_or_default();
+        let port = ports
+            .iter()
+            .find(|p| p.name.as_deref() == Some("https"))
+            .or_else(|| (ports.len() == 1).then(|| &ports[0]))
+            .and_then(|p| p.port)
+            .and_then(|p| u16::try_from(p).ok());
+        let Some(port) = port else { continue };
+        for e in &s.endpoints {
+            if e.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                continue;
+            }
+            for a in &e.addresses {
+                if let Ok(ip) = a.parse::<IpAddr>() {
+                    out.push(std::net::SocketAddr::new(ip, port));
+                }
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// Starts one watcher per kind, each into its store.
@@ -514,6 +777,7 @@ async fn drive<K>(
             }
             Ok(Event::InitApply(_)) => {}
             Ok(Event::InitDone) => {
+                stats.0.watch_health(kind, true);
                 if std::mem::take(&mut refused) {
                     tracing::info!("kubernetes: {kind}: the API server allows the list now");
                 }
@@ -521,9 +785,14 @@ async fn drive<K>(
                 shared.listed[kind as usize].store(true, Ordering::SeqCst);
                 shared.mark(kind);
             }
-            Ok(Event::Apply(_) | Event::Delete(_)) => shared.mark(kind),
+            Ok(Event::Apply(_) | Event::Delete(_)) => {
+                stats.0.watch_health(kind, true);
+                shared.mark(kind)
+            }
             Err(e) => {
                 stats.0.watch_errors.fetch_add(1, Ordering::Relaxed);
+                // A refusal is an answer: the server is there.
+                stats.0.watch_health(kind, refusal(&e).is_some());
                 match (&e, refusal(&e)) {
                     (_, Some(s)) if refused => tracing::debug!("kubernetes: {kind}: {s}"),
                     (_, Some(s)) => {
@@ -672,6 +941,14 @@ impl ApplyState {
         }
         if dirty.services {
             self.rebuild_services(stores, sink, stats);
+            let api = api_endpoints(&stores.slices);
+            if !api.is_empty() {
+                *stats
+                    .0
+                    .api_endpoints
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = api;
+            }
         }
         if dirty.policy {
             self.rebuild_policy(stores, sink, stats);
@@ -908,14 +1185,38 @@ pub async fn start(
     }
     let kc = client_config(&config.kubernetes).await?;
     tracing::info!("kubernetes: API server {}", kc.cluster_url);
-    let client = kube::Client::try_from(kc).map_err(K8sError::Client)?;
     let settings = WatchSettings::from_config(config, name);
-    Ok(K8sWatch::spawn(client, settings, sink))
+    K8sWatch::spawn_with_failover(kc, settings, sink, FAILOVER_AFTER)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_api_is_away_only_while_every_table_watch_fails_and_ready_waits_out_the_grace() {
+        let h = K8sStatsHandle::default();
+        h.0.synced.store(true, Ordering::Relaxed);
+        let now = SystemTime::now();
+        assert!(h.get().ready_at(now, API_AWAY_GRACE));
+        // Services and EndpointSlices fail, Nodes still works: not away.
+        h.0.watch_health(Kind::Services, false);
+        h.0.watch_health(Kind::EndpointSlices, false);
+        // A policy kind does not count.
+        h.0.watch_health(Kind::Pods, false);
+        assert_eq!(h.get().api_away_since, None);
+        h.0.watch_health(Kind::Nodes, false);
+        let since = h.get().api_away_since.expect("every table watch fails");
+        // Ready through the grace, not after it.
+        assert!(h.get().ready_at(since + API_AWAY_GRACE, API_AWAY_GRACE));
+        assert!(!h.get().ready_at(since + API_AWAY_GRACE * 2, API_AWAY_GRACE));
+        // One watch back: ready again.
+        h.0.watch_health(Kind::Nodes, true);
+        assert!(h.get().ready_at(since + API_AWAY_GRACE * 2, API_AWAY_GRACE));
+        // Never ready before the first sync, API or not.
+        h.0.synced.store(false, Ordering::Relaxed);
+        assert!(!h.get().ready_at(now, API_AWAY_GRACE));
+    }
 
     #[test]
     fn only_a_refused_list_or_watch_is_a_refusal() {

@@ -198,36 +198,42 @@ fn render(
             });
         }
     }
-    let me = nodes
-        .nodes
-        .iter()
-        .find(|n| n.name == node_name)
-        .ok_or_else(|| RenderError::UnknownNode {
-            node: node_name.to_string(),
-            path: nodes_path.to_owned(),
-            listed: if nodes.nodes.is_empty() {
-                "no nodes".to_string()
-            } else {
-                nodes
-                    .nodes
-                    .iter()
-                    .map(|n| n.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            },
-        })?;
-
-    let mut node = take_section(&mut table, "node", cluster_path)?;
-    node.insert("name".into(), node_name.into());
-    node.insert("pod_cidr".into(), me.pod_cidr.to_string().into());
-    table.insert("node".into(), node.into());
-
-    let underlay = me.underlay_ip.or(node_ip);
     let from_api = table
         .get("kubernetes")
         .and_then(|k| k.get("enabled"))
         .and_then(toml::Value::as_bool)
         .unwrap_or(false);
+    // In Kubernetes mode a node the table does not list takes its pod CIDR from its Node
+    // object (vswitchd asks the API at start), so a joining node needs nothing run by hand.
+    let me = nodes.nodes.iter().find(|n| n.name == node_name);
+    let unknown = || RenderError::UnknownNode {
+        node: node_name.to_string(),
+        path: nodes_path.to_owned(),
+        listed: if nodes.nodes.is_empty() {
+            "no nodes".to_string()
+        } else {
+            nodes
+                .nodes
+                .iter()
+                .map(|n| n.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
+    };
+    let me = match me {
+        Some(me) => Some(me),
+        None if from_api => None,
+        None => return Err(unknown()),
+    };
+
+    let mut node = take_section(&mut table, "node", cluster_path)?;
+    node.insert("name".into(), node_name.into());
+    if let Some(me) = me {
+        node.insert("pod_cidr".into(), me.pod_cidr.to_string().into());
+    }
+    table.insert("node".into(), node.into());
+
+    let underlay = me.and_then(|m| m.underlay_ip).or(node_ip);
     let others = nodes.nodes.iter().filter(|n| n.name != node_name);
     let peers: Vec<&NodeEntry> = if from_api {
         Vec::new()
@@ -251,7 +257,7 @@ fn render(
         if let Some(ip) = underlay {
             overlay.insert("underlay_ip".into(), ip.to_string().into());
         }
-        if let Some(mac) = &me.vtep_mac {
+        if let Some(mac) = me.and_then(|m| m.vtep_mac.as_ref()) {
             overlay.insert("vtep_mac".into(), mac.clone().into());
         }
         table.insert("overlay".into(), overlay.into());
@@ -259,7 +265,7 @@ fn render(
     // Metrics, health and readiness on this node's own address rather than on every interface
     // of the host (the pod is hostNetwork): kubelet's probes and Prometheus reach the pod's
     // address, which is the node's. An address other than 0.0.0.0 or :: is kept as given.
-    if let Some(ip) = node_ip.or(me.underlay_ip) {
+    if let Some(ip) = node_ip.or(me.and_then(|m| m.underlay_ip)) {
         let mut admin = take_section(&mut table, "admin", cluster_path)?;
         let given = admin
             .get("metrics_address")
@@ -425,6 +431,28 @@ mod tests {
         // Without any address for the node there is nothing to bind: the overlay stays off.
         let c = go(&cluster, one, "a", None).unwrap();
         assert_eq!(c.overlay.underlay_ip, None);
+    }
+
+    /// A node that joins after the nodes table was made: in Kubernetes mode it renders without
+    /// a pod CIDR (vswitchd takes its Node object's), with its own address as the underlay.
+    #[test]
+    fn with_the_api_a_node_the_table_does_not_list_renders_without_a_pod_cidr() {
+        let cluster = format!("{CLUSTER}[kubernetes]\nenabled = true\n");
+        let ip = Some("172.18.0.7".parse().unwrap());
+        let text = render(
+            (Path::new("c.toml"), &cluster),
+            (Path::new("n.toml"), NODES),
+            "new",
+            ip,
+        )
+        .unwrap();
+        let t: toml::Table = toml::from_str(&text).unwrap();
+        assert_eq!(t["node"]["name"].as_str(), Some("new"));
+        assert!(t["node"].get("pod_cidr").is_none(), "{text}");
+        assert_eq!(t["overlay"]["underlay_ip"].as_str(), Some("172.18.0.7"));
+        // Without the API the table must list it.
+        let e = go(CLUSTER, NODES, "new", ip).unwrap_err();
+        assert!(e.contains("node new is not in n.toml"), "{e}");
     }
 
     #[test]
