@@ -27,6 +27,8 @@ pub const PATH_PEERS: &str = "/v1/peers";
 pub const PATH_SERVICES: &str = "/v1/services";
 /// GET: connection tracking entries; query `ip=` (any side) and `port=` filter.
 pub const PATH_CONNTRACK: &str = "/v1/conntrack";
+/// `GET`: egress translation's connections and counters.
+pub const PATH_EGRESS: &str = "/v1/egress";
 /// POST a [`TraceRequest`]: a synthetic packet through the pipeline, without side effects.
 pub const PATH_TRACE: &str = "/v1/trace";
 /// DELETE removes the named peer: `/v1/peers/{name}`.
@@ -323,6 +325,37 @@ pub struct ConntrackResponse {
     pub entries: Vec<ConntrackInfo>,
     /// Entries before filtering.
     pub total: usize,
+}
+
+/// One flow of egress translation: a pod's connection to the outside, opened again from the
+/// node's address.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EgressConnInfo {
+    /// `TCP`, `UDP` or `ICMP` (echo).
+    pub protocol: String,
+    /// The pod's port, and its name where the runtime gave one.
+    pub port: u32,
+    #[serde(default)]
+    pub pod: Option<String>,
+    /// The pod's address and port (for ICMP, its echo identifier).
+    pub pod_addr: std::net::SocketAddrV4,
+    pub destination: std::net::SocketAddrV4,
+    /// The node-side socket's address: what the outside sees.
+    pub node_side: Option<std::net::SocketAddr>,
+    /// Bytes from the pod to the outside, and back (payload).
+    pub bytes_out: u64,
+    pub bytes_in: u64,
+    pub age_ms: u64,
+    pub state: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct EgressResponse {
+    pub enabled: bool,
+    pub connections: Vec<EgressConnInfo>,
+    /// Counters since start: flows opened, refused, limits hit (`limit_pod`, `limit_node`),
+    /// bytes each way, ...
+    pub counters: BTreeMap<String, u64>,
 }
 
 /// A capture session's counters.

@@ -66,6 +66,84 @@ pub struct Config {
     /// NetworkPolicy: where policies, namespaces and pod labels come from in static mode.
     #[serde(default, skip_serializing_if = "PolicyConfig::is_default")]
     pub policy: PolicyConfig,
+    /// Pods' traffic to the world outside the cluster, leaving from the node's address.
+    #[serde(default, skip_serializing_if = "EgressConfig::is_default")]
+    pub egress: EgressConfig,
+}
+
+/// Egress translation: pods' TCP, UDP and ICMP echo to addresses outside the cluster leave from
+/// the node's own address without any iptables rule. The switch ends the pod's connection
+/// itself and opens the same one from an ordinary socket of the node (as passt and slirp4netns
+/// do), so the outside sees the node and answers the node.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct EgressConfig {
+    /// On or off; unset: on in Kubernetes mode, off in static mode (see [`Config::egress_on`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// Destinations that keep the pod's address (routed through the node as before), like
+    /// ip-masq-agent's nonMasqueradeCIDRs. The pod CIDRs and the Service CIDR (host.routes)
+    /// are never translated whatever this says.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub no_masquerade: Vec<Ipv4Net>,
+    /// Most translated connections (TCP, UDP flows, ICMP echo) of one pod at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections_per_pod: Option<u32>,
+    /// Most translated connections of the node at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+}
+
+/// Default of `egress.max_connections_per_pod`.
+pub const EGRESS_MAX_PER_POD: u32 = 1024;
+/// Default of `egress.max_connections`.
+pub const EGRESS_MAX: u32 = 16_384;
+const EGRESS_LIMIT: u32 = 1_000_000;
+
+impl EgressConfig {
+    pub fn is_default(&self) -> bool {
+        *self == EgressConfig::default()
+    }
+
+    pub fn per_pod(&self) -> u32 {
+        self.max_connections_per_pod.unwrap_or(EGRESS_MAX_PER_POD)
+    }
+
+    pub fn total(&self) -> u32 {
+        self.max_connections.unwrap_or(EGRESS_MAX)
+    }
+
+    /// Checks the section; the error names the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(n) = self.no_masquerade.iter().find(|n| **n != n.trunc()) {
+            return Err(invalid(
+                "egress.no_masquerade",
+                format!("{n} has host bits set; did you mean {}?", n.trunc()),
+            ));
+        }
+        for (field, v) in [
+            ("egress.max_connections_per_pod", self.per_pod()),
+            ("egress.max_connections", self.total()),
+        ] {
+            if !(1..=EGRESS_LIMIT).contains(&v) {
+                return Err(invalid(
+                    field,
+                    format!("{v} is out of range 1..={EGRESS_LIMIT}"),
+                ));
+            }
+        }
+        if self.per_pod() > self.total() {
+            return Err(invalid(
+                "egress.max_connections_per_pod",
+                format!(
+                    "{} is more than egress.max_connections ({})",
+                    self.per_pod(),
+                    self.total()
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// NetworkPolicy enforcement. In Kubernetes mode the policies, Namespaces and Pods come from
@@ -1030,6 +1108,7 @@ impl Config {
         }
         self.kubernetes.validate()?;
         self.policy.validate()?;
+        self.egress.validate()?;
         let d = &self.dns.cluster_domain;
         if d.is_empty() || d.starts_with('.') || d.ends_with('.') || d.contains("..") {
             return Err(invalid(
@@ -1093,6 +1172,11 @@ impl Config {
             let net = u32::from(self.node.pod_cidr.network());
             Ipv4Addr::from(net.wrapping_add(1))
         })
+    }
+
+    /// Whether egress translation is on: as configured, else on in Kubernetes mode only.
+    pub fn egress_on(&self) -> bool {
+        self.egress.enabled.unwrap_or(self.kubernetes.enabled)
     }
 
     /// The pod CIDR as a generic network (for types that carry IPv4 or IPv6).
@@ -1269,6 +1353,50 @@ mod tests {
         assert_eq!(field_of(&format!("{MIN}{ov}{peer}{peer}")), "peers");
         let bad_cidr = field_of("[node]\nname = \"n1\"\npod_cidr = \"10.244.1.0/33\"\n");
         assert!(bad_cidr.contains("pod_cidr"), "{bad_cidr}");
+    }
+
+    #[test]
+    fn egress_section() {
+        let c = Config::parse(MIN).unwrap();
+        assert!(!c.egress_on(), "off in static mode unless asked for");
+        assert_eq!(c.egress.per_pod(), EGRESS_MAX_PER_POD);
+        assert!(!toml::to_string(&c).unwrap().contains("egress"));
+        let k = Config::parse(&format!("{MIN}[kubernetes]\nenabled = true\n")).unwrap();
+        assert!(k.egress_on(), "on in Kubernetes mode");
+        let off = Config::parse(&format!(
+            "{MIN}[kubernetes]\nenabled = true\n[egress]\nenabled = false\n"
+        ))
+        .unwrap();
+        assert!(!off.egress_on());
+        let e = Config::parse(&format!(
+            "{MIN}[egress]\nenabled = true\nno_masquerade = [\"192.168.0.0/16\"]\n\
+             max_connections_per_pod = 10\nmax_connections = 20\n"
+        ))
+        .unwrap();
+        assert!(e.egress_on());
+        assert_eq!(
+            e.egress.no_masquerade,
+            vec!["192.168.0.0/16".parse().unwrap()]
+        );
+        assert_eq!((e.egress.per_pod(), e.egress.total()), (10, 20));
+        for (bad, field) in [
+            (
+                "no_masquerade = [\"192.168.1.1/16\"]",
+                "egress.no_masquerade",
+            ),
+            (
+                "max_connections_per_pod = 0",
+                "egress.max_connections_per_pod",
+            ),
+            ("max_connections = 0", "egress.max_connections"),
+            (
+                "max_connections = 5\nmax_connections_per_pod = 6",
+                "egress.max_connections_per_pod",
+            ),
+        ] {
+            assert_eq!(field_of(&format!("{MIN}[egress]\n{bad}\n")), field, "{bad}");
+        }
+        assert!(field_of(&format!("{MIN}[egress]\nenable = true\n")).contains("unknown field"));
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod control;
 pub mod daemon;
 pub mod datapath;
 pub mod dns;
+pub mod egress;
 pub mod pipeline;
 pub mod policy;
 #[doc(hidden)]

@@ -776,6 +776,9 @@ fn run_pod_frame(
         Action::DnsForward(_) => {
             prop_assert!(false, "DNS is off in these tables, yet Action::DnsForward")
         }
+        Action::ToEgress => {
+            prop_assert!(false, "egress is off in these tables, yet Action::ToEgress")
+        }
         Action::Drop(r) => {
             prop_assert!(DropReason::ALL.contains(&r) && !r.name().is_empty());
         }
@@ -1434,6 +1437,7 @@ fn name(a: Action) -> String {
         Action::ToPeer(_) => "ToPeer".into(),
         Action::Reply(_) => "Reply".into(),
         Action::DnsForward(_) => "DnsForward".into(),
+        Action::ToEgress => "ToEgress".into(),
         Action::Drop(r) => format!("drop {}", r.name()),
     }
 }

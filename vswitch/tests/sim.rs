@@ -160,6 +160,7 @@ impl Sim {
             }),
             Action::Drop(reason) => self.events.push(Event::Dropped { node, reason }),
             Action::DnsForward(_) => panic!("the simulated nodes do not answer DNS"),
+            Action::ToEgress => panic!("the simulated nodes do not translate egress"),
             Action::ToPeer(id) => {
                 let peer = t.peers.get(id).unwrap();
                 let (prefix, partial) = encap_for(t, peer, &vnet, &frame);

@@ -98,6 +98,11 @@ pub(crate) fn daemon_config(node: &Node, all: &[Node], services: &[ServiceSpec])
         policy: conf::config::PolicyConfig {
             dir: node.dir.parent().map(|lab| lab.join(POLICY_DIR)),
         },
+        // Pods reach the lab's outside host (`out`) from the node's address (issue 27).
+        egress: conf::config::EgressConfig {
+            enabled: Some(true),
+            ..Default::default()
+        },
     }
 }
 

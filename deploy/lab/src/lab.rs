@@ -25,7 +25,7 @@ use serde_json::Value;
 use crate::cni;
 use crate::files;
 use crate::spec::{self, LabNetns, LabSpec, Names};
-use crate::status::{LabStatus, NodeStatus, PodStatus};
+use crate::status::{LabStatus, NodeStatus, OutsideStatus, PodStatus};
 use crate::sys;
 use crate::LabError;
 
@@ -272,6 +272,10 @@ pub struct Lab {
     /// Services added with `add-service`, in every node's config.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<conf::config::ServiceSpec>,
+    /// The host outside the cluster (`vswitch-lab exec out -- ...`): its namespace, cabled to
+    /// the fabric at [`spec::OUTSIDE_IP`] with no route to any pod CIDR.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outside_netns: Option<String>,
     /// Kubernetes mode (`up --kubernetes`): the API server stand-in every vswitchd watches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub apiserver: Option<Box<crate::kube::ApiServerState>>,
@@ -349,6 +353,7 @@ impl Lab {
             nodes: Vec::new(),
             pods: Vec::new(),
             services: Vec::new(),
+            outside_netns: None,
             apiserver: None,
         };
         match lab.build(&spec, &bins, opts) {
@@ -397,6 +402,14 @@ impl Lab {
         sys::ip(&["-n", &fab, "link", "set", spec::FABRIC_BRIDGE, "up"])?;
 
         let names = Names(&spec.name);
+        // The outside host: on the nodes' LAN, routes to nothing else.
+        let out = names.outside_netns();
+        sys::ip(&["netns", "add", &out])?;
+        self.outside_netns = Some(out.clone());
+        self.save()?;
+        sys::ip(&["-n", &out, "link", "set", "lo", "up"])?;
+        let addr = format!("{}/{}", spec::OUTSIDE_IP, spec::UNDERLAY_PREFIX_LEN);
+        self.cable_to_fabric(&out, "eth0", &names.outside_port(), &addr, None)?;
         let kubeconfig = spec
             .kubernetes
             .then(|| crate::kube::ApiServerState::plan(&self.dir, &self.fabric_netns).kubeconfig);
@@ -872,6 +885,11 @@ impl Lab {
             nodes,
             pods,
             policy_dir: self.policy_dir(),
+            outside: self.outside_netns.as_ref().map(|ns| OutsideStatus {
+                name: "out".into(),
+                netns: ns.clone(),
+                ip: spec::OUTSIDE_IP,
+            }),
             apiserver: self.apiserver.as_ref().map(|a| a.address.clone()),
             kubeconfig: self.apiserver.as_ref().map(|a| a.kubeconfig.clone()),
         }
@@ -967,11 +985,27 @@ impl Lab {
         if target == "fab" || target == self.fabric_netns {
             return Ok(&self.fabric_netns);
         }
+        if let Some(out) = self
+            .outside_netns
+            .as_deref()
+            .filter(|o| target == "out" || target == *o)
+        {
+            return Ok(out);
+        }
         Err(LabError::NoSuchTarget {
             lab: self.name.clone(),
             what: "pod or node",
             target: target.into(),
-            known: format!("{}, {}, fab", self.known_pods(), self.known_nodes()),
+            known: format!(
+                "{}, {}, fab{}",
+                self.known_pods(),
+                self.known_nodes(),
+                if self.outside_netns.is_some() {
+                    ", out"
+                } else {
+                    ""
+                }
+            ),
         })
     }
 
@@ -1393,6 +1427,7 @@ mod tests {
                 labels: Default::default(),
             }],
             services: Vec::new(),
+            outside_netns: None,
             apiserver: None,
             dir,
         }
@@ -1456,6 +1491,12 @@ mod tests {
             k
         };
         assert_eq!(keys(&v), ["name", "nodes", "pods", "policy_dir"]);
+        let mut with_out = sample();
+        with_out.outside_netns = Some("vsl-out".into());
+        let o = serde_json::to_value(with_out.status()).unwrap();
+        assert_eq!(keys(&o["outside"]), ["ip", "name", "netns"]);
+        assert_eq!(o["outside"]["ip"], "192.168.100.253");
+        assert_eq!(with_out.netns_of("out").unwrap(), "vsl-out");
         assert_eq!(
             keys(&v["nodes"][0]),
             [

@@ -69,9 +69,10 @@ enum Cmd {
     },
     /// DEL every pod, stop the daemons, delete the namespaces and files. Safe to repeat.
     Down,
-    /// Run a command in a pod's namespace (POD: n1-p1 or NAME-n1-p1; also n1 or fab).
+    /// Run a command in a pod's namespace (POD: n1-p1 or NAME-n1-p1; also n1, fab, or out:
+    /// the host outside the cluster).
     Exec {
-        /// n1-p1 or NAME-n1-p1 (a node: n1 or NAME-n1; the fabric: fab).
+        /// n1-p1 or NAME-n1-p1 (a node: n1 or NAME-n1; the fabric: fab; the outside host: out).
         pod: String,
         /// The command and its arguments, after `--`.
         #[arg(

@@ -17,7 +17,7 @@ pub const DEFAULT_NAME: &str = "vsl";
 /// Longest lab name: `{name}n{254}` must fit in 15 bytes.
 pub const MAX_NAME_LEN: usize = 8;
 /// Most nodes: one underlay address and one /24 pod CIDR each.
-pub const MAX_NODES: u32 = 254;
+pub const MAX_NODES: u32 = 252;
 /// Most pods per node: a /24 holds 253 hosts and one is the gateway.
 pub const MAX_PODS_PER_NODE: u32 = 250;
 /// Longest pod name (the part after `n{i}-`).
@@ -40,7 +40,8 @@ pub const POD_IFNAME: &str = "eth0";
 pub struct LabSpec {
     /// At most 8 of `[a-z0-9]`; prefixes every namespace of the lab.
     pub name: String,
-    /// Number of nodes, 1..=254.
+    /// Number of nodes, 1..=252 (192.168.100.253 is the outside host, .254 the API server
+    /// stand-in of Kubernetes mode).
     pub nodes: u32,
     /// Pods attached on every node at `up`, 0..=250.
     pub pods_per_node: u32,
@@ -225,6 +226,14 @@ impl Names<'_> {
     pub fn node(&self, i: u32) -> String {
         format!("{}-n{i}", self.0)
     }
+    /// The host outside the cluster (`out`): its namespace.
+    pub fn outside_netns(&self) -> String {
+        format!("{}-out", self.0)
+    }
+    /// The fabric's end of the outside host's veth.
+    pub fn outside_port(&self) -> String {
+        format!("{}out", self.0)
+    }
     /// The fabric's end of node `i`'s underlay veth.
     pub fn fabric_port(&self, i: u32) -> String {
         format!("{}n{i}", self.0)
@@ -243,6 +252,9 @@ impl Names<'_> {
         let rest = netns.strip_prefix(self.0)?.strip_prefix('-')?;
         if rest == "fab" {
             return Some(LabNetns::Fabric);
+        }
+        if rest == "out" {
+            return Some(LabNetns::Outside);
         }
         let rest = rest.strip_prefix('n')?;
         let (index, pod) = match rest.split_once('-') {
@@ -267,8 +279,13 @@ impl Names<'_> {
 pub(crate) enum LabNetns {
     Pod(u32, String),
     Node(u32),
+    Outside,
     Fabric,
 }
+
+/// The outside host's address on the fabric: the nodes reach it, and it has no route to any
+/// pod CIDR, so only what egress translation sends from a node's address is answered.
+pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 253);
 
 /// Node `i`'s underlay address.
 pub(crate) fn underlay_ip(i: u32) -> Ipv4Addr {
@@ -302,7 +319,8 @@ mod tests {
     #[test]
     fn specs() {
         LabSpec::default().validate().unwrap();
-        LabSpec::new("x", 254, 0).validate().unwrap();
+        LabSpec::new("x", 252, 0).validate().unwrap();
+        assert!(LabSpec::new("x", 253, 0).validate().is_err());
         assert!(LabSpec::new("x", 0, 1).validate().is_err());
         assert!(LabSpec::new("x", 255, 1).validate().is_err());
         assert!(LabSpec::new("x", 1, 251).validate().is_err());
@@ -320,6 +338,11 @@ mod tests {
     fn names_round_trip_through_classify() {
         let n = Names("vsl");
         assert_eq!(n.classify(&n.fabric_netns()), Some(LabNetns::Fabric));
+        assert_eq!(n.classify(&n.outside_netns()), Some(LabNetns::Outside));
+        assert!(
+            LabNetns::Outside < LabNetns::Fabric,
+            "torn down before the fabric"
+        );
         assert_eq!(n.classify(&n.node(12)), Some(LabNetns::Node(12)));
         assert_eq!(
             n.classify(&n.pod_netns(3, "p7")),

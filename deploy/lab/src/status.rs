@@ -19,12 +19,25 @@ pub struct LabStatus {
     /// (`vswitch-lab apply -f`).
     #[serde(default)]
     pub policy_dir: PathBuf,
+    /// The host outside the cluster (`exec out -- ...`), where the lab has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outside: Option<OutsideStatus>,
     /// Kubernetes mode only: the API server stand-in's address (on the fabric, reachable
     /// from every node namespace and the fabric's) and a kubeconfig for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub apiserver: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubeconfig: Option<PathBuf>,
+}
+
+/// The lab's host outside the cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutsideStatus {
+    /// `out`, as `exec` takes it.
+    pub name: String,
+    pub netns: String,
+    /// Its address on the nodes' LAN; it has no route to any pod CIDR.
+    pub ip: Ipv4Addr,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -132,6 +145,13 @@ impl LabStatus {
                 .collect();
             out += &table(&["POD", "NODE", "NETNS", "IP", "MAC"], &pods);
         }
+        if let Some(o) = &self.outside {
+            out += &format!(
+                "\noutside host {} ({}) at {}: no route to the pods; they reach it by egress \
+                 translation\n",
+                o.name, o.netns, o.ip
+            );
+        }
         out
     }
 }
@@ -188,6 +208,7 @@ mod tests {
                 labels: Default::default(),
             }],
             policy_dir: "/run/vswitch-lab/vsl/policies".into(),
+            outside: None,
             apiserver: None,
             kubeconfig: None,
         };

@@ -532,7 +532,7 @@ impl TapSet {
             }
             Action::Reply(n) => self.port(ingress, false, &buf[..n.min(buf.len())]),
             Action::Drop(reason) => self.policy_denied(reason, frame),
-            Action::DnsForward(_) => {}
+            Action::DnsForward(_) | Action::ToEgress => {}
         }
     }
 

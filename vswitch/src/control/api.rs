@@ -124,6 +124,10 @@ pub fn router(d: Arc<Daemon>) -> Router {
             get(|State(d): D| read(d, Daemon::services)),
         )
         .route(api::PATH_CONNTRACK, get(conntrack))
+        .route(
+            api::PATH_EGRESS,
+            get(|State(d): D| async move { blocking(move || Ok(d.egress())).await }),
+        )
         .route(api::PATH_POLICIES, get(policies))
         .route(
             api::PATH_HANDOVER,

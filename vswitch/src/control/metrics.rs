@@ -88,6 +88,23 @@ impl Collector for SwitchCollector {
                 .map(|(i, n)| (vec![("worker", i.to_string())], n)),
         )?;
         encode_conntrack(&mut enc, &d.ct_stats())?;
+        if let Some(e) = d.egress_stats() {
+            gauge(
+                &mut enc,
+                "vswitch_egress_connections",
+                "Egress translation's flows open now (TCP, UDP, ICMP echo).",
+                e.active() as i64,
+            )?;
+            counters(
+                &mut enc,
+                "vswitch_egress_events",
+                "Egress translation: flows opened and refused, limits hit (limit_pod, \
+                 limit_node), bytes each way, packets it could not use.",
+                e.snapshot()
+                    .into_iter()
+                    .map(|(k, v)| (vec![("event", k.to_string())], v)),
+            )?;
+        }
         if let Some(k) = d.k8s_stats.get() {
             encode_k8s(&mut enc, k)?;
         }

@@ -197,6 +197,15 @@ fn initial_tables(
     tables.peers = peer_table(&config.peers).map_err(|e| DaemonError::Peers(e.msg))?;
     tables.node_name = config.node.name.clone();
     tables.services = service_table(config, &config.services, config.node.zone.as_deref());
+    if config.egress_on() {
+        tables.egress = Some(Arc::new(crate::pipeline::tables::Egress {
+            no_masquerade: config.egress.no_masquerade.clone(),
+            node_ips: match config.overlay.underlay_ip {
+                Some(IpAddr::V4(ip)) => vec![ip],
+                _ => Vec::new(),
+            },
+        }));
+    }
     let host_tap = if config.host.enabled {
         let routes: Vec<Ipv4Net> = config
             .host
@@ -375,7 +384,17 @@ impl Daemon {
         let (tables, host_tap) = initial_tables(&config, gw)?;
         let tables = Arc::new(ArcSwap::from_pointee(tables));
         let underlay_stats = Arc::new(PortStats::default());
-        let datapath = start_datapath(&config, tables.clone(), underlay_stats.clone(), &pins)?;
+        let mut datapath = start_datapath(&config, tables.clone(), underlay_stats.clone(), &pins)?;
+        if config.egress_on() {
+            let limits = crate::egress::Limits {
+                per_pod: config.egress.per_pod(),
+                total: config.egress.total(),
+                mtu: config.node.mtu,
+            };
+            let e = crate::egress::Egress::start(tables.clone(), limits, datapath.capture())
+                .map_err(DaemonError::Datapath)?;
+            datapath.set_egress(e);
+        }
         take_back(&config, &datapath, &mut records);
         let host_link = host_tap
             .as_ref()
@@ -1129,6 +1148,38 @@ impl Daemon {
     }
 
     /// Tracked connections, optionally only those with `ip` (any side) and `port` (any side).
+    /// Egress translation's flows (with their pods' names) and counters.
+    pub fn egress(&self) -> conf::api::EgressResponse {
+        let (conns, counters) = {
+            let dp = self.datapath();
+            match dp.egress() {
+                None => return conf::api::EgressResponse::default(),
+                Some(e) => (e.connections(), e.stats.snapshot()),
+            }
+        };
+        let st = self.lock();
+        let name = |port: PortId| {
+            st.records
+                .values()
+                .find(|r| r.port == port)
+                .map(|r| r.pod.clone().unwrap_or_else(|| r.container_id.clone()))
+        };
+        conf::api::EgressResponse {
+            enabled: true,
+            connections: conns
+                .into_iter()
+                .map(|mut c| {
+                    c.pod = name(c.port);
+                    c
+                })
+                .collect(),
+            counters: counters
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+        }
+    }
+
     pub fn conntrack(&self, ip: Option<IpAddr>, port: Option<u16>) -> conf::api::ConntrackResponse {
         let entries = self.datapath().conntrack();
         let total = entries.len();
@@ -1274,6 +1325,11 @@ impl Daemon {
     }
 
     /// Connection tracking size and counters.
+    /// Egress translation's counters, when it is on.
+    pub fn egress_stats(&self) -> Option<Arc<crate::egress::EgressStats>> {
+        self.datapath().egress().map(|e| e.stats.clone())
+    }
+
     pub fn ct_stats(&self) -> Arc<crate::datapath::CtGauge> {
         self.datapath().ct_stats()
     }

@@ -130,6 +130,11 @@ fn verdict(t: &Tables, a: Action) -> String {
         Action::DnsForward(_) => {
             "forwarded by the switch's DNS resolver to the upstream resolvers".into()
         }
+        Action::ToEgress => {
+            "egress translation: the switch ends the connection and opens it again from the \
+             node's own address"
+                .into()
+        }
         Action::Drop(r) => format!("dropped: {}", r.name()),
     }
 }
@@ -325,5 +330,31 @@ mod tests {
         assert!(r.verdict.starts_with("answered by the switch"), "{r:?}");
         let e = run(&t, CtConfig::default(), &request("sctp", B, None), |_| None).unwrap_err();
         assert!(e.msg.contains("use tcp, udp or icmp"), "{e:?}");
+    }
+
+    #[test]
+    fn a_traced_packet_to_the_outside_says_it_leaves_by_egress_translation() {
+        let mut t = tables();
+        let outside = Ipv4Addr::new(203, 0, 113, 5);
+        t.egress = Some(Arc::new(crate::pipeline::tables::Egress::default()));
+        for proto in ["tcp", "udp", "icmp"] {
+            let r = run(
+                &t,
+                CtConfig::default(),
+                &request(proto, outside, None),
+                |_| None,
+            )
+            .unwrap();
+            assert!(
+                r.verdict.starts_with("egress translation"),
+                "{proto}: {r:?}"
+            );
+            assert!(
+                r.steps
+                    .iter()
+                    .any(|s| s.contains("leaves by egress translation")),
+                "{proto}: {r:?}"
+            );
+        }
     }
 }

@@ -65,6 +65,8 @@ pub enum Command {
     DumpConntrack(Sender<Vec<CtEntry>>),
     /// From now on, forward DNS queries the switch cannot answer with this.
     SetForwarder(crate::dns::Forwarder),
+    /// From now on, hand packets for egress translation to this engine (or to none).
+    SetEgress(Option<crate::egress::EgressTx>),
     /// An upstream's answer to a forwarded query from the pod on `port`.
     DnsReply {
         port: PortId,
@@ -101,6 +103,9 @@ impl Handle {
 /// touches per packet is its own.
 pub struct Datapath {
     epoch: std::time::Instant,
+    /// The egress translation engine, when on: it writes replies to the pods' TAPs too, so
+    /// it hears of every port.
+    egress: Option<crate::egress::Egress>,
     workers: Vec<Handle>,
     capture: Arc<crate::capture::Hub>,
 }
@@ -172,6 +177,7 @@ impl Datapath {
         tracing::info!("datapath: {n} worker(s)");
         Ok(Datapath {
             epoch,
+            egress: None,
             workers: handles,
             capture,
         })
@@ -186,6 +192,9 @@ impl Datapath {
     /// Hands the port's TAP (all its queues) to the workers.
     pub fn add_port(&self, id: PortId, tap: Tap, stats: Arc<PortStats>) {
         let queues: Arc<[Tap]> = tap.into_queues().into();
+        if let Some(e) = &self.egress {
+            e.add_port(id, queues.clone());
+        }
         self.broadcast(|| Command::AddPort {
             id,
             queues: queues.clone(),
@@ -196,6 +205,9 @@ impl Datapath {
     /// Removes a port and waits until every worker has let go of it, so its TAP device is
     /// closed (and deleted) when this returns.
     pub fn remove_port(&self, id: PortId) {
+        if let Some(e) = &self.egress {
+            e.remove_port(id);
+        }
         let (done, wait) = crossbeam_channel::bounded(self.workers.len());
         for (i, w) in self.workers.iter().enumerate() {
             w.send(Command::RemovePort {
@@ -241,6 +253,19 @@ impl Datapath {
         self.epoch.elapsed().as_millis() as u64
     }
 
+    /// Starts egress translation: the workers hand it the packets the pipeline sends there.
+    /// Ports added before are not known to it, so call this before the first `add_port`.
+    pub fn set_egress(&mut self, e: crate::egress::Egress) {
+        let tx = e.sender();
+        self.broadcast(|| Command::SetEgress(Some(tx.clone())));
+        self.egress = Some(e);
+    }
+
+    /// The egress engine, when egress translation is on.
+    pub fn egress(&self) -> Option<&crate::egress::Egress> {
+        self.egress.as_ref()
+    }
+
     /// Hands the workers the upstream forwarder for DNS names outside the cluster.
     pub fn set_forwarder(&self, f: crate::dns::Forwarder) {
         self.broadcast(|| Command::SetForwarder(f.clone()));
@@ -278,6 +303,10 @@ impl Datapath {
     }
 
     pub fn shutdown(&mut self) {
+        self.broadcast(|| Command::SetEgress(None));
+        if let Some(mut e) = self.egress.take() {
+            e.shutdown();
+        }
         self.broadcast(|| Command::Shutdown);
         for w in &mut self.workers {
             if let Some(t) = w.thread.take() {

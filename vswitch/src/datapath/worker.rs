@@ -110,6 +110,10 @@ pub(super) struct Worker {
     underlay_ready: bool,
     overlay: Overlay,
     upstream: Upstream,
+    /// The egress engine, when egress translation is on, and whether this batch handed it
+    /// packets (it is woken once per batch).
+    egress: Option<crate::egress::EgressTx>,
+    egress_pending: bool,
     /// What the current batch moved.
     batch: Batch,
     /// Frames read (counted here, published to `frames_seen` once per batch).
@@ -180,6 +184,8 @@ impl Worker {
                 to_self,
                 waker,
             },
+            egress: None,
+            egress_pending: false,
             batch: Batch::default(),
             frames: 0,
             frames_seen: Arc::default(),
@@ -273,6 +279,7 @@ impl Worker {
                     let _ = tx.send(self.ct.entries().collect());
                 }
                 Command::SetForwarder(f) => self.upstream.forwarder = Some(f),
+                Command::SetEgress(e) => self.egress = e,
                 Command::DnsReply { port, query, reply } => self.dns_reply(port, query, &reply),
                 Command::Shutdown => return false,
             }
@@ -380,6 +387,11 @@ impl Worker {
                 self.ready.swap_remove(i);
             } else {
                 i += 1;
+            }
+        }
+        if std::mem::take(&mut self.egress_pending) {
+            if let Some(e) = &self.egress {
+                e.wake();
             }
         }
     }
@@ -499,6 +511,19 @@ impl Worker {
                 send(port, &self.buf[..end])
             }
             Action::DnsForward(q) => self.upstream.forward(id, q, &self.buf[VNET_HDR_LEN..n]),
+            Action::ToEgress => match &self.egress {
+                Some(e) => {
+                    let ip = &self.buf[VNET_HDR_LEN + crate::wire::ETHERNET_HEADER_LEN..n];
+                    let gso = if frame.vnet.is_gso() {
+                        frame.vnet.gso_size
+                    } else {
+                        0
+                    };
+                    self.egress_pending = true;
+                    e.submit(id, gso, ip)
+                }
+                None => Err(DropReason::NoRoute),
+            },
             Action::Drop(reason) => Err(reason),
         };
         if let Err(reason) = done {
@@ -732,7 +757,9 @@ impl UnderlayRx<'_> {
                 reason
             }
             // Frames from peers are only ever routed to local pods.
-            Action::ToPeer(_) | Action::Reply(_) | Action::DnsForward(_) => DropReason::NoRoute,
+            Action::ToPeer(_) | Action::Reply(_) | Action::DnsForward(_) | Action::ToEgress => {
+                DropReason::NoRoute
+            }
         };
         self.stats.count_drop(reason);
         None

@@ -99,6 +99,10 @@ pub enum Action {
     /// cluster: the datapath hands it to the upstream forwarder. (Names in the cluster are
     /// answered here, as a `Reply`.)
     DnsForward(DnsQuery),
+    /// An IPv4 packet of a pod (TCP, UDP or ICMP echo) to an address outside the cluster, with
+    /// egress translation on: the datapath hands it to the egress engine, which ends the
+    /// connection here and opens it again from the node's own address.
+    ToEgress,
     Drop(DropReason),
 }
 
@@ -153,6 +157,7 @@ drop_reasons! {
     NoUnderlay => "no_underlay",
     PolicyDeniedIngress => "policy_denied_ingress",
     PolicyDeniedEgress => "policy_denied_egress",
+    EgressBusy => "egress_queue_full",
 }
 
 /// Decides what happens to the Ethernet frame `buf[..len]` (no virtio-net header) that
@@ -377,6 +382,9 @@ fn route_v4(cx: &mut Ctx<'_>, port: &PortEntry, buf: &mut [u8], len: usize, meta
     }
     let (action, next_mac, src_mac) = if let Some(out) = t.port_by_ip(dst_ip) {
         cx.note(|| format!("route: {dst_ip} is local pod port {}", out.id));
+        if from_host {
+            track_from_outside(cx, &ip);
+        }
         (Action::ToPort(out.id), out.mac, t.gateway_mac)
     } else if let (true, Some(h)) = (dst_ip == t.gateway_ip, to_host) {
         cx.note(|| format!("route: {dst_ip} is the node (host port)"));
@@ -402,6 +410,15 @@ fn route_v4(cx: &mut Ctx<'_>, port: &PortEntry, buf: &mut [u8], len: usize, meta
             EthernetAddress(peer.vtep_mac),
             t.vtep_mac,
         )
+    } else if !from_host
+        && egress_kind(&ip)
+        && t.egress.as_ref().is_some_and(|e| e.translates(t, dst_ip))
+        && !answers_the_node(cx, &ip)
+    {
+        cx.note(|| {
+            format!("route: {dst_ip} is outside the cluster: leaves by egress translation, from the node's address")
+        });
+        return Action::ToEgress;
     } else if let Some(h) = to_host.filter(|_| !t.cluster_nets.iter().any(|n| n.contains(&dst_ip)))
     {
         cx.note(|| format!("route: {dst_ip} is outside the cluster: to the node (host port)"));
@@ -418,6 +435,86 @@ fn route_v4(cx: &mut Ctx<'_>, port: &PortEntry, buf: &mut [u8], len: usize, meta
     eth.set_src_addr(src_mac);
     eth.set_dst_addr(next_mac);
     action
+}
+
+/// The TCP/UDP key and flags of an unfragmented packet.
+fn l4_key(ip: &Ipv4Packet<&mut [u8]>) -> Option<(nat::Key, TcpFlags)> {
+    if ip.is_fragment() {
+        return None;
+    }
+    let proto = ip.protocol();
+    let (sport, dport) = ip.ports()?;
+    let flags = if proto == IpProtocol::TCP {
+        TcpPacket::new_checked(ip.payload()).ok()?.flags()
+    } else if proto == IpProtocol::UDP {
+        TcpFlags::empty()
+    } else {
+        return None;
+    };
+    let key = nat::Key {
+        src: ip.src_addr(),
+        dst: ip.dst_addr(),
+        sport,
+        dport,
+        proto: proto.0,
+    };
+    Some((key, flags))
+}
+
+/// With egress translation on, a connection the node opens to a pod from an outside address
+/// (a NodePort relay keeping the client's address) is tracked, so that the pod's answers go
+/// back through the node that holds it ([`answers_the_node`]) rather than to the egress
+/// engine, which would answer them with a RST.
+fn track_from_outside(cx: &mut Ctx<'_>, ip: &Ipv4Packet<&mut [u8]>) {
+    let t = cx.t;
+    let Some(e) = &t.egress else { return };
+    if !e.translates(t, ip.src_addr()) {
+        return;
+    }
+    let Some((key, flags)) = l4_key(ip) else {
+        return;
+    };
+    let now = cx.now_ms;
+    if cx.ct.touch(&key, now, flags) {
+        return;
+    }
+    let state = if key.proto != IpProtocol::TCP.0 {
+        nat::CtState::UdpNew
+    } else if flags.contains(TcpFlags::SYN) {
+        nat::CtState::SynSent
+    } else {
+        nat::CtState::Established
+    };
+    if cx.ct.track(key, state, now) {
+        cx.note(|| "a connection from outside through the node: tracked for its answers".into());
+    }
+}
+
+/// Whether a pod's packet to the outside answers a connection the node opened to it
+/// ([`track_from_outside`]).
+fn answers_the_node(cx: &mut Ctx<'_>, ip: &Ipv4Packet<&mut [u8]>) -> bool {
+    let Some((key, flags)) = l4_key(ip) else {
+        return false;
+    };
+    let reply = cx.ct.touch_reply(&key, cx.now_ms, flags);
+    if reply {
+        cx.note(|| "an answer to a connection the node opened: not translated".into());
+    }
+    reply
+}
+
+/// Whether the egress engine takes this packet: unfragmented TCP, UDP or ICMP echo request
+/// (anything else goes to the node, as without egress translation).
+fn egress_kind(ip: &Ipv4Packet<&mut [u8]>) -> bool {
+    if ip.is_fragment() {
+        return false;
+    }
+    match ip.protocol() {
+        IpProtocol::TCP | IpProtocol::UDP => true,
+        IpProtocol::ICMP => Icmpv4Packet::new_checked(ip.payload())
+            .is_ok_and(|i| i.msg_type() == Icmpv4Message::ECHO_REQUEST && i.msg_code() == 0),
+        _ => false,
+    }
 }
 
 /// Service translation of a routed packet: a Service's or a tracked connection's packet is

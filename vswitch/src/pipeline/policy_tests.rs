@@ -297,3 +297,84 @@ fn trace_names_the_admitting_policy_or_the_denying_direction() {
         "policy: no policy selects either end: not judged"
     );
 }
+
+/// `f` addressed to the gateway's MAC (routed), as a pod sends to an address off its subnet.
+fn routed(mut f: Vec<u8>) -> Vec<u8> {
+    f[..6].copy_from_slice(&mac_for(GW).0);
+    f
+}
+
+#[test]
+fn egress_translation_takes_only_the_outside_and_only_what_policy_admits() {
+    let mut s = Switch::new(&[
+        r#"{"podSelector":{"matchLabels":{"app":"client"}},"policyTypes":["Egress"],
+            "egress":[{"to":[{"ipBlock":{"cidr":"203.0.113.0/24"}}]}]}"#,
+    ]);
+    let outside = Ipv4Addr::new(203, 0, 113, 5);
+    let other = Ipv4Addr::new(198, 51, 100, 7);
+    // Off: the outside is reached through the node, as before.
+    assert_eq!(
+        s.send(2, &tcp((B, 40000), (other, 443), true, false, true)),
+        Action::ToPort(HOST_PORT)
+    );
+    s.t.cluster_nets = vec!["10.96.0.0/12".parse().unwrap()];
+    s.t.egress = Some(Arc::new(super::super::tables::Egress {
+        no_masquerade: vec!["192.168.0.0/16".parse().unwrap()],
+        node_ips: vec![Ipv4Addr::new(172, 16, 0, 1)],
+    }));
+    // On: TCP, UDP and ICMP echo to the outside go to the egress engine...
+    assert_eq!(
+        s.send(1, &tcp((A, 40000), (outside, 443), true, false, true)),
+        Action::ToEgress
+    );
+    assert_eq!(s.send(2, &routed(udp(B, (other, 53)))), Action::ToEgress);
+    assert_eq!(s.send(2, &routed(echo(B, other, false))), Action::ToEgress);
+    // ... once NetworkPolicy has admitted them: the client may only reach 203.0.113.0/24.
+    assert_eq!(
+        s.send(1, &tcp((A, 40001), (other, 443), true, false, true)),
+        Action::Drop(DropReason::PolicyDeniedEgress)
+    );
+    assert_eq!(
+        s.send(1, &routed(udp(A, (other, 53)))),
+        Action::Drop(DropReason::PolicyDeniedEgress)
+    );
+    // The no-masquerade list keeps the pod's address (routed through the node); the cluster's
+    // ranges and the node's own pod CIDR are never translated.
+    assert_eq!(
+        s.send(2, &routed(udp(B, (Ipv4Addr::new(192, 168, 7, 1), 53)))),
+        Action::ToPort(HOST_PORT)
+    );
+    assert_eq!(
+        s.send(2, &routed(udp(B, (Ipv4Addr::new(10, 96, 0, 99), 53)))),
+        Action::Drop(DropReason::NoRoute)
+    );
+    assert_ne!(
+        s.send(2, &routed(udp(B, (Ipv4Addr::new(10, 244, 1, 99), 53)))),
+        Action::ToEgress
+    );
+    // Nor is the node's own address (nor a peer node's).
+    assert_eq!(
+        s.send(2, &routed(udp(B, (Ipv4Addr::new(172, 16, 0, 1), 53)))),
+        Action::ToPort(HOST_PORT)
+    );
+    // A connection the node opens from an outside client's address (a NodePort relay that
+    // keeps it): the pod's answers go back to the node, not to the egress engine.
+    let client = (Ipv4Addr::new(203, 0, 113, 9), 5555);
+    let mut syn = tcp(client, (B, 8080), true, false, true);
+    syn[6..12].copy_from_slice(&mac_of(NODE).0);
+    assert_eq!(s.send(HOST_PORT, &syn), Action::ToPort(2));
+    assert_eq!(
+        s.send(2, &tcp((B, 8080), client, true, true, true)),
+        Action::ToPort(HOST_PORT)
+    );
+    assert_eq!(
+        s.send(2, &tcp((B, 8081), client, true, false, true)),
+        Action::ToEgress,
+        "a connection of the pod's own to the same client is translated"
+    );
+    // What the engine does not carry (an echo reply, here) goes to the node as before.
+    assert_eq!(
+        s.send(2, &routed(echo(B, other, true))),
+        Action::ToPort(HOST_PORT)
+    );
+}

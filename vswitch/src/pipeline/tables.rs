@@ -73,7 +73,39 @@ pub struct Tables {
     pub dns: Option<Arc<DnsService>>,
     /// NetworkPolicy: `None` while no policy exists, and then nothing is judged.
     pub policy: Option<Arc<crate::policy::PolicyTables>>,
+    /// Egress translation (`[egress] enabled`): `None` when off, and then the outside is
+    /// reached through the host port as before.
+    pub egress: Option<Arc<Egress>>,
     ports: Arc<Ports>,
+}
+
+/// Which destinations a pod's packet leaves for by egress translation.
+#[derive(Debug, Clone, Default)]
+pub struct Egress {
+    /// Destinations that keep the pod's address (`egress.no_masquerade`).
+    pub no_masquerade: Vec<Ipv4Net>,
+    /// This node's own addresses (its underlay address): reached through the host port.
+    pub node_ips: Vec<Ipv4Addr>,
+}
+
+impl Egress {
+    /// Whether a pod's packet to `dst` is translated: outside this node's pod CIDR, the
+    /// cluster's ranges (pod CIDRs, Service CIDR) and the no-masquerade list, no node of the
+    /// cluster (this one or a peer: those are inside the cluster, reached with the pod's own
+    /// address as before, their answers crossing the overlay), and an ordinary unicast
+    /// address.
+    pub fn translates(&self, t: &Tables, dst: Ipv4Addr) -> bool {
+        !(dst.is_broadcast()
+            || dst.is_multicast()
+            || dst.is_unspecified()
+            || dst.is_loopback()
+            || dst == t.gateway_ip
+            || t.pod_cidr.contains(&dst)
+            || t.cluster_nets.iter().any(|n| n.contains(&dst))
+            || self.no_masquerade.iter().any(|n| n.contains(&dst))
+            || self.node_ips.contains(&dst)
+            || t.peers.by_underlay(std::net::IpAddr::V4(dst)).is_some())
+    }
 }
 
 /// The attached ports, by id and by the two keys frames carry.
@@ -101,6 +133,7 @@ impl Tables {
             cluster_nets: Vec::new(),
             dns: None,
             policy: None,
+            egress: None,
             ports: Arc::default(),
         }
     }

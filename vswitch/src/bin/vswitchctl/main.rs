@@ -99,6 +99,9 @@ enum Cmd {
         #[arg(long)]
         port: Option<u16>,
     },
+    /// Egress translation: pods' connections to the outside, opened again from the node's
+    /// address (pod, destination, node-side port, bytes, age), and its counters.
+    Egress,
     /// Stream a live pcapng capture to stdout (`| tcpdump -nr -`) or to files (-w).
     Capture(capture::CaptureArgs),
     /// Release a port the switch could not take back after a restart (its pod's namespace is
@@ -202,6 +205,9 @@ fn request(args: &Args) -> Result<(), ClientError> {
         Cmd::Policies { pod } => client
             .get::<api::PoliciesResponse>(&policies_path(pod.as_deref()))
             .map(|r| print_policies(&r, json)),
+        Cmd::Egress => client
+            .get::<api::EgressResponse>(api::PATH_EGRESS)
+            .map(|r| print_egress(&r, json)),
         Cmd::Conntrack { ip, port } => client
             .get::<ConntrackResponse>(&conntrack_path(*ip, *port))
             .map(|r| print_conntrack(&r, json)),
@@ -348,6 +354,42 @@ fn conntrack_path(ip: Option<std::net::IpAddr>, port: Option<u16>) -> String {
     } else {
         format!("{}?{}", api::PATH_CONNTRACK, q.join("&"))
     }
+}
+
+fn print_egress(r: &api::EgressResponse, json: bool) {
+    if json {
+        return print_json(r);
+    }
+    if !r.enabled {
+        println!("egress translation is off ([egress] enabled = false)");
+        return;
+    }
+    println!(
+        "{:<5} {:<20} {:<22} {:<22} {:<22} {:>10} {:>10} {:>7}  STATE",
+        "PROTO", "POD", "POD ADDRESS", "DESTINATION", "NODE SIDE", "OUT", "IN", "AGE"
+    );
+    for c in &r.connections {
+        println!(
+            "{:<5} {:<20} {:<22} {:<22} {:<22} {:>10} {:>10} {:>6}s  {}",
+            c.protocol,
+            c.pod.clone().unwrap_or_else(|| format!("port {}", c.port)),
+            c.pod_addr.to_string(),
+            c.destination.to_string(),
+            c.node_side
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "-".into()),
+            c.bytes_out,
+            c.bytes_in,
+            c.age_ms / 1000,
+            c.state
+        );
+    }
+    let counters: Vec<String> = r.counters.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!(
+        "{} connection(s); {}",
+        r.connections.len(),
+        counters.join(" ")
+    );
 }
 
 fn print_conntrack(r: &ConntrackResponse, json: bool) {

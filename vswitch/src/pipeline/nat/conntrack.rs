@@ -515,6 +515,20 @@ impl Conntrack {
             .is_some()
     }
 
+    /// Whether `key` is the reply direction of a live connection; the packet carrying it moves
+    /// the connection on (as [`Conntrack::touch`]).
+    pub fn touch_reply(&mut self, key: &Key, now: u64, flags: TcpFlags) -> bool {
+        let cfg = self.cfg;
+        self.with_conn(key, now, |e, dir| {
+            let reply = matches!(dir, Dir::Reply);
+            if reply {
+                e.touch(&cfg, now, dir, flags);
+            }
+            reply
+        })
+        .unwrap_or(false)
+    }
+
     /// Whether a live connection already has this key.
     pub(super) fn taken(&self, key: &Key, now: u64) -> bool {
         self.index.get(key).is_some_and(|c| c.is_live(now))

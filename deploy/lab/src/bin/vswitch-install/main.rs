@@ -181,7 +181,33 @@ fn sysctls(host_if: &str, node_ip: Option<std::net::IpAddr>) -> Result<(), Strin
     for d in &done {
         log(&d.to_string());
     }
+    ping_sockets();
     Ok(())
+}
+
+/// Egress translation sends pods' pings from unprivileged ICMP echo sockets, which the kernel
+/// allows only to the groups in `net.ipv4.ping_group_range` (off, "1 0", by default): root's
+/// group must be in it. Per network namespace, like the settings above; a failure is logged,
+/// not fatal (only pings to the outside need it).
+fn ping_sockets() {
+    const KEY: &str = "/proc/sys/net/ipv4/ping_group_range";
+    let now = std::fs::read_to_string(KEY).unwrap_or_default();
+    let mut it = now
+        .split_whitespace()
+        .map(|v| v.parse::<u64>().unwrap_or(1));
+    let (lo, hi) = (it.next().unwrap_or(1), it.next().unwrap_or(0));
+    if lo == 0 && hi >= lo {
+        return;
+    }
+    match std::fs::write(KEY, "0 0") {
+        Ok(()) => log(&format!(
+            "net.ipv4.ping_group_range: {} -> 0 0 (egress translation's ICMP echo sockets)",
+            now.trim()
+        )),
+        Err(e) => log(&format!(
+            "net.ipv4.ping_group_range: cannot set it ({e}): pods' pings to the outside fail"
+        )),
+    }
 }
 
 /// One line of progress on stderr (kubelet's container log adds the timestamp).
