@@ -60,8 +60,8 @@ fn fake_vswitchd() {
         gateway_mac: "02:00:00:00:00:01".into(),
         ports: 0,
         ready: true,
-        // Not said, as by a vswitchd older than the field.
-        pid: 0,
+        // As vswitchd says it: `restart` waits for the new process's own answer.
+        pid: std::process::id(),
         warnings: Vec::new(),
     };
     let body = serde_json::to_string(&status).unwrap();
@@ -280,8 +280,8 @@ fn up_builds_everything_and_down_removes_it() {
     let n = fx.name.clone();
     let lab = LabGuard::new(Lab::up_with(fx.spec(2, 2), &fx.opts()).unwrap());
 
-    // Namespaces.
-    let expect: BTreeSet<String> = ["fab", "n1", "n2", "n1-p1", "n1-p2", "n2-p1", "n2-p2"]
+    // Namespaces: the fabric, the host outside the cluster, the nodes and the pods.
+    let expect: BTreeSet<String> = ["fab", "out", "n1", "n2", "n1-p1", "n1-p2", "n2-p1", "n2-p2"]
         .iter()
         .map(|s| format!("{n}-{s}"))
         .collect();
