@@ -817,11 +817,41 @@ fn config_step_renders_each_nodes_config_from_the_config_maps() {
         );
     }
 
-    // A node missing from the table fails the init container with what to do, writing nothing.
+    // A node missing from the table (one that joined later): as shipped (Kubernetes mode) its
+    // config names no pod CIDR, which vswitchd takes from its Node object.
     let out = tmp.join("stranger.toml");
     let mut cmd = Command::new(bin("vswitch-install"));
     cmd.arg("config")
         .arg(format!("--cluster={}", cluster.display()))
+        .arg(format!("--nodes={}", nodes.display()))
+        .arg("--node-name=kind-worker9")
+        .arg("--node-ip=172.18.0.9")
+        .arg(format!("--out={}", out.display()));
+    let res = run(cmd, Duration::from_secs(30));
+    assert!(res.status.success(), "{}", text(&res.stderr));
+    let said = text(&res.stdout) + &text(&res.stderr);
+    assert!(said.contains("from its Node object"), "{said}");
+    let written = fs::read_to_string(&out).unwrap();
+    assert!(
+        !written.lines().any(|l| l.starts_with("pod_cidr")),
+        "{written}"
+    );
+    fs::remove_file(&out).unwrap();
+    // In static mode it fails the init container with what to do, writing nothing.
+    let static_cluster = tmp.join("static-cluster.toml");
+    fs::write(&static_cluster, {
+        let t = fs::read_to_string(&cluster).unwrap();
+        let at = t.find("[kubernetes]").expect("a [kubernetes] section");
+        format!(
+            "{}{}",
+            &t[..at],
+            t[at..].replacen("enabled = true", "enabled = false", 1)
+        )
+    })
+    .unwrap();
+    let mut cmd = Command::new(bin("vswitch-install"));
+    cmd.arg("config")
+        .arg(format!("--cluster={}", static_cluster.display()))
         .arg(format!("--nodes={}", nodes.display()))
         .arg("--node-name=kind-worker9")
         .arg(format!("--out={}", out.display()));

@@ -133,7 +133,26 @@ pub fn run(inp: &Inputs<'_>) -> Result<String, RenderError> {
         inp.node_name,
         node_ip,
     )?;
-    let config = Config::parse(&text).map_err(|source| RenderError::Invalid {
+    // A node the table does not list (Kubernetes mode) has no pod CIDR here: vswitchd takes
+    // its Node object's. The rest is checked as vswitchd will, with a stand-in CIDR.
+    let pod_cidr_from_node = toml::from_str::<toml::Table>(&text)
+        .ok()
+        .and_then(|t| {
+            t.get("node")?
+                .as_table()
+                .map(|n| !n.contains_key("pod_cidr"))
+        })
+        .unwrap_or(false);
+    let checked = if pod_cidr_from_node {
+        let mut t: toml::Table = toml::from_str(&text).unwrap_or_default();
+        if let Some(n) = t.get_mut("node").and_then(|n| n.as_table_mut()) {
+            n.insert("pod_cidr".into(), "192.0.2.0/24".into());
+        }
+        toml::to_string(&t).unwrap_or_default()
+    } else {
+        text.clone()
+    };
+    let config = Config::parse(&checked).map_err(|source| RenderError::Invalid {
         node: inp.node_name.to_string(),
         source,
     })?;
@@ -145,7 +164,11 @@ pub fn run(inp: &Inputs<'_>) -> Result<String, RenderError> {
         "wrote {} for node {}: pod CIDR {}, underlay {}, {} peer(s), metrics on {}",
         inp.out.display(),
         config.node.name,
-        config.node.pod_cidr,
+        if pod_cidr_from_node {
+            "from its Node object (vswitchd reads it at start)".to_string()
+        } else {
+            config.node.pod_cidr.to_string()
+        },
         config
             .overlay
             .underlay_ip
