@@ -221,6 +221,7 @@ pub fn cmd_add(args: &CmdArgs, conf: &NetConf, version: Version) -> Result<Strin
         labels: conf.labels()?,
         ip: k8s.ip,
         mac: k8s.mac,
+        port_mappings: conf.port_mappings()?,
     };
     let resp: AddResponse = client(conf)
         .post(PATH_CNI_ADD, &req)

@@ -120,6 +120,36 @@ pub struct AddRequest {
     /// A MAC address the runtime asks for (CNI_ARGS `MAC=`, as podman's `--mac-address`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
+    /// The pod's hostPorts (the netconf's `runtimeConfig.portMappings`, the runtime's
+    /// `portMappings` capability).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub port_mappings: Vec<PortMapping>,
+}
+
+/// One hostPort: connections and datagrams to `host_port` on the node's addresses (or on
+/// `host_ip` alone) reach the pod at `container_port`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortMapping {
+    pub host_port: u16,
+    pub container_port: u16,
+    /// "tcp" or "udp".
+    pub protocol: String,
+    /// The node address to listen on; None: every address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_ip: Option<Ipv4Addr>,
+}
+
+impl std::fmt::Display for PortMapping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(ip) = self.host_ip {
+            write!(f, "{ip}:")?;
+        }
+        write!(
+            f,
+            "{}->{}/{}",
+            self.host_port, self.container_port, self.protocol
+        )
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -236,6 +266,9 @@ pub struct PortInfo {
     /// frees it.
     #[serde(default = "live_default")]
     pub live: bool,
+    /// The pod's hostPorts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_ports: Vec<PortMapping>,
 }
 
 fn live_default() -> bool {

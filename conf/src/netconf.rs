@@ -8,6 +8,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::api::PortMapping;
+
 /// The CNI versions the plugin accepts in a netconf and can write results for.
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 /// The plugin's own spec version.
@@ -52,15 +54,21 @@ pub struct NetConfError {
 }
 
 impl NetConf {
-    /// A netconf as the lab and the docs write it.
+    /// A netconf as the lab and the docs write it: it declares the `portMappings`
+    /// capability, so runtimes pass the pods' hostPorts.
     pub fn new(name: &str, socket: Option<PathBuf>) -> Self {
+        let mut other = serde_json::Map::new();
+        other.insert(
+            "capabilities".into(),
+            serde_json::json!({"portMappings": true}),
+        );
         NetConf {
             cni_version: CNI_VERSION.into(),
             name: name.into(),
             plugin_type: PLUGIN_TYPE.into(),
             socket,
             valid_attachments: None,
-            other: Default::default(),
+            other,
         }
     }
 
@@ -137,6 +145,77 @@ impl NetConf {
         Ok(out)
     }
 
+    /// The pod's hostPorts, as runtimes pass them for the `portMappings` capability:
+    /// `"runtimeConfig": {"portMappings": [{"hostPort": 8080, "containerPort": 80,
+    /// "protocol": "tcp", "hostIP": ""}]}`. None given: empty. SCTP and IPv6 host addresses
+    /// are refused (the relay serves TCP and UDP over IPv4), as is one host port and protocol
+    /// given twice.
+    pub fn port_mappings(&self) -> Result<Vec<PortMapping>, NetConfError> {
+        let field = "runtimeConfig.portMappings";
+        let Some(list) = self
+            .other
+            .get("runtimeConfig")
+            .and_then(|a| a.get("portMappings"))
+        else {
+            return Ok(Vec::new());
+        };
+        let bad = |reason: String| NetConfError { field, reason };
+        let list = list
+            .as_array()
+            .ok_or_else(|| bad(format!("{list} is not a list of port mappings")))?;
+        let mut out: Vec<PortMapping> = Vec::new();
+        for (i, item) in list.iter().enumerate() {
+            let port = |k: &str| -> Result<u16, NetConfError> {
+                item.get(k)
+                    .and_then(|v| v.as_u64())
+                    .and_then(|p| u16::try_from(p).ok())
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| bad(format!("[{i}].{k}: {item} needs a port 1-65535")))
+            };
+            let (host_port, container_port) = (port("hostPort")?, port("containerPort")?);
+            let protocol = match item.get("protocol").and_then(|v| v.as_str()) {
+                None | Some("") => "tcp".to_string(),
+                Some(p) if p.eq_ignore_ascii_case("tcp") || p.eq_ignore_ascii_case("udp") => {
+                    p.to_ascii_lowercase()
+                }
+                Some(p) => {
+                    return Err(bad(format!(
+                        "[{i}].protocol: {p:?} is not supported (tcp or udp)"
+                    )))
+                }
+            };
+            let host_ip = match item.get("hostIP").and_then(|v| v.as_str()) {
+                None | Some("") | Some("0.0.0.0") => None,
+                Some(a) => match a.parse::<std::net::IpAddr>() {
+                    Ok(std::net::IpAddr::V4(a)) => Some(a),
+                    Ok(std::net::IpAddr::V6(_)) => {
+                        return Err(bad(format!(
+                            "[{i}].hostIP: {a} is IPv6; hostPorts listen on IPv4 only"
+                        )))
+                    }
+                    Err(_) => return Err(bad(format!("[{i}].hostIP: {a:?} is not an address"))),
+                },
+            };
+            let m = PortMapping {
+                host_port,
+                container_port,
+                protocol,
+                host_ip,
+            };
+            if out
+                .iter()
+                .any(|o| o.host_port == m.host_port && o.protocol == m.protocol)
+            {
+                return Err(bad(format!(
+                    "[{i}]: host port {}/{} is given twice",
+                    m.host_port, m.protocol
+                )));
+            }
+            out.push(m);
+        }
+        Ok(out)
+    }
+
     pub fn socket_path(&self) -> PathBuf {
         self.socket
             .clone()
@@ -185,5 +264,59 @@ mod tests {
         let e = bad.labels().unwrap_err();
         assert_eq!(e.field, "args.cni.labels");
         assert!(e.reason.starts_with("[0]"), "{e}");
+    }
+
+    #[test]
+    fn port_mappings_as_runtimes_pass_them() {
+        let nc = |maps: &str| -> NetConf {
+            serde_json::from_str(&format!(
+                r#"{{"cniVersion":"1.0.0","name":"pods","type":"vswitch",
+                    "runtimeConfig":{{"portMappings":{maps}}}}}"#
+            ))
+            .unwrap()
+        };
+        let m = nc(
+            r#"[{"hostPort":8080,"containerPort":80,"protocol":"tcp","hostIP":""},
+                      {"hostPort":5353,"containerPort":53,"protocol":"UDP","hostIP":"10.0.0.1"},
+                      {"hostPort":8080,"containerPort":80,"protocol":"udp"}]"#,
+        )
+        .port_mappings()
+        .unwrap();
+        assert_eq!(m.len(), 3);
+        assert_eq!(m[0].to_string(), "8080->80/tcp");
+        assert_eq!(m[1].to_string(), "10.0.0.1:5353->53/udp");
+        assert_eq!(m[2].host_ip, None);
+        assert!(NetConf::new("pods", None)
+            .port_mappings()
+            .unwrap()
+            .is_empty());
+        for (maps, says) in [
+            (r#"[{"hostPort":0,"containerPort":80}]"#, "[0].hostPort"),
+            (
+                r#"[{"hostPort":80,"containerPort":70000}]"#,
+                "[0].containerPort",
+            ),
+            (
+                r#"[{"hostPort":80,"containerPort":80,"protocol":"sctp"}]"#,
+                "[0].protocol",
+            ),
+            (
+                r#"[{"hostPort":80,"containerPort":80,"hostIP":"::1"}]"#,
+                "IPv6",
+            ),
+            (
+                r#"[{"hostPort":80,"containerPort":80,"hostIP":"x"}]"#,
+                "[0].hostIP",
+            ),
+            (
+                r#"[{"hostPort":80,"containerPort":80},{"hostPort":80,"containerPort":81}]"#,
+                "twice",
+            ),
+            (r#"{"hostPort":80}"#, "not a list"),
+        ] {
+            let e = nc(maps).port_mappings().unwrap_err();
+            assert_eq!(e.field, "runtimeConfig.portMappings");
+            assert!(e.reason.contains(says), "{maps}: {e}");
+        }
     }
 }

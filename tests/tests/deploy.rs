@@ -985,6 +985,8 @@ fn check_conflist(path: &Path, socket: &Path) {
     assert_eq!(plugins.len(), 1, "{raw}");
     assert_eq!(plugins[0]["type"], conf::netconf::PLUGIN_TYPE);
     assert_eq!(plugins[0]["socket"], socket.to_str().expect("utf-8"));
+    // Pods' hostPorts reach the plugin only if it declares the capability.
+    assert_eq!(plugins[0]["capabilities"]["portMappings"], true, "{raw}");
     // What libcni hands the plugin: the entry plus the list's name and version.
     let mut netconf = plugins[0].clone();
     netconf["cniVersion"] = doc["cniVersion"].clone();

@@ -382,6 +382,7 @@ fn network_policy_from_the_api_isolates_a_pod_and_follows_labels() {
     let opts = PodOptions {
         namespace: "shop".into(),
         labels: [("app".to_string(), "web".to_string())].into(),
+        ..Default::default()
     };
     let web = lab
         .add_pod_with(2, "web", &opts)

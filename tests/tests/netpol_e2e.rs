@@ -110,6 +110,7 @@ impl Cluster {
                 let opts = PodOptions {
                     namespace: ns.to_string(),
                     labels: BTreeMap::from([("pod".to_string(), pod.to_string())]),
+                    ..Default::default()
                 };
                 let p = c
                     .lab

@@ -53,7 +53,8 @@ impl Podman {
             serde_json::json!({
                 "cniVersion": "1.0.0",
                 "name": name,
-                "plugins": [{"type": "vswitch", "socket": socket}],
+                "plugins": [{"type": "vswitch", "socket": socket,
+                             "capabilities": {"portMappings": true}}],
             })
             .to_string(),
         )
@@ -153,7 +154,12 @@ impl Podman {
 
     /// A pod on our network whose infra container runs our image.
     fn pod_create(&self, pod: &str) {
-        self.ok(&[
+        self.pod_create_with(pod, &[]);
+    }
+
+    /// A pod as [`Podman::pod_create`] makes it, with more `podman pod create` options.
+    fn pod_create_with(&self, pod: &str, more: &[&str]) {
+        let mut args = vec![
             "pod",
             "create",
             "--name",
@@ -164,7 +170,9 @@ impl Podman {
             &self.image,
             "--infra-command",
             "/bin/pause",
-        ]);
+        ];
+        args.extend_from_slice(more);
+        self.ok(&args);
     }
 }
 
@@ -218,8 +226,10 @@ fn podman_pods_talk_over_localhost_and_across_the_switch() {
         format!("{}-b", podman.network),
     );
 
-    // Pod A: container A serves a page on port 8080.
-    podman.pod_create(&pod_a);
+    // Pod A: container A serves a page on port 8080, published as hostPort 18080 (podman
+    // passes it to the plugin as runtimeConfig.portMappings: the conflist declares the
+    // capability).
+    podman.pod_create_with(&pod_a, &["-p", "18080:8080"]);
     podman.ok(&[
         "run",
         "-d",
@@ -242,6 +252,15 @@ fn podman_pods_talk_over_localhost_and_across_the_switch() {
         "pod A (its infra container) should be one port on the switch: {ports_a:?}"
     );
     let ip_a: IpAddr = ports_a[0].ip;
+    assert_eq!(
+        ports_a[0]
+            .host_ports
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        ["18080->8080/tcp"],
+        "pod A's hostPort on the switch: {ports_a:?}"
+    );
 
     // Container B in the same pod fetches it over localhost: the pod's shared namespace.
     // (busybox's own `wget -T` crashes in this build, so `timeout` bounds it instead.)
@@ -322,7 +341,33 @@ fn podman_pods_talk_over_localhost_and_across_the_switch() {
     // `--rm` removed it, and with it its port.
     assert_eq!(ports(&daemon.socket).ports.len(), 2);
 
+    // The hostPort reaches pod A from the node vswitchd runs on (its namespace here).
+    let mut last = None;
+    for _ in 0..10 {
+        let o = exec_in(
+            daemon.netns.name(),
+            &["curl", "-sS", "--max-time", "5", "http://127.0.0.1:18080/"],
+            Duration::from_secs(10),
+        );
+        if o.success() {
+            last = None;
+            assert_eq!(o.stdout, PAGE, "hostPort 18080: {o}");
+            break;
+        }
+        last = Some(o);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    if let Some(o) = last {
+        panic!("hostPort 18080 on the node did not reach pod A:\n{o}");
+    }
+
     podman.ok(&["pod", "rm", "--force", "--time", "0", &pod_a, &pod_b]);
+    let o = exec_in(
+        daemon.netns.name(),
+        &["curl", "-sS", "--max-time", "3", "http://127.0.0.1:18080/"],
+        Duration::from_secs(8),
+    );
+    assert_eq!(o.status.code(), Some(7), "hostPort 18080 after pod rm: {o}");
     let left = ports(&daemon.socket).ports;
     assert!(left.is_empty(), "ports left after podman pod rm: {left:?}");
     assert!(leases(&daemon.state_dir).is_empty());

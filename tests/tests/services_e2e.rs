@@ -22,7 +22,12 @@
 //! 10. as kube-proxy (issue 25): a rollout renumbering a named port serves old and new pods,
 //!     each on its own port; a NodePort with externalTrafficPolicy Local is still served by
 //!     its last local endpoint while that terminates, and refused (curl exit 7) with none;
-//!     its healthCheckNodePort answers 200 with the local endpoint count, then 503.
+//!     its healthCheckNodePort answers 200 with the local endpoint count, then 503;
+//! 11. hostPorts (issue 24): a pod's hostPorts (TCP and UDP), given as a runtime gives them
+//!     (`runtimeConfig.portMappings`), reach it at its node's address from outside the cluster
+//!     with the client's address kept, from a pod on another node and from the node itself;
+//!     a second pod asking for a port in use fails its ADD and leaves nothing behind; a new
+//!     vswitchd taking the node over serves them; the pod's DEL closes them.
 //!
 //! The tests' Services live in namespace `default` with ClusterIPs in 10.96.1.0/24, clear of
 //! the addresses the daemon serves itself (the cluster DNS on 10.96.0.10).
@@ -1950,5 +1955,160 @@ fn the_node_reaches_pods_and_cluster_ips_and_pods_reach_the_node() {
         "through the ClusterIP: {r:?}"
     );
     drop(api_like);
+    eprintln!("took {:.1?}", started.elapsed());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 11. hostPorts (issue 24).
+
+#[test]
+fn host_ports_reach_a_pod_from_outside_from_other_pods_and_from_its_node() {
+    let started = Instant::now();
+    let mut w = World::new(2, 1);
+    let p1 = w.pod("n1-p1");
+    let publish = |s: &str| vswitch_lab::parse_publish(s).unwrap_or_else(|e| panic!("{e}"));
+    let opts = vswitch_lab::PodOptions {
+        host_ports: vec![publish("8090:8080"), publish("5354:5353/udp")],
+        ..Default::default()
+    };
+    let web = w
+        .lab
+        .add_pod_with(2, "web", &opts)
+        .unwrap_or_else(|e| panic!("add pod web with hostPorts: {e}"))
+        .clone();
+    let _http = w.http_server(&web);
+    let _echo = Bg::spawn(
+        &web.netns,
+        &w.py("udp-echo", &[&web.name, "5353"]),
+        Duration::from_secs(60),
+    );
+    wait_listening(&web.netns, "u", 5353);
+    let n2 = w.node(2).clone();
+    wait_listening(&n2.netns, "t", 8090);
+    wait_listening(&n2.netns, "u", 5354);
+    let ports = vswitchctl_json(&n2, &["ports"]);
+    let listed: Vec<String> = ports["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["ip"].as_str() == Some(&web.ip.to_string()))
+        .flat_map(|p| p["host_ports"].as_array().cloned().unwrap_or_default())
+        .map(|m| {
+            format!(
+                "{}->{}/{}",
+                m["host_port"],
+                m["container_port"],
+                m["protocol"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        ["8090->8080/tcp", "5354->5353/udp"],
+        "vswitchctl ports on n2: {ports}"
+    );
+
+    // From outside the cluster: the pod sees the client's own address, as with the portmap
+    // plugin's DNAT.
+    let client = outside_client(&w, "192.168.100.250/24");
+    let url = format!("http://{}:8090/", n2.underlay_ip);
+    let r = curl_ok(client.name(), &url);
+    assert_eq!(
+        (r.name.as_str(), r.peer_ip.as_str()),
+        (web.name.as_str(), "192.168.100.250"),
+        "{url} from outside: {r:?}"
+    );
+    let o = exec_in(
+        client.name(),
+        &w.py(
+            "udp-client",
+            &[&n2.underlay_ip.to_string(), "5354", "1", "0.1", "40002"],
+        ),
+        Duration::from_secs(10),
+    );
+    assert!(o.success(), "{o}");
+    let kept = o
+        .stdout
+        .lines()
+        .filter(|l| {
+            l.contains(&format!(
+                "reply from={}:5354 {} seq",
+                n2.underlay_ip, web.name
+            )) && l.ends_with("peer=192.168.100.250")
+        })
+        .count();
+    assert!(
+        kept >= 8,
+        "UDP hostPort {}:5354: {kept} of 10 answered from the node with the client's address:\n{o}",
+        n2.underlay_ip
+    );
+
+    // From a pod on another node: its replies would cross the switch, not the node, so the
+    // relay sends from the node's address (as a hairpin is masqueraded).
+    let r = curl_ok(&p1.netns, &url);
+    assert_eq!(
+        (r.name.as_str(), r.peer_ip.as_str()),
+        (web.name.as_str(), "10.244.2.1"),
+        "{url} from pod {}: {r:?}",
+        p1.name
+    );
+    // From the node itself, on its loopback address.
+    let r = curl_ok(&n2.netns, "http://127.0.0.1:8090/");
+    assert_eq!(r.name, web.name, "127.0.0.1:8090 on n2: {r:?}");
+
+    // A second pod asking for a port in use: its ADD fails with the reason and leaves nothing.
+    let before = vswitchctl_json(&n2, &["ports"])["ports"]
+        .as_array()
+        .map_or(0, Vec::len);
+    let err = match w.lab.add_pod_with(2, "web2", &opts) {
+        Ok(p) => panic!("a second pod got hostPort 8090 too: {p:?}"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("8090"),
+        "the error should name the port: {err}"
+    );
+    assert!(w.lab.find_pod("n2-web2").is_none());
+    let after = vswitchctl_json(&n2, &["ports"]);
+    assert_eq!(
+        after["ports"].as_array().map_or(0, Vec::len),
+        before,
+        "a failed ADD left a port behind: {after}"
+    );
+    let r = curl_ok(client.name(), &url);
+    assert_eq!(r.name, web.name, "the first pod keeps its hostPort: {r:?}");
+
+    // A new vswitchd taking the node over serves the pod's hostPorts too.
+    w.lab
+        .restart_daemon(1, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("restart n2's vswitchd: {e}"));
+    wait_listening(&n2.netns, "t", 8090);
+    let r = curl_ok(client.name(), &url);
+    assert_eq!(
+        (r.name.as_str(), r.peer_ip.as_str()),
+        (web.name.as_str(), "192.168.100.250"),
+        "{url} after a restart: {r:?}"
+    );
+
+    // The pod's DEL closes its hostPorts: the node refuses at once.
+    w.lab
+        .del_pod(&web.name)
+        .unwrap_or_else(|e| panic!("del pod {}: {e}", web.name));
+    let closed = wait_until(Duration::from_secs(5), || {
+        let o = exec_in(
+            &n2.netns,
+            &["ss", "-Hltn", "sport = :8090"],
+            Duration::from_secs(3),
+        );
+        o.success() && o.stdout.trim().is_empty()
+    });
+    assert!(
+        closed,
+        "hostPort 8090 still listened on after the pod's DEL"
+    );
+    match curl_once(client.name(), &url, 3) {
+        Ok(r) => panic!("{url} answered after the pod's DEL: {r:?}"),
+        Err((o, _)) => assert_eq!(o.status.code(), Some(7), "{url}: refused:\n{o}"),
+    }
     eprintln!("took {:.1?}", started.elapsed());
 }

@@ -63,6 +63,66 @@ pub(crate) fn with_labels(
     serde_json::to_vec(&doc).map_err(|e| e.to_string())
 }
 
+/// A netconf with the pod's hostPorts as `runtimeConfig.portMappings`, as runtimes pass them
+/// to a plugin that declares the `portMappings` capability (and to no other); unchanged when
+/// there are none.
+pub(crate) fn with_port_mappings(
+    netconf: &[u8],
+    maps: &[conf::api::PortMapping],
+) -> Result<Vec<u8>, String> {
+    if maps.is_empty() {
+        return Ok(netconf.to_vec());
+    }
+    let mut doc: Value =
+        serde_json::from_slice(netconf).map_err(|e| format!("netconf is not JSON: {e}"))?;
+    if doc.pointer("/capabilities/portMappings") != Some(&Value::Bool(true)) {
+        return Err("the network's plugin does not declare the portMappings capability".into());
+    }
+    let list: Vec<Value> = maps
+        .iter()
+        .map(|m| {
+            serde_json::json!({
+                "hostPort": m.host_port,
+                "containerPort": m.container_port,
+                "protocol": m.protocol,
+                "hostIP": m.host_ip.map(|a| a.to_string()).unwrap_or_default(),
+            })
+        })
+        .collect();
+    let obj = doc
+        .as_object_mut()
+        .ok_or_else(|| "netconf is not a JSON object".to_string())?;
+    obj.insert(
+        "runtimeConfig".into(),
+        serde_json::json!({"portMappings": list}),
+    );
+    serde_json::to_vec(&doc).map_err(|e| e.to_string())
+}
+
+/// A hostPort as podman's and docker's `-p` write it: `[HOST_IP:]HOST_PORT:CONTAINER_PORT`,
+/// then `/tcp` (the default) or `/udp`.
+pub fn parse_publish(s: &str) -> Result<conf::api::PortMapping, crate::LabError> {
+    let bad = || crate::LabError::BadPublish(s.to_string());
+    let (ports, protocol) = match s.rsplit_once('/') {
+        Some((p, proto)) if proto == "tcp" || proto == "udp" => (p, proto),
+        Some(_) => return Err(bad()),
+        None => (s, "tcp"),
+    };
+    let parts: Vec<&str> = ports.split(':').collect();
+    let (host_ip, host, container) = match parts[..] {
+        [h, c] => (None, h, c),
+        [ip, h, c] => (Some(ip.parse().map_err(|_| bad())?), h, c),
+        _ => return Err(bad()),
+    };
+    let port = |p: &str| p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(bad);
+    Ok(conf::api::PortMapping {
+        host_port: port(host)?,
+        container_port: port(container)?,
+        protocol: protocol.into(),
+        host_ip,
+    })
+}
+
 /// Adds `prevResult` to a netconf document.
 pub(crate) fn with_prev_result(netconf: &[u8], prev: &Value) -> Result<Vec<u8>, String> {
     let mut doc: Value =
@@ -202,6 +262,29 @@ impl Added {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn host_ports_as_podman_writes_them_and_as_runtimes_pass_them() {
+        let m = parse_publish("8080:80").unwrap();
+        assert_eq!(m.to_string(), "8080->80/tcp");
+        let m = parse_publish("192.168.100.1:5353:53/udp").unwrap();
+        assert_eq!(m.to_string(), "192.168.100.1:5353->53/udp");
+        for bad in ["80", "0:80", "80:80/sctp", "x:80:80", "1:2:3:4", "80:70000"] {
+            assert!(parse_publish(bad).is_err(), "{bad}");
+        }
+        let plain = br#"{"cniVersion":"1.1.0","name":"l","type":"vswitch"}"#;
+        assert_eq!(with_port_mappings(plain, &[]).unwrap(), plain.to_vec());
+        let e = with_port_mappings(plain, &[parse_publish("8080:80").unwrap()]).unwrap_err();
+        assert!(e.contains("capability"), "{e}");
+        let capable =
+            br#"{"cniVersion":"1.1.0","name":"l","type":"vswitch","capabilities":{"portMappings":true}}"#;
+        let out = with_port_mappings(capable, &[parse_publish("8080:80").unwrap()]).unwrap();
+        let doc: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            doc["runtimeConfig"]["portMappings"],
+            json!([{"hostPort": 8080, "containerPort": 80, "protocol": "tcp", "hostIP": ""}])
+        );
+    }
 
     #[test]
     fn reads_a_cni_result() {

@@ -95,6 +95,11 @@ pub enum LabError {
     #[error("{0:?} is not a label (KEY=VALUE: KEY an optional DNS prefix and '/', then a name of at most 63 alphanumerics, '-', '_' or '.'; VALUE the same, or empty)")]
     BadLabel(String),
 
+    #[error(
+        "{0:?} is not a hostPort ([HOST_IP:]HOST_PORT:CONTAINER_PORT[/tcp|/udp], as podman's -p)"
+    )]
+    BadPublish(String),
+
     #[error("generated a bad vswitchd config for node {node} (a vswitch-lab bug): {reason}")]
     BadConfig { node: String, reason: String },
 

@@ -209,6 +209,9 @@ pub struct Pod {
     /// The pod's labels (the netconf's `args.cni.labels`, and its Pod manifest).
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The pod's hostPorts (the netconf's `runtimeConfig.portMappings`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_ports: Vec<conf::api::PortMapping>,
 }
 
 fn default_namespace() -> String {
@@ -220,6 +223,8 @@ fn default_namespace() -> String {
 pub struct PodOptions {
     pub namespace: String,
     pub labels: BTreeMap<String, String>,
+    /// hostPorts, passed as a runtime does for the `portMappings` capability.
+    pub host_ports: Vec<conf::api::PortMapping>,
 }
 
 impl Default for PodOptions {
@@ -227,6 +232,7 @@ impl Default for PodOptions {
         PodOptions {
             namespace: default_namespace(),
             labels: BTreeMap::new(),
+            host_ports: Vec::new(),
         }
     }
 }
@@ -589,13 +595,12 @@ impl Lab {
         }
         sys::ip(&["netns", "add", &netns])?;
         let added = sys::ip(&["-n", &netns, "link", "set", "lo", "up"]).and_then(|_| {
-            let netconf =
-                cni::with_labels(&read(&node.cni_netconf)?, &opts.labels).map_err(|message| {
-                    LabError::Cni {
-                        command: "ADD",
-                        pod: short.clone(),
-                        message,
-                    }
+            let netconf = cni::with_labels(&read(&node.cni_netconf)?, &opts.labels)
+                .and_then(|n| cni::with_port_mappings(&n, &opts.host_ports))
+                .map_err(|message| LabError::Cni {
+                    command: "ADD",
+                    pod: short.clone(),
+                    message,
                 })?;
             let call = cni::Call {
                 plugin,
@@ -649,6 +654,7 @@ impl Lab {
             cni_result: result,
             namespace: opts.namespace.clone(),
             labels: opts.labels.clone(),
+            host_ports: opts.host_ports.clone(),
         });
         self.save()?;
         let pod = &self.pods[self.pods.len() - 1];
@@ -878,6 +884,7 @@ impl Lab {
                 mac: p.mac.clone(),
                 namespace: p.namespace.clone(),
                 labels: p.labels.clone(),
+                host_ports: p.host_ports.iter().map(ToString::to_string).collect(),
             })
             .collect();
         LabStatus {
@@ -1425,6 +1432,7 @@ mod tests {
                 cni_result: serde_json::json!({"ips": [{"address": "10.244.1.2/24"}]}),
                 namespace: "default".into(),
                 labels: Default::default(),
+                host_ports: Vec::new(),
             }],
             services: Vec::new(),
             outside_netns: None,

@@ -35,6 +35,7 @@ mod status;
 mod sys;
 pub mod wake;
 
+pub use cni::parse_publish;
 pub use error::LabError;
 pub use files::with_nat_keys;
 pub use lab::{

@@ -97,6 +97,10 @@ enum Cmd {
         /// The pod's labels, k=v,k2=v2 (for NetworkPolicy).
         #[arg(long, default_value = "", value_name = "K=V,...")]
         labels: String,
+        /// A hostPort, as podman's -p: the pod's CONTAINER_PORT reached at HOST_PORT on the
+        /// node's addresses (or HOST_IP only). Repeatable.
+        #[arg(long, value_name = "[HOST_IP:]HOST_PORT:CONTAINER_PORT[/udp]")]
+        publish: Vec<String>,
     },
     /// Delete a pod through the CNI plugin.
     DelPod { pod: String },
@@ -405,11 +409,16 @@ fn run(cli: Cli) -> Result<ExitCode, LabError> {
             pod,
             namespace,
             labels,
+            publish,
         } => {
             let mut lab = Lab::load(&name)?;
             let opts = vswitch_lab::PodOptions {
                 namespace,
                 labels: vswitch_lab::policy::parse_labels(&labels)?,
+                host_ports: publish
+                    .iter()
+                    .map(|p| vswitch_lab::parse_publish(p))
+                    .collect::<Result<_, _>>()?,
             };
             let p = lab.add_pod_with(node, &pod, &opts)?;
             println!("{} {} {} {}", p.name, p.netns, p.address(), p.mac);

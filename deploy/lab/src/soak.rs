@@ -873,6 +873,7 @@ mod tests {
             cni_result: serde_json::Value::Null,
             namespace: "default".into(),
             labels: Default::default(),
+            host_ports: Vec::new(),
         };
         let pods = vec![pod(1, "10.244.1.2"), pod(2, "10.244.2.2")];
         let base = crate::files::render_config(&nodes[0], &nodes, &[]).unwrap();

@@ -69,6 +69,9 @@ pub struct PodStatus {
     pub namespace: String,
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// The pod's hostPorts, `[HOST_IP:]HOST_PORT->CONTAINER_PORT/PROTO`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_ports: Vec<String>,
 }
 
 impl NodeStatus {
@@ -206,6 +209,7 @@ mod tests {
                 mac: "02:00:00:00:00:01".into(),
                 namespace: "default".into(),
                 labels: Default::default(),
+                host_ports: Vec::new(),
             }],
             policy_dir: "/run/vswitch-lab/vsl/policies".into(),
             outside: None,

@@ -92,6 +92,9 @@ struct Record {
     mac: String,
     ip: Ipv4Addr,
     port: PortId,
+    /// The pod's hostPorts (its ADD's port mappings), listened on while the port is live.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    host_ports: Vec<conf::api::PortMapping>,
     /// Whether this daemon process holds the port's TAP (false for records from before a
     /// restart, whose devices went away with the old process).
     #[serde(skip)]
@@ -122,6 +125,7 @@ impl Record {
             ip: IpAddr::V4(self.ip),
             counters: self.stats.snapshot(),
             live: self.live,
+            host_ports: self.host_ports.clone(),
         }
     }
 }
@@ -297,6 +301,11 @@ fn take_back(config: &Config, datapath: &Datapath, records: &mut BTreeMap<Attach
             ),
         }
     }
+}
+
+/// How an attachment's hostPorts are known to the relay.
+fn owner_of(key: &Attachment) -> String {
+    format!("{}/{}", key.container_id, key.ifname)
 }
 
 /// What an ADD must carry before anything is looked up.
@@ -649,6 +658,11 @@ impl Daemon {
                 let (tap, link) = self.create_pod_interface(&req, mac, lease.ip)?;
                 Ok((mac, tap, link))
             });
+        let owner = owner_of(&key);
+        let made = made.and_then(|m| {
+            self.open_host_ports(&owner, lease.ip, &req.port_mappings, true)
+                .map(|()| m)
+        });
         let (mac, tap, link) = match made {
             Ok(m) => m,
             Err(e) => {
@@ -670,12 +684,14 @@ impl Daemon {
             mac: mac.to_string(),
             ip: lease.ip,
             port,
+            host_ports: req.port_mappings.clone(),
             live: true,
             stats: Arc::new(PortStats::default()),
             link: link_stats(link, port),
         };
         if let Err(e) = self.save_record(&rec) {
             drop(tap);
+            self.close_host_ports(&owner);
             let _ = st.ipam.release(&req.container_id, &req.ifname);
             return Err(api_err(code::IO_FAILURE, "saving the attachment failed", e));
         }
@@ -692,6 +708,39 @@ impl Daemon {
         st.records.insert(key, rec);
         self.publish(&st);
         Ok(resp)
+    }
+
+    /// Opens a pod's hostPorts (see [`nodeport::NodePorts::open_host_ports`]).
+    fn open_host_ports(
+        &self,
+        owner: &str,
+        ip: Ipv4Addr,
+        maps: &[conf::api::PortMapping],
+        now: bool,
+    ) -> Result<(), ApiError> {
+        if maps.is_empty() {
+            return Ok(());
+        }
+        let Some(np) = self.nodeports.get() else {
+            return Err(api_err(
+                code::TRY_AGAIN_LATER,
+                "vswitchd is starting: hostPorts are not served yet",
+                "",
+            ));
+        };
+        np.open_host_ports(owner, ip, maps, now).map_err(|e| {
+            api_err(
+                code::REQUESTED_UNAVAILABLE,
+                e,
+                "another process or pod holds it",
+            )
+        })
+    }
+
+    fn close_host_ports(&self, owner: &str) {
+        if let Some(np) = self.nodeports.get() {
+            np.close_host_ports(owner);
+        }
     }
 
     /// The MACs derived from the pod CIDR's addresses (0a:58 and the address) belong to those
@@ -752,6 +801,7 @@ impl Daemon {
     fn release(&self, st: &mut State, key: &Attachment) -> Result<(), ApiError> {
         if let Some(rec) = st.records.remove(key) {
             self.publish(st);
+            self.close_host_ports(&owner_of(key));
             if rec.live {
                 self.datapath().remove_port(rec.port);
             } else {
@@ -961,6 +1011,7 @@ impl Daemon {
                     ip: IpAddr::V4(gw),
                     counters: s.snapshot(),
                     live: true,
+                    host_ports: Vec::new(),
                 }
             }),
             underlay: self
@@ -1255,8 +1306,12 @@ impl Daemon {
         Ok(())
     }
 
-    /// Points the node's routes through the host port at the current peers and Services.
+    /// Points the node's routes through the host port at the current peers and Services (and
+    /// tells the relays which clients are pods).
     fn sync_host_routes(&self, st: &State) {
+        if let Some(np) = self.nodeports.get() {
+            np.set_pod_nets(self.pod_nets(st));
+        }
         if let Some(r) = &self.host_routes {
             r.set(host_routes::wanted(
                 &self.config.host.routes,
@@ -1265,6 +1320,13 @@ impl Daemon {
                 &st.services,
             ));
         }
+    }
+
+    /// The cluster's pod CIDRs this node knows: its own and its peers'.
+    fn pod_nets(&self, st: &State) -> Vec<ipnet::Ipv4Net> {
+        std::iter::once(self.config.node.pod_cidr)
+            .chain(st.peers.iter().flat_map(|p| p.pod_cidrs.iter().copied()))
+            .collect()
     }
 
     /// Starts the NodePort listeners on the control-plane runtime `rt`.
@@ -1279,10 +1341,17 @@ impl Daemon {
                 .then(|| self.config.host.interface.clone()),
             self.config.nat.node_port_addresses.clone(),
         );
-        {
-            let st = self.lock();
-            np.reconcile(&st.services, st.zone.as_deref());
+        let st = self.lock();
+        np.set_pod_nets(self.pod_nets(&st));
+        np.reconcile(&st.services, st.zone.as_deref());
+        // Pods taken back at start keep their hostPorts (bound once the vswitchd this one
+        // took over from lets go of them).
+        for (key, rec) in st.records.iter().filter(|(_, r)| r.live) {
+            if let Err(e) = np.open_host_ports(&owner_of(key), rec.ip, &rec.host_ports, false) {
+                tracing::warn!("hostPorts of {}: {e}", owner_of(key));
+            }
         }
+        drop(st);
         let _ = self.nodeports.set(np);
     }
 

@@ -33,7 +33,13 @@
 //! cannot be installed the relay falls back to the node's address and says so in the log. A
 //! pod serving the same port to outside clients through the node is also answered locally
 //! while the rule is there, a cost documented with the policy. It runs on the control-plane
-//! runtime, never on the datapath threads.
+//! runtime, never on the datapath threads. Clients that are pods (in this node's or a peer's
+//! pod CIDR) are always relayed from the node's address: their replies would cross the
+//! switch to the client's node rather than come back through this one.
+//!
+//! Pods' hostPorts (the runtime's `portMappings`) are relayed the same way, each to its pod's
+//! container port, keeping the client's address as policy Local does. They are bound when the
+//! pod's ADD is taken, so a port in use fails the ADD, and closed by its DEL.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -59,7 +65,19 @@ struct Target {
     affinity: bool,
 }
 
-type Rules = Arc<Mutex<std::collections::BTreeSet<(u8, u16)>>>;
+type RuleSet = std::collections::BTreeSet<(u8, u16)>;
+
+/// What the relays read when they choose whether to keep a client's address.
+#[derive(Default)]
+struct Relay {
+    /// (IP protocol, target port) pairs with a return rule installed.
+    installed: Mutex<RuleSet>,
+    /// The cluster's pod CIDRs (this node's and its peers'): a pod's replies to another pod
+    /// cross the switch, never the node, so a pod client is relayed from the node's address.
+    pods: Mutex<Vec<ipnet::Ipv4Net>>,
+}
+
+type Rules = Arc<Relay>;
 const TCP: u8 = 6;
 const UDP: u8 = 17;
 
@@ -106,6 +124,32 @@ pub struct NodePorts {
     host_if: Option<String>,
     /// (IP protocol, target port) pairs with a return rule installed.
     rules: Rules,
+    /// The pairs the NodePorts want a return rule for.
+    node_rules: Mutex<std::collections::BTreeSet<(u8, u16)>>,
+    /// The pairs wanted in all (NodePorts and hostPorts), as last computed.
+    desired: Arc<Mutex<RuleSet>>,
+    /// Held while return rules are changed, so that changes apply in order.
+    applying: Arc<tokio::sync::Mutex<()>>,
+    /// The pods' hostPorts.
+    host_ports: Mutex<Vec<HostListener>>,
+}
+
+impl HostListener {
+    fn protocol(&self) -> Protocol {
+        if self.mapping.protocol == "udp" {
+            Protocol::Udp
+        } else {
+            Protocol::Tcp
+        }
+    }
+}
+
+/// One hostPort of a pod: a listener relaying to the pod's container port.
+struct HostListener {
+    /// The attachment (`container/ifname`) it belongs to.
+    owner: String,
+    mapping: conf::api::PortMapping,
+    task: JoinHandle<()>,
 }
 
 /// The NodePort targets of `services` seen from `node`; a NodePort without any destination
@@ -227,12 +271,46 @@ fn pick(target: &Mutex<Target>, from: &SocketAddr) -> Option<SocketAddr> {
 
 /// Whether to send from the client's address: policy Local, and only with the return route
 /// for (`proto`, `port`) in place, otherwise the replies would be lost.
-fn transparent(target: &Mutex<Target>, rules: &Rules, proto: u8, port: u16) -> bool {
-    target.lock().unwrap_or_else(|p| p.into_inner()).transparent
-        && rules
+fn transparent(
+    target: &Mutex<Target>,
+    relay: &Relay,
+    proto: u8,
+    from: SocketAddr,
+    dest: SocketAddr,
+) -> bool {
+    let outside = match from.ip() {
+        IpAddr::V4(ip) => !relay
+            .pods
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .contains(&(proto, port))
+            .iter()
+            .any(|n| n.contains(&ip)),
+        IpAddr::V6(_) => false,
+    };
+    target.lock().unwrap_or_else(|p| p.into_inner()).transparent
+        && keeps(from, dest)
+        && outside
+        && relay
+            .installed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&(proto, dest.port()))
+}
+
+/// Whether the client's address can be kept towards `dest`: not a loopback client (its
+/// address cannot leave the node), and not the destination pod itself (a hairpin, which the
+/// pod would drop as a martian: it is relayed from the node's address, as kube-proxy
+/// masquerades hairpin traffic).
+fn keeps(from: SocketAddr, dest: SocketAddr) -> bool {
+    !from.ip().is_loopback() && from.ip() != dest.ip()
+}
+
+fn proto_number(p: Protocol) -> u8 {
+    if p == Protocol::Tcp {
+        TCP
+    } else {
+        UDP
+    }
 }
 
 fn salt_of(addr: &SocketAddr) -> u64 {
@@ -277,36 +355,174 @@ impl NodePorts {
             only,
             host_if,
             rules: Arc::default(),
+            node_rules: Mutex::default(),
+            desired: Arc::default(),
+            applying: Arc::default(),
+            host_ports: Mutex::default(),
         }
     }
 
     /// Installs (and removes) the return rules for the endpoints' ports of Local NodePorts.
     fn sync_rules(&self, want: &HashMap<Key, Target>) {
-        let Some(host_if) = self.host_if.clone() else {
-            return;
-        };
-        let want: std::collections::BTreeSet<(u8, u16)> = want
+        let want: RuleSet = want
             .iter()
             .filter(|(_, t)| t.local)
             .flat_map(|(k, t)| {
-                let proto = if k.0 == Protocol::Tcp { TCP } else { UDP };
+                let proto = proto_number(k.0);
                 t.dests.iter().map(move |d| (proto, d.port()))
             })
             .collect();
-        let rules = self.rules.clone();
+        *self.node_rules.lock().unwrap_or_else(|e| e.into_inner()) = want;
+        self.apply_rules();
+    }
+
+    /// Brings the installed return rules to what the NodePorts and hostPorts want now, on the
+    /// control-plane runtime, one change after another.
+    fn apply_rules(&self) {
+        let Some(host_if) = self.host_if.clone() else {
+            return;
+        };
+        let mut want = self
+            .node_rules
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        want.extend(
+            self.host_ports
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|h| (proto_number(h.protocol()), h.mapping.container_port)),
+        );
+        *self.desired.lock().unwrap_or_else(|e| e.into_inner()) = want;
+        let (rules, desired, applying) = (
+            self.rules.clone(),
+            self.desired.clone(),
+            self.applying.clone(),
+        );
         self.rt.spawn(async move {
-            let have = rules.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let _turn = applying.lock().await;
+            let want = desired.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let have = rules
+                .installed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
             if want == have {
                 return;
             }
             match return_rules(&host_if, &have, &want).await {
-                Ok(()) => *rules.lock().unwrap_or_else(|e| e.into_inner()) = want,
+                Ok(()) => *rules.installed.lock().unwrap_or_else(|e| e.into_inner()) = want,
                 Err(e) => tracing::warn!(
-                    "NodePort policy Local: cannot route endpoints' replies back to the relay \
-                     ({e}); the client's address is not kept"
+                    "NodePort policy Local and hostPorts: cannot route endpoints' replies back \
+                     to the relay ({e}); the client's address is not kept"
                 ),
             }
         });
+    }
+
+    /// The cluster's pod CIDRs: clients there are relayed from the node's address.
+    pub fn set_pod_nets(&self, nets: Vec<ipnet::Ipv4Net>) {
+        *self.rules.pods.lock().unwrap_or_else(|e| e.into_inner()) = nets;
+    }
+
+    /// Opens `owner`'s hostPorts, relaying to `pod`. With `now`, each port is bound before
+    /// this returns and an error (a port in use) leaves none of them open; otherwise (pods
+    /// taken back at start) each listener binds when its port is free, as NodePorts do.
+    pub fn open_host_ports(
+        &self,
+        owner: &str,
+        pod: std::net::Ipv4Addr,
+        maps: &[conf::api::PortMapping],
+        now: bool,
+    ) -> Result<(), String> {
+        if maps.is_empty() {
+            return Ok(());
+        }
+        enum Bound {
+            Tcp(TcpListener),
+            Udp(UdpSocket),
+            Later,
+        }
+        let bound: Vec<Bound> = if now {
+            let _rt = self.rt.enter();
+            maps.iter()
+                .map(|m| {
+                    let at = (
+                        IpAddr::V4(m.host_ip.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED)),
+                        m.host_port,
+                    );
+                    let open = if m.protocol == "udp" {
+                        std::net::UdpSocket::bind(at)
+                            .and_then(|s| s.set_nonblocking(true).map(|()| s))
+                            .and_then(UdpSocket::from_std)
+                            .map(Bound::Udp)
+                    } else {
+                        std::net::TcpListener::bind(at)
+                            .and_then(|s| s.set_nonblocking(true).map(|()| s))
+                            .and_then(TcpListener::from_std)
+                            .map(Bound::Tcp)
+                    };
+                    open.map_err(|e| {
+                        format!("hostPort {}/{} on {}: {e}", m.host_port, m.protocol, at.0)
+                    })
+                })
+                .collect::<Result<_, _>>()?
+        } else {
+            maps.iter().map(|_| Bound::Later).collect()
+        };
+        let mut hs = self.host_ports.lock().unwrap_or_else(|e| e.into_inner());
+        for (m, b) in maps.iter().zip(bound) {
+            let target = Arc::new(Mutex::new(Target {
+                service: format!("hostPort of {owner}"),
+                dests: vec![SocketAddr::new(IpAddr::V4(pod), m.container_port)],
+                local: true,
+                transparent: self.host_if.is_some(),
+                affinity: false,
+            }));
+            let ip = IpAddr::V4(m.host_ip.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED));
+            let (port, rules) = (m.host_port, self.rules.clone());
+            let task = match b {
+                Bound::Tcp(l) => self.rt.spawn(serve_tcp(l, port, target, rules)),
+                Bound::Udp(u) => {
+                    self.rt
+                        .spawn(serve_udp(Arc::new(u), port, target, self.udp_idle, rules))
+                }
+                Bound::Later if m.protocol == "udp" => {
+                    self.rt.spawn(udp(ip, port, target, self.udp_idle, rules))
+                }
+                Bound::Later => self.rt.spawn(tcp(ip, port, target, rules)),
+            };
+            tracing::info!("hostPort {m} of {owner} to {pod}");
+            hs.push(HostListener {
+                owner: owner.to_string(),
+                mapping: m.clone(),
+                task,
+            });
+        }
+        drop(hs);
+        self.apply_rules();
+        Ok(())
+    }
+
+    /// Closes `owner`'s hostPorts.
+    pub fn close_host_ports(&self, owner: &str) {
+        let mut closed = false;
+        self.host_ports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|h| {
+                if h.owner != owner {
+                    return true;
+                }
+                h.task.abort();
+                tracing::info!("hostPort {} of {owner} closed", h.mapping);
+                closed = true;
+                false
+            });
+        if closed {
+            self.apply_rules();
+        }
     }
 
     /// The NodePorts listened on, by port and protocol.
@@ -342,6 +558,13 @@ impl NodePorts {
                 .unwrap_or_else(|p| p.into_inner())
                 .drain()
                 .flat_map(|(_, h)| h.tasks),
+        );
+        tasks.extend(
+            self.host_ports
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .drain(..)
+                .map(|h| h.task),
         );
         for t in tasks {
             t.abort();
@@ -515,16 +738,21 @@ async fn tcp(ip: IpAddr, port: u16, target: Arc<Mutex<Target>>, rules: Rules) {
     let listener = match retry_in_use(bind).await {
         Ok(l) => l,
         Err(e) => {
-            tracing::error!("NodePort {port}/TCP: cannot listen: {e}");
+            tracing::error!("port {port}/TCP: cannot listen: {e}");
             return;
         }
     };
-    tracing::info!("NodePort {port}/TCP listening on {ip}");
+    tracing::info!("port {port}/TCP listening on {ip}");
+    serve_tcp(listener, port, target, rules).await
+}
+
+/// Relays each connection `listener` accepts.
+async fn serve_tcp(listener: TcpListener, port: u16, target: Arc<Mutex<Target>>, rules: Rules) {
     loop {
         let (mut client, from) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!("NodePort {port}/TCP: accept: {e}");
+                tracing::warn!("port {port}/TCP: accept: {e}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -535,7 +763,7 @@ async fn tcp(ip: IpAddr, port: u16, target: Arc<Mutex<Target>>, rules: Rules) {
             let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
             continue;
         };
-        let transparent = transparent(&target, &rules, TCP, dest.port());
+        let transparent = transparent(&target, &rules, TCP, from, dest);
         tokio::spawn(async move {
             let connect = tokio::time::timeout(
                 Duration::from_secs(10),
@@ -659,11 +887,22 @@ async fn udp(ip: IpAddr, port: u16, target: Arc<Mutex<Target>>, idle: Duration, 
     let sock = match retry_in_use(bind).await {
         Ok(s) => Arc::new(s),
         Err(e) => {
-            tracing::error!("NodePort {port}/UDP: cannot bind: {e}");
+            tracing::error!("port {port}/UDP: cannot bind: {e}");
             return;
         }
     };
-    tracing::info!("NodePort {port}/UDP listening on {ip}");
+    tracing::info!("port {port}/UDP listening on {ip}");
+    serve_udp(sock, port, target, idle, rules).await
+}
+
+/// Relays each client flow that reaches `sock`.
+async fn serve_udp(
+    sock: Arc<UdpSocket>,
+    _port: u16,
+    target: Arc<Mutex<Target>>,
+    idle: Duration,
+    rules: Rules,
+) {
     let flows: Arc<Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>> = Default::default();
     // The flows' reply tasks end with this task: a NodePort closed (its last endpoint gone)
     // lets go of its port at once, so it can listen again as soon as an endpoint is back.
@@ -686,7 +925,7 @@ async fn udp(ip: IpAddr, port: u16, target: Arc<Mutex<Target>>, idle: Duration, 
                 let Some(dest) = pick(&target, &from) else {
                     continue;
                 };
-                let transparent = transparent(&target, &rules, UDP, dest.port());
+                let transparent = transparent(&target, &rules, UDP, from, dest);
                 let Ok(u) = udp_from(transparent.then_some(from.ip())).await else {
                     continue;
                 };

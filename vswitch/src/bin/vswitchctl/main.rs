@@ -244,8 +244,14 @@ fn print_ports(r: &PortsResponse, json: bool) {
             .pod
             .clone()
             .unwrap_or_else(|| p.container_id.chars().take(12).collect());
+        let host_ports = if p.host_ports.is_empty() {
+            String::new()
+        } else {
+            let list: Vec<String> = p.host_ports.iter().map(ToString::to_string).collect();
+            format!("  hostPorts {}", list.join(" "))
+        };
         println!(
-            "{:>4}  {:<28} {:<8} {:<15} {:<17} {:>10} {:>10}  {}{}",
+            "{:>4}  {:<28} {:<8} {:<15} {:<17} {:>10} {:>10}  {}{}{}",
             p.id,
             who,
             p.ifname,
@@ -254,6 +260,7 @@ fn print_ports(r: &PortsResponse, json: bool) {
             p.counters.rx_packets,
             p.counters.tx_packets,
             drops_text(&p.counters.drops),
+            host_ports,
             if p.live {
                 String::new()
             } else {

@@ -74,7 +74,7 @@ pub fn render(opts: &Options) -> Result<String, ConflistError> {
         "cniVersion": opts.cni_version,
         "name": opts.name,
         "plugins": [
-            { "type": PLUGIN_TYPE, "socket": opts.socket }
+            { "type": PLUGIN_TYPE, "socket": opts.socket, "capabilities": {"portMappings": true} }
         ]
     });
     serde_json::to_string_pretty(&doc)
