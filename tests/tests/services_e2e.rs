@@ -28,6 +28,9 @@
 //!     with the client's address kept, from a pod on another node and from the node itself;
 //!     a second pod asking for a port in use fails its ADD and leaves nothing behind; a new
 //!     vswitchd taking the node over serves them; the pod's DEL closes them.
+//! 12. external IPs and LoadBalancer addresses (issue 27), routed to a node by the outside
+//!     host: policy Cluster reaches an endpoint on another node, which sees the node; policy
+//!     Local the node's own endpoint, which sees the client; a node without one refuses.
 //!
 //! The tests' Services live in namespace `default` with ClusterIPs in 10.96.1.0/24, clear of
 //! the addresses the daemon serves itself (the cluster DNS on 10.96.0.10).
@@ -330,6 +333,9 @@ struct Svc {
     internal_local: bool,
     external_local: bool,
     health_check_node_port: Option<u16>,
+    /// `externalIPs` and LoadBalancer ingress addresses.
+    external_ips: Vec<&'static str>,
+    load_balancer_ips: Vec<&'static str>,
     endpoints: Vec<Ep>,
 }
 
@@ -343,6 +349,8 @@ impl Svc {
             internal_local: false,
             external_local: false,
             health_check_node_port: None,
+            external_ips: Vec::new(),
+            load_balancer_ips: Vec::new(),
             endpoints,
         }
     }
@@ -408,6 +416,18 @@ impl Svc {
         if let Some(p) = self.health_check_node_port {
             s += &format!("health_check_node_port = {p}\n");
         }
+        let list = |a: &[&str]| {
+            a.iter()
+                .map(|x| format!("{x:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if !self.external_ips.is_empty() {
+            s += &format!("external_ips = [{}]\n", list(&self.external_ips));
+        }
+        if !self.load_balancer_ips.is_empty() {
+            s += &format!("load_balancer_ips = [{}]\n", list(&self.load_balancer_ips));
+        }
         s
     }
 
@@ -415,10 +435,24 @@ impl Svc {
     /// the documented choice of backends (ready ones; else serving-and-terminating ones; only
     /// this node's for internalTrafficPolicy Local).
     fn frontends(&self, node: &str) -> Vec<(String, String, BTreeSet<String>)> {
+        let mut out = self.frontends_of(node, &self.vip, self.internal_local);
+        for a in self.external_ips.iter().chain(&self.load_balancer_ips) {
+            out.extend(self.frontends_of(node, a, self.external_local));
+        }
+        out
+    }
+
+    /// The frontends of one address, whose policy is Local or not.
+    fn frontends_of(
+        &self,
+        node: &str,
+        vip: &str,
+        local: bool,
+    ) -> Vec<(String, String, BTreeSet<String>)> {
         let eligible: Vec<&Ep> = self
             .endpoints
             .iter()
-            .filter(|e| !self.internal_local || e.node == node)
+            .filter(|e| !local || e.node == node)
             .collect();
         let mut chosen: Vec<&Ep> = eligible.iter().copied().filter(|e| e.ready).collect();
         if chosen.is_empty() {
@@ -433,7 +467,7 @@ impl Svc {
             .map(|p| {
                 (
                     format!("default/{}:{}/{}", self.name, p.port, p.proto),
-                    self.vip.clone(),
+                    vip.to_string(),
                     chosen
                         .iter()
                         .map(|e| format!("{}:{}", e.ip, e.port.unwrap_or(p.target)))
@@ -2109,6 +2143,117 @@ fn host_ports_reach_a_pod_from_outside_from_other_pods_and_from_its_node() {
     match curl_once(client.name(), &url, 3) {
         Ok(r) => panic!("{url} answered after the pod's DEL: {r:?}"),
         Err((o, _)) => assert_eq!(o.status.code(), Some(7), "{url}: refused:\n{o}"),
+    }
+    eprintln!("took {:.1?}", started.elapsed());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 12. External IPs and LoadBalancer addresses from outside the cluster (issue 27).
+
+#[test]
+fn external_ips_and_load_balancer_addresses_reach_endpoints_from_outside() {
+    let started = Instant::now();
+    let mut w = World::new(2, 1);
+    let (p1, p2) = (w.pod("n1-p1"), w.pod("n2-p1"));
+    let _servers = [w.http_server(&p1), w.http_server(&p2)];
+    // Policy Cluster, its only endpoint on node 2.
+    let mut ext = Svc::new(
+        "ext",
+        "10.96.1.61",
+        vec![tcp(80, HTTP_PORT)],
+        vec![Ep::of(&p2)],
+    );
+    ext.external_ips = vec!["203.0.113.10"];
+    // Policy Local, an endpoint on each node.
+    let mut lb = Svc::new(
+        "lb",
+        "10.96.1.62",
+        vec![tcp(80, HTTP_PORT)],
+        vec![Ep::of(&p1), Ep::of(&p2)],
+    );
+    lb.load_balancer_ips = vec!["203.0.113.20"];
+    lb.external_local = true;
+    w.set_services(&[ext, lb]);
+    let out = w
+        .lab
+        .outside_netns
+        .clone()
+        .expect("the lab has its outside host");
+    let (n1, n2) = (w.node(1).clone(), w.node(2).clone());
+    let client = vswitch_lab::OUTSIDE_IP.to_string();
+    // The outside network routes each address to a node, as a static route, a cloud's or
+    // MetalLB's balancer does.
+    let route = |addr: &str, node: &Node| {
+        let via = node.underlay_ip.to_string();
+        let o = exec_in(
+            &out,
+            &["ip", "route", "replace", addr, "via", &via],
+            Duration::from_secs(5),
+        );
+        assert!(
+            o.success(),
+            "route {addr} via {via} on the outside host: {o}"
+        );
+    };
+
+    // The external IP, routed to node 1: translated there to the endpoint on node 2, which
+    // sees node 1 (policy Cluster masquerades), and its answers come back through node 1.
+    route("203.0.113.10", &n1);
+    for _ in 0..3 {
+        let r = curl_ok(&out, "http://203.0.113.10/");
+        assert_eq!(
+            (r.name.as_str(), r.peer_ip.as_str()),
+            (p2.name.as_str(), "10.244.1.1"),
+            "external IP through n1: {r:?}"
+        );
+    }
+    // The LoadBalancer address, policy Local: each node serves it with its own endpoint, which
+    // sees the client's own address.
+    for (node, pod) in [(&n1, &p1), (&n2, &p2)] {
+        route("203.0.113.20", node);
+        for _ in 0..3 {
+            let r = curl_ok(&out, "http://203.0.113.20/");
+            assert_eq!(
+                (r.name.as_str(), r.peer_ip.as_str()),
+                (pod.name.as_str(), client.as_str()),
+                "LoadBalancer address through {}: {r:?}",
+                node.name
+            );
+        }
+    }
+    // Pods reach both addresses as well (translated at their own switch).
+    for addr in ["203.0.113.10", "203.0.113.20"] {
+        let r = curl_ok(&p1.netns, &format!("http://{addr}/"));
+        assert!(
+            r.name == p1.name || r.name == p2.name,
+            "{addr} from pod {}: {r:?}",
+            p1.name
+        );
+    }
+    // Policy Local on a node without an endpoint refuses at once.
+    let mut lb_one = Svc::new(
+        "lb",
+        "10.96.1.62",
+        vec![tcp(80, HTTP_PORT)],
+        vec![Ep::of(&p2)],
+    );
+    lb_one.load_balancer_ips = vec!["203.0.113.20"];
+    lb_one.external_local = true;
+    let mut ext = Svc::new(
+        "ext",
+        "10.96.1.61",
+        vec![tcp(80, HTTP_PORT)],
+        vec![Ep::of(&p2)],
+    );
+    ext.external_ips = vec!["203.0.113.10"];
+    w.set_services(&[ext, lb_one]);
+    route("203.0.113.20", &n1);
+    match curl_once(&out, "http://203.0.113.20/", 3) {
+        Ok(r) => panic!("policy Local without a local endpoint answered: {r:?}"),
+        Err((o, secs)) => {
+            assert_eq!(o.status.code(), Some(7), "refused (curl exit 7):\n{o}");
+            assert!(secs < 1.0, "refused at once, took {secs} s:\n{o}");
+        }
     }
     eprintln!("took {:.1?}", started.elapsed());
 }

@@ -180,7 +180,8 @@ async fn watch_follows_writes_cuts_restarts_and_compaction() {
     converged(&rec, &store, "the first tables").await;
     assert_eq!((rec.peers().len(), rec.services().len()), (1, 1));
     assert_eq!(names(&rec.peers()[0]), ["node-b", "node-c"]);
-    assert!(watch.stats().synced);
+    // The flag follows the tables' hand-over by a moment.
+    wait_until("synced", Duration::from_secs(5), || watch.stats().synced).await;
 
     // Our VTEP is published on our Node through a PATCH, and read back by our own watch.
     let nodes = find("", "v1", "nodes").unwrap();

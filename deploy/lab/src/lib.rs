@@ -44,6 +44,6 @@ pub use lab::{
 };
 pub use spec::{
     validate_name, validate_pod_name, LabSpec, DEFAULT_NAME, FABRIC_BRIDGE, MAX_NAME_LEN,
-    MAX_NODES, MAX_PODS_PER_NODE, POD_IFNAME, POD_MTU, UNDERLAY_IFNAME, UNDERLAY_MTU,
+    MAX_NODES, MAX_PODS_PER_NODE, OUTSIDE_IP, POD_IFNAME, POD_MTU, UNDERLAY_IFNAME, UNDERLAY_MTU,
 };
 pub use status::{LabStatus, NodeStatus, PodStatus};

@@ -7,6 +7,9 @@
 //! them from what it already knows, so no user has to name the cluster's CIDRs: a route per
 //! peer's pod CIDR and a host route per ClusterIP, each left out where a configured route of
 //! `[host] routes` covers it (a configured cluster or Service CIDR makes them unnecessary).
+//! Each `externalIPs` and LoadBalancer ingress address gets a host route too: traffic for it
+//! that the network routes to this node (a cloud or MetalLB balancer, a static route) is
+//! forwarded into the switch, which translates it as kube-proxy would.
 //!
 //! The routes are applied off the caller's thread, newest wanted set first (a burst of changes
 //! collapses into one pass), by a thread of their own that diffs against what it installed; a
@@ -21,7 +24,7 @@ use conf::config::{PeerSpec, ServiceSpec};
 use ipnet::{IpNet, Ipv4Net};
 
 /// The routes the node should have through the host port beyond `configured`: each peer's
-/// pod CIDRs and each ClusterIP, unless a configured route or the node's own pod CIDR covers
+/// pod CIDRs and each ClusterIP, external IP and LoadBalancer address, unless a configured route or the node's own pod CIDR covers
 /// it.
 pub fn wanted(
     configured: &[IpNet],
@@ -43,7 +46,12 @@ pub fn wanted(
     let vips = services
         .iter()
         .filter(|s| s.proxy_name.is_none())
-        .flat_map(|s| s.cluster_ips.iter())
+        .flat_map(|s| {
+            s.cluster_ips
+                .iter()
+                .chain(&s.external_ips)
+                .chain(&s.load_balancer_ips)
+        })
         .filter_map(|ip| match ip {
             IpAddr::V4(ip) if !ip.is_unspecified() => Ipv4Net::new(*ip, 32).ok(),
             _ => None,
@@ -189,6 +197,14 @@ mod tests {
                 "10.96.0.10/32",
                 "10.96.5.5/32"
             ])
+        );
+        // External IPs and LoadBalancer addresses are routed in too.
+        let mut lb = service(&["10.96.8.8"]);
+        lb.external_ips = vec!["203.0.113.10".parse().unwrap()];
+        lb.load_balancer_ips = vec!["203.0.113.20".parse().unwrap()];
+        assert_eq!(
+            wanted(&[], own, &[], &[lb]),
+            nets(&["10.96.8.8/32", "203.0.113.10/32", "203.0.113.20/32"])
         );
         // Nor is a Service of another proxy.
         let mut meshed = service(&["10.96.7.7"]);

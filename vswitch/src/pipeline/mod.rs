@@ -382,7 +382,8 @@ fn route_v4(cx: &mut Ctx<'_>, port: &PortEntry, buf: &mut [u8], len: usize, meta
     }
     let (action, next_mac, src_mac) = if let Some(out) = t.port_by_ip(dst_ip) {
         cx.note(|| format!("route: {dst_ip} is local pod port {}", out.id));
-        if from_host {
+        // A Service's connection is tracked by its translation already.
+        if from_host && !matches!(done, nat::Nat::Opened | nat::Nat::Translated) {
             track_from_outside(cx, &ip);
         }
         (Action::ToPort(out.id), out.mac, t.gateway_mac)
@@ -413,6 +414,7 @@ fn route_v4(cx: &mut Ctx<'_>, port: &PortEntry, buf: &mut [u8], len: usize, meta
     } else if !from_host
         && egress_kind(&ip)
         && t.egress.as_ref().is_some_and(|e| e.translates(t, dst_ip))
+        && !answers_from_a_service(t, &ip, done)
         && !answers_the_node(cx, &ip)
     {
         cx.note(|| {
@@ -435,6 +437,19 @@ fn route_v4(cx: &mut Ctx<'_>, port: &PortEntry, buf: &mut [u8], len: usize, meta
     eth.set_src_addr(src_mac);
     eth.set_dst_addr(next_mac);
     action
+}
+
+/// Whether a translated packet is a backend's answer, now from a Service address: to a client
+/// outside the cluster it goes back the way the client came, through the node (an external
+/// address or LoadBalancer IP routed to this node), never to the egress engine.
+fn answers_from_a_service(t: &Tables, ip: &Ipv4Packet<&mut [u8]>, done: nat::Nat) -> bool {
+    if done != nat::Nat::Translated {
+        return false;
+    }
+    let (sport, _) = nat_ports(ip);
+    t.services
+        .lookup(ip.src_addr(), ip.protocol().0, sport)
+        .is_some()
 }
 
 /// The TCP/UDP key and flags of an unfragmented packet.
@@ -752,6 +767,9 @@ pub fn handle_underlay(
     let out = match (t.port_by_ip(dst), &t.host) {
         (Some(p), _) => p,
         (None, Some(h)) if dst == t.gateway_ip => h,
+        // An answer to a client outside the cluster that reached a Service through this node
+        // (seen by the backend as this node): back to it through the node.
+        (None, Some(h)) if answers_from_a_service(t, &ip, done) => h,
         _ => return Action::Drop(DropReason::NoRoute),
     };
     if t.policy.is_some() {

@@ -44,6 +44,11 @@ pub struct Frontend {
     /// An external frontend of a policy-Local Service: its twin (not in the address index,
     /// not listed) whose backends serve clients inside the cluster.
     pub internal: Option<u32>,
+    /// Clients outside the cluster are seen by the backend as the node (the gateway address),
+    /// as kube-proxy masquerades them: a ClusterIP's, and an external address's of a Service
+    /// with `externalTrafficPolicy: Cluster`, whose backend may be on another node, from where
+    /// the replies must come back through this one. Policy Local keeps the client's address.
+    pub masquerade_outside: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -279,7 +284,11 @@ impl ServiceTable {
                 } else {
                     internal.clone()
                 };
-                let add = |t: &mut Frontends, vip: Ipv4Addr, backends: &[Backend], index| {
+                let add = |t: &mut Frontends,
+                           vip: Ipv4Addr,
+                           backends: &[Backend],
+                           index,
+                           masquerade_outside| {
                     let list = if index {
                         &mut t.frontends
                     } else {
@@ -297,6 +306,7 @@ impl ServiceTable {
                         affinity_secs: s.session_affinity_timeout,
                         affinity_key,
                         internal: None,
+                        masquerade_outside,
                     });
                     if index {
                         t.by_vip.insert((vip, proto, p.port), id);
@@ -304,16 +314,17 @@ impl ServiceTable {
                     id
                 };
                 for vip in v4(&s.cluster_ips) {
-                    add(&mut t, vip, &internal, true);
+                    add(&mut t, vip, &internal, true, true);
                 }
+                let cluster = s.external_traffic_policy == TrafficPolicy::Cluster;
                 for vip in v4(&s.external_ips).chain(v4(&s.load_balancer_ips)) {
                     if t.by_vip.contains_key(&(vip, proto, p.port)) {
                         continue; // the first Service (in name order) to claim it keeps it
                     }
                     let twin = (s.external_traffic_policy == TrafficPolicy::Local
                         && internal != external)
-                        .then(|| add(&mut t, vip, &internal, false));
-                    let id = add(&mut t, vip, &external, true);
+                        .then(|| add(&mut t, vip, &internal, false, false));
+                    let id = add(&mut t, vip, &external, true, cluster);
                     t.frontends[id as usize].internal = twin;
                 }
             }

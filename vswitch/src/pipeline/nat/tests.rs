@@ -759,6 +759,51 @@ mod policy {
     }
 
     #[test]
+    fn outside_clients_are_seen_as_the_node_unless_the_policy_is_local() {
+        // Policy Cluster: an outside client of an external address, a LoadBalancer address or
+        // a ClusterIP reaches the backend from the gateway (its port kept), so the answers,
+        // wherever the backend runs, come back through this node; they leave from the
+        // address the client used.
+        let s = svc(
+            TrafficPolicy::Cluster,
+            TrafficPolicy::Cluster,
+            vec![ep(B, "n2", true, false)],
+        );
+        let t = ServiceTable::build(&[s], "n1", LoadBalancing::Maglev);
+        let mut ct = Conntrack::new(CtConfig::default());
+        for (i, vip) in [EXT, LB, VIP].into_iter().enumerate() {
+            let sport = 41000 + i as u16;
+            let mut p = tcp((OUTSIDE, sport), (vip, 80), SYN);
+            let mut ip = Ipv4Packet::new_checked(&mut p[..]).unwrap();
+            let got = translate_from(&t, &mut ct, 0, &mut ip, GW, false, |_| false);
+            assert_eq!(got, Nat::Opened);
+            assert_eq!(addrs(&p), ((GW, sport), (B, 8080)), "{vip}");
+            let mut r = tcp((B, 8080), (GW, sport), SYN_ACK);
+            let mut ip = Ipv4Packet::new_checked(&mut r[..]).unwrap();
+            let got = translate_from(&t, &mut ct, 0, &mut ip, GW, false, |_| false);
+            assert_eq!(got, Nat::Translated);
+            assert_eq!(addrs(&r), ((vip, 80), (OUTSIDE, sport)), "{vip}");
+        }
+        // A pod is seen as itself.
+        let mut p = tcp((CLIENT, 42000), (EXT, 80), SYN);
+        let mut ip = Ipv4Packet::new_checked(&mut p[..]).unwrap();
+        translate_from(&t, &mut ct, 0, &mut ip, GW, false, |_| true);
+        assert_eq!(addrs(&p), ((CLIENT, 42000), (B, 8080)));
+        // Policy Local: the outside client's own address reaches the (local) backend.
+        let s = svc(
+            TrafficPolicy::Cluster,
+            TrafficPolicy::Local,
+            vec![ep(A, "n1", true, false), ep(B, "n2", true, false)],
+        );
+        let t = ServiceTable::build(&[s], "n1", LoadBalancing::Maglev);
+        let mut ct = Conntrack::new(CtConfig::default());
+        let mut p = tcp((OUTSIDE, 43000), (LB, 80), SYN);
+        let mut ip = Ipv4Packet::new_checked(&mut p[..]).unwrap();
+        translate_from(&t, &mut ct, 0, &mut ip, GW, false, |_| false);
+        assert_eq!(addrs(&p), ((OUTSIDE, 43000), (A, 8080)));
+    }
+
+    #[test]
     fn local_policy_falls_back_to_local_serving_terminating_endpoints() {
         // KEP-1669 for policy Local: no local ready endpoint, a local terminating one that
         // still serves is used rather than nothing (and a remote ready one is not).

@@ -201,8 +201,9 @@ pub fn translate_from(
     let Some(fe) = services.lookup(key.dst, key.proto, key.dport) else {
         return Nat::None;
     };
+    let outside = (fe.internal.is_some() || fe.masquerade_outside) && !in_cluster(key.src);
     let fe = if fe.internal.is_some() {
-        services.for_client(fe, in_cluster(key.src))
+        services.for_client(fe, !outside)
     } else {
         fe
     };
@@ -212,7 +213,10 @@ pub fn translate_from(
     let Some(backend) = ct.pick(fe, &key, services.lb, now) else {
         return Nat::NoBackend;
     };
-    let mut snat = (backend.ip == key.src).then_some((gateway, key.sport));
+    // A hairpin (the client is its own backend), or a client outside the cluster where the
+    // backend must see the node (see `Frontend::masquerade_outside`): from the gateway.
+    let mut snat = (backend.ip == key.src || (outside && fe.masquerade_outside))
+        .then_some((gateway, key.sport));
     let mut reply = Key {
         src: backend.ip,
         dst: snat.map_or(key.src, |s| s.0),
