@@ -367,7 +367,7 @@ impl Protocol {
     }
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash, Default)]
 pub enum TrafficPolicy {
     #[default]
     Cluster,
@@ -375,7 +375,7 @@ pub enum TrafficPolicy {
 }
 
 /// A Kubernetes Service as the switch needs it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Hash)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceSpec {
     pub namespace: String,
@@ -410,7 +410,7 @@ pub struct ServiceSpec {
     pub endpoints: Vec<EndpointSpec>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Hash)]
 #[serde(deny_unknown_fields)]
 pub struct ServicePort {
     /// The port's name (for SRV records and named target ports).
@@ -431,7 +431,7 @@ fn default_protocol() -> Protocol {
 }
 
 /// One endpoint, with the EndpointSlice conditions.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Hash)]
 #[serde(deny_unknown_fields)]
 pub struct EndpointSpec {
     pub ip: IpAddr,

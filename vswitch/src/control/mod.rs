@@ -200,7 +200,12 @@ fn initial_tables(
     tables.overlay_mtu = (config.overlay.underlay_mtu - 50).min(u16::MAX as u32) as u16;
     tables.peers = peer_table(&config.peers).map_err(|e| DaemonError::Peers(e.msg))?;
     tables.node_name = config.node.name.clone();
-    tables.services = service_table(config, &config.services, config.node.zone.as_deref());
+    tables.services = service_table(
+        &ServiceTable::default(),
+        config,
+        &config.services,
+        config.node.zone.as_deref(),
+    );
     if config.egress_on() {
         tables.egress = Some(Arc::new(crate::pipeline::tables::Egress {
             no_masquerade: config.egress.no_masquerade.clone(),
@@ -1100,8 +1105,9 @@ impl Daemon {
                 .map_err(|e| api_err(code::INVALID_NETCONF, e.to_string(), ""))?;
         }
         let mut st = self.lock();
-        let table = service_table(&self.config, &services, st.zone.as_deref());
         let old = self.tables.load();
+        // Only the Services that changed are built anew (see `ServiceTable::rebuild`).
+        let table = service_table(&old.services, &self.config, &services, st.zone.as_deref());
         let udp_backends = |t: &ServiceTable| -> std::collections::BTreeSet<Ipv4Addr> {
             t.frontends()
                 .iter()
@@ -1484,6 +1490,7 @@ fn pod_address(config: &Config, ip: Ipv4Addr) -> Ipv4Net {
 /// of each DNS address translated to the node's DNS-over-TCP listener on the gateway address
 /// (clients retry over TCP after a truncated answer, and the switch has no TCP stack).
 fn service_table(
+    prev: &ServiceTable,
     config: &Config,
     services: &[conf::config::ServiceSpec],
     zone: Option<&str>,
@@ -1491,7 +1498,7 @@ fn service_table(
     let (node, lb) = (&config.node.name, config.nat.load_balancing);
     let d = &config.dns;
     if !(d.answer && config.host.enabled && !d.nameservers.is_empty()) {
-        return ServiceTable::build_in(services, node, zone, lb);
+        return prev.rebuild(services, node, zone, lb);
     }
     let mut all = services.to_vec();
     all.push(conf::config::ServiceSpec {
@@ -1524,7 +1531,7 @@ fn service_table(
             for_nodes: Vec::new(),
         }],
     });
-    ServiceTable::build_in(&all, node, zone, lb)
+    prev.rebuild(&all, node, zone, lb)
 }
 
 /// The datapath's peer table from validated peer specs.

@@ -25,7 +25,6 @@ use crate::wire::IpProtocol;
 /// One frontend of a Service: where clients send, and the backends behind it.
 #[derive(Debug, Clone)]
 pub struct Frontend {
-    pub id: u32,
     /// `namespace/name:port/proto`, for the admin API and traces.
     pub name: String,
     pub vip: Ipv4Addr,
@@ -43,7 +42,7 @@ pub struct Frontend {
     pub affinity_key: u64,
     /// An external frontend of a policy-Local Service: its twin (not in the address index,
     /// not listed) whose backends serve clients inside the cluster.
-    pub internal: Option<u32>,
+    pub internal: Option<Arc<Frontend>>,
     /// Clients outside the cluster are seen by the backend as the node (the gateway address),
     /// as kube-proxy masquerades them: a ClusterIP's, and an external address's of a Service
     /// with `externalTrafficPolicy: Cluster`, whose backend may be on another node, from where
@@ -61,8 +60,10 @@ pub struct Backend {
 ///
 /// A handle: the frontends and their Maglev tables (tens of MB at 10,000 Services) sit behind
 /// an `Arc`, so every table snapshot that keeps the Services (a pod attached or gone, new DNS
-/// records, new peers) shares them instead of copying them; only a change of Services builds
-/// a new one.
+/// records, new peers) shares them instead of copying them. A change of Services
+/// ([`ServiceTable::rebuild`]) builds the frontends of the Services that changed only: those
+/// of the others are shared with the previous table (as kube-proxy's nftables mode rewrites
+/// only the changed Services' chains), and only the address index is made anew.
 #[derive(Debug, Clone, Default)]
 pub struct ServiceTable {
     shared: Arc<Frontends>,
@@ -71,10 +72,94 @@ pub struct ServiceTable {
 
 #[derive(Debug, Default)]
 struct Frontends {
-    frontends: Vec<Frontend>,
-    /// The internal twins of external frontends (see [`Frontend::internal`]).
-    twins: Vec<Frontend>,
+    frontends: Vec<Arc<Frontend>>,
     by_vip: Map<(Ipv4Addr, u8, u16), u32>,
+    /// Each Service's frontends, by namespace and name, with what they were built from.
+    built: Map<(String, String), Arc<Built>>,
+    /// The node and zone the frontends were built for (backends depend on both).
+    node: String,
+    zone: Option<String>,
+}
+
+/// One Service's frontends.
+#[derive(Debug)]
+struct Built {
+    /// The hash of the [`ServiceSpec`] they were built from.
+    spec: u64,
+    /// Its ClusterIPs' frontends, then its external addresses' (which an earlier Service
+    /// claiming the same address keeps).
+    cluster: Vec<Arc<Frontend>>,
+    external: Vec<Arc<Frontend>>,
+}
+
+fn spec_hash(s: &ServiceSpec) -> u64 {
+    use std::hash::BuildHasher;
+    foldhash::quality::FixedState::with_seed(0x7370_6563).hash_one(s)
+}
+
+/// The frontends of one Service as seen from `node` in `zone`.
+fn build_service(s: &ServiceSpec, node: &str, zone: Option<&str>, spec: u64) -> Built {
+    let mut out = Built {
+        spec,
+        cluster: Vec::new(),
+        external: Vec::new(),
+    };
+    for p in &s.ports {
+        let Some(proto) = proto_num(p.protocol) else {
+            continue;
+        };
+        let name = format!(
+            "{}/{}:{}/{}",
+            s.namespace,
+            s.name,
+            p.port,
+            p.protocol.as_str()
+        );
+        let affinity_key = {
+            use std::hash::BuildHasher;
+            foldhash::fast::FixedState::with_seed(0x6166_6669).hash_one((
+                &s.namespace,
+                &s.name,
+                p.port,
+                proto,
+            ))
+        };
+        let internal = backends_in(s, p, node, zone, s.internal_traffic_policy);
+        // Only Services with external addresses need the second set.
+        let has_external = !s.external_ips.is_empty() || !s.load_balancer_ips.is_empty();
+        let external = if !has_external {
+            Vec::new()
+        } else if s.external_traffic_policy != s.internal_traffic_policy {
+            backends_in(s, p, node, zone, s.external_traffic_policy)
+        } else {
+            internal.clone()
+        };
+        let frontend = |vip: Ipv4Addr, backends: &[Backend], masquerade_outside| Frontend {
+            name: name.clone(),
+            vip,
+            port: p.port,
+            proto,
+            maglev: maglev(backends),
+            backends: backends.to_vec(),
+            affinity_secs: s.session_affinity_timeout,
+            affinity_key,
+            internal: None,
+            masquerade_outside,
+        };
+        for vip in v4(&s.cluster_ips) {
+            out.cluster.push(Arc::new(frontend(vip, &internal, true)));
+        }
+        let cluster = s.external_traffic_policy == TrafficPolicy::Cluster;
+        // One internal twin serves every external address of the port.
+        let twin = (s.external_traffic_policy == TrafficPolicy::Local && internal != external)
+            .then(|| Arc::new(frontend(Ipv4Addr::UNSPECIFIED, &internal, false)));
+        for vip in v4(&s.external_ips).chain(v4(&s.load_balancer_ips)) {
+            let mut fe = frontend(vip, &external, cluster);
+            fe.internal = twin.clone();
+            out.external.push(Arc::new(fe));
+        }
+    }
+    out
 }
 
 fn proto_num(p: Protocol) -> Option<u8> {
@@ -251,83 +336,48 @@ impl ServiceTable {
         zone: Option<&str>,
         lb: LoadBalancing,
     ) -> ServiceTable {
-        let mut t = Frontends::default();
+        ServiceTable::default().rebuild(services, node, zone, lb)
+    }
+
+    /// The table for `services`, sharing with this one the frontends of every Service that
+    /// has not changed (same spec, same node and zone): only the changed Services' frontends
+    /// and Maglev tables are built, and the address index.
+    pub fn rebuild(
+        &self,
+        services: &[ServiceSpec],
+        node: &str,
+        zone: Option<&str>,
+        lb: LoadBalancing,
+    ) -> ServiceTable {
+        let prev = &self.shared;
+        let reuse = prev.node == node && prev.zone.as_deref() == zone;
+        let mut t = Frontends {
+            node: node.to_string(),
+            zone: zone.map(str::to_string),
+            ..Frontends::default()
+        };
         for s in services.iter().filter(|s| s.proxy_name.is_none()) {
-            for p in &s.ports {
-                let Some(proto) = proto_num(p.protocol) else {
-                    continue;
-                };
-                let name = format!(
-                    "{}/{}:{}/{}",
-                    s.namespace,
-                    s.name,
-                    p.port,
-                    p.protocol.as_str()
-                );
-                let affinity_key = {
-                    use std::hash::BuildHasher;
-                    foldhash::fast::FixedState::with_seed(0x6166_6669).hash_one((
-                        &s.namespace,
-                        &s.name,
-                        p.port,
-                        proto,
-                    ))
-                };
-                let internal = backends_in(s, p, node, zone, s.internal_traffic_policy);
-                // Only Services with external addresses need the second set (10,000 Services
-                // build in one go).
-                let has_external = !s.external_ips.is_empty() || !s.load_balancer_ips.is_empty();
-                let external = if !has_external {
-                    Vec::new()
-                } else if s.external_traffic_policy != s.internal_traffic_policy {
-                    backends_in(s, p, node, zone, s.external_traffic_policy)
-                } else {
-                    internal.clone()
-                };
-                let add = |t: &mut Frontends,
-                           vip: Ipv4Addr,
-                           backends: &[Backend],
-                           index,
-                           masquerade_outside| {
-                    let list = if index {
-                        &mut t.frontends
-                    } else {
-                        &mut t.twins
-                    };
-                    let id = list.len() as u32;
-                    list.push(Frontend {
-                        id,
-                        name: name.clone(),
-                        vip,
-                        port: p.port,
-                        proto,
-                        maglev: maglev(backends),
-                        backends: backends.to_vec(),
-                        affinity_secs: s.session_affinity_timeout,
-                        affinity_key,
-                        internal: None,
-                        masquerade_outside,
-                    });
-                    if index {
-                        t.by_vip.insert((vip, proto, p.port), id);
-                    }
-                    id
-                };
-                for vip in v4(&s.cluster_ips) {
-                    add(&mut t, vip, &internal, true, true);
-                }
-                let cluster = s.external_traffic_policy == TrafficPolicy::Cluster;
-                for vip in v4(&s.external_ips).chain(v4(&s.load_balancer_ips)) {
-                    if t.by_vip.contains_key(&(vip, proto, p.port)) {
-                        continue; // the first Service (in name order) to claim it keeps it
-                    }
-                    let twin = (s.external_traffic_policy == TrafficPolicy::Local
-                        && internal != external)
-                        .then(|| add(&mut t, vip, &internal, false, false));
-                    let id = add(&mut t, vip, &external, true, cluster);
-                    t.frontends[id as usize].internal = twin;
-                }
+            let key = (s.namespace.clone(), s.name.clone());
+            let hash = spec_hash(s);
+            let built = match prev.built.get(&key).filter(|b| reuse && b.spec == hash) {
+                Some(b) => b.clone(),
+                None => Arc::new(build_service(s, node, zone, hash)),
+            };
+            for fe in &built.cluster {
+                let id = t.frontends.len() as u32;
+                t.frontends.push(fe.clone());
+                t.by_vip.insert((fe.vip, fe.proto, fe.port), id);
             }
+            for fe in &built.external {
+                let k = (fe.vip, fe.proto, fe.port);
+                if t.by_vip.contains_key(&k) {
+                    continue; // the first Service (in name order) to claim it keeps it
+                }
+                let id = t.frontends.len() as u32;
+                t.frontends.push(fe.clone());
+                t.by_vip.insert(k, id);
+            }
+            t.built.insert(key, built);
         }
         ServiceTable {
             shared: Arc::new(t),
@@ -339,8 +389,8 @@ impl ServiceTable {
     /// client is inside the cluster (`in_cluster`).
     #[inline]
     pub fn for_client<'a>(&'a self, fe: &'a Frontend, in_cluster: bool) -> &'a Frontend {
-        match fe.internal {
-            Some(i) if in_cluster => self.shared.twins.get(i as usize).unwrap_or(fe),
+        match &fe.internal {
+            Some(twin) if in_cluster => twin,
             _ => fe,
         }
     }
@@ -356,6 +406,7 @@ impl ServiceTable {
             .by_vip
             .get(&(vip, proto, port))
             .and_then(|&i| self.shared.frontends.get(i as usize))
+            .map(|f| &**f)
     }
 
     /// Whether any frontend uses this address (for "a Service address with no such port").
@@ -363,7 +414,7 @@ impl ServiceTable {
         self.shared.frontends.iter().any(|f| f.vip == ip)
     }
 
-    pub fn frontends(&self) -> &[Frontend] {
+    pub fn frontends(&self) -> &[Arc<Frontend>] {
         &self.shared.frontends
     }
 

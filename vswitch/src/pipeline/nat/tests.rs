@@ -869,7 +869,7 @@ mod policy {
         );
         let before = ServiceTable::build(std::slice::from_ref(&web), "n1", LoadBalancing::Random);
         let after = ServiceTable::build(&[other, web], "n1", LoadBalancing::Random);
-        let id = |t: &ServiceTable| t.lookup(VIP, IpProtocol::TCP.0, 80).unwrap().id;
+        let id = |t: &ServiceTable| t.frontends().iter().position(|f| f.vip == VIP);
         assert_ne!(id(&before), id(&after), "the test must move the frontend");
         let mut ct = Conntrack::new(CtConfig::default());
         let first = open(&before, &mut ct, 0, 1000);
@@ -953,5 +953,61 @@ mod policy {
         assert_eq!(got(noded(), "n3", Some("zone-a"), Cluster), [A, C, B]);
         // Policy Local is about nodes already: hints play no part.
         assert_eq!(got(zoned(), "n1", Some("zone-b"), Local), [A, C]);
+    }
+}
+
+mod rebuild {
+    //! A change of Services builds only the changed Services' frontends (issue 23).
+    use conf::config::LoadBalancing;
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::super::ServiceTable;
+    use crate::testutil::{many_services, many_services_vip};
+    use crate::wire::IpProtocol;
+
+    fn fe(t: &ServiceTable, i: usize) -> *const super::super::Frontend {
+        t.lookup(many_services_vip(i), IpProtocol::TCP.0, 80)
+            .map_or(std::ptr::null(), |f| f as *const _)
+    }
+
+    #[test]
+    fn unchanged_services_are_shared_and_changed_ones_built_anew() {
+        let mut specs = many_services(100);
+        let t = ServiceTable::build(&specs, "n1", LoadBalancing::Maglev);
+        // One endpoint of one Service goes: that Service's frontend is new, the others' are
+        // the same objects, Maglev tables and all.
+        specs[7].endpoints.pop();
+        let next = t.rebuild(&specs, "n1", None, LoadBalancing::Maglev);
+        for i in 0..100 {
+            assert_eq!(fe(&t, i) == fe(&next, i), i != 7, "Service {i}");
+        }
+        let seven = next
+            .lookup(many_services_vip(7), IpProtocol::TCP.0, 80)
+            .unwrap();
+        assert_eq!(seven.backends.len(), 9);
+        // Nothing changed: everything shared, the same lookups.
+        let same = next.rebuild(&specs, "n1", None, LoadBalancing::Maglev);
+        assert!((0..100).all(|i| fe(&next, i) == fe(&same, i)));
+        // A Service removed is gone, one added is there; the rest still shared.
+        let gone = specs.remove(3);
+        let mut added = gone.clone();
+        added.name = "added".into();
+        added.cluster_ips = vec![IpAddr::V4(Ipv4Addr::new(10, 97, 0, 1))];
+        specs.push(added);
+        let after = same.rebuild(&specs, "n1", None, LoadBalancing::Maglev);
+        assert!(fe(&after, 3).is_null());
+        assert!(after
+            .lookup(Ipv4Addr::new(10, 97, 0, 1), IpProtocol::TCP.0, 80)
+            .is_some());
+        assert_eq!(after.frontends().len(), 100);
+        assert!(fe(&after, 50) == fe(&same, 50));
+        // Another node or zone sees other backends: nothing is reused.
+        let zoned = after.rebuild(&specs, "n1", Some("z1"), LoadBalancing::Maglev);
+        assert!(fe(&zoned, 50) != fe(&after, 50));
+        let other = after.rebuild(&specs, "n2", None, LoadBalancing::Maglev);
+        assert!(fe(&other, 50) != fe(&after, 50));
+        // The handle itself: a rebuild is a new table, the old one unchanged.
+        assert!(!ServiceTable::ptr_eq(&after, &same));
+        assert!(!fe(&same, 3).is_null());
     }
 }
