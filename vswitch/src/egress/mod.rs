@@ -140,7 +140,8 @@ pub struct Packet {
 
 enum Command {
     AddPort(PortId, Arc<[Tap]>),
-    RemovePort(PortId),
+    /// Answered once the engine has let go of the port's queues.
+    RemovePort(PortId, Sender<()>),
     Dump(Sender<Vec<EgressConnInfo>>),
     Shutdown,
 }
@@ -241,9 +242,13 @@ impl Egress {
         self.send(Command::AddPort(id, queues));
     }
 
-    /// Forgets the pod's port and closes every flow it had.
+    /// Forgets the pod's port and closes every flow it had; returns once the engine holds
+    /// none of the port's queues (the TAP is gone when its last holder lets go, and a DEL must
+    /// not return before), or after 5 s.
     pub fn remove_port(&self, id: PortId) {
-        self.send(Command::RemovePort(id));
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.send(Command::RemovePort(id, tx));
+        let _ = rx.recv_timeout(Duration::from_secs(5));
     }
 
     /// The translated flows as they are now.
@@ -554,7 +559,7 @@ impl Engine {
                 Command::AddPort(id, q) => {
                     self.link.out.ports.insert(id, q);
                 }
-                Command::RemovePort(id) => {
+                Command::RemovePort(id, done) => {
                     self.link.out.ports.remove(&id);
                     let tcp: Vec<FlowKey> = self
                         .tcp
@@ -575,6 +580,7 @@ impl Engine {
                         self.close_dgram(k);
                     }
                     self.per_pod.remove(&id);
+                    let _ = done.send(());
                 }
                 Command::Dump(tx) => {
                     let _ = tx.send(self.dump());
