@@ -7,6 +7,10 @@
 #   $P-p1b 10.244.1.3 --+- cbr0 + vx ($P-n1) ==ul1/ul2== ($P-n2) vx + cbr0
 #   underlay 192.168.100.1/24 <-> 192.168.100.2/24, pod MTU 1450
 #
+# and, when iptables is installed, a host outside the cluster behind node 1 ($P-out,
+# 192.168.200.2/24 on n1's ulo 192.168.200.1/24) that pods reach through an iptables MASQUERADE
+# rule on n1, as flannel's --ip-masq does: the anchor of egress translation.
+#
 # Usage: kernel-vxlan.sh up|down|pids   (prefix: $BENCH_PREFIX, default kx)
 # `vswitch-lab bench` runs this script (a copy is compiled into the binary) and does the
 # measuring; by hand: `kernel-vxlan.sh up; ip netns exec kx-p1 ping 10.244.2.2; kernel-vxlan.sh down`.
@@ -18,7 +22,7 @@ ns() { ip netns exec "$P-$1" "${@:2}"; }
 
 down() {
   local n
-  for n in $NS; do ip netns del "$P-$n" 2>/dev/null || true; done
+  for n in $NS out; do ip netns del "$P-$n" 2>/dev/null || true; done
 }
 
 pod() { # pod node ip
@@ -55,6 +59,16 @@ up() {
   pod p1 n1 10.244.1.2
   pod p1b n1 10.244.1.3
   pod p2 n2 10.244.2.2
+  if command -v iptables >/dev/null 2>&1; then
+    ip netns add "$P-out"
+    ns out ip link set lo up
+    ip link add ulo netns "$P-n1" type veth peer name eth0 netns "$P-out"
+    ns n1 ip addr add 192.168.200.1/24 dev ulo
+    ns n1 ip link set ulo up
+    ns out ip addr add 192.168.200.2/24 dev eth0
+    ns out ip link set eth0 up
+    ns n1 iptables -t nat -A POSTROUTING -s 10.244.0.0/16 -o ulo -j MASQUERADE
+  fi
 }
 
 # The kernel path has no datapath process: its work is softirq and system time.

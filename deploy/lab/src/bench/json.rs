@@ -122,7 +122,7 @@ mod tests {
             .as_str()
             .unwrap()
             .contains("services"));
-        assert_eq!(v["targets"].as_array().unwrap().len(), 10);
+        assert_eq!(v["targets"].as_array().unwrap().len(), 11);
         assert_eq!(m["values"]["vswitch-2w"]["median"], Value::Null);
         assert_eq!(v["targets"][2]["status"], "FAIL");
         assert_eq!(v["metrics"].as_array().unwrap().len(), Metric::ALL.len());

@@ -79,10 +79,15 @@ pub enum Metric {
     /// New connections a second with 1,000 policies, and the ratio over none.
     PolicyCrr,
     PolicyCrrRatio,
+    /// A pod's TCP to the host outside the cluster, one stream (vswitch: egress translation;
+    /// the kernel path: iptables MASQUERADE on the node).
+    EgressTcp,
+    /// New TCP connections a second from a pod to the outside host.
+    EgressCrr,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 20] = [
+    pub const ALL: [Metric; 22] = [
         Metric::TcpCross1,
         Metric::TcpCross4,
         Metric::TcpSame,
@@ -103,6 +108,8 @@ impl Metric {
         Metric::PolicyTcpRatio,
         Metric::PolicyCrr,
         Metric::PolicyCrrRatio,
+        Metric::EgressTcp,
+        Metric::EgressCrr,
     ];
 
     /// The key in the JSON document.
@@ -128,6 +135,8 @@ impl Metric {
             Metric::PolicyTcpRatio => "policy100_vs_none_tcp",
             Metric::PolicyCrr => "policy1000_tcp_crr",
             Metric::PolicyCrrRatio => "policy1000_vs_none_crr",
+            Metric::EgressTcp => "egress_tcp",
+            Metric::EgressCrr => "egress_tcp_crr",
         }
     }
 
@@ -153,6 +162,8 @@ impl Metric {
             Metric::PolicyTcpRatio => "100 policies / none, TCP",
             Metric::PolicyCrr => "new conns, 1,000 policies",
             Metric::PolicyCrrRatio => "1,000 policies / none, conns",
+            Metric::EgressTcp => "TCP to the outside host",
+            Metric::EgressCrr => "new conns to the outside",
         }
     }
 
@@ -164,12 +175,13 @@ impl Metric {
             | Metric::TcpCross1Cubic
             | Metric::TcpSameCubic
             | Metric::ClusterIpTcp
-            | Metric::PolicyTcp => "Gbit/s",
+            | Metric::PolicyTcp
+            | Metric::EgressTcp => "Gbit/s",
             Metric::Udp64Rate | Metric::Udp64Sent => "kpps",
             Metric::Udp64Loss | Metric::Udp64SocketLoss => "%",
             Metric::PingRtt => "ms",
             Metric::TcpRr => "trans/s",
-            Metric::TcpCrr | Metric::PolicyCrr => "conn/s",
+            Metric::TcpCrr | Metric::PolicyCrr | Metric::EgressCrr => "conn/s",
             Metric::ClusterIpRatio | Metric::PolicyTcpRatio | Metric::PolicyCrrRatio => "x",
             Metric::CpuPerGb | Metric::DatapathCpuPerGb => "CPU s/GB",
         }
@@ -201,7 +213,8 @@ impl Metric {
             | Metric::Udp64Sent
             | Metric::TcpRr
             | Metric::TcpCrr
-            | Metric::PolicyCrr => 0,
+            | Metric::PolicyCrr
+            | Metric::EgressCrr => 0,
             Metric::Udp64Loss | Metric::Udp64SocketLoss => 1,
             Metric::PingRtt => 3,
             _ => 2,

@@ -34,10 +34,12 @@ pub(super) enum Test {
     /// NetworkPolicy's cost (vswitch only): cross-node TCP with none and then with 100
     /// policies selecting both pods; new connections a second with none and with 1,000.
     Policy,
+    /// A pod to the host outside the cluster: one TCP stream, and new connections a second.
+    Egress,
 }
 
 impl Test {
-    pub(super) const ALL: [Test; 10] = [
+    pub(super) const ALL: [Test; 11] = [
         Test::Ping,
         Test::RequestResponse,
         Test::Cross1,
@@ -48,6 +50,7 @@ impl Test {
         Test::Udp64,
         Test::Crr,
         Test::Policy,
+        Test::Egress,
     ];
 
     pub(super) fn name(self) -> &'static str {
@@ -62,6 +65,7 @@ impl Test {
             Test::Udp64 => "UDP 64 B",
             Test::Crr => "TCP new connections",
             Test::Policy => "NetworkPolicy: TCP with 100, new connections with 1,000",
+            Test::Egress => "to the outside host: TCP, new connections",
         }
     }
 }
@@ -156,6 +160,22 @@ pub(super) fn measure(
             tcp_crr(&pods.p1, &pods.p2, d.rr).map(|r| r.rate()),
         ),
         Test::Policy => policy(bed, d, &mut rec),
+        Test::Egress => match bed.outside() {
+            Ok(out) => {
+                rec.record(
+                    Metric::EgressTcp,
+                    gbps(iperf_tcp(&pods.p1, &out, out.ip, 1, d.tcp, None)),
+                );
+                rec.record(
+                    Metric::EgressCrr,
+                    tcp_crr(&pods.p1, &out, d.rr).map(|r| r.rate()),
+                );
+            }
+            Err(why) => {
+                rec.not_applicable(Metric::EgressTcp, why.clone());
+                rec.not_applicable(Metric::EgressCrr, why);
+            }
+        },
     }
 }
 

@@ -32,7 +32,7 @@ const K: Option<Kind> = Some(Kind::Kernel);
 const O: Option<Kind> = Some(Kind::Ovs);
 
 /// The targets, in the order printed.
-const DEFS: [Def; 8] = [
+const DEFS: [Def; 9] = [
     def(
         "cross-node TCP >= 0.7x the kernel path",
         Metric::TcpCross1,
@@ -88,6 +88,13 @@ const DEFS: [Def; 8] = [
         None,
         true,
         0.8,
+    ),
+    def(
+        "TCP to the outside host >= 0.5x the kernel's iptables MASQUERADE",
+        Metric::EgressTcp,
+        K,
+        true,
+        0.5,
     ),
 ];
 
@@ -236,21 +243,30 @@ mod tests {
         let t = r.targets();
         let status: Vec<&str> = t.iter().map(|t| t.status).collect();
         // 0.76x kernel, 10x OVS, same-node 0.5x, loss 0.5%, RTT 2.0x, ClusterIP n/a, 0.97x
-        // with 100 policies, 0.7x new connections with 1,000, two workers 0.9x of one with 4
-        // streams and 1.09x with one.
+        // with 100 policies, 0.7x new connections with 1,000, egress not measured, two
+        // workers 0.9x of one with 4 streams and 1.09x with one.
         assert_eq!(
             status,
-            ["PASS", "PASS", "FAIL", "PASS", "PASS", "n/a", "PASS", "FAIL", "FAIL", "PASS"]
+            [
+                "PASS", "PASS", "FAIL", "PASS", "PASS", "n/a", "PASS", "FAIL", "n/a", "FAIL",
+                "PASS"
+            ]
         );
         assert_eq!(t[6].detail, "0.97x (needs >= 0.95x)");
         assert_eq!(t[7].detail, "0.70x (needs >= 0.8x)");
         assert_eq!(t[0].detail, "0.76x (needs >= 0.7x); vswitch-pin 0.90x");
         assert_eq!(t[3].detail, "0.5% (needs <= 1%)");
         assert!(t[5].detail.contains("not implemented"), "{}", t[5].detail);
-        assert_eq!(t[8].detail, "9.00 vs 10.00 Gbit/s: 0.90x (needs >= 0.95x)");
+        assert_eq!(t[9].detail, "9.00 vs 10.00 Gbit/s: 0.90x (needs >= 0.95x)");
+        // Egress against the kernel's MASQUERADE.
+        let mut egress = r.clone();
+        egress.add(Metric::EgressTcp, Kind::Vswitch, 6.0);
+        egress.add(Metric::EgressTcp, Kind::Kernel, 10.0);
+        assert_eq!(egress.targets()[8].status, "PASS");
+        assert_eq!(egress.targets()[8].detail, "0.60x (needs >= 0.5x)");
         let mut one_only = r.clone();
         one_only.datapaths = vec![Kind::Vswitch, Kind::Kernel, Kind::Ovs];
-        assert_eq!(one_only.targets()[9].status, "n/a");
+        assert_eq!(one_only.targets()[10].status, "n/a");
     }
 
     #[test]

@@ -131,6 +131,43 @@ impl Testbed {
         })
     }
 
+    /// The host outside the cluster, as a pod-like place to run servers: vswitch's labs have
+    /// one on the fabric (`out`), reached by egress translation; the kernel path's script makes
+    /// one behind node 1, reached through iptables MASQUERADE (when iptables is there).
+    pub(super) fn outside(&self) -> Result<PodRef, String> {
+        match &self.bed {
+            Some(Bed::Vswitch(lab)) => {
+                let netns = lab
+                    .outside_netns
+                    .clone()
+                    .ok_or_else(|| "the lab has no outside host".to_string())?;
+                Ok(PodRef {
+                    netns,
+                    ip: crate::spec::OUTSIDE_IP,
+                    cpus: None,
+                })
+            }
+            Some(Bed::Script {
+                kind: Kind::Kernel,
+                prefix,
+                ..
+            }) => {
+                let netns = format!("{prefix}-out");
+                if !crate::sys::netns_exists(&netns) {
+                    return Err("no iptables on this machine: no MASQUERADE to compare with".into());
+                }
+                Ok(PodRef {
+                    netns,
+                    ip: Ipv4Addr::new(192, 168, 200, 2),
+                    cpus: None,
+                })
+            }
+            _ => Err(
+                "not built for this datapath (the kernel path's MASQUERADE is the anchor)".into(),
+            ),
+        }
+    }
+
     /// Waits until p1 reaches p2 and p1b (OVS takes a moment to learn).
     pub(super) fn wait_connected(&self) -> Result<(), LabError> {
         for to in [&self.pods.p2, &self.pods.p1b] {
