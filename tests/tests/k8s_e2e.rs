@@ -90,17 +90,13 @@ fn serves(node: &Node, frontend: &str) -> bool {
     r.is_ok_and(|r| r.frontends.iter().any(|f| f.name.starts_with(frontend)))
 }
 
-/// One unlabelled metric of `node`'s vswitchd (its /metrics, in the node's namespace).
+/// One unlabelled metric of `node`'s vswitchd (its /metrics, on the node's own address as the
+/// shipped ConfigMap has it rendered).
 fn metric(node: &Node, name: &str) -> f64 {
+    let url = format!("http://{}:9109/metrics", node.underlay_ip);
     let o = exec_in(
         &node.netns,
-        &[
-            "curl",
-            "-sS",
-            "--max-time",
-            "3",
-            "http://127.0.0.1:9109/metrics",
-        ],
+        &["curl", "-sS", "--max-time", "3", &url],
         Duration::from_secs(5),
     );
     o.stdout

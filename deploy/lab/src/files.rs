@@ -131,6 +131,79 @@ pub fn with_nat_keys(text: &str, set: &[(&str, u64)]) -> String {
     out
 }
 
+/// The cluster-wide settings the project ships for a cluster (deploy/kubernetes/20-config.yaml,
+/// ConfigMap `vswitch-config`), as the DaemonSet mounts them.
+const SHIPPED_CONFIGMAP: &str = include_str!("../../kubernetes/20-config.yaml");
+
+/// The shipped ConfigMap's `vswitchd.toml`.
+pub fn shipped_cluster_config() -> Result<String, String> {
+    let doc: serde_json::Value = serde_saphyr::from_str(SHIPPED_CONFIGMAP)
+        .map_err(|e| format!("deploy/kubernetes/20-config.yaml: {e}"))?;
+    doc.pointer("/data/vswitchd.toml")
+        .and_then(|v| v.as_str())
+        .map(str::to_string)
+        .ok_or_else(|| "deploy/kubernetes/20-config.yaml has no data.vswitchd.toml".into())
+}
+
+/// Kubernetes mode: the node's config made as the DaemonSet makes it, from the shipped
+/// ConfigMap and a `vswitch-nodes` table of the lab's nodes (what nodes-configmap.sh writes)
+/// through vswitch-install's own render step, so a value the shipped ConfigMap lacks is missing
+/// in the lab too. What the lab then changes is only what a cluster gives each node by other
+/// means: its state directory and admin socket (each node here shares one filesystem), the
+/// kubeconfig (in a cluster, the pod's service account) and the datapath options `up` was
+/// given.
+fn render_kubernetes_config(
+    node: &Node,
+    all: &[Node],
+    kubeconfig: &Path,
+) -> Result<String, String> {
+    let cluster = shipped_cluster_config()?;
+    let mut nodes = String::new();
+    for n in all {
+        nodes += &format!(
+            "[[nodes]]\nname = {:?}\npod_cidr = \"{}\"\nunderlay_ip = \"{}\"\n\n",
+            n.name, n.pod_cidr, n.underlay_ip
+        );
+    }
+    let text = crate::render::render(
+        (Path::new("deploy/kubernetes/20-config.yaml"), &cluster),
+        (Path::new("vswitch-nodes/nodes.toml"), &nodes),
+        &node.name,
+        Some(node.underlay_ip.into()),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut t: toml::Table = toml::from_str(&text).map_err(|e| e.to_string())?;
+    let mut set = |section: &str, key: &str, v: toml::Value| {
+        let s = t
+            .entry(section.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if let Some(s) = s.as_table_mut() {
+            s.insert(key.to_string(), v);
+        }
+    };
+    let path = |p: &Path| toml::Value::String(p.display().to_string());
+    set("node", "state_dir", path(&node.dir.join("state")));
+    set("admin", "socket", path(&node.admin_socket));
+    set("kubernetes", "kubeconfig", path(kubeconfig));
+    if node.workers != 1 {
+        set("datapath", "workers", i64::from(node.workers).into());
+    }
+    if !node.cpus.is_empty() {
+        let cpus = node.cpus.iter().map(|c| i64::from(*c).into()).collect();
+        set("datapath", "cpus", toml::Value::Array(cpus));
+    }
+    if let Some(us) = node.busy_poll_us {
+        set("datapath", "busy_poll_us", i64::from(us).into());
+    }
+    let body = toml::to_string(&t).map_err(|e| e.to_string())?;
+    Ok(format!(
+        "# vswitchd config for lab node {}, as the DaemonSet renders it: \
+         deploy/kubernetes/20-config.yaml through vswitch-install's render step; then the \
+         lab's state_dir, admin socket, kubeconfig and datapath options.\n\n{body}",
+        node.name
+    ))
+}
+
 /// The config as TOML, checked with the daemon's own parser.
 pub(crate) fn render_config(
     node: &Node,
@@ -141,6 +214,11 @@ pub(crate) fn render_config(
         node: node.name.clone(),
         reason,
     };
+    if let Some(kubeconfig) = &node.kubeconfig {
+        let text = render_kubernetes_config(node, all, kubeconfig).map_err(bad)?;
+        Config::parse(&text).map_err(|e| bad(e.to_string()))?;
+        return Ok(text);
+    }
     let config = daemon_config(node, all, services);
     let body = toml::to_string(&config).map_err(|e| bad(e.to_string()))?;
     let text = format!(
@@ -220,9 +298,29 @@ mod tests {
             kubeconfig: Some("/run/vswitch-lab/vsl/kubeconfig".into()),
             ..node.clone()
         };
+        // Kubernetes mode: the shipped ConfigMap through the DaemonSet's render step.
         let c4 = Config::parse(&render_config(&k8s, &all, &[]).unwrap()).unwrap();
         assert!(c4.kubernetes.enabled && c4.peers.is_empty());
-        assert_eq!(c4.kubernetes.node_name.as_deref(), Some("vsl-n3"));
+        assert_eq!(c4.node.name, "vsl-n3");
+        assert_eq!(c4.node.pod_cidr.to_string(), "10.244.3.0/24");
+        assert_eq!(c4.overlay.underlay_ip, Some(node.underlay_ip.into()));
+        assert!(
+            c4.egress.enabled.unwrap_or(true),
+            "the ConfigMap's [egress]"
+        );
+        assert!(
+            c4.host.routes.is_empty(),
+            "the ConfigMap names no host routes"
+        );
+        assert_eq!(
+            c4.kubernetes.kubeconfig.as_deref(),
+            Some(std::path::Path::new("/run/vswitch-lab/vsl/kubeconfig"))
+        );
+        assert_eq!(c4.node.state_dir, node.dir.join("state"));
+        assert_eq!(
+            c4.admin.metrics_address,
+            Some(std::net::SocketAddr::new(node.underlay_ip.into(), 9109))
+        );
         assert_eq!(
             c.node.state_dir,
             PathBuf::from("/run/vswitch-lab/vsl/n3/state")

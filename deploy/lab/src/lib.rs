@@ -28,6 +28,7 @@ pub mod kube;
 mod lab;
 pub mod policy;
 pub mod process;
+pub mod render;
 pub mod services;
 pub mod soak;
 mod spec;

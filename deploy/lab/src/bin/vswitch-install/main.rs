@@ -19,7 +19,7 @@
 
 mod conflist;
 mod plugin;
-mod render;
+use vswitch_lab::render;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -28,7 +28,7 @@ use conf::config::{default_vtep_mac, Config};
 use ipnet::Ipv4Net;
 use serde::Deserialize;
 
-use vswitch_lab::fsutil;
+use crate::fsutil;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RenderError {
@@ -182,7 +182,7 @@ pub fn run(inp: &Inputs<'_>) -> Result<String, RenderError> {
 }
 
 /// Renders the node's config text (not yet checked by the daemon's parser).
-fn render(
+pub fn render(
     (cluster_path, cluster_text): (&Path, &str),
     (nodes_path, nodes_text): (&Path, &str),
     node_name: &str,
