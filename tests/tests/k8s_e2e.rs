@@ -11,6 +11,11 @@
 //!    VTEP again, the others take it back).
 //! 3. NetworkPolicy from the API: a policy applied with kubectl isolates a pod, a label
 //!    changed on the client's Pod object admits it, the policy deleted admits all.
+//! 4. The DaemonSet's paths (issue 24), in a lab whose nodes are configured from the shipped
+//!    ConfigMap through the render step (no `[host] routes`): a node reaches a pod on another
+//!    node (as the API server reaches a webhook) and a ClusterIP; the outside host reaches a
+//!    NodePort of policy Cluster through a node without the endpoint, one of policy Local
+//!    through the node with it, and a pod's hostPort.
 //!
 //! Needs root, iproute2, curl, python3, ss and kubectl (Debian's kubernetes-client). Every test
 //! builds its own lab with a unique name and tears it down on drop, also when it fails; every
@@ -466,4 +471,86 @@ fn a_node_without_a_pod_cidr_in_its_config_takes_its_node_objects() {
         near.ip
     );
     vswitch_tests::assert_ping(&far.netns, near.ip);
+}
+
+/// A Service of `name` on `cluster_ip` with NodePort `node_port` and traffic policy
+/// `policy`, and its EndpointSlice with `backend`.
+fn node_port_manifests(
+    name: &str,
+    cluster_ip: &str,
+    node_port: u16,
+    policy: &str,
+    backend: &Pod,
+) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  \
+         type: NodePort\n  externalTrafficPolicy: {policy}\n  clusterIP: {cluster_ip}\n  ports:\n  \
+         - name: http\n    port: 80\n    targetPort: {HTTP_PORT}\n    nodePort: {node_port}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  \
+         namespace: default\n  labels:\n    kubernetes.io/service-name: {name}\naddressType: IPv4\n\
+         ports:\n- name: http\n  port: {HTTP_PORT}\n  protocol: TCP\nendpoints:\n- addresses: \
+         [\"{}\"]\n  conditions: {{ready: true}}\n  nodeName: {}\n",
+        backend.ip, backend.node
+    )
+}
+
+#[test]
+fn the_daemonsets_paths_work_as_the_shipped_configmap_sets_a_node_up() {
+    let mut lab = k8s_lab(2);
+    let dir = TempDir::new(&lab.name);
+    let script = dir.join("srv.py");
+    fs::write(&script, SERVER).unwrap();
+    let (n1, n2) = (lab.node("n1").clone(), lab.node("n2").clone());
+    let p2 = lab.pod("n2-p1").clone();
+    let _server = server(&script, &p2);
+    let config = fs::read_to_string(&n1.config).unwrap();
+    assert!(
+        config.contains("20-config.yaml") && !config.contains("routes"),
+        "n1's config should be the shipped ConfigMap's, with no host routes:\n{config}"
+    );
+
+    // The node reaches a pod on another node, as the API server reaches a webhook's pod.
+    let pod_url = format!("http://{}:{HTTP_PORT}/", p2.ip);
+    wait_backends(&lab, &n1.netns, &pod_url, &[&p2.name], "n1 to a pod on n2");
+
+    // NodePorts of both traffic policies, and the node to a ClusterIP.
+    let file = dir.join("np.yaml");
+    let yaml = [
+        node_port_manifests("np-cluster", "10.96.1.20", 30080, "Cluster", &p2),
+        node_port_manifests("np-local", "10.96.1.21", 30081, "Local", &p2),
+    ]
+    .join("---\n");
+    fs::write(&file, yaml).unwrap();
+    kubectl(&lab, &["apply", "-f", file.to_str().unwrap()]);
+    wait_backends(
+        &lab,
+        &n1.netns,
+        "http://10.96.1.20/",
+        &[&p2.name],
+        "n1 to a ClusterIP",
+    );
+    let out = lab.outside_netns.clone().expect("the lab's outside host");
+    let cluster = format!("http://{}:30080/", n1.underlay_ip);
+    wait_backends(
+        &lab,
+        &out,
+        &cluster,
+        &[&p2.name],
+        "NodePort (Cluster) through n1",
+    );
+    let local = format!("http://{}:30081/", n2.underlay_ip);
+    wait_backends(&lab, &out, &local, &[&p2.name], "NodePort (Local) on n2");
+
+    // A hostPort.
+    let opts = PodOptions {
+        host_ports: vec![vswitch_lab::parse_publish("8090:8080").unwrap()],
+        ..Default::default()
+    };
+    let web = lab
+        .add_pod_with(2, "web", &opts)
+        .unwrap_or_else(|e| panic!("add pod web with a hostPort: {e}"))
+        .clone();
+    let _web = server(&script, &web);
+    let host_port = format!("http://{}:8090/", n2.underlay_ip);
+    wait_backends(&lab, &out, &host_port, &[&web.name], "the hostPort on n2");
 }
