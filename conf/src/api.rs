@@ -220,6 +220,13 @@ pub struct HandoverResponse {
     pub pid: u32,
     /// Milliseconds its datapath took to stop and let go.
     pub released_ms: u64,
+    /// The peers and Services it was forwarding with: in Kubernetes mode the new vswitchd
+    /// forwards with them until its own first lists from the API are applied, so the handover
+    /// costs no packet to a peer or a Service however long those lists take.
+    #[serde(default)]
+    pub peers: Vec<crate::config::PeerSpec>,
+    #[serde(default)]
+    pub services: Vec<crate::config::ServiceSpec>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

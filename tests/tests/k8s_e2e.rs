@@ -16,6 +16,10 @@
 //!    node (as the API server reaches a webhook) and a ClusterIP; the outside host reaches a
 //!    NodePort of policy Cluster through a node without the endpoint, one of policy Local
 //!    through the node with it, and a pod's hostPort.
+//! 5. A rolling update: every node's vswitchd replaced in turn (each new one takes the node
+//!    over from the old, which hands over its peers and Services too) while a pod pings a pod
+//!    on the other node every 20 ms: no two pings in a row are lost (the forwarding gap of a
+//!    handover is a few milliseconds, which one ping in flight can fall into).
 //!
 //! Needs root, iproute2, curl, python3, ss and kubectl (Debian's kubernetes-client). Every test
 //! builds its own lab with a unique name and tears it down on drop, also when it fails; every
@@ -553,4 +557,67 @@ fn the_daemonsets_paths_work_as_the_shipped_configmap_sets_a_node_up() {
     let _web = server(&script, &web);
     let host_port = format!("http://{}:8090/", n2.underlay_ip);
     wait_backends(&lab, &out, &host_port, &[&web.name], "the hostPort on n2");
+}
+
+#[test]
+fn a_rolling_update_of_every_node_loses_at_most_a_ping_per_handover() {
+    let mut lab = k8s_lab(2);
+    let (from, to) = (lab.pod("n1-p1").clone(), lab.pod("n2-p1").clone());
+    vswitch_tests::assert_ping(&from.netns, to.ip);
+    let count = 250;
+    let ping = Bg::spawn(
+        &from.netns,
+        &[
+            "ping",
+            "-i",
+            "0.02",
+            "-c",
+            &count.to_string(),
+            "-W",
+            "1",
+            &to.ip.to_string(),
+        ],
+        Duration::from_secs(30),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    for idx in 0..lab.nodes.len() {
+        lab.restart_daemon(idx, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("restart node {idx}: {e}"));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let out = ping.wait(Duration::from_secs(20));
+    let answered: BTreeSet<u32> = out
+        .stdout
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("icmp_seq=")?.parse().ok())
+        .collect();
+    let lost: Vec<u32> = (1..=count).filter(|s| !answered.contains(s)).collect();
+    for node in &lab.nodes {
+        let log = fs::read_to_string(&node.log).unwrap_or_default();
+        let handover: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("handover") || l.contains("forwarding with"))
+            .collect();
+        assert!(
+            log.contains("forwarding with the 1 peer(s)"),
+            "{}: the new vswitchd did not start with the old one's peers:\n{}",
+            node.name,
+            handover.join("\n")
+        );
+        assert!(
+            !log.contains("DNS over TCP") || !log.contains("Address already in use"),
+            "{}: the DNS-over-TCP port was not handed over:\n{}",
+            node.name,
+            log_tail(node)
+        );
+    }
+    let in_a_row = lost.windows(2).any(|w| w[1] == w[0] + 1);
+    assert!(
+        !in_a_row && lost.len() <= 2 * lab.nodes.len(),
+        "pings lost during the rolling update: {lost:?}\n{out}"
+    );
+    eprintln!(
+        "rolling update of {} nodes: {count} pings every 20 ms, lost {lost:?}",
+        lab.nodes.len()
+    );
 }

@@ -74,8 +74,20 @@ pub fn run_with(config_path: &Path, opts: RunOptions) -> Result<(), RunError> {
         }
     }
     let socket = config.admin.socket.clone();
-    // A vswitchd already running on this node lets go of it first (an upgrade, a restart).
-    crate::control::handover::take_over(&socket);
+    // A vswitchd already running on this node lets go of it first (an upgrade, a restart). In
+    // Kubernetes mode its peers and Services carry this one until its first lists are applied.
+    if let Some(old) = crate::control::handover::take_over(&socket) {
+        if config.kubernetes.enabled && (!old.peers.is_empty() || !old.services.is_empty()) {
+            tracing::info!(
+                "forwarding with the {} peer(s) and {} Service(s) the old vswitchd had until the \
+                 API's first lists are applied",
+                old.peers.len(),
+                old.services.len()
+            );
+            config.peers = old.peers;
+            config.services = old.services;
+        }
+    }
     let daemon = Daemon::start(config)?;
     let result = rt.block_on(async {
         let listener = api::bind(&socket).map_err(|source| RunError::Socket {
@@ -113,9 +125,18 @@ pub fn run_with(config_path: &Path, opts: RunOptions) -> Result<(), RunError> {
         daemon.start_dns(tokio::runtime::Handle::current());
         let app = api::router(daemon.clone());
         let handed_over = daemon.clone();
+        // SIGTERM and SIGINT are watched from here on, once: one that arrives while a handover
+        // is still finishing (the rolling update stops the old process as soon as the new one
+        // is ready) is not lost, and ends the idling below.
+        let (stop_tx, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            let _ = stop_tx.send(true);
+        });
+        let mut signalled = stopped.clone();
         let stop = async move {
             tokio::select! {
-                _ = shutdown_signal() => {}
+                _ = signalled.wait_for(|s| *s) => {}
                 _ = handed_over.handover.done() => {}
             }
         };
@@ -138,7 +159,8 @@ pub fn run_with(config_path: &Path, opts: RunOptions) -> Result<(), RunError> {
             // the kubelet, and take the node back. The rolling update stops this one (SIGTERM)
             // once the new one is ready.
             tracing::info!("handed over: idle until stopped");
-            shutdown_signal().await;
+            let mut stopped = stopped;
+            let _ = stopped.wait_for(|s| *s).await;
         }
         served
     });

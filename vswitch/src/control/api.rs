@@ -79,12 +79,28 @@ async fn call<Q: Send + 'static, T: Send + 'static>(
     op: fn(&Daemon, Q) -> Result<T, ApiError>,
 ) -> Reply<T> {
     let req = body(req)?;
+    handed_over(&d)?;
     blocking(move || op(&d, req)).await
 }
 
 /// A read of the daemon's state, run off the async threads.
 async fn read<T: Send + 'static>(d: Arc<Daemon>, op: fn(&Daemon) -> T) -> Reply<T> {
+    handed_over(&d)?;
     blocking(move || Ok(op(&d))).await
+}
+
+/// A vswitchd that has handed its node over answers nothing more (its datapath is stopped,
+/// and a status from it would hold the caller for the workers it no longer has): the caller
+/// tries again, and reaches the new vswitchd on the same socket path.
+fn handed_over(d: &Daemon) -> Result<(), Failure> {
+    if d.handover.handed_over() {
+        return Err(Failure(ApiError::new(
+            code::TRY_AGAIN_LATER,
+            "this vswitchd has handed the node over to a new one: try again",
+            "",
+        )));
+    }
+    Ok(())
 }
 
 pub fn router(d: Arc<Daemon>) -> Router {
@@ -131,7 +147,9 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route(api::PATH_POLICIES, get(policies))
         .route(
             api::PATH_HANDOVER,
-            post(|s: D| async move { super::handover::handle(s).await.map_err(Failure) }),
+            post(|s: D, b: axum::body::Bytes| async move {
+                super::handover::handle(s, b).await.map_err(Failure)
+            }),
         )
         .route("/v1/ports/{id}", delete(release_port))
         .route(

@@ -4,11 +4,17 @@
 //! persistent, the attachments are on disk, and Maglev picks the same backend for a Service
 //! connection in any process with the same endpoints. So a new vswitchd only has to wait for the
 //! old one to let go of what a device or socket allows one holder of: the datapath's queues and
-//! the VXLAN socket, the NodePort listeners and the metrics address. It asks over the admin
+//! the VXLAN socket, the NodePort listeners, the DNS-over-TCP listener and the metrics address. It asks over the admin
 //! socket (`POST /v1/handover`) before it touches anything; the old one stops its datapath,
 //! closes those, answers, and exits. The gap in forwarding is the old datapath's stop plus the
 //! new one's start, tens of milliseconds; no packet is rewritten by a process that is not
 //! forwarding.
+//!
+//! In Kubernetes mode the old vswitchd also hands over the peers and Services it forwarded with;
+//! the new one starts forwarding with them (as with a config file's, until its first lists from
+//! the API are applied), so no packet to another node or a Service waits for those lists.
+//! NetworkPolicy is not handed over: until the new vswitchd's first policy lists, new
+//! connections are not judged (established ones stay tracked).
 //!
 //! With the DaemonSet's `maxSurge: 1` rolling update the new pod starts beside the old one and
 //! takes over the same way. A vswitchd that finds no live process on the socket (a stale file,
@@ -29,6 +35,8 @@ use super::Daemon;
 
 /// How long a new vswitchd waits for the old one to let go.
 const WAIT: Duration = Duration::from_secs(30);
+/// How long the old vswitchd's admin server outlives its answer to the handover.
+const ANSWER_GRACE: Duration = Duration::from_millis(200);
 
 /// The running process's side of a handover.
 pub struct Handover {
@@ -69,7 +77,12 @@ impl Handover {
 
 /// `POST /v1/handover`: stops the datapath and lets go of the node's devices and sockets, then
 /// answers; the process stops serving its admin socket and idles until stopped.
-pub async fn handle(State(d): State<Arc<Daemon>>) -> Result<Json<HandoverResponse>, ApiError> {
+pub async fn handle(
+    State(d): State<Arc<Daemon>>,
+    // Read, though empty: a connection closed with the request's body unread is reset, and the
+    // new vswitchd would lose the answer.
+    _body: axum::body::Bytes,
+) -> Result<Json<HandoverResponse>, ApiError> {
     if d.handover.handed.swap(true, Ordering::AcqRel) {
         return Err(ApiError::new(
             code::TRY_AGAIN_LATER,
@@ -90,16 +103,26 @@ pub async fn handle(State(d): State<Arc<Daemon>>) -> Result<Json<HandoverRespons
         let _ = task.await;
     }
     d.stop_nodeports().await;
+    d.stop_dns_tcp().await;
     let dd = d.clone();
     if let Err(e) = tokio::task::spawn_blocking(move || dd.shutdown()).await {
         tracing::error!("stopping the datapath for the handover: {e}");
     }
     let released_ms = started.elapsed().as_millis() as u64;
     tracing::info!("node handed over in {released_ms} ms");
-    d.handover.done.send_replace(true);
+    // The admin server stops once `done` is set: only after this answer is on its way, or the
+    // new vswitchd would see its connection reset instead of the tables.
+    let dd = d.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(ANSWER_GRACE).await;
+        dd.handover.done.send_replace(true);
+    });
+    let (peers, services) = d.cluster_tables();
     Ok(Json(HandoverResponse {
         pid: std::process::id(),
         released_ms,
+        peers,
+        services,
     }))
 }
 

@@ -154,6 +154,8 @@ pub struct Daemon {
     host_stats: Option<Arc<PortStats>>,
     host_link: Option<Arc<LinkStats>>,
     nodeports: std::sync::OnceLock<nodeport::NodePorts>,
+    /// The DNS-over-TCP server on the gateway address (let go of in a handover).
+    dns_tcp: Mutex<Option<tokio::task::JoinHandle<()>>>,
     forwarder: std::sync::OnceLock<crate::dns::Forwarder>,
     /// The Kubernetes watch's counters, in Kubernetes mode.
     pub k8s_stats: std::sync::OnceLock<k8s::K8sStatsHandle>,
@@ -446,6 +448,7 @@ impl Daemon {
             host_stats,
             host_link,
             nodeports: std::sync::OnceLock::new(),
+            dns_tcp: Mutex::new(None),
             forwarder: std::sync::OnceLock::new(),
             k8s_stats: std::sync::OnceLock::new(),
             handover: Default::default(),
@@ -585,7 +588,21 @@ impl Daemon {
         if self.config.host.enabled {
             let table = self.tables.clone();
             let addr = std::net::SocketAddr::new(IpAddr::V4(self.config.gateway()), 53);
-            rt.spawn(dns_tcp::serve(addr, table, fw));
+            let task = rt.spawn(dns_tcp::serve(addr, table, fw));
+            *self.dns_tcp.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+        }
+    }
+
+    /// Closes the DNS-over-TCP listener and waits until it has let go of its port.
+    pub async fn stop_dns_tcp(&self) {
+        let task = self
+            .dns_tcp
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(t) = task {
+            t.abort();
+            let _ = t.await;
         }
     }
 
@@ -1071,6 +1088,12 @@ impl Daemon {
     }
 
     /// Replaces the whole peer set at once (the Kubernetes watch and config reload use this).
+    /// The peers and Services this vswitchd forwards with now (handed to a successor).
+    pub fn cluster_tables(&self) -> (Vec<PeerSpec>, Vec<conf::config::ServiceSpec>) {
+        let st = self.lock();
+        (st.peers.clone(), st.services.clone())
+    }
+
     pub fn replace_peers(&self, peers: Vec<PeerSpec>) -> Result<(), ApiError> {
         let mut st = self.lock();
         if st.peers == peers {
