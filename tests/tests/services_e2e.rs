@@ -1671,24 +1671,36 @@ fn a_udp_flow_moves_to_the_new_endpoint_when_its_endpoint_is_removed() {
     let o = flow.wait(Duration::from_secs(15));
     assert!(o.success(), "{o}");
 
-    // (time, answered by)
+    // (time, answered by). A's answer to a datagram it got just before the change, arriving
+    // after its connection was flushed, is no longer translated (as with kube-proxy, whose
+    // conntrack deletion leaves the same window; a connected client socket drops it): such a
+    // stray is allowed from A alone, around the change, and counted.
+    let from_a_itself = format!("from={}:{PORT}", a.ip);
+    let mut strays = Vec::new();
     let replies: Vec<(f64, String)> = o
         .stdout
         .lines()
         .filter(|l| l.contains(" reply "))
-        .map(|l| {
+        .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
+            let at: f64 = f[0].parse().unwrap_or(0.0);
+            let from = f.get(2).copied();
+            if from == Some(from_a_itself.as_str()) && at >= swapped_at && at <= applied_at + 0.5 {
+                strays.push(l.to_string());
+                return None;
+            }
             assert_eq!(
-                f.get(2).copied(),
+                from,
                 Some("from=10.96.1.53:53"),
                 "a reply not from the ClusterIP: {l}"
             );
-            (
-                f[0].parse().unwrap_or(0.0),
-                f.get(3).unwrap_or(&"").to_string(),
-            )
+            Some((at, f.get(3).unwrap_or(&"").to_string()))
         })
         .collect();
+    assert!(
+        strays.len() <= 2,
+        "more than the in-flight answers of A came back untranslated: {strays:?}"
+    );
     let from_a: Vec<f64> = replies
         .iter()
         .filter(|r| r.1 == a.name)
@@ -1710,10 +1722,12 @@ fn a_udp_flow_moves_to_the_new_endpoint_when_its_endpoint_is_removed() {
         .unwrap_or_else(|| panic!("B never answered the flow after the swap:\n{o}"));
     let last_a = from_a.last().copied().unwrap_or(0.0);
     eprintln!(
-        "A answered {} datagrams, B {}; the config was written at +0 ms, seen applied at \
-         +{:.0} ms, B's first answer at +{:.0} ms, A's last at +{:.0} ms",
+        "A answered {} datagrams, B {} ({} of A's in flight untranslated); the config was \
+         written at +0 ms, seen applied at +{:.0} ms, B's first answer at +{:.0} ms, A's last \
+         at +{:.0} ms",
         from_a.len(),
         from_b.len(),
+        strays.len(),
         (applied_at - swapped_at) * 1e3,
         (first_b - swapped_at) * 1e3,
         (last_a - swapped_at) * 1e3

@@ -838,7 +838,7 @@ async fn watch_replays_bookmarks_410_gone_and_relist() {
         p0.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
         ["node-b", "node-c"]
     );
-    assert!(watch.stats().synced);
+    wait_until("synced", Duration::from_secs(5), || watch.stats().synced).await;
 
     // Our VTEP is published on our Node: ours and flannel's annotations, one merge patch.
     wait_until("the VTEP patch", Duration::from_secs(5), || {
@@ -1036,8 +1036,9 @@ async fn nothing_is_applied_until_every_list_has_completed() {
         .iter()
         .any(|s| s.name == "web" && !s.endpoints.is_empty()));
     assert_eq!(api.kind(SLICES).lists.load(Ordering::SeqCst), 2);
+    // The flag follows the tables' hand-over by a moment.
+    wait_until("synced", Duration::from_secs(5), || watch.stats().synced).await;
     let stats = watch.stats();
-    assert!(stats.synced);
     assert_eq!(stats.watch_errors, 1);
     assert_eq!(
         stats.relists, 0,
@@ -1123,8 +1124,11 @@ async fn policy_inputs_follow_networkpolicies_namespaces_and_pods() {
         q.get("fieldSelector").map(String::as_str),
         Some("status.phase!=Succeeded,status.phase!=Failed")
     );
-    let stats = watch.stats();
-    assert!(stats.synced && stats.policy_synced, "{stats:?}");
+    wait_until("synced", Duration::from_secs(5), || {
+        let s = watch.stats();
+        s.synced && s.policy_synced
+    })
+    .await;
     wait_until("six watches", Duration::from_secs(5), || {
         [NODES, SERVICES, SLICES, POLICIES, NAMESPACES, PODS]
             .iter()
