@@ -46,6 +46,9 @@ pub const PATH_POLICIES: &str = "/v1/policies";
 /// `POST`: a new vswitchd on this node asks the running one to let go of the node's devices
 /// and sockets and exit (an upgrade without an outage); answered once they are released.
 pub const PATH_HANDOVER: &str = "/v1/handover";
+/// `GET`: the peers and Services a running vswitchd forwards with ([`ClusterTables`]), read by
+/// a new one before it asks for the handover.
+pub const PATH_HANDOVER_TABLES: &str = "/v1/handover/tables";
 pub const CAPTURE_SESSION_HEADER: &str = "x-capture-session";
 
 /// CNI error codes (CNI spec 1.1.0, "Error" section).
@@ -139,6 +142,13 @@ pub struct PortMapping {
     pub host_ip: Option<Ipv4Addr>,
 }
 
+impl PortMapping {
+    /// UDP (else TCP, the only other protocol a mapping can have).
+    pub fn is_udp(&self) -> bool {
+        self.protocol == "udp"
+    }
+}
+
 impl std::fmt::Display for PortMapping {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if let Some(ip) = self.host_ip {
@@ -220,12 +230,15 @@ pub struct HandoverResponse {
     pub pid: u32,
     /// Milliseconds its datapath took to stop and let go.
     pub released_ms: u64,
-    /// The peers and Services it was forwarding with: in Kubernetes mode the new vswitchd
-    /// forwards with them until its own first lists from the API are applied, so the handover
-    /// costs no packet to a peer or a Service however long those lists take.
-    #[serde(default)]
+}
+
+/// The answer to `GET` [`PATH_HANDOVER_TABLES`]: the peers and Services a vswitchd forwards
+/// with. In Kubernetes mode a new vswitchd reads them before it asks for the handover (so
+/// their size never lengthens the gap in forwarding) and forwards with them until its own
+/// first lists from the API are applied.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ClusterTables {
     pub peers: Vec<crate::config::PeerSpec>,
-    #[serde(default)]
     pub services: Vec<crate::config::ServiceSpec>,
 }
 

@@ -74,19 +74,24 @@ pub fn run_with(config_path: &Path, opts: RunOptions) -> Result<(), RunError> {
         }
     }
     let socket = config.admin.socket.clone();
-    // A vswitchd already running on this node lets go of it first (an upgrade, a restart). In
-    // Kubernetes mode its peers and Services carry this one until its first lists are applied.
-    if let Some(old) = crate::control::handover::take_over(&socket) {
-        if config.kubernetes.enabled && (!old.peers.is_empty() || !old.services.is_empty()) {
-            tracing::info!(
-                "forwarding with the {} peer(s) and {} Service(s) the old vswitchd had until the \
-                 API's first lists are applied",
-                old.peers.len(),
-                old.services.len()
-            );
-            config.peers = old.peers;
-            config.services = old.services;
-        }
+    // In Kubernetes mode the peers and Services of a vswitchd already running here carry this
+    // one until its first lists are applied; read while that one still forwards.
+    let tables = config
+        .kubernetes
+        .enabled
+        .then(|| crate::control::handover::read_tables(&socket))
+        .flatten();
+    // The running vswitchd lets go of the node first (an upgrade, a restart).
+    crate::control::handover::take_over(&socket);
+    if let Some(old) = tables.filter(|t| !(t.peers.is_empty() && t.services.is_empty())) {
+        tracing::info!(
+            "forwarding with the {} peer(s) and {} Service(s) the old vswitchd had until the \
+             API's first lists are applied",
+            old.peers.len(),
+            old.services.len()
+        );
+        config.peers = old.peers;
+        config.services = old.services;
     }
     let daemon = Daemon::start(config)?;
     let result = rt.block_on(async {

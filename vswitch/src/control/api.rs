@@ -145,6 +145,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
             get(|State(d): D| async move { blocking(move || Ok(d.egress())).await }),
         )
         .route(api::PATH_POLICIES, get(policies))
+        .route(api::PATH_HANDOVER_TABLES, get(super::handover::tables))
         .route(
             api::PATH_HANDOVER,
             post(|s: D, b: axum::body::Bytes| async move {

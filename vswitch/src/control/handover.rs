@@ -4,15 +4,17 @@
 //! persistent, the attachments are on disk, and Maglev picks the same backend for a Service
 //! connection in any process with the same endpoints. So a new vswitchd only has to wait for the
 //! old one to let go of what a device or socket allows one holder of: the datapath's queues and
-//! the VXLAN socket, the NodePort listeners, the DNS-over-TCP listener and the metrics address. It asks over the admin
-//! socket (`POST /v1/handover`) before it touches anything; the old one stops its datapath,
+//! the VXLAN socket, the NodePort listeners, the DNS-over-TCP listener and the metrics address.
+//! It asks over the admin socket (`POST /v1/handover`) before it touches anything; the old one stops its datapath,
 //! closes those, answers, and exits. The gap in forwarding is the old datapath's stop plus the
 //! new one's start, tens of milliseconds; no packet is rewritten by a process that is not
 //! forwarding.
 //!
-//! In Kubernetes mode the old vswitchd also hands over the peers and Services it forwarded with;
-//! the new one starts forwarding with them (as with a config file's, until its first lists from
-//! the API are applied), so no packet to another node or a Service waits for those lists.
+//! In Kubernetes mode the new vswitchd first reads the peers and Services the old one forwards
+//! with (`GET /v1/handover/tables`, while the old one still forwards, so their size does not
+//! lengthen the gap) and starts forwarding with them (as with a config file's, until its first
+//! lists from the API are applied), so no packet to another node or a Service waits for those
+//! lists.
 //! NetworkPolicy is not handed over: until the new vswitchd's first policy lists, new
 //! connections are not judged (established ones stay tracked).
 //!
@@ -27,7 +29,9 @@ use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::Json;
-use conf::api::{code, ApiError, HandoverResponse, PATH_HANDOVER};
+use conf::api::{
+    code, ApiError, ClusterTables, HandoverResponse, PATH_HANDOVER, PATH_HANDOVER_TABLES,
+};
 use conf::client::{Client, ClientError};
 use tokio::task::JoinHandle;
 
@@ -35,8 +39,6 @@ use super::Daemon;
 
 /// How long a new vswitchd waits for the old one to let go.
 const WAIT: Duration = Duration::from_secs(30);
-/// How long the old vswitchd's admin server outlives its answer to the handover.
-const ANSWER_GRACE: Duration = Duration::from_millis(200);
 
 /// The running process's side of a handover.
 pub struct Handover {
@@ -110,20 +112,34 @@ pub async fn handle(
     }
     let released_ms = started.elapsed().as_millis() as u64;
     tracing::info!("node handed over in {released_ms} ms");
-    // The admin server stops once `done` is set: only after this answer is on its way, or the
-    // new vswitchd would see its connection reset instead of the tables.
-    let dd = d.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(ANSWER_GRACE).await;
-        dd.handover.done.send_replace(true);
-    });
-    let (peers, services) = d.cluster_tables();
+    d.handover.done.send_replace(true);
     Ok(Json(HandoverResponse {
         pid: std::process::id(),
         released_ms,
-        peers,
-        services,
     }))
+}
+
+/// `GET /v1/handover/tables`: the peers and Services this vswitchd forwards with.
+pub async fn tables(State(d): State<Arc<Daemon>>) -> Json<ClusterTables> {
+    let (peers, services) = d.cluster_tables();
+    Json(ClusterTables { peers, services })
+}
+
+/// The peers and Services of the vswitchd running on `socket`, read before taking the node
+/// over; None when none answers (nothing to take over, or one that predates this request).
+pub fn read_tables(socket: &Path) -> Option<ClusterTables> {
+    if !socket.exists() {
+        return None;
+    }
+    let client = Client::new(socket).with_timeout(WAIT);
+    match client.get::<ClusterTables>(PATH_HANDOVER_TABLES) {
+        Ok(t) => Some(t),
+        Err(ClientError::Connect { .. }) => None,
+        Err(e) => {
+            tracing::warn!("the vswitchd on {} gave no tables ({e})", socket.display());
+            None
+        }
+    }
 }
 
 /// Asks a vswitchd running on `socket` to hand the node over, before this one touches it.
