@@ -2178,16 +2178,15 @@ fn external_ips_and_load_balancer_addresses_reach_endpoints_from_outside() {
         vec![Ep::of(&p2)],
     );
     ext.external_ips = vec!["203.0.113.10"];
-    // Policy Local, an endpoint on each node.
-    let mut lb = Svc::new(
-        "lb",
-        "10.96.1.62",
-        vec![tcp(80, HTTP_PORT)],
-        vec![Ep::of(&p1), Ep::of(&p2)],
-    );
-    lb.load_balancer_ips = vec!["203.0.113.20"];
-    lb.external_local = true;
-    w.set_services(&[ext, lb]);
+    // Policy Local, with these endpoints.
+    let lb = |eps: Vec<Ep>| {
+        let mut s = Svc::new("lb", "10.96.1.62", vec![tcp(80, HTTP_PORT)], eps);
+        s.load_balancer_ips = vec!["203.0.113.20"];
+        s.external_local = true;
+        s
+    };
+    // An endpoint on each node.
+    w.set_services(&[ext.clone(), lb(vec![Ep::of(&p1), Ep::of(&p2)])]);
     let out = w
         .lab
         .outside_netns
@@ -2245,22 +2244,7 @@ fn external_ips_and_load_balancer_addresses_reach_endpoints_from_outside() {
         );
     }
     // Policy Local on a node without an endpoint refuses at once.
-    let mut lb_one = Svc::new(
-        "lb",
-        "10.96.1.62",
-        vec![tcp(80, HTTP_PORT)],
-        vec![Ep::of(&p2)],
-    );
-    lb_one.load_balancer_ips = vec!["203.0.113.20"];
-    lb_one.external_local = true;
-    let mut ext = Svc::new(
-        "ext",
-        "10.96.1.61",
-        vec![tcp(80, HTTP_PORT)],
-        vec![Ep::of(&p2)],
-    );
-    ext.external_ips = vec!["203.0.113.10"];
-    w.set_services(&[ext, lb_one]);
+    w.set_services(&[ext, lb(vec![Ep::of(&p2)])]);
     route("203.0.113.20", &n1);
     match curl_once(&out, "http://203.0.113.20/", 3) {
         Ok(r) => panic!("policy Local without a local endpoint answered: {r:?}"),

@@ -41,6 +41,20 @@ pub(crate) fn k8s_args_in(ns: &str, pod: &str) -> String {
     format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={pod}")
 }
 
+/// The netconf document with `edit` applied to its top-level object.
+fn edit_netconf(
+    netconf: &[u8],
+    edit: impl FnOnce(&mut serde_json::Map<String, Value>) -> Result<(), String>,
+) -> Result<Vec<u8>, String> {
+    let mut doc: Value =
+        serde_json::from_slice(netconf).map_err(|e| format!("netconf is not JSON: {e}"))?;
+    let obj = doc
+        .as_object_mut()
+        .ok_or_else(|| "netconf is not a JSON object".to_string())?;
+    edit(obj)?;
+    serde_json::to_vec(&doc).map_err(|e| e.to_string())
+}
+
 /// A netconf with the pod's labels as `args.cni.labels` (CNI conventions); unchanged when
 /// there are none.
 pub(crate) fn with_labels(
@@ -50,17 +64,14 @@ pub(crate) fn with_labels(
     if labels.is_empty() {
         return Ok(netconf.to_vec());
     }
-    let mut doc: Value =
-        serde_json::from_slice(netconf).map_err(|e| format!("netconf is not JSON: {e}"))?;
     let list: Vec<Value> = labels
         .iter()
         .map(|(k, v)| serde_json::json!({"key": k, "value": v}))
         .collect();
-    let obj = doc
-        .as_object_mut()
-        .ok_or_else(|| "netconf is not a JSON object".to_string())?;
-    obj.insert("args".into(), serde_json::json!({"cni": {"labels": list}}));
-    serde_json::to_vec(&doc).map_err(|e| e.to_string())
+    edit_netconf(netconf, |obj| {
+        obj.insert("args".into(), serde_json::json!({"cni": {"labels": list}}));
+        Ok(())
+    })
 }
 
 /// A netconf with the pod's hostPorts as `runtimeConfig.portMappings`, as runtimes pass them
@@ -73,11 +84,6 @@ pub(crate) fn with_port_mappings(
     if maps.is_empty() {
         return Ok(netconf.to_vec());
     }
-    let mut doc: Value =
-        serde_json::from_slice(netconf).map_err(|e| format!("netconf is not JSON: {e}"))?;
-    if doc.pointer("/capabilities/portMappings") != Some(&Value::Bool(true)) {
-        return Err("the network's plugin does not declare the portMappings capability".into());
-    }
     let list: Vec<Value> = maps
         .iter()
         .map(|m| {
@@ -89,14 +95,20 @@ pub(crate) fn with_port_mappings(
             })
         })
         .collect();
-    let obj = doc
-        .as_object_mut()
-        .ok_or_else(|| "netconf is not a JSON object".to_string())?;
-    obj.insert(
-        "runtimeConfig".into(),
-        serde_json::json!({"portMappings": list}),
-    );
-    serde_json::to_vec(&doc).map_err(|e| e.to_string())
+    edit_netconf(netconf, |obj| {
+        let capable = obj
+            .get("capabilities")
+            .and_then(|c| c.get("portMappings"))
+            .is_some_and(|v| v == &Value::Bool(true));
+        if !capable {
+            return Err("the network's plugin does not declare the portMappings capability".into());
+        }
+        obj.insert(
+            "runtimeConfig".into(),
+            serde_json::json!({"portMappings": list}),
+        );
+        Ok(())
+    })
 }
 
 /// A hostPort as podman's and docker's `-p` write it: `[HOST_IP:]HOST_PORT:CONTAINER_PORT`,
@@ -125,15 +137,12 @@ pub fn parse_publish(s: &str) -> Result<conf::api::PortMapping, crate::LabError>
 
 /// Adds `prevResult` to a netconf document.
 pub(crate) fn with_prev_result(netconf: &[u8], prev: &Value) -> Result<Vec<u8>, String> {
-    let mut doc: Value =
-        serde_json::from_slice(netconf).map_err(|e| format!("netconf is not JSON: {e}"))?;
-    let obj = doc
-        .as_object_mut()
-        .ok_or_else(|| "netconf is not a JSON object".to_string())?;
-    if !prev.is_null() {
-        obj.insert("prevResult".into(), prev.clone());
-    }
-    serde_json::to_vec(&doc).map_err(|e| e.to_string())
+    edit_netconf(netconf, |obj| {
+        if !prev.is_null() {
+            obj.insert("prevResult".into(), prev.clone());
+        }
+        Ok(())
+    })
 }
 
 /// Runs the plugin. Ok is its stdout parsed as JSON (Null when empty, as DEL may answer);

@@ -22,20 +22,8 @@ const IDLE: Duration = Duration::from_secs(10);
 
 pub async fn serve(addr: SocketAddr, tables: Arc<ArcSwap<Tables>>, fw: Forwarder) {
     // The vswitchd this one took the node over from lets go of the port as it hands over; a
-    // moment's patience covers the rest.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let listener = loop {
-        match TcpListener::bind(addr).await {
-            Err(e)
-                if e.kind() == std::io::ErrorKind::AddrInUse
-                    && tokio::time::Instant::now() < deadline =>
-            {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            r => break r,
-        }
-    };
-    let listener = match listener {
+    // moment's patience covers the rest, as for NodePorts.
+    let listener = match super::nodeport::retry_in_use(|| TcpListener::bind(addr)).await {
         Ok(l) => l,
         Err(e) => {
             tracing::error!("DNS over TCP on {addr}: {e}; truncated answers cannot be retried");

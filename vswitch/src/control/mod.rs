@@ -823,7 +823,9 @@ impl Daemon {
     fn release(&self, st: &mut State, key: &Attachment) -> Result<(), ApiError> {
         if let Some(rec) = st.records.remove(key) {
             self.publish(st);
-            self.close_host_ports(&owner_of(key));
+            if !rec.host_ports.is_empty() {
+                self.close_host_ports(&owner_of(key));
+            }
             if rec.live {
                 self.datapath().remove_port(rec.port);
             } else {
@@ -1087,13 +1089,13 @@ impl Daemon {
         Ok(self.peers())
     }
 
-    /// Replaces the whole peer set at once (the Kubernetes watch and config reload use this).
-    /// The peers and Services this vswitchd forwards with now (handed to a successor).
+    /// The peers and Services this vswitchd forwards with now (read by a successor).
     pub fn cluster_tables(&self) -> (Vec<PeerSpec>, Vec<conf::config::ServiceSpec>) {
         let st = self.lock();
         (st.peers.clone(), st.services.clone())
     }
 
+    /// Replaces the whole peer set at once (the Kubernetes watch and config reload use this).
     pub fn replace_peers(&self, peers: Vec<PeerSpec>) -> Result<(), ApiError> {
         let mut st = self.lock();
         if st.peers == peers {
@@ -1376,8 +1378,12 @@ impl Daemon {
         // Pods taken back at start keep their hostPorts (bound once the vswitchd this one
         // took over from lets go of them).
         for (key, rec) in st.records.iter().filter(|(_, r)| r.live) {
-            if let Err(e) = np.open_host_ports(&owner_of(key), rec.ip, &rec.host_ports, false) {
-                tracing::warn!("hostPorts of {}: {e}", owner_of(key));
+            if rec.host_ports.is_empty() {
+                continue;
+            }
+            let owner = owner_of(key);
+            if let Err(e) = np.open_host_ports(&owner, rec.ip, &rec.host_ports, false) {
+                tracing::warn!("hostPorts of {owner}: {e}");
             }
         }
         drop(st);

@@ -125,23 +125,13 @@ pub struct NodePorts {
     /// (IP protocol, target port) pairs with a return rule installed.
     rules: Rules,
     /// The pairs the NodePorts want a return rule for.
-    node_rules: Mutex<std::collections::BTreeSet<(u8, u16)>>,
+    node_rules: Mutex<RuleSet>,
     /// The pairs wanted in all (NodePorts and hostPorts), as last computed.
     desired: Arc<Mutex<RuleSet>>,
     /// Held while return rules are changed, so that changes apply in order.
     applying: Arc<tokio::sync::Mutex<()>>,
     /// The pods' hostPorts.
     host_ports: Mutex<Vec<HostListener>>,
-}
-
-impl HostListener {
-    fn protocol(&self) -> Protocol {
-        if self.mapping.protocol == "udp" {
-            Protocol::Udp
-        } else {
-            Protocol::Tcp
-        }
-    }
 }
 
 /// One hostPort of a pod: a listener relaying to the pod's container port.
@@ -278,7 +268,7 @@ fn transparent(
     from: SocketAddr,
     dest: SocketAddr,
 ) -> bool {
-    let outside = match from.ip() {
+    let outside = || match from.ip() {
         IpAddr::V4(ip) => !relay
             .pods
             .lock()
@@ -289,12 +279,12 @@ fn transparent(
     };
     target.lock().unwrap_or_else(|p| p.into_inner()).transparent
         && keeps(from, dest)
-        && outside
         && relay
             .installed
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .contains(&(proto, dest.port()))
+        && outside()
 }
 
 /// Whether the client's address can be kept towards `dest`: not a loopback client (its
@@ -303,14 +293,6 @@ fn transparent(
 /// masquerades hairpin traffic).
 fn keeps(from: SocketAddr, dest: SocketAddr) -> bool {
     !from.ip().is_loopback() && from.ip() != dest.ip()
-}
-
-fn proto_number(p: Protocol) -> u8 {
-    if p == Protocol::Tcp {
-        TCP
-    } else {
-        UDP
-    }
 }
 
 fn salt_of(addr: &SocketAddr) -> u64 {
@@ -368,7 +350,7 @@ impl NodePorts {
             .iter()
             .filter(|(_, t)| t.local)
             .flat_map(|(k, t)| {
-                let proto = proto_number(k.0);
+                let proto = if k.0 == Protocol::Tcp { TCP } else { UDP };
                 t.dests.iter().map(move |d| (proto, d.port()))
             })
             .collect();
@@ -392,7 +374,10 @@ impl NodePorts {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .iter()
-                .map(|h| (proto_number(h.protocol()), h.mapping.container_port)),
+                .map(|h| {
+                    let proto = if h.mapping.is_udp() { UDP } else { TCP };
+                    (proto, h.mapping.container_port)
+                }),
         );
         *self.desired.lock().unwrap_or_else(|e| e.into_inner()) = want;
         let (rules, desired, applying) = (
@@ -452,7 +437,7 @@ impl NodePorts {
                         IpAddr::V4(m.host_ip.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED)),
                         m.host_port,
                     );
-                    let open = if m.protocol == "udp" {
+                    let open = if m.is_udp() {
                         std::net::UdpSocket::bind(at)
                             .and_then(|s| s.set_nonblocking(true).map(|()| s))
                             .and_then(UdpSocket::from_std)
@@ -486,9 +471,9 @@ impl NodePorts {
                 Bound::Tcp(l) => self.rt.spawn(serve_tcp(l, port, target, rules)),
                 Bound::Udp(u) => {
                     self.rt
-                        .spawn(serve_udp(Arc::new(u), port, target, self.udp_idle, rules))
+                        .spawn(serve_udp(Arc::new(u), target, self.udp_idle, rules))
                 }
-                Bound::Later if m.protocol == "udp" => {
+                Bound::Later if m.is_udp() => {
                     self.rt.spawn(udp(ip, port, target, self.udp_idle, rules))
                 }
                 Bound::Later => self.rt.spawn(tcp(ip, port, target, rules)),
@@ -714,7 +699,7 @@ async fn health(ip: IpAddr, port: u16, state: Arc<Mutex<HealthState>>) {
 const BIND_PATIENCE: Duration = Duration::from_secs(10);
 
 /// `bind()`, again every 100 ms while the address is in use, for up to [`BIND_PATIENCE`].
-async fn retry_in_use<T, F, Fut>(bind: F) -> std::io::Result<T>
+pub(crate) async fn retry_in_use<T, F, Fut>(bind: F) -> std::io::Result<T>
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = std::io::Result<T>>,
@@ -892,17 +877,11 @@ async fn udp(ip: IpAddr, port: u16, target: Arc<Mutex<Target>>, idle: Duration, 
         }
     };
     tracing::info!("port {port}/UDP listening on {ip}");
-    serve_udp(sock, port, target, idle, rules).await
+    serve_udp(sock, target, idle, rules).await
 }
 
 /// Relays each client flow that reaches `sock`.
-async fn serve_udp(
-    sock: Arc<UdpSocket>,
-    _port: u16,
-    target: Arc<Mutex<Target>>,
-    idle: Duration,
-    rules: Rules,
-) {
+async fn serve_udp(sock: Arc<UdpSocket>, target: Arc<Mutex<Target>>, idle: Duration, rules: Rules) {
     let flows: Arc<Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>> = Default::default();
     // The flows' reply tasks end with this task: a NodePort closed (its last endpoint gone)
     // lets go of its port at once, so it can listen again as soon as an endpoint is back.
