@@ -177,12 +177,19 @@ fn steer_by_inner_flow(sock: &UdpSocket, n: u32) -> io::Result<()> {
         filter: prog.as_mut_ptr(),
     };
     // The kernel copies the program during the call; `prog` outlives it.
-    set_socket_option(sock, libc::SO_ATTACH_REUSEPORT_CBPF, &fprog)
+    set_socket_option(
+        sock,
+        libc::SOL_SOCKET,
+        libc::SO_ATTACH_REUSEPORT_CBPF,
+        &fprog,
+    )
 }
 
-/// `setsockopt(2)` at SOL_SOCKET with `value`, a plain C struct or integer of the option's type.
-fn set_socket_option<T>(
+/// `setsockopt(2)` at `level` with `value`, a plain C struct or integer of the option's type
+/// (for options neither socket2 nor nix has; the egress engine's IP_MTU_DISCOVER too).
+pub(crate) fn set_socket_option<T>(
     sock: &impl std::os::fd::AsRawFd,
+    level: libc::c_int,
     name: libc::c_int,
     value: &T,
 ) -> io::Result<()> {
@@ -191,7 +198,7 @@ fn set_socket_option<T>(
     let rc = unsafe {
         libc::setsockopt(
             sock.as_raw_fd(),
-            libc::SOL_SOCKET,
+            level,
             name,
             (value as *const T).cast(),
             std::mem::size_of::<T>() as libc::socklen_t,
@@ -502,7 +509,7 @@ mod tests {
                 "no segmentation offload to refuse"
             );
             let one: libc::c_int = 1;
-            set_socket_option(s, libc::SO_NO_CHECK, &one).expect("SO_NO_CHECK");
+            set_socket_option(s, libc::SOL_SOCKET, libc::SO_NO_CHECK, &one).expect("SO_NO_CHECK");
         }
         // The refused send is lost (a counted drop in the worker); every later one goes out
         // datagram by datagram.

@@ -17,12 +17,40 @@
 //!   peer that stops reading closes the window of the other, and memory per connection stays
 //!   bounded. FIN is passed on as a half-close (`shutdown(SHUT_WR)` / smoltcp `close`), a RST as
 //!   a RST (`SO_LINGER` 0 / smoltcp `abort`).
+//!   Path MTU discovery for TCP is the node's socket's own business: the kernel does it for
+//!   the node's connection (and smoltcp's segments to the pod fit the pods' MTU), so the pod
+//!   never needs a "fragmentation needed". An established connection whose outside host
+//!   becomes unreachable fails when the kernel gives up retransmitting (ETIMEDOUT, or the
+//!   EHOSTUNREACH the routers said meanwhile): the socket reports an error (EPOLLERR, looked
+//!   at even when neither direction has anything to move) and the pod gets a RST, as for the
+//!   outside's own RST.
 //! - UDP: one connected socket per (pod address, pod port, destination), closed after
 //!   `UDP_IDLE` without traffic; answers become datagrams from the destination to the pod.
 //! - ICMP echo: one unprivileged ICMP datagram socket per (pod, identifier, destination); the
 //!   kernel picks the identifier on the wire and the reply gets the pod's back. This needs
 //!   `net.ipv4.ping_group_range` to include vswitchd's group (`vswitch-install sysctls` sets
 //!   it); without it pings are dropped, counted as `icmp_socket_failed`.
+//!
+//! ICMP errors reach the pod as the same errors about its own packets:
+//! - A TCP connection the node cannot open because the host or network is unreachable is an
+//!   ICMP unreachable (code 1 or 0) from the destination about the pod's SYN.
+//! - UDP and echo sockets have IP_RECVERR on, so every ICMP error the outside sends about a
+//!   flow (destination unreachable of any code, fragmentation needed, time exceeded) lands in
+//!   the socket's error queue with its type, code, sender and (fragmentation needed) next-hop
+//!   MTU; an error event (EPOLLERR) has the engine read the queue. The pod gets the same type
+//!   and code, quoting the pod's own header (pod address and port, or echo identifier, to the
+//!   destination) so its stack matches it to its socket, from the router that sent it, or from
+//!   the destination for "port unreachable" (the host that has the port closed). A
+//!   fragmentation needed carries the router's MTU, so the pod learns the path's MTU.
+//! - The node's socket mirrors the pod's DF bit: a pod's datagram with DF is sent with DF and
+//!   never fragmented (IP_PMTUDISC_DO), so one larger than the path MTU the node knows (its
+//!   link's, or learned from a router) fails with EMSGSIZE, and the pod gets a fragmentation
+//!   needed with that MTU (IP_MTU) from the destination, quoting the datagram; one without DF
+//!   is sent without (IP_PMTUDISC_DONT) and the kernel fragments it as needed, as a router
+//!   would. (Always DO would refuse a pod's large datagram without DF; the kernel's default,
+//!   WANT, would set DF on it and pass frag-needed errors to a pod that did not ask.) The
+//!   option is set when a flow opens and again only when a pod's DF changes.
+//! - Counted by kind: `unreachable`, `frag_needed`, `time_exceeded`.
 //!
 //! Limits: `egress.max_connections_per_pod` and `egress.max_connections` count every flow
 //! (TCP, UDP, echo); a flow over a limit is refused (TCP RST, others dropped) and counted.
@@ -34,8 +62,9 @@
 pub mod packet;
 
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io::{self, IoSliceMut, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -46,6 +75,8 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use hashbrown::HashMap;
 use mio::net::{TcpStream, UdpSocket};
 use mio::{Events, Interest, Poll, Token, Waker};
+use nix::errno::Errno;
+use nix::sys::socket::{getsockopt, recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags};
 use smoltcp::iface::{Config as IfConfig, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{Checksum, ChecksumCapabilities, Device, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
@@ -55,8 +86,9 @@ use conf::api::EgressConnInfo;
 
 use crate::datapath::tap::{Tap, VNET_HDR_LEN};
 use crate::pipeline::{DropReason, PortId, Tables};
-use crate::wire::{EtherType, EthernetFrame, EthernetRepr, ETHERNET_HEADER_LEN};
-use packet::{FlowKey, Kind};
+use crate::wire::icmpv4::code;
+use crate::wire::{EtherType, EthernetFrame, EthernetRepr, Icmpv4Message, ETHERNET_HEADER_LEN};
+use packet::{FlowKey, IcmpError, Kind};
 
 /// Each direction's buffer of one TCP connection (smoltcp's; the node's socket has the
 /// kernel's own). 256 KiB lets the window cover the pod's bursts: one stream to the outside
@@ -101,8 +133,14 @@ pub struct EgressStats {
     pub bytes_out: AtomicU64,
     pub bytes_in: AtomicU64,
     pub expired: AtomicU64,
-    /// ICMP unreachables passed to pods (port closed, host or network unreachable).
+    /// ICMP destination unreachables passed to pods (port closed, host or network unreachable,
+    /// administratively prohibited...; not fragmentation needed).
     pub unreachable: AtomicU64,
+    /// ICMP fragmentation needed passed to pods: a router's, or the node's own when its socket
+    /// refused a pod's DF datagram larger than the path MTU.
+    pub frag_needed: AtomicU64,
+    /// ICMP time exceeded passed to pods.
+    pub time_exceeded: AtomicU64,
     /// Flows open now (a gauge).
     pub active: AtomicU64,
 }
@@ -124,6 +162,8 @@ impl EgressStats {
             ("bytes_in", self.bytes_in.load(Relaxed)),
             ("expired", self.expired.load(Relaxed)),
             ("unreachable", self.unreachable.load(Relaxed)),
+            ("frag_needed", self.frag_needed.load(Relaxed)),
+            ("time_exceeded", self.time_exceeded.load(Relaxed)),
         ]
     }
 
@@ -409,6 +449,8 @@ struct TcpConn {
     pod_fin: bool,
     /// The outside host's FIN was passed on (smoltcp close).
     host_eof: bool,
+    /// The node's socket reported an error (EPOLLERR) not yet looked at.
+    errored: bool,
     bytes_out: u64,
     bytes_in: u64,
     started: Instant,
@@ -420,6 +462,9 @@ struct DgramFlow {
     sock: UdpSocket,
     token: Token,
     echo: bool,
+    /// The socket sends with DF and never fragments (IP_PMTUDISC_DO), as the pod's last
+    /// datagram asked; else without DF (IP_PMTUDISC_DONT).
+    df: bool,
     last: Instant,
     started: Instant,
     bytes_out: u64,
@@ -449,6 +494,8 @@ struct Engine {
     stats: Arc<EgressStats>,
     epoch: Instant,
     rbuf: Box<[u8]>,
+    /// Room for the control message of one error-queue read.
+    cmsg: Vec<u8>,
 }
 
 impl Engine {
@@ -499,6 +546,7 @@ impl Engine {
             stats,
             epoch,
             rbuf: vec![0u8; 65_536].into_boxed_slice(),
+            cmsg: nix::cmsg_space!(libc::sock_extended_err, libc::sockaddr_in),
         }
     }
 
@@ -532,7 +580,12 @@ impl Engine {
                 return;
             }
             for ev in events.iter() {
-                self.event(ev.token(), ev.is_readable(), ev.is_writable());
+                self.event(
+                    ev.token(),
+                    ev.is_readable(),
+                    ev.is_writable(),
+                    ev.is_error(),
+                );
             }
             for _ in 0..QUEUE {
                 let Ok(p) = self.packets.try_recv() else {
@@ -673,12 +726,12 @@ impl Engine {
     fn packet(&mut self, p: Packet) {
         match packet::classify(&p.data) {
             Some(Kind::Tcp { key, syn, rst }) => self.tcp_packet(p, key, syn, rst),
-            Some(Kind::Udp { key, payload }) => {
-                self.dgram_packet(&p, key, false, payload);
+            Some(Kind::Udp { key, payload, df }) => {
+                self.dgram_packet(&p, key, (false, df), payload);
                 self.recycle(p.data);
             }
-            Some(Kind::Echo { key, msg }) => {
-                self.dgram_packet(&p, key, true, msg);
+            Some(Kind::Echo { key, msg, df }) => {
+                self.dgram_packet(&p, key, (true, df), msg);
                 self.recycle(p.data);
             }
             None => {
@@ -747,6 +800,7 @@ impl Engine {
                 established: false,
                 pod_fin: false,
                 host_eof: false,
+                errored: false,
                 bytes_out: 0,
                 bytes_in: 0,
                 started: Instant::now(),
@@ -780,7 +834,8 @@ impl Engine {
             };
             match code {
                 Some(code) => {
-                    self.unreachable(key, code, &syn);
+                    let from = *key.dst.ip();
+                    self.icmp_error(key, from, IcmpError::unreachable(code), &syn);
                     self.recycle(syn);
                 }
                 None => self.link.rx.push_back(syn),
@@ -837,7 +892,7 @@ impl Engine {
         self.release(c.port);
     }
 
-    fn event(&mut self, token: Token, readable: bool, writable: bool) {
+    fn event(&mut self, token: Token, readable: bool, writable: bool, error: bool) {
         match self.tokens.get(&token).copied() {
             Some(Owner::Tcp(key)) => {
                 let Some(c) = self.tcp.get_mut(&key) else {
@@ -845,10 +900,12 @@ impl Engine {
                 };
                 c.readable |= readable;
                 c.writable |= writable;
-                if c.syn.is_some() && (writable || readable) {
+                c.errored |= error;
+                if c.syn.is_some() && (writable || readable || error) {
                     self.tcp_connected(key);
                 }
             }
+            // Datagrams, or an error (EPOLLERR: the error queue has something).
             Some(Owner::Dgram(key, echo)) => self.dgram_readable(key, echo),
             None => {}
         }
@@ -936,9 +993,18 @@ impl Engine {
                 Err(_) => break,
             }
         }
+        // The node's connection failed (the outside host's RST, or it became unreachable and the
+        // kernel gave up retransmitting: ETIMEDOUT, EHOSTUNREACH): a RST to the pod, even when
+        // neither loop above read or wrote (the pod's window full, nothing to send).
+        if c.errored && !reset {
+            c.errored = false;
+            if !matches!(c.host.take_error(), Ok(None)) {
+                reset = true;
+            }
+        }
         let state = s.state();
         if reset {
-            // The outside host reset the connection: so does the pod's side.
+            // The outside host reset the connection (or it failed): so does the pod's side.
             self.close_tcp(key, true);
         } else if state == tcp::State::Closed {
             // A RST from the pod (or its timeout) unless both sides had ended in order.
@@ -948,7 +1014,14 @@ impl Engine {
         }
     }
 
-    fn dgram_packet(&mut self, p: &Packet, key: FlowKey, echo: bool, range: (usize, usize)) {
+    /// A pod's datagram (`echo`: an echo request) of the flow `key`, sent with DF when `df`.
+    fn dgram_packet(
+        &mut self,
+        p: &Packet,
+        key: FlowKey,
+        (echo, df): (bool, bool),
+        range: (usize, usize),
+    ) {
         // A UDP super-frame's length field speaks for one datagram: its payload is the rest of
         // the IP packet.
         let end = if !echo && p.gso_size > 0 {
@@ -968,7 +1041,7 @@ impl Engine {
             if !self.admit(p.port) {
                 return;
             }
-            let sock = match open_dgram(key.dst, echo) {
+            let sock = match open_dgram(key.dst, echo, df) {
                 Ok(s) => s,
                 Err(e) => {
                     self.release(p.port);
@@ -1008,6 +1081,7 @@ impl Engine {
                     sock,
                     token,
                     echo,
+                    df,
                     last: Instant::now(),
                     started: Instant::now(),
                     bytes_out: 0,
@@ -1019,24 +1093,54 @@ impl Engine {
             return;
         };
         f.last = Instant::now();
+        // The node's datagram has DF when the pod's had (one setsockopt when that changes, not
+        // one per datagram): so a pod's path MTU discovery sees the real path, and a datagram
+        // without DF may be fragmented on the way, as a router would.
+        if f.df != df && set_pmtu_discovery(&f.sock, df).is_ok() {
+            f.df = df;
+        }
         // A UDP super-frame (USO) carries several datagrams of `gso_size` bytes each.
         let step = if !echo && p.gso_size > 0 {
             usize::from(p.gso_size)
         } else {
             payload.len().max(1)
         };
+        let mut too_big = false;
         for d in payload.chunks(step) {
-            if f.sock.send(d).is_ok() {
-                f.bytes_out += d.len() as u64;
-                self.stats.bytes_out.fetch_add(d.len() as u64, Relaxed);
+            match f.sock.send(d) {
+                Ok(_) => {
+                    f.bytes_out += d.len() as u64;
+                    self.stats.bytes_out.fetch_add(d.len() as u64, Relaxed);
+                }
+                // DF and larger than the path MTU the node knows (IP_PMTUDISC_DO).
+                Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
+                    too_big = true;
+                    break;
+                }
+                Err(_) => {}
             }
         }
         if payload.is_empty() {
             let _ = f.sock.send(&[]);
         }
+        if too_big {
+            // What a router on the path would answer: fragmentation needed with the MTU,
+            // about the pod's own packet; from the destination (the node's stack knows the
+            // MTU, from an earlier router's message or its own link).
+            let mtu = getsockopt(&f.sock, sockopt::IpMtu)
+                .ok()
+                .and_then(|m| u16::try_from(m).ok());
+            if let Some(mtu) = mtu {
+                let from = *key.dst.ip();
+                self.icmp_error(key, from, IcmpError::frag_needed(mtu), &p.data);
+            }
+        }
     }
 
     fn dgram_readable(&mut self, key: FlowKey, echo: bool) {
+        // What the outside reported about the flow first: reading the error queue also clears
+        // the error the socket would otherwise return from recv.
+        self.dgram_errors(key, echo);
         loop {
             let Some(f) = self.dgram.get_mut(&(key, echo)) else {
                 return;
@@ -1045,16 +1149,13 @@ impl Engine {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                // The outside said the port is closed: so does the pod's side.
-                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) && !echo => {
-                    let mut orig = [0u8; 28];
-                    if packet::udp_packet(key.pod, key.dst, &[], &mut orig).is_some() {
-                        self.unreachable(key, 3, &orig);
-                    }
+                // An ICMP error that came since the queue was read (port unreachable:
+                // ECONNREFUSED, ...): with IP_RECVERR it is in the queue too, so it is passed
+                // on from there, once. recv has cleared it, so this does not repeat.
+                Err(_) => {
+                    self.dgram_errors(key, echo);
                     continue;
                 }
-                // Another ICMP error about the flow: nothing to read.
-                Err(_) => continue,
             };
             f.last = Instant::now();
             f.bytes_in += n as u64;
@@ -1072,12 +1173,93 @@ impl Engine {
         }
     }
 
-    /// Sends the pod an ICMP destination unreachable (`code`) from the flow's destination
-    /// about its packet `orig`.
-    fn unreachable(&mut self, key: FlowKey, code: u8, orig: &[u8]) {
+    /// Reads the error queue of a flow's socket (IP_RECVERR): each ICMP error the outside sent
+    /// about the flow (unreachable, fragmentation needed, time exceeded) goes to the pod as the
+    /// same error about its own packet (its address and port, or echo identifier, to the
+    /// destination), from the router that sent it (`ee_offender`), or from the destination for
+    /// "port unreachable" and when the kernel names no sender. The node's own errors (origin
+    /// local: EMSGSIZE of a send, answered where the send failed) are read and dropped.
+    fn dgram_errors(&mut self, key: FlowKey, echo: bool) {
+        // Until the queue is empty (EAGAIN), so the next error is a new edge for the poll: the
+        // queue is bounded by the socket's receive buffer, its errors by the datagrams sent.
+        loop {
+            let Some(f) = self.dgram.get(&(key, echo)) else {
+                return;
+            };
+            let mut iov = [IoSliceMut::new(&mut self.rbuf[..])];
+            let reported = match recvmsg::<()>(
+                f.sock.as_raw_fd(),
+                &mut iov,
+                Some(&mut self.cmsg[..]),
+                MsgFlags::MSG_ERRQUEUE,
+            ) {
+                Ok(m) => m.cmsgs().ok().and_then(|mut c| {
+                    c.find_map(|c| match c {
+                        ControlMessageOwned::Ipv4RecvErr(ee, offender) => {
+                            Some((ee, offender, m.bytes))
+                        }
+                        _ => None,
+                    })
+                }),
+                Err(Errno::EINTR) => continue,
+                // EAGAIN: nothing (more) in the queue.
+                Err(_) => return,
+            };
+            let Some((ee, offender, quoted_len)) = reported else {
+                continue;
+            };
+            if ee.ee_origin != libc::SO_EE_ORIGIN_ICMP {
+                continue;
+            }
+            let Some(err) = IcmpError::from_reported(ee.ee_type, ee.ee_code, ee.ee_info) else {
+                continue;
+            };
+            let sender = offender
+                .filter(|a| i32::from(a.sin_family) == libc::AF_INET)
+                .map(|a| Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)))
+                .filter(|a| !a.is_unspecified());
+            let port_closed = err == IcmpError::unreachable(code::PORT_UNREACHABLE);
+            let from = match sender {
+                Some(a) if !port_closed => a,
+                _ => *key.dst.ip(),
+            };
+            // The pod's packet, as far as an error quotes it (RFC 792: the IP header and 8
+            // bytes): for an echo, its request with the pod's identifier and the sequence
+            // number the node's quoted request had (the kernel keeps it).
+            let mut orig = [0u8; 28];
+            let quoted = if echo {
+                let seq = self.rbuf[..quoted_len.min(self.rbuf.len())]
+                    .get(6..8)
+                    .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
+                packet::echo_request_header(
+                    *key.pod.ip(),
+                    *key.dst.ip(),
+                    key.pod.port(),
+                    seq,
+                    &mut orig,
+                )
+            } else {
+                packet::udp_packet(key.pod, key.dst, &[], &mut orig)
+            };
+            if let Some(n) = quoted {
+                self.icmp_error(key, from, err, &orig[..n]);
+            }
+        }
+    }
+
+    /// Sends the pod of flow `key` the ICMP error `err` from `from` about its packet `orig`,
+    /// counted by kind.
+    fn icmp_error(&mut self, key: FlowKey, from: Ipv4Addr, err: IcmpError, orig: &[u8]) {
         let out = self.link.out.packet_buf();
-        if let Some(len) = packet::unreachable(*key.dst.ip(), *key.pod.ip(), code, orig, out) {
-            self.stats.unreachable.fetch_add(1, Relaxed);
+        if let Some(len) = packet::icmp_error(from, *key.pod.ip(), err, orig, out) {
+            let counter = if err.is_frag_needed() {
+                &self.stats.frag_needed
+            } else if err.msg_type == Icmpv4Message::TIME_EXCEEDED {
+                &self.stats.time_exceeded
+            } else {
+                &self.stats.unreachable
+            };
+            counter.fetch_add(1, Relaxed);
             self.link.out.send(len);
         }
     }
@@ -1118,8 +1300,11 @@ impl Engine {
     }
 }
 
-/// A connected datagram socket of the node to `dst`: UDP, or an ICMP echo socket.
-fn open_dgram(dst: SocketAddrV4, echo: bool) -> io::Result<UdpSocket> {
+/// A connected datagram socket of the node to `dst`: UDP, or an ICMP echo socket; sending with
+/// DF when `df`. The outside's ICMP errors about it come to its error queue (IP_RECVERR): every
+/// kind, not only those the kernel deems fatal to a connected socket, each with its sender and,
+/// for fragmentation needed, the MTU.
+fn open_dgram(dst: SocketAddrV4, echo: bool, df: bool) -> io::Result<UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let proto = if echo {
         Protocol::ICMPV4
@@ -1128,6 +1313,8 @@ fn open_dgram(dst: SocketAddrV4, echo: bool) -> io::Result<UdpSocket> {
     };
     let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(proto))?;
     s.set_nonblocking(true)?;
+    setsockopt(&s, sockopt::Ipv4RecvErr, &true)?;
+    set_pmtu_discovery(&s, df)?;
     let to = if echo {
         SocketAddrV4::new(*dst.ip(), 0)
     } else {
@@ -1137,4 +1324,21 @@ fn open_dgram(dst: SocketAddrV4, echo: bool) -> io::Result<UdpSocket> {
     // An ICMP datagram socket is read and written as a UDP one is (send/recv of whole
     // messages), so mio's UDP type carries it.
     Ok(UdpSocket::from_std(std::net::UdpSocket::from(s)))
+}
+
+/// With `df`, the socket's datagrams carry DF and one larger than the path MTU fails with
+/// EMSGSIZE (IP_PMTUDISC_DO); without, they carry no DF and the kernel fragments them
+/// (IP_PMTUDISC_DONT). Neither nix nor socket2 has this option.
+fn set_pmtu_discovery(sock: &impl AsRawFd, df: bool) -> io::Result<()> {
+    let mode: libc::c_int = if df {
+        libc::IP_PMTUDISC_DO
+    } else {
+        libc::IP_PMTUDISC_DONT
+    };
+    crate::datapath::underlay::set_socket_option(
+        sock,
+        libc::IPPROTO_IP,
+        libc::IP_MTU_DISCOVER,
+        &mode,
+    )
 }
