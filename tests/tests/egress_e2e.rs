@@ -11,7 +11,10 @@
 //!    refused at once; ping, UDP and a DNS query to a resolver on `out` get their answers;
 //!    `vswitchctl egress` (the admin API) lists the flows with the pod's name;
 //! 2. `egress.max_connections_per_pod` holds and is counted, connections over it are refused,
-//!    closed ones free their place, and a pod's flows go with its CNI DEL.
+//!    closed ones free their place, and a pod's flows go with its CNI DEL;
+//! 3. the outside's ICMP errors about UDP reach the pod: a router's "fragmentation needed"
+//!    (with its MTU) and "host unreachable", and the node's own "fragmentation needed" for a DF
+//!    datagram larger than the path MTU it learned; datagrams without DF still go through.
 //!
 //! Needs root, iproute2, ping, dig and python3. Each test builds its own lab with a unique name,
 //! torn down when its guard drops (also on failure); every process runs under `timeout`.
@@ -20,7 +23,9 @@ use std::time::Duration;
 
 use conf::api::{EgressResponse, PATH_EGRESS};
 use vswitch_lab::{LabSpec, Node};
-use vswitch_tests::{exec_in, have, python, require_root, unique, wait_until, Bg, LabGuard};
+use vswitch_tests::{
+    exec_in, have, ip, python, require_root, unique, wait_until, Bg, LabGuard, Netns,
+};
 
 const OUT: &str = "192.168.100.253";
 const LIMIT: Duration = Duration::from_secs(20);
@@ -458,4 +463,207 @@ fn connection_limits_hold_are_counted_and_a_pods_flows_go_with_it() {
         egress(&node)
     );
     drop(keep);
+}
+
+/// The far host's UDP server (port 9000): answers `got N` to each datagram of N bytes.
+const FAR_SERVER: &str = r#"
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", 9000))
+while True:
+    d, a = s.recvfrom(65535)
+    print("got %d from %s" % (len(d), a[0]), flush=True); s.sendto(b"got %d" % len(d), a)
+"#;
+
+/// A pod's UDP client: `CASE ADDR PORT` sends one datagram on a connected socket with
+/// IP_RECVERR and prints what comes back: an answer, or the ICMP error its error queue got.
+/// (1372 bytes of payload are 1400 of IP.)
+/// - `df`: 1400 bytes of IP with DF (IP_PMTUDISC_DO); then the path MTU the pod's kernel
+///   learned, and whether a second such datagram can be sent;
+/// - `nodf`: 1400 bytes without DF (IP_PMTUDISC_DONT);
+/// - `small`: a few bytes.
+const PMTU_CLIENT: &str = r#"
+import errno, select, socket, struct, sys
+IP_MTU_DISCOVER, IP_PMTUDISC_DONT, IP_PMTUDISC_DO, IP_RECVERR, IP_MTU = 10, 0, 2, 11, 14
+case, addr, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DONT if case == "nodf" else IP_PMTUDISC_DO)
+s.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+s.connect((addr, port))
+def outcome():
+    p = select.poll(); p.register(s, select.POLLIN)
+    if not p.poll(5000): return "nothing"
+    try:
+        _, anc, _, _ = s.recvmsg(2048, 1024, socket.MSG_ERRQUEUE)
+    except BlockingIOError:
+        return "answer " + s.recv(2048).decode()
+    for level, kind, data in anc:
+        if level == socket.IPPROTO_IP and kind == IP_RECVERR:
+            err, origin, t, code, _, info, _ = struct.unpack("=IBBBBII", data[:16])
+            frm = socket.inet_ntoa(data[20:24]) if len(data) >= 24 else "-"
+            return "icmp origin=%d type=%d code=%d info=%d errno=%s from=%s" % (
+                origin, t, code, info, errno.errorcode.get(err, err), frm)
+    return "no error"
+s.send(b"x" * (5 if case == "small" else 1372))
+print(outcome())
+if case == "df":
+    print("mtu %d" % s.getsockopt(socket.IPPROTO_IP, IP_MTU))
+    try:
+        s.send(b"x" * 1372); print("resent")
+    except OSError as e:
+        print("resend " + errno.errorcode.get(e.errno, str(e.errno)))
+"#;
+
+const ROUTER: &str = "192.168.100.250";
+const FAR: &str = "198.51.100.2";
+const NOWHERE: &str = "203.0.113.5";
+
+#[test]
+fn the_outsides_icmp_errors_reach_the_pod() {
+    require_root();
+    let name = unique("e");
+    let lab = LabGuard::up(LabSpec::new(&name, 1, 3))
+        .unwrap_or_else(|e| panic!("lab {name} did not come up: {e}"));
+    // A router on the nodes' LAN (ROUTER) in front of a far host (FAR) behind a link with MTU
+    // 1280, and with no way to 203.0.113.0/24 (the kernel answers "host unreachable"). The
+    // namespaces go when their guards drop (before the lab's), also on failure.
+    let r = Netns::new(&unique("r"));
+    let far = Netns::new(&unique("f"));
+    lab.cable_to_fabric(r.name(), "eth0", "rtr0", &format!("{ROUTER}/24"), None)
+        .unwrap_or_else(|e| panic!("cabling the router: {e}"));
+    ip(&[
+        "link",
+        "add",
+        "far0",
+        "netns",
+        r.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        far.name(),
+    ]);
+    ip(&[
+        "-n",
+        r.name(),
+        "addr",
+        "add",
+        "198.51.100.1/24",
+        "dev",
+        "far0",
+    ]);
+    ip(&["-n", r.name(), "link", "set", "far0", "mtu", "1280", "up"]);
+    ip(&[
+        "-n",
+        r.name(),
+        "route",
+        "add",
+        "unreachable",
+        "203.0.113.0/24",
+    ]);
+    exec_in(r.name(), &["sysctl", "-qw", "net.ipv4.ip_forward=1"], LIMIT).ok();
+    ip(&[
+        "-n",
+        far.name(),
+        "addr",
+        "add",
+        &format!("{FAR}/24"),
+        "dev",
+        "eth0",
+    ]);
+    ip(&["-n", far.name(), "link", "set", "eth0", "mtu", "1280", "up"]);
+    ip(&[
+        "-n",
+        far.name(),
+        "route",
+        "add",
+        "default",
+        "via",
+        "198.51.100.1",
+    ]);
+    let node = lab.nodes[0].clone();
+    for net in ["198.51.100.0/24", "203.0.113.0/24"] {
+        ip(&["-n", &node.netns, "route", "add", net, "via", ROUTER]);
+    }
+    let srv = Bg::spawn(
+        far.name(),
+        &[python(), "-u", "-c", FAR_SERVER],
+        Duration::from_secs(120),
+    );
+    let probe = "import socket; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); \
+                 s.settimeout(0.5); s.sendto(b'p',('127.0.0.1',9000)); s.recv(10)";
+    assert!(
+        wait_until(Duration::from_secs(10), || exec_in(
+            far.name(),
+            &[python(), "-c", probe],
+            LIMIT
+        )
+        .success()),
+        "the far host's server did not start"
+    );
+    let udp = |pod: &str, case: &str, dst: &str| {
+        let ns = lab.pod(pod).netns.clone();
+        exec_in(
+            &ns,
+            &[python(), "-c", PMTU_CLIENT, case, dst, "9000"],
+            LIMIT,
+        )
+        .ok()
+        .trim()
+        .to_string()
+    };
+
+    // Without DF a datagram larger than the far link's MTU goes through (the router
+    // fragments it; nobody has learned the path MTU yet).
+    assert_eq!(udp("n1-p2", "nodf", FAR), "answer got 1372");
+
+    // With DF, the router's "fragmentation needed" reaches the pod, from the router, with its
+    // MTU, about the pod's own datagram: the pod's kernel learns the path MTU from it.
+    let emsgsize = "errno=EMSGSIZE";
+    assert_eq!(
+        udp("n1-p1", "df", FAR),
+        format!("icmp origin=2 type=3 code=4 info=1280 {emsgsize} from={ROUTER}\nmtu 1280\nresend EMSGSIZE")
+    );
+    let route = exec_in(&lab.pod("n1-p1").netns, &["ip", "route", "get", FAR], LIMIT).ok();
+    assert!(route.contains("mtu 1280"), "{route}");
+
+    // Now the node knows the path MTU: another pod's DF datagram too large for it is refused by
+    // the node's own socket (EMSGSIZE), and the pod is told as a router would tell it.
+    assert_eq!(
+        udp("n1-p2", "df", FAR),
+        format!("icmp origin=2 type=3 code=4 info=1280 {emsgsize} from={FAR}\nmtu 1280\nresend EMSGSIZE")
+    );
+    // And one without DF is fragmented by the node and still arrives whole.
+    assert_eq!(udp("n1-p3", "nodf", FAR), "answer got 1372");
+
+    // The router's "host unreachable" (a route of type unreachable) about a datagram, and
+    // about an echo request.
+    assert_eq!(
+        udp("n1-p1", "small", NOWHERE),
+        format!("icmp origin=2 type=3 code=1 info=0 errno=EHOSTUNREACH from={ROUTER}")
+    );
+    let ping = exec_in(
+        &lab.pod("n1-p3").netns,
+        &["ping", "-n", "-c", "1", "-W", "3", NOWHERE],
+        LIMIT,
+    );
+    assert!(
+        ping.stdout.contains(&format!(
+            "From {ROUTER} icmp_seq=1 Destination Host Unreachable"
+        )),
+        "{ping}"
+    );
+
+    // Counted by kind: the router's and the node's own frag-needed, the two unreachables.
+    let e = egress(&node);
+    assert!(e.counters["frag_needed"] >= 2, "{e:?}");
+    assert!(e.counters["unreachable"] >= 2, "{e:?}");
+    let log = srv.stop().stdout;
+    assert_eq!(
+        log.matches("got 1372 from 192.168.100.1").count(),
+        2,
+        "only the datagrams without DF arrived, from the node:\n{log}"
+    );
+    assert!(!log.contains("10.244."), "{log}");
 }
