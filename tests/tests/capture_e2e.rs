@@ -9,6 +9,9 @@
 //! - A capture with a filter holds only matching packets, two sessions run at once, and `-C`
 //!   with and without `-W` rotates files like tcpdump; a live stream piped into `tcpdump -r -`
 //!   is read as it comes.
+//! - A pod's UDP datagram, TCP request and ping to the lab's outside host `out` show at
+//!   `egress:pod` with the pod's address and at `egress:node` from the node's address and the
+//!   port the outside host saw, carrying the same bytes, checksums valid (tshark checks them).
 //!
 //! Needs root, iproute2, ping, iperf3, socat, tcpdump and tshark. Each test builds its own lab
 //! with a unique name and tears it down on drop, also when it fails; every process is bounded.
@@ -591,4 +594,281 @@ fn bad_requests_are_refused_with_the_reason() {
         text(&o)
     );
     assert!(sessions(&n1).is_empty(), "no session was opened");
+}
+
+/// The outside host's servers for the egress capture: TCP 47001 answers `tcp-reply-` and what
+/// it read, then closes; UDP 47002 answers `udp-reply-` and the datagram; each logs the peer.
+const EGRESS_SERVERS: &str = r#"
+import socket, threading
+def tcp():
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", 47001)); s.listen(8)
+    while True:
+        c, a = s.accept(); print("tcp %s:%d" % a, flush=True)
+        d = c.recv(100); c.sendall(b"tcp-reply-" + d); c.close()
+def udp():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", 47002))
+    while True:
+        d, a = s.recvfrom(2048); print("udp %s:%d" % a, flush=True); s.sendto(b"udp-reply-" + d, a)
+threading.Thread(target=tcp, daemon=True).start()
+udp()
+"#;
+
+/// The pod's side: one datagram and one request, printing the answers.
+const EGRESS_CLIENT: &str = r#"
+import socket, sys
+out = sys.argv[1]
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(5)
+u.sendto(b"udp-hello-egress", (out, 47002)); print(u.recv(100).decode())
+t = socket.create_connection((out, 47001), timeout=10); t.sendall(b"tcp-hello-egress"); r = b""
+while True:
+    b = t.recv(100)
+    if not b: break
+    r += b
+t.close(); print(r.decode())
+"#;
+
+/// Hex of `s` as tshark prints a byte field (no separators).
+fn hex(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn egress_translation_is_seen_on_the_pods_side_and_the_nodes() {
+    let lab = lab("cg", 1, 1);
+    let n1 = lab.node("n1").clone();
+    let pod = lab.pod("n1-p1").clone();
+    let out_ns = lab
+        .outside_netns
+        .clone()
+        .expect("the lab has an outside host");
+    let out = "192.168.100.253";
+    let server = Bg::spawn(
+        &out_ns,
+        &[vswitch_tests::python(), "-u", "-c", EGRESS_SERVERS],
+        Duration::from_secs(60),
+    );
+    wait_listening(&out_ns, "t", 47001);
+    wait_listening(&out_ns, "u", 47002);
+    let dir_ = Scratch::new("egress");
+    let (f_node, f_pod) = (dir_.file("node.pcapng"), dir_.file("pod.pcapng"));
+    let mut c_node = Capture::start(
+        &n1,
+        &["--point", "egress:node", "-w", &f_node],
+        Duration::from_secs(40),
+    );
+    let mut c_pod = Capture::start(
+        &n1,
+        &["--point", "egress:pod", "-w", &f_pod, "not arp"],
+        Duration::from_secs(40),
+    );
+    let o = run_in(
+        &pod.netns,
+        &[vswitch_tests::python(), "-c", EGRESS_CLIENT, out],
+        Duration::from_secs(20),
+    );
+    assert!(o.status.success(), "the pod's client: {}", text(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "udp-reply-udp-hello-egress\ntcp-reply-tcp-hello-egress"
+    );
+    let p = ping(&pod.netns, out, 1, &[]);
+    assert!(p.all_answered(), "ping: {}", p.text);
+    // Let the last FIN and ACKs pass, then Ctrl-C.
+    std::thread::sleep(Duration::from_millis(500));
+    let o_node = c_node.interrupt();
+    let o_pod = c_pod.interrupt();
+    let log = String::from_utf8_lossy(&server.stop().stdout).into_owned();
+    for o in [&o_node, &o_pod] {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("0 packets dropped"), "{}", text(o));
+    }
+    // Where the outside host saw each flow come from.
+    let seen = |proto: &str| -> String {
+        log.lines()
+            .find_map(|l| l.strip_prefix(&format!("{proto} ")))
+            .unwrap_or_else(|| panic!("the server saw no {proto} peer: {log}"))
+            .to_string()
+    };
+    let (udp_peer, tcp_peer) = (seen("udp"), seen("tcp"));
+    let node_ip = n1.underlay_ip.to_string();
+    assert!(udp_peer.starts_with(&format!("{node_ip}:")), "{udp_peer}");
+    assert!(tcp_peer.starts_with(&format!("{node_ip}:")), "{tcp_peer}");
+
+    let fields = [
+        "frame.interface_name",
+        "frame.packet_flags_direction",
+        "ip.src",
+        "ip.dst",
+        "udp.srcport",
+        "udp.dstport",
+        "tcp.srcport",
+        "tcp.dstport",
+        "tcp.flags.str",
+        "udp.payload",
+        "tcp.payload",
+        "icmp.type",
+        "ip.checksum.status",
+        "udp.checksum.status",
+        "tcp.checksum.status",
+        "icmp.checksum.status",
+    ];
+    let read = |f: &str| -> Vec<Vec<String>> {
+        let mut argv = vec![
+            "tshark",
+            "-n",
+            "-r",
+            f,
+            "-o",
+            "ip.check_checksum:TRUE",
+            "-o",
+            "udp.check_checksum:TRUE",
+            "-o",
+            "tcp.check_checksum:TRUE",
+            "-T",
+            "fields",
+        ];
+        for x in &fields {
+            argv.push("-e");
+            argv.push(x);
+        }
+        let o = run_host(&argv);
+        assert!(o.status.success(), "tshark -r {f}: {}", text(&o));
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                // Byte fields may come with colons between the bytes.
+                let mut r: Vec<String> = l
+                    .split('\t')
+                    .map(|x| {
+                        if x.len() > 2 && x.as_bytes()[2] == b':' {
+                            x.replace(':', "")
+                        } else {
+                            x.to_string()
+                        }
+                    })
+                    .collect();
+                r.resize(fields.len(), String::new());
+                r
+            })
+            .collect()
+    };
+    let col = |f: &str| fields.iter().position(|x| *x == f).expect("a field");
+    let (iface, dirc, src, dst) = (
+        col("frame.interface_name"),
+        col("frame.packet_flags_direction"),
+        col("ip.src"),
+        col("ip.dst"),
+    );
+    let (usport, tsport, flags) = (col("udp.srcport"), col("tcp.srcport"), col("tcp.flags.str"));
+    let (upay, tpay, icmp) = (col("udp.payload"), col("tcp.payload"), col("icmp.type"));
+
+    // The node's side: from the node's address (and the port the outside saw) to `out`.
+    let node_rows = read(&f_node);
+    let show = |rows: &[Vec<String>]| {
+        rows.iter()
+            .map(|r| r.join(" "))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let ns = show(&node_rows);
+    assert!(!node_rows.is_empty(), "nothing at egress:node");
+    for r in &node_rows {
+        assert!(r[iface].starts_with("egress:node:"), "{ns}");
+        let (from_node, to_node) = (
+            r[src] == node_ip && r[dst] == out,
+            r[src] == out && r[dst] == node_ip,
+        );
+        assert!(from_node || to_node, "only the node and `out`: {ns}");
+        assert_eq!(dir(&r[dirc]), if from_node { "out" } else { "in" }, "{ns}");
+        // Every checksum tshark checked is good (1); none bad (0).
+        for c in [
+            "ip.checksum.status",
+            "udp.checksum.status",
+            "tcp.checksum.status",
+            "icmp.checksum.status",
+        ] {
+            let v = &r[col(c)];
+            assert!(v.is_empty() || v == "1", "{c} {v}: {ns}");
+        }
+    }
+    let has = |rows: &[Vec<String>], pred: &dyn Fn(&Vec<String>) -> bool| rows.iter().any(pred);
+    let udp_port = udp_peer.rsplit(':').next().unwrap_or_default().to_string();
+    let tcp_port = tcp_peer.rsplit(':').next().unwrap_or_default().to_string();
+    assert!(
+        has(&node_rows, &|r| r[src] == node_ip
+            && r[usport] == udp_port
+            && r[upay].contains(&hex("udp-hello-egress"))),
+        "the datagram from the node's socket ({udp_peer}): {ns}"
+    );
+    assert!(
+        has(&node_rows, &|r| r[src] == out
+            && r[upay].contains(&hex("udp-reply-udp-hello-egress"))),
+        "the answer to the node: {ns}"
+    );
+    assert!(
+        has(&node_rows, &|r| r[src] == node_ip
+            && r[tsport] == tcp_port
+            && r[flags].contains('S')),
+        "the node's SYN from {tcp_peer}: {ns}"
+    );
+    assert!(
+        has(&node_rows, &|r| r[src] == node_ip
+            && r[tsport] == tcp_port
+            && r[tpay].contains(&hex("tcp-hello-egress"))),
+        "the request's bytes from {tcp_peer}: {ns}"
+    );
+    assert!(
+        has(&node_rows, &|r| r[src] == out
+            && r[tpay].contains(&hex("tcp-reply-tcp-hello-egress"))),
+        "the answer's bytes: {ns}"
+    );
+    assert!(
+        has(&node_rows, &|r| r[src] == out && r[flags].contains('F')),
+        "the outside's FIN: {ns}"
+    );
+    assert!(
+        has(&node_rows, &|r| r[src] == node_ip && r[icmp] == "8")
+            && has(&node_rows, &|r| r[src] == out && r[icmp] == "0"),
+        "the echo request and reply: {ns}"
+    );
+
+    // The pod's side: the pod's address and the same bytes.
+    let pod_rows = read(&f_pod);
+    let ps = show(&pod_rows);
+    let pod_ip = pod.ip.to_string();
+    for r in &pod_rows {
+        assert!(r[iface].starts_with("egress:pod:"), "{ps}");
+        let from_pod = r[src] == pod_ip && r[dst] == out;
+        assert!(
+            from_pod || (r[src] == out && r[dst] == pod_ip),
+            "only the pod and `out`: {ps}"
+        );
+        assert_eq!(dir(&r[dirc]), if from_pod { "in" } else { "out" }, "{ps}");
+    }
+    assert!(
+        has(&pod_rows, &|r| r[src] == pod_ip
+            && r[upay].contains(&hex("udp-hello-egress"))),
+        "{ps}"
+    );
+    assert!(
+        has(&pod_rows, &|r| r[src] == out
+            && r[upay].contains(&hex("udp-reply-udp-hello-egress"))),
+        "{ps}"
+    );
+    assert!(
+        has(&pod_rows, &|r| r[src] == pod_ip
+            && r[tpay].contains(&hex("tcp-hello-egress"))),
+        "{ps}"
+    );
+    assert!(
+        has(&pod_rows, &|r| r[src] == out
+            && r[tpay].contains(&hex("tcp-reply-tcp-hello-egress"))),
+        "smoltcp's segment to the pod: {ps}"
+    );
+    assert!(
+        has(&pod_rows, &|r| r[src] == out && r[icmp] == "0"),
+        "the echo reply to the pod: {ps}"
+    );
 }

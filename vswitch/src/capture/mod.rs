@@ -26,6 +26,20 @@
 //!   NetworkPolicy denied, by the destination pod's ingress or the source pod's egress, as the
 //!   verdict saw it (after Service translation, before routing). Only the packet that opens a
 //!   connection is judged, so each refused attempt shows up (a TCP client's retries too).
+//! - `egress:pod` / `egress:node` (`egress` for both): the two sides of egress translation
+//!   ([`crate::egress`]). `egress:pod` is the pod's side as it crosses the engine's boundary:
+//!   *in* a pod's packet as the engine takes it from its queue (an Ethernet header from the
+//!   pod's MAC to the gateway's put back in front, since the queue holds the IP packet), *out*
+//!   a packet the engine writes to a pod (smoltcp's TCP segments, UDP and echo replies, ICMP
+//!   errors). `egress:node` is the node's side as the outside sees it, synthesised like
+//!   `overlay:outer` since the engine only has sockets: IPv4 from the node socket's local
+//!   address and port (the kernel-chosen echo identifier for ICMP) to the outside address,
+//!   zero MACs; *out* what the engine sent (a UDP datagram or echo request per send), *in*
+//!   what came back. TCP is the stream bytes as the socket sees them, not the wire's
+//!   segmentation (the kernel does the real TCP): one PSH|ACK segment per write or read, with
+//!   a sequence number per direction counting the connection's bytes from 1, and SYN (out)
+//!   and SYN|ACK (in) when the connection opened, FIN when a side shut down, RST when one
+//!   reset; checksums are valid, window and options are made up.
 //!
 //! Off costs one relaxed atomic load per batch; on, a point nobody selected costs a bit test.
 
@@ -33,7 +47,7 @@ pub mod filter;
 pub mod pcapng;
 pub mod stream;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
@@ -43,13 +57,16 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use crate::pipeline::{PortId, HOST_PORT};
 use crate::wire::{
     EtherType, EthernetAddress, EthernetFrame, EthernetRepr, IpProtocol, Ipv4Packet, Ipv4Repr,
-    Ipv6Packet, Ipv6Repr, L4Checksum, UdpPacket, UdpRepr, ETHERNET_HEADER_LEN,
+    Ipv6Packet, Ipv6Repr, L4Checksum, TcpFlags, TcpPacket, TcpRepr, UdpPacket, UdpRepr,
+    ETHERNET_HEADER_LEN,
 };
 pub use filter::{Fields, Filter, FilterError};
 pub use pcapng::Direction;
 
 /// Every point's bit: two (in, out) for each [`Stage`].
-const ALL_POINTS: u16 = (1 << (2 * (Stage::Policy as u16 + 1))) - 1;
+const ALL_POINTS: u16 = (1 << (2 * (Stage::EgressNode as u16 + 1))) - 1;
+/// The inbound bit of each stage is the odd one.
+const INBOUND_POINTS: u16 = 0xAAAA & ALL_POINTS;
 
 /// Packets a session's queue holds before copies are dropped.
 pub const QUEUE_LEN: usize = 4096;
@@ -77,6 +94,12 @@ pub enum Stage {
     OverlayOuter,
     /// A packet NetworkPolicy denied: `in` by ingress, `out` by egress.
     Policy,
+    /// Egress translation, the pod's side: `in` the pod's packet to the engine, `out` the
+    /// engine's to the pod.
+    EgressPod,
+    /// Egress translation, the node's side (synthesised): `out` what the node's socket sent,
+    /// `in` what it received.
+    EgressNode,
 }
 
 /// A capture point as the datapath reports it.
@@ -139,7 +162,8 @@ impl Ports {
 pub enum CaptureError {
     #[error(
         "unknown capture point {0:?}; the points are pod, host, nat, nat:before, nat:after, \
-         overlay, overlay:inner, overlay:outer, policy, policy:ingress, policy:egress, all"
+         overlay, overlay:inner, overlay:outer, policy, policy:ingress, policy:egress, egress, \
+         egress:pod, egress:node, all"
     )]
     UnknownPoint(String),
     #[error("unknown direction {0:?}; use in, out or both")]
@@ -204,6 +228,9 @@ impl Selection {
                 "policy" => stage(Stage::Policy),
                 "policy:ingress" => Point::bit(Stage::Policy, true),
                 "policy:egress" => Point::bit(Stage::Policy, false),
+                "egress" => stage(Stage::EgressPod) | stage(Stage::EgressNode),
+                "egress:pod" => stage(Stage::EgressPod),
+                "egress:node" => stage(Stage::EgressNode),
                 _ => return Err(CaptureError::UnknownPoint(w.to_string())),
             };
             if m & !stage(Stage::Port) != 0 {
@@ -233,12 +260,10 @@ impl Selection {
             (None, false, true) => Ports::Host,
             (None, _, _) => Ports::All,
         };
-        // The inbound bit of each stage is the odd one.
-        let inbound = 0b10_1010_1010u16;
         match direction {
             "" | "both" | "inout" => {}
-            "in" => mask &= inbound,
-            "out" => mask &= !inbound,
+            "in" => mask &= INBOUND_POINTS,
+            "out" => mask &= !INBOUND_POINTS,
             d => return Err(CaptureError::UnknownDirection(d.to_string())),
         }
         if mask == 0 {
@@ -575,6 +600,86 @@ impl TapSet {
         }
     }
 
+    /// A frame at `egress:pod`: a pod's packet the egress engine took (`inbound`) or one it
+    /// wrote to a pod.
+    #[inline]
+    pub fn egress_pod(&self, inbound: bool, frame: &[u8]) {
+        if self.wants(Stage::EgressPod, inbound) {
+            let point = Point {
+                stage: Stage::EgressPod,
+                inbound,
+                port: 0,
+            };
+            self.offer_frame(point, frame);
+        }
+    }
+
+    /// Whether a session wants `egress:pod` packets in direction `inbound`.
+    #[inline]
+    pub fn wants_egress_pod(&self, inbound: bool) -> bool {
+        self.wants(Stage::EgressPod, inbound)
+    }
+
+    /// Whether a session wants `egress:node` packets (either way): the engine looks up its
+    /// socket's address only then.
+    #[inline]
+    pub fn wants_egress_node(&self) -> bool {
+        self.wants(Stage::EgressNode, true) || self.wants(Stage::EgressNode, false)
+    }
+
+    /// What a node socket of the egress engine sent to the outside address `remote`
+    /// (`inbound` false: from `node` to `remote`) or received from it, offered at
+    /// `egress:node` as a synthesised IPv4 packet. TCP bytes longer than one IPv4 packet
+    /// holds become several segments.
+    pub fn egress_node(
+        &self,
+        inbound: bool,
+        node: SocketAddrV4,
+        remote: SocketAddrV4,
+        l4: NodeL4<'_>,
+    ) {
+        if !self.wants(Stage::EgressNode, inbound) {
+            return;
+        }
+        let point = Point {
+            stage: Stage::EgressNode,
+            inbound,
+            port: 0,
+        };
+        let (src, dst) = if inbound {
+            (remote, node)
+        } else {
+            (node, remote)
+        };
+        let offer = |l4: &NodeL4<'_>| {
+            let mut head = [0u8; NODE_HEAD];
+            if let Some((hl, payload)) = node_headers(&mut head, src, dst, l4) {
+                let head = &head[..hl];
+                self.offer_parts(point, head, [head, payload].into_iter());
+            }
+        };
+        match l4 {
+            NodeL4::Tcp {
+                seq,
+                ack,
+                flags,
+                payload,
+            } if payload.len() > NODE_MAX_PAYLOAD => {
+                let mut seq = seq;
+                for p in payload.chunks(NODE_MAX_PAYLOAD) {
+                    offer(&NodeL4::Tcp {
+                        seq,
+                        ack,
+                        flags,
+                        payload: p,
+                    });
+                    seq = seq.wrapping_add(p.len() as u32);
+                }
+            }
+            l4 => offer(&l4),
+        }
+    }
+
     /// A VXLAN datagram (VXLAN header + inner frame) sent from `src` to `dst` or received.
     pub fn overlay_outer(&self, inbound: bool, src: SocketAddr, dst: SocketAddr, dgram: &[u8]) {
         if !self.wants(Stage::OverlayOuter, inbound) {
@@ -703,6 +808,114 @@ fn outer_headers(out: &mut [u8; OUTER_MAX], src: SocketAddr, dst: SocketAddr, le
         L4Checksum::None,
     );
     end
+}
+
+/// What an egress node socket moved, for [`TapSet::egress_node`].
+#[derive(Debug, Clone, Copy)]
+pub enum NodeL4<'a> {
+    /// A UDP datagram's payload.
+    Udp(&'a [u8]),
+    /// An ICMP message (echo request or reply, header included); `ident` is the identifier
+    /// on the wire (the node socket's), written over the message's own.
+    Icmp { msg: &'a [u8], ident: u16 },
+    /// Bytes of a TCP stream as one segment (`payload` empty for a SYN, FIN or RST alone).
+    Tcp {
+        seq: u32,
+        ack: u32,
+        flags: TcpFlags,
+        payload: &'a [u8],
+    },
+}
+
+/// Room for the headers `egress:node` synthesises: Ethernet, IPv4, TCP (the largest).
+const NODE_HEAD: usize = ETHERNET_HEADER_LEN + 20 + 20;
+/// The most TCP payload one synthesised IPv4 packet carries.
+const NODE_MAX_PAYLOAD: usize = 65_535 - 20 - 20;
+/// The window synthesised TCP segments advertise (the kernel's real one is not known).
+const NODE_TCP_WINDOW: u16 = 65_535;
+
+/// Writes Ethernet (zero MACs), IPv4 and the L4 header of a node-side packet from `src` to
+/// `dst` into `out`, with valid checksums over the payload that follows them; returns the
+/// headers' length and that payload, or `None` when it does not fit in one IPv4 packet (or
+/// an ICMP message is shorter than its header).
+fn node_headers<'a>(
+    out: &mut [u8; NODE_HEAD],
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    l4: &NodeL4<'a>,
+) -> Option<(usize, &'a [u8])> {
+    use crate::wire::checksum;
+    let (proto, l4_len, payload): (IpProtocol, usize, &'a [u8]) = match *l4 {
+        NodeL4::Udp(p) => (IpProtocol::UDP, 8, p),
+        NodeL4::Icmp { msg, .. } => (IpProtocol::ICMP, 8, msg.get(8..)?),
+        NodeL4::Tcp { payload, .. } => (IpProtocol::TCP, 20, payload),
+    };
+    let total = 20 + l4_len + payload.len();
+    if total > usize::from(u16::MAX) {
+        return None;
+    }
+    EthernetRepr {
+        src_addr: EthernetAddress::default(),
+        dst_addr: EthernetAddress::default(),
+        ethertype: EtherType::IPV4,
+    }
+    .emit(&mut EthernetFrame::new_unchecked(&mut out[..]));
+    let ip = Ipv4Repr {
+        src_addr: *src.ip(),
+        dst_addr: *dst.ip(),
+        protocol: proto,
+        payload_len: l4_len + payload.len(),
+        ttl: 64,
+        dont_frag: true,
+    };
+    ip.emit(&mut Ipv4Packet::new_unchecked(
+        &mut out[ETHERNET_HEADER_LEN..ETHERNET_HEADER_LEN + 20],
+    ));
+    let at = ETHERNET_HEADER_LEN + 20;
+    let end = at + l4_len;
+    let head = &mut out[at..end];
+    let l4_total = (l4_len + payload.len()) as u16;
+    let pseudo = |p: IpProtocol| checksum::pseudo_header_v4(*src.ip(), *dst.ip(), p.0, l4_total);
+    match *l4 {
+        NodeL4::Udp(_) => {
+            UdpRepr {
+                src_port: src.port(),
+                dst_port: dst.port(),
+                payload_len: payload.len(),
+            }
+            .emit(&mut UdpPacket::new_unchecked(&mut *head), L4Checksum::None);
+            let sum =
+                !checksum::combine(&[pseudo(proto), checksum::sum(head), checksum::sum(payload)]);
+            // Zero is "no checksum" in UDP over IPv4: all ones says the same sum.
+            let sum = if sum == 0 { 0xFFFF } else { sum };
+            head[6..8].copy_from_slice(&sum.to_be_bytes());
+        }
+        NodeL4::Icmp { msg, ident } => {
+            head.copy_from_slice(&msg[..8]);
+            head[2..4].fill(0);
+            head[4..6].copy_from_slice(&ident.to_be_bytes());
+            let sum = !checksum::combine(&[checksum::sum(head), checksum::sum(payload)]);
+            head[2..4].copy_from_slice(&sum.to_be_bytes());
+        }
+        NodeL4::Tcp {
+            seq, ack, flags, ..
+        } => {
+            TcpRepr {
+                src_port: src.port(),
+                dst_port: dst.port(),
+                seq_number: seq,
+                ack_number: ack,
+                flags,
+                window_len: NODE_TCP_WINDOW,
+                payload_len: payload.len(),
+            }
+            .emit(&mut TcpPacket::new_unchecked(&mut *head), L4Checksum::None);
+            let sum =
+                !checksum::combine(&[pseudo(proto), checksum::sum(head), checksum::sum(payload)]);
+            head[16..18].copy_from_slice(&sum.to_be_bytes());
+        }
+    }
+    Some((end, payload))
 }
 
 /// What a new session asks for.

@@ -88,6 +88,21 @@ pub fn interface_name(
             "policy:egress".into(),
             "packets NetworkPolicy denied by the source pod's egress".into(),
         ),
+        Stage::EgressPod => (
+            format!("egress:pod:{dir}"),
+            if p.inbound {
+                "pods' packets the egress translation engine took".into()
+            } else {
+                "packets the egress translation engine wrote to pods".into()
+            },
+        ),
+        Stage::EgressNode => (
+            format!("egress:node:{dir}"),
+            "egress translation's node sockets as the outside sees them, synthesised (zero MACs); \
+             TCP is the stream bytes as the socket sees them, one segment per write or read, \
+             not the wire's segmentation"
+                .into(),
+        ),
     }
 }
 

@@ -1,4 +1,4 @@
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,6 +57,32 @@ fn selections() {
     let p = Selection::parse("", "in", Some(3)).unwrap();
     assert_eq!(p.mask, Point::bit(Stage::Port, true));
     assert_eq!(p.port(), Some(3));
+    let e = Selection::parse("egress", "", None).unwrap();
+    assert_eq!(
+        e.mask,
+        Point::bit(Stage::EgressPod, true)
+            | Point::bit(Stage::EgressPod, false)
+            | Point::bit(Stage::EgressNode, true)
+            | Point::bit(Stage::EgressNode, false)
+    );
+    assert_eq!(
+        Selection::parse("egress:pod", "in", None).unwrap().mask,
+        Point::bit(Stage::EgressPod, true)
+    );
+    assert_eq!(
+        Selection::parse("egress:node", "out", None).unwrap().mask,
+        Point::bit(Stage::EgressNode, false)
+    );
+    assert!(
+        all.mask & Point::bit(Stage::EgressNode, true) != 0,
+        "all has egress"
+    );
+    assert!(matches!(
+        Selection::parse("egress", "", Some(1)),
+        Err(CaptureError::PortWithStage(_))
+    ));
+    let unknown = Selection::parse("egress:outside", "", None).unwrap_err();
+    assert!(unknown.to_string().contains("egress:node"), "{unknown}");
     let n = Selection::parse("nat:before,overlay:outer", "both", None).unwrap();
     assert_eq!(
         n.mask,
@@ -465,4 +491,239 @@ fn a_stream_is_pcapng_with_one_interface_per_point_and_directions() {
         [(0, Some(1)), (1, Some(2)), (0, Some(1)), (2, Some(2))]
     );
     assert_eq!(isbs, 3);
+}
+
+/// An `egress:node` packet: its IPv4 header and checksum, and the transport etherparse finds.
+fn node_packet(c: &Captured) -> (etherparse::Ipv4Header, etherparse::TransportSlice<'_>) {
+    let p = etherparse::SlicedPacket::from_ethernet(&c.data).unwrap();
+    let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else {
+        panic!("not IPv4: {p:?}")
+    };
+    let h = ip.header().to_header();
+    assert_eq!(h.header_checksum, h.calc_header_checksum());
+    assert_eq!(h.total_len as usize + 14, c.data.len());
+    assert_eq!(c.orig_len as usize, c.data.len());
+    (h, p.transport.unwrap())
+}
+
+#[test]
+fn egress_node_packets_are_synthesised_with_valid_checksums() {
+    let hub = Hub::new();
+    let (_s, rx) = open(&hub, "egress:node", "", None, Some("host 192.168.100.253"));
+    let (_p, rx_pod) = open(&hub, "egress:pod", "", None, None);
+    let set = hub.current().unwrap();
+    assert!(set.wants_egress_node() && set.wants_egress_pod(true));
+    let node: SocketAddrV4 = "192.168.100.1:40001".parse().unwrap();
+    let out: SocketAddrV4 = "192.168.100.253:9000".parse().unwrap();
+
+    // UDP, sent: from the node's socket to the outside.
+    set.egress_node(false, node, out, NodeL4::Udp(b"hello"));
+    let c = rx.try_recv().unwrap();
+    assert_eq!(c.point.stage, Stage::EgressNode);
+    assert_eq!(c.point.direction(), Direction::Outbound);
+    let (ip, t) = node_packet(&c);
+    assert_eq!(
+        (ip.source, ip.destination),
+        ([192, 168, 100, 1], [192, 168, 100, 253])
+    );
+    let etherparse::TransportSlice::Udp(udp) = t else {
+        panic!("not UDP")
+    };
+    assert_eq!((udp.source_port(), udp.destination_port()), (40001, 9000));
+    assert_eq!(udp.payload(), b"hello");
+    assert_eq!(
+        udp.checksum(),
+        udp.to_header()
+            .calc_checksum_ipv4(&ip, udp.payload())
+            .unwrap()
+    );
+
+    // UDP, received: the other way round.
+    set.egress_node(true, node, out, NodeL4::Udp(b"world!"));
+    let c = rx.try_recv().unwrap();
+    assert_eq!(c.point.direction(), Direction::Inbound);
+    let (ip, t) = node_packet(&c);
+    assert_eq!(
+        (ip.source, ip.destination),
+        ([192, 168, 100, 253], [192, 168, 100, 1])
+    );
+    let etherparse::TransportSlice::Udp(udp) = t else {
+        panic!("not UDP")
+    };
+    assert_eq!((udp.source_port(), udp.destination_port()), (9000, 40001));
+    assert_eq!(udp.payload(), b"world!");
+    assert_eq!(
+        udp.checksum(),
+        udp.to_header()
+            .calc_checksum_ipv4(&ip, udp.payload())
+            .unwrap()
+    );
+
+    // An echo request as the pod sent it (identifier 0x1234, its checksum) leaves with the
+    // node socket's identifier and a checksum to match.
+    let mut msg = vec![8u8, 0, 0, 0, 0x12, 0x34, 0, 7];
+    msg.extend_from_slice(b"ping data");
+    crate::wire::Icmpv4Packet::new_unchecked(&mut msg[..]).fill_checksum();
+    set.egress_node(
+        false,
+        node,
+        out,
+        NodeL4::Icmp {
+            msg: &msg,
+            ident: 777,
+        },
+    );
+    let c = rx.try_recv().unwrap();
+    let (_, t) = node_packet(&c);
+    let etherparse::TransportSlice::Icmpv4(icmp) = t else {
+        panic!("not ICMP")
+    };
+    assert_eq!(
+        icmp.icmp_type(),
+        etherparse::Icmpv4Type::EchoRequest(etherparse::IcmpEchoHeader { id: 777, seq: 7 })
+    );
+    assert_eq!(icmp.payload(), b"ping data");
+    let want = etherparse::Icmpv4Header::with_checksum(icmp.icmp_type(), icmp.payload());
+    assert_eq!(icmp.checksum(), want.checksum);
+    // Too short to be an ICMP message: nothing.
+    set.egress_node(
+        false,
+        node,
+        out,
+        NodeL4::Icmp {
+            msg: &msg[..4],
+            ident: 1,
+        },
+    );
+    assert!(rx.try_recv().is_err());
+
+    // TCP: a data segment with the given numbers, PSH|ACK.
+    let flags = TcpFlags::PSH | TcpFlags::ACK;
+    set.egress_node(
+        false,
+        node,
+        out,
+        NodeL4::Tcp {
+            seq: 1,
+            ack: 1,
+            flags,
+            payload: b"GET / HTTP/1.0\r\n\r\n",
+        },
+    );
+    let c = rx.try_recv().unwrap();
+    let (ip, t) = node_packet(&c);
+    let etherparse::TransportSlice::Tcp(tcp) = t else {
+        panic!("not TCP")
+    };
+    assert_eq!((tcp.source_port(), tcp.destination_port()), (40001, 9000));
+    assert_eq!((tcp.sequence_number(), tcp.acknowledgment_number()), (1, 1));
+    assert!(tcp.psh() && tcp.ack() && !tcp.syn() && !tcp.fin());
+    assert_eq!(tcp.payload(), b"GET / HTTP/1.0\r\n\r\n");
+    assert_eq!(
+        tcp.checksum(),
+        tcp.calc_checksum_ipv4(ip.source, ip.destination).unwrap()
+    );
+    // Odd lengths and an empty payload (a SYN) checksum right too.
+    for payload in [&b"x"[..], &b""[..]] {
+        set.egress_node(
+            true,
+            node,
+            out,
+            NodeL4::Tcp {
+                seq: 0,
+                ack: 1,
+                flags: TcpFlags::SYN | TcpFlags::ACK,
+                payload,
+            },
+        );
+        let c = rx.try_recv().unwrap();
+        let (ip, t) = node_packet(&c);
+        let etherparse::TransportSlice::Tcp(tcp) = t else {
+            panic!("not TCP")
+        };
+        assert!(tcp.syn() && tcp.ack());
+        assert_eq!((tcp.source_port(), tcp.destination_port()), (9000, 40001));
+        assert_eq!(
+            tcp.checksum(),
+            tcp.calc_checksum_ipv4(ip.source, ip.destination).unwrap()
+        );
+    }
+
+    // Bytes more than one IPv4 packet holds become segments numbered on.
+    let big = vec![0x5au8; 100_000];
+    set.egress_node(
+        false,
+        node,
+        out,
+        NodeL4::Tcp {
+            seq: 10,
+            ack: 1,
+            flags,
+            payload: &big,
+        },
+    );
+    let (a, b) = (rx.try_recv().unwrap(), rx.try_recv().unwrap());
+    assert!(rx.try_recv().is_err());
+    let mut total = 0;
+    let mut seq = 10u32;
+    for c in [&a, &b] {
+        // The snap length (65535) cuts the largest: its headers say the rest.
+        let tcp = crate::wire::TcpPacket::new_checked(&c.data[34..]).unwrap();
+        assert_eq!(tcp.seq_number(), seq);
+        let len = c.orig_len as usize - 14 - 20 - 20;
+        assert!(len <= 65_535 - 40);
+        seq += len as u32;
+        total += len;
+    }
+    assert_eq!(total, big.len());
+
+    // A filter on the outside address leaves other destinations out; nothing went to the
+    // egress:pod session.
+    let elsewhere: SocketAddrV4 = "203.0.113.9:53".parse().unwrap();
+    set.egress_node(false, node, elsewhere, NodeL4::Udp(b"q"));
+    assert!(rx.try_recv().is_err());
+    assert!(rx_pod.try_recv().is_err());
+    set.egress_pod(
+        true,
+        &frame([10, 244, 1, 2], [192, 168, 100, 253], 17, 5000, 9000, 3),
+    );
+    let c = rx_pod.try_recv().unwrap();
+    assert_eq!((c.point.stage, c.point.inbound), (Stage::EgressPod, true));
+    assert!(rx.try_recv().is_err());
+}
+
+#[test]
+fn egress_points_are_off_unless_selected() {
+    let hub = Hub::new();
+    let (_s, rx) = open(&hub, "pod,nat,overlay,policy", "", None, None);
+    let set = hub.current().unwrap();
+    assert!(!set.wants_egress_node());
+    assert!(!set.wants_egress_pod(true) && !set.wants_egress_pod(false));
+    let node: SocketAddrV4 = "192.168.100.1:40001".parse().unwrap();
+    let out: SocketAddrV4 = "192.168.100.253:9000".parse().unwrap();
+    set.egress_node(false, node, out, NodeL4::Udp(b"hello"));
+    set.egress_pod(
+        false,
+        &frame([1, 1, 1, 1], [10, 244, 1, 2], 17, 9000, 5000, 3),
+    );
+    assert!(rx.try_recv().is_err());
+    // Only the direction asked for.
+    let (_o, rx_out) = open(&hub, "egress:node", "out", None, None);
+    let set = hub.current().unwrap();
+    set.egress_node(true, node, out, NodeL4::Udp(b"in"));
+    set.egress_node(false, node, out, NodeL4::Udp(b"out"));
+    assert!(!rx_out.try_recv().unwrap().point.inbound);
+    assert!(rx_out.try_recv().is_err());
+    let name = |stage, inbound| {
+        let point = Point {
+            stage,
+            inbound,
+            port: 0,
+        };
+        super::stream::interface_name(&point, &|_| String::new()).0
+    };
+    assert_eq!(name(Stage::EgressPod, true), "egress:pod:in");
+    assert_eq!(name(Stage::EgressPod, false), "egress:pod:out");
+    assert_eq!(name(Stage::EgressNode, false), "egress:node:out");
+    assert_eq!(name(Stage::EgressNode, true), "egress:node:in");
 }

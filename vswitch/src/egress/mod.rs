@@ -58,6 +58,15 @@
 //!
 //! Packets to the pods (smoltcp's, and the UDP and echo replies built in [`packet`]) are
 //! written straight to the pod's TAP (its first queue) with an all-zero virtio-net header.
+//!
+//! Capture sees both sides (`vswitchctl capture --point egress`): `egress:pod` is the pods'
+//! packets as the engine takes them from its queue and the packets it writes to them (also
+//! offered as the pod port's outbound frames); `egress:node` is what the node's sockets send
+//! and receive, synthesised as IPv4 packets from the socket's address (getsockname, looked up
+//! once per flow and only when a session wants the point) to the outside address. TCP there is
+//! the stream bytes as the socket moved them (one segment per write or read, with SYN, FIN and
+//! RST markers), not the wire's segmentation. With no session the engine loads one atomic per
+//! packet or pump and builds nothing.
 
 pub mod packet;
 
@@ -84,10 +93,13 @@ use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpListenEndpoint};
 
 use conf::api::EgressConnInfo;
 
+use crate::capture::{NodeL4, TapSet};
 use crate::datapath::tap::{Tap, VNET_HDR_LEN};
 use crate::pipeline::{DropReason, PortId, Tables};
 use crate::wire::icmpv4::code;
-use crate::wire::{EtherType, EthernetFrame, EthernetRepr, Icmpv4Message, ETHERNET_HEADER_LEN};
+use crate::wire::{
+    EtherType, EthernetFrame, EthernetRepr, Icmpv4Message, TcpFlags, ETHERNET_HEADER_LEN,
+};
 use packet::{FlowKey, IcmpError, Kind};
 
 /// Each direction's buffer of one TCP connection (smoltcp's; the node's socket has the
@@ -353,7 +365,9 @@ impl ToPods {
             &mut self.buf[VNET_HDR_LEN..IP_AT],
         ));
         if let Some(c) = self.capture.current() {
-            c.port(port.id, false, &self.buf[VNET_HDR_LEN..IP_AT + len]);
+            let frame = &self.buf[VNET_HDR_LEN..IP_AT + len];
+            c.port(port.id, false, frame);
+            c.egress_pod(false, frame);
         }
         if tap.send(&self.buf[..IP_AT + len]).is_err() {
             self.stats.tx_error.fetch_add(1, Relaxed);
@@ -451,9 +465,60 @@ struct TcpConn {
     host_eof: bool,
     /// The node's socket reported an error (EPOLLERR) not yet looked at.
     errored: bool,
+    /// The node's connection failed or the outside reset it (a RST it sent, for capture).
+    host_reset: bool,
+    /// The node's socket's address, once a capture wanted it.
+    node: Option<SocketAddrV4>,
     bytes_out: u64,
     bytes_in: u64,
     started: Instant,
+}
+
+impl TcpConn {
+    /// The next sequence number each way as `egress:node` numbers the stream (byte 0 is the
+    /// SYN's, a FIN takes one): (node to outside, outside to node).
+    fn node_seq(&self) -> (u32, u32) {
+        (
+            1u32.wrapping_add(self.bytes_out as u32)
+                .wrapping_add(u32::from(self.pod_fin)),
+            1u32.wrapping_add(self.bytes_in as u32)
+                .wrapping_add(u32::from(self.host_eof)),
+        )
+    }
+}
+
+/// A TCP connection's node side as `egress:node` shows it.
+struct TcpTap<'a> {
+    tap: &'a TapSet,
+    node: SocketAddrV4,
+    remote: SocketAddrV4,
+}
+
+impl TcpTap<'_> {
+    /// A made-up segment: from the node when not `inbound`.
+    fn segment(&self, inbound: bool, (seq, ack): (u32, u32), flags: TcpFlags, payload: &[u8]) {
+        let l4 = NodeL4::Tcp {
+            seq,
+            ack,
+            flags,
+            payload,
+        };
+        self.tap.egress_node(inbound, self.node, self.remote, l4);
+    }
+}
+
+/// The local address of a flow's node socket (getsockname), looked up the first time a
+/// capture asks and kept.
+fn node_side(
+    cache: &mut Option<SocketAddrV4>,
+    local: impl FnOnce() -> io::Result<SocketAddr>,
+) -> Option<SocketAddrV4> {
+    if cache.is_none() {
+        if let Ok(SocketAddr::V4(a)) = local() {
+            *cache = Some(a);
+        }
+    }
+    *cache
 }
 
 /// One UDP flow or ICMP echo "connection".
@@ -467,8 +532,31 @@ struct DgramFlow {
     df: bool,
     last: Instant,
     started: Instant,
+    /// The node's socket's address (an echo socket's port is its identifier), once a capture
+    /// wanted it.
+    node: Option<SocketAddrV4>,
     bytes_out: u64,
     bytes_in: u64,
+}
+
+impl DgramFlow {
+    /// What the node's socket sent (`inbound` false) or received, offered at `egress:node`.
+    fn capture(&mut self, tap: &TapSet, inbound: bool, key: FlowKey, msg: &[u8]) {
+        let Some(node) = node_side(&mut self.node, || self.sock.local_addr()) else {
+            return;
+        };
+        let l4 = if self.echo {
+            // The kernel's identifier; the pod's if it named none.
+            let ident = match node.port() {
+                0 => key.pod.port(),
+                p => p,
+            };
+            NodeL4::Icmp { msg, ident }
+        } else {
+            NodeL4::Udp(msg)
+        };
+        tap.egress_node(inbound, node, key.dst, l4);
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -496,6 +584,8 @@ struct Engine {
     rbuf: Box<[u8]>,
     /// Room for the control message of one error-queue read.
     cmsg: Vec<u8>,
+    /// A pod's packet as a frame for `egress:pod`; empty until a capture wants one.
+    cap_buf: Vec<u8>,
 }
 
 impl Engine {
@@ -547,6 +637,7 @@ impl Engine {
             epoch,
             rbuf: vec![0u8; 65_536].into_boxed_slice(),
             cmsg: nix::cmsg_space!(libc::sock_extended_err, libc::sockaddr_in),
+            cap_buf: Vec::new(),
         }
     }
 
@@ -724,6 +815,11 @@ impl Engine {
     }
 
     fn packet(&mut self, p: Packet) {
+        if let Some(tap) = self.link.out.capture.current() {
+            if tap.wants_egress_pod(true) {
+                self.capture_from_pod(&tap, &p);
+            }
+        }
         match packet::classify(&p.data) {
             Some(Kind::Tcp { key, syn, rst }) => self.tcp_packet(p, key, syn, rst),
             Some(Kind::Udp { key, payload, df }) => {
@@ -739,6 +835,23 @@ impl Engine {
                 self.recycle(p.data);
             }
         }
+    }
+
+    /// Offers a pod's packet at `egress:pod` (in) as the frame the pod sent, from its MAC to
+    /// the gateway's: the queue holds the IP packet only.
+    fn capture_from_pod(&mut self, tap: &TapSet, p: &Packet) {
+        let tables = self.link.out.tables.load();
+        let src_addr = tables.port(p.port).map(|e| e.mac).unwrap_or_default();
+        self.cap_buf.clear();
+        self.cap_buf.resize(ETHERNET_HEADER_LEN, 0);
+        EthernetRepr {
+            src_addr,
+            dst_addr: tables.gateway_mac,
+            ethertype: EtherType::IPV4,
+        }
+        .emit(&mut EthernetFrame::new_unchecked(&mut self.cap_buf[..]));
+        self.cap_buf.extend_from_slice(&p.data);
+        tap.egress_pod(true, &self.cap_buf);
     }
 
     fn tcp_packet(&mut self, p: Packet, key: FlowKey, syn: bool, rst: bool) {
@@ -801,6 +914,8 @@ impl Engine {
                 pod_fin: false,
                 host_eof: false,
                 errored: false,
+                host_reset: false,
+                node: None,
                 bytes_out: 0,
                 bytes_in: 0,
                 started: Instant::now(),
@@ -823,6 +938,27 @@ impl Engine {
             },
         };
         let Some(syn) = c.syn.take() else { return };
+        // The node's handshake at `egress:node`: its SYN, and the outside's SYN|ACK (or the
+        // RST of a refusal; an unreachable host is the ICMP error the pod gets).
+        if let Some(tap) = self.link.out.capture.current() {
+            if tap.wants_egress_node() {
+                if let Some(node) = node_side(&mut c.node, || c.host.local_addr()) {
+                    let t = TcpTap {
+                        tap: &tap,
+                        node,
+                        remote: key.dst,
+                    };
+                    t.segment(false, (0, 0), TcpFlags::SYN, &[]);
+                    match failed.as_ref().map(io::Error::raw_os_error) {
+                        None => t.segment(true, (0, 1), TcpFlags::SYN | TcpFlags::ACK, &[]),
+                        Some(Some(libc::ECONNREFUSED)) => {
+                            t.segment(true, (0, 1), TcpFlags::RST | TcpFlags::ACK, &[])
+                        }
+                        Some(_) => {}
+                    }
+                }
+            }
+        }
         if let Some(e) = failed {
             self.stats.tcp_refused.fetch_add(1, Relaxed);
             // Unreachable as the node found it, in the pod's terms; anything else (refused,
@@ -886,6 +1022,21 @@ impl Engine {
         }
         if reset || !(c.pod_fin && c.host_eof) {
             let _ = socket2::SockRef::from(&c.host).set_linger(Some(Duration::ZERO));
+            // The node's RST, at `egress:node`, unless the outside's ended it already.
+            if c.handle.is_some() && !c.host_reset {
+                if let Some(tap) = self.link.out.capture.current() {
+                    if tap.wants_egress_node() {
+                        if let Some(node) = node_side(&mut c.node, || c.host.local_addr()) {
+                            let t = TcpTap {
+                                tap: &tap,
+                                node,
+                                remote: key.dst,
+                            };
+                            t.segment(false, c.node_seq(), TcpFlags::RST | TcpFlags::ACK, &[]);
+                        }
+                    }
+                }
+            }
         }
         let _ = self.poll.registry().deregister(&mut c.host);
         self.tokens.remove(&c.token);
@@ -931,6 +1082,23 @@ impl Engine {
         };
         let Some(h) = c.handle else { return };
         let s = self.sockets.get_mut::<tcp::Socket>(h);
+        // `egress:node`: the bytes each way as segments, when a capture wants them.
+        let cap = self
+            .link
+            .out
+            .capture
+            .current()
+            .filter(|t| t.wants_egress_node());
+        let node = match &cap {
+            Some(_) => node_side(&mut c.node, || c.host.local_addr()),
+            None => None,
+        };
+        let tap = cap.as_deref().zip(node).map(|(tap, node)| TcpTap {
+            tap,
+            node,
+            remote: key.dst,
+        });
+        let data = TcpFlags::PSH | TcpFlags::ACK;
         // Past the handshake (a pod that closes at once goes from SYN-RECEIVED to CLOSE-WAIT
         // in one poll, never seen ESTABLISHED here).
         if !matches!(
@@ -942,9 +1110,15 @@ impl Engine {
         let mut reset = false;
         // Pod -> outside.
         while c.writable && s.can_recv() {
+            let seq = c.node_seq();
             let host = &mut c.host;
             match s.recv(|b| match host.write(b) {
-                Ok(n) => (n, Ok(n)),
+                Ok(n) => {
+                    if let (Some(t), true) = (&tap, n > 0) {
+                        t.segment(false, seq, data, &b[..n.min(b.len())]);
+                    }
+                    (n, Ok(n))
+                }
                 Err(e) => (0, Err(e)),
             }) {
                 Ok(Ok(n)) => {
@@ -969,17 +1143,29 @@ impl Engine {
                 | tcp::State::TimeWait
         );
         if c.established && fin_seen && !c.pod_fin && !s.can_recv() && !reset {
+            if let Some(t) = &tap {
+                t.segment(false, c.node_seq(), TcpFlags::FIN | TcpFlags::ACK, &[]);
+            }
             c.pod_fin = true;
             let _ = c.host.shutdown(std::net::Shutdown::Write);
         }
         // Outside -> pod.
         while !reset && !c.host_eof && c.readable && s.can_send() {
+            let (ack, seq) = c.node_seq();
             let host = &mut c.host;
             match s.send(|b| match host.read(b) {
-                Ok(n) => (n, Ok(n)),
+                Ok(n) => {
+                    if let (Some(t), true) = (&tap, n > 0) {
+                        t.segment(true, (seq, ack), data, &b[..n.min(b.len())]);
+                    }
+                    (n, Ok(n))
+                }
                 Err(e) => (0, Err(e)),
             }) {
                 Ok(Ok(0)) => {
+                    if let Some(t) = &tap {
+                        t.segment(true, (seq, ack), TcpFlags::FIN | TcpFlags::ACK, &[]);
+                    }
                     c.host_eof = true;
                     s.close();
                 }
@@ -1000,6 +1186,14 @@ impl Engine {
             c.errored = false;
             if !matches!(c.host.take_error(), Ok(None)) {
                 reset = true;
+            }
+        }
+        if reset {
+            // The outside's RST (or the node's connection failed).
+            c.host_reset = true;
+            if let Some(t) = &tap {
+                let (out, inn) = c.node_seq();
+                t.segment(true, (inn, out), TcpFlags::RST | TcpFlags::ACK, &[]);
             }
         }
         let state = s.state();
@@ -1084,6 +1278,7 @@ impl Engine {
                     df,
                     last: Instant::now(),
                     started: Instant::now(),
+                    node: None,
                     bytes_out: 0,
                     bytes_in: 0,
                 },
@@ -1106,11 +1301,20 @@ impl Engine {
             payload.len().max(1)
         };
         let mut too_big = false;
+        let tap = self
+            .link
+            .out
+            .capture
+            .current()
+            .filter(|t| t.wants_egress_node());
         for d in payload.chunks(step) {
             match f.sock.send(d) {
                 Ok(_) => {
                     f.bytes_out += d.len() as u64;
                     self.stats.bytes_out.fetch_add(d.len() as u64, Relaxed);
+                    if let Some(t) = &tap {
+                        f.capture(t, false, key, d);
+                    }
                 }
                 // DF and larger than the path MTU the node knows (IP_PMTUDISC_DO).
                 Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
@@ -1120,8 +1324,10 @@ impl Engine {
                 Err(_) => {}
             }
         }
-        if payload.is_empty() {
-            let _ = f.sock.send(&[]);
+        if payload.is_empty() && f.sock.send(&[]).is_ok() {
+            if let Some(t) = &tap {
+                f.capture(t, false, key, &[]);
+            }
         }
         if too_big {
             // What a router on the path would answer: fragmentation needed with the MTU,
@@ -1161,6 +1367,11 @@ impl Engine {
             f.bytes_in += n as u64;
             self.stats.bytes_in.fetch_add(n as u64, Relaxed);
             let msg = &self.rbuf[..n];
+            if let Some(t) = self.link.out.capture.current() {
+                if t.wants_egress_node() {
+                    f.capture(&t, true, key, msg);
+                }
+            }
             let out = self.link.out.packet_buf();
             let len = if f.echo {
                 packet::echo_reply(*key.dst.ip(), *key.pod.ip(), key.pod.port(), msg, out)

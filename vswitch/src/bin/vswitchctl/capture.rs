@@ -33,7 +33,9 @@ pub struct CaptureArgs {
     pub port: Option<u32>,
     /// Capture points, comma-separated: pod, host, nat, nat:before, nat:after, overlay,
     /// overlay:inner, overlay:outer, policy (packets NetworkPolicy denied), policy:ingress,
-    /// policy:egress, all [default: all].
+    /// policy:egress, egress (both sides of egress translation), egress:pod (the pods'
+    /// packets to and from the engine), egress:node (the node sockets' traffic as the outside
+    /// sees it, synthesised; TCP as stream bytes per read/write), all [default: all].
     #[arg(long)]
     pub point: Option<String>,
     /// in (into the switch or stage), out, or both.
