@@ -49,6 +49,10 @@ pub const PATH_HANDOVER: &str = "/v1/handover";
 /// `GET`: the peers and Services a running vswitchd forwards with ([`ClusterTables`]), read by
 /// a new one before it asks for the handover.
 pub const PATH_HANDOVER_TABLES: &str = "/v1/handover/tables";
+/// `GET`: Kubernetes mode's watch ([`KubernetesResponse`]): counters, how long the first sync
+/// took and how long endpoint changes took to reach the datapath; query `since_ms=T` (ms since
+/// the Unix epoch) for the samples taken after T only. 404 when Kubernetes mode is off.
+pub const PATH_KUBERNETES: &str = "/v1/kubernetes";
 pub const CAPTURE_SESSION_HEADER: &str = "x-capture-session";
 
 /// CNI error codes (CNI spec 1.1.0, "Error" section).
@@ -409,6 +413,61 @@ pub struct EgressResponse {
     /// Counters since start: flows opened, refused, limits hit (`limit_pod`, `limit_node`),
     /// bytes each way, ...
     pub counters: BTreeMap<String, u64>,
+}
+
+/// Kubernetes mode's watch, as `GET /v1/kubernetes` gives it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct KubernetesResponse {
+    /// All three table lists (Nodes, Services, EndpointSlices) completed once and the first
+    /// tables were applied.
+    pub synced: bool,
+    /// From the start of the watch to the first applied tables, ms.
+    #[serde(default)]
+    pub sync_ms: Option<u64>,
+    pub watch_errors: u64,
+    pub relists: u64,
+    pub applies: u64,
+    pub apply_errors: u64,
+    /// Services and endpoints in the applied table.
+    pub services: u64,
+    pub endpoints: u64,
+    /// Network programming latency, as kube-proxy measures it: from an EndpointSlice's
+    /// `endpoints.kubernetes.io/last-change-trigger-time` annotation (set by the EndpointSlice
+    /// controller when the change that caused it happened) to the moment the table holding the
+    /// change was applied to the datapath.
+    pub programming: ProgrammingLatency,
+}
+
+/// Network programming latencies: a summary of every sample since start, and the most recent
+/// samples (at most [`ProgrammingLatency::KEPT`]) after the query's `since_ms`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct ProgrammingLatency {
+    /// Samples since start.
+    pub count: u64,
+    /// Over the kept samples, ms.
+    #[serde(default)]
+    pub p50_ms: Option<f64>,
+    #[serde(default)]
+    pub p99_ms: Option<f64>,
+    #[serde(default)]
+    pub max_ms: Option<f64>,
+    /// `[applied at (ms since the epoch), latency (µs)]`, oldest first.
+    #[serde(default)]
+    pub samples: Vec<(u64, u64)>,
+}
+
+impl ProgrammingLatency {
+    /// Samples vswitchd keeps.
+    pub const KEPT: usize = 16_384;
+}
+
+/// The `q` quantile (0..=1) of `sorted` (ascending), nearest rank; None when empty.
+pub fn quantile(sorted: &[u64], q: f64) -> Option<u64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    Some(sorted[rank - 1])
 }
 
 /// A capture session's counters.

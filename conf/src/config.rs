@@ -201,10 +201,10 @@ pub struct KubernetesConfig {
 }
 
 fn default_debounce_ms() -> u32 {
-    30
+    10
 }
 fn default_max_delay_ms() -> u32 {
-    80
+    40
 }
 
 impl Default for KubernetesConfig {
@@ -1447,7 +1447,7 @@ mod tests {
         ))
         .unwrap();
         assert!(k.kubernetes.enabled);
-        assert_eq!(k.kubernetes.debounce_ms, 30);
+        assert_eq!(k.kubernetes.debounce_ms, 10);
         assert_eq!(
             field_of(&format!("{MIN}[kubernetes]\nnode_name = \"\"\n")),
             "kubernetes.node_name"

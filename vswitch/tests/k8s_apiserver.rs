@@ -104,7 +104,8 @@ impl ClusterSink for Recorder {
         self.peers.lock().unwrap().push(peers);
         Ok(())
     }
-    fn apply_services(&self, services: Vec<ServiceSpec>) -> Result<(), String> {
+    fn apply_services(&self, services: Vec<Arc<ServiceSpec>>) -> Result<(), String> {
+        let services = services.into_iter().map(Arc::unwrap_or_clone).collect();
         self.services.lock().unwrap().push(services);
         Ok(())
     }

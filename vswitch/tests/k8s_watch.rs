@@ -759,7 +759,8 @@ impl ClusterSink for Recorder {
         self.peers.lock().unwrap().push((Instant::now(), peers));
         Ok(())
     }
-    fn apply_services(&self, services: Vec<ServiceSpec>) -> Result<(), String> {
+    fn apply_services(&self, services: Vec<Arc<ServiceSpec>>) -> Result<(), String> {
+        let services = services.into_iter().map(Arc::unwrap_or_clone).collect();
         self.services
             .lock()
             .unwrap()

@@ -195,6 +195,9 @@ async fn handle(
     };
     let path = uri.path();
     if let Some(ctl) = path.strip_prefix("/_standin/") {
+        if ctl == "churn" && method == Method::POST {
+            return churn(&app, &q).await;
+        }
         return control(&app, &method, ctl, &q);
     }
     if matches!(path, "/healthz" | "/livez" | "/readyz") {
@@ -312,6 +315,87 @@ fn control(app: &App, method: &Method, what: &str, q: &HashMap<String, String>) 
         }
         _ => error(ApiError::path_not_found()),
     }
+}
+
+/// The annotation the EndpointSlice controller stamps with the time of the change behind an
+/// update; kube-proxy (and vswitchd) measure network programming latency from it.
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// `POST /_standin/churn?rate=R&count=N`: N EndpointSlice updates at R a second, as the
+/// EndpointSlice controller makes them when pods turn ready and unready. Each flips one
+/// endpoint's `conditions.ready` (round robin over the slices in name order, and over each
+/// slice's endpoints) and stamps [`TRIGGER_TIME_ANNOTATION`] with the time of the write in
+/// microseconds. Answered when done: `{"changes", "seconds", "behind"}` (`behind`: writes that
+/// started more than one interval late).
+async fn churn(app: &App, q: &HashMap<String, String>) -> Response {
+    let num = |k: &str, default: f64| -> Result<f64, ApiError> {
+        match q.get(k) {
+            None => Ok(default),
+            Some(v) => v
+                .parse::<f64>()
+                .ok()
+                .filter(|v| *v > 0.0 && v.is_finite())
+                .ok_or_else(|| ApiError::bad_request(&format!("{k}: a positive number"))),
+        }
+    };
+    let (rate, count) = match (num("rate", 10.0), num("count", 100.0)) {
+        (Ok(r), Ok(c)) => (r.min(100_000.0), c as u64),
+        (Err(e), _) | (_, Err(e)) => return error(e),
+    };
+    let Some(res) = RESOURCES.iter().position(|r| r.plural == "endpointslices") else {
+        return error(ApiError::path_not_found());
+    };
+    let (mut slices, _) = app.store.list(res, None);
+    slices.retain(|s| s["endpoints"].as_array().is_some_and(|e| !e.is_empty()));
+    if slices.is_empty() {
+        return error(ApiError::bad_request(
+            "there are no EndpointSlices with endpoints",
+        ));
+    }
+    let keys: Vec<Key> = slices
+        .iter()
+        .map(|s| {
+            let m = &s["metadata"];
+            let ns = m["namespace"].as_str().unwrap_or_default().to_string();
+            (res, ns, m["name"].as_str().unwrap_or_default().to_string())
+        })
+        .collect();
+    let interval = std::time::Duration::from_secs_f64(1.0 / rate);
+    let start = tokio::time::Instant::now();
+    let mut behind = 0u64;
+    for i in 0..count {
+        let due = start + interval.mul_f64(i as f64);
+        let now = tokio::time::Instant::now();
+        if now > due + interval {
+            behind += 1;
+        } else {
+            tokio::time::sleep_until(due).await;
+        }
+        let n = i as usize;
+        let key = &keys[n % keys.len()];
+        let round = n / keys.len();
+        let flip = |old: &Value| -> Result<Value, ApiError> {
+            let mut obj = old.clone();
+            if let Some(eps) = obj["endpoints"].as_array_mut() {
+                let k = round % eps.len();
+                let ready = eps[k]["conditions"]["ready"].as_bool().unwrap_or(true);
+                eps[k]["conditions"]["ready"] = Value::Bool(!ready);
+            }
+            let stamp = crate::store::rfc3339(std::time::SystemTime::now(), true);
+            obj["metadata"]["annotations"][TRIGGER_TIME_ANNOTATION] = Value::String(stamp);
+            if let Some(m) = obj["metadata"].as_object_mut() {
+                m.remove("resourceVersion");
+            }
+            Ok(obj)
+        };
+        // A slice deleted meanwhile is skipped.
+        let _ = app.store.update(key, flip);
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    json_response(
+        200,
+        &json!({"changes": count, "seconds": seconds, "behind": behind}),
+    )
 }
 
 fn parse_body(body: &[u8]) -> Result<Value, ApiError> {

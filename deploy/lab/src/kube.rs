@@ -100,7 +100,12 @@ pub fn kubeconfig_text(lab: &str, address: &str) -> String {
 impl Lab {
     /// Starts the stand-in in the fabric namespace holding `nodes`' Node objects, and writes
     /// the kubeconfig. Recorded in the state before it starts, so `down` finds it.
-    pub(crate) fn start_apiserver(&mut self, exe: &Path, nodes: &[Node]) -> Result<(), LabError> {
+    pub(crate) fn start_apiserver(
+        &mut self,
+        exe: &Path,
+        nodes: &[Node],
+        load: &[PathBuf],
+    ) -> Result<(), LabError> {
         let mut st = ApiServerState::plan(&self.dir, &self.fabric_netns);
         let fab = self.fabric_netns.clone();
         sys::ip(&[
@@ -121,7 +126,7 @@ impl Lab {
         write(&nodes_file, list.to_string())?;
         write(&st.kubeconfig, kubeconfig_text(&self.name, &st.address))?;
         let _ = fs::remove_file(&st.address_file);
-        let args = [
+        let mut args: Vec<&std::ffi::OsStr> = vec![
             "--listen".as_ref(),
             st.address.as_ref(),
             "--address-file".as_ref(),
@@ -131,6 +136,9 @@ impl Lab {
             "--bookmark-interval-s".as_ref(),
             "5".as_ref(),
         ];
+        for f in load {
+            args.extend(["--load".as_ref(), f.as_os_str()]);
+        }
         let mut child = sys::spawn_detached(&fab, exe, &args, &st.log)?;
         st.pid = Some(child.id());
         write(
@@ -148,9 +156,11 @@ impl Lab {
                     sys::log_tail(&st.log, 10)
                 )));
             }
-            if started.elapsed() > START_TIMEOUT {
+            // Loading a large cluster takes its time before it serves.
+            let timeout = START_TIMEOUT * if load.is_empty() { 1 } else { 18 };
+            if started.elapsed() > timeout {
                 return Err(LabError::InvalidSpec(format!(
-                    "{APISERVER} did not serve on {} within {START_TIMEOUT:?}; its log {} ends:\n{}",
+                    "{APISERVER} did not serve on {} within {timeout:?}; its log {} ends:\n{}",
                     st.address,
                     st.log.display(),
                     sys::log_tail(&st.log, 10)

@@ -55,6 +55,9 @@ pub struct UpOptions {
     pub ready_timeout: Duration,
     /// How long one plugin call may take.
     pub cni_timeout: Duration,
+    /// Kubernetes mode: more files of objects the API server stand-in holds from the start
+    /// (its `--load`, after the lab's Node objects), e.g. the cluster `vswitch-lab scale` makes.
+    pub apiserver_load: Vec<PathBuf>,
 }
 
 impl Default for UpOptions {
@@ -63,6 +66,7 @@ impl Default for UpOptions {
             bin_dir: None,
             ready_timeout: Duration::from_secs(10),
             cni_timeout: Duration::from_secs(60),
+            apiserver_load: Vec::new(),
         }
     }
 }
@@ -433,7 +437,7 @@ impl Lab {
             if !exe.is_file() {
                 return Err(LabError::BinaryMissing { path: exe });
             }
-            self.start_apiserver(&exe, &planned)?;
+            self.start_apiserver(&exe, &planned, &opts.apiserver_load)?;
         }
         let mut daemons: Vec<(usize, Child, Instant)> = Vec::new();
         for node in &planned {

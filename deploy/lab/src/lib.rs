@@ -29,6 +29,7 @@ mod lab;
 pub mod policy;
 pub mod process;
 pub mod render;
+pub mod scale;
 pub mod services;
 pub mod soak;
 mod spec;

@@ -182,6 +182,44 @@ enum Cmd {
         #[arg(long)]
         no_write: bool,
     },
+    /// vswitchd in Kubernetes mode against a large cluster served by the API server stand-in
+    /// (issue 23): initial sync, endpoint change latency (isolated and sustained), CPU,
+    /// resident memory and CNI ADD/DEL times against an empty cluster; prints a table, checks
+    /// the targets and writes latest.{json,txt} and runs/ into --out-dir. Needs root and
+    /// kubectl; run the release build. Takes a few minutes.
+    Scale {
+        #[arg(long, default_value_t = 5_000)]
+        nodes: u32,
+        #[arg(long, default_value_t = 10_000)]
+        services: u32,
+        #[arg(long, default_value_t = 100_000)]
+        endpoints: u32,
+        #[arg(long, default_value_t = 100_000)]
+        pods: u32,
+        /// Endpoints per EndpointSlice, at most.
+        #[arg(long, default_value_t = 100)]
+        slice_max: u32,
+        /// Isolated endpoint changes (10 a second).
+        #[arg(long, default_value_t = 200)]
+        isolated: u32,
+        /// Changes of the sustained burst.
+        #[arg(long, default_value_t = 1_000)]
+        changes: u32,
+        /// Changes a second of the sustained burst.
+        #[arg(long, default_value_t = 100)]
+        rate: u32,
+        /// CNI ADD/DEL pairs timed in each cluster.
+        #[arg(long, default_value_t = 20)]
+        cni_reps: u32,
+        #[arg(long, default_value = "docs/benchmarks/scale")]
+        out_dir: PathBuf,
+        /// Print the table only; write no files.
+        #[arg(long)]
+        no_write: bool,
+        /// Leave the large cluster's lab up (`vswitch-lab --name vscale down` ends it).
+        #[arg(long)]
+        keep: bool,
+    },
     /// Soak test (not in CI): 2 nodes and --pods pods, pods and Services churning with traffic
     /// running for --duration seconds; then checks for leaked TAP devices, descriptors,
     /// addresses, conntrack entries and memory, prints the numbers and tears the lab down.
@@ -260,6 +298,41 @@ fn main() -> ExitCode {
             pods,
             rss_bound,
         } => return run_soak(cli.name, duration, pods, rss_bound),
+        Cmd::Scale {
+            nodes,
+            services,
+            endpoints,
+            pods,
+            slice_max,
+            isolated,
+            changes,
+            rate,
+            cni_reps,
+            out_dir,
+            no_write,
+            keep,
+        } => {
+            let name = if cli.name == DEFAULT_NAME {
+                "vscale".to_string()
+            } else {
+                cli.name
+            };
+            let opts = vswitch_lab::scale::ScaleOptions {
+                name,
+                nodes,
+                services,
+                endpoints,
+                pods,
+                slice_max,
+                isolated,
+                changes,
+                rate,
+                cni_reps,
+                out_dir: (!no_write).then_some(out_dir),
+                keep,
+            };
+            return run_scale(&opts);
+        }
         Cmd::RrServer {
             bind,
             timeout,
@@ -527,7 +600,11 @@ fn run(cli: Cli) -> Result<ExitCode, LabError> {
                 started.elapsed().as_millis()
             );
         }
-        Cmd::Bench { .. } | Cmd::Soak { .. } | Cmd::RrServer { .. } | Cmd::RrClient { .. } => {
+        Cmd::Bench { .. }
+        | Cmd::Soak { .. }
+        | Cmd::Scale { .. }
+        | Cmd::RrServer { .. }
+        | Cmd::RrClient { .. } => {
             unreachable!("handled in main")
         }
     }
@@ -604,6 +681,36 @@ fn run_soak(name: String, duration: u64, pods: u32, rss_bound_mb: u64) -> ExitCo
         }
         Err(e) => {
             eprintln!("vswitch-lab soak: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_scale(opts: &vswitch_lab::scale::ScaleOptions) -> ExitCode {
+    match vswitch_lab::scale::run(opts, &mut |line| eprintln!("{line}")) {
+        Ok(report) => {
+            print!("{}", report.to_text());
+            if let Some(dir) = &opts.out_dir {
+                match vswitch_lab::scale::write(dir, &report) {
+                    Ok(files) => {
+                        for f in files {
+                            eprintln!("wrote {}", f.display());
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("vswitch-lab scale: error: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+            if report.misses().is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("vswitch-lab scale: error: {e}");
             ExitCode::FAILURE
         }
     }

@@ -145,6 +145,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
             get(|State(d): D| async move { blocking(move || Ok(d.egress())).await }),
         )
         .route(api::PATH_POLICIES, get(policies))
+        .route(api::PATH_KUBERNETES, get(kubernetes))
         .route(api::PATH_HANDOVER_TABLES, get(super::handover::tables))
         .route(
             api::PATH_HANDOVER,
@@ -193,6 +194,32 @@ async fn policies(
 ) -> Reply<api::PoliciesResponse> {
     let pod = q.get("pod").cloned();
     blocking(move || d.policies(pod.as_deref())).await
+}
+
+/// `GET /v1/kubernetes?since_ms=`.
+async fn kubernetes(
+    State(d): D,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> Reply<api::KubernetesResponse> {
+    let since = match q.get("since_ms").map(|s| s.parse::<u64>()) {
+        None => 0,
+        Some(Ok(t)) => t,
+        Some(Err(_)) => {
+            return Err(Failure(ApiError::new(
+                code::DECODE_FAILURE,
+                "since_ms: milliseconds since the Unix epoch",
+                "",
+            )))
+        }
+    };
+    match d.k8s_stats.get() {
+        Some(k) => Ok(Json(k.kubernetes(since))),
+        None => Err(Failure(ApiError::new(
+            code::UNKNOWN_CONTAINER,
+            "Kubernetes mode is off ([kubernetes] enabled = false)",
+            "",
+        ))),
+    }
 }
 
 /// `DELETE /v1/ports/{id}`.

@@ -26,11 +26,11 @@ use ipnet::{IpNet, Ipv4Net};
 /// The routes the node should have through the host port beyond `configured`: each peer's
 /// pod CIDRs and each ClusterIP, external IP and LoadBalancer address, unless a configured route or the node's own pod CIDR covers
 /// it.
-pub fn wanted(
+pub fn wanted<S: std::borrow::Borrow<ServiceSpec>>(
     configured: &[IpNet],
     own: Ipv4Net,
     peers: &[PeerSpec],
-    services: &[ServiceSpec],
+    services: &[S],
 ) -> BTreeSet<Ipv4Net> {
     let covered: Vec<Ipv4Net> = configured
         .iter()
@@ -45,6 +45,7 @@ pub fn wanted(
     // A Service another proxy serves (service-proxy-name) is not the switch's to take.
     let vips = services
         .iter()
+        .map(|s| s.borrow())
         .filter(|s| s.proxy_name.is_none())
         .flat_map(|s| {
             s.cluster_ips
@@ -217,7 +218,7 @@ mod tests {
         ];
         assert!(wanted(&configured, own, &peers, &services).is_empty());
         // A peer claiming the node's own CIDR gets no second route.
-        assert!(wanted(&[], own, &[peer("bad", "10.244.1.0/25")], &[]).is_empty());
+        assert!(wanted::<ServiceSpec>(&[], own, &[peer("bad", "10.244.1.0/25")], &[]).is_empty());
     }
 
     #[test]

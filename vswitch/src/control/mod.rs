@@ -136,8 +136,12 @@ struct State {
     next_port: PortId,
     /// The peers as configured (file, then admin API), in the order given.
     peers: Vec<PeerSpec>,
-    /// The Services (file, Kubernetes watch).
-    services: Vec<conf::config::ServiceSpec>,
+    /// The Services (file, Kubernetes watch), shared with the watch's converter: the same
+    /// `Arc` again is the same Service, unchanged.
+    services: Vec<Arc<conf::config::ServiceSpec>>,
+    /// The DNS names of `services` (no pods), when the switch answers DNS: rebuilt only when a
+    /// Service's names change, and joined with the local pods' at each publish.
+    dns_base: Option<crate::dns::DnsTable>,
     /// NetworkPolicy's inputs (manifest directory, Kubernetes watch).
     policy: policy::PolicyInputs,
     /// This node's topology zone, for EndpointSlice hints (`node.zone`, or the Node's label).
@@ -202,10 +206,12 @@ fn initial_tables(
     tables.overlay_mtu = (config.overlay.underlay_mtu - 50).min(u16::MAX as u32) as u16;
     tables.peers = peer_table(&config.peers).map_err(|e| DaemonError::Peers(e.msg))?;
     tables.node_name = config.node.name.clone();
+    let services: Vec<Arc<conf::config::ServiceSpec>> =
+        config.services.iter().cloned().map(Arc::new).collect();
     tables.services = service_table(
         &ServiceTable::default(),
         config,
-        &config.services,
+        &services,
         config.node.zone.as_deref(),
     );
     if config.egress_on() {
@@ -421,7 +427,8 @@ impl Daemon {
             stats
         });
         let peers = config.peers.clone();
-        let services = config.services.clone();
+        let services: Vec<Arc<conf::config::ServiceSpec>> =
+            config.services.iter().cloned().map(Arc::new).collect();
         let zone = config.node.zone.clone();
         let host_routes = if config.host.enabled {
             let r = host_routes::HostRoutes::start(config.host.interface.clone())
@@ -440,6 +447,7 @@ impl Daemon {
                 next_port,
                 peers,
                 services,
+                dns_base: None,
                 policy: Default::default(),
                 zone: zone.clone(),
             }),
@@ -457,7 +465,8 @@ impl Daemon {
         // The DNS records of the configured Services exist from the start, and the node's
         // routes to the configured peers and Services.
         {
-            let st = daemon.lock();
+            let mut st = daemon.lock();
+            st.dns_base = daemon.dns_base(&st.services);
             daemon.publish(&st);
             daemon.sync_host_routes(&st);
         }
@@ -494,41 +503,20 @@ impl Daemon {
             .tables
             .load()
             .with_ports(ports)
-            .with_dns(self.dns_service(st, &st.services))
+            .with_dns(self.dns_service(st))
             .with_policy(policy);
         self.tables.store(Arc::new(next));
     }
 
-    /// The switch's DNS records for these Services and the local pods, if it answers DNS.
-    fn dns_service(
+    /// The DNS names of `services` alone (see [`State::dns_base`]), if the switch answers DNS.
+    fn dns_base(
         &self,
-        st: &State,
-        services: &[conf::config::ServiceSpec],
-    ) -> Option<Arc<crate::pipeline::tables::DnsService>> {
+        services: &[Arc<conf::config::ServiceSpec>],
+    ) -> Option<crate::dns::DnsTable> {
         let d = &self.config.dns;
-        let addrs: Vec<Ipv4Addr> = d
-            .nameservers
-            .iter()
-            .filter_map(|a| match a {
-                IpAddr::V4(a) => Some(*a),
-                IpAddr::V6(_) => None,
-            })
-            .collect();
-        if !d.answer || addrs.is_empty() {
+        if !d.answer || !d.nameservers.iter().any(IpAddr::is_ipv4) {
             return None;
         }
-        let pods: Vec<crate::dns::LocalPod> = st
-            .records
-            .values()
-            .filter_map(|r| {
-                let (ns, name) = r.pod.as_deref()?.split_once('/')?;
-                Some(crate::dns::LocalPod {
-                    namespace: ns.to_string(),
-                    name: name.to_string(),
-                    ip: IpAddr::V4(r.ip),
-                })
-            })
-            .collect();
         // Authoritative reverse zones: this node's pods and the Service range. Not the whole
         // cluster's pod range: other nodes' pods are not known here, and a PTR query for one
         // must not get a false NXDOMAIN (it is forwarded instead).
@@ -542,16 +530,43 @@ impl Daemon {
                 .filter(|r| !r.contains(&own.network()))
                 .copied(),
         );
-        match crate::dns::DnsTable::new(&d.cluster_domain, services, &pods, &zones) {
-            Ok(table) => Some(Arc::new(crate::pipeline::tables::DnsService {
-                addrs,
-                table,
-            })),
+        match crate::dns::DnsTable::new(&d.cluster_domain, services, &[], &zones) {
+            Ok(table) => Some(table),
             Err(e) => {
                 tracing::error!("DNS records not updated: {e}");
-                self.tables.load().dns.clone()
+                self.tables.load().dns.as_ref().map(|d| d.table.clone())
             }
         }
+    }
+
+    /// The switch's DNS records: the Services' names and the local pods', if it answers DNS.
+    fn dns_service(&self, st: &State) -> Option<Arc<crate::pipeline::tables::DnsService>> {
+        let d = &self.config.dns;
+        let addrs: Vec<Ipv4Addr> = d
+            .nameservers
+            .iter()
+            .filter_map(|a| match a {
+                IpAddr::V4(a) => Some(*a),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        let base = st.dns_base.as_ref()?;
+        let pods: Vec<crate::dns::LocalPod> = st
+            .records
+            .values()
+            .filter_map(|r| {
+                let (ns, name) = r.pod.as_deref()?.split_once('/')?;
+                Some(crate::dns::LocalPod {
+                    namespace: ns.to_string(),
+                    name: name.to_string(),
+                    ip: IpAddr::V4(r.ip),
+                })
+            })
+            .collect();
+        Some(Arc::new(crate::pipeline::tables::DnsService {
+            addrs,
+            table: base.with_pods(&pods),
+        }))
     }
 
     /// Starts forwarding names outside the cluster to the node's resolvers, on `rt`.
@@ -1092,7 +1107,8 @@ impl Daemon {
     /// The peers and Services this vswitchd forwards with now (read by a successor).
     pub fn cluster_tables(&self) -> (Vec<PeerSpec>, Vec<conf::config::ServiceSpec>) {
         let st = self.lock();
-        (st.peers.clone(), st.services.clone())
+        let services = st.services.iter().map(|s| (**s).clone()).collect();
+        (st.peers.clone(), services)
     }
 
     /// Replaces the whole peer set at once (the Kubernetes watch and config reload use this).
@@ -1117,41 +1133,96 @@ impl Daemon {
             st.zone = zone;
             st.services.clone()
         };
-        self.replace_services(services)
+        self.replace_shared_services(services)
     }
 
-    /// Replaces the whole Service set at once (the Kubernetes watch and config reload use this).
+    /// Replaces the whole Service set at once (config reload and the handover use this).
     pub fn replace_services(
         &self,
         services: Vec<conf::config::ServiceSpec>,
     ) -> Result<(), ApiError> {
-        for s in &services {
-            s.validate("services")
-                .map_err(|e| api_err(code::INVALID_NETCONF, e.to_string(), ""))?;
-        }
+        self.replace_shared_services(services.into_iter().map(Arc::new).collect())
+    }
+
+    /// Replaces the whole Service set at once (the Kubernetes watch uses this). A Service
+    /// handed the same `Arc` as before is unchanged: only the others are validated and built,
+    /// and the DNS names, NodePorts and the node's routes are redone only when a changed
+    /// Service touches them, so one endpoint change among 10,000 Services costs that Service.
+    pub fn replace_shared_services(
+        &self,
+        services: Vec<Arc<conf::config::ServiceSpec>>,
+    ) -> Result<(), ApiError> {
         let mut st = self.lock();
-        let old = self.tables.load();
-        // Only the Services that changed are built anew (see `ServiceTable::rebuild`).
-        let table = service_table(&old.services, &self.config, &services, st.zone.as_deref());
-        let udp_backends = |t: &ServiceTable| -> std::collections::BTreeSet<Ipv4Addr> {
-            t.frontends()
+        let changes = service_changes(&st.services, &services);
+        for (_, new) in &changes {
+            if let Some(s) = new {
+                s.validate("services")
+                    .map_err(|e| api_err(code::INVALID_NETCONF, e.to_string(), ""))?;
+            }
+        }
+        let any = |f: &dyn Fn(&conf::config::ServiceSpec) -> bool| {
+            changes
                 .iter()
-                .filter(|f| f.proto == crate::wire::IpProtocol::UDP.0)
-                .flat_map(|f| f.backends.iter().map(|b| b.ip))
-                .collect()
+                .any(|(a, b)| a.as_deref().is_some_and(f) || b.as_deref().is_some_and(f))
         };
-        let gone: Vec<Ipv4Addr> = udp_backends(&old.services)
-            .difference(&udp_backends(&table))
-            .copied()
+        let zone_moved = self.tables.load().services.zone() != st.zone.as_deref();
+        let dns_changed = changes
+            .iter()
+            .any(|(a, b)| crate::dns::dns_differs(a.as_deref(), b.as_deref()));
+        let node_ports = zone_moved
+            || any(&|s| {
+                s.ports.iter().any(|p| p.node_port.is_some()) || s.health_check_node_port.is_some()
+            });
+        let routes = changes.iter().any(|(a, b)| {
+            let vips = |s: Option<&conf::config::ServiceSpec>| {
+                s.filter(|s| s.proxy_name.is_none()).map(|s| {
+                    (
+                        s.cluster_ips.clone(),
+                        s.external_ips.clone(),
+                        s.load_balancer_ips.clone(),
+                    )
+                })
+            };
+            vips(a.as_deref()) != vips(b.as_deref())
+        });
+        if changes.is_empty() && !zone_moved {
+            st.services = services;
+            return Ok(());
+        }
+        let old = self.tables.load();
+        // Only the Services that changed are built anew (see `ServiceTable::rebuild_shared`).
+        let table = service_table(&old.services, &self.config, &services, st.zone.as_deref());
+        // UDP backends no Service has any more: their conntrack entries are flushed.
+        let keys: Vec<(&str, &str)> = changes
+            .iter()
+            .filter_map(|(a, b)| a.as_ref().or(b.as_ref()))
+            .map(|s| (s.namespace.as_str(), s.name.as_str()))
             .collect();
-        let dns = self.dns_service(&st, &services);
-        self.tables
-            .store(Arc::new(old.with_services(table).with_dns(dns)));
-        if let Some(np) = self.nodeports.get() {
-            np.reconcile(&services, st.zone.as_deref());
+        let before: std::collections::BTreeSet<Ipv4Addr> = keys
+            .iter()
+            .flat_map(|k| old.services.udp_backends_of(k.0, k.1))
+            .collect();
+        let gone: Vec<Ipv4Addr> = if before.is_empty() {
+            Vec::new()
+        } else {
+            let now = table.udp_backends();
+            before.difference(&now).copied().collect()
+        };
+        if dns_changed || st.dns_base.is_none() {
+            st.dns_base = self.dns_base(&services);
         }
         st.services = services;
-        self.sync_host_routes(&st);
+        let dns = self.dns_service(&st);
+        self.tables
+            .store(Arc::new(old.with_services(table).with_dns(dns)));
+        if node_ports {
+            if let Some(np) = self.nodeports.get() {
+                np.reconcile(&st.services, st.zone.as_deref());
+            }
+        }
+        if routes {
+            self.sync_host_routes(&st);
+        }
         if !gone.is_empty() {
             self.datapath().flush_udp(gone);
         }
@@ -1518,19 +1589,53 @@ fn pod_address(config: &Config, ip: Ipv4Addr) -> Ipv4Net {
 /// The datapath's Service table: the Services, plus, when the switch answers DNS, TCP port 53
 /// of each DNS address translated to the node's DNS-over-TCP listener on the gateway address
 /// (clients retry over TCP after a truncated answer, and the switch has no TCP stack).
+/// What changed from `old` to `new` Services, by namespace and name: (before, after), None
+/// where a Service is absent. The same `Arc` is the same Service; another `Arc` counts as a
+/// change only if its spec differs.
+/// A Service before and after a change (None: absent).
+type ServiceChange = (
+    Option<Arc<conf::config::ServiceSpec>>,
+    Option<Arc<conf::config::ServiceSpec>>,
+);
+
+fn service_changes(
+    old: &[Arc<conf::config::ServiceSpec>],
+    new: &[Arc<conf::config::ServiceSpec>],
+) -> Vec<ServiceChange> {
+    fn key(s: &Arc<conf::config::ServiceSpec>) -> (&str, &str) {
+        (s.namespace.as_str(), s.name.as_str())
+    }
+    // In the same order on both sides (the watch's, a config's), most Services pair up at
+    // once; the map is for the rest.
+    if old.len() == new.len() && old.iter().zip(new).all(|(a, b)| Arc::ptr_eq(a, b)) {
+        return Vec::new();
+    }
+    let mut before: hashbrown::HashMap<(&str, &str), &Arc<conf::config::ServiceSpec>> =
+        old.iter().map(|s| (key(s), s)).collect();
+    let mut out = Vec::new();
+    for s in new {
+        match before.remove(&key(s)) {
+            Some(o) if Arc::ptr_eq(o, s) || **o == **s => {}
+            o => out.push((o.cloned(), Some(s.clone()))),
+        }
+    }
+    out.extend(before.into_values().map(|o| (Some(o.clone()), None)));
+    out
+}
+
 fn service_table(
     prev: &ServiceTable,
     config: &Config,
-    services: &[conf::config::ServiceSpec],
+    services: &[Arc<conf::config::ServiceSpec>],
     zone: Option<&str>,
 ) -> ServiceTable {
     let (node, lb) = (&config.node.name, config.nat.load_balancing);
     let d = &config.dns;
     if !(d.answer && config.host.enabled && !d.nameservers.is_empty()) {
-        return prev.rebuild(services, node, zone, lb);
+        return prev.rebuild_shared(services, node, zone, lb);
     }
     let mut all = services.to_vec();
-    all.push(conf::config::ServiceSpec {
+    all.push(Arc::new(conf::config::ServiceSpec {
         namespace: "vswitch-system".into(),
         name: "dns-tcp".into(),
         cluster_ips: d.nameservers.clone(),
@@ -1559,8 +1664,8 @@ fn service_table(
             for_zones: Vec::new(),
             for_nodes: Vec::new(),
         }],
-    });
-    prev.rebuild(&all, node, zone, lb)
+    }));
+    prev.rebuild_shared(&all, node, zone, lb)
 }
 
 /// The datapath's peer table from validated peer specs.

@@ -144,9 +144,17 @@ struct HostListener {
 
 /// The NodePort targets of `services` seen from `node`; a NodePort without any destination
 /// is left out (nothing listens, the kernel refuses).
-fn targets(services: &[ServiceSpec], node: &str, zone: Option<&str>) -> HashMap<Key, Target> {
+fn targets<S: std::borrow::Borrow<ServiceSpec>>(
+    services: &[S],
+    node: &str,
+    zone: Option<&str>,
+) -> HashMap<Key, Target> {
     let mut out = HashMap::new();
-    for s in services.iter().filter(|s| s.proxy_name.is_none()) {
+    for s in services
+        .iter()
+        .map(|s| s.borrow())
+        .filter(|s| s.proxy_name.is_none())
+    {
         for p in &s.ports {
             let Some(np) = p.node_port else { continue };
             if p.protocol == Protocol::Sctp {
@@ -198,9 +206,13 @@ fn targets(services: &[ServiceSpec], node: &str, zone: Option<&str>) -> HashMap<
 }
 
 /// The health checks of `services` seen from `node`: healthCheckNodePort -> what it answers.
-fn health_states(services: &[ServiceSpec], node: &str) -> HashMap<u16, HealthState> {
+fn health_states<S: std::borrow::Borrow<ServiceSpec>>(
+    services: &[S],
+    node: &str,
+) -> HashMap<u16, HealthState> {
     services
         .iter()
+        .map(|s| s.borrow())
         .filter(|s| s.proxy_name.is_none() && s.external_traffic_policy == TrafficPolicy::Local)
         .filter_map(|s| {
             let port = s.health_check_node_port?;
@@ -559,7 +571,11 @@ impl NodePorts {
 
     /// Opens listeners for new NodePorts, closes those that went away (or have nothing to
     /// relay to), and points the rest at their current destinations.
-    pub fn reconcile(&self, services: &[ServiceSpec], zone: Option<&str>) {
+    pub fn reconcile<S: std::borrow::Borrow<ServiceSpec>>(
+        &self,
+        services: &[S],
+        zone: Option<&str>,
+    ) {
         let mut want = targets(services, &self.node, zone);
         self.sync_rules(&want);
         if self.host_if.is_none() {

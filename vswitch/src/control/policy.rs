@@ -35,7 +35,7 @@ impl PolicyInputs {
     /// The pods come out in one order (address, namespace, name) however the source listed
     /// them, so that two readings of the same objects are equal.
     pub fn from_objects(o: Objects) -> PolicyInputs {
-        let mut pods: Vec<(IpAddr, Arc<PodMeta>)> = o
+        let pods: Vec<(IpAddr, Arc<PodMeta>)> = o
             .pods
             .into_iter()
             .flat_map(|(ips, meta)| {
@@ -43,13 +43,24 @@ impl PolicyInputs {
                 ips.into_iter().map(move |ip| (ip, meta.clone()))
             })
             .collect();
+        PolicyInputs::from_parts(o.policies, o.namespaces, pods, o.problems)
+    }
+
+    /// [`PolicyInputs::from_objects`] with the pods already read (the Kubernetes watch keeps
+    /// each pod's reading while the pod does not change).
+    pub fn from_parts(
+        policies: Vec<crate::policy::Policy>,
+        namespaces: Vec<(Arc<str>, Labels)>,
+        mut pods: Vec<(IpAddr, Arc<PodMeta>)>,
+        problems: Vec<String>,
+    ) -> PolicyInputs {
         pods.sort_unstable_by(|(a, p), (b, q)| {
             (a, &p.namespace, &p.name).cmp(&(b, &q.namespace, &q.name))
         });
         PolicyInputs {
-            set: Arc::new(PolicySet::new(o.policies, o.namespaces)),
+            set: Arc::new(PolicySet::new(policies, namespaces)),
             pods: Arc::new(pods),
-            problems: o.problems,
+            problems,
         }
     }
 

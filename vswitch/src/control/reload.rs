@@ -117,7 +117,8 @@ impl Reloader {
             self.running.peers = new.peers;
         }
         if services {
-            if let Err(e) = sink.apply_services(new.services.clone()) {
+            let shared = new.services.iter().cloned().map(Arc::new).collect();
+            if let Err(e) = sink.apply_services(shared) {
                 let msg = format!("services from {}: {e}", self.path.display());
                 self.report(&format!("{msg}; keeping the running services"), true);
                 return ReloadOutcome::Invalid(msg);
@@ -295,7 +296,8 @@ mod tests {
             self.peers.lock().unwrap().push(peers);
             Ok(())
         }
-        fn apply_services(&self, services: Vec<ServiceSpec>) -> Result<(), String> {
+        fn apply_services(&self, services: Vec<Arc<ServiceSpec>>) -> Result<(), String> {
+            let services = services.into_iter().map(Arc::unwrap_or_clone).collect();
             self.services.lock().unwrap().push(services);
             Ok(())
         }

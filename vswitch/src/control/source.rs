@@ -16,7 +16,9 @@ use super::Daemon;
 /// complete table and must replace the previous one atomically.
 pub trait ClusterSink: Send + Sync + 'static {
     fn apply_peers(&self, peers: Vec<PeerSpec>) -> Result<(), String>;
-    fn apply_services(&self, services: Vec<ServiceSpec>) -> Result<(), String>;
+    /// Every Service. The Kubernetes watch hands the same `Arc` again for a Service that did
+    /// not change, so a sink can tell the changed ones without comparing specs.
+    fn apply_services(&self, services: Vec<Arc<ServiceSpec>>) -> Result<(), String>;
     /// NetworkPolicies, Namespaces and Pods, all of them.
     fn apply_policy(&self, _inputs: PolicyInputs) -> Result<(), String> {
         Ok(())
@@ -31,8 +33,9 @@ impl ClusterSink for Daemon {
     fn apply_peers(&self, peers: Vec<PeerSpec>) -> Result<(), String> {
         self.replace_peers(peers).map_err(|e| e.to_string())
     }
-    fn apply_services(&self, services: Vec<ServiceSpec>) -> Result<(), String> {
-        self.replace_services(services).map_err(|e| e.to_string())
+    fn apply_services(&self, services: Vec<Arc<ServiceSpec>>) -> Result<(), String> {
+        self.replace_shared_services(services)
+            .map_err(|e| e.to_string())
     }
     fn apply_policy(&self, inputs: PolicyInputs) -> Result<(), String> {
         self.replace_policy(inputs);

@@ -230,7 +230,13 @@ mod tests {
     fn tables() -> Tables {
         let dns = DnsService {
             addrs: vec![RESOLVER],
-            table: crate::dns::DnsTable::new("cluster.local", &[], &[], &[]).unwrap(),
+            table: crate::dns::DnsTable::new::<conf::config::ServiceSpec>(
+                "cluster.local",
+                &[],
+                &[],
+                &[],
+            )
+            .unwrap(),
         };
         Tables::new("10.244.1.0/24".parse().unwrap(), GW, mac_for(GW))
             .with_ports([

@@ -37,7 +37,7 @@ use std::path::PathBuf;
 
 pub use answer::{answer, answer_with, Answer, Transport};
 pub use forward::{Forwarder, ForwarderConfig, ForwarderStats, DEFAULT_RESOLV_CONF};
-pub use table::{DnsTable, LocalPod, SPEC_VERSION};
+pub use table::{dns_differs, DnsTable, LocalPod, SPEC_VERSION};
 
 /// TTL of every record the switch serves itself, and of its negative answers (the SOA
 /// minimum). CoreDNS's `kubernetes` plugin defaults to 5 s: short enough that a changed

@@ -15,6 +15,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use conf::config::ServiceSpec;
@@ -83,14 +84,22 @@ pub(crate) enum Lookup<'t> {
     NxDomain,
 }
 
-/// The cluster's DNS records. Immutable: build a new one when Services or pods change.
+/// Names and their records.
+type Names = HashMap<Box<[u8]>, Vec<Record>>;
+
+/// The cluster's DNS records. Immutable: build a new one when Services or pods change. The
+/// Services' names are shared by every table built from one with [`DnsTable::with_pods`], so a
+/// pod's ADD or DEL among 10,000 Services builds only the local pods' few names.
 #[derive(Debug, Clone)]
 pub struct DnsTable {
     zone: Box<[u8]>,
     /// `ns.dns.<zone>` and `hostmaster.<zone>`: the SOA's MNAME and RNAME.
     mname: Box<[u8]>,
     rname: Box<[u8]>,
-    names: HashMap<Box<[u8]>, Vec<Record>>,
+    /// The Services' names (with the zone's fixed names and their ancestors).
+    services: Arc<Names>,
+    /// The local pods' PTRs and their ancestors, where the Services' names do not have them.
+    names: Names,
     reverse_zones: Vec<IpNet>,
     serial: u32,
     ttl: u32,
@@ -107,9 +116,9 @@ impl DnsTable {
     /// ClusterIPs and pods outside them are still answered, but any other reverse lookup there
     /// is forwarded. Services whose namespace or name is not a DNS label are skipped (config
     /// validation already rejects them).
-    pub fn new(
+    pub fn new<S: std::borrow::Borrow<ServiceSpec>>(
         cluster_domain: &str,
-        services: &[ServiceSpec],
+        services: &[S],
         pods: &[LocalPod],
         reverse_zones: &[IpNet],
     ) -> Result<DnsTable, DnsError> {
@@ -123,6 +132,7 @@ impl DnsTable {
             mname: Box::default(),
             rname: Box::default(),
             zone: zone.into_boxed_slice(),
+            services: Arc::default(),
             names: HashMap::new(),
             reverse_zones: reverse_zones.iter().map(IpNet::trunc).collect(),
             serial,
@@ -138,16 +148,41 @@ impl DnsTable {
         if let Some(n) = t.under(&[b"pod"]) {
             t.add(n, None);
         }
-        for svc in services {
+        for svc in services.iter().map(|s| s.borrow()) {
             if is_label(&svc.name) && is_label(&svc.namespace) {
                 t.add_service(svc);
             }
         }
+        t.add_ancestors();
+        t.services = Arc::new(std::mem::take(&mut t.names));
+        Ok(t.with_pods(pods))
+    }
+
+    /// This table's Services with `pods` as the local pods (in place of its own).
+    pub fn with_pods(&self, pods: &[LocalPod]) -> DnsTable {
+        let mut t = DnsTable {
+            zone: self.zone.clone(),
+            mname: self.mname.clone(),
+            rname: self.rname.clone(),
+            services: self.services.clone(),
+            names: HashMap::new(),
+            reverse_zones: self.reverse_zones.clone(),
+            serial: self.serial,
+            ttl: self.ttl,
+        };
         for pod in pods {
             t.add_pod(pod);
         }
         t.add_ancestors();
-        Ok(t)
+        t
+    }
+
+    /// A name's records, from the Services' names or the pods'; None: no such name.
+    fn get(&self, wire: &[u8]) -> Option<&[Record]> {
+        match (self.services.get(wire), self.names.get(wire)) {
+            (Some(s), Some(p)) if s.is_empty() => Some(p),
+            (s, p) => s.or(p).map(Vec::as_slice),
+        }
     }
 
     /// `labels` under the cluster zone, as a wire name; `None` when too long.
@@ -239,7 +274,7 @@ impl DnsTable {
     /// A local pod's PTR record, unless its address already has one (a Service endpoint's).
     fn add_pod(&mut self, pod: &LocalPod) {
         let rev = reverse_name(pod.ip);
-        if self.names.get(&rev).is_some_and(|r| !r.is_empty()) || !is_label(&pod.namespace) {
+        if self.get(&rev).is_some_and(|r| !r.is_empty()) || !is_label(&pod.namespace) {
             return;
         }
         let label = dashed(pod.ip);
@@ -271,7 +306,7 @@ impl DnsTable {
             };
             for i in 1..apex {
                 let s = q.suffix(i);
-                if !self.names.contains_key(s) {
+                if self.get(s).is_none() {
                     missing.push(s.to_vec().into_boxed_slice());
                 }
             }
@@ -299,7 +334,7 @@ impl DnsTable {
 
     /// The records of a name, for SRV targets' addresses.
     pub(crate) fn records(&self, wire: &[u8]) -> &[Record] {
-        self.names.get(wire).map_or(&[], Vec::as_slice)
+        self.get(wire).unwrap_or(&[])
     }
 
     /// Which zone a name is in. With `known_only`, a reverse name outside the configured
@@ -352,7 +387,7 @@ impl DnsTable {
                 apex: arpa - apex_labels,
             };
         }
-        if known_only && self.names.contains_key(q.wire()) {
+        if known_only && self.get(q.wire()).is_some() {
             // Not a configured zone: claim only the /24 (or /64) around the record.
             let apex_labels = known.min(if octet_bits == 8 { 3 } else { 16 });
             return Zone::Reverse {
@@ -364,7 +399,7 @@ impl DnsTable {
 
     /// Looks a name up inside `zone`.
     pub(crate) fn lookup(&self, q: &QName, zone: Zone) -> Lookup<'_> {
-        if let Some(records) = self.names.get(q.wire()) {
+        if let Some(records) = self.get(q.wire()) {
             return Lookup::Records(records);
         }
         // A zone's apex exists (it owns the SOA) even when nothing is below it yet.
@@ -385,6 +420,29 @@ impl DnsTable {
         }
         Lookup::NxDomain
     }
+}
+
+/// Whether a Service's change (None: absent before or after) changes the names it has in a
+/// [`DnsTable`]: its name, addresses and ports, and a headless Service's endpoints. An
+/// endpoint change of a ClusterIP Service does not.
+pub fn dns_differs(a: Option<&ServiceSpec>, b: Option<&ServiceSpec>) -> bool {
+    let (a, b) = match (a, b) {
+        (None, None) => return false,
+        (Some(a), Some(b)) => (a, b),
+        _ => return true,
+    };
+    let ports = |s: &ServiceSpec| -> Vec<(Option<String>, Protocol, u16)> {
+        s.ports
+            .iter()
+            .map(|p| (p.name.clone(), p.protocol, p.port))
+            .collect()
+    };
+    let headless = a.cluster_ips.is_empty() || b.cluster_ips.is_empty();
+    a.namespace != b.namespace
+        || a.name != b.name
+        || a.cluster_ips != b.cluster_ips
+        || ports(a) != ports(b)
+        || (headless && a.endpoints != b.endpoints)
 }
 
 fn addr_record(ip: IpAddr) -> Record {
@@ -540,8 +598,11 @@ mod tests {
     #[test]
     fn bad_cluster_domains_are_refused() {
         for d in ["", ".", "a..b", "under_score.local", "-a.local"] {
-            assert!(DnsTable::new(d, &[], &[], &[]).is_err(), "{d:?}");
+            assert!(
+                DnsTable::new::<ServiceSpec>(d, &[], &[], &[]).is_err(),
+                "{d:?}"
+            );
         }
-        assert!(DnsTable::new("Cluster.Local.", &[], &[], &[]).is_ok());
+        assert!(DnsTable::new::<ServiceSpec>("Cluster.Local.", &[], &[], &[]).is_ok());
     }
 }

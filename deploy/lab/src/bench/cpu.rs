@@ -69,7 +69,7 @@ pub(super) fn read_cpu() -> Result<CpuTimes, LabError> {
 }
 
 /// utime + stime of all `pids` (clock ticks); None if one of them is gone.
-pub(super) fn read_pids_cpu(pids: &[u32]) -> Option<u64> {
+pub(crate) fn read_pids_cpu(pids: &[u32]) -> Option<u64> {
     pids.iter()
         .map(|p| {
             fs::read_to_string(format!("/proc/{p}/stat"))
@@ -79,7 +79,7 @@ pub(super) fn read_pids_cpu(pids: &[u32]) -> Option<u64> {
         .sum()
 }
 
-pub(super) fn ticks_per_second() -> u64 {
+pub(crate) fn ticks_per_second() -> u64 {
     use nix::unistd::{sysconf, SysconfVar};
     match sysconf(SysconfVar::CLK_TCK) {
         Ok(Some(t)) if t > 0 => t as u64,
@@ -88,7 +88,7 @@ pub(super) fn ticks_per_second() -> u64 {
 }
 
 /// The processor's name from /proc/cpuinfo (`model name`), or empty.
-pub(super) fn cpu_model() -> String {
+pub(crate) fn cpu_model() -> String {
     fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|t| {

@@ -28,7 +28,7 @@
 
 mod baseline;
 mod chart;
-mod cpu;
+pub(crate) mod cpu;
 mod exec;
 mod json;
 mod kinds;
@@ -39,7 +39,7 @@ mod parse;
 mod policy;
 mod report;
 mod rr;
-mod run;
+pub(crate) mod run;
 mod services;
 mod table;
 mod targets;

@@ -26,7 +26,7 @@ pub(super) fn have_tool(tool: &str) -> bool {
         .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
 }
 
-pub(super) fn git_commit() -> Option<String> {
+pub(crate) fn git_commit() -> Option<String> {
     let out = Command::new("git")
         .args(["describe", "--always", "--dirty", "--abbrev=7"])
         .stderr(Stdio::null())

@@ -308,6 +308,33 @@ pub fn services_from_api<'a>(
     out
 }
 
+/// The Service an EndpointSlice belongs to (namespace, name), if it is one vswitch reads
+/// (IPv4, with the `kubernetes.io/service-name` label).
+pub fn slice_service(s: &EndpointSlice) -> Option<(String, String)> {
+    slice_service_ref(s).map(|(ns, name)| (ns.to_string(), name.to_string()))
+}
+
+/// [`slice_service`], borrowed.
+pub fn slice_service_ref(s: &EndpointSlice) -> Option<(&str, &str)> {
+    if s.address_type != "IPv4" {
+        return None;
+    }
+    let svc = s.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+    Some((s.metadata.namespace.as_deref().unwrap_or_default(), svc))
+}
+
+/// One Service with its EndpointSlices (any order), as [`services_from_api`] converts each.
+pub fn service_from_api(
+    svc: &Service,
+    slices: &mut [&EndpointSlice],
+    problems: &mut Vec<String>,
+) -> Option<ServiceSpec> {
+    let ns = svc.metadata.namespace.clone().unwrap_or_default();
+    let name = svc.metadata.name.clone().unwrap_or_default();
+    slices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    service_spec(svc, &ns, &name, slices, problems)
+}
+
 fn protocol(p: Option<&str>) -> Option<Protocol> {
     match p.unwrap_or("TCP") {
         "TCP" => Some(Protocol::Tcp),

@@ -11,6 +11,9 @@
 //! what says so. Namespaces keep name and labels, NetworkPolicies their spec.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{ContainerPort, Namespace};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -18,7 +21,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
 
 use crate::control::policy::PolicyInputs;
-use crate::policy::manifests::{owns_address, Objects, PodFields};
+use crate::policy::manifests::{owns_address, pod_meta, Objects, PodFields};
+use crate::policy::selector::Interner;
+use crate::policy::PodMeta;
 
 /// A Pod as the policy watch reads it from the API (`/api/v1/pods`).
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -185,6 +190,81 @@ pub fn inputs<'a>(
     problems.sort_unstable();
     o.problems = problems;
     PolicyInputs::from_objects(o)
+}
+
+/// Each stored Pod's reading (addresses, identity, labels, named ports), kept for as long as
+/// the Pod store holds the same object: a change to one pod among 100,000 reads that pod only.
+#[derive(Default)]
+pub struct PodReadings {
+    /// By the stored object's address; the reading holds the object, so no other object can
+    /// have that address meanwhile.
+    by_object: HashMap<usize, Reading>,
+    labels: Interner,
+    /// Readings made since the label interner was new (it keeps every label set it saw).
+    made: usize,
+}
+
+struct Reading {
+    pod: Arc<PolicyPod>,
+    result: Result<Vec<(IpAddr, Arc<PodMeta>)>, String>,
+}
+
+fn read(pod: &PolicyPod, labels: &mut Interner) -> Result<Vec<(IpAddr, Arc<PodMeta>)>, String> {
+    if !owns_address(pod) {
+        return Ok(Vec::new());
+    }
+    let (ips, meta) = pod_meta(pod, "default", labels)?;
+    let meta = Arc::new(meta);
+    Ok(ips.into_iter().map(|ip| (ip, meta.clone())).collect())
+}
+
+/// [`inputs`] from the stores, reading again only the pods that changed since the last call.
+pub fn inputs_cached<'a>(
+    policies: impl IntoIterator<Item = &'a NetworkPolicy>,
+    namespaces: impl IntoIterator<Item = &'a Namespace>,
+    pods: &[Arc<PolicyPod>],
+    cache: &mut PodReadings,
+) -> PolicyInputs {
+    let mut o = Objects::default();
+    let mut problems = Vec::new();
+    for np in policies {
+        if let Err(e) = o.add_policy(np) {
+            problems.push(e);
+        }
+    }
+    for ns in namespaces {
+        if let Err(e) = o.add_namespace(ns) {
+            problems.push(e);
+        }
+    }
+    // Label sets of pods long gone would stay in the interner: start it afresh now and then.
+    if cache.made > 2 * pods.len() + 1024 {
+        *cache = PodReadings::default();
+    }
+    let mut next = HashMap::with_capacity(pods.len());
+    let mut read_pods = Vec::with_capacity(pods.len());
+    for p in pods {
+        let at = Arc::as_ptr(p) as usize;
+        let reading = match cache.by_object.remove(&at) {
+            Some(r) if Arc::ptr_eq(&r.pod, p) => r,
+            _ => {
+                cache.made += 1;
+                Reading {
+                    pod: p.clone(),
+                    result: read(p, &mut cache.labels),
+                }
+            }
+        };
+        match &reading.result {
+            Ok(v) => read_pods.extend(v.iter().cloned()),
+            Err(e) => problems.push(e.clone()),
+        }
+        next.insert(at, reading);
+    }
+    cache.by_object = next;
+    // The stores' order is a hash map's: one order, so that equal readings compare equal.
+    problems.sort_unstable();
+    PolicyInputs::from_parts(o.policies, o.namespaces, read_pods, problems)
 }
 
 /// Counts for the log: policies, namespaces, pod addresses.

@@ -74,17 +74,31 @@ pub struct ServiceTable {
 struct Frontends {
     frontends: Vec<Arc<Frontend>>,
     by_vip: Map<(Ipv4Addr, u8, u16), u32>,
-    /// Each Service's frontends, by namespace and name, with what they were built from.
-    built: Map<(String, String), Arc<Built>>,
+    /// Each Service's frontends, by namespace and name, with what they were built from. The
+    /// names are shared from table to table, and looked up by [`KeyRef`] without a copy.
+    built: Map<(Arc<str>, Arc<str>), Arc<Built>>,
     /// The node and zone the frontends were built for (backends depend on both).
     node: String,
     zone: Option<String>,
 }
 
+/// A Service's (namespace, name) to look up [`Frontends::built`] with: it hashes as the key.
+#[derive(Hash)]
+struct KeyRef<'a>(&'a str, &'a str);
+
+impl hashbrown::Equivalent<(Arc<str>, Arc<str>)> for KeyRef<'_> {
+    fn equivalent(&self, key: &(Arc<str>, Arc<str>)) -> bool {
+        *self.0 == *key.0 && *self.1 == *key.1
+    }
+}
+
 /// One Service's frontends.
 #[derive(Debug)]
 struct Built {
-    /// The hash of the [`ServiceSpec`] they were built from.
+    /// The [`ServiceSpec`] they were built from, and its hash: a table handed the same `Arc`
+    /// again (the Kubernetes watch converts only the Services that changed) reuses them without
+    /// hashing; another `Arc` with the same hash (a config reload) reuses them too.
+    source: Arc<ServiceSpec>,
     spec: u64,
     /// Its ClusterIPs' frontends, then its external addresses' (which an earlier Service
     /// claiming the same address keeps).
@@ -98,8 +112,9 @@ fn spec_hash(s: &ServiceSpec) -> u64 {
 }
 
 /// The frontends of one Service as seen from `node` in `zone`.
-fn build_service(s: &ServiceSpec, node: &str, zone: Option<&str>, spec: u64) -> Built {
+fn build_service(s: &Arc<ServiceSpec>, node: &str, zone: Option<&str>, spec: u64) -> Built {
     let mut out = Built {
+        source: s.clone(),
         spec,
         cluster: Vec::new(),
         external: Vec::new(),
@@ -349,6 +364,20 @@ impl ServiceTable {
         zone: Option<&str>,
         lb: LoadBalancing,
     ) -> ServiceTable {
+        let shared: Vec<Arc<ServiceSpec>> = services.iter().cloned().map(Arc::new).collect();
+        self.rebuild_shared(&shared, node, zone, lb)
+    }
+
+    /// [`ServiceTable::rebuild`] from shared specs: a Service handed the same `Arc` as last
+    /// time is not even hashed, so one changed Service among 10,000 costs its own build and
+    /// the address index.
+    pub fn rebuild_shared(
+        &self,
+        services: &[Arc<ServiceSpec>],
+        node: &str,
+        zone: Option<&str>,
+        lb: LoadBalancing,
+    ) -> ServiceTable {
         let prev = &self.shared;
         let reuse = prev.node == node && prev.zone.as_deref() == zone;
         let mut t = Frontends {
@@ -356,12 +385,32 @@ impl ServiceTable {
             zone: zone.map(str::to_string),
             ..Frontends::default()
         };
+        t.frontends.reserve(prev.frontends.len());
+        t.by_vip.reserve(prev.by_vip.len());
+        t.built.reserve(services.len());
         for s in services.iter().filter(|s| s.proxy_name.is_none()) {
-            let key = (s.namespace.clone(), s.name.clone());
-            let hash = spec_hash(s);
-            let built = match prev.built.get(&key).filter(|b| reuse && b.spec == hash) {
+            let found = prev.built.get_key_value(&KeyRef(&s.namespace, &s.name));
+            let key = match found {
+                Some((k, _)) => k.clone(),
+                None => (Arc::from(s.namespace.as_str()), Arc::from(s.name.as_str())),
+            };
+            let old = found.map(|(_, b)| b).filter(|_| reuse);
+            let built = match old.filter(|b| Arc::ptr_eq(&b.source, s)) {
                 Some(b) => b.clone(),
-                None => Arc::new(build_service(s, node, zone, hash)),
+                None => {
+                    let hash = spec_hash(s);
+                    match old.filter(|b| b.spec == hash) {
+                        // The same spec in another `Arc`: the frontends are kept, and the new
+                        // `Arc` is remembered so that the next table finds it without hashing.
+                        Some(b) => Arc::new(Built {
+                            source: s.clone(),
+                            spec: hash,
+                            cluster: b.cluster.clone(),
+                            external: b.external.clone(),
+                        }),
+                        None => Arc::new(build_service(s, node, zone, hash)),
+                    }
+                }
             };
             for fe in &built.cluster {
                 let id = t.frontends.len() as u32;
@@ -393,6 +442,33 @@ impl ServiceTable {
             Some(twin) if in_cluster => twin,
             _ => fe,
         }
+    }
+
+    /// The topology zone the frontends were built for.
+    pub fn zone(&self) -> Option<&str> {
+        self.shared.zone.as_deref()
+    }
+
+    /// The UDP backends' addresses of Service `namespace/name`.
+    pub fn udp_backends_of(&self, namespace: &str, name: &str) -> Vec<Ipv4Addr> {
+        let Some(b) = self.shared.built.get(&KeyRef(namespace, name)) else {
+            return Vec::new();
+        };
+        b.cluster
+            .iter()
+            .chain(&b.external)
+            .filter(|f| f.proto == crate::wire::IpProtocol::UDP.0)
+            .flat_map(|f| f.backends.iter().map(|b| b.ip))
+            .collect()
+    }
+
+    /// Every UDP backend's address.
+    pub fn udp_backends(&self) -> std::collections::BTreeSet<Ipv4Addr> {
+        self.frontends()
+            .iter()
+            .filter(|f| f.proto == crate::wire::IpProtocol::UDP.0)
+            .flat_map(|f| f.backends.iter().map(|b| b.ip))
+            .collect()
     }
 
     /// Whether two tables are one and the same (a snapshot kept its predecessor's Services).

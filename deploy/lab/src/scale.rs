@@ -1,0 +1,781 @@
+//! `vswitch-lab scale`: vswitchd in Kubernetes mode against a cluster of the size issue 23
+//! promises (5,000 nodes, 10,000 Services, 100,000 endpoints in EndpointSlices of up to 100,
+//! 100,000 pods), served by the API server stand-in over real HTTP.
+//!
+//! Two one-node labs in Kubernetes mode, one after the other:
+//! 1. an empty cluster (only the lab's node): the CNI ADD and DEL times and the resident
+//!    memory with no Services;
+//! 2. the large cluster, generated here and loaded into the stand-in before vswitchd starts:
+//!    - the initial sync: vswitchd's own `sync_ms` (from the start of its watch to the first
+//!      applied tables, `GET /v1/kubernetes`) and the time until it says ready;
+//!    - isolated endpoint changes (`--isolated` of them, 10 a second) and a sustained burst
+//!      (`--changes` at `--rate` a second), made by the stand-in as the EndpointSlice controller
+//!      makes them (`POST /_standin/churn`): one endpoint's readiness flipped per update, stamped
+//!      with `endpoints.kubernetes.io/last-change-trigger-time`. The latency of each is what
+//!      vswitchd measures from that stamp to the applied table (kube-proxy's network programming
+//!      latency), read back with `GET /v1/kubernetes?since_ms=`; the CPU vswitchd used during
+//!      the burst comes from /proc/PID/stat;
+//!    - the CNI ADD and DEL times again, and the resident memory after all of it.
+//!
+//! The per-packet cost of Service translation at this size is `cargo bench -p vswitch --bench
+//! services` (a datapath microbenchmark, not a lab run).
+
+use std::fmt::Write as _;
+use std::fs;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use conf::api::{quantile, KubernetesResponse, PATH_KUBERNETES};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::bench::cpu::{read_pids_cpu, ticks_per_second};
+use crate::soak::rss_kb;
+use crate::{Lab, LabError, LabGuard, LabSpec, UpOptions};
+
+/// The targets of issue 23.
+pub const TARGET_P99_MS: f64 = 50.0;
+pub const TARGET_SYNC_MS: u64 = 10_000;
+pub const TARGET_RSS_MIB: f64 = 256.0;
+pub const TARGET_CNI_RATIO: f64 = 1.2;
+pub const TARGET_CORES: f64 = 1.0;
+
+#[derive(Debug, Clone)]
+pub struct ScaleOptions {
+    pub name: String,
+    pub nodes: u32,
+    pub services: u32,
+    pub endpoints: u32,
+    pub pods: u32,
+    /// Endpoints per EndpointSlice, at most.
+    pub slice_max: u32,
+    pub isolated: u32,
+    pub changes: u32,
+    pub rate: u32,
+    pub cni_reps: u32,
+    /// Where to write latest JSON/text and the chart; None: nowhere.
+    pub out_dir: Option<PathBuf>,
+    /// Leave the large cluster's lab up afterwards (`vswitch-lab --name NAME down` ends it).
+    pub keep: bool,
+}
+
+impl Default for ScaleOptions {
+    fn default() -> Self {
+        ScaleOptions {
+            name: "vscale".into(),
+            nodes: 5_000,
+            services: 10_000,
+            endpoints: 100_000,
+            pods: 100_000,
+            slice_max: 100,
+            isolated: 200,
+            changes: 1_000,
+            rate: 100,
+            cni_reps: 20,
+            out_dir: None,
+            keep: false,
+        }
+    }
+}
+
+/// Latencies of a set of changes, ms.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Latency {
+    pub samples: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Latency {
+    fn of(samples_us: &[u64]) -> Latency {
+        let mut s = samples_us.to_vec();
+        s.sort_unstable();
+        let ms = |q: f64| quantile(&s, q).unwrap_or(0) as f64 / 1000.0;
+        Latency {
+            samples: s.len(),
+            p50_ms: ms(0.5),
+            p99_ms: ms(0.99),
+            max_ms: ms(1.0),
+        }
+    }
+}
+
+/// A burst of changes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Churn {
+    pub changes: u32,
+    pub rate: u32,
+    /// How long the stand-in took to make them.
+    pub seconds: f64,
+    /// Writes the stand-in made more than one interval late (it fell behind, not vswitchd).
+    pub behind: u64,
+    pub latency: Latency,
+    /// vswitchd's CPU over the burst and until it caught up, in cores.
+    pub cores: f64,
+    /// Tables applied during the burst.
+    pub applies: u64,
+}
+
+/// Medians of CNI ADD and DEL, ms.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Cni {
+    pub add_ms: f64,
+    pub del_ms: f64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ScaleReport {
+    pub date: String,
+    pub commit: String,
+    pub machine: String,
+    pub nodes: u32,
+    pub services: u32,
+    pub endpoints: u32,
+    pub endpoint_slices: u32,
+    pub pods: u32,
+    /// vswitchd's own figure: from the start of its watch to the first applied tables.
+    pub sync_ms: u64,
+    /// `up` of the large lab: the stand-in loading the cluster, the node's namespace, and
+    /// vswitchd from its start to ready.
+    pub up_ms: u64,
+    /// Services and endpoints in vswitchd's table once synced.
+    pub table_services: u64,
+    pub table_endpoints: u64,
+    pub rss_empty_mib: f64,
+    pub rss_synced_mib: f64,
+    pub rss_after_mib: f64,
+    pub isolated: Churn,
+    pub sustained: Churn,
+    pub cni_empty: Cni,
+    pub cni_loaded: Cni,
+    /// A restart of vswitchd (a rolling update's handover) with the cluster loaded: ready and
+    /// its own sync.
+    pub restart_ready_ms: u64,
+    pub restart_sync_ms: u64,
+}
+
+impl ScaleReport {
+    /// The targets missed, each as a sentence.
+    pub fn misses(&self) -> Vec<String> {
+        let mut m = Vec::new();
+        if self.isolated.latency.p99_ms > TARGET_P99_MS {
+            m.push(format!(
+                "an endpoint change reached the datapath in {:.1} ms (p99), over {TARGET_P99_MS} ms",
+                self.isolated.latency.p99_ms
+            ));
+        }
+        if self.sustained.cores > TARGET_CORES {
+            m.push(format!(
+                "{} changes a second took {:.2} cores, over {TARGET_CORES}",
+                self.sustained.rate, self.sustained.cores
+            ));
+        }
+        if self.sync_ms > TARGET_SYNC_MS {
+            m.push(format!(
+                "the initial sync took {} ms, over {TARGET_SYNC_MS} ms",
+                self.sync_ms
+            ));
+        }
+        let rss = self.rss_synced_mib.max(self.rss_after_mib);
+        if rss > TARGET_RSS_MIB {
+            m.push(format!(
+                "vswitchd's resident memory reached {rss:.0} MiB, over {TARGET_RSS_MIB} MiB"
+            ));
+        }
+        for (what, loaded, empty) in [
+            ("ADD", self.cni_loaded.add_ms, self.cni_empty.add_ms),
+            ("DEL", self.cni_loaded.del_ms, self.cni_empty.del_ms),
+        ] {
+            if empty > 0.0 && loaded / empty > TARGET_CNI_RATIO {
+                m.push(format!(
+                    "a CNI {what} took {:.2}x its time with no Services, over {TARGET_CNI_RATIO}x",
+                    loaded / empty
+                ));
+            }
+        }
+        m
+    }
+
+    pub fn to_text(&self) -> String {
+        let mut t = String::new();
+        let _ = writeln!(
+            t,
+            "vswitch-lab scale, {} (commit {}), {}\n\
+             cluster: {} nodes, {} Services, {} endpoints in {} EndpointSlices, {} pods\n",
+            self.date,
+            self.commit,
+            self.machine,
+            self.nodes,
+            self.services,
+            self.endpoints,
+            self.endpoint_slices,
+            self.pods
+        );
+        let ok = |pass: bool| if pass { "ok" } else { "MISSED" };
+        let rows: Vec<(String, String, String, &str)> = vec![
+            (
+                "initial sync (vswitchd's sync_ms)".into(),
+                format!("{} ms", self.sync_ms),
+                format!("<= {TARGET_SYNC_MS} ms"),
+                ok(self.sync_ms <= TARGET_SYNC_MS),
+            ),
+            (
+                "lab up: stand-in loads, vswitchd starts and syncs".into(),
+                format!("{} ms", self.up_ms),
+                String::new(),
+                "",
+            ),
+            (
+                format!(
+                    "endpoint change to datapath, p99 ({} changes at 10/s)",
+                    self.isolated.changes
+                ),
+                format!(
+                    "{:.1} ms (p50 {:.1}, max {:.1})",
+                    self.isolated.latency.p99_ms,
+                    self.isolated.latency.p50_ms,
+                    self.isolated.latency.max_ms
+                ),
+                format!("<= {TARGET_P99_MS} ms"),
+                ok(self.isolated.latency.p99_ms <= TARGET_P99_MS),
+            ),
+            (
+                format!(
+                    "{} changes/s for {:.0} s: vswitchd CPU",
+                    self.sustained.rate, self.sustained.seconds
+                ),
+                format!("{:.2} cores", self.sustained.cores),
+                format!("<= {TARGET_CORES} core"),
+                ok(self.sustained.cores <= TARGET_CORES),
+            ),
+            (
+                format!("{} changes/s: change to datapath", self.sustained.rate),
+                format!(
+                    "p99 {:.1} ms (p50 {:.1}, max {:.1}; {} tables applied, stand-in behind {})",
+                    self.sustained.latency.p99_ms,
+                    self.sustained.latency.p50_ms,
+                    self.sustained.latency.max_ms,
+                    self.sustained.applies,
+                    self.sustained.behind
+                ),
+                String::new(),
+                "",
+            ),
+            (
+                "vswitchd RSS: empty / synced / after churn".into(),
+                format!(
+                    "{:.0} / {:.0} / {:.0} MiB",
+                    self.rss_empty_mib, self.rss_synced_mib, self.rss_after_mib
+                ),
+                format!("<= {TARGET_RSS_MIB} MiB"),
+                ok(self.rss_synced_mib.max(self.rss_after_mib) <= TARGET_RSS_MIB),
+            ),
+            (
+                "CNI ADD: empty / loaded (median)".into(),
+                format!(
+                    "{:.1} / {:.1} ms ({:.2}x)",
+                    self.cni_empty.add_ms,
+                    self.cni_loaded.add_ms,
+                    ratio(self.cni_loaded.add_ms, self.cni_empty.add_ms)
+                ),
+                format!("<= {TARGET_CNI_RATIO}x"),
+                ok(ratio(self.cni_loaded.add_ms, self.cni_empty.add_ms) <= TARGET_CNI_RATIO),
+            ),
+            (
+                "CNI DEL: empty / loaded (median)".into(),
+                format!(
+                    "{:.1} / {:.1} ms ({:.2}x)",
+                    self.cni_empty.del_ms,
+                    self.cni_loaded.del_ms,
+                    ratio(self.cni_loaded.del_ms, self.cni_empty.del_ms)
+                ),
+                format!("<= {TARGET_CNI_RATIO}x"),
+                ok(ratio(self.cni_loaded.del_ms, self.cni_empty.del_ms) <= TARGET_CNI_RATIO),
+            ),
+            (
+                "restart (handover): ready / its sync".into(),
+                format!("{} / {} ms", self.restart_ready_ms, self.restart_sync_ms),
+                String::new(),
+                "",
+            ),
+        ];
+        let w0 = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
+        let w1 = rows.iter().map(|r| r.1.len()).max().unwrap_or(0);
+        let w2 = rows.iter().map(|r| r.2.len()).max().unwrap_or(0);
+        for (a, b, c, d) in &rows {
+            let _ = writeln!(t, "{a:<w0$}  {b:<w1$}  {c:<w2$}  {d}");
+        }
+        let misses = self.misses();
+        if misses.is_empty() {
+            let _ = writeln!(t, "\nevery target met");
+        } else {
+            let _ = writeln!(t, "\ntargets missed:");
+            for m in misses {
+                let _ = writeln!(t, "- {m}");
+            }
+        }
+        t
+    }
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
+    }
+}
+
+/// The generated cluster: one JSON List per kind, in the order they load.
+pub struct Cluster {
+    pub lists: Vec<(&'static str, Value)>,
+    pub slices: u32,
+}
+
+/// Fake node `j` (1-based; the lab's own node is not one of them).
+fn fake_node(j: u32) -> (String, String, Ipv4Addr) {
+    let cidr = format!("10.{}.{}.0/24", 64 + j / 256, j % 256);
+    let underlay = Ipv4Addr::new(172, 20, (j / 250) as u8, (j % 250 + 1) as u8);
+    (format!("scale-node-{j:05}"), cidr, underlay)
+}
+
+fn fake_pod_ip(j: u32, slot: u32) -> Ipv4Addr {
+    Ipv4Addr::new(10, (64 + j / 256) as u8, (j % 256) as u8, (slot + 2) as u8)
+}
+
+/// The cluster `o` describes, around the lab's node (which is in the stand-in already).
+pub fn cluster(o: &ScaleOptions) -> Result<Cluster, LabError> {
+    let fakes = o.nodes.saturating_sub(1).max(1);
+    if fakes > 64 * 256 {
+        return Err(LabError::InvalidSpec("--nodes: at most 16385".into()));
+    }
+    if o.pods.div_ceil(fakes) > 250 {
+        return Err(LabError::InvalidSpec(format!(
+            "--pods: at most 250 a node ({} nodes hold {} at most)",
+            o.nodes,
+            fakes * 250
+        )));
+    }
+    if o.services == 0 || o.pods == 0 || o.slice_max == 0 {
+        return Err(LabError::InvalidSpec(
+            "--services, --pods and --slice-max must be at least 1".into(),
+        ));
+    }
+    let namespaces = 100.min(o.services);
+    let ns_of = |i: u32| format!("ns-{:03}", i % namespaces);
+    let nodes: Vec<Value> = (1..=fakes)
+        .map(|j| {
+            let (name, cidr, underlay) = fake_node(j);
+            let vtep = json!({
+                "underlay_ip": underlay.to_string(),
+                "vtep_mac": format!("02:5c:{:02x}:{:02x}:{:02x}:01", j >> 16 & 0xff, j >> 8 & 0xff, j & 0xff),
+                "remote_checksum": true
+            });
+            json!({
+                "metadata": {
+                    "name": name,
+                    "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"},
+                    "annotations": {"vswitch.io/vtep": vtep.to_string()}
+                },
+                "spec": {"podCIDR": cidr, "podCIDRs": [cidr]},
+                "status": {
+                    "addresses": [
+                        {"type": "InternalIP", "address": underlay.to_string()},
+                        {"type": "Hostname", "address": name}
+                    ],
+                    "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}]
+                }
+            })
+        })
+        .collect();
+    let pod = |i: u32| -> (String, String, Ipv4Addr, String) {
+        let j = 1 + i % fakes;
+        let slot = i / fakes;
+        (
+            ns_of(i),
+            format!("pod-{i:06}"),
+            fake_pod_ip(j, slot),
+            fake_node(j).0,
+        )
+    };
+    let pods: Vec<Value> = (0..o.pods)
+        .map(|i| {
+            let (ns, name, ip, node) = pod(i);
+            json!({
+                "metadata": {"namespace": ns, "name": name, "labels": {"app": format!("a{}", i % 50)}},
+                "spec": {"nodeName": node, "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10"}]},
+                "status": {"phase": "Running", "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}]}
+            })
+        })
+        .collect();
+    // Endpoints per Service: a twentieth of the Services are large (more than one full
+    // slice), the others share what is left.
+    let big_size = o.slice_max + 5;
+    let mut big = o.services / 20;
+    while big > 0 && big * big_size > o.endpoints {
+        big -= 1;
+    }
+    let rest = o.endpoints - big * big_size;
+    let small = o.services - big;
+    let per_small = |k: u32| rest / small.max(1) + u32::from(k < rest % small.max(1));
+    let mut services = Vec::new();
+    let mut slices = Vec::new();
+    let mut next_pod = 0u32;
+    for i in 0..o.services {
+        let ns = ns_of(i);
+        let name = format!("svc-{i:05}");
+        services.push(json!({
+            "metadata": {"namespace": ns, "name": name},
+            "spec": {
+                "selector": {"app": name},
+                "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]
+            }
+        }));
+        let n = if i < big {
+            big_size
+        } else {
+            per_small(i - big)
+        };
+        let eps: Vec<Value> = (0..n)
+            .map(|_| {
+                let p = next_pod % o.pods;
+                next_pod += 1;
+                let (pns, pname, ip, node) = pod(p);
+                json!({
+                    "addresses": [ip.to_string()],
+                    "conditions": {"ready": true, "serving": true, "terminating": false},
+                    "nodeName": node,
+                    "targetRef": {"kind": "Pod", "namespace": pns, "name": pname}
+                })
+            })
+            .collect();
+        for (k, chunk) in eps.chunks(o.slice_max as usize).enumerate() {
+            slices.push(json!({
+                "metadata": {
+                    "namespace": ns,
+                    "name": format!("{name}-{k}"),
+                    "labels": {
+                        "kubernetes.io/service-name": name,
+                        "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"
+                    }
+                },
+                "addressType": "IPv4",
+                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+                "endpoints": chunk
+            }));
+        }
+    }
+    let policies: Vec<Value> = (0..namespaces)
+        .map(|i| {
+            json!({
+                "metadata": {"namespace": format!("ns-{i:03}"), "name": "allow-a1"},
+                "spec": {
+                    "podSelector": {"matchLabels": {"app": "a1"}},
+                    "policyTypes": ["Ingress"],
+                    "ingress": [{"from": [{"namespaceSelector": {}}], "ports": [{"port": 8080}]}]
+                }
+            })
+        })
+        .collect();
+    let namespaces: Vec<Value> = (0..namespaces)
+        .map(|i| json!({"metadata": {"name": format!("ns-{i:03}")}}))
+        .collect();
+    let list = |api: &str, kind: &str, items: Vec<Value>| json!({"apiVersion": api, "kind": format!("{kind}List"), "items": items});
+    let n_slices = slices.len() as u32;
+    Ok(Cluster {
+        lists: vec![
+            ("namespaces", list("v1", "Namespace", namespaces)),
+            ("nodes", list("v1", "Node", nodes)),
+            ("services", list("v1", "Service", services)),
+            (
+                "endpointslices",
+                list("discovery.k8s.io/v1", "EndpointSlice", slices),
+            ),
+            ("pods", list("v1", "Pod", pods)),
+            (
+                "networkpolicies",
+                list("networking.k8s.io/v1", "NetworkPolicy", policies),
+            ),
+        ],
+        slices: n_slices,
+    })
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn kubernetes(lab: &Lab, since_ms: u64) -> Result<KubernetesResponse, LabError> {
+    lab.nodes[0]
+        .client()
+        .with_timeout(Duration::from_secs(30))
+        .get(&format!("{PATH_KUBERNETES}?since_ms={since_ms}"))
+        .map_err(|e| LabError::BadOutput(format!("GET {PATH_KUBERNETES}: {e}")))
+}
+
+fn rss_mib(lab: &Lab) -> f64 {
+    lab.nodes[0].pid.map(rss_kb).unwrap_or(0) as f64 / 1024.0
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// ADD then DEL of `reps` pods on node 1, timed as a runtime sees them (the plugin call with
+/// the pod's namespace made before and removed after).
+fn cni_times(lab: &mut Lab, reps: u32) -> Result<Cni, LabError> {
+    let (mut adds, mut dels) = (Vec::new(), Vec::new());
+    for i in 0..reps {
+        let name = format!("s{i}");
+        let t = Instant::now();
+        let short = lab.add_pod(1, &name)?.name.clone();
+        adds.push(t.elapsed().as_secs_f64() * 1000.0);
+        let t = Instant::now();
+        lab.del_pod(&short)?;
+        dels.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    Ok(Cni {
+        add_ms: median(adds),
+        del_ms: median(dels),
+    })
+}
+
+/// `count` changes at `rate` a second, made by the stand-in; vswitchd's latencies for them.
+fn churn(lab: &Lab, count: u32, rate: u32) -> Result<Churn, LabError> {
+    let before = kubernetes(lab, u64::MAX)?;
+    let pid = lab.nodes[0].pid.unwrap_or(0);
+    let cpu0 = read_pids_cpu(&[pid]).unwrap_or(0);
+    let since = now_ms();
+    let out = lab.kubectl(
+        &[
+            "create",
+            "--raw",
+            &format!("/_standin/churn?rate={rate}&count={count}"),
+            "-f",
+            "/dev/null",
+            "--request-timeout=0",
+        ],
+        None,
+    )?;
+    let answer: Value = serde_json::from_str(out.trim())
+        .map_err(|e| LabError::BadOutput(format!("churn answered {out:?}: {e}")))?;
+    // Until every change was applied (or 10 s more).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut k = kubernetes(lab, since)?;
+    while (k.programming.count - before.programming.count) < u64::from(count)
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+        k = kubernetes(lab, since)?;
+    }
+    let seconds = answer["seconds"].as_f64().unwrap_or(0.0);
+    let cpu1 = read_pids_cpu(&[pid]).unwrap_or(cpu0);
+    let wall = (now_ms() - since) as f64 / 1000.0;
+    let samples: Vec<u64> = k.programming.samples.iter().map(|(_, l)| *l).collect();
+    Ok(Churn {
+        changes: count,
+        rate,
+        seconds,
+        behind: answer["behind"].as_u64().unwrap_or(0),
+        latency: Latency::of(&samples),
+        cores: (cpu1 - cpu0) as f64 / ticks_per_second() as f64 / wall.max(0.001),
+        applies: k.applies - before.applies,
+    })
+}
+
+/// Runs both labs and reports; `progress` hears what happens.
+pub fn run(o: &ScaleOptions, progress: &mut dyn FnMut(&str)) -> Result<ScaleReport, LabError> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut r = ScaleReport {
+        date: crate::bench::utc_timestamp(now),
+        commit: crate::bench::run::git_commit().unwrap_or_default(),
+        machine: format!(
+            "{}, {} CPUs",
+            crate::bench::cpu::cpu_model(),
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        ),
+        nodes: o.nodes,
+        services: o.services,
+        endpoints: o.endpoints,
+        pods: o.pods,
+        ..ScaleReport::default()
+    };
+    let spec = |name: String| LabSpec {
+        name,
+        nodes: 1,
+        pods_per_node: 0,
+        kubernetes: true,
+        ..LabSpec::default()
+    };
+    progress("empty cluster: up");
+    {
+        let mut lab = LabGuard::up(spec(format!("{}e", o.name)))?;
+        r.rss_empty_mib = rss_mib(&lab);
+        progress("empty cluster: CNI ADD and DEL");
+        r.cni_empty = cni_times(&mut lab, o.cni_reps)?;
+    }
+    progress(&format!(
+        "generating {} nodes, {} Services, {} endpoints, {} pods",
+        o.nodes, o.services, o.endpoints, o.pods
+    ));
+    let cluster = cluster(o)?;
+    r.endpoint_slices = cluster.slices;
+    let dir = PathBuf::from(crate::RUN_DIR).join(format!("{}.scale", o.name));
+    fs::create_dir_all(&dir).map_err(|e| LabError::io(&dir, e))?;
+    let mut files = Vec::new();
+    for (kind, list) in &cluster.lists {
+        let f = dir.join(format!("{kind}.json"));
+        fs::write(&f, list.to_string()).map_err(|e| LabError::io(&f, e))?;
+        files.push(f);
+    }
+    drop(cluster);
+    let result = run_loaded(o, &mut r, files, progress);
+    let _ = fs::remove_dir_all(&dir);
+    result.map(|()| r)
+}
+
+fn run_loaded(
+    o: &ScaleOptions,
+    r: &mut ScaleReport,
+    files: Vec<PathBuf>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(), LabError> {
+    progress("large cluster: loading the stand-in and starting vswitchd");
+    let opts = UpOptions {
+        ready_timeout: Duration::from_secs(120),
+        apiserver_load: files,
+        ..UpOptions::default()
+    };
+    let started = Instant::now();
+    let mut lab = LabGuard::new(Lab::up_with(
+        LabSpec {
+            name: o.name.clone(),
+            nodes: 1,
+            pods_per_node: 0,
+            kubernetes: true,
+            ..LabSpec::default()
+        },
+        &opts,
+    )?);
+    // `up` returns once vswitchd is ready; the stand-in's load came first.
+    r.up_ms = started.elapsed().as_millis() as u64;
+    let k = kubernetes(&lab, u64::MAX)?;
+    r.sync_ms = k.sync_ms.unwrap_or(0);
+    r.table_services = k.services;
+    r.table_endpoints = k.endpoints;
+    r.rss_synced_mib = rss_mib(&lab);
+    progress(&format!(
+        "synced: {} Services, {} endpoints in {} ms; RSS {:.0} MiB",
+        k.services, k.endpoints, r.sync_ms, r.rss_synced_mib
+    ));
+    progress("large cluster: CNI ADD and DEL");
+    r.cni_loaded = cni_times(&mut lab, o.cni_reps)?;
+    progress(&format!("{} isolated endpoint changes", o.isolated));
+    r.isolated = churn(&lab, o.isolated, 10)?;
+    progress(&format!("{} changes at {}/s", o.changes, o.rate));
+    r.sustained = churn(&lab, o.changes, o.rate)?;
+    r.rss_after_mib = rss_mib(&lab);
+    progress("restart (handover)");
+    let t = Instant::now();
+    lab.restart_daemon(0, Duration::from_secs(120))?;
+    r.restart_ready_ms = t.elapsed().as_millis() as u64;
+    r.restart_sync_ms = kubernetes(&lab, u64::MAX)?.sync_ms.unwrap_or(0);
+    if o.keep {
+        let lab = lab.into_inner();
+        progress(&format!("lab {} left up", lab.name));
+    }
+    Ok(())
+}
+
+/// Writes `latest.json`, `latest.txt` and the run's copies under `runs/` into `dir`.
+pub fn write(dir: &Path, r: &ScaleReport) -> Result<Vec<PathBuf>, LabError> {
+    fs::create_dir_all(dir.join("runs")).map_err(|e| LabError::io(dir, e))?;
+    let stamp = r.date.replace([':', '-'], "");
+    let json = serde_json::to_string_pretty(r).unwrap_or_default() + "\n";
+    let text = r.to_text();
+    let mut out = Vec::new();
+    for (name, body) in [
+        ("latest.json".to_string(), &json),
+        ("latest.txt".to_string(), &text),
+        (format!("runs/{stamp}.json"), &json),
+        (format!("runs/{stamp}.txt"), &text),
+    ] {
+        let p = dir.join(name);
+        fs::write(&p, body).map_err(|e| LabError::io(&p, e))?;
+        out.push(p);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_generated_cluster_has_the_sizes_asked_for() {
+        let o = ScaleOptions {
+            nodes: 50,
+            services: 100,
+            endpoints: 1000,
+            pods: 1000,
+            slice_max: 100,
+            ..ScaleOptions::default()
+        };
+        let c = cluster(&o).unwrap();
+        let items = |k: &str| {
+            c.lists.iter().find(|(n, _)| *n == k).unwrap().1["items"]
+                .as_array()
+                .unwrap()
+                .clone()
+        };
+        assert_eq!(items("nodes").len(), 49);
+        assert_eq!(items("services").len(), 100);
+        assert_eq!(items("pods").len(), 1000);
+        let slices = items("endpointslices");
+        let eps: usize = slices
+            .iter()
+            .map(|s| s["endpoints"].as_array().unwrap().len())
+            .sum();
+        assert_eq!(eps, 1000);
+        assert!(slices
+            .iter()
+            .all(|s| s["endpoints"].as_array().unwrap().len() <= 100));
+        assert_eq!(c.slices as usize, slices.len());
+        // Every pod address is unique and none is in the lab's own pod CIDR.
+        let ips: std::collections::BTreeSet<String> = items("pods")
+            .iter()
+            .map(|p| p["status"]["podIP"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(ips.len(), 1000);
+        assert!(ips.iter().all(|ip| !ip.starts_with("10.244.")));
+    }
+
+    #[test]
+    fn misses_name_each_target() {
+        let mut r = ScaleReport {
+            sync_ms: 20_000,
+            ..ScaleReport::default()
+        };
+        r.isolated.latency.p99_ms = 80.0;
+        r.cni_empty = Cni {
+            add_ms: 10.0,
+            del_ms: 10.0,
+        };
+        r.cni_loaded = Cni {
+            add_ms: 13.0,
+            del_ms: 11.0,
+        };
+        let m = r.misses();
+        assert_eq!(m.len(), 3, "{m:?}");
+        assert!(r.to_text().contains("MISSED"));
+    }
+}
