@@ -243,7 +243,8 @@ pub struct HandoverResponse {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct ClusterTables {
     pub peers: Vec<crate::config::PeerSpec>,
-    pub services: Vec<crate::config::ServiceSpec>,
+    /// Shared with the running tables: answering does not copy 10,000 Services.
+    pub services: Vec<std::sync::Arc<crate::config::ServiceSpec>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -424,6 +425,12 @@ pub struct KubernetesResponse {
     /// From the start of the watch to the first applied tables, ms.
     #[serde(default)]
     pub sync_ms: Option<u64>,
+    /// NetworkPolicies, Namespaces and Pods were listed and the first policy inputs applied.
+    #[serde(default)]
+    pub policy_synced: bool,
+    /// From the start of the watch to then, ms.
+    #[serde(default)]
+    pub policy_sync_ms: Option<u64>,
     pub watch_errors: u64,
     pub relists: u64,
     pub applies: u64,

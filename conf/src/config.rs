@@ -451,8 +451,9 @@ pub struct EndpointSpec {
     /// for an unnamed port), as its EndpointSlice says: pods of one Service can number a
     /// named port differently (a rollout that renumbers it). Absent: every Service port at
     /// its `target_port`. Present: only the ports named here; the others send it nothing.
+    /// Shared by the endpoints of one EndpointSlice (100,000 endpoints hold a few maps).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ports: Option<std::collections::BTreeMap<String, u16>>,
+    pub ports: Option<std::sync::Arc<std::collections::BTreeMap<String, u16>>>,
     /// EndpointSlice topology hints: the zones (`hints.forZones`) and nodes (`hints.forNodes`)
     /// this endpoint is meant for. Used, as kube-proxy uses them, only when every ready
     /// endpoint of the Service has them and one is meant for this node (`node.zone`).

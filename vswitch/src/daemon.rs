@@ -91,7 +91,11 @@ pub fn run_with(config_path: &Path, opts: RunOptions) -> Result<(), RunError> {
             old.services.len()
         );
         config.peers = old.peers;
-        config.services = old.services;
+        config.services = old
+            .services
+            .into_iter()
+            .map(std::sync::Arc::unwrap_or_clone)
+            .collect();
     }
     let daemon = Daemon::start(config)?;
     let result = rt.block_on(async {

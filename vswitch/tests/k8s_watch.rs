@@ -79,7 +79,9 @@ fn ep(ip: &str, node: Option<&str>, ready: bool, serving: bool, terminating: boo
 
 fn with_ports(e: EndpointSpec, ports: &[(&str, u16)]) -> EndpointSpec {
     EndpointSpec {
-        ports: Some(ports.iter().map(|(n, p)| (n.to_string(), *p)).collect()),
+        ports: Some(Arc::new(
+            ports.iter().map(|(n, p)| (n.to_string(), *p)).collect(),
+        )),
         ..e
     }
 }

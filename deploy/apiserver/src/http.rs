@@ -586,26 +586,18 @@ fn list(
             Some(t)
         }
     };
-    let (items, rv) = app.store.list(resource, namespace);
-    let mut selected: Vec<&Arc<Value>> = items
-        .iter()
-        .filter(|o| filter.matches(o))
-        .filter(|o| {
-            after.as_ref().is_none_or(|(_, ns, name)| {
-                let m = &o["metadata"];
-                let k = (
-                    m["namespace"].as_str().unwrap_or(""),
-                    m["name"].as_str().unwrap_or(""),
-                );
-                k > (ns.as_str(), name.as_str())
-            })
-        })
-        .collect();
+    let selectors = q.contains_key("labelSelector") || q.contains_key("fieldSelector");
+    let (selected, rest, rv) = app.store.list_page(
+        resource,
+        namespace,
+        after.as_ref().map(|(_, ns, n)| (ns.as_str(), n.as_str())),
+        limit,
+        !selectors,
+        |o| filter.matches(o),
+    );
     let list_rv = after.as_ref().map(|t| t.0).unwrap_or(rv);
     let mut meta = json!({"resourceVersion": list_rv.to_string()});
-    if limit > 0 && selected.len() > limit {
-        let rest = selected.len() - limit;
-        selected.truncate(limit);
+    if rest > 0 {
         if let Some(last) = selected.last() {
             let m = &last["metadata"];
             meta["continue"] = json!(encode_continue(
@@ -613,12 +605,12 @@ fn list(
                 m["namespace"].as_str().unwrap_or(""),
                 m["name"].as_str().unwrap_or("")
             ));
-            if !q.contains_key("labelSelector") && !q.contains_key("fieldSelector") {
+            if !selectors {
                 meta["remainingItemCount"] = json!(rest);
             }
         }
     }
-    let items: Vec<Value> = selected.into_iter().map(|o| list_item(o)).collect();
+    let items: Vec<Value> = selected.iter().map(|o| list_item(o)).collect();
     let body = json!({
         "kind": r.list_kind(),
         "apiVersion": r.api_version(),

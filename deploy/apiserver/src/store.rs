@@ -187,6 +187,45 @@ impl Store {
         (items, g.rv)
     }
 
+    /// One page of a list: up to `limit` (0: no limit) objects of `resource` (in `namespace`)
+    /// that `keep` takes, in key order from after `after` (namespace, name), and how many more
+    /// there are: all of them counted when `count_rest`, else 1 when there is one. Only the
+    /// page is read, as a real server's watch cache does, not the whole kind.
+    pub fn list_page(
+        &self,
+        resource: usize,
+        namespace: Option<&str>,
+        after: Option<(&str, &str)>,
+        limit: usize,
+        count_rest: bool,
+        keep: impl Fn(&Value) -> bool,
+    ) -> (Vec<Arc<Value>>, usize, u64) {
+        use std::ops::Bound;
+        let g = self.lock();
+        let start = match after {
+            Some((ns, n)) => Bound::Excluded((resource, ns.to_string(), n.to_string())),
+            None => Bound::Included((resource, String::new(), String::new())),
+        };
+        let (mut page, mut rest) = (Vec::new(), 0);
+        for ((r, ns, _), v) in g.objects.range((start, Bound::Unbounded)) {
+            if *r != resource {
+                break;
+            }
+            if namespace.is_some_and(|n| n != ns) || !keep(v) {
+                continue;
+            }
+            if limit == 0 || page.len() < limit {
+                page.push(v.clone());
+                continue;
+            }
+            rest += 1;
+            if !count_rest {
+                break;
+            }
+        }
+        (page, rest, g.rv)
+    }
+
     pub fn get(&self, key: &Key) -> Option<Arc<Value>> {
         self.lock().objects.get(key).cloned()
     }

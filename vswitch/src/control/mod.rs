@@ -1105,10 +1105,9 @@ impl Daemon {
     }
 
     /// The peers and Services this vswitchd forwards with now (read by a successor).
-    pub fn cluster_tables(&self) -> (Vec<PeerSpec>, Vec<conf::config::ServiceSpec>) {
+    pub fn cluster_tables(&self) -> (Vec<PeerSpec>, Vec<Arc<conf::config::ServiceSpec>>) {
         let st = self.lock();
-        let services = st.services.iter().map(|s| (**s).clone()).collect();
-        (st.peers.clone(), services)
+        (st.peers.clone(), st.services.clone())
     }
 
     /// Replaces the whole peer set at once (the Kubernetes watch and config reload use this).

@@ -19,6 +19,7 @@
 
 mod busy;
 pub mod gro;
+pub mod memory;
 pub mod netns;
 pub mod segment;
 pub mod stats;

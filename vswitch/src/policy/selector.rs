@@ -252,6 +252,11 @@ impl Interner {
         self.0.len()
     }
 
+    /// Forgets the label sets no one else holds any more.
+    pub fn prune(&mut self) {
+        self.0.retain(|l| Arc::strong_count(l) > 1);
+    }
+
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }

@@ -550,13 +550,15 @@ fn endpoints(
     let mut endpoints: BTreeMap<Ipv4Addr, EndpointSpec> = BTreeMap::new();
     for s in slices {
         let slice_name = s.metadata.name.as_deref().unwrap_or_default();
-        let slice_ports: BTreeMap<String, u16> = ports
-            .iter()
-            .filter_map(|w| {
-                let name = w.port.name.clone().unwrap_or_default();
-                slice_port(s, w).map(|p| (name, p))
-            })
-            .collect();
+        let slice_ports: std::sync::Arc<BTreeMap<String, u16>> = std::sync::Arc::new(
+            ports
+                .iter()
+                .filter_map(|w| {
+                    let name = w.port.name.clone().unwrap_or_default();
+                    slice_port(s, w).map(|p| (name, p))
+                })
+                .collect(),
+        );
         for ep in &s.endpoints {
             // Addresses of one endpoint are fungible; like kube-proxy, use the first.
             let Some(addr) = ep.addresses.first() else {
@@ -582,8 +584,9 @@ fn endpoints(
                         (e, old.clone())
                     };
                     if let (Some(k), Some(o)) = (keep.ports.as_mut(), other.ports) {
-                        for (name, port) in o {
-                            k.entry(name).or_insert(port);
+                        let k = std::sync::Arc::make_mut(k);
+                        for (name, port) in o.iter() {
+                            k.entry(name.clone()).or_insert(*port);
                         }
                     }
                     *old = keep;

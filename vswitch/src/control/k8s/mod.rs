@@ -155,8 +155,12 @@ struct Counters {
     /// seen: where the watch moves when the address it uses is away.
     api_endpoints: std::sync::Mutex<Vec<std::net::SocketAddr>>,
     unsupported: AtomicU64,
+    /// When the watch started, ms since the epoch.
+    started_ms: AtomicU64,
     /// From the start of the watch to the first applied tables, ms (0: not yet).
     sync_ms: AtomicU64,
+    /// The same for the first policy inputs.
+    policy_sync_ms: AtomicU64,
     /// In the applied Service table.
     services: AtomicU64,
     endpoints: AtomicU64,
@@ -269,9 +273,12 @@ impl K8sStatsHandle {
         let k = self.get();
         let c = &self.0;
         let sync_ms = c.sync_ms.load(Ordering::Relaxed);
+        let policy_sync_ms = c.policy_sync_ms.load(Ordering::Relaxed);
         KubernetesResponse {
             synced: k.synced,
             sync_ms: (sync_ms > 0).then_some(sync_ms),
+            policy_synced: k.policy_synced,
+            policy_sync_ms: (policy_sync_ms > 0).then_some(policy_sync_ms),
             watch_errors: k.watch_errors,
             relists: k.relists,
             applies: k.applies,
@@ -637,7 +644,7 @@ fn watch_all(
     let (slices, slices_w) = reflector::store::<EndpointSlice>();
     let (policies, policies_w) = reflector::store::<NetworkPolicy>();
     let (namespaces, namespaces_w) = reflector::store::<Namespace>();
-    let (pods, pods_w) = reflector::store::<PolicyPod>();
+    let pods = Arc::new(std::sync::Mutex::new(policy::PodStore::default()));
     let all = watcher::Config::default;
     // A finished pod's address is not its own any more: the API server leaves such pods out of
     // the list and sends a pod that finishes as DELETED.
@@ -697,7 +704,7 @@ fn watch_all(
         spawn_drive(
             Api::all(c.clone()),
             Kind::Pods,
-            pods_w,
+            PodKeeper(pods.clone()),
             policy::strip_pod,
             |_, _, _| {},
             running(),
@@ -858,7 +865,31 @@ struct Stores {
     slices: Store<EndpointSlice>,
     policies: Store<NetworkPolicy>,
     namespaces: Store<Namespace>,
-    pods: Store<PolicyPod>,
+    pods: Arc<std::sync::Mutex<policy::PodStore>>,
+}
+
+/// Where a watch keeps what it sees: a reflector's store, or the Pod store.
+trait Keep<K>: Send + 'static {
+    fn keep(&mut self, ev: &Event<K>);
+}
+
+impl<K> Keep<K> for reflector::store::Writer<K>
+where
+    K: Resource + Clone + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
+{
+    fn keep(&mut self, ev: &Event<K>) {
+        self.apply_watcher_event(ev);
+    }
+}
+
+/// The Pod watch keeps each pod as policy reads it, not the object.
+struct PodKeeper(Arc<std::sync::Mutex<policy::PodStore>>);
+
+impl Keep<PolicyPod> for PodKeeper {
+    fn keep(&mut self, ev: &Event<PolicyPod>) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).apply(ev);
+    }
 }
 
 fn strip<K: Resource>(o: &mut K) {
@@ -880,7 +911,7 @@ fn strip_node(n: &mut Node) {
 fn spawn_drive<K>(
     api: Api<K>,
     kind: Kind,
-    writer: reflector::store::Writer<K>,
+    writer: impl Keep<K>,
     strip: fn(&mut K),
     note: fn(&Shared, &K, bool),
     config: watcher::Config,
@@ -903,7 +934,7 @@ where
 async fn drive<K>(
     api: Api<K>,
     kind: Kind,
-    writer: reflector::store::Writer<K>,
+    mut writer: impl Keep<K>,
     strip: fn(&mut K),
     note: fn(&Shared, &K, bool),
     config: watcher::Config,
@@ -915,12 +946,14 @@ async fn drive<K>(
 {
     let stream = kube::runtime::watcher(api, config)
         .default_backoff()
-        .modify(strip)
-        .reflect(writer);
+        .modify(strip);
     let mut stream = std::pin::pin!(stream);
     let mut listed = false;
     let mut refused = false;
     while let Some(ev) = stream.next().await {
+        if let Ok(ev) = &ev {
+            writer.keep(ev);
+        }
         match ev {
             Ok(Event::Init) => {
                 // A retried first list is not a relist: there is no store to replace yet.
@@ -1027,6 +1060,7 @@ async fn apply_loop(
     publish: Arc<Notify>,
 ) {
     let started = Instant::now();
+    stats.0.started_ms.store(now_ms(), Ordering::Relaxed);
     while !shared.listed(&TABLE_KINDS) {
         if tokio::time::timeout(Duration::from_secs(30), shared.wake.notified())
             .await
@@ -1090,7 +1124,6 @@ struct ApplyState {
     /// The sink refused the last one.
     services_refused: bool,
     converter: services::ServiceConverter,
-    pod_readings: policy::PodReadings,
     policy: Option<PolicyInputs>,
     node_problems: ProblemLog,
     service_problems: ProblemLog,
@@ -1181,6 +1214,7 @@ impl ApplyState {
         stats: &K8sStatsHandle,
     ) {
         changes.all |= std::mem::take(&mut self.services_refused);
+        let full = changes.all;
         let changed = self
             .converter
             .update(&changes, &stores.services, &stores.slices);
@@ -1222,6 +1256,9 @@ impl ApplyState {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .record(SystemTime::now(), &changes.triggers);
+        if full {
+            trim_after("a full list of Services and EndpointSlices");
+        }
     }
 
     /// Policy's inputs from the NetworkPolicy, Namespace and Pod stores; never the peer or
@@ -1230,13 +1267,13 @@ impl ApplyState {
     fn rebuild_policy(&mut self, stores: &Stores, sink: &dyn ClusterSink, stats: &K8sStatsHandle) {
         let policies = stores.policies.state();
         let namespaces = stores.namespaces.state();
-        let pods = stores.pods.state();
-        let inputs = policy::inputs_cached(
+        let pods = stores.pods.lock().unwrap_or_else(|p| p.into_inner());
+        let inputs = policy::inputs_from_store(
             policies.iter().map(|p| &**p),
             namespaces.iter().map(|n| &**n),
             &pods,
-            &mut self.pod_readings,
         );
+        drop(pods);
         self.policy_problems.update(inputs.problems.clone());
         if self.policy.as_ref().is_some_and(|p| p.same_as(&inputs)) {
             return;
@@ -1252,8 +1289,11 @@ impl ApplyState {
             Ok(()) => {
                 applied(stats);
                 if self.policy.is_none() {
-                    tracing::info!("kubernetes: NetworkPolicy synced: {summary}");
+                    let took = now_ms().saturating_sub(stats.0.started_ms.load(Ordering::Relaxed));
+                    tracing::info!("kubernetes: NetworkPolicy synced in {took} ms: {summary}");
+                    stats.0.policy_sync_ms.store(took.max(1), Ordering::Relaxed);
                     stats.0.policy_synced.store(true, Ordering::Relaxed);
+                    trim_after("the first list of NetworkPolicies, Namespaces and Pods");
                 } else {
                     tracing::debug!("kubernetes: NetworkPolicy: {summary}");
                 }
@@ -1307,6 +1347,13 @@ impl ApplyState {
             }
         }
     }
+}
+
+/// Gives the heap's freed pages back after large transient work (see
+/// [`crate::datapath::memory`]).
+fn trim_after(what: &str) {
+    let freed = crate::datapath::memory::trim();
+    tracing::debug!("kubernetes: {} MiB returned after {what}", freed >> 20);
 }
 
 fn applied(stats: &K8sStatsHandle) {

@@ -192,24 +192,23 @@ pub fn inputs<'a>(
     PolicyInputs::from_objects(o)
 }
 
-/// Each stored Pod's reading (addresses, identity, labels, named ports), kept for as long as
-/// the Pod store holds the same object: a change to one pod among 100,000 reads that pod only.
+/// What policy reads of one pod: its addresses with its identity, or why it is left out.
+type PodReading = Result<Vec<(IpAddr, Arc<PodMeta>)>, String>;
+
+/// The Pod watch's store: each pod as policy reads it (addresses, identity, labels, named
+/// ports), made as the pod arrives, and nothing else. 100,000 pods cost their readings, a
+/// few hundred bytes each, not 100,000 API objects held as well.
 #[derive(Default)]
-pub struct PodReadings {
-    /// By the stored object's address; the reading holds the object, so no other object can
-    /// have that address meanwhile.
-    by_object: HashMap<usize, Reading>,
+pub struct PodStore {
+    live: HashMap<(String, String), PodReading>,
+    /// A list in progress: it replaces `live` when complete, as a reflector's store does.
+    building: Option<HashMap<(String, String), PodReading>>,
     labels: Interner,
-    /// Readings made since the label interner was new (it keeps every label set it saw).
+    /// Readings made since the interner was last pruned.
     made: usize,
 }
 
-struct Reading {
-    pod: Arc<PolicyPod>,
-    result: Result<Vec<(IpAddr, Arc<PodMeta>)>, String>,
-}
-
-fn read(pod: &PolicyPod, labels: &mut Interner) -> Result<Vec<(IpAddr, Arc<PodMeta>)>, String> {
+fn read(pod: &PolicyPod, labels: &mut Interner) -> PodReading {
     if !owns_address(pod) {
         return Ok(Vec::new());
     }
@@ -218,15 +217,74 @@ fn read(pod: &PolicyPod, labels: &mut Interner) -> Result<Vec<(IpAddr, Arc<PodMe
     Ok(ips.into_iter().map(|ip| (ip, meta.clone())).collect())
 }
 
-/// [`inputs`] from the stores, reading again only the pods that changed since the last call.
-pub fn inputs_cached<'a>(
+fn key(pod: &PolicyPod) -> (String, String) {
+    (
+        pod.metadata.namespace.clone().unwrap_or_default(),
+        pod.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+impl PodStore {
+    /// Takes one event of the Pod watch.
+    pub fn apply(&mut self, ev: &kube::runtime::watcher::Event<PolicyPod>) {
+        use kube::runtime::watcher::Event;
+        self.made += 1;
+        match ev {
+            Event::Init => self.building = Some(HashMap::new()),
+            Event::InitApply(p) => {
+                let r = read(p, &mut self.labels);
+                self.building.get_or_insert_default().insert(key(p), r);
+            }
+            Event::InitDone => {
+                if let Some(b) = self.building.take() {
+                    self.live = b;
+                }
+            }
+            Event::Apply(p) => {
+                let r = read(p, &mut self.labels);
+                self.live.insert(key(p), r);
+            }
+            Event::Delete(p) => {
+                self.live.remove(&key(p));
+            }
+        }
+        if self.made > 2 * self.live.len() + 1024 {
+            self.labels.prune();
+            self.made = 0;
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.live.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.live.is_empty()
+    }
+
+    /// Every pod's addresses with its identity, and the pods left out (sorted).
+    pub fn readings(&self) -> (Vec<(IpAddr, Arc<PodMeta>)>, Vec<String>) {
+        let mut pods = Vec::with_capacity(self.live.len());
+        let mut problems = Vec::new();
+        for r in self.live.values() {
+            match r {
+                Ok(v) => pods.extend(v.iter().cloned()),
+                Err(e) => problems.push(e.clone()),
+            }
+        }
+        problems.sort_unstable();
+        (pods, problems)
+    }
+}
+
+/// [`inputs`] with the pods as `pods` read them.
+pub fn inputs_from_store<'a>(
     policies: impl IntoIterator<Item = &'a NetworkPolicy>,
     namespaces: impl IntoIterator<Item = &'a Namespace>,
-    pods: &[Arc<PolicyPod>],
-    cache: &mut PodReadings,
+    pods: &PodStore,
 ) -> PolicyInputs {
     let mut o = Objects::default();
-    let mut problems = Vec::new();
+    let (read_pods, mut problems) = pods.readings();
     for np in policies {
         if let Err(e) = o.add_policy(np) {
             problems.push(e);
@@ -237,31 +295,6 @@ pub fn inputs_cached<'a>(
             problems.push(e);
         }
     }
-    // Label sets of pods long gone would stay in the interner: start it afresh now and then.
-    if cache.made > 2 * pods.len() + 1024 {
-        *cache = PodReadings::default();
-    }
-    let mut next = HashMap::with_capacity(pods.len());
-    let mut read_pods = Vec::with_capacity(pods.len());
-    for p in pods {
-        let at = Arc::as_ptr(p) as usize;
-        let reading = match cache.by_object.remove(&at) {
-            Some(r) if Arc::ptr_eq(&r.pod, p) => r,
-            _ => {
-                cache.made += 1;
-                Reading {
-                    pod: p.clone(),
-                    result: read(p, &mut cache.labels),
-                }
-            }
-        };
-        match &reading.result {
-            Ok(v) => read_pods.extend(v.iter().cloned()),
-            Err(e) => problems.push(e.clone()),
-        }
-        next.insert(at, reading);
-    }
-    cache.by_object = next;
     // The stores' order is a hash map's: one order, so that equal readings compare equal.
     problems.sort_unstable();
     PolicyInputs::from_parts(o.policies, o.namespaces, read_pods, problems)

@@ -835,7 +835,9 @@ mod policy {
         // one pod whose slice has no "http" port at all.
         let mut s = svc(TrafficPolicy::Cluster, TrafficPolicy::Cluster, vec![]);
         let with = |ip, port: Option<u16>| EndpointSpec {
-            ports: Some(port.map(|p| ("http".to_string(), p)).into_iter().collect()),
+            ports: Some(std::sync::Arc::new(
+                port.map(|p| ("http".to_string(), p)).into_iter().collect(),
+            )),
             ..ep(ip, "n1", true, false)
         };
         s.endpoints = vec![with(A, Some(8080)), with(B, Some(9090)), with(C, None)];
