@@ -29,6 +29,8 @@ pub struct PolicyInputs {
     pub pods: Arc<Vec<(IpAddr, Arc<PodMeta>)>>,
     /// Objects left out, each with the reason.
     pub problems: Vec<String>,
+    /// `pods` by address, made once (at the first publish) for every table built from them.
+    index: std::sync::OnceLock<Arc<crate::policy::tables::PodIndex>>,
 }
 
 impl PolicyInputs {
@@ -61,6 +63,7 @@ impl PolicyInputs {
             set: Arc::new(PolicySet::new(policies, namespaces)),
             pods: Arc::new(pods),
             problems,
+            index: Default::default(),
         }
     }
 
@@ -70,6 +73,13 @@ impl PolicyInputs {
         (Arc::ptr_eq(&self.set, &other.set) || self.set == other.set)
             && (Arc::ptr_eq(&self.pods, &other.pods) || self.pods == other.pods)
             && self.problems == other.problems
+    }
+
+    /// The pods by address (later entries for an address win).
+    pub fn index(&self) -> Arc<crate::policy::tables::PodIndex> {
+        self.index
+            .get_or_init(|| Arc::new(self.pods.iter().cloned().collect()))
+            .clone()
     }
 
     /// No policy at all: the datapath judges nothing.
@@ -104,7 +114,7 @@ pub fn tables(
     if inputs.is_empty() {
         return None;
     }
-    let t = PolicyTables::new(inputs.set.clone(), inputs.pods.iter().cloned()).with_local(local);
+    let t = PolicyTables::with_index(inputs.set.clone(), inputs.index()).with_local(local);
     Some(Arc::new(t))
 }
 
@@ -316,6 +326,7 @@ mod tests {
             set: Arc::new(set),
             pods: Arc::new(Vec::new()),
             problems: vec!["NetworkPolicy x/bad: spec: required".into()],
+            ..Default::default()
         };
         let mut interner = Interner::default();
         let ports: Vec<LocalPort> = [(1, "a", [10, 244, 1, 2]), (2, "b", [10, 244, 1, 3])]

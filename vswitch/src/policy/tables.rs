@@ -29,7 +29,11 @@ impl PortPolicy {
 #[derive(Debug, Default)]
 pub struct PolicyTables {
     pub set: Arc<PolicySet>,
-    pods: HashMap<IpAddr, Arc<PodMeta>, foldhash::fast::RandomState>,
+    /// Every pod the inputs know, by address: shared by every table built from one reading
+    /// (a CNI ADD among 100,000 pods does not index them again).
+    pods: Arc<PodIndex>,
+    /// Local pods the inputs do not know at their address, with their CNI ADD's identity.
+    extra: HashMap<IpAddr, Arc<PodMeta>, foldhash::fast::RandomState>,
     /// This switch's pods, by port.
     local: HashMap<u32, PortPolicy, foldhash::fast::RandomState>,
 }
@@ -67,15 +71,24 @@ pub struct End<'a> {
     pub local: Option<&'a PortPolicy>,
 }
 
+/// Pods by address.
+pub type PodIndex = HashMap<IpAddr, Arc<PodMeta>, foldhash::fast::RandomState>;
+
 impl PolicyTables {
     /// `pods`: every pod known with its addresses (later entries for an address win).
     pub fn new(
         set: Arc<PolicySet>,
         pods: impl IntoIterator<Item = (IpAddr, Arc<PodMeta>)>,
     ) -> Self {
+        PolicyTables::with_index(set, Arc::new(pods.into_iter().collect()))
+    }
+
+    /// [`PolicyTables::new`] with the pods indexed already.
+    pub fn with_index(set: Arc<PolicySet>, pods: Arc<PodIndex>) -> Self {
         PolicyTables {
             set,
-            pods: pods.into_iter().collect(),
+            pods,
+            extra: HashMap::default(),
             local: HashMap::default(),
         }
     }
@@ -89,7 +102,9 @@ impl PolicyTables {
     ) -> Self {
         for (id, ip, fallback) in ports {
             if let Some(p) = self.port(ip, fallback) {
-                self.pods.entry(ip).or_insert_with(|| p.pod.clone());
+                if !self.pods.contains_key(&ip) {
+                    self.extra.entry(ip).or_insert_with(|| p.pod.clone());
+                }
                 self.local.insert(id, p);
             }
         }
@@ -103,17 +118,18 @@ impl PolicyTables {
 
     /// The pod at `ip`, if the switch knows one there.
     pub fn pod(&self, ip: IpAddr) -> Option<&PodMeta> {
-        self.pods.get(&ip).map(|p| &**p)
+        self.pods.get(&ip).or_else(|| self.extra.get(&ip)).map(|p| &**p)
     }
 
     pub fn pods(&self) -> usize {
-        self.pods.len()
+        self.pods.len() + self.extra.len()
     }
 
     /// The policy side of a local pod: who it is (the pod known at its address, else `fallback`
     /// from the CNI ADD) and the policies selecting it.
     fn port(&self, ip: IpAddr, fallback: Option<Arc<PodMeta>>) -> Option<PortPolicy> {
-        let pod = self.pods.get(&ip).cloned().or(fallback)?;
+        let known = self.pods.get(&ip).or_else(|| self.extra.get(&ip));
+        let pod = known.cloned().or(fallback)?;
         let selected = self.set.select(&pod);
         Some(PortPolicy { pod, selected })
     }

@@ -665,7 +665,7 @@ fn watch_all(
             Api::all(c.clone()),
             Kind::Services,
             services_w,
-            strip,
+            strip_service,
             note_service,
             all(),
             sh,
@@ -675,7 +675,7 @@ fn watch_all(
             Api::all(c.clone()),
             Kind::EndpointSlices,
             slices_w,
-            strip,
+            strip_slice,
             note_slice,
             all(),
             sh,
@@ -892,8 +892,24 @@ impl Keep<PolicyPod> for PodKeeper {
     }
 }
 
-fn strip<K: Resource>(o: &mut K) {
-    o.managed_fields_mut().clear();
+/// A Service's annotations (kubectl's last-applied-configuration is a copy of the whole
+/// object) are not read.
+fn strip_service(s: &mut Service) {
+    s.metadata.managed_fields = None;
+    s.metadata.annotations = None;
+}
+
+/// Of an EndpointSlice's annotations only the change's trigger time is read, and of its
+/// endpoints not the pod they stand for (`targetRef`, the largest part of each).
+fn strip_slice(s: &mut EndpointSlice) {
+    s.metadata.managed_fields = None;
+    if let Some(a) = s.metadata.annotations.as_mut() {
+        a.retain(|k, _| k == TRIGGER_TIME_ANNOTATION);
+    }
+    for e in &mut s.endpoints {
+        e.target_ref = None;
+        e.deprecated_topology = None;
+    }
 }
 
 /// Node objects carry image lists and conditions that can be large; none of it matters here.
