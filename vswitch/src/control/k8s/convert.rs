@@ -18,7 +18,10 @@ use conf::config::{
 };
 use ipnet::{IpNet, Ipv4Net};
 use k8s_openapi::api::core::v1::{Node, Service, ServiceSpec as K8sServiceSpec};
-use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
+use k8s_openapi::api::discovery::v1::{
+    EndpointConditions, EndpointHints, EndpointPort, EndpointSlice,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::{Deserialize, Serialize};
 
@@ -266,14 +269,107 @@ pub fn format_mac(m: [u8; 6]) -> String {
     )
 }
 
+/// An EndpointSlice as the watch keeps it: only what the conversion reads. 100,000 endpoints
+/// as k8s-openapi's `Endpoint` (352 bytes before its strings, the pod it stands for and more)
+/// would be 45 MB; as [`EndpointLite`] they are a quarter of that. serde skips the rest as it
+/// reads the API's JSON.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SliceLite {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub address_type: String,
+    /// `null` as the API sends it for a slice without endpoints: none.
+    #[serde(default, deserialize_with = "null_as_empty")]
+    pub endpoints: Vec<EndpointLite>,
+    #[serde(default)]
+    pub ports: Option<Vec<EndpointPort>>,
+}
+
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<EndpointLite>, D::Error> {
+    let v: Option<Vec<EndpointLite>> = serde::Deserialize::deserialize(d)?;
+    Ok(v.unwrap_or_default())
+}
+
+/// One endpoint of a [`SliceLite`].
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointLite {
+    /// The first of `addresses`: the others are fungible, kube-proxy uses the first too.
+    #[serde(default, rename = "addresses", deserialize_with = "first_address")]
+    pub address: Option<Box<str>>,
+    #[serde(default)]
+    pub conditions: Option<EndpointConditions>,
+    #[serde(default)]
+    pub hostname: Option<Box<str>>,
+    #[serde(default)]
+    pub node_name: Option<Box<str>>,
+    #[serde(default)]
+    pub hints: Option<Box<EndpointHints>>,
+}
+
+fn first_address<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<str>>, D::Error> {
+    let all: Option<Vec<String>> = serde::Deserialize::deserialize(d)?;
+    Ok(all
+        .and_then(|a| a.into_iter().next())
+        .map(String::into_boxed_str))
+}
+
+impl From<&EndpointSlice> for SliceLite {
+    fn from(s: &EndpointSlice) -> SliceLite {
+        SliceLite {
+            metadata: s.metadata.clone(),
+            address_type: s.address_type.clone(),
+            endpoints: s
+                .endpoints
+                .iter()
+                .map(|e| EndpointLite {
+                    address: e.addresses.first().map(|a| a.as_str().into()),
+                    conditions: e.conditions.clone(),
+                    hostname: e.hostname.as_deref().map(Into::into),
+                    node_name: e.node_name.as_deref().map(Into::into),
+                    hints: e.hints.clone().map(Box::new),
+                })
+                .collect(),
+            ports: s.ports.clone(),
+        }
+    }
+}
+
+impl kube::Resource for SliceLite {
+    type DynamicType = ();
+    type Scope = k8s_openapi::NamespaceResourceScope;
+
+    fn kind(_: &()) -> std::borrow::Cow<'_, str> {
+        "EndpointSlice".into()
+    }
+    fn group(_: &()) -> std::borrow::Cow<'_, str> {
+        "discovery.k8s.io".into()
+    }
+    fn version(_: &()) -> std::borrow::Cow<'_, str> {
+        "v1".into()
+    }
+    fn plural(_: &()) -> std::borrow::Cow<'_, str> {
+        "endpointslices".into()
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
 /// Every Service but ExternalName ones, with its IPv4 endpoints, in (namespace, name) order.
 pub fn services_from_api<'a>(
     services: impl IntoIterator<Item = &'a Service>,
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
     problems: &mut Vec<String>,
 ) -> Vec<ServiceSpec> {
-    let mut by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
-    for s in slices {
+    let slices: Vec<SliceLite> = slices.into_iter().map(SliceLite::from).collect();
+    let mut by_service: BTreeMap<(String, String), Vec<&SliceLite>> = BTreeMap::new();
+    for s in &slices {
         // IPv6 and FQDN slices are for later versions.
         if s.address_type != "IPv4" {
             continue;
@@ -310,12 +406,12 @@ pub fn services_from_api<'a>(
 
 /// The Service an EndpointSlice belongs to (namespace, name), if it is one vswitch reads
 /// (IPv4, with the `kubernetes.io/service-name` label).
-pub fn slice_service(s: &EndpointSlice) -> Option<(String, String)> {
+pub fn slice_service(s: &SliceLite) -> Option<(String, String)> {
     slice_service_ref(s).map(|(ns, name)| (ns.to_string(), name.to_string()))
 }
 
 /// [`slice_service`], borrowed.
-pub fn slice_service_ref(s: &EndpointSlice) -> Option<(&str, &str)> {
+pub fn slice_service_ref(s: &SliceLite) -> Option<(&str, &str)> {
     if s.address_type != "IPv4" {
         return None;
     }
@@ -326,7 +422,7 @@ pub fn slice_service_ref(s: &EndpointSlice) -> Option<(&str, &str)> {
 /// One Service with its EndpointSlices (any order), as [`services_from_api`] converts each.
 pub fn service_from_api(
     svc: &Service,
-    slices: &mut [&EndpointSlice],
+    slices: &mut [&SliceLite],
     problems: &mut Vec<String>,
 ) -> Option<ServiceSpec> {
     let ns = svc.metadata.namespace.clone().unwrap_or_default();
@@ -359,7 +455,7 @@ fn service_spec(
     svc: &Service,
     ns: &str,
     name: &str,
-    slices: &[&EndpointSlice],
+    slices: &[&SliceLite],
     problems: &mut Vec<String>,
 ) -> Option<ServiceSpec> {
     let who = format!("service {ns}/{name}");
@@ -513,7 +609,7 @@ fn wanted_ports<'a>(
 }
 
 /// The target port a slice gives the Service port `w` (its port of the same name and protocol).
-fn slice_port(s: &EndpointSlice, w: &Wanted) -> Option<u16> {
+fn slice_port(s: &SliceLite, w: &Wanted) -> Option<u16> {
     s.ports.iter().flatten().find_map(|sp| {
         let same_name =
             sp.name.as_deref().unwrap_or_default() == w.port.name.as_deref().unwrap_or_default();
@@ -542,7 +638,7 @@ fn service_target_port(w: &Wanted, endpoints: &[EndpointSpec]) -> Option<u16> {
 /// and both are served, each on its own. A slice without a Service port gives its endpoints
 /// none of that port's traffic.
 fn endpoints(
-    slices: &[&EndpointSlice],
+    slices: &[&SliceLite],
     ports: &[Wanted],
     who: &str,
     problems: &mut Vec<String>,
@@ -561,7 +657,7 @@ fn endpoints(
         );
         for ep in &s.endpoints {
             // Addresses of one endpoint are fungible; like kube-proxy, use the first.
-            let Some(addr) = ep.addresses.first() else {
+            let Some(addr) = ep.address.as_deref() else {
                 continue;
             };
             let Ok(ip) = addr.parse::<Ipv4Addr>() else {
@@ -600,18 +696,18 @@ fn endpoints(
     endpoints.into_values().collect()
 }
 
-fn endpoint(ip: Ipv4Addr, ep: &Endpoint) -> EndpointSpec {
+fn endpoint(ip: Ipv4Addr, ep: &EndpointLite) -> EndpointSpec {
     let c = ep.conditions.as_ref();
     // The API's rules for absent conditions: ready unknown counts as ready, serving follows
     // ready, terminating defaults to false.
     let ready = c.and_then(|c| c.ready).unwrap_or(true);
     EndpointSpec {
         ip: IpAddr::V4(ip),
-        node: ep.node_name.clone(),
+        node: ep.node_name.as_deref().map(String::from),
         ready,
         serving: c.and_then(|c| c.serving).unwrap_or(ready),
         terminating: c.and_then(|c| c.terminating).unwrap_or(false),
-        hostname: ep.hostname.clone(),
+        hostname: ep.hostname.as_deref().map(String::from),
         ports: None,
         // Written by the EndpointSlice controller for trafficDistribution (PreferClose and its
         // successors) and topology-mode Auto; kube-proxy follows them whatever asked for them.
@@ -770,6 +866,30 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn recorded_slices_read_as_the_watch_keeps_them_the_same_as_whole() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/k8s/endpointslices.json");
+        let text = std::fs::read_to_string(path).unwrap();
+        let whole: kube::core::ObjectList<EndpointSlice> = serde_json::from_str(&text).unwrap();
+        let lite: kube::core::ObjectList<SliceLite> = serde_json::from_str(&text).unwrap();
+        assert_eq!(whole.items.len(), lite.items.len());
+        // A slice with `"endpoints": null` is one without endpoints.
+        assert!(lite.items.iter().any(|s| s.endpoints.is_empty()));
+        for (w, l) in whole.items.iter().zip(&lite.items) {
+            let from = SliceLite::from(w);
+            let first = |s: &SliceLite| -> Vec<Option<Box<str>>> {
+                s.endpoints.iter().map(|e| e.address.clone()).collect()
+            };
+            assert_eq!(first(&from), first(l));
+            let nodes = |s: &SliceLite| -> Vec<Option<Box<str>>> {
+                s.endpoints.iter().map(|e| e.node_name.clone()).collect()
+            };
+            assert_eq!(nodes(&from), nodes(l));
+            assert_eq!(from.ports, l.ports);
+            assert_eq!(slice_service(&from), slice_service(l));
+        }
+    }
 
     fn service(v: serde_json::Value) -> Service {
         serde_json::from_value(v).unwrap()

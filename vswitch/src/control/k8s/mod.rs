@@ -53,7 +53,6 @@ use conf::Config;
 use futures::StreamExt;
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::{Namespace, Node, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::{self, Store};
@@ -598,7 +597,7 @@ fn next_endpoint(
 
 /// The API server's addresses: the ready endpoints of the `kubernetes` Service's
 /// EndpointSlices in `default`, on their `https` port (or their only one).
-fn api_endpoints(slices: &Store<EndpointSlice>) -> Vec<std::net::SocketAddr> {
+fn api_endpoints(slices: &Store<convert::SliceLite>) -> Vec<std::net::SocketAddr> {
     let mut out = Vec::new();
     for s in slices.state() {
         let ours = s.metadata.namespace.as_deref() == Some("default")
@@ -621,7 +620,7 @@ fn api_endpoints(slices: &Store<EndpointSlice>) -> Vec<std::net::SocketAddr> {
             if e.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
                 continue;
             }
-            for a in &e.addresses {
+            if let Some(a) = e.address.as_deref() {
                 if let Ok(ip) = a.parse::<IpAddr>() {
                     out.push(std::net::SocketAddr::new(ip, port));
                 }
@@ -641,7 +640,7 @@ fn watch_all(
 ) -> (Stores, Vec<JoinHandle<()>>) {
     let (nodes, nodes_w) = reflector::store::<Node>();
     let (services, services_w) = reflector::store::<Service>();
-    let (slices, slices_w) = reflector::store::<EndpointSlice>();
+    let (slices, slices_w) = reflector::store::<convert::SliceLite>();
     let (policies, policies_w) = reflector::store::<NetworkPolicy>();
     let (namespaces, namespaces_w) = reflector::store::<Namespace>();
     let pods = Arc::new(std::sync::Mutex::new(policy::PodStore::default()));
@@ -799,7 +798,7 @@ fn note_service(shared: &Shared, s: &Service, _deleted: bool) {
     shared.changes().services.insert(obj_key(s));
 }
 
-fn note_slice(shared: &Shared, s: &EndpointSlice, deleted: bool) {
+fn note_slice(shared: &Shared, s: &convert::SliceLite, deleted: bool) {
     let trigger = (!deleted)
         .then(|| s.annotations().get(TRIGGER_TIME_ANNOTATION))
         .flatten()
@@ -862,7 +861,7 @@ struct Dirty {
 struct Stores {
     nodes: Store<Node>,
     services: Store<Service>,
-    slices: Store<EndpointSlice>,
+    slices: Store<convert::SliceLite>,
     policies: Store<NetworkPolicy>,
     namespaces: Store<Namespace>,
     pods: Arc<std::sync::Mutex<policy::PodStore>>,
@@ -899,16 +898,12 @@ fn strip_service(s: &mut Service) {
     s.metadata.annotations = None;
 }
 
-/// Of an EndpointSlice's annotations only the change's trigger time is read, and of its
-/// endpoints not the pod they stand for (`targetRef`, the largest part of each).
-fn strip_slice(s: &mut EndpointSlice) {
+/// Of an EndpointSlice's annotations only the change's trigger time is read (the rest of it is
+/// left out as it is read, see [`convert::SliceLite`]).
+fn strip_slice(s: &mut convert::SliceLite) {
     s.metadata.managed_fields = None;
     if let Some(a) = s.metadata.annotations.as_mut() {
         a.retain(|k, _| k == TRIGGER_TIME_ANNOTATION);
-    }
-    for e in &mut s.endpoints {
-        e.target_ref = None;
-        e.deprecated_topology = None;
     }
 }
 

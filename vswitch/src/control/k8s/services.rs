@@ -14,7 +14,6 @@ use std::sync::Arc;
 
 use conf::config::ServiceSpec;
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::{ObjectRef, Store};
 
 use super::{convert, ObjKey, ServiceChanges};
@@ -47,7 +46,7 @@ impl ServiceConverter {
         &mut self,
         changes: &ServiceChanges,
         services: &Store<Service>,
-        slices: &Store<EndpointSlice>,
+        slices: &Store<convert::SliceLite>,
     ) -> bool {
         if changes.all {
             return self.convert_all(services, slices);
@@ -73,7 +72,7 @@ impl ServiceConverter {
         let mut changed = false;
         for key in dirty {
             let svc = services.get(&object_ref(&key));
-            let owned: Vec<Arc<EndpointSlice>> = self
+            let owned: Vec<Arc<convert::SliceLite>> = self
                 .owner_slices
                 .get(&key)
                 .into_iter()
@@ -103,8 +102,8 @@ impl ServiceConverter {
         changed
     }
 
-    fn convert_all(&mut self, services: &Store<Service>, slices: &Store<EndpointSlice>) -> bool {
-        let mut grouped: HashMap<ObjKey, Vec<Arc<EndpointSlice>>> = HashMap::new();
+    fn convert_all(&mut self, services: &Store<Service>, slices: &Store<convert::SliceLite>) -> bool {
+        let mut grouped: HashMap<ObjKey, Vec<Arc<convert::SliceLite>>> = HashMap::new();
         self.slice_owner.clear();
         self.owner_slices.clear();
         for s in slices.state() {
@@ -156,8 +155,8 @@ impl ServiceConverter {
     }
 }
 
-fn convert_one(svc: &Service, slices: &[Arc<EndpointSlice>]) -> Converted {
-    let mut refs: Vec<&EndpointSlice> = slices.iter().map(|s| &**s).collect();
+fn convert_one(svc: &Service, slices: &[Arc<convert::SliceLite>]) -> Converted {
+    let mut refs: Vec<&convert::SliceLite> = slices.iter().map(|s| &**s).collect();
     let mut problems = Vec::new();
     let spec = convert::service_from_api(svc, &mut refs, &mut problems).map(Arc::new);
     Converted { spec, problems }
