@@ -75,6 +75,23 @@ impl PolicyInputs {
             && self.problems == other.problems
     }
 
+    /// [`PolicyInputs::from_parts`] with the pods sorted and indexed already (the Kubernetes
+    /// watch keeps both up to date pod by pod).
+    pub fn from_sorted(
+        policies: Vec<crate::policy::Policy>,
+        namespaces: Vec<(Arc<str>, Labels)>,
+        pods: Arc<Vec<(IpAddr, Arc<PodMeta>)>>,
+        index: Arc<crate::policy::tables::PodIndex>,
+        problems: Vec<String>,
+    ) -> PolicyInputs {
+        PolicyInputs {
+            set: Arc::new(PolicySet::new(policies, namespaces)),
+            pods,
+            problems,
+            index: std::sync::OnceLock::from(index),
+        }
+    }
+
     /// The pods by address (later entries for an address win).
     pub fn index(&self) -> Arc<crate::policy::tables::PodIndex> {
         self.index

@@ -11,7 +11,7 @@
 //! what says so. Namespaces keep name and labels, NetworkPolicies their spec.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -23,6 +23,7 @@ use serde::Deserialize;
 use crate::control::policy::PolicyInputs;
 use crate::policy::manifests::{owns_address, pod_meta, Objects, PodFields};
 use crate::policy::selector::Interner;
+use crate::policy::tables::PodIndex;
 use crate::policy::PodMeta;
 
 /// A Pod as the policy watch reads it from the API (`/api/v1/pods`).
@@ -197,7 +198,9 @@ type PodReading = Result<Vec<(IpAddr, Arc<PodMeta>)>, String>;
 
 /// The Pod watch's store: each pod as policy reads it (addresses, identity, labels, named
 /// ports), made as the pod arrives, and nothing else. 100,000 pods cost their readings, a
-/// few hundred bytes each, not 100,000 API objects held as well.
+/// few hundred bytes each, not 100,000 API objects held as well. The sorted list and the index
+/// by address that policy's tables are built from are kept up to date pod by pod, so a pod's
+/// change among 100,000 costs a copy of each, not a sort and a new index.
 #[derive(Default)]
 pub struct PodStore {
     live: HashMap<(String, String), PodReading>,
@@ -206,6 +209,12 @@ pub struct PodStore {
     labels: Interner,
     /// Readings made since the interner was last pruned.
     made: usize,
+    /// Every address with its pod, in (address, namespace, name) order.
+    sorted: Arc<Vec<(IpAddr, Arc<PodMeta>)>>,
+    /// The same by address: the last in that order for an address shared.
+    index: Arc<PodIndex>,
+    /// The pods left out, with why.
+    problems: BTreeMap<(String, String), String>,
 }
 
 fn read(pod: &PolicyPod, labels: &mut Interner) -> PodReading {
@@ -224,6 +233,11 @@ fn key(pod: &PolicyPod) -> (String, String) {
     )
 }
 
+/// The order of [`PodStore::sorted`].
+fn order(e: &(IpAddr, Arc<PodMeta>)) -> (IpAddr, &str, &str) {
+    (e.0, &e.1.namespace, &e.1.name)
+}
+
 impl PodStore {
     /// Takes one event of the Pod watch.
     pub fn apply(&mut self, ev: &kube::runtime::watcher::Event<PolicyPod>) {
@@ -238,19 +252,97 @@ impl PodStore {
             Event::InitDone => {
                 if let Some(b) = self.building.take() {
                     self.live = b;
+                    self.rebuild();
                 }
             }
             Event::Apply(p) => {
+                let k = key(p);
                 let r = read(p, &mut self.labels);
-                self.live.insert(key(p), r);
+                let old = self.live.insert(k.clone(), r.clone());
+                self.replace(&k, old, Some(r));
             }
             Event::Delete(p) => {
-                self.live.remove(&key(p));
+                let k = key(p);
+                let old = self.live.remove(&k);
+                self.replace(&k, old, None);
             }
         }
         if self.made > 2 * self.live.len() + 1024 {
             self.labels.prune();
             self.made = 0;
+        }
+    }
+
+    /// The sorted list, the index and the problems from `live`, whole.
+    fn rebuild(&mut self) {
+        let mut sorted = Vec::with_capacity(self.live.len());
+        self.problems.clear();
+        for (k, r) in &self.live {
+            match r {
+                Ok(v) => sorted.extend(v.iter().cloned()),
+                Err(e) => {
+                    self.problems.insert(k.clone(), e.clone());
+                }
+            }
+        }
+        sorted.sort_unstable_by(|a, b| order(a).cmp(&order(b)));
+        self.index = Arc::new(sorted.iter().cloned().collect());
+        self.sorted = Arc::new(sorted);
+    }
+
+    /// One pod's reading went from `old` to `new`.
+    fn replace(&mut self, k: &(String, String), old: Option<PodReading>, new: Option<PodReading>) {
+        if old.as_ref() == new.as_ref() {
+            return;
+        }
+        self.problems.remove(k);
+        if let Some(Err(e)) = &new {
+            self.problems.insert(k.clone(), e.clone());
+        }
+        let gone = match old {
+            Some(Ok(v)) => v,
+            _ => Vec::new(),
+        };
+        let came = match new {
+            Some(Ok(v)) => v,
+            _ => Vec::new(),
+        };
+        if gone.is_empty() && came.is_empty() {
+            return;
+        }
+        let sorted = Arc::make_mut(&mut self.sorted);
+        for e in &gone {
+            if let Ok(i) = sorted.binary_search_by(|x| order(x).cmp(&order(e))) {
+                sorted.remove(i);
+            }
+        }
+        for e in came {
+            match sorted.binary_search_by(|x| order(x).cmp(&order(&e))) {
+                Ok(i) => sorted[i] = e,
+                Err(i) => sorted.insert(i, e),
+            }
+        }
+        let index = Arc::make_mut(&mut self.index);
+        // The addresses touched, each to the last pod in order that has it now.
+        let touched: Vec<IpAddr> = gone.iter().map(|e| e.0).collect();
+        for ip in touched.into_iter().chain(
+            self.live
+                .get(k)
+                .and_then(|r| r.as_ref().ok())
+                .into_iter()
+                .flatten()
+                .map(|e| e.0),
+        ) {
+            let from = self.sorted.partition_point(|x| x.0 < ip);
+            let to = self.sorted.partition_point(|x| x.0 <= ip);
+            match self.sorted[from..to].last() {
+                Some(e) => {
+                    index.insert(ip, e.1.clone());
+                }
+                None => {
+                    index.remove(&ip);
+                }
+            }
         }
     }
 
@@ -261,20 +353,6 @@ impl PodStore {
     pub fn is_empty(&self) -> bool {
         self.live.is_empty()
     }
-
-    /// Every pod's addresses with its identity, and the pods left out (sorted).
-    pub fn readings(&self) -> (Vec<(IpAddr, Arc<PodMeta>)>, Vec<String>) {
-        let mut pods = Vec::with_capacity(self.live.len());
-        let mut problems = Vec::new();
-        for r in self.live.values() {
-            match r {
-                Ok(v) => pods.extend(v.iter().cloned()),
-                Err(e) => problems.push(e.clone()),
-            }
-        }
-        problems.sort_unstable();
-        (pods, problems)
-    }
 }
 
 /// [`inputs`] with the pods as `pods` read them.
@@ -284,7 +362,7 @@ pub fn inputs_from_store<'a>(
     pods: &PodStore,
 ) -> PolicyInputs {
     let mut o = Objects::default();
-    let (read_pods, mut problems) = pods.readings();
+    let mut problems: Vec<String> = pods.problems.values().cloned().collect();
     for np in policies {
         if let Err(e) = o.add_policy(np) {
             problems.push(e);
@@ -297,7 +375,13 @@ pub fn inputs_from_store<'a>(
     }
     // The stores' order is a hash map's: one order, so that equal readings compare equal.
     problems.sort_unstable();
-    PolicyInputs::from_parts(o.policies, o.namespaces, read_pods, problems)
+    PolicyInputs::from_sorted(
+        o.policies,
+        o.namespaces,
+        pods.sorted.clone(),
+        pods.index.clone(),
+        problems,
+    )
 }
 
 /// Counts for the log: policies, namespaces, pod addresses.
@@ -313,6 +397,58 @@ pub fn summary(i: &PolicyInputs, namespaces: usize) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn pod(name: &str, ip: &str, app: &str) -> PolicyPod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "ns", "labels": {"app": app}},
+            "status": {"phase": "Running", "podIP": ip}
+        }))
+        .unwrap()
+    }
+
+    /// What a store holding `live` would have built whole.
+    fn whole(store: &PodStore) -> (Vec<(IpAddr, Arc<PodMeta>)>, PodIndex) {
+        let mut fresh = PodStore {
+            live: store.live.clone(),
+            ..PodStore::default()
+        };
+        fresh.rebuild();
+        ((*fresh.sorted).clone(), (*fresh.index).clone())
+    }
+
+    #[test]
+    fn the_pod_store_keeps_its_list_and_index_pod_by_pod() {
+        use kube::runtime::watcher::Event;
+        let mut s = PodStore::default();
+        s.apply(&Event::Init);
+        for (n, ip) in [("a", "10.0.0.3"), ("b", "10.0.0.1"), ("c", "10.0.0.2")] {
+            s.apply(&Event::InitApply(pod(n, ip, "web")));
+        }
+        s.apply(&Event::InitDone);
+        let ips = |s: &PodStore| -> Vec<String> {
+            s.sorted.iter().map(|(ip, m)| format!("{ip} {}", m.name)).collect()
+        };
+        assert_eq!(ips(&s), ["10.0.0.1 b", "10.0.0.2 c", "10.0.0.3 a"]);
+        let steps = [
+            Event::Apply(pod("a", "10.0.0.9", "web")),   // moves
+            Event::Apply(pod("d", "10.0.0.2", "db")),    // shares c's address
+            Event::Apply(pod("b", "10.0.0.1", "other")), // relabelled
+            Event::Delete(pod("c", "10.0.0.2", "web")),
+            Event::Apply(pod("e", "not-an-ip", "web")), // left out, with why
+            Event::Delete(pod("d", "10.0.0.2", "db")),
+        ];
+        for ev in &steps {
+            s.apply(ev);
+            let (sorted, index) = whole(&s);
+            assert_eq!(*s.sorted, sorted, "after {ev:?}");
+            assert_eq!(*s.index, index, "after {ev:?}");
+        }
+        assert_eq!(ips(&s), ["10.0.0.1 b", "10.0.0.9 a"]);
+        assert_eq!(s.problems.len(), 1);
+        let inputs = inputs_from_store([], [], &s);
+        assert_eq!(inputs.pods.len(), 2);
+        assert_eq!(inputs.problems.len(), 1);
+    }
 
     #[test]
     fn a_stored_pod_is_small() {
