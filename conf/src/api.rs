@@ -433,6 +433,12 @@ pub struct KubernetesResponse {
     pub policy_sync_ms: Option<u64>,
     pub watch_errors: u64,
     pub relists: u64,
+    /// Complete lists (first or relist) of Nodes, Services and EndpointSlices.
+    #[serde(default)]
+    pub table_lists: u64,
+    /// Service tables converted (whether or not the result differed and was applied).
+    #[serde(default)]
+    pub service_rebuilds: u64,
     pub applies: u64,
     pub apply_errors: u64,
     /// Services and endpoints in the applied table.

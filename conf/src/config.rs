@@ -204,7 +204,7 @@ fn default_debounce_ms() -> u32 {
     10
 }
 fn default_max_delay_ms() -> u32 {
-    40
+    25
 }
 
 impl Default for KubernetesConfig {

@@ -116,6 +116,9 @@ pub struct Churn {
     pub cores: f64,
     /// Tables applied during the burst.
     pub applies: u64,
+    /// Every change's latency, ms, in the order applied (for the chart).
+    #[serde(default)]
+    pub samples_ms: Vec<f64>,
 }
 
 /// Medians of CNI ADD and DEL, ms.
@@ -152,6 +155,11 @@ pub struct ScaleReport {
     pub sustained: Churn,
     pub cni_empty: Cni,
     pub cni_loaded: Cni,
+    /// Every watch cut after a compaction (410 Gone on resuming): from the cut until every
+    /// table kind relisted and the tables were applied again, ms; and the fewest Services
+    /// vswitchd's table held meanwhile (it keeps its last complete tables).
+    pub relist_ms: u64,
+    pub relist_min_services: u64,
     /// A restart of vswitchd (a rolling update's handover) with the cluster loaded: ready and
     /// its own sync.
     pub restart_ready_ms: u64,
@@ -309,6 +317,15 @@ impl ScaleReport {
                 ),
                 format!("<= {TARGET_CNI_RATIO}x"),
                 ok(ratio(self.cni_loaded.del_ms, self.cni_empty.del_ms) <= TARGET_CNI_RATIO),
+            ),
+            (
+                "compaction + cut watches: relisted and applied".into(),
+                format!(
+                    "{} ms (table never below {} Services)",
+                    self.relist_ms, self.relist_min_services
+                ),
+                String::new(),
+                "",
             ),
             (
                 "restart (handover): ready / its sync".into(),
@@ -602,7 +619,49 @@ fn churn(lab: &Lab, count: u32, rate: u32) -> Result<Churn, LabError> {
         latency: Latency::of(&samples),
         cores: (cpu1 - cpu0) as f64 / ticks_per_second() as f64 / wall.max(0.001),
         applies: k.applies - before.applies,
+        samples_ms: samples.iter().map(|us| *us as f64 / 1000.0).collect(),
     })
+}
+
+/// Compacts the stand-in's log and cuts every watch: each resumes from a version it no longer
+/// has (410 Gone) and relists. How long until the three table kinds relisted and the tables
+/// were applied after, and the fewest Services the table held meanwhile.
+fn relist(lab: &Lab) -> Result<(u64, u64), LabError> {
+    let before = kubernetes(lab, u64::MAX)?;
+    let started = Instant::now();
+    for ctl in ["compact", "cut-watches"] {
+        lab.kubectl(
+            &[
+                "create",
+                "--raw",
+                &format!("/_standin/{ctl}"),
+                "-f",
+                "/dev/null",
+            ],
+            None,
+        )?;
+    }
+    let deadline = started + Duration::from_secs(60);
+    let mut least = before.services;
+    // The Service table converted after the three lists completed.
+    let mut rebuilds_at_lists: Option<u64> = None;
+    loop {
+        let k = kubernetes(lab, u64::MAX)?;
+        least = least.min(k.services);
+        if k.table_lists >= before.table_lists + 3 {
+            let at = *rebuilds_at_lists.get_or_insert(k.service_rebuilds);
+            if k.service_rebuilds > at {
+                return Ok((started.elapsed().as_millis() as u64, least));
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(LabError::BadOutput(format!(
+                "vswitchd did not relist within 60 s ({} lists, {} before)",
+                k.table_lists, before.table_lists
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Runs both labs and reports; `progress` hears what happens.
@@ -708,6 +767,8 @@ fn run_loaded(
     progress(&format!("{} changes at {}/s", o.changes, o.rate));
     r.sustained = churn(&lab, o.changes, o.rate)?;
     r.rss_after_mib = rss_mib(&lab);
+    progress("compaction and cut watches: relist");
+    (r.relist_ms, r.relist_min_services) = relist(&lab)?;
     progress("restart (handover)");
     let t = Instant::now();
     lab.restart_daemon(0, Duration::from_secs(120))?;
@@ -720,7 +781,62 @@ fn run_loaded(
     Ok(())
 }
 
-/// Writes `latest.json`, `latest.txt` and the run's copies under `runs/` into `dir`.
+/// The latency chart's gnuplot script: each burst's changes by latency, as a distribution.
+fn gnuplot_script(r: &ScaleReport, png: &Path) -> String {
+    let series = |c: &Churn| -> String {
+        let mut v = c.samples_ms.clone();
+        v.sort_by(f64::total_cmp);
+        let n = v.len().max(1) as f64;
+        let mut out = String::new();
+        for (i, ms) in v.iter().enumerate() {
+            let _ = writeln!(out, "{:.3} {:.5}", ms, (i + 1) as f64 / n);
+        }
+        out + "e\n"
+    };
+    format!(
+        "set terminal png size 900,500\nset output '{}'\n\
+         set title 'Endpoint change to datapath, {} Services, {} endpoints ({})'\n\
+         set xlabel 'ms from last-change-trigger-time to the applied table'\n\
+         set ylabel 'fraction of changes'\nset key bottom right\nset grid\nset xrange [0:*]\n\
+         set arrow from {TARGET_P99_MS},0 to {TARGET_P99_MS},1 nohead dt 2\n\
+         plot '-' using 1:2 with steps title '{} changes at 10/s', \\\n\
+         '-' using 1:2 with steps title '{} changes at {}/s'\n{}{}",
+        png.display(),
+        r.services,
+        r.endpoints,
+        r.date,
+        r.isolated.changes,
+        r.sustained.changes,
+        r.sustained.rate,
+        series(&r.isolated),
+        series(&r.sustained),
+    )
+}
+
+/// Draws `png` with gnuplot; why there is none, if there is none.
+fn chart(r: &ScaleReport, png: &Path) -> Option<String> {
+    if !crate::bench::run::have_tool("gnuplot") {
+        return Some("gnuplot is not installed (Debian package gnuplot-nox)".into());
+    }
+    let script = gnuplot_script(r, png);
+    match crate::process::run_bounded(
+        &mut std::process::Command::new("gnuplot"),
+        Some(script.as_bytes()),
+        Duration::from_secs(30),
+        None,
+    ) {
+        Ok(out) if out.status.success() && png.is_file() => None,
+        Ok(out) => Some(format!(
+            "gnuplot failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+        Err(e) => Some(format!("gnuplot: {e}")),
+    }
+}
+
+/// Writes `latest.json`, `latest.txt`, `latest.png` (with gnuplot) and the run's copies
+/// under `runs/` into `dir`.
 pub fn write(dir: &Path, r: &ScaleReport) -> Result<Vec<PathBuf>, LabError> {
     fs::create_dir_all(dir.join("runs")).map_err(|e| LabError::io(dir, e))?;
     let stamp = r.date.replace([':', '-'], "");
@@ -736,6 +852,11 @@ pub fn write(dir: &Path, r: &ScaleReport) -> Result<Vec<PathBuf>, LabError> {
         let p = dir.join(name);
         fs::write(&p, body).map_err(|e| LabError::io(&p, e))?;
         out.push(p);
+    }
+    let png = dir.join("latest.png");
+    match chart(r, &png) {
+        None => out.push(png),
+        Some(why) => eprintln!("no chart: {why}"),
     }
     Ok(out)
 }

@@ -118,7 +118,10 @@ impl PolicyTables {
 
     /// The pod at `ip`, if the switch knows one there.
     pub fn pod(&self, ip: IpAddr) -> Option<&PodMeta> {
-        self.pods.get(&ip).or_else(|| self.extra.get(&ip)).map(|p| &**p)
+        self.pods
+            .get(&ip)
+            .or_else(|| self.extra.get(&ip))
+            .map(|p| &**p)
     }
 
     pub fn pods(&self) -> usize {

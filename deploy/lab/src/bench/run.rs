@@ -21,7 +21,7 @@ pub(super) fn need_tool(tool: &'static str, package: &'static str) -> Result<(),
     }
 }
 
-pub(super) fn have_tool(tool: &str) -> bool {
+pub(crate) fn have_tool(tool: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
 }

@@ -869,7 +869,10 @@ mod tests {
 
     #[test]
     fn recorded_slices_read_as_the_watch_keeps_them_the_same_as_whole() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/k8s/endpointslices.json");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/k8s/endpointslices.json"
+        );
         let text = std::fs::read_to_string(path).unwrap();
         let whole: kube::core::ObjectList<EndpointSlice> = serde_json::from_str(&text).unwrap();
         let lite: kube::core::ObjectList<SliceLite> = serde_json::from_str(&text).unwrap();

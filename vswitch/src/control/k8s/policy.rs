@@ -426,7 +426,10 @@ mod tests {
         }
         s.apply(&Event::InitDone);
         let ips = |s: &PodStore| -> Vec<String> {
-            s.sorted.iter().map(|(ip, m)| format!("{ip} {}", m.name)).collect()
+            s.sorted
+                .iter()
+                .map(|(ip, m)| format!("{ip} {}", m.name))
+                .collect()
         };
         assert_eq!(ips(&s), ["10.0.0.1 b", "10.0.0.2 c", "10.0.0.3 a"]);
         let steps = [

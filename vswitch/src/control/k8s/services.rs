@@ -102,7 +102,11 @@ impl ServiceConverter {
         changed
     }
 
-    fn convert_all(&mut self, services: &Store<Service>, slices: &Store<convert::SliceLite>) -> bool {
+    fn convert_all(
+        &mut self,
+        services: &Store<Service>,
+        slices: &Store<convert::SliceLite>,
+    ) -> bool {
         let mut grouped: HashMap<ObjKey, Vec<Arc<convert::SliceLite>>> = HashMap::new();
         self.slice_owner.clear();
         self.owner_slices.clear();
