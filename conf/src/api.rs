@@ -436,6 +436,9 @@ pub struct KubernetesResponse {
     /// Complete lists (first or relist) of Nodes, Services and EndpointSlices.
     #[serde(default)]
     pub table_lists: u64,
+    /// Relists of those begun.
+    #[serde(default)]
+    pub table_relists: u64,
     /// Service tables converted (whether or not the result differed and was applied).
     #[serde(default)]
     pub service_rebuilds: u64,

@@ -648,7 +648,12 @@ fn relist(lab: &Lab) -> Result<(u64, u64), LabError> {
     loop {
         let k = kubernetes(lab, u64::MAX)?;
         least = least.min(k.services);
-        if k.table_lists >= before.table_lists + 3 {
+        // Every relist that began has completed (a watch whose version the compaction kept,
+        // the Nodes' after a recent bookmark, resumes without one), the churned Services' and
+        // EndpointSlices' at least.
+        let begun = k.table_relists - before.table_relists;
+        let done = k.table_lists - before.table_lists;
+        if done >= 2 && done >= begun {
             let at = *rebuilds_at_lists.get_or_insert(k.service_rebuilds);
             if k.service_rebuilds > at {
                 return Ok((started.elapsed().as_millis() as u64, least));

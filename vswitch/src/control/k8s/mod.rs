@@ -157,6 +157,7 @@ struct Counters {
     /// When the watch started, ms since the epoch.
     started_ms: AtomicU64,
     table_lists: AtomicU64,
+    table_relists: AtomicU64,
     service_rebuilds: AtomicU64,
     /// From the start of the watch to the first applied tables, ms (0: not yet).
     sync_ms: AtomicU64,
@@ -283,6 +284,7 @@ impl K8sStatsHandle {
             watch_errors: k.watch_errors,
             relists: k.relists,
             table_lists: c.table_lists.load(Ordering::Relaxed),
+            table_relists: c.table_relists.load(Ordering::Relaxed),
             service_rebuilds: c.service_rebuilds.load(Ordering::Relaxed),
             applies: k.applies,
             apply_errors: k.apply_errors,
@@ -974,6 +976,9 @@ async fn drive<K>(
                 // A retried first list is not a relist: there is no store to replace yet.
                 if listed {
                     stats.0.relists.fetch_add(1, Ordering::Relaxed);
+                    if TABLE_KINDS.contains(&kind) {
+                        stats.0.table_relists.fetch_add(1, Ordering::Relaxed);
+                    }
                     tracing::info!("kubernetes: relisting {kind}");
                 }
             }
