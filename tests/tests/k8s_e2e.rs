@@ -621,3 +621,42 @@ fn a_rolling_update_of_every_node_loses_at_most_a_ping_per_handover() {
         lab.nodes.len()
     );
 }
+
+/// `vswitch-lab scale` end to end at a small size (the figures come from the full-size run,
+/// README "At cluster scale"; here only that every step works): the generated cluster is
+/// loaded and converted whole, every churned change is measured by vswitchd, the relist after
+/// a compaction completes with the table whole throughout, and the handover restart syncs.
+#[test]
+fn the_scale_bench_runs_end_to_end_at_a_small_size() {
+    require_root();
+    assert!(
+        have_kubectl(),
+        "kubectl is missing (Debian's kubernetes-client)"
+    );
+    let opts = vswitch_lab::scale::ScaleOptions {
+        name: unique("s"),
+        nodes: 20,
+        services: 20,
+        endpoints: 200,
+        pods: 200,
+        slice_max: 100,
+        isolated: 10,
+        changes: 20,
+        rate: 50,
+        cni_reps: 1,
+        out_dir: None,
+        keep: false,
+    };
+    let r = vswitch_lab::scale::run(&opts, &mut |line| eprintln!("scale: {line}"))
+        .unwrap_or_else(|e| panic!("vswitch-lab scale failed: {e}"));
+    eprintln!("{}", r.to_text());
+    assert_eq!((r.table_services, r.table_endpoints), (20, 200));
+    // One Service of 105 endpoints in two slices, 19 of 5.
+    assert_eq!(r.endpoint_slices, 21);
+    assert_eq!(r.isolated.latency.samples, 10, "{:?}", r.isolated);
+    assert_eq!(r.sustained.latency.samples, 20, "{:?}", r.sustained);
+    assert!(r.sync_ms > 0 && r.policy_sync_ms > 0 && r.policy_sync_ms < u64::MAX);
+    assert_eq!(r.relist_min_services, 20);
+    assert!(r.restart_sync_ms > 0);
+    assert!(r.cni_empty.add_ms > 0.0 && r.cni_loaded.del_ms > 0.0);
+}
