@@ -426,17 +426,24 @@ impl TapSet {
         }
     }
 
-    /// A frame read from (`inbound`) or written to a port's TAP (no virtio-net header).
+    /// A frame at `stage` in direction `inbound` (port `port`'s, 0 at the switch-wide points),
+    /// offered when a session wants that point.
     #[inline]
-    pub fn port(&self, port: PortId, inbound: bool, frame: &[u8]) {
-        if self.wants(Stage::Port, inbound) {
+    fn offer_at(&self, stage: Stage, inbound: bool, port: PortId, frame: &[u8]) {
+        if self.wants(stage, inbound) {
             let point = Point {
-                stage: Stage::Port,
+                stage,
                 inbound,
                 port,
             };
             self.offer_frame(point, frame);
         }
+    }
+
+    /// A frame read from (`inbound`) or written to a port's TAP (no virtio-net header).
+    #[inline]
+    pub fn port(&self, port: PortId, inbound: bool, frame: &[u8]) {
+        self.offer_at(Stage::Port, inbound, port, frame);
     }
 
     /// A frame written to a port's TAP as parts (GRO): the first part holds the headers.
@@ -520,14 +527,7 @@ impl TapSet {
     /// The inner frame going into VXLAN (`inbound` false) or coming out of it.
     #[inline]
     pub fn overlay_inner(&self, inbound: bool, frame: &[u8]) {
-        if self.wants(Stage::OverlayInner, inbound) {
-            let point = Point {
-                stage: Stage::OverlayInner,
-                inbound,
-                port: 0,
-            };
-            self.offer_frame(point, frame);
-        }
+        self.offer_at(Stage::OverlayInner, inbound, 0, frame);
     }
 
     /// After the pipeline decided about a frame read from port `ingress`: the NAT points, and
@@ -571,14 +571,7 @@ impl TapSet {
             DropReason::PolicyDeniedEgress => false,
             _ => return,
         };
-        if self.wants(Stage::Policy, inbound) {
-            let point = Point {
-                stage: Stage::Policy,
-                inbound,
-                port: 0,
-            };
-            self.offer_frame(point, frame);
-        }
+        self.offer_at(Stage::Policy, inbound, 0, frame);
     }
 
     /// VXLAN datagrams about to be sent: the inner frame of each (`overlay:inner:out`, unless
@@ -604,14 +597,7 @@ impl TapSet {
     /// wrote to a pod.
     #[inline]
     pub fn egress_pod(&self, inbound: bool, frame: &[u8]) {
-        if self.wants(Stage::EgressPod, inbound) {
-            let point = Point {
-                stage: Stage::EgressPod,
-                inbound,
-                port: 0,
-            };
-            self.offer_frame(point, frame);
-        }
+        self.offer_at(Stage::EgressPod, inbound, 0, frame);
     }
 
     /// Whether a session wants `egress:pod` packets in direction `inbound`.

@@ -507,6 +507,19 @@ impl TcpTap<'_> {
     }
 }
 
+/// The capture sessions now, if one takes `egress:node`.
+fn node_tap(hub: &crate::capture::Hub) -> Option<Arc<TapSet>> {
+    hub.current().filter(|t| t.wants_egress_node())
+}
+
+impl TcpConn {
+    /// This connection's node side for `tap` (`egress:node`), once its address is known.
+    fn tap<'a>(&mut self, tap: &'a TapSet, remote: SocketAddrV4) -> Option<TcpTap<'a>> {
+        let node = node_side(&mut self.node, || self.host.local_addr())?;
+        Some(TcpTap { tap, node, remote })
+    }
+}
+
 /// The local address of a flow's node socket (getsockname), looked up the first time a
 /// capture asks and kept.
 fn node_side(
@@ -940,22 +953,15 @@ impl Engine {
         let Some(syn) = c.syn.take() else { return };
         // The node's handshake at `egress:node`: its SYN, and the outside's SYN|ACK (or the
         // RST of a refusal; an unreachable host is the ICMP error the pod gets).
-        if let Some(tap) = self.link.out.capture.current() {
-            if tap.wants_egress_node() {
-                if let Some(node) = node_side(&mut c.node, || c.host.local_addr()) {
-                    let t = TcpTap {
-                        tap: &tap,
-                        node,
-                        remote: key.dst,
-                    };
-                    t.segment(false, (0, 0), TcpFlags::SYN, &[]);
-                    match failed.as_ref().map(io::Error::raw_os_error) {
-                        None => t.segment(true, (0, 1), TcpFlags::SYN | TcpFlags::ACK, &[]),
-                        Some(Some(libc::ECONNREFUSED)) => {
-                            t.segment(true, (0, 1), TcpFlags::RST | TcpFlags::ACK, &[])
-                        }
-                        Some(_) => {}
+        if let Some(tap) = node_tap(&self.link.out.capture) {
+            if let Some(t) = c.tap(&tap, key.dst) {
+                t.segment(false, (0, 0), TcpFlags::SYN, &[]);
+                match failed.as_ref().map(io::Error::raw_os_error) {
+                    None => t.segment(true, (0, 1), TcpFlags::SYN | TcpFlags::ACK, &[]),
+                    Some(Some(libc::ECONNREFUSED)) => {
+                        t.segment(true, (0, 1), TcpFlags::RST | TcpFlags::ACK, &[])
                     }
+                    Some(_) => {}
                 }
             }
         }
@@ -1024,16 +1030,10 @@ impl Engine {
             let _ = socket2::SockRef::from(&c.host).set_linger(Some(Duration::ZERO));
             // The node's RST, at `egress:node`, unless the outside's ended it already.
             if c.handle.is_some() && !c.host_reset {
-                if let Some(tap) = self.link.out.capture.current() {
-                    if tap.wants_egress_node() {
-                        if let Some(node) = node_side(&mut c.node, || c.host.local_addr()) {
-                            let t = TcpTap {
-                                tap: &tap,
-                                node,
-                                remote: key.dst,
-                            };
-                            t.segment(false, c.node_seq(), TcpFlags::RST | TcpFlags::ACK, &[]);
-                        }
+                if let Some(tap) = node_tap(&self.link.out.capture) {
+                    let seq = c.node_seq();
+                    if let Some(t) = c.tap(&tap, key.dst) {
+                        t.segment(false, seq, TcpFlags::RST | TcpFlags::ACK, &[]);
                     }
                 }
             }
@@ -1083,21 +1083,8 @@ impl Engine {
         let Some(h) = c.handle else { return };
         let s = self.sockets.get_mut::<tcp::Socket>(h);
         // `egress:node`: the bytes each way as segments, when a capture wants them.
-        let cap = self
-            .link
-            .out
-            .capture
-            .current()
-            .filter(|t| t.wants_egress_node());
-        let node = match &cap {
-            Some(_) => node_side(&mut c.node, || c.host.local_addr()),
-            None => None,
-        };
-        let tap = cap.as_deref().zip(node).map(|(tap, node)| TcpTap {
-            tap,
-            node,
-            remote: key.dst,
-        });
+        let cap = node_tap(&self.link.out.capture);
+        let tap = cap.as_deref().and_then(|tap| c.tap(tap, key.dst));
         let data = TcpFlags::PSH | TcpFlags::ACK;
         // Past the handshake (a pod that closes at once goes from SYN-RECEIVED to CLOSE-WAIT
         // in one poll, never seen ESTABLISHED here).
@@ -1301,12 +1288,7 @@ impl Engine {
             payload.len().max(1)
         };
         let mut too_big = false;
-        let tap = self
-            .link
-            .out
-            .capture
-            .current()
-            .filter(|t| t.wants_egress_node());
+        let tap = node_tap(&self.link.out.capture);
         for d in payload.chunks(step) {
             match f.sock.send(d) {
                 Ok(_) => {
@@ -1367,10 +1349,8 @@ impl Engine {
             f.bytes_in += n as u64;
             self.stats.bytes_in.fetch_add(n as u64, Relaxed);
             let msg = &self.rbuf[..n];
-            if let Some(t) = self.link.out.capture.current() {
-                if t.wants_egress_node() {
-                    f.capture(&t, true, key, msg);
-                }
+            if let Some(t) = node_tap(&self.link.out.capture) {
+                f.capture(&t, true, key, msg);
             }
             let out = self.link.out.packet_buf();
             let len = if f.echo {
