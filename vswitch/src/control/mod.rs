@@ -1159,17 +1159,15 @@ impl Daemon {
                     .map_err(|e| api_err(code::INVALID_NETCONF, e.to_string(), ""))?;
             }
         }
-        let any = |f: &dyn Fn(&conf::config::ServiceSpec) -> bool| {
-            changes
-                .iter()
-                .any(|(a, b)| a.as_deref().is_some_and(f) || b.as_deref().is_some_and(f))
-        };
-        let zone_moved = self.tables.load().services.zone() != st.zone.as_deref();
+        let old = self.tables.load();
+        let zone_moved = old.services.zone() != st.zone.as_deref();
+        // Every version of a changed Service, before and after.
+        let touched = || changes.iter().flat_map(|(a, b)| a.iter().chain(b));
         let dns_changed = changes
             .iter()
             .any(|(a, b)| crate::dns::dns_differs(a.as_deref(), b.as_deref()));
         let node_ports = zone_moved
-            || any(&|s| {
+            || touched().any(|s| {
                 s.ports.iter().any(|p| p.node_port.is_some()) || s.health_check_node_port.is_some()
             });
         let routes = changes.iter().any(|(a, b)| {
@@ -1188,18 +1186,11 @@ impl Daemon {
             st.services = services;
             return Ok(());
         }
-        let old = self.tables.load();
         // Only the Services that changed are built anew (see `ServiceTable::rebuild_shared`).
         let table = service_table(&old.services, &self.config, &services, st.zone.as_deref());
         // UDP backends no Service has any more: their conntrack entries are flushed.
-        let keys: Vec<(&str, &str)> = changes
-            .iter()
-            .filter_map(|(a, b)| a.as_ref().or(b.as_ref()))
-            .map(|s| (s.namespace.as_str(), s.name.as_str()))
-            .collect();
-        let before: std::collections::BTreeSet<Ipv4Addr> = keys
-            .iter()
-            .flat_map(|k| old.services.udp_backends_of(k.0, k.1))
+        let before: std::collections::BTreeSet<Ipv4Addr> = touched()
+            .flat_map(|s| old.services.udp_backends_of(&s.namespace, &s.name))
             .collect();
         let gone: Vec<Ipv4Addr> = if before.is_empty() {
             Vec::new()
@@ -1207,11 +1198,15 @@ impl Daemon {
             let now = table.udp_backends();
             before.difference(&now).copied().collect()
         };
-        if dns_changed || st.dns_base.is_none() {
+        // The DNS records change only when a Service's names do (the local pods' are as
+        // they were).
+        let dns = if dns_changed || st.dns_base.is_none() {
             st.dns_base = self.dns_base(&services);
-        }
+            self.dns_service(&st)
+        } else {
+            old.dns.clone()
+        };
         st.services = services;
-        let dns = self.dns_service(&st);
         self.tables
             .store(Arc::new(old.with_services(table).with_dns(dns)));
         if node_ports {

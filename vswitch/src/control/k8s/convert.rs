@@ -370,20 +370,9 @@ pub fn services_from_api<'a>(
     let slices: Vec<SliceLite> = slices.into_iter().map(SliceLite::from).collect();
     let mut by_service: BTreeMap<(String, String), Vec<&SliceLite>> = BTreeMap::new();
     for s in &slices {
-        // IPv6 and FQDN slices are for later versions.
-        if s.address_type != "IPv4" {
-            continue;
+        if let Some(owner) = slice_service(s) {
+            by_service.entry(owner).or_default().push(s);
         }
-        let ns = s.metadata.namespace.clone().unwrap_or_default();
-        let Some(svc) = s
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        else {
-            continue;
-        };
-        by_service.entry((ns, svc.clone())).or_default().push(s);
     }
     let mut services: Vec<&Service> = services.into_iter().collect();
     services.sort_by(|a, b| {
@@ -405,18 +394,17 @@ pub fn services_from_api<'a>(
 }
 
 /// The Service an EndpointSlice belongs to (namespace, name), if it is one vswitch reads
-/// (IPv4, with the `kubernetes.io/service-name` label).
+/// (IPv4, with the `kubernetes.io/service-name` label; IPv6 and FQDN slices are for later
+/// versions).
 pub fn slice_service(s: &SliceLite) -> Option<(String, String)> {
-    slice_service_ref(s).map(|(ns, name)| (ns.to_string(), name.to_string()))
-}
-
-/// [`slice_service`], borrowed.
-pub fn slice_service_ref(s: &SliceLite) -> Option<(&str, &str)> {
     if s.address_type != "IPv4" {
         return None;
     }
     let svc = s.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
-    Some((s.metadata.namespace.as_deref().unwrap_or_default(), svc))
+    Some((
+        s.metadata.namespace.clone().unwrap_or_default(),
+        svc.clone(),
+    ))
 }
 
 /// One Service with its EndpointSlices (any order), as [`services_from_api`] converts each.

@@ -163,34 +163,21 @@ pub fn strip_policy(np: &mut NetworkPolicy) {
     trimmed(&mut np.metadata, false);
 }
 
-/// The policy inputs from the stores' contents. Objects that cannot be used are left out, each
-/// with a problem naming it; the others stay in force.
+/// The policy inputs from lists of objects, read as the Pod watch reads a list. Objects that
+/// cannot be used are left out, each with a problem naming it; the others stay in force.
 pub fn inputs<'a>(
     policies: impl IntoIterator<Item = &'a NetworkPolicy>,
     namespaces: impl IntoIterator<Item = &'a Namespace>,
     pods: impl IntoIterator<Item = &'a PolicyPod>,
 ) -> PolicyInputs {
-    let mut o = Objects::default();
-    let mut problems = Vec::new();
-    for np in policies {
-        if let Err(e) = o.add_policy(np) {
-            problems.push(e);
-        }
+    use kube::runtime::watcher::Event;
+    let mut store = PodStore::default();
+    store.apply(&Event::Init);
+    for p in pods {
+        store.apply(&Event::InitApply(p.clone()));
     }
-    for ns in namespaces {
-        if let Err(e) = o.add_namespace(ns) {
-            problems.push(e);
-        }
-    }
-    for pod in pods {
-        if let Err(e) = o.add_pod(pod) {
-            problems.push(e);
-        }
-    }
-    // The stores' order is a hash map's: one order, so that equal readings compare equal.
-    problems.sort_unstable();
-    o.problems = problems;
-    PolicyInputs::from_objects(o)
+    store.apply(&Event::InitDone);
+    inputs_from_store(policies, namespaces, &store)
 }
 
 /// What policy reads of one pod: its addresses with its identity, or why it is left out.
@@ -310,6 +297,8 @@ impl PodStore {
         if gone.is_empty() && came.is_empty() {
             return;
         }
+        // The addresses touched, each to the last pod in order that has it after.
+        let touched: Vec<IpAddr> = gone.iter().chain(&came).map(|e| e.0).collect();
         let sorted = Arc::make_mut(&mut self.sorted);
         for e in &gone {
             if let Ok(i) = sorted.binary_search_by(|x| order(x).cmp(&order(e))) {
@@ -323,39 +312,18 @@ impl PodStore {
             }
         }
         let index = Arc::make_mut(&mut self.index);
-        // The addresses touched, each to the last pod in order that has it now.
-        let touched: Vec<IpAddr> = gone.iter().map(|e| e.0).collect();
-        for ip in touched.into_iter().chain(
-            self.live
-                .get(k)
-                .and_then(|r| r.as_ref().ok())
-                .into_iter()
-                .flatten()
-                .map(|e| e.0),
-        ) {
-            let from = self.sorted.partition_point(|x| x.0 < ip);
-            let to = self.sorted.partition_point(|x| x.0 <= ip);
-            match self.sorted[from..to].last() {
-                Some(e) => {
-                    index.insert(ip, e.1.clone());
-                }
-                None => {
-                    index.remove(&ip);
-                }
-            }
+        for ip in touched {
+            let from = sorted.partition_point(|x| x.0 < ip);
+            let to = sorted.partition_point(|x| x.0 <= ip);
+            match sorted[from..to].last() {
+                Some(e) => index.insert(ip, e.1.clone()),
+                None => index.remove(&ip),
+            };
         }
-    }
-
-    pub fn len(&self) -> usize {
-        self.live.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.live.is_empty()
     }
 }
 
-/// [`inputs`] with the pods as `pods` read them.
+/// The policy inputs from NetworkPolicies, Namespaces and the Pod store (see [`inputs`]).
 pub fn inputs_from_store<'a>(
     policies: impl IntoIterator<Item = &'a NetworkPolicy>,
     namespaces: impl IntoIterator<Item = &'a Namespace>,

@@ -8,9 +8,9 @@
 //! away.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use hashbrown::{HashMap, HashSet};
-use std::sync::Arc;
 
 use conf::config::ServiceSpec;
 use k8s_openapi::api::core::v1::Service;
@@ -48,27 +48,33 @@ impl ServiceConverter {
         services: &Store<Service>,
         slices: &Store<convert::SliceLite>,
     ) -> bool {
-        if changes.all {
-            return self.convert_all(services, slices);
-        }
-        let mut dirty: HashSet<ObjKey> = changes.services.clone();
-        for s in &changes.slices {
-            if let Some(old) = self.slice_owner.remove(s) {
-                if let Some(set) = self.owner_slices.get_mut(&old) {
-                    set.remove(s);
+        let dirty: HashSet<ObjKey> = if changes.all {
+            self.slice_owner.clear();
+            self.owner_slices.clear();
+            for s in slices.state() {
+                if let Some(owner) = convert::slice_service(&s) {
+                    self.index(super::obj_key(&*s), owner);
                 }
-                dirty.insert(old);
             }
-            let current = slices.get(&object_ref(s));
-            if let Some(owner) = current.as_deref().and_then(convert::slice_service) {
-                self.slice_owner.insert(s.clone(), owner.clone());
-                self.owner_slices
-                    .entry(owner.clone())
-                    .or_default()
-                    .insert(s.clone());
-                dirty.insert(owner);
+            let listed = services.state().into_iter().map(|s| super::obj_key(&*s));
+            listed.chain(self.by_key.keys().cloned()).collect()
+        } else {
+            let mut dirty = changes.services.clone();
+            for s in &changes.slices {
+                if let Some(old) = self.slice_owner.remove(s) {
+                    if let Some(set) = self.owner_slices.get_mut(&old) {
+                        set.remove(s);
+                    }
+                    dirty.insert(old);
+                }
+                let current = slices.get(&object_ref(s));
+                if let Some(owner) = current.as_deref().and_then(convert::slice_service) {
+                    self.index(s.clone(), owner.clone());
+                    dirty.insert(owner);
+                }
             }
-        }
+            dirty
+        };
         let mut changed = false;
         for key in dirty {
             let svc = services.get(&object_ref(&key));
@@ -102,43 +108,10 @@ impl ServiceConverter {
         changed
     }
 
-    fn convert_all(
-        &mut self,
-        services: &Store<Service>,
-        slices: &Store<convert::SliceLite>,
-    ) -> bool {
-        let mut grouped: HashMap<ObjKey, Vec<Arc<convert::SliceLite>>> = HashMap::new();
-        self.slice_owner.clear();
-        self.owner_slices.clear();
-        for s in slices.state() {
-            if let Some(owner) = convert::slice_service(&s) {
-                let key = super::obj_key(&*s);
-                self.slice_owner.insert(key.clone(), owner.clone());
-                self.owner_slices
-                    .entry(owner.clone())
-                    .or_default()
-                    .insert(key);
-                grouped.entry(owner).or_default().push(s);
-            }
-        }
-        let mut by_key: BTreeMap<ObjKey, Converted> = services
-            .state()
-            .iter()
-            .map(|svc| {
-                let key = super::obj_key(&**svc);
-                let slices = grouped.remove(&key).unwrap_or_default();
-                (key, convert_one(svc, &slices))
-            })
-            .collect();
-        let changed = by_key != self.by_key;
-        // Unchanged Services keep their `Arc`s (a relist that changed nothing changes nothing).
-        for (k, c) in by_key.iter_mut() {
-            if let Some(old) = self.by_key.get(k).filter(|o| **o == *c) {
-                c.spec = old.spec.clone();
-            }
-        }
-        self.by_key = by_key;
-        changed
+    /// Notes `slice` as one of `owner`'s.
+    fn index(&mut self, slice: ObjKey, owner: ObjKey) {
+        self.slice_owner.insert(slice.clone(), owner.clone());
+        self.owner_slices.entry(owner).or_default().insert(slice);
     }
 
     /// Every Service's spec, in (namespace, name) order: the same `Arc` as last time for a
