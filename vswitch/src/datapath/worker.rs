@@ -276,7 +276,8 @@ impl Worker {
                     }
                 }
                 Command::DumpConntrack(tx) => {
-                    let _ = tx.send(self.ct.entries().collect());
+                    let tables = self.tables.load();
+                    let _ = tx.send(self.ct.entries(&tables.services).collect());
                 }
                 Command::SetForwarder(f) => self.upstream.forwarder = Some(f),
                 Command::SetEgress(e) => self.egress = e,

@@ -11,7 +11,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use conf::config::LoadBalancing;
 
-use super::services::{Backend, Frontend};
+use super::services::{Backend, Frontend, ServiceTable};
 use super::Map;
 use crate::wire::{IpProtocol, TcpFlags};
 
@@ -78,6 +78,9 @@ pub struct CtEntry {
     pub snat: Option<(Ipv4Addr, u16)>,
     pub state: CtState,
     pub expires_ms: u64,
+    /// The frontend's name (`namespace/name:port/proto`) as the Service table has it now for
+    /// the address the client sent to; "(policy)" for a connection tracked for NetworkPolicy
+    /// only, "(gone)" when no frontend has that address any more.
     pub frontend: String,
 }
 
@@ -151,7 +154,6 @@ pub(super) struct Conn {
     pub(super) reply: Key,
     pub(super) backend: Backend,
     pub(super) snat: Option<(Ipv4Addr, u16)>,
-    frontend: String,
     /// Tracked for NetworkPolicy only: nothing to rewrite, its packets pass as they are.
     pub(super) policy_only: bool,
     /// The view that created it, the only one that frees it.
@@ -222,7 +224,16 @@ impl Conn {
         }
     }
 
-    fn snapshot(&self) -> CtEntry {
+    /// What it is now, its frontend named after `services` (a connection keeps no copy of
+    /// the name: a new connection's first packet does not read it).
+    fn snapshot(&self, services: &ServiceTable) -> CtEntry {
+        let frontend = if self.policy_only {
+            "(policy)".to_string()
+        } else {
+            services
+                .lookup(self.orig.dst, self.orig.proto, self.orig.dport)
+                .map_or_else(|| "(gone)".to_string(), |f| f.name.clone())
+        };
         CtEntry {
             orig: self.orig,
             reply: self.reply,
@@ -230,7 +241,7 @@ impl Conn {
             snat: self.snat,
             state: self.state(),
             expires_ms: self.expires_ms.load(Relaxed),
-            frontend: self.frontend.clone(),
+            frontend,
         }
     }
 }
@@ -342,13 +353,14 @@ impl Conntrack {
         self.len() == 0
     }
 
-    /// The connections this view created (the group's are those of all its views).
-    pub fn entries(&self) -> impl Iterator<Item = CtEntry> + '_ {
+    /// The connections this view created (the group's are those of all its views), their
+    /// frontends named after `services`.
+    pub fn entries<'a>(&'a self, services: &'a ServiceTable) -> impl Iterator<Item = CtEntry> + 'a {
         self.slots
             .iter()
             .flatten()
             .filter(|c| !c.dead.load(Relaxed))
-            .map(|c| c.snapshot())
+            .map(|c| c.snapshot(services))
     }
 
     /// Applies what the other views did since the last call. Cheap when nothing happened;
@@ -612,9 +624,8 @@ impl Conntrack {
         snat: Option<(Ipv4Addr, u16)>,
         state: CtState,
         now: u64,
-        frontend: &str,
     ) -> bool {
-        self.insert(orig, reply, backend, snat, state, now, frontend, false)
+        self.insert(orig, reply, backend, snat, state, now, false)
     }
 
     /// Tracks a connection that NetworkPolicy admitted and nothing translates, so that its
@@ -624,16 +635,7 @@ impl Conntrack {
             ip: orig.dst,
             port: orig.dport,
         };
-        self.insert(
-            orig,
-            orig.reversed(),
-            backend,
-            None,
-            state,
-            now,
-            "(policy)",
-            true,
-        )
+        self.insert(orig, orig.reversed(), backend, None, state, now, true)
     }
 
     /// Ends the connection `key` belongs to if this view made it (a connection opened by a
@@ -656,7 +658,6 @@ impl Conntrack {
         snat: Option<(Ipv4Addr, u16)>,
         state: CtState,
         now: u64,
-        frontend: &str,
         policy_only: bool,
     ) -> bool {
         // What the reply key still leads to has ended (a live connection's would have been
@@ -685,7 +686,6 @@ impl Conntrack {
             reply,
             backend,
             snat,
-            frontend: frontend.to_owned(),
             policy_only,
             owner: self.id,
             slot,
@@ -788,6 +788,21 @@ impl Conntrack {
         });
     }
 
+    /// Starts loading what [`Conntrack::pick`] would read for `key`: the Maglev slot and the
+    /// backends. Nothing waits for them here (the values go nowhere), so the loads run while
+    /// the caller goes on to look up the connection.
+    #[inline]
+    pub(super) fn preload(&self, fe: &Frontend, key: &Key, lb: LoadBalancing) {
+        if let (LoadBalancing::Maglev, Some(first), Some(last)) =
+            (lb, fe.backends.first(), fe.backends.last())
+        {
+            if !fe.maglev.is_empty() {
+                let slot = maglev_slot(key, fe.maglev.len());
+                std::hint::black_box((fe.maglev[slot], first.port, last.port));
+            }
+        }
+    }
+
     pub(super) fn pick(
         &mut self,
         fe: &Frontend,
@@ -815,9 +830,7 @@ impl Conntrack {
         }
         let idx = match lb {
             LoadBalancing::Maglev if !fe.maglev.is_empty() => {
-                use std::hash::BuildHasher;
-                let h = foldhash::fast::FixedState::with_seed(0x6374).hash_one(key);
-                fe.maglev[(h % fe.maglev.len() as u64) as usize] as usize
+                fe.maglev[maglev_slot(key, fe.maglev.len())] as usize
             }
             _ => (self.next_random() % n as u64) as usize,
         };
@@ -827,6 +840,14 @@ impl Conntrack {
         }
         Some(b)
     }
+}
+
+/// The Maglev slot of a connection in a table of `m` slots.
+#[inline]
+fn maglev_slot(key: &Key, m: usize) -> usize {
+    use std::hash::BuildHasher;
+    let h = foldhash::fast::FixedState::with_seed(0x6374).hash_one(key);
+    (h % m as u64) as usize
 }
 
 /// The state a packet in direction `dir` with `flags` moves a connection to.

@@ -73,7 +73,9 @@ pub struct ServiceTable {
 #[derive(Debug, Default)]
 struct Frontends {
     frontends: Vec<Arc<Frontend>>,
-    by_vip: Map<(Ipv4Addr, u8, u16), u32>,
+    /// The per-packet index: each frontend by (address, protocol, port), held in the entry
+    /// itself, so that a new connection's lookup reaches it without a second indirection.
+    by_vip: Map<(Ipv4Addr, u8, u16), Arc<Frontend>>,
     /// Each Service's frontends, by namespace and name, with what they were built from. The
     /// names are shared from table to table, and looked up by [`KeyRef`] without a copy.
     built: Map<(Arc<str>, Arc<str>), Arc<Built>>,
@@ -413,18 +415,16 @@ impl ServiceTable {
                 }
             };
             for fe in &built.cluster {
-                let id = t.frontends.len() as u32;
                 t.frontends.push(fe.clone());
-                t.by_vip.insert((fe.vip, fe.proto, fe.port), id);
+                t.by_vip.insert((fe.vip, fe.proto, fe.port), fe.clone());
             }
             for fe in &built.external {
                 let k = (fe.vip, fe.proto, fe.port);
                 if t.by_vip.contains_key(&k) {
                     continue; // the first Service (in name order) to claim it keeps it
                 }
-                let id = t.frontends.len() as u32;
                 t.frontends.push(fe.clone());
-                t.by_vip.insert(k, id);
+                t.by_vip.insert(k, fe.clone());
             }
             t.built.insert(key, built);
         }
@@ -478,11 +478,7 @@ impl ServiceTable {
 
     #[inline]
     pub fn lookup(&self, vip: Ipv4Addr, proto: u8, port: u16) -> Option<&Frontend> {
-        self.shared
-            .by_vip
-            .get(&(vip, proto, port))
-            .and_then(|&i| self.shared.frontends.get(i as usize))
-            .map(|f| &**f)
+        self.shared.by_vip.get(&(vip, proto, port)).map(|f| &**f)
     }
 
     /// Whether any frontend uses this address (for "a Service address with no such port").
@@ -510,7 +506,7 @@ impl ServiceTable {
         per_frontend
             + self.shared.frontends.capacity() * std::mem::size_of::<Frontend>()
             + self.shared.by_vip.capacity()
-                * (std::mem::size_of::<((Ipv4Addr, u8, u16), u32)>() + 1)
+                * (std::mem::size_of::<((Ipv4Addr, u8, u16), Arc<Frontend>)>() + 1)
     }
 
     pub fn is_empty(&self) -> bool {

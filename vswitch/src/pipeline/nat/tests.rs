@@ -239,7 +239,38 @@ fn a_reply_read_by_another_worker_is_translated_without_an_explicit_sync() {
     assert_eq!(w0.counters.created, 1);
     assert_eq!(w1.counters.created, 0, "found, not created again");
     assert_eq!(w0.len(), 1);
-    assert_eq!(w0.entries().count() + w1.entries().count(), 1);
+    assert_eq!(
+        w0.entries(&ServiceTable::default()).count() + w1.entries(&ServiceTable::default()).count(),
+        1
+    );
+}
+
+#[test]
+fn a_listed_connection_is_named_after_the_frontend_its_address_has_now() {
+    let svc = tcp_svc();
+    let (mut w0, _w1) = pair(CtConfig::default());
+    open(&svc, &mut w0, 0, 40_000);
+    let policy = super::conntrack::Key {
+        src: CLIENT,
+        dst: Ipv4Addr::new(10, 244, 2, 9),
+        sport: 41_000,
+        dport: 8080,
+        proto: IpProtocol::TCP.0,
+    };
+    assert!(w0.track(policy, CtState::SynSent, 0));
+    let names = |t: &ServiceTable| {
+        let mut n: Vec<String> = w0.entries(t).map(|e| e.frontend).collect();
+        n.sort();
+        n
+    };
+    let name = svc
+        .lookup(VIP, IpProtocol::TCP.0, 80)
+        .expect("frontend")
+        .name
+        .clone();
+    assert_eq!(names(&svc), ["(policy)".to_string(), name]);
+    // The Service gone: the connection lives on, under no name.
+    assert_eq!(names(&ServiceTable::default()), ["(gone)", "(policy)"]);
 }
 
 #[test]
@@ -273,7 +304,7 @@ fn state_follows_packets_read_by_either_worker() {
     let (mut w0, mut w1) = pair(cfg);
     let backend = open(&svc, &mut w0, 0, 40_000);
     let state = |w0: &Conntrack| {
-        let e: Vec<CtEntry> = w0.entries().collect();
+        let e: Vec<CtEntry> = w0.entries(&ServiceTable::default()).collect();
         assert_eq!(e.len(), 1);
         (e[0].state, e[0].expires_ms)
     };
@@ -303,7 +334,11 @@ fn state_follows_packets_read_by_either_worker() {
         state(&w0),
         (CtState::Closed, 40 + cfg.tcp_transitory_ms.min(10_000))
     );
-    assert_eq!(w1.entries().count(), 0, "view 1 owns nothing");
+    assert_eq!(
+        w1.entries(&ServiceTable::default()).count(),
+        0,
+        "view 1 owns nothing"
+    );
 }
 
 #[test]
@@ -335,7 +370,7 @@ fn an_expired_connection_met_by_another_worker_is_absent_and_counted_once() {
     assert_eq!(w1.counters.expired, 1);
     assert_eq!(w0.len(), 0);
     // Its owner frees it without counting it again.
-    assert_eq!(w0.entries().count(), 0);
+    assert_eq!(w0.entries(&ServiceTable::default()).count(), 0);
     w0.sweep(later, 1000);
     assert_eq!(w0.counters.expired, 0);
     assert!(w0.slots.iter().all(Option::is_none));
@@ -370,7 +405,7 @@ fn a_newer_connection_with_the_same_keys_survives_the_removal_of_the_older() {
         assert!(back(w, later + 1, &mut r), "view {} lost it", w.id);
         assert_eq!(addrs(&r), ((VIP, 80), (CLIENT, 5000)));
     }
-    assert_eq!(w1.entries().count(), 1);
+    assert_eq!(w1.entries(&ServiceTable::default()).count(), 1);
     assert_counts_add_up(&[&w0, &w1]);
 }
 
@@ -392,9 +427,8 @@ fn two_views_creating_one_connection_at_once_agree_on_one() {
         proto: IpProtocol::UDP.0,
     };
     let be = |ip| Backend { ip, port: 8080 };
-    let create = |w: &mut Conntrack, b: Ipv4Addr| {
-        w.create(orig, reply(b), be(b), None, CtState::UdpNew, 0, "x")
-    };
+    let create =
+        |w: &mut Conntrack, b: Ipv4Addr| w.create(orig, reply(b), be(b), None, CtState::UdpNew, 0);
     // Neither has seen the other's before creating its own.
     assert!(create(&mut w1, BACKENDS[1]));
     assert!(create(&mut w0, BACKENDS[0]));
@@ -420,15 +454,16 @@ fn the_size_limit_holds_for_the_group() {
     open(&svc, &mut w1, 5, 2002);
     assert_eq!(w1.len(), 4);
     assert_eq!((w0.counters.evicted, w1.counters.evicted), (0, 1));
-    assert_eq!(w0.entries().count(), 2);
-    assert_eq!(w1.entries().count(), 2);
+    assert_eq!(w0.entries(&ServiceTable::default()).count(), 2);
+    assert_eq!(w1.entries(&ServiceTable::default()).count(), 2);
 
     // Many more from both: never above the limit, and every count accounted for.
     for i in 0..200u16 {
         let w = if i % 3 == 0 { &mut w1 } else { &mut w0 };
         open(&svc, w, 10 + u64::from(i), 3000 + i);
         assert!(w0.len() <= 4);
-        let live = w0.entries().count() + w1.entries().count();
+        let live = w0.entries(&ServiceTable::default()).count()
+            + w1.entries(&ServiceTable::default()).count();
         assert!(live <= 4, "{live} live");
     }
     assert_counts_add_up(&[&w0, &w1]);
@@ -443,7 +478,7 @@ fn a_worker_owning_nothing_still_gets_room_in_a_full_table() {
     let backend = open(&svc, &mut w1, 5, 2000);
     assert_eq!(w1.len(), 4);
     assert_eq!(w1.counters.evicted, 1);
-    assert_eq!(w0.entries().count(), 3);
+    assert_eq!(w0.entries(&ServiceTable::default()).count(), 3);
     // The evicted one's owner frees it without counting it again.
     w0.sweep(6, 1000);
     assert_eq!(w0.counters.expired + w0.counters.evicted, 0);

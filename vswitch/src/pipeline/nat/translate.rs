@@ -186,6 +186,19 @@ pub fn translate_from(
         return Nat::None;
     };
     let key = l4.key;
+    // A SYN opens a connection: its Service's frontend is looked up before the connection
+    // table is, and its Maglev slot and backends are loaded meanwhile. Among 10,000 Services
+    // none of them is in cache, and their loads then overlap the connection table's instead of
+    // following them. Other packets mostly belong to a connection: they look up the Service
+    // only if the connection table has none.
+    let opens = key.proto == IpProtocol::TCP.0
+        && l4.flags & (TcpFlags::SYN | TcpFlags::ACK) == TcpFlags::SYN;
+    let early = opens
+        .then(|| services.lookup(key.dst, key.proto, key.dport))
+        .flatten();
+    if let Some(fe) = early {
+        ct.preload(fe, &key, services.lb);
+    }
     let cfg = ct.cfg;
     let known = ct.with_conn(&key, now, |e, dir| {
         e.touch(&cfg, now, dir, l4.flags);
@@ -198,7 +211,7 @@ pub fn translate_from(
     if let Some(n) = known {
         return n;
     }
-    let Some(fe) = services.lookup(key.dst, key.proto, key.dport) else {
+    let Some(fe) = early.or_else(|| services.lookup(key.dst, key.proto, key.dport)) else {
         return Nat::None;
     };
     let outside = (fe.internal.is_some() || fe.masquerade_outside) && !in_cluster(key.src);
@@ -259,7 +272,7 @@ pub fn translate_from(
         CtState::UdpNew
     };
     let to = (backend.ip, backend.port);
-    if !ct.create(key, reply, backend, snat, state, now, &fe.name) {
+    if !ct.create(key, reply, backend, snat, state, now) {
         return Nat::Refused;
     }
     rewrite(ip, snat, Some(to), csum_partial);
