@@ -1052,7 +1052,8 @@ async fn nothing_is_applied_until_every_list_has_completed() {
 /// Each pod address the inputs know, with the pod's `namespace/name` and labels.
 fn pods_of(i: &PolicyInputs) -> Vec<(String, String, String)> {
     i.pods
-        .iter()
+        .sorted()
+        .into_iter()
         .map(|(ip, p)| {
             let name = format!("{}/{}", p.namespace, p.name);
             (ip.to_string(), name, p.labels.to_string())
@@ -1105,16 +1106,9 @@ async fn policy_inputs_follow_networkpolicies_namespaces_and_pods() {
         ]
     );
     // Pods with the same labels share one label set; named ports come along.
-    assert!(Arc::ptr_eq(
-        &first.pods[0].1.labels,
-        &first.pods[1].1.labels
-    ));
-    let ports: Vec<(&str, u16)> = first.pods[0]
-        .1
-        .ports
-        .iter()
-        .map(|p| (&*p.name, p.port))
-        .collect();
+    let pods = first.pods.sorted();
+    assert!(Arc::ptr_eq(&pods[0].1.labels, &pods[1].1.labels));
+    let ports: Vec<(&str, u16)> = pods[0].1.ports.iter().map(|p| (&*p.name, p.port)).collect();
     assert_eq!(ports, [("http", 8080), ("metrics", 9100)]);
     assert_eq!(first.set.namespace_labels("shop").get("team"), Some("blue"));
     assert_eq!(

@@ -26,7 +26,7 @@ use super::ClusterSink;
 #[derive(Debug, Default, Clone)]
 pub struct PolicyInputs {
     pub set: Arc<PolicySet>,
-    pub pods: Arc<Vec<(IpAddr, Arc<PodMeta>)>>,
+    pub pods: crate::policy::pods::PodList,
     /// Objects left out, each with the reason.
     pub problems: Vec<String>,
     /// `pods` by address, made once (at the first publish) for every table built from them.
@@ -53,15 +53,12 @@ impl PolicyInputs {
     pub fn from_parts(
         policies: Vec<crate::policy::Policy>,
         namespaces: Vec<(Arc<str>, Labels)>,
-        mut pods: Vec<(IpAddr, Arc<PodMeta>)>,
+        pods: Vec<(IpAddr, Arc<PodMeta>)>,
         problems: Vec<String>,
     ) -> PolicyInputs {
-        pods.sort_unstable_by(|(a, p), (b, q)| {
-            (a, &p.namespace, &p.name).cmp(&(b, &q.namespace, &q.name))
-        });
         PolicyInputs {
             set: Arc::new(PolicySet::new(policies, namespaces)),
-            pods: Arc::new(pods),
+            pods: pods.into_iter().collect(),
             problems,
             index: Default::default(),
         }
@@ -71,7 +68,7 @@ impl PolicyInputs {
     /// whether a new reading needs a table rebuild).
     pub fn same_as(&self, other: &PolicyInputs) -> bool {
         (Arc::ptr_eq(&self.set, &other.set) || self.set == other.set)
-            && (Arc::ptr_eq(&self.pods, &other.pods) || self.pods == other.pods)
+            && self.pods == other.pods
             && self.problems == other.problems
     }
 
@@ -80,7 +77,7 @@ impl PolicyInputs {
     pub fn from_sorted(
         policies: Vec<crate::policy::Policy>,
         namespaces: Vec<(Arc<str>, Labels)>,
-        pods: Arc<Vec<(IpAddr, Arc<PodMeta>)>>,
+        pods: crate::policy::pods::PodList,
         index: Arc<crate::policy::tables::PodIndex>,
         problems: Vec<String>,
     ) -> PolicyInputs {
@@ -95,7 +92,7 @@ impl PolicyInputs {
     /// The pods by address (later entries for an address win).
     pub fn index(&self) -> Arc<crate::policy::tables::PodIndex> {
         self.index
-            .get_or_init(|| Arc::new(self.pods.iter().cloned().collect()))
+            .get_or_init(|| Arc::new(self.pods.index()))
             .clone()
     }
 
@@ -341,7 +338,7 @@ mod tests {
         );
         let inputs = PolicyInputs {
             set: Arc::new(set),
-            pods: Arc::new(Vec::new()),
+            pods: Default::default(),
             problems: vec!["NetworkPolicy x/bad: spec: required".into()],
             ..Default::default()
         };

@@ -15,6 +15,7 @@
 pub mod engine;
 pub mod manifests;
 pub mod model;
+pub mod pods;
 pub mod selector;
 pub mod tables;
 

@@ -71,8 +71,7 @@ pub struct End<'a> {
     pub local: Option<&'a PortPolicy>,
 }
 
-/// Pods by address.
-pub type PodIndex = HashMap<IpAddr, Arc<PodMeta>, foldhash::fast::RandomState>;
+pub use super::pods::PodIndex;
 
 impl PolicyTables {
     /// `pods`: every pod known with its addresses (later entries for an address win).

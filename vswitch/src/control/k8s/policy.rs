@@ -22,8 +22,8 @@ use serde::Deserialize;
 
 use crate::control::policy::PolicyInputs;
 use crate::policy::manifests::{owns_address, pod_meta, Objects, PodFields};
+use crate::policy::pods::{PodIndex, PodList};
 use crate::policy::selector::Interner;
-use crate::policy::tables::PodIndex;
 use crate::policy::PodMeta;
 
 /// A Pod as the policy watch reads it from the API (`/api/v1/pods`).
@@ -197,9 +197,9 @@ pub struct PodStore {
     /// Readings made since the interner was last pruned.
     made: usize,
     /// Every address with its pod, in (address, namespace, name) order.
-    sorted: Arc<Vec<(IpAddr, Arc<PodMeta>)>>,
+    sorted: PodList,
     /// The same by address: the last in that order for an address shared.
-    index: Arc<PodIndex>,
+    index: PodIndex,
     /// The pods left out, with why.
     problems: BTreeMap<(String, String), String>,
 }
@@ -218,11 +218,6 @@ fn key(pod: &PolicyPod) -> (String, String) {
         pod.metadata.namespace.clone().unwrap_or_default(),
         pod.metadata.name.clone().unwrap_or_default(),
     )
-}
-
-/// The order of [`PodStore::sorted`].
-fn order(e: &(IpAddr, Arc<PodMeta>)) -> (IpAddr, &str, &str) {
-    (e.0, &e.1.namespace, &e.1.name)
 }
 
 impl PodStore {
@@ -272,9 +267,8 @@ impl PodStore {
                 }
             }
         }
-        sorted.sort_unstable_by(|a, b| order(a).cmp(&order(b)));
-        self.index = Arc::new(sorted.iter().cloned().collect());
-        self.sorted = Arc::new(sorted);
+        self.sorted = sorted.into_iter().collect();
+        self.index = self.sorted.index();
     }
 
     /// One pod's reading went from `old` to `new`.
@@ -299,25 +293,17 @@ impl PodStore {
         }
         // The addresses touched, each to the last pod in order that has it after.
         let touched: Vec<IpAddr> = gone.iter().chain(&came).map(|e| e.0).collect();
-        let sorted = Arc::make_mut(&mut self.sorted);
+        // Each copies the one shard it touches if a published table still shares it.
         for e in &gone {
-            if let Ok(i) = sorted.binary_search_by(|x| order(x).cmp(&order(e))) {
-                sorted.remove(i);
-            }
+            self.sorted.remove(e);
         }
         for e in came {
-            match sorted.binary_search_by(|x| order(x).cmp(&order(&e))) {
-                Ok(i) => sorted[i] = e,
-                Err(i) => sorted.insert(i, e),
-            }
+            self.sorted.insert(e);
         }
-        let index = Arc::make_mut(&mut self.index);
         for ip in touched {
-            let from = sorted.partition_point(|x| x.0 < ip);
-            let to = sorted.partition_point(|x| x.0 <= ip);
-            match sorted[from..to].last() {
-                Some(e) => index.insert(ip, e.1.clone()),
-                None => index.remove(&ip),
+            match self.sorted.last_at(&ip) {
+                Some(p) => self.index.insert(ip, p.clone()),
+                None => self.index.remove(&ip),
             };
         }
     }
@@ -347,7 +333,7 @@ pub fn inputs_from_store<'a>(
         o.policies,
         o.namespaces,
         pods.sorted.clone(),
-        pods.index.clone(),
+        Arc::new(pods.index.clone()),
         problems,
     )
 }
@@ -375,13 +361,13 @@ mod tests {
     }
 
     /// What a store holding `live` would have built whole.
-    fn whole(store: &PodStore) -> (Vec<(IpAddr, Arc<PodMeta>)>, PodIndex) {
+    fn whole(store: &PodStore) -> (PodList, PodIndex) {
         let mut fresh = PodStore {
             live: store.live.clone(),
             ..PodStore::default()
         };
         fresh.rebuild();
-        ((*fresh.sorted).clone(), (*fresh.index).clone())
+        (fresh.sorted, fresh.index)
     }
 
     #[test]
@@ -394,10 +380,13 @@ mod tests {
         }
         s.apply(&Event::InitDone);
         let ips = |s: &PodStore| -> Vec<String> {
-            s.sorted
+            let mut v: Vec<String> = s
+                .sorted
                 .iter()
                 .map(|(ip, m)| format!("{ip} {}", m.name))
-                .collect()
+                .collect();
+            v.sort();
+            v
         };
         assert_eq!(ips(&s), ["10.0.0.1 b", "10.0.0.2 c", "10.0.0.3 a"]);
         let steps = [
@@ -411,8 +400,8 @@ mod tests {
         for ev in &steps {
             s.apply(ev);
             let (sorted, index) = whole(&s);
-            assert_eq!(*s.sorted, sorted, "after {ev:?}");
-            assert_eq!(*s.index, index, "after {ev:?}");
+            assert_eq!(s.sorted, sorted, "after {ev:?}");
+            assert_eq!(s.index, index, "after {ev:?}");
         }
         assert_eq!(ips(&s), ["10.0.0.1 b", "10.0.0.9 a"]);
         assert_eq!(s.problems.len(), 1);
@@ -452,7 +441,7 @@ mod tests {
         let i = inputs([], [], [&p]);
         assert!(i.problems.is_empty(), "{:?}", i.problems);
         assert_eq!(i.pods.len(), 1);
-        let (ip, meta) = &i.pods[0];
+        let (ip, meta) = i.pods.iter().next().expect("one pod");
         assert_eq!(ip.to_string(), "10.244.0.7");
         assert_eq!((&*meta.namespace, &*meta.name), ("shop", "web-1"));
         assert_eq!(meta.labels.get("app"), Some("web"));
