@@ -655,6 +655,9 @@ fn the_scale_bench_runs_end_to_end_at_a_small_size() {
     assert_eq!(r.endpoint_slices, 21);
     assert_eq!(r.isolated.latency.samples, 10, "{:?}", r.isolated);
     assert_eq!(r.sustained.latency.samples, 20, "{:?}", r.sustained);
+    // Every pod relabelled is a new NetworkPolicy reading, applied (debounced) meanwhile.
+    assert_eq!(r.pod_churn.changes, 20, "{:?}", r.pod_churn);
+    assert!(r.pod_churn.applies > 0, "{:?}", r.pod_churn);
     assert!(r.sync_ms > 0 && r.policy_sync_ms > 0 && r.policy_sync_ms < u64::MAX);
     assert_eq!(r.relist_min_services, 20);
     assert!(r.restart_sync_ms > 0);

@@ -325,8 +325,10 @@ pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-t
 /// EndpointSlice controller makes them when pods turn ready and unready. Each flips one
 /// endpoint's `conditions.ready` (round robin over the slices in name order, and over each
 /// slice's endpoints) and stamps [`TRIGGER_TIME_ANNOTATION`] with the time of the write in
-/// microseconds. Answered when done: `{"changes", "seconds", "behind"}` (`behind`: writes that
-/// started more than one interval late).
+/// microseconds. With `kind=pods`, N Pod updates instead: each sets one pod's label `churn`
+/// to the round's number (round robin over the pods in name order), as a rollout or an
+/// operator relabelling pods would. Answered when done: `{"changes", "seconds", "behind"}`
+/// (`behind`: writes that started more than one interval late).
 async fn churn(app: &App, q: &HashMap<String, String>) -> Response {
     let num = |k: &str, default: f64| -> Result<f64, ApiError> {
         match q.get(k) {
@@ -342,15 +344,29 @@ async fn churn(app: &App, q: &HashMap<String, String>) -> Response {
         (Ok(r), Ok(c)) => (r.min(100_000.0), c as u64),
         (Err(e), _) | (_, Err(e)) => return error(e),
     };
-    let Some(res) = RESOURCES.iter().position(|r| r.plural == "endpointslices") else {
+    let pods = match q.get("kind").map(String::as_str) {
+        None | Some("endpointslices") => false,
+        Some("pods") => true,
+        Some(_) => {
+            return error(ApiError::bad_request(
+                "kind: endpointslices (the default) or pods",
+            ))
+        }
+    };
+    let plural = if pods { "pods" } else { "endpointslices" };
+    let Some(res) = RESOURCES.iter().position(|r| r.plural == plural) else {
         return error(ApiError::path_not_found());
     };
     let (mut slices, _) = app.store.list(res, None);
-    slices.retain(|s| s["endpoints"].as_array().is_some_and(|e| !e.is_empty()));
+    if !pods {
+        slices.retain(|s| s["endpoints"].as_array().is_some_and(|e| !e.is_empty()));
+    }
     if slices.is_empty() {
-        return error(ApiError::bad_request(
-            "there are no EndpointSlices with endpoints",
-        ));
+        return error(ApiError::bad_request(if pods {
+            "there are no Pods"
+        } else {
+            "there are no EndpointSlices with endpoints"
+        }));
     }
     let keys: Vec<Key> = slices
         .iter()
@@ -376,6 +392,13 @@ async fn churn(app: &App, q: &HashMap<String, String>) -> Response {
         let round = n / keys.len();
         let flip = |old: &Value| -> Result<Value, ApiError> {
             let mut obj = old.clone();
+            if pods {
+                obj["metadata"]["labels"]["churn"] = Value::String(round.to_string());
+                if let Some(m) = obj["metadata"].as_object_mut() {
+                    m.remove("resourceVersion");
+                }
+                return Ok(obj);
+            }
             if let Some(eps) = obj["endpoints"].as_array_mut() {
                 let k = round % eps.len();
                 let ready = eps[k]["conditions"]["ready"].as_bool().unwrap_or(true);

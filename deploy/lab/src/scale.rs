@@ -153,6 +153,10 @@ pub struct ScaleReport {
     pub rss_after_mib: f64,
     pub isolated: Churn,
     pub sustained: Churn,
+    /// Pod label changes at the sustained rate (`churn?kind=pods`): every one is a new
+    /// NetworkPolicy reading of the 100,000 pods. CPU only (a Pod carries no trigger time).
+    #[serde(default)]
+    pub pod_churn: Churn,
     pub cni_empty: Cni,
     pub cni_loaded: Cni,
     /// Every watch cut after a compaction (410 Gone on resuming): from the cut until every
@@ -311,6 +315,20 @@ impl ScaleReport {
                     self.sustained.latency.max_ms,
                     self.sustained.applies,
                     self.sustained.behind
+                ),
+                String::new(),
+                "",
+            ),
+            (
+                format!(
+                    "{} pod changes/s ({:.0}/s made) for {:.0} s: vswitchd CPU",
+                    self.pod_churn.rate,
+                    f64::from(self.pod_churn.changes) / self.pod_churn.seconds.max(0.001),
+                    self.pod_churn.seconds
+                ),
+                format!(
+                    "{:.2} cores ({} policy tables applied)",
+                    self.pod_churn.cores, self.pod_churn.applies
                 ),
                 String::new(),
                 "",
@@ -595,6 +613,41 @@ fn cni_times(lab: &mut Lab, reps: u32) -> Result<Cni, LabError> {
     })
 }
 
+/// `count` pod label changes at `rate` a second, made by the stand-in; vswitchd's CPU meanwhile
+/// and for a moment after (its debounce and the last policy build).
+fn pod_churn(lab: &Lab, count: u32, rate: u32) -> Result<Churn, LabError> {
+    let before = kubernetes(lab, u64::MAX)?;
+    let pid = lab.nodes[0].pid.unwrap_or(0);
+    let cpu0 = read_pids_cpu(&[pid]).unwrap_or(0);
+    let since = now_ms();
+    let out = lab.kubectl(
+        &[
+            "create",
+            "--raw",
+            &format!("/_standin/churn?kind=pods&rate={rate}&count={count}"),
+            "-f",
+            "/dev/null",
+            "--request-timeout=0",
+        ],
+        None,
+    )?;
+    let answer: Value = serde_json::from_str(out.trim())
+        .map_err(|e| LabError::BadOutput(format!("pod churn answered {out:?}: {e}")))?;
+    std::thread::sleep(Duration::from_millis(500));
+    let cpu1 = read_pids_cpu(&[pid]).unwrap_or(cpu0);
+    let wall = (now_ms() - since) as f64 / 1000.0;
+    let k = kubernetes(lab, u64::MAX)?;
+    Ok(Churn {
+        changes: count,
+        rate,
+        seconds: answer["seconds"].as_f64().unwrap_or(0.0),
+        behind: answer["behind"].as_u64().unwrap_or(0),
+        cores: (cpu1 - cpu0) as f64 / ticks_per_second() as f64 / wall.max(0.001),
+        applies: k.applies - before.applies,
+        ..Churn::default()
+    })
+}
+
 /// `count` changes at `rate` a second, made by the stand-in; vswitchd's latencies for them.
 fn churn(lab: &Lab, count: u32, rate: u32) -> Result<Churn, LabError> {
     let before = kubernetes(lab, u64::MAX)?;
@@ -774,6 +827,8 @@ fn run_loaded(
     r.isolated = churn(&lab, o.isolated, 10)?;
     progress(&format!("{} changes at {}/s", o.changes, o.rate));
     r.sustained = churn(&lab, o.changes, o.rate)?;
+    progress(&format!("{} pod changes at {}/s", o.changes, o.rate));
+    r.pod_churn = pod_churn(&lab, o.changes, o.rate)?;
     r.rss_after_mib = rss_mib(&lab);
     progress("compaction and cut watches: relist");
     (r.relist_ms, r.relist_min_services) = relist(&lab)?;
