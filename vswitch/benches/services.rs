@@ -2,17 +2,19 @@
 //! Services of 10 endpoints each, and the memory and build time of the 10,000-Service table.
 //!
 //! `cargo bench -p vswitch --bench services` (a plain harness: it prints its own table).
-//! Both cases carry the same traffic: 200,000 connections from 16 pods, each a distinct
-//! (client, source port), spread over the Services, so that the connection tracking table is
-//! the same size in both and the difference between them is the Service table's alone.
-//! Every packet is the first of a new connection (a SYN from a new source port), so each one
-//! pays the Service lookup, the Maglev choice, a conntrack insert and the rewrite; a second run
-//! sends packets of established connections (conntrack hit + rewrite), and a third sends them
-//! through a second worker's view of a shared table, the connections opened through the first:
-//! its first lookup applies every announcement at once, so the column includes the cost of
-//! replicating the index, once per connection. Last, the cost of one endpoint change among
-//! 10,000 Services (`ServiceTable::rebuild_shared`, which shares the unchanged Services' frontends)
-//! against a full build.
+//! Every case carries the same traffic: 200,000 connections from 16 pods, each a distinct
+//! (client, source port), so that the connection tracking table is the same size in each and
+//! the difference between them is the Service table's alone. The cases: one Service; 10,000
+//! with the connections spread over all of them (round robin: each lookup's entries are cold);
+//! the same table with the connections spread over 100 of them (a cluster's traffic mostly
+//! goes to a few Services). Each round sends every connection's SYN (the Service lookup, the
+//! Maglev choice, a conntrack insert and the rewrite), then an ACK of each (established: a
+//! conntrack hit and the rewrite), then the ACKs through a second worker's view of a shared
+//! table, the connections opened through the first (its first lookup applies every
+//! announcement at once, so the column includes the cost of replicating the index, once per
+//! connection). The cases' rounds alternate, and each figure is the best of 9 rounds. Last, the
+//! cost of one endpoint change among 10,000 Services (`ServiceTable::rebuild_shared`, which
+//! shares the unchanged Services' frontends) against a full build.
 
 use std::hint::black_box;
 use std::net::Ipv4Addr;
