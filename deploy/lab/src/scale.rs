@@ -613,52 +613,32 @@ fn cni_times(lab: &mut Lab, reps: u32) -> Result<Cni, LabError> {
     })
 }
 
-/// `count` pod label changes at `rate` a second, made by the stand-in; vswitchd's CPU meanwhile
-/// and for a moment after (its debounce and the last policy build).
-fn pod_churn(lab: &Lab, count: u32, rate: u32) -> Result<Churn, LabError> {
-    let before = kubernetes(lab, u64::MAX)?;
-    let pid = lab.nodes[0].pid.unwrap_or(0);
-    let cpu0 = read_pids_cpu(&[pid]).unwrap_or(0);
-    let since = now_ms();
-    let out = lab.kubectl(
-        &[
-            "create",
-            "--raw",
-            &format!("/_standin/churn?kind=pods&rate={rate}&count={count}"),
-            "-f",
-            "/dev/null",
-            "--request-timeout=0",
-        ],
-        None,
-    )?;
-    let answer: Value = serde_json::from_str(out.trim())
-        .map_err(|e| LabError::BadOutput(format!("pod churn answered {out:?}: {e}")))?;
-    std::thread::sleep(Duration::from_millis(500));
-    let cpu1 = read_pids_cpu(&[pid]).unwrap_or(cpu0);
-    let wall = (now_ms() - since) as f64 / 1000.0;
-    let k = kubernetes(lab, u64::MAX)?;
-    Ok(Churn {
-        changes: count,
-        rate,
-        seconds: answer["seconds"].as_f64().unwrap_or(0.0),
-        behind: answer["behind"].as_u64().unwrap_or(0),
-        cores: (cpu1 - cpu0) as f64 / ticks_per_second() as f64 / wall.max(0.001),
-        applies: k.applies - before.applies,
-        ..Churn::default()
-    })
+/// What the stand-in changes in [`churn`].
+#[derive(Clone, Copy, PartialEq)]
+enum Changes {
+    /// EndpointSlices (one endpoint's readiness each), whose latency vswitchd measures.
+    Endpoints,
+    /// Pods (one label each): vswitchd's CPU only (a Pod carries no trigger time).
+    Pods,
 }
 
-/// `count` changes at `rate` a second, made by the stand-in; vswitchd's latencies for them.
-fn churn(lab: &Lab, count: u32, rate: u32) -> Result<Churn, LabError> {
+/// `count` changes at `rate` a second, made by the stand-in: vswitchd's CPU meanwhile and until
+/// they were applied (endpoints: every one, or 10 s more; pods: half a second more, for its
+/// debounce and the last policy build), and its latencies for endpoint changes.
+fn churn(lab: &Lab, what: Changes, count: u32, rate: u32) -> Result<Churn, LabError> {
     let before = kubernetes(lab, u64::MAX)?;
     let pid = lab.nodes[0].pid.unwrap_or(0);
     let cpu0 = read_pids_cpu(&[pid]).unwrap_or(0);
     let since = now_ms();
+    let kind = match what {
+        Changes::Endpoints => "",
+        Changes::Pods => "kind=pods&",
+    };
     let out = lab.kubectl(
         &[
             "create",
             "--raw",
-            &format!("/_standin/churn?rate={rate}&count={count}"),
+            &format!("/_standin/churn?{kind}rate={rate}&count={count}"),
             "-f",
             "/dev/null",
             "--request-timeout=0",
@@ -667,23 +647,29 @@ fn churn(lab: &Lab, count: u32, rate: u32) -> Result<Churn, LabError> {
     )?;
     let answer: Value = serde_json::from_str(out.trim())
         .map_err(|e| LabError::BadOutput(format!("churn answered {out:?}: {e}")))?;
-    // Until every change was applied (or 10 s more).
-    let deadline = Instant::now() + Duration::from_secs(10);
     let mut k = kubernetes(lab, since)?;
-    while (k.programming.count - before.programming.count) < u64::from(count)
+    if what == Changes::Pods {
+        std::thread::sleep(Duration::from_millis(500));
+        k = kubernetes(lab, since)?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while what == Changes::Endpoints
+        && (k.programming.count - before.programming.count) < u64::from(count)
         && Instant::now() < deadline
     {
         std::thread::sleep(Duration::from_millis(100));
         k = kubernetes(lab, since)?;
     }
-    let seconds = answer["seconds"].as_f64().unwrap_or(0.0);
     let cpu1 = read_pids_cpu(&[pid]).unwrap_or(cpu0);
     let wall = (now_ms() - since) as f64 / 1000.0;
-    let samples: Vec<u64> = k.programming.samples.iter().map(|(_, l)| *l).collect();
+    let samples: Vec<u64> = match what {
+        Changes::Endpoints => k.programming.samples.iter().map(|(_, l)| *l).collect(),
+        Changes::Pods => Vec::new(),
+    };
     Ok(Churn {
         changes: count,
         rate,
-        seconds,
+        seconds: answer["seconds"].as_f64().unwrap_or(0.0),
         behind: answer["behind"].as_u64().unwrap_or(0),
         latency: Latency::of(&samples),
         cores: (cpu1 - cpu0) as f64 / ticks_per_second() as f64 / wall.max(0.001),
@@ -824,11 +810,11 @@ fn run_loaded(
     progress("large cluster: CNI ADD and DEL");
     r.cni_loaded = cni_times(&mut lab, o.cni_reps)?;
     progress(&format!("{} isolated endpoint changes", o.isolated));
-    r.isolated = churn(&lab, o.isolated, 10)?;
+    r.isolated = churn(&lab, Changes::Endpoints, o.isolated, 10)?;
     progress(&format!("{} changes at {}/s", o.changes, o.rate));
-    r.sustained = churn(&lab, o.changes, o.rate)?;
+    r.sustained = churn(&lab, Changes::Endpoints, o.changes, o.rate)?;
     progress(&format!("{} pod changes at {}/s", o.changes, o.rate));
-    r.pod_churn = pod_churn(&lab, o.changes, o.rate)?;
+    r.pod_churn = churn(&lab, Changes::Pods, o.changes, o.rate)?;
     r.rss_after_mib = rss_mib(&lab);
     progress("compaction and cut watches: relist");
     (r.relist_ms, r.relist_min_services) = relist(&lab)?;
