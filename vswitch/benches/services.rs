@@ -146,7 +146,7 @@ fn best(v: impl Iterator<Item = f64>) -> f64 {
 }
 
 fn main() {
-    // The two cases' rounds alternate, so that whatever else the machine does weighs on both.
+    // The cases' rounds alternate, so that whatever else the machine does weighs on all.
     // The third case has the same table as the second and sends to 100 of its Services, as a
     // cluster's traffic mostly goes to a few (DNS, the API server, its busiest Services).
     let cases = [

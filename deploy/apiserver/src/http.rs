@@ -357,18 +357,18 @@ async fn churn(app: &App, q: &HashMap<String, String>) -> Response {
     let Some(res) = RESOURCES.iter().position(|r| r.plural == plural) else {
         return error(ApiError::path_not_found());
     };
-    let (mut slices, _) = app.store.list(res, None);
+    let (mut objects, _) = app.store.list(res, None);
     if !pods {
-        slices.retain(|s| s["endpoints"].as_array().is_some_and(|e| !e.is_empty()));
+        objects.retain(|s| s["endpoints"].as_array().is_some_and(|e| !e.is_empty()));
     }
-    if slices.is_empty() {
+    if objects.is_empty() {
         return error(ApiError::bad_request(if pods {
             "there are no Pods"
         } else {
             "there are no EndpointSlices with endpoints"
         }));
     }
-    let keys: Vec<Key> = slices
+    let keys: Vec<Key> = objects
         .iter()
         .map(|s| {
             let m = &s["metadata"];
@@ -394,24 +394,21 @@ async fn churn(app: &App, q: &HashMap<String, String>) -> Response {
             let mut obj = old.clone();
             if pods {
                 obj["metadata"]["labels"]["churn"] = Value::String(round.to_string());
-                if let Some(m) = obj["metadata"].as_object_mut() {
-                    m.remove("resourceVersion");
+            } else {
+                if let Some(eps) = obj["endpoints"].as_array_mut() {
+                    let k = round % eps.len();
+                    let ready = eps[k]["conditions"]["ready"].as_bool().unwrap_or(true);
+                    eps[k]["conditions"]["ready"] = Value::Bool(!ready);
                 }
-                return Ok(obj);
+                let stamp = crate::store::rfc3339(std::time::SystemTime::now(), true);
+                obj["metadata"]["annotations"][TRIGGER_TIME_ANNOTATION] = Value::String(stamp);
             }
-            if let Some(eps) = obj["endpoints"].as_array_mut() {
-                let k = round % eps.len();
-                let ready = eps[k]["conditions"]["ready"].as_bool().unwrap_or(true);
-                eps[k]["conditions"]["ready"] = Value::Bool(!ready);
-            }
-            let stamp = crate::store::rfc3339(std::time::SystemTime::now(), true);
-            obj["metadata"]["annotations"][TRIGGER_TIME_ANNOTATION] = Value::String(stamp);
             if let Some(m) = obj["metadata"].as_object_mut() {
                 m.remove("resourceVersion");
             }
             Ok(obj)
         };
-        // A slice deleted meanwhile is skipped.
+        // An object deleted meanwhile is skipped.
         let _ = app.store.update(key, flip);
     }
     let seconds = start.elapsed().as_secs_f64();

@@ -614,7 +614,7 @@ fn cni_times(lab: &mut Lab, reps: u32) -> Result<Cni, LabError> {
 }
 
 /// What the stand-in changes in [`churn`].
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy)]
 enum Changes {
     /// EndpointSlices (one endpoint's readiness each), whose latency vswitchd measures.
     Endpoints,
@@ -647,19 +647,23 @@ fn churn(lab: &Lab, what: Changes, count: u32, rate: u32) -> Result<Churn, LabEr
     )?;
     let answer: Value = serde_json::from_str(out.trim())
         .map_err(|e| LabError::BadOutput(format!("churn answered {out:?}: {e}")))?;
-    let mut k = kubernetes(lab, since)?;
-    if what == Changes::Pods {
-        std::thread::sleep(Duration::from_millis(500));
-        k = kubernetes(lab, since)?;
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while what == Changes::Endpoints
-        && (k.programming.count - before.programming.count) < u64::from(count)
-        && Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(100));
-        k = kubernetes(lab, since)?;
-    }
+    let k = match what {
+        Changes::Pods => {
+            std::thread::sleep(Duration::from_millis(500));
+            kubernetes(lab, since)?
+        }
+        Changes::Endpoints => {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut k = kubernetes(lab, since)?;
+            while (k.programming.count - before.programming.count) < u64::from(count)
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(100));
+                k = kubernetes(lab, since)?;
+            }
+            k
+        }
+    };
     let cpu1 = read_pids_cpu(&[pid]).unwrap_or(cpu0);
     let wall = (now_ms() - since) as f64 / 1000.0;
     let samples: Vec<u64> = match what {

@@ -55,21 +55,18 @@ impl PodIndex {
         self.shards.iter().all(|s| s.is_empty())
     }
 
-    /// The shard of `ip`, copied first if a table shares it.
-    fn shard_mut(&mut self, ip: &IpAddr) -> Option<&mut Map> {
-        self.shards.get_mut(shard_of(ip)).map(Arc::make_mut)
-    }
-
+    /// Sets the pod at `ip`, copying its shard first if a table shares it.
     pub fn insert(&mut self, ip: IpAddr, pod: Arc<PodMeta>) {
-        if let Some(s) = self.shard_mut(&ip) {
+        if let Some(s) = self.shards.get_mut(shard_of(&ip)).map(Arc::make_mut) {
             s.insert(ip, pod);
         }
     }
 
     pub fn remove(&mut self, ip: &IpAddr) {
-        if self.get(ip).is_some() {
-            if let Some(s) = self.shard_mut(ip) {
-                s.remove(ip);
+        // Found first, so that a shard a table shares is not copied for nothing.
+        if let Some(shard) = self.shards.get_mut(shard_of(ip)) {
+            if shard.contains_key(ip) {
+                Arc::make_mut(shard).remove(ip);
             }
         }
     }
@@ -165,14 +162,12 @@ impl PodList {
 
     /// Takes out the entry of `e`'s address and pod.
     pub fn remove(&mut self, e: &PodAddr) {
-        let Some(shard) = self.shards.get(shard_of(&e.0)) else {
+        // Found first, so that a shard a table shares is not copied for nothing.
+        let Some(shard) = self.shards.get_mut(shard_of(&e.0)) else {
             return;
         };
-        let Ok(i) = shard.binary_search_by(|x| order(x).cmp(&order(e))) else {
-            return;
-        };
-        if let Some(s) = self.shards.get_mut(shard_of(&e.0)).map(Arc::make_mut) {
-            s.remove(i);
+        if let Ok(i) = shard.binary_search_by(|x| order(x).cmp(&order(e))) {
+            Arc::make_mut(shard).remove(i);
         }
     }
 

@@ -788,21 +788,6 @@ impl Conntrack {
         });
     }
 
-    /// Starts loading what [`Conntrack::pick`] would read for `key`: the Maglev slot and the
-    /// backends. Nothing waits for them here (the values go nowhere), so the loads run while
-    /// the caller goes on to look up the connection.
-    #[inline]
-    pub(super) fn preload(&self, fe: &Frontend, key: &Key, lb: LoadBalancing) {
-        if let (LoadBalancing::Maglev, Some(first), Some(last)) =
-            (lb, fe.backends.first(), fe.backends.last())
-        {
-            if !fe.maglev.is_empty() {
-                let slot = maglev_slot(key, fe.maglev.len());
-                std::hint::black_box((fe.maglev[slot], first.port, last.port));
-            }
-        }
-    }
-
     pub(super) fn pick(
         &mut self,
         fe: &Frontend,
@@ -828,26 +813,17 @@ impl Conntrack {
         if n == 0 {
             return None;
         }
-        let idx = match lb {
-            LoadBalancing::Maglev if !fe.maglev.is_empty() => {
-                fe.maglev[maglev_slot(key, fe.maglev.len())] as usize
-            }
-            _ => (self.next_random() % n as u64) as usize,
+        let maglev = match lb {
+            LoadBalancing::Maglev => fe.maglev_choice(key),
+            _ => None,
         };
+        let idx = maglev.unwrap_or_else(|| (self.next_random() % n as u64) as usize);
         let b = fe.backends[idx.min(n - 1)].clone();
         if let Some(until) = sticky {
             self.remember(key.src, fe.affinity_key, &b, until);
         }
         Some(b)
     }
-}
-
-/// The Maglev slot of a connection in a table of `m` slots.
-#[inline]
-fn maglev_slot(key: &Key, m: usize) -> usize {
-    use std::hash::BuildHasher;
-    let h = foldhash::fast::FixedState::with_seed(0x6374).hash_one(key);
-    (h % m as u64) as usize
 }
 
 /// The state a packet in direction `dir` with `flags` moves a connection to.

@@ -19,6 +19,7 @@ use conf::config::{
     EndpointSpec, LoadBalancing, Protocol, ServicePort, ServiceSpec, TrafficPolicy,
 };
 
+use super::conntrack::Key;
 use super::Map;
 use crate::wire::IpProtocol;
 
@@ -48,6 +49,39 @@ pub struct Frontend {
     /// with `externalTrafficPolicy: Cluster`, whose backend may be on another node, from where
     /// the replies must come back through this one. Policy Local keeps the client's address.
     pub masquerade_outside: bool,
+}
+
+impl Frontend {
+    /// The Maglev slot of connection `key`, if the frontend has a table.
+    #[inline]
+    fn maglev_slot(&self, key: &Key) -> Option<usize> {
+        use std::hash::BuildHasher;
+        let m = self.maglev.len() as u64;
+        let h = foldhash::fast::FixedState::with_seed(0x6374).hash_one(key);
+        (m > 0).then(|| (h % m) as usize)
+    }
+
+    /// The backend (an index into `backends`) Maglev gives connection `key`; `None` without
+    /// a table (no backends).
+    #[inline]
+    pub(super) fn maglev_choice(&self, key: &Key) -> Option<usize> {
+        self.maglev_slot(key)
+            .and_then(|s| self.maglev.get(s))
+            .map(|&i| usize::from(i))
+    }
+
+    /// Starts loading what choosing a backend for `key` under `lb` reads: the Maglev slot and
+    /// the backends. Nothing waits for them here (the values go nowhere), so the loads run
+    /// while the caller goes on to look up the connection.
+    #[inline]
+    pub(super) fn preload(&self, key: &Key, lb: LoadBalancing) {
+        if lb != LoadBalancing::Maglev {
+            return;
+        }
+        if let (Some(first), Some(last)) = (self.backends.first(), self.backends.last()) {
+            std::hint::black_box((self.maglev_choice(key), first.port, last.port));
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -191,6 +191,11 @@ fn open(svc: &ServiceTable, ct: &mut Conntrack, now: u64, sport: u16) -> (Ipv4Ad
     dst
 }
 
+/// How many connections a view lists (those it created and are live).
+fn listed(w: &Conntrack) -> usize {
+    w.entries(&ServiceTable::default()).count()
+}
+
 fn total(views: &[&Conntrack]) -> CtCounters {
     views.iter().fold(CtCounters::default(), |a, v| CtCounters {
         created: a.created + v.counters.created,
@@ -239,10 +244,7 @@ fn a_reply_read_by_another_worker_is_translated_without_an_explicit_sync() {
     assert_eq!(w0.counters.created, 1);
     assert_eq!(w1.counters.created, 0, "found, not created again");
     assert_eq!(w0.len(), 1);
-    assert_eq!(
-        w0.entries(&ServiceTable::default()).count() + w1.entries(&ServiceTable::default()).count(),
-        1
-    );
+    assert_eq!(listed(&w0) + listed(&w1), 1);
 }
 
 #[test]
@@ -334,11 +336,7 @@ fn state_follows_packets_read_by_either_worker() {
         state(&w0),
         (CtState::Closed, 40 + cfg.tcp_transitory_ms.min(10_000))
     );
-    assert_eq!(
-        w1.entries(&ServiceTable::default()).count(),
-        0,
-        "view 1 owns nothing"
-    );
+    assert_eq!(listed(&w1), 0, "view 1 owns nothing");
 }
 
 #[test]
@@ -370,7 +368,7 @@ fn an_expired_connection_met_by_another_worker_is_absent_and_counted_once() {
     assert_eq!(w1.counters.expired, 1);
     assert_eq!(w0.len(), 0);
     // Its owner frees it without counting it again.
-    assert_eq!(w0.entries(&ServiceTable::default()).count(), 0);
+    assert_eq!(listed(&w0), 0);
     w0.sweep(later, 1000);
     assert_eq!(w0.counters.expired, 0);
     assert!(w0.slots.iter().all(Option::is_none));
@@ -405,7 +403,7 @@ fn a_newer_connection_with_the_same_keys_survives_the_removal_of_the_older() {
         assert!(back(w, later + 1, &mut r), "view {} lost it", w.id);
         assert_eq!(addrs(&r), ((VIP, 80), (CLIENT, 5000)));
     }
-    assert_eq!(w1.entries(&ServiceTable::default()).count(), 1);
+    assert_eq!(listed(&w1), 1);
     assert_counts_add_up(&[&w0, &w1]);
 }
 
@@ -454,16 +452,15 @@ fn the_size_limit_holds_for_the_group() {
     open(&svc, &mut w1, 5, 2002);
     assert_eq!(w1.len(), 4);
     assert_eq!((w0.counters.evicted, w1.counters.evicted), (0, 1));
-    assert_eq!(w0.entries(&ServiceTable::default()).count(), 2);
-    assert_eq!(w1.entries(&ServiceTable::default()).count(), 2);
+    assert_eq!(listed(&w0), 2);
+    assert_eq!(listed(&w1), 2);
 
     // Many more from both: never above the limit, and every count accounted for.
     for i in 0..200u16 {
         let w = if i % 3 == 0 { &mut w1 } else { &mut w0 };
         open(&svc, w, 10 + u64::from(i), 3000 + i);
         assert!(w0.len() <= 4);
-        let live = w0.entries(&ServiceTable::default()).count()
-            + w1.entries(&ServiceTable::default()).count();
+        let live = listed(&w0) + listed(&w1);
         assert!(live <= 4, "{live} live");
     }
     assert_counts_add_up(&[&w0, &w1]);
@@ -478,7 +475,7 @@ fn a_worker_owning_nothing_still_gets_room_in_a_full_table() {
     let backend = open(&svc, &mut w1, 5, 2000);
     assert_eq!(w1.len(), 4);
     assert_eq!(w1.counters.evicted, 1);
-    assert_eq!(w0.entries(&ServiceTable::default()).count(), 3);
+    assert_eq!(listed(&w0), 3);
     // The evicted one's owner frees it without counting it again.
     w0.sweep(6, 1000);
     assert_eq!(w0.counters.expired + w0.counters.evicted, 0);

@@ -197,7 +197,7 @@ pub fn translate_from(
         .then(|| services.lookup(key.dst, key.proto, key.dport))
         .flatten();
     if let Some(fe) = early {
-        ct.preload(fe, &key, services.lb);
+        fe.preload(&key, services.lb);
     }
     let cfg = ct.cfg;
     let known = ct.with_conn(&key, now, |e, dir| {
