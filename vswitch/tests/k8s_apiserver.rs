@@ -358,8 +358,9 @@ async fn nothing_is_applied_until_every_list_has_completed() {
     converged(&rec, &server.store, "the first tables").await;
     assert_eq!(rec.services().len(), 1, "one complete Service table");
     assert_eq!(counted(&server, "endpointslices", false), 2);
+    // The flag follows the tables' hand-over by a moment.
+    wait_until("synced", Duration::from_secs(5), || watch.stats().synced).await;
     let stats = watch.stats();
-    assert!(stats.synced);
     assert_eq!(stats.watch_errors, 1);
     assert_eq!(
         stats.relists, 0,
@@ -376,6 +377,7 @@ async fn forbidden_networkpolicies_cost_only_policy() {
     let rec = Arc::new(Recorder::default());
     let watch = K8sWatch::spawn(client(&server), settings(), rec.clone());
     converged(&rec, &server.store, "the first tables").await;
+    wait_until("synced", Duration::from_secs(5), || watch.stats().synced).await;
     wait_until("a retried list", Duration::from_secs(10), || {
         counted(&server, "networkpolicies", false) >= 2
     })
@@ -393,7 +395,11 @@ async fn forbidden_networkpolicies_cost_only_policy() {
         rec.last_policy().is_some()
     })
     .await;
-    assert!(watch.stats().policy_synced);
+    // The flag follows the policy's hand-over by a moment.
+    wait_until("policy synced", Duration::from_secs(5), || {
+        watch.stats().policy_synced
+    })
+    .await;
     assert_eq!((rec.peers().len(), rec.services().len()), (1, 1));
 }
 

@@ -1258,7 +1258,11 @@ async fn forbidden_networkpolicies_cost_only_policy() {
         policy_ids(&rec.policy()[0]),
         ["shop/allow-web", "shop/default-deny"]
     );
-    assert!(watch.stats().policy_synced);
+    // The flag follows the policy's hand-over by a moment.
+    wait_until("policy synced", Duration::from_secs(5), || {
+        watch.stats().policy_synced
+    })
+    .await;
     assert_eq!(rec.services().len(), 1);
     assert_eq!(rec.peers().len(), 1);
 }
