@@ -187,10 +187,11 @@ pub fn translate_from(
     };
     let key = l4.key;
     // A SYN opens a connection: its Service's frontend is looked up before the connection
-    // table is, and its Maglev slot and backends are loaded meanwhile. Among 10,000 Services
-    // none of them is in cache, and their loads then overlap the connection table's instead of
-    // following them. Other packets mostly belong to a connection: they look up the Service
-    // only if the connection table has none.
+    // table is, and what choosing a backend reads (the backends, and a large Service's Maglev
+    // slot) is loaded meanwhile. Among 10,000 Services none of them is in cache, and their
+    // loads then overlap the connection table's instead of following them. Other packets
+    // mostly belong to a connection: they look up the Service only if the connection table
+    // has none.
     let opens = key.proto == IpProtocol::TCP.0
         && l4.flags & (TcpFlags::SYN | TcpFlags::ACK) == TcpFlags::SYN;
     let early = opens
@@ -221,8 +222,9 @@ pub fn translate_from(
         fe
     };
     // A non-SYN for an unknown connection (its entry expired or the switch restarted) is
-    // tracked as established: Maglev sends it to the same backend as before whenever that
-    // backend is still there, which is what lets connections survive a restart.
+    // tracked as established: consistent hashing (`Frontend::maglev_choice`) sends it to the
+    // same backend as before whenever that backend is still there, which is what lets
+    // connections survive a restart.
     let Some(backend) = ct.pick(fe, &key, services.lb, now) else {
         return Nat::NoBackend;
     };
