@@ -33,7 +33,7 @@ pub struct Frontend {
     pub port: u16,
     pub proto: u8,
     /// The backends in use (ready, or serving-and-terminating when none is ready).
-    pub backends: Vec<Backend>,
+    pub backends: Arc<[Backend]>,
     /// Maglev lookup table: slot -> index into `backends`; empty with up to
     /// [`RENDEZVOUS_MAX`] backends, which are chosen among by rendezvous hashing.
     pub(super) maglev: Box<[u16]>,
@@ -88,18 +88,16 @@ impl Frontend {
             .map(|&i| usize::from(i))
     }
 
-    /// Starts loading what choosing a backend for `key` under `lb` reads: the backends, and
-    /// the Maglev slot if there is a table. Nothing waits for them here (the values go
-    /// nowhere), so the loads run while the caller goes on to look up the connection.
+    /// Starts loading what choosing a backend for `key` under `lb` reads of the frontend: its
+    /// fields, and the Maglev slot if it has a table. Nothing waits for them here (the values
+    /// go nowhere).
     #[inline]
-    pub(super) fn preload(&self, key: &Key, lb: LoadBalancing) {
-        if lb != LoadBalancing::Maglev {
-            return;
-        }
-        if let (Some(first), Some(last)) = (self.backends.first(), self.backends.last()) {
-            let slot = self.maglev_slot(key).and_then(|s| self.maglev.get(s));
-            std::hint::black_box((slot, first.port, last.port));
-        }
+    fn preload(&self, key: &Key, lb: LoadBalancing) {
+        let slot = match lb {
+            LoadBalancing::Maglev => self.maglev_slot(key).and_then(|s| self.maglev.get(s)),
+            LoadBalancing::Random => None,
+        };
+        std::hint::black_box((slot, self.affinity_secs, self.masquerade_outside));
     }
 }
 
@@ -163,13 +161,30 @@ struct Frontends {
     frontends: Vec<Arc<Frontend>>,
     /// The per-packet index: each frontend by (address, protocol, port), held in the entry
     /// itself, so that a new connection's lookup reaches it without a second indirection.
-    by_vip: Map<(Ipv4Addr, u8, u16), Arc<Frontend>>,
+    by_vip: Map<(Ipv4Addr, u8, u16), Indexed>,
     /// Each Service's frontends, by namespace and name, with what they were built from. The
     /// names are shared from table to table, and looked up by [`KeyRef`] without a copy.
     built: Map<(Arc<str>, Arc<str>), Arc<Built>>,
     /// The node and zone the frontends were built for (backends depend on both).
     node: String,
     zone: Option<String>,
+}
+
+/// An index entry: the frontend, and its backends (which the frontend holds too), so that a
+/// new connection's loads of both start together, not one after the other.
+#[derive(Debug, Clone)]
+struct Indexed {
+    fe: Arc<Frontend>,
+    backends: Arc<[Backend]>,
+}
+
+impl Indexed {
+    fn new(fe: &Arc<Frontend>) -> Indexed {
+        Indexed {
+            fe: fe.clone(),
+            backends: fe.backends.clone(),
+        }
+    }
 }
 
 /// A Service's (namespace, name) to look up [`Frontends::built`] with: it hashes as the key.
@@ -245,7 +260,7 @@ fn build_service(s: &Arc<ServiceSpec>, node: &str, zone: Option<&str>, spec: u64
             port: p.port,
             proto,
             maglev: maglev(backends),
-            backends: backends.to_vec(),
+            backends: backends.into(),
             affinity_secs: s.session_affinity_timeout,
             affinity_key,
             internal: None,
@@ -504,7 +519,8 @@ impl ServiceTable {
             };
             for fe in &built.cluster {
                 t.frontends.push(fe.clone());
-                t.by_vip.insert((fe.vip, fe.proto, fe.port), fe.clone());
+                t.by_vip
+                    .insert((fe.vip, fe.proto, fe.port), Indexed::new(fe));
             }
             for fe in &built.external {
                 let k = (fe.vip, fe.proto, fe.port);
@@ -512,7 +528,7 @@ impl ServiceTable {
                     continue; // the first Service (in name order) to claim it keeps it
                 }
                 t.frontends.push(fe.clone());
-                t.by_vip.insert(k, fe.clone());
+                t.by_vip.insert(k, Indexed::new(fe));
             }
             t.built.insert(key, built);
         }
@@ -566,7 +582,27 @@ impl ServiceTable {
 
     #[inline]
     pub fn lookup(&self, vip: Ipv4Addr, proto: u8, port: u16) -> Option<&Frontend> {
-        self.shared.by_vip.get(&(vip, proto, port)).map(|f| &**f)
+        self.shared.by_vip.get(&(vip, proto, port)).map(|f| &*f.fe)
+    }
+
+    /// [`ServiceTable::lookup`] for a connection's first packet: starts loading what choosing
+    /// its backend reads (the frontend, its backends, and a large Service's Maglev slot)
+    /// without waiting for any of them, so that the loads run while the caller looks up the
+    /// connection table.
+    #[inline]
+    pub fn lookup_preloading(
+        &self,
+        vip: Ipv4Addr,
+        proto: u8,
+        port: u16,
+        key: &Key,
+    ) -> Option<&Frontend> {
+        let e = self.shared.by_vip.get(&(vip, proto, port))?;
+        if let (Some(first), Some(last)) = (e.backends.first(), e.backends.last()) {
+            std::hint::black_box((first.port, last.port));
+        }
+        e.fe.preload(key, self.lb);
+        Some(&e.fe)
     }
 
     /// Whether any frontend uses this address (for "a Service address with no such port").
@@ -586,7 +622,7 @@ impl ServiceTable {
             .frontends
             .iter()
             .map(|f| {
-                f.backends.capacity() * std::mem::size_of::<Backend>()
+                f.backends.len() * std::mem::size_of::<Backend>()
                     + f.maglev.len() * std::mem::size_of::<u16>()
                     + f.name.capacity()
             })
@@ -594,7 +630,7 @@ impl ServiceTable {
         per_frontend
             + self.shared.frontends.capacity() * std::mem::size_of::<Frontend>()
             + self.shared.by_vip.capacity()
-                * (std::mem::size_of::<((Ipv4Addr, u8, u16), Arc<Frontend>)>() + 1)
+                * (std::mem::size_of::<((Ipv4Addr, u8, u16), Indexed)>() + 1)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -619,7 +655,7 @@ mod tests {
             port: 80,
             proto: IpProtocol::TCP.0,
             maglev: maglev(&backends),
-            backends,
+            backends: backends.into(),
             affinity_secs: None,
             affinity_key: 0,
             internal: None,
@@ -628,11 +664,11 @@ mod tests {
     }
 
     fn without(fe: &Frontend, gone: usize) -> Frontend {
-        let mut backends = fe.backends.clone();
+        let mut backends = fe.backends.to_vec();
         backends.remove(gone);
         Frontend {
             maglev: maglev(&backends),
-            backends,
+            backends: backends.into(),
             ..fe.clone()
         }
     }

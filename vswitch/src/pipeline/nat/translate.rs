@@ -195,11 +195,8 @@ pub fn translate_from(
     let opens = key.proto == IpProtocol::TCP.0
         && l4.flags & (TcpFlags::SYN | TcpFlags::ACK) == TcpFlags::SYN;
     let early = opens
-        .then(|| services.lookup(key.dst, key.proto, key.dport))
+        .then(|| services.lookup_preloading(key.dst, key.proto, key.dport, &key))
         .flatten();
-    if let Some(fe) = early {
-        fe.preload(&key, services.lb);
-    }
     let cfg = ct.cfg;
     let known = ct.with_conn(&key, now, |e, dir| {
         e.touch(&cfg, now, dir, l4.flags);
