@@ -293,7 +293,8 @@ impl Default for HostConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct NatConfig {
-    /// Backend choice: "maglev" (consistent hashing, stable under endpoint churn) or "random".
+    /// Backend choice: "maglev" (consistent hashing, stable under endpoint churn: rendezvous
+    /// hashing for up to 16 endpoints, a Maglev table for more) or "random".
     #[serde(default)]
     pub load_balancing: LoadBalancing,
     /// Idle timeout of an established TCP connection, seconds.
