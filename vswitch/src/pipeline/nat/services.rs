@@ -77,7 +77,7 @@ impl Frontend {
     /// Up to [`RENDEZVOUS_MAX`] backends the choice is rendezvous (highest random weight)
     /// hashing: it reads the backends only, where a Maglev table would be one more load from
     /// another place in memory for each new connection (at 10,000 Services of 10 endpoints the
-    /// tables were 20 MB, and their slots cache misses).
+    /// tables were 22 MB, and their slots cache misses).
     #[inline]
     pub(super) fn maglev_choice(&self, key: &Key) -> Option<usize> {
         if self.maglev.is_empty() {
