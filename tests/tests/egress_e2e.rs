@@ -488,6 +488,8 @@ case, addr, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DONT if case == "nodf" else IP_PMTUDISC_DO)
 s.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+if case.startswith("ttl"):
+    s.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, int(case[3:]))
 s.connect((addr, port))
 def outcome():
     p = select.poll(); p.register(s, select.POLLIN)
@@ -503,7 +505,7 @@ def outcome():
             return "icmp origin=%d type=%d code=%d info=%d errno=%s from=%s" % (
                 origin, t, code, info, errno.errorcode.get(err, err), frm)
     return "no error"
-s.send(b"x" * (5 if case == "small" else 1372))
+s.send(b"x" * (5 if case == "small" or case.startswith("ttl") else 1372))
 print(outcome())
 if case == "df":
     print("mtu %d" % s.getsockopt(socket.IPPROTO_IP, IP_MTU))
@@ -563,6 +565,14 @@ fn the_outsides_icmp_errors_reach_the_pod() {
         "203.0.113.0/24",
     ]);
     exec_in(r.name(), &["sysctl", "-qw", "net.ipv4.ip_forward=1"], LIMIT).ok();
+    // The router answers every packet here: its kernel would send one ICMP error a second to
+    // the node after a burst of a few.
+    exec_in(
+        r.name(),
+        &["sysctl", "-qw", "net.ipv4.icmp_ratelimit=0"],
+        LIMIT,
+    )
+    .ok();
     ip(&[
         "-n",
         far.name(),
@@ -655,10 +665,37 @@ fn the_outsides_icmp_errors_reach_the_pod() {
         "{ping}"
     );
 
-    // Counted by kind: the router's and the node's own frag-needed, the two unreachables.
+    // A traceroute, hop by hop, as through a kernel router: the switch answers the first hop
+    // (from the pod's gateway), the node's socket sends with the TTL left, so the router
+    // answers the second, and the far host the third.
+    let gw = lab.pod("n1-p2").cni_result["ips"][0]["gateway"]
+        .as_str()
+        .expect("the pod's gateway")
+        .to_string();
+    let expired = "icmp origin=2 type=11 code=0 info=0 errno=EHOSTUNREACH";
+    assert_eq!(udp("n1-p2", "ttl1", FAR), format!("{expired} from={gw}"));
+    assert_eq!(
+        udp("n1-p2", "ttl2", FAR),
+        format!("{expired} from={ROUTER}")
+    );
+    assert_eq!(udp("n1-p2", "ttl3", FAR), "answer got 5");
+    let ping = exec_in(
+        &lab.pod("n1-p1").netns,
+        &["ping", "-n", "-c", "1", "-W", "3", "-t", "2", FAR],
+        LIMIT,
+    );
+    assert!(
+        ping.stdout
+            .contains(&format!("From {ROUTER} icmp_seq=1 Time to live exceeded")),
+        "{ping}"
+    );
+
+    // Counted by kind: the router's and the node's own frag-needed, the two unreachables, the
+    // router's two time exceeded.
     let e = egress(&node);
     assert!(e.counters["frag_needed"] >= 2, "{e:?}");
     assert!(e.counters["unreachable"] >= 2, "{e:?}");
+    assert!(e.counters["time_exceeded"] >= 2, "{e:?}");
     let log = srv.stop().stdout;
     assert_eq!(
         log.matches("got 1372 from 192.168.100.1").count(),

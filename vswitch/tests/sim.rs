@@ -701,19 +701,37 @@ fn routing_decisions() {
         }]
     );
     assert_eq!(sim.sent.len(), 1, "only the remote pod's datagram crossed");
-    // TTL runs out at the first hop.
+    // TTL runs out at the first hop: "time exceeded" from the gateway, as a router answers.
     sim.pod_send(
         0,
         1,
         udp_to(0, pod(0, 1), pod(1, 1), b"t", 1),
         VirtioNetHdr::NONE,
     );
+    let ev = sim.take();
+    let [Event::Reply {
+        node: 0,
+        port: 1,
+        frame,
+    }] = &ev[..]
+    else {
+        panic!("{ev:?}")
+    };
+    let p = SlicedPacket::from_ethernet(frame).unwrap();
+    let Some(NetSlice::Ipv4(ip)) = &p.net else {
+        panic!()
+    };
     assert_eq!(
-        sim.take(),
-        vec![Event::Dropped {
-            node: 0,
-            reason: DropReason::TtlExpired
-        }]
+        (ip.header().source_addr(), ip.header().destination_addr()),
+        (gw_of(0), pod(0, 1))
+    );
+    let Some(TransportSlice::Icmpv4(icmp)) = &p.transport else {
+        panic!()
+    };
+    assert!(
+        matches!(icmp.icmp_type(), etherparse::Icmpv4Type::TimeExceeded(_)),
+        "{:?}",
+        icmp.icmp_type()
     );
     assert_eq!(sim.sent.len(), 1);
     // The peer removed: its pods are unreachable, the other traffic unaffected.

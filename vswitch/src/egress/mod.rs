@@ -50,6 +50,11 @@
 //!   would. (Always DO would refuse a pod's large datagram without DF; the kernel's default,
 //!   WANT, would set DF on it and pass frag-needed errors to a pod that did not ask.) The
 //!   option is set when a flow opens and again only when a pod's DF changes.
+//! - The node's socket sends with the pod's TTL (IP_TTL), less the switch's own hop (the
+//!   pipeline answers a TTL that runs out there with "time exceeded" from the gateway): so
+//!   `traceroute` (UDP) or `ping -t` from a pod sees the switch, then the routers beyond the
+//!   node, then the destination, as through a kernel router. TCP is terminated at the node, so
+//!   a TCP traceroute sees the switch, then the destination.
 //! - Counted by kind: `unreachable`, `frag_needed`, `time_exceeded`.
 //!
 //! Limits: `egress.max_connections_per_pod` and `egress.max_connections` count every flow
@@ -543,6 +548,9 @@ struct DgramFlow {
     /// The socket sends with DF and never fragments (IP_PMTUDISC_DO), as the pod's last
     /// datagram asked; else without DF (IP_PMTUDISC_DONT).
     df: bool,
+    /// The TTL the socket sends with (IP_TTL): the pod's datagram's, which the switch has
+    /// already taken its hop off; 0 until the first is sent.
+    ttl: u8,
     last: Instant,
     started: Instant,
     /// The node's socket's address (an echo socket's port is its identifier), once a capture
@@ -1263,6 +1271,7 @@ impl Engine {
                     token,
                     echo,
                     df,
+                    ttl: 0,
                     last: Instant::now(),
                     started: Instant::now(),
                     node: None,
@@ -1280,6 +1289,13 @@ impl Engine {
         // without DF may be fragmented on the way, as a router would.
         if f.df != df && set_pmtu_discovery(&f.sock, df).is_ok() {
             f.df = df;
+        }
+        // And the pod's TTL, less the switch's hop (the same: one setsockopt when it changes):
+        // a traceroute from the pod (UDP, or ICMP echo) sees the routers beyond the node,
+        // whose "time exceeded" comes back as the errors above.
+        let ttl = p.data.get(8).copied().unwrap_or(64).max(1);
+        if f.ttl != ttl && setsockopt(&f.sock, sockopt::Ipv4Ttl, &i32::from(ttl)).is_ok() {
+            f.ttl = ttl;
         }
         // A UDP super-frame (USO) carries several datagrams of `gso_size` bytes each.
         let step = if !echo && p.gso_size > 0 {

@@ -420,6 +420,12 @@ fn route_v4(cx: &mut Ctx<'_>, port: &PortEntry, buf: &mut [u8], len: usize, meta
         cx.note(|| {
             format!("route: {dst_ip} is outside the cluster: leaves by egress translation, from the node's address")
         });
+        // A hop, as through the node's router: the engine sends with the TTL left (so that a
+        // traceroute from the pod sees the routers beyond the node).
+        if ip.ttl() <= 1 {
+            return time_exceeded(cx, port, from_host, buf, len);
+        }
+        ip.decrement_ttl_incremental();
         return Action::ToEgress;
     } else if let Some(h) = to_host.filter(|_| !t.cluster_nets.iter().any(|n| n.contains(&dst_ip)))
     {
@@ -431,7 +437,7 @@ fn route_v4(cx: &mut Ctx<'_>, port: &PortEntry, buf: &mut [u8], len: usize, meta
         return Action::Drop(DropReason::NoRoute);
     };
     if ip.ttl() <= 1 {
-        return Action::Drop(DropReason::TtlExpired);
+        return time_exceeded(cx, port, from_host, buf, len);
     }
     ip.decrement_ttl_incremental();
     eth.set_src_addr(src_mac);
@@ -831,6 +837,41 @@ fn frag_needed(t: &Tables, port: &PortEntry, buf: &mut [u8], len: usize, mtu: u1
         t.gateway_ip,
         (Icmpv4Message::DST_UNREACHABLE, icmp_code::FRAG_NEEDED, mtu),
     )
+}
+
+/// A packet whose TTL ran out at the switch: a pod's gets "time exceeded" from the gateway, as a
+/// router answers (RFC 1812 5.3.1; what makes the switch the first hop of a traceroute).
+/// None is sent about an ICMP error or a fragment after the first (RFC 1812 4.3.2.7), nor to
+/// the node's port, whose packets come from the addresses it routes for; those are dropped.
+fn time_exceeded(
+    cx: &mut Ctx<'_>,
+    port: &PortEntry,
+    from_host: bool,
+    buf: &mut [u8],
+    len: usize,
+) -> Action {
+    let t = cx.t;
+    let answer = !from_host
+        && buf
+            .get(ETHERNET_HEADER_LEN..len)
+            .and_then(|p| Ipv4Packet::new_checked(p).ok())
+            .is_some_and(|ip| ip.frag_offset() == 0 && !is_icmp_error(&ip));
+    if !answer {
+        return Action::Drop(DropReason::TtlExpired);
+    }
+    cx.note(|| "TTL ran out here: answered with time exceeded from the gateway".to_string());
+    let msg = (Icmpv4Message::TIME_EXCEEDED, icmp_code::TTL_EXPIRED, 0);
+    icmp_error(t, port, buf, len, t.gateway_ip, msg)
+}
+
+/// Whether `ip` carries an ICMP error (destination unreachable, source quench, redirect, time
+/// exceeded, parameter problem), about which no error is sent.
+fn is_icmp_error(ip: &Ipv4Packet<&[u8]>) -> bool {
+    ip.protocol() == IpProtocol::ICMP
+        && ip
+            .payload()
+            .first()
+            .is_none_or(|&kind| matches!(kind, 3 | 4 | 5 | 11 | 12))
 }
 
 /// A Service with no endpoint refuses at once, as kube-proxy does: TCP gets a RST, anything

@@ -188,10 +188,89 @@ fn frames_to_the_gateway_are_routed_to_local_pods() {
         "IPv4 checksum after TTL decrement"
     );
 
-    let mut f = udp(mac_for(A), mac_for(GW), A, B, 1);
-    assert_eq!(run(&t, 1, &mut f), Action::Drop(DropReason::TtlExpired));
     let mut f = udp(mac_for(A), mac_for(GW), A, Ipv4Addr::new(8, 8, 8, 8), 64);
     assert_eq!(run(&t, 1, &mut f), Action::Drop(DropReason::NoRoute));
+}
+
+/// `f` through the pipeline from port 1, and the whole reply if there is one.
+fn reply_to(t: &Tables, f: &[u8]) -> (Action, Vec<u8>) {
+    let mut ct = Conntrack::new(CtConfig::default());
+    let mut cx = Ctx {
+        t,
+        ct: &mut ct,
+        now_ms: 0,
+        trace: None,
+    };
+    let mut buf = f.to_vec();
+    buf.resize(f.len() + 128, 0);
+    let a = handle(&mut cx, 1, &mut buf, f.len(), Meta::default());
+    let n = if let Action::Reply(n) = a { n } else { 0 };
+    (a, buf[..n].to_vec())
+}
+
+#[test]
+fn a_packet_whose_ttl_runs_out_gets_time_exceeded_from_the_gateway() {
+    let mut t = tables();
+    t.egress = Some(std::sync::Arc::new(tables::Egress {
+        no_masquerade: Vec::new(),
+        node_ips: vec![Ipv4Addr::new(172, 16, 0, 1)],
+    }));
+    let outside = Ipv4Addr::new(198, 51, 100, 7);
+    // To a pod of the node, and to the outside through egress translation: the first hop.
+    for dst in [B, outside] {
+        let f = udp(mac_for(A), mac_for(GW), A, dst, 1);
+        let (a, reply) = reply_to(&t, &f);
+        assert!(matches!(a, Action::Reply(_)), "{dst}: {a:?}");
+        let p = SlicedPacket::from_ethernet(&reply).expect("the reply parses");
+        let Some(etherparse::LinkSlice::Ethernet2(eth)) = &p.link else {
+            panic!("not Ethernet")
+        };
+        assert_eq!(
+            (eth.source(), eth.destination()),
+            (mac_for(GW).0, mac_for(A).0)
+        );
+        let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else {
+            panic!("not IPv4")
+        };
+        assert_eq!(
+            (ip.header().source_addr(), ip.header().destination_addr()),
+            (GW, A)
+        );
+        let Some(etherparse::TransportSlice::Icmpv4(icmp)) = &p.transport else {
+            panic!("not ICMP")
+        };
+        assert!(
+            matches!(
+                icmp.icmp_type(),
+                etherparse::Icmpv4Type::TimeExceeded(
+                    etherparse::icmpv4::TimeExceededCode::TtlExceededInTransit
+                )
+            ),
+            "{:?}",
+            icmp.icmp_type()
+        );
+        // It quotes the packet's header and its first 8 bytes (the UDP header).
+        assert_eq!(icmp.payload(), &f[14..14 + 28]);
+        let hdr = icmp.header();
+        assert_eq!(hdr.checksum, hdr.icmp_type.calc_checksum(icmp.payload()));
+    }
+    // With TTL left, egress gets the packet one hop on.
+    let f = udp(mac_for(A), mac_for(GW), A, outside, 2);
+    let mut buf = f.clone();
+    assert_eq!(run(&t, 1, &mut buf), Action::ToEgress);
+    assert_eq!(buf[14 + 8], 1, "TTL");
+    let ip = etherparse::Ipv4HeaderSlice::from_slice(&buf[14..]).unwrap();
+    assert_eq!(ip.header_checksum(), ip.to_header().calc_header_checksum());
+
+    // No error about an ICMP error.
+    let b = PacketBuilder::ethernet2(mac_for(A).0, mac_for(GW).0)
+        .ipv4(A.octets(), B.octets(), 1)
+        .icmpv4(etherparse::Icmpv4Type::TimeExceeded(
+            etherparse::icmpv4::TimeExceededCode::TtlExceededInTransit,
+        ));
+    let mut err = Vec::new();
+    b.write(&mut err, &f[14..14 + 28]).unwrap();
+    assert_eq!(reply_to(&t, &err).0, Action::Drop(DropReason::TtlExpired));
 }
 
 #[test]
