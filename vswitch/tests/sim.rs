@@ -60,6 +60,31 @@ struct Sim {
     now_ms: u64,
 }
 
+/// The ICMP message that `ev`, a pod's send on node 0 port 1, came to: the one event, a reply
+/// the switch made from `from` to the pod `to`.
+fn icmp_reply(ev: &[Event], from: Ipv4Addr, to: Ipv4Addr) -> etherparse::Icmpv4Slice<'_> {
+    let [Event::Reply {
+        node: 0,
+        port: 1,
+        frame,
+    }] = ev
+    else {
+        panic!("{ev:?}")
+    };
+    let p = SlicedPacket::from_ethernet(frame).unwrap();
+    let Some(NetSlice::Ipv4(ip)) = &p.net else {
+        panic!()
+    };
+    assert_eq!(
+        (ip.header().source_addr(), ip.header().destination_addr()),
+        (from, to)
+    );
+    let Some(TransportSlice::Icmpv4(icmp)) = p.transport else {
+        panic!()
+    };
+    icmp
+}
+
 fn underlay_of(i: usize) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(192, 168, 100, i as u8 + 1))
 }
@@ -606,24 +631,8 @@ fn too_big_with_df_gets_frag_needed_and_without_df_is_counted() {
     set_df(&mut f, true);
     sim.pod_send(0, 1, f.clone(), VirtioNetHdr::NONE);
     let ev = sim.take();
-    let [Event::Reply {
-        node: 0,
-        port: 1,
-        frame,
-    }] = &ev[..]
-    else {
-        panic!("{ev:?}")
-    };
+    let icmp = icmp_reply(&ev, gw_of(0), pod(0, 1));
     assert!(sim.sent.is_empty(), "nothing crossed the wire");
-    let p = SlicedPacket::from_ethernet(frame).unwrap();
-    let Some(NetSlice::Ipv4(ip)) = &p.net else {
-        panic!()
-    };
-    assert_eq!(ip.header().source_addr(), gw_of(0));
-    assert_eq!(ip.header().destination_addr(), pod(0, 1));
-    let Some(TransportSlice::Icmpv4(icmp)) = &p.transport else {
-        panic!()
-    };
     match icmp.icmp_type() {
         etherparse::Icmpv4Type::DestinationUnreachable(
             etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu },
@@ -709,25 +718,7 @@ fn routing_decisions() {
         VirtioNetHdr::NONE,
     );
     let ev = sim.take();
-    let [Event::Reply {
-        node: 0,
-        port: 1,
-        frame,
-    }] = &ev[..]
-    else {
-        panic!("{ev:?}")
-    };
-    let p = SlicedPacket::from_ethernet(frame).unwrap();
-    let Some(NetSlice::Ipv4(ip)) = &p.net else {
-        panic!()
-    };
-    assert_eq!(
-        (ip.header().source_addr(), ip.header().destination_addr()),
-        (gw_of(0), pod(0, 1))
-    );
-    let Some(TransportSlice::Icmpv4(icmp)) = &p.transport else {
-        panic!()
-    };
+    let icmp = icmp_reply(&ev, gw_of(0), pod(0, 1));
     assert!(
         matches!(icmp.icmp_type(), etherparse::Icmpv4Type::TimeExceeded(_)),
         "{:?}",
@@ -978,17 +969,7 @@ fn a_service_without_endpoints_rejects_at_once() {
     b.write(&mut f, b"query").unwrap();
     sim.pod_send(0, 1, f, VirtioNetHdr::NONE);
     let ev = sim.take();
-    let [Event::Reply { frame, .. }] = &ev[..] else {
-        panic!("{ev:?}")
-    };
-    let p = SlicedPacket::from_ethernet(frame).unwrap();
-    let Some(NetSlice::Ipv4(ip)) = &p.net else {
-        panic!()
-    };
-    assert_eq!(ip.header().source_addr(), VIP);
-    let Some(TransportSlice::Icmpv4(icmp)) = &p.transport else {
-        panic!()
-    };
+    let icmp = icmp_reply(&ev, VIP, client);
     assert!(matches!(
         icmp.icmp_type(),
         etherparse::Icmpv4Type::DestinationUnreachable(
