@@ -23,24 +23,78 @@ fn shard_of(ip: &IpAddr) -> usize {
 
 type Map = HashMap<IpAddr, Arc<PodMeta>, foldhash::fast::RandomState>;
 
-/// Pods by address (for a shared address, the last in [`PodList`]'s order).
+/// [`SHARDS`] shards by address, each behind its own `Arc`: what [`PodIndex`] and [`PodList`]
+/// are made of.
 #[derive(Debug, Clone)]
-pub struct PodIndex {
-    shards: Vec<Arc<Map>>,
+struct Shards<S>(Vec<Arc<S>>);
+
+impl<S: Default> Default for Shards<S> {
+    fn default() -> Self {
+        Shards((0..SHARDS).map(|_| Arc::default()).collect())
+    }
 }
 
-impl Default for PodIndex {
-    fn default() -> Self {
-        PodIndex {
-            shards: (0..SHARDS).map(|_| Arc::default()).collect(),
-        }
+impl<S> Shards<S> {
+    /// The shard of `ip`.
+    fn of(&self, ip: &IpAddr) -> Option<&Arc<S>> {
+        self.0.get(shard_of(ip))
     }
+
+    fn of_mut(&mut self, ip: &IpAddr) -> Option<&mut Arc<S>> {
+        self.0.get_mut(shard_of(ip))
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &S> {
+        self.0.iter().map(|s| &**s)
+    }
+
+    /// `items` split by the address `ip` gives each, each shard then finished by `finish`.
+    fn split<T>(
+        items: impl IntoIterator<Item = T>,
+        ip: impl Fn(&T) -> IpAddr,
+        finish: impl Fn(&mut S),
+    ) -> Self
+    where
+        S: Default + Extend<T>,
+    {
+        let mut shards: Vec<S> = (0..SHARDS).map(|_| S::default()).collect();
+        for item in items {
+            if let Some(s) = shards.get_mut(shard_of(&ip(&item))) {
+                s.extend([item]);
+            }
+        }
+        Shards(
+            shards
+                .into_iter()
+                .map(|mut s| {
+                    finish(&mut s);
+                    Arc::new(s)
+                })
+                .collect(),
+        )
+    }
+}
+
+/// Two readings compare shard by shard, those they share at once.
+impl<S: PartialEq> PartialEq for Shards<S> {
+    fn eq(&self, other: &Self) -> bool {
+        self.0
+            .iter()
+            .zip(&other.0)
+            .all(|(a, b)| Arc::ptr_eq(a, b) || a == b)
+    }
+}
+
+/// Pods by address (for a shared address, the last in [`PodList`]'s order).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PodIndex {
+    shards: Shards<Map>,
 }
 
 impl PodIndex {
     #[inline]
     pub fn get(&self, ip: &IpAddr) -> Option<&Arc<PodMeta>> {
-        self.shards.get(shard_of(ip)).and_then(|s| s.get(ip))
+        self.shards.of(ip).and_then(|s| s.get(ip))
     }
 
     pub fn contains_key(&self, ip: &IpAddr) -> bool {
@@ -57,14 +111,14 @@ impl PodIndex {
 
     /// Sets the pod at `ip`, copying its shard first if a table shares it.
     pub fn insert(&mut self, ip: IpAddr, pod: Arc<PodMeta>) {
-        if let Some(s) = self.shards.get_mut(shard_of(&ip)).map(Arc::make_mut) {
+        if let Some(s) = self.shards.of_mut(&ip).map(Arc::make_mut) {
             s.insert(ip, pod);
         }
     }
 
     pub fn remove(&mut self, ip: &IpAddr) {
         // Found first, so that a shard a table shares is not copied for nothing.
-        if let Some(shard) = self.shards.get_mut(shard_of(ip)) {
+        if let Some(shard) = self.shards.of_mut(ip) {
             if shard.contains_key(ip) {
                 Arc::make_mut(shard).remove(ip);
             }
@@ -79,24 +133,9 @@ impl PodIndex {
 impl FromIterator<(IpAddr, Arc<PodMeta>)> for PodIndex {
     /// Later entries for an address win.
     fn from_iter<I: IntoIterator<Item = (IpAddr, Arc<PodMeta>)>>(iter: I) -> Self {
-        let mut shards: Vec<Map> = (0..SHARDS).map(|_| Map::default()).collect();
-        for (ip, pod) in iter {
-            if let Some(s) = shards.get_mut(shard_of(&ip)) {
-                s.insert(ip, pod);
-            }
-        }
         PodIndex {
-            shards: shards.into_iter().map(Arc::new).collect(),
+            shards: Shards::split(iter, |e| e.0, |_| {}),
         }
-    }
-}
-
-impl PartialEq for PodIndex {
-    fn eq(&self, other: &Self) -> bool {
-        self.shards
-            .iter()
-            .zip(&other.shards)
-            .all(|(a, b)| Arc::ptr_eq(a, b) || a == b)
     }
 }
 
@@ -110,17 +149,9 @@ fn order(e: &PodAddr) -> (IpAddr, &str, &str) {
 
 /// Every pod address, each shard in (address, namespace, name) order: two readings of the same
 /// pods are equal however they were listed.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct PodList {
-    shards: Vec<Arc<Vec<PodAddr>>>,
-}
-
-impl Default for PodList {
-    fn default() -> Self {
-        PodList {
-            shards: (0..SHARDS).map(|_| Arc::default()).collect(),
-        }
-    }
+    shards: Shards<Vec<PodAddr>>,
 }
 
 impl PodList {
@@ -151,7 +182,7 @@ impl PodList {
 
     /// Takes `e` in (replacing the entry of the same address and pod).
     pub fn insert(&mut self, e: PodAddr) {
-        let Some(s) = self.shards.get_mut(shard_of(&e.0)).map(Arc::make_mut) else {
+        let Some(s) = self.shards.of_mut(&e.0).map(Arc::make_mut) else {
             return;
         };
         match s.binary_search_by(|x| order(x).cmp(&order(&e))) {
@@ -163,7 +194,7 @@ impl PodList {
     /// Takes out the entry of `e`'s address and pod.
     pub fn remove(&mut self, e: &PodAddr) {
         // Found first, so that a shard a table shares is not copied for nothing.
-        let Some(shard) = self.shards.get_mut(shard_of(&e.0)) else {
+        let Some(shard) = self.shards.of_mut(&e.0) else {
             return;
         };
         if let Ok(i) = shard.binary_search_by(|x| order(x).cmp(&order(e))) {
@@ -173,7 +204,7 @@ impl PodList {
 
     /// The last pod in order at `ip`: the one the index has there.
     pub fn last_at(&self, ip: &IpAddr) -> Option<&Arc<PodMeta>> {
-        let s = self.shards.get(shard_of(ip))?;
+        let s = self.shards.of(ip)?;
         let to = s.partition_point(|x| x.0 <= *ip);
         s.get(..to)?.last().filter(|e| e.0 == *ip).map(|e| &e.1)
     }
@@ -181,30 +212,13 @@ impl PodList {
 
 impl FromIterator<PodAddr> for PodList {
     fn from_iter<I: IntoIterator<Item = PodAddr>>(iter: I) -> Self {
-        let mut shards: Vec<Vec<PodAddr>> = (0..SHARDS).map(|_| Vec::new()).collect();
-        for e in iter {
-            if let Some(s) = shards.get_mut(shard_of(&e.0)) {
-                s.push(e);
-            }
-        }
         PodList {
-            shards: shards
-                .into_iter()
-                .map(|mut s| {
-                    s.sort_unstable_by(|a, b| order(a).cmp(&order(b)));
-                    Arc::new(s)
-                })
-                .collect(),
+            shards: Shards::split(
+                iter,
+                |e| e.0,
+                |s: &mut Vec<PodAddr>| s.sort_unstable_by(|a, b| order(a).cmp(&order(b))),
+            ),
         }
-    }
-}
-
-impl PartialEq for PodList {
-    fn eq(&self, other: &Self) -> bool {
-        self.shards
-            .iter()
-            .zip(&other.shards)
-            .all(|(a, b)| Arc::ptr_eq(a, b) || a == b)
     }
 }
 
@@ -241,8 +255,9 @@ mod tests {
         i2.insert(came.0, came.1.clone());
         let shared = |a: &PodList, b: &PodList| {
             a.shards
+                .0
                 .iter()
-                .zip(&b.shards)
+                .zip(&b.shards.0)
                 .filter(|(x, y)| Arc::ptr_eq(x, y))
                 .count()
         };
