@@ -864,14 +864,14 @@ fn time_exceeded(
     icmp_error(t, port, buf, len, t.gateway_ip, msg)
 }
 
-/// Whether `ip` carries an ICMP error (destination unreachable, source quench, redirect, time
-/// exceeded, parameter problem), about which no error is sent.
+/// Whether `ip` carries an ICMP error ([`Icmpv4Message::is_error`]; a message too short to
+/// say counts as one), about which no error is sent.
 fn is_icmp_error(ip: &Ipv4Packet<&[u8]>) -> bool {
     ip.protocol() == IpProtocol::ICMP
         && ip
             .payload()
             .first()
-            .is_none_or(|&kind| matches!(kind, 3 | 4 | 5 | 11 | 12))
+            .is_none_or(|&kind| Icmpv4Message(kind).is_error())
 }
 
 /// A Service with no endpoint refuses at once, as kube-proxy does: TCP gets a RST, anything
