@@ -814,7 +814,7 @@ impl Conntrack {
             return None;
         }
         let maglev = match lb {
-            LoadBalancing::Maglev => fe.maglev_choice(key),
+            LoadBalancing::Maglev => fe.consistent_choice(key),
             _ => None,
         };
         let idx = maglev.unwrap_or_else(|| (self.next_random() % n as u64) as usize);

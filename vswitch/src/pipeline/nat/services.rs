@@ -1,6 +1,6 @@
 //! Service frontends and their backends, and how each frontend picks a backend for a new
 //! connection: by rendezvous hashing over up to [`RENDEZVOUS_MAX`] backends, by a Maglev table
-//! over more (both consistent: see [`Frontend::maglev_choice`]).
+//! over more (both consistent: see [`Frontend::consistent_choice`]).
 //!
 //! Which endpoints stand behind a frontend is kube-proxy's rule (pkg/proxy/topology.go): a
 //! ClusterIP follows `internalTrafficPolicy`, an external address (externalIPs, a
@@ -79,7 +79,7 @@ impl Frontend {
     /// another place in memory for each new connection (at 10,000 Services of 10 endpoints the
     /// tables were 22 MB, and their slots cache misses).
     #[inline]
-    pub(super) fn maglev_choice(&self, key: &Key) -> Option<usize> {
+    pub(super) fn consistent_choice(&self, key: &Key) -> Option<usize> {
         if self.maglev.is_empty() {
             return rendezvous(Self::key_hash(key), &self.backends);
         }
@@ -685,13 +685,13 @@ mod tests {
     }
 
     fn chosen(fe: &Frontend, k: &Key) -> Ipv4Addr {
-        fe.backends[fe.maglev_choice(k).expect("a backend")].ip
+        fe.backends[fe.consistent_choice(k).expect("a backend")].ip
     }
 
     #[test]
     fn small_frontends_have_no_table_and_large_ones_have_maglevs() {
         assert!(frontend(0)
-            .maglev_choice(&keys(1).next().unwrap())
+            .consistent_choice(&keys(1).next().unwrap())
             .is_none());
         assert!(frontend(1).maglev.is_empty());
         assert!(frontend(RENDEZVOUS_MAX).maglev.is_empty());
@@ -705,7 +705,7 @@ mod tests {
             let total = 200_000;
             let mut count = vec![0u32; n];
             for k in keys(total) {
-                count[fe.maglev_choice(&k).unwrap()] += 1;
+                count[fe.consistent_choice(&k).unwrap()] += 1;
             }
             let fair = f64::from(total) / n as f64;
             for (i, c) in count.iter().enumerate() {

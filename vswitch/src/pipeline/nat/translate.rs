@@ -219,7 +219,7 @@ pub fn translate_from(
         fe
     };
     // A non-SYN for an unknown connection (its entry expired or the switch restarted) is
-    // tracked as established: consistent hashing (`Frontend::maglev_choice`) sends it to the
+    // tracked as established: consistent hashing (`Frontend::consistent_choice`) sends it to the
     // same backend as before whenever that backend is still there, which is what lets
     // connections survive a restart.
     let Some(backend) = ct.pick(fe, &key, services.lb, now) else {
