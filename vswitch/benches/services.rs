@@ -8,13 +8,14 @@
 //! with the connections spread over all of them (round robin: each lookup's entries are cold);
 //! the same table with the connections spread over 100 of them (a cluster's traffic mostly
 //! goes to a few Services). Each round sends every connection's SYN (the Service lookup, the
-//! Maglev choice, a conntrack insert and the rewrite), then an ACK of each (established: a
-//! conntrack hit and the rewrite), then the ACKs through a second worker's view of a shared
-//! table, the connections opened through the first (its first lookup applies every
-//! announcement at once, so the column includes the cost of replicating the index, once per
-//! connection). The cases' rounds alternate, and each figure is the best of 9 rounds. Last, the
-//! cost of one endpoint change among 10,000 Services (`ServiceTable::rebuild_shared`, which
-//! shares the unchanged Services' frontends) against a full build.
+//! backend choice: rendezvous hashing over 10 endpoints; a conntrack insert and the rewrite),
+//! then an ACK of each (established: a conntrack hit and the rewrite), then the ACKs through
+//! a second worker's view of a shared table, the connections opened through the first (its
+//! first lookup applies every announcement at once, so the column includes the cost of
+//! replicating the index, once per connection). The cases' rounds alternate, and each figure
+//! is the best of 9 rounds. Last, the cost of one endpoint change among 10,000 Services
+//! (`ServiceTable::rebuild_shared`, which shares the unchanged Services' frontends) against a
+//! full build.
 
 use std::hint::black_box;
 use std::net::Ipv4Addr;
