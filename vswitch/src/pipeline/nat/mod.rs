@@ -27,13 +27,15 @@
 //! clock. The group has a hard size, counted together: when full, a connection close to expiry
 //! among a small sample is evicted (counted), never unbounded growth.
 //!
-//! The parts: `services` (the Service table and Maglev), `conntrack` (the per-worker views of
+//! The parts: `services` (the Service table and the backend choice), `vip_index` (the
+//! per-packet index of frontends, with a copy of their backends), `conntrack` (the per-worker views of
 //! the shared connection table, backend choice and affinity included) and `translate` (what a
 //! packet goes through: translation both ways, rewriting, ICMP errors).
 
 mod conntrack;
 mod services;
 mod translate;
+mod vip_index;
 
 pub use conntrack::{Conntrack, CtConfig, CtCounters, CtEntry, CtState, Key};
 pub use services::{backends_for, backends_in, Backend, Frontend, ServiceTable};

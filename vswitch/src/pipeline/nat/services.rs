@@ -21,6 +21,7 @@ use conf::config::{
 };
 
 use super::conntrack::Key;
+use super::vip_index::{Hit, VipIndex};
 use super::Map;
 use crate::wire::IpProtocol;
 
@@ -56,7 +57,7 @@ pub struct Frontend {
 impl Frontend {
     /// The hash both choices start from: connection `key`'s.
     #[inline]
-    fn key_hash(key: &Key) -> u64 {
+    pub(super) fn key_hash(key: &Key) -> u64 {
         use std::hash::BuildHasher;
         foldhash::fast::FixedState::with_seed(0x6374).hash_one(key)
     }
@@ -81,23 +82,14 @@ impl Frontend {
     #[inline]
     pub(super) fn consistent_choice(&self, key: &Key) -> Option<usize> {
         if self.maglev.is_empty() {
-            return rendezvous(Self::key_hash(key), &self.backends);
+            let b = &self.backends;
+            return rendezvous_by(Self::key_hash(key), b.len(), |i| {
+                (u32::from(b[i].ip), b[i].port)
+            });
         }
         self.maglev_slot(key)
             .and_then(|s| self.maglev.get(s))
             .map(|&i| usize::from(i))
-    }
-
-    /// Starts loading what choosing a backend for `key` under `lb` reads of the frontend: its
-    /// fields, and the Maglev slot if it has a table. Nothing waits for them here (the values
-    /// go nowhere).
-    #[inline]
-    fn preload(&self, key: &Key, lb: LoadBalancing) {
-        let slot = match lb {
-            LoadBalancing::Maglev => self.maglev_slot(key).and_then(|s| self.maglev.get(s)),
-            LoadBalancing::Random => None,
-        };
-        std::hint::black_box((slot, self.affinity_secs, self.masquerade_outside));
     }
 }
 
@@ -107,19 +99,22 @@ impl Frontend {
 /// when there are many Services.
 pub const RENDEZVOUS_MAX: usize = 16;
 
-/// Rendezvous hashing (Thaler and Ravishankar, 1998): each backend's weight for the
+/// Rendezvous hashing (Thaler and Ravishankar, 1998): each of the `n` backends' weight for the
 /// connection is a hash of the two, and the heaviest wins. Removing a backend moves only the
-/// connections it had; adding one takes its share from every other.
+/// connections it had; adding one takes its share from every other. `backend(i)` is the i-th
+/// backend's address and port (from the frontend, or from its copy in the address index).
 #[inline]
-fn rendezvous(key_hash: u64, backends: &[Backend]) -> Option<usize> {
+pub(super) fn rendezvous_by(
+    key_hash: u64,
+    n: usize,
+    backend: impl Fn(usize) -> (u32, u16),
+) -> Option<usize> {
     // The weight's low byte holds the backend's index, so the heaviest is a maximum of
     // numbers (no branch to mispredict) and a tie (of the other 56 bits) goes to the later.
     const INDEX: u64 = 0xff;
     const _: () = assert!(RENDEZVOUS_MAX as u64 <= INDEX);
-    let best = backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| (weight(key_hash, b) & !INDEX) | i as u64)
+    let best = (0..n.min(RENDEZVOUS_MAX))
+        .map(|i| (weight(key_hash, backend(i)) & !INDEX) | i as u64)
         .max()?;
     Some((best & INDEX) as usize)
 }
@@ -128,8 +123,8 @@ fn rendezvous(key_hash: u64, backends: &[Backend]) -> Option<usize> {
 /// port, mixed (the SplitMix64 finalizer, a bijection, so two backends' weights are as
 /// independent as the hash is uniform).
 #[inline]
-fn weight(key_hash: u64, b: &Backend) -> u64 {
-    let id = (u64::from(u32::from(b.ip)) << 16) | u64::from(b.port);
+fn weight(key_hash: u64, (ip, port): (u32, u16)) -> u64 {
+    let id = (u64::from(ip) << 16) | u64::from(port);
     let mut z = key_hash ^ id.wrapping_mul(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -159,32 +154,15 @@ pub struct ServiceTable {
 #[derive(Debug, Default)]
 struct Frontends {
     frontends: Vec<Arc<Frontend>>,
-    /// The per-packet index: each frontend by (address, protocol, port), held in the entry
-    /// itself, so that a new connection's lookup reaches it without a second indirection.
-    by_vip: Map<(Ipv4Addr, u8, u16), Indexed>,
+    /// The per-packet index: each frontend by (address, protocol, port), with a copy of the
+    /// backends of most (see [`VipIndex`]).
+    index: VipIndex,
     /// Each Service's frontends, by namespace and name, with what they were built from. The
     /// names are shared from table to table, and looked up by [`KeyRef`] without a copy.
     built: Map<(Arc<str>, Arc<str>), Arc<Built>>,
     /// The node and zone the frontends were built for (backends depend on both).
     node: String,
     zone: Option<String>,
-}
-
-/// An index entry: the frontend, and its backends (which the frontend holds too), so that a
-/// new connection's loads of both start together, not one after the other.
-#[derive(Debug, Clone)]
-struct Indexed {
-    fe: Arc<Frontend>,
-    backends: Arc<[Backend]>,
-}
-
-impl Indexed {
-    fn new(fe: &Arc<Frontend>) -> Indexed {
-        Indexed {
-            fe: fe.clone(),
-            backends: fe.backends.clone(),
-        }
-    }
 }
 
 /// A Service's (namespace, name) to look up [`Frontends::built`] with: it hashes as the key.
@@ -303,7 +281,7 @@ fn maglev_size(n: usize) -> usize {
 
 /// Maglev (Eisenbud et al., NSDI 2016): every backend walks its own permutation of the slots
 /// and claims the next free one in turn; removing a backend moves only its own slots.
-fn maglev(backends: &[Backend]) -> Box<[u16]> {
+pub(super) fn maglev(backends: &[Backend]) -> Box<[u16]> {
     use std::hash::BuildHasher;
     let n = backends.len();
     if n <= RENDEZVOUS_MAX {
@@ -490,9 +468,8 @@ impl ServiceTable {
             zone: zone.map(str::to_string),
             ..Frontends::default()
         };
-        t.frontends.reserve(prev.frontends.len());
-        t.by_vip.reserve(prev.by_vip.len());
         t.built.reserve(services.len());
+        let mut order = Vec::with_capacity(services.len());
         for s in services.iter().filter(|s| s.proxy_name.is_none()) {
             let found = prev.built.get_key_value(&KeyRef(&s.namespace, &s.name));
             let key = match found {
@@ -517,20 +494,26 @@ impl ServiceTable {
                     }
                 }
             };
+            order.push(built.clone());
+            t.built.insert(key, built);
+        }
+        let count = order
+            .iter()
+            .map(|b| b.cluster.len() + b.external.len())
+            .sum();
+        t.frontends.reserve(count);
+        t.index = VipIndex::with_room(count);
+        for built in &order {
             for fe in &built.cluster {
                 t.frontends.push(fe.clone());
-                t.by_vip
-                    .insert((fe.vip, fe.proto, fe.port), Indexed::new(fe));
+                t.index.insert(fe, true);
             }
             for fe in &built.external {
-                let k = (fe.vip, fe.proto, fe.port);
-                if t.by_vip.contains_key(&k) {
-                    continue; // the first Service (in name order) to claim it keeps it
+                // The first Service (in name order) to claim an external address keeps it.
+                if t.index.insert(fe, false) {
+                    t.frontends.push(fe.clone());
                 }
-                t.frontends.push(fe.clone());
-                t.by_vip.insert(k, Indexed::new(fe));
             }
-            t.built.insert(key, built);
         }
         ServiceTable {
             shared: Arc::new(t),
@@ -582,27 +565,21 @@ impl ServiceTable {
 
     #[inline]
     pub fn lookup(&self, vip: Ipv4Addr, proto: u8, port: u16) -> Option<&Frontend> {
-        self.shared.by_vip.get(&(vip, proto, port)).map(|f| &*f.fe)
+        self.find(vip, proto, port).map(|h| h.fe)
     }
 
-    /// [`ServiceTable::lookup`] for a connection's first packet: starts loading what choosing
-    /// its backend reads (the frontend, its backends, and a large Service's Maglev slot)
-    /// without waiting for any of them, so that the loads run while the caller looks up the
-    /// connection table.
+    /// Starts loading, without waiting, what [`ServiceTable::find`] will read for `vip`,
+    /// `proto`, `port`: among 10,000 Services it is not in cache.
     #[inline]
-    pub fn lookup_preloading(
-        &self,
-        vip: Ipv4Addr,
-        proto: u8,
-        port: u16,
-        key: &Key,
-    ) -> Option<&Frontend> {
-        let e = self.shared.by_vip.get(&(vip, proto, port))?;
-        if let (Some(first), Some(last)) = (e.backends.first(), e.backends.last()) {
-            std::hint::black_box((first.port, last.port));
-        }
-        e.fe.preload(key, self.lb);
-        Some(&e.fe)
+    pub fn prefetch(&self, vip: Ipv4Addr, proto: u8, port: u16) {
+        self.shared.index.prefetch(vip, proto, port)
+    }
+
+    /// [`ServiceTable::lookup`] with the frontend's index slot, which a new connection's
+    /// backend is mostly chosen from ([`Hit::plain_choice`]).
+    #[inline]
+    pub(super) fn find(&self, vip: Ipv4Addr, proto: u8, port: u16) -> Option<Hit<'_>> {
+        self.shared.index.find(vip, proto, port)
     }
 
     /// Whether any frontend uses this address (for "a Service address with no such port").
@@ -629,8 +606,7 @@ impl ServiceTable {
             .sum();
         per_frontend
             + self.shared.frontends.capacity() * std::mem::size_of::<Frontend>()
-            + self.shared.by_vip.capacity()
-                * (std::mem::size_of::<((Ipv4Addr, u8, u16), Indexed)>() + 1)
+            + self.shared.index.heap_bytes()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -187,16 +187,16 @@ pub fn translate_from(
     };
     let key = l4.key;
     // A SYN opens a connection: its Service's frontend is looked up before the connection
-    // table is, and what choosing a backend reads (the backends, and a large Service's Maglev
-    // slot) is loaded meanwhile. Among 10,000 Services none of them is in cache, and their
-    // loads then overlap the connection table's instead of following them. Other packets
+    // table is, and the index slot it is in holds what choosing a backend reads for most
+    // Services (see `VipIndex`). Among 10,000 Services that slot is not in cache, and its
+    // load then overlaps the connection table's instead of following it. Other packets
     // mostly belong to a connection: they look up the Service only if the connection table
     // has none.
     let opens = key.proto == IpProtocol::TCP.0
         && l4.flags & (TcpFlags::SYN | TcpFlags::ACK) == TcpFlags::SYN;
-    let early = opens
-        .then(|| services.lookup_preloading(key.dst, key.proto, key.dport, &key))
-        .flatten();
+    if opens {
+        services.prefetch(key.dst, key.proto, key.dport);
+    }
     let cfg = ct.cfg;
     let known = ct.with_conn(&key, now, |e, dir| {
         e.touch(&cfg, now, dir, l4.flags);
@@ -209,25 +209,27 @@ pub fn translate_from(
     if let Some(n) = known {
         return n;
     }
-    let Some(fe) = early.or_else(|| services.lookup(key.dst, key.proto, key.dport)) else {
+    let Some(hit) = services.find(key.dst, key.proto, key.dport) else {
         return Nat::None;
     };
-    let outside = (fe.internal.is_some() || fe.masquerade_outside) && !in_cluster(key.src);
-    let fe = if fe.internal.is_some() {
-        services.for_client(fe, !outside)
-    } else {
-        fe
-    };
+    let outside = (hit.has_internal() || hit.masquerade_outside()) && !in_cluster(key.src);
     // A non-SYN for an unknown connection (its entry expired or the switch restarted) is
     // tracked as established: consistent hashing (`Frontend::consistent_choice`) sends it to the
     // same backend as before whenever that backend is still there, which is what lets
     // connections survive a restart.
-    let Some(backend) = ct.pick(fe, &key, services.lb, now) else {
+    let chosen = match hit.plain_choice(&key, services.lb) {
+        Some(b) => b,
+        None => {
+            let fe = services.for_client(hit.fe, !outside);
+            ct.pick(fe, &key, services.lb, now)
+        }
+    };
+    let Some(backend) = chosen else {
         return Nat::NoBackend;
     };
     // A hairpin (the client is its own backend), or a client outside the cluster where the
     // backend must see the node (see `Frontend::masquerade_outside`): from the gateway.
-    let mut snat = (backend.ip == key.src || (outside && fe.masquerade_outside))
+    let mut snat = (backend.ip == key.src || (outside && hit.masquerade_outside()))
         .then_some((gateway, key.sport));
     let mut reply = Key {
         src: backend.ip,

@@ -1,0 +1,344 @@
+//! The per-packet index of Service frontends by (address, protocol, port).
+//!
+//! One flat table of 128-byte slots (open addressing, linear probing, at most half full). A
+//! slot holds its key, the frontend, and a copy of what choosing a backend for a plain
+//! frontend reads: the backends of a frontend of up to [`RENDEZVOUS_MAX`] of them, and its
+//! flags. A new connection's lookup and backend choice then read one slot, two adjacent cache
+//! lines loaded together, where a map bucket, then the frontend, then its backends were three
+//! loads each waiting for the one before. Among 10,000 Services none of them is in cache when
+//! a connection opens, so those waits were most of what a new connection cost over one
+//! Service's.
+//!
+//! The table is built once per Service table and never changed, so a key's probe sequence
+//! always ends at its slot or at an empty one.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use conf::config::LoadBalancing;
+
+use super::conntrack::Key;
+use super::services::{rendezvous_by, Backend, Frontend, RENDEZVOUS_MAX};
+
+/// One frontend's slot; `key` 0 is an empty one.
+#[derive(Clone, Default)]
+#[repr(C, align(128))]
+struct Slot {
+    key: u64,
+    fe: Option<Arc<Frontend>>,
+    /// The backends' addresses and ports, in the frontend's order (when `plain`).
+    ips: [u32; RENDEZVOUS_MAX],
+    ports: [u16; RENDEZVOUS_MAX],
+    /// How many of `ips` and `ports` are backends.
+    n: u8,
+    /// Whether the slot's backends are the frontend's choice for any client: no session
+    /// affinity, no internal twin, at most [`RENDEZVOUS_MAX`] backends.
+    plain: bool,
+    masquerade_outside: bool,
+}
+
+const _: () = assert!(std::mem::size_of::<Slot>() == 128);
+
+impl Slot {
+    fn of(key: u64, fe: &Arc<Frontend>) -> Slot {
+        let mut s = Slot {
+            key,
+            fe: Some(fe.clone()),
+            masquerade_outside: fe.masquerade_outside,
+            ..Slot::default()
+        };
+        let n = fe.backends.len();
+        s.plain = n <= RENDEZVOUS_MAX && fe.affinity_secs.is_none() && fe.internal.is_none();
+        if s.plain {
+            for (i, b) in fe.backends.iter().enumerate() {
+                s.ips[i] = u32::from(b.ip);
+                s.ports[i] = b.port;
+            }
+            s.n = n as u8;
+        }
+        s
+    }
+}
+
+/// A key's slot: address, port and protocol, and a low bit that no empty slot has.
+#[inline]
+fn pack(vip: Ipv4Addr, proto: u8, port: u16) -> u64 {
+    (u64::from(u32::from(vip)) << 32) | (u64::from(port) << 16) | (u64::from(proto) << 8) | 1
+}
+
+/// Where a key's probe starts: the key mixed (the SplitMix64 finalizer), so that consecutive
+/// addresses spread over the table.
+#[inline]
+fn home(key: u64) -> usize {
+    let mut z = key.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)) as usize
+}
+
+/// The frontends by (address, protocol, port).
+#[derive(Default)]
+pub(super) struct VipIndex {
+    /// A power of two long, at least twice the frontends (empty when there are none).
+    slots: Box<[Slot]>,
+    len: usize,
+}
+
+impl fmt::Debug for VipIndex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VipIndex")
+            .field("frontends", &self.len)
+            .field("slots", &self.slots.len())
+            .finish()
+    }
+}
+
+impl VipIndex {
+    /// An empty index with room for up to `n` frontends.
+    pub(super) fn with_room(n: usize) -> VipIndex {
+        let cap = if n == 0 {
+            0
+        } else {
+            (2 * n).next_power_of_two()
+        };
+        VipIndex {
+            slots: vec![Slot::default(); cap].into_boxed_slice(),
+            len: 0,
+        }
+    }
+
+    /// Indexes `fe` under its address, protocol and port. A frontend already there stays
+    /// unless `replace`. Returns whether `fe` is now indexed; false too when the index is
+    /// full (more frontends than it was made with room for).
+    pub(super) fn insert(&mut self, fe: &Arc<Frontend>, replace: bool) -> bool {
+        let key = pack(fe.vip, fe.proto, fe.port);
+        let cap = self.slots.len();
+        let Some(mask) = cap.checked_sub(1) else {
+            return false;
+        };
+        let mut i = home(key) & mask;
+        for _ in 0..cap {
+            let Some(s) = self.slots.get_mut(i) else {
+                return false;
+            };
+            if s.key == key {
+                if replace {
+                    *s = Slot::of(key, fe);
+                }
+                return replace;
+            }
+            if s.key == 0 {
+                // Half of the slots stay empty, so that every probe ends soon.
+                if 2 * (self.len + 1) > cap {
+                    return false;
+                }
+                *s = Slot::of(key, fe);
+                self.len += 1;
+                return true;
+            }
+            i = (i + 1) & mask;
+        }
+        false
+    }
+
+    /// The frontend at `vip`, `proto`, `port`.
+    #[inline]
+    pub(super) fn find(&self, vip: Ipv4Addr, proto: u8, port: u16) -> Option<Hit<'_>> {
+        let key = pack(vip, proto, port);
+        let cap = self.slots.len();
+        let mask = cap.checked_sub(1)?;
+        let mut i = home(key) & mask;
+        for _ in 0..cap {
+            let s = self.slots.get(i)?;
+            if s.key == key {
+                return s.fe.as_deref().map(|fe| Hit { slot: s, fe });
+            }
+            if s.key == 0 {
+                return None;
+            }
+            i = (i + 1) & mask;
+        }
+        None
+    }
+
+    /// Starts loading the slot where a lookup of `vip`, `proto`, `port` starts (where it ends
+    /// too, for nearly every frontend: the table is at most half full), without waiting.
+    #[inline]
+    pub(super) fn prefetch(&self, vip: Ipv4Addr, proto: u8, port: u16) {
+        let key = pack(vip, proto, port);
+        let Some(mask) = self.slots.len().checked_sub(1) else {
+            return;
+        };
+        if let Some(s) = self.slots.get(home(key) & mask) {
+            crate::datapath::memory::prefetch(s);
+        }
+    }
+
+    /// Heap bytes the slots take.
+    pub(super) fn heap_bytes(&self) -> usize {
+        std::mem::size_of_val(&*self.slots)
+    }
+}
+
+/// A frontend found in the index, with its slot.
+#[derive(Clone, Copy)]
+pub struct Hit<'a> {
+    slot: &'a Slot,
+    pub fe: &'a Frontend,
+}
+
+impl<'a> Hit<'a> {
+    /// Whether clients outside the cluster are seen by the backend as the node
+    /// ([`Frontend::masquerade_outside`]), from the slot.
+    #[inline]
+    pub fn masquerade_outside(&self) -> bool {
+        self.slot.masquerade_outside
+    }
+
+    /// Whether the frontend has an internal twin ([`Frontend::internal`]), from the slot for a
+    /// plain one.
+    #[inline]
+    pub fn has_internal(&self) -> bool {
+        !self.slot.plain && self.fe.internal.is_some()
+    }
+
+    /// The backend consistent hashing gives connection `key` (`None` without backends), read
+    /// from the slot alone; `None` when that is not the whole choice (session affinity, an
+    /// internal twin, a Maglev table, or random choice), which [`Conntrack::pick`] then makes
+    /// from the frontend.
+    ///
+    /// [`Conntrack::pick`]: super::Conntrack
+    #[inline]
+    pub fn plain_choice(&self, key: &Key, lb: LoadBalancing) -> Option<Option<Backend>> {
+        let s = self.slot;
+        if !s.plain || lb != LoadBalancing::Maglev {
+            return None;
+        }
+        let n = usize::from(s.n).min(RENDEZVOUS_MAX);
+        let ips = &s.ips[..n];
+        let ports = &s.ports[..n];
+        let chosen = rendezvous_by(Frontend::key_hash(key), n, |i| (ips[i], ports[i]));
+        Some(chosen.map(|i| Backend {
+            ip: Ipv4Addr::from(ips[i]),
+            port: ports[i],
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::IpProtocol;
+
+    fn fe(vip: Ipv4Addr, port: u16, backends: usize, name: &str) -> Arc<Frontend> {
+        let backends: Vec<Backend> = (0..backends)
+            .map(|i| Backend {
+                ip: Ipv4Addr::new(10, 244, (i / 200) as u8, 10 + (i % 200) as u8),
+                port: 8080 + (i % 3) as u16,
+            })
+            .collect();
+        Arc::new(Frontend {
+            name: name.into(),
+            vip,
+            port,
+            proto: IpProtocol::TCP.0,
+            maglev: super::super::services::maglev(&backends),
+            backends: backends.into(),
+            affinity_secs: None,
+            affinity_key: 0,
+            internal: None,
+            masquerade_outside: true,
+        })
+    }
+
+    fn key(i: u32) -> Key {
+        Key {
+            src: Ipv4Addr::from(0x0af4_0100 + (i % 256)),
+            dst: Ipv4Addr::new(10, 96, 0, 10),
+            sport: 1024 + (i / 256) as u16,
+            dport: 80,
+            proto: IpProtocol::TCP.0,
+        }
+    }
+
+    #[test]
+    fn finds_every_frontend_and_nothing_else() {
+        let n = 5_000u32;
+        let mut ix = VipIndex::with_room(n as usize);
+        for i in 0..n {
+            let vip = Ipv4Addr::from(0x0a60_0000 + i);
+            assert!(ix.insert(&fe(vip, 80, 2, &format!("s{i}")), true));
+        }
+        assert_eq!(ix.slots.len(), 16_384);
+        for i in 0..n {
+            let vip = Ipv4Addr::from(0x0a60_0000 + i);
+            let hit = ix.find(vip, IpProtocol::TCP.0, 80).expect("indexed");
+            assert_eq!(hit.fe.name, format!("s{i}"));
+            assert!(ix.find(vip, IpProtocol::TCP.0, 81).is_none());
+            assert!(ix.find(vip, IpProtocol::UDP.0, 80).is_none());
+        }
+        assert!(ix.find(Ipv4Addr::new(10, 97, 0, 1), 6, 80).is_none());
+        assert!(VipIndex::default()
+            .find(Ipv4Addr::LOCALHOST, 6, 80)
+            .is_none());
+    }
+
+    #[test]
+    fn an_existing_frontend_stays_unless_replaced_and_room_is_kept() {
+        let vip = Ipv4Addr::new(10, 96, 0, 10);
+        let mut ix = VipIndex::with_room(1);
+        assert!(ix.insert(&fe(vip, 80, 2, "first"), false));
+        assert!(!ix.insert(&fe(vip, 80, 2, "second"), false));
+        assert_eq!(ix.find(vip, 6, 80).unwrap().fe.name, "first");
+        assert!(ix.insert(&fe(vip, 80, 2, "third"), true));
+        assert_eq!(ix.find(vip, 6, 80).unwrap().fe.name, "third");
+        // Room for one: a second frontend is refused, not squeezed in.
+        assert!(!ix.insert(&fe(vip, 81, 2, "fourth"), true));
+        assert!(ix.find(vip, 6, 81).is_none());
+        assert!(!VipIndex::with_room(0).insert(&fe(vip, 80, 2, "x"), true));
+    }
+
+    #[test]
+    fn the_slots_choice_is_the_frontends() {
+        let vip = Ipv4Addr::new(10, 96, 0, 10);
+        for n in [0, 1, 2, 10, RENDEZVOUS_MAX, RENDEZVOUS_MAX + 1, 40] {
+            let f = fe(vip, 80, n, "web");
+            let mut ix = VipIndex::with_room(1);
+            ix.insert(&f, true);
+            let hit = ix.find(vip, 6, 80).unwrap();
+            for i in 0..2_000 {
+                let k = key(i);
+                let whole = f.consistent_choice(&k).map(|j| f.backends[j].clone());
+                match hit.plain_choice(&k, LoadBalancing::Maglev) {
+                    Some(b) => {
+                        assert!(n <= RENDEZVOUS_MAX);
+                        assert_eq!(b, whole, "{n} backends, connection {i}");
+                    }
+                    None => assert!(n > RENDEZVOUS_MAX),
+                }
+                assert!(hit.plain_choice(&k, LoadBalancing::Random).is_none());
+            }
+        }
+    }
+
+    #[test]
+    fn affinity_and_twins_go_through_the_frontend() {
+        let vip = Ipv4Addr::new(10, 96, 0, 10);
+        let mut sticky = (*fe(vip, 80, 3, "sticky")).clone();
+        sticky.affinity_secs = Some(10);
+        let mut twinned = (*fe(vip, 81, 3, "twinned")).clone();
+        twinned.internal = Some(fe(Ipv4Addr::UNSPECIFIED, 81, 2, "twin"));
+        let mut ix = VipIndex::with_room(2);
+        ix.insert(&Arc::new(sticky), true);
+        ix.insert(&Arc::new(twinned), true);
+        let k = key(1);
+        let s = ix.find(vip, 6, 80).unwrap();
+        assert!(s.plain_choice(&k, LoadBalancing::Maglev).is_none());
+        assert!(!s.has_internal());
+        let t = ix.find(vip, 6, 81).unwrap();
+        assert!(t.plain_choice(&k, LoadBalancing::Maglev).is_none());
+        assert!(t.has_internal());
+        assert!(t.masquerade_outside());
+    }
+}
