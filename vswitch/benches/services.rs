@@ -5,7 +5,9 @@
 //! Every case carries the same traffic: 200,000 connections from 16 pods, each a distinct
 //! (client, source port), so that the connection tracking table is the same size in each and
 //! the difference between them is the Service table's alone. The cases: one Service; 10,000
-//! with the connections spread over all of them (round robin: each lookup's entries are cold);
+//! with the connections spread over all of them (each to a Service drawn at random, so each
+//! lookup's entries are cold, and the order of the frontends in memory gives the CPU's
+//! prefetchers no stride to follow, as a cluster's traffic would not);
 //! the same table with the connections spread over 100 of them (a cluster's traffic mostly
 //! goes to a few Services). Each round sends every connection's SYN (the Service lookup, the
 //! backend choice: rendezvous hashing over 10 endpoints; a conntrack insert and the rewrite),
@@ -24,7 +26,7 @@ use std::time::Instant;
 use conf::config::LoadBalancing;
 use vswitch::pipeline::tables::mac_for;
 use vswitch::pipeline::{
-    handle, Action, Conntrack, CtConfig, Ctx, Meta, PortEntry, ServiceTable, Tables,
+    handle, prefetch, Action, Conntrack, CtConfig, Ctx, Meta, PortEntry, ServiceTable, Tables,
 };
 use vswitch::testutil::{many_services, many_services_vip};
 
@@ -46,6 +48,17 @@ fn segment(client: Ipv4Addr, sport: u16, vip: Ipv4Addr, syn: bool) -> Vec<u8> {
     b.write(&mut f, &[]).expect("frame");
     f.resize(f.len() + 128, 0);
     f
+}
+
+/// Connection `i`'s Service among `to`: a hash of `i` (the SplitMix64 finalizer), so that
+/// consecutive connections go to Services far apart in memory.
+fn drawn(i: usize, to: usize) -> usize {
+    let mut z = (i as u64)
+        .wrapping_add(1)
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    ((z ^ (z >> 31)) % to as u64) as usize
 }
 
 /// One case: the table of `n` Services and the frames of its connections.
@@ -77,12 +90,13 @@ impl Case {
             }))
             .with_services(table);
         // Connection i: from pod i % CLIENTS, source port 1024 + i / CLIENTS (so every one is
-        // distinct whatever the number of Services), to Service i % to.
+        // distinct whatever the number of Services), to a Service drawn at random among `to`
+        // (the same one in every round and every run).
         let frames = |syn: bool| {
             (0..CONNECTIONS)
                 .map(|i| {
                     let c = i % CLIENTS;
-                    let vip = many_services_vip(i % to);
+                    let vip = many_services_vip(drawn(i, to));
                     let sport = 1024 + (i / CLIENTS) as u16;
                     (1 + c as u32, segment(client(c), sport, vip, syn))
                 })
@@ -99,11 +113,19 @@ impl Case {
         }
     }
 
-    /// Every frame once through the pipeline with `ct`: ns per packet.
+    /// Every frame once through the pipeline with `ct`: ns per packet. As a worker does, each
+    /// frame is looked at (`pipeline::prefetch`) before the one before it is handled.
     fn run(&self, frames: &[(u32, Vec<u8>)], ct: &mut Conntrack) -> f64 {
         let mut work = frames.to_vec();
         let t = Instant::now();
-        for (port, f) in work.iter_mut() {
+        if let Some((_, f)) = work.first() {
+            prefetch(&self.tables, &f[..f.len() - 128]);
+        }
+        for i in 0..work.len() {
+            if let Some((_, next)) = work.get(i + 1) {
+                prefetch(&self.tables, &next[..next.len() - 128]);
+            }
+            let (port, f) = &mut work[i];
             let len = f.len() - 128;
             let mut cx = Ctx {
                 t: &self.tables,

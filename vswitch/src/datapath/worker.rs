@@ -104,6 +104,9 @@ pub(super) struct Worker {
     ready: Vec<PortId>,
     /// One frame read from a port, with room for the reply the pipeline may make of it.
     buf: Box<[u8]>,
+    /// The frame read before the one in `buf`, not yet handled (see
+    /// [`Worker::service_port`]); the two buffers swap.
+    held: Box<[u8]>,
     /// Messages read from the underlay.
     rbuf: Box<[u8]>,
     gro: gro::Gro,
@@ -170,6 +173,7 @@ impl Worker {
             ports: HashMap::default(),
             ready: Vec::new(),
             buf: vec![0u8; BUF_LEN].into_boxed_slice(),
+            held: vec![0u8; BUF_LEN].into_boxed_slice(),
             rbuf: vec![0u8; RX_BATCH * RX_BUF_LEN].into_boxed_slice(),
             gro: gro::Gro::default(),
             underlay_ready: s.underlay.is_some(),
@@ -398,6 +402,11 @@ impl Worker {
     }
 
     /// Reads up to one batch from a port; true when its queue is empty (or the port is gone).
+    ///
+    /// Each frame is handled once the next one is read (or the queue is found empty), in the
+    /// order they came: when a frame is read, [`pipeline::prefetch`] starts loading what its
+    /// handling will read out of cache (a new connection's Service), and the next read runs
+    /// while it loads.
     fn service_port(
         &mut self,
         tables: &Tables,
@@ -405,14 +414,30 @@ impl Worker {
         now: u64,
         cap: Option<&TapSet>,
     ) -> bool {
+        let mut held = None;
+        let mut drained = false;
         for _ in 0..BATCH {
             match self.read(id) {
-                Read::Frame(n) => self.port_frame(tables, id, n, now, cap),
+                Read::Frame(n) => {
+                    pipeline::prefetch(tables, &self.buf[VNET_HDR_LEN..n]);
+                    std::mem::swap(&mut self.buf, &mut self.held);
+                    // `buf` now has the frame read before (if any), `held` this one.
+                    if let Some(before) = held.replace(n) {
+                        self.port_frame(tables, id, before, now, cap);
+                    }
+                }
                 Read::Again => {}
-                Read::Drained => return true,
+                Read::Drained => {
+                    drained = true;
+                    break;
+                }
             }
         }
-        false
+        if let Some(last) = held {
+            std::mem::swap(&mut self.buf, &mut self.held);
+            self.port_frame(tables, id, last, now, cap);
+        }
+        drained
     }
 
     /// Reads one frame from the port into the buffer, counting it.

@@ -29,6 +29,8 @@ fn tables() -> Tables {
 }
 
 fn run(t: &Tables, port: PortId, f: &mut [u8]) -> Action {
+    // As the worker does, every frame is looked at before it is handled.
+    prefetch(t, f);
     let mut ct = Conntrack::new(CtConfig::default());
     let mut cx = Ctx {
         t,
@@ -427,6 +429,50 @@ fn cluster_dns_is_answered_in_place_and_the_rest_goes_upstream() {
     buf[..f.len()].copy_from_slice(&f);
     let a = handle(&mut cx, 1, &mut buf, f.len(), Meta::default());
     assert_eq!(a, Action::Drop(DropReason::Malformed));
+}
+
+#[test]
+fn prefetch_reads_any_part_of_a_frame_and_decides_nothing() {
+    use conf::config::LoadBalancing;
+    let services = crate::testutil::many_services(100);
+    let t = tables().with_services(ServiceTable::build(&services, "n1", LoadBalancing::Maglev));
+    let vip = crate::testutil::many_services_vip(7);
+    let mut syn = Vec::new();
+    PacketBuilder::ethernet2(mac_for(A).0, mac_for(GW).0)
+        .ipv4(A.octets(), vip.octets(), 64)
+        .tcp(40_000, 80, 1, 64_000)
+        .syn()
+        .write(&mut syn, &[])
+        .unwrap();
+    // Every truncation, and every byte changed, of a SYN to a Service.
+    for n in 0..=syn.len() {
+        prefetch(&t, &syn[..n]);
+    }
+    for i in 0..syn.len() {
+        let mut f = syn.clone();
+        f[i] ^= 0xff;
+        prefetch(&t, &f);
+    }
+    // The SYN is handled the same whether it was looked at first or not (`run` does).
+    let mut ct = Conntrack::new(CtConfig::default());
+    let mut cx = Ctx {
+        t: &t,
+        ct: &mut ct,
+        now_ms: 0,
+        trace: None,
+    };
+    let mut plain = syn.clone();
+    plain.resize(syn.len() + 128, 0);
+    let without = handle(&mut cx, 1, &mut plain, syn.len(), Meta::default());
+    let mut looked = syn.clone();
+    let with = run(&t, 1, &mut looked);
+    assert_eq!(with, without);
+    assert_eq!(looked[..], plain[..syn.len()]);
+    // Translated: the destination is one of the Service's backends.
+    let ip = Ipv4Packet::new_checked(&looked[ETHERNET_HEADER_LEN..]).unwrap();
+    assert_ne!(ip.dst_addr(), vip);
+    let dst = std::net::IpAddr::V4(ip.dst_addr());
+    assert!(services[7].endpoints.iter().any(|e| e.ip == dst));
 }
 
 proptest! {
