@@ -15,7 +15,8 @@
 //! a second worker's view of a shared table, the connections opened through the first (its
 //! first lookup applies every announcement at once, so the column includes the cost of
 //! replicating the index, once per connection). The cases' rounds alternate, and each figure
-//! is the best of 9 rounds. Last, the cost of one endpoint change among 10,000 Services
+//! is the best of 15 rounds; then each case against the one-Service case round by round (the
+//! median and quartiles of the rounds' ratios). Last, the cost of one endpoint change among 10,000 Services
 //! (`ServiceTable::rebuild_shared`, which shares the unchanged Services' frontends) against a
 //! full build.
 
@@ -161,7 +162,7 @@ impl Case {
 }
 
 const CONNECTIONS: usize = 200_000;
-const ROUNDS: usize = 9;
+const ROUNDS: usize = 15;
 
 /// The least disturbed of the rounds: on a shared machine the others carry whatever else ran.
 fn best(v: impl Iterator<Item = f64>) -> f64 {
@@ -221,6 +222,32 @@ fn main() {
         "(each the best of {ROUNDS} rounds of {CONNECTIONS} connections from {CLIENTS} pods, \
          the cases alternating; in parentheses, over the one-Service case)"
     );
+    // The same comparison round by round: each round's case against the one-Service case of
+    // the same round, which ran just before it, so that a change of the machine's speed
+    // between rounds (a quarter, on a shared machine) weighs on both sides of each ratio.
+    println!(
+        "over the one-Service case, round by round (median, and the middle half of the rounds):"
+    );
+    for (c, s) in cases.iter().zip(&samples).skip(1) {
+        let ratio = |k: usize| {
+            let mut r: Vec<f64> = s
+                .iter()
+                .zip(&samples[0])
+                .map(|(x, one)| (x[k] / one[k] - 1.0) * 100.0)
+                .collect();
+            r.sort_by(f64::total_cmp);
+            let at = |q: usize| r[(r.len() - 1) * q / 4];
+            format!("{:+.0}% ({:+.0} to {:+.0})", at(2), at(1), at(3))
+        };
+        println!(
+            "{:>9} {:>11} {:>22} {:>22} {:>22}",
+            c.n,
+            c.to,
+            ratio(0),
+            ratio(1),
+            ratio(2)
+        );
+    }
     changes(10_000);
 }
 
