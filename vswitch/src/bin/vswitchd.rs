@@ -32,6 +32,9 @@ fn main() -> ExitCode {
         // Colours only for a person at a terminal: a log file or journald gets plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if !vswitch::datapath::memory::map_large_allocations() {
+        tracing::warn!("malloc did not take M_MMAP_THRESHOLD: freed tables may stay resident");
+    }
     let opts = vswitch::daemon::RunOptions {
         node_name: args.node_name,
     };
