@@ -702,8 +702,10 @@ fn relist(lab: &Lab) -> Result<(u64, u64), LabError> {
     }
     let deadline = started + Duration::from_secs(60);
     let mut least = before.services;
-    // The Service table converted after the three lists completed.
+    // The Service table converted after the three lists completed: counted from the last look
+    // before they had (a look that sees them completed may already see that conversion too).
     let mut rebuilds_at_lists: Option<u64> = None;
+    let mut rebuilds_seen = before.service_rebuilds;
     loop {
         let k = kubernetes(lab, u64::MAX)?;
         least = least.min(k.services);
@@ -713,11 +715,12 @@ fn relist(lab: &Lab) -> Result<(u64, u64), LabError> {
         let begun = k.table_relists - before.table_relists;
         let done = k.table_lists - before.table_lists;
         if done >= 2 && done >= begun {
-            let at = *rebuilds_at_lists.get_or_insert(k.service_rebuilds);
+            let at = *rebuilds_at_lists.get_or_insert(rebuilds_seen);
             if k.service_rebuilds > at {
                 return Ok((started.elapsed().as_millis() as u64, least));
             }
         }
+        rebuilds_seen = k.service_rebuilds;
         if Instant::now() > deadline {
             return Err(LabError::BadOutput(format!(
                 "vswitchd did not relist within 60 s ({} lists, {} before)",
