@@ -28,9 +28,13 @@ fn tables() -> Tables {
     ])
 }
 
-fn run(t: &Tables, port: PortId, f: &mut [u8]) -> Action {
-    // As the worker does, every frame is looked at before it is handled.
-    prefetch(t, f);
+/// `f` through the pipeline from `port` with a new connection table, looked at first
+/// (`prefetch`) if `look`, as the worker does: the action, and the buffer after it (the frame,
+/// with room past it for a reply, as the datapath's buffer has).
+fn through(t: &Tables, port: PortId, f: &[u8], look: bool) -> (Action, Vec<u8>) {
+    if look {
+        prefetch(t, f);
+    }
     let mut ct = Conntrack::new(CtConfig::default());
     let mut cx = Ctx {
         t,
@@ -38,14 +42,17 @@ fn run(t: &Tables, port: PortId, f: &mut [u8]) -> Action {
         now_ms: 0,
         trace: None,
     };
-    // Room past the frame for replies, as the datapath's buffer has.
-    let len = f.len();
     let mut buf = f.to_vec();
-    buf.resize(len + 128, 0);
-    let a = handle(&mut cx, port, &mut buf, len, Meta::default());
+    buf.resize(f.len() + 128, 0);
+    let a = handle(&mut cx, port, &mut buf, f.len(), Meta::default());
+    (a, buf)
+}
+
+fn run(t: &Tables, port: PortId, f: &mut [u8]) -> Action {
+    let (a, buf) = through(t, port, f, true);
     let n = match a {
-        Action::Reply(n) => n.min(len),
-        _ => len,
+        Action::Reply(n) => n.min(f.len()),
+        _ => f.len(),
     };
     f[..n].copy_from_slice(&buf[..n]);
     a
@@ -196,16 +203,7 @@ fn frames_to_the_gateway_are_routed_to_local_pods() {
 
 /// `f` through the pipeline from port 1, and the whole reply if there is one.
 fn reply_to(t: &Tables, f: &[u8]) -> (Action, Vec<u8>) {
-    let mut ct = Conntrack::new(CtConfig::default());
-    let mut cx = Ctx {
-        t,
-        ct: &mut ct,
-        now_ms: 0,
-        trace: None,
-    };
-    let mut buf = f.to_vec();
-    buf.resize(f.len() + 128, 0);
-    let a = handle(&mut cx, 1, &mut buf, f.len(), Meta::default());
+    let (a, buf) = through(t, 1, f, true);
     let n = if let Action::Reply(n) = a { n } else { 0 };
     (a, buf[..n].to_vec())
 }
@@ -453,21 +451,11 @@ fn prefetch_reads_any_part_of_a_frame_and_decides_nothing() {
         f[i] ^= 0xff;
         prefetch(&t, &f);
     }
-    // The SYN is handled the same whether it was looked at first or not (`run` does).
-    let mut ct = Conntrack::new(CtConfig::default());
-    let mut cx = Ctx {
-        t: &t,
-        ct: &mut ct,
-        now_ms: 0,
-        trace: None,
-    };
-    let mut plain = syn.clone();
-    plain.resize(syn.len() + 128, 0);
-    let without = handle(&mut cx, 1, &mut plain, syn.len(), Meta::default());
-    let mut looked = syn.clone();
-    let with = run(&t, 1, &mut looked);
+    // The SYN is handled the same whether it was looked at first or not.
+    let (without, plain) = through(&t, 1, &syn, false);
+    let (with, looked) = through(&t, 1, &syn, true);
     assert_eq!(with, without);
-    assert_eq!(looked[..], plain[..syn.len()]);
+    assert_eq!(looked, plain);
     // Translated: the destination is one of the Service's backends.
     let ip = Ipv4Packet::new_checked(&looked[ETHERNET_HEADER_LEN..]).unwrap();
     assert_ne!(ip.dst_addr(), vip);
