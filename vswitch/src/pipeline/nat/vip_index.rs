@@ -1,13 +1,15 @@
 //! The per-packet index of Service frontends by (address, protocol, port).
 //!
-//! One flat table of 128-byte slots (open addressing, linear probing, at most half full). A
-//! slot holds its key, the frontend, and a copy of what choosing a backend for a plain
-//! frontend reads: the backends of a frontend of up to [`RENDEZVOUS_MAX`] of them, and its
-//! flags. A new connection's lookup and backend choice then read one slot, two adjacent cache
-//! lines loaded together, where a map bucket, then the frontend, then its backends were three
-//! loads each waiting for the one before. Among 10,000 Services none of them is in cache when
-//! a connection opens, so those waits were most of what a new connection cost over one
-//! Service's.
+//! One flat table of 64-byte slots, one cache line each (open addressing, linear probing, at
+//! most half full). A slot holds its key, the frontend, and a copy of what choosing a backend
+//! for a plain frontend reads: the addresses of up to [`INLINE`] backends that share one
+//! target port, the port, and the frontend's flags. A new connection's lookup and backend
+//! choice then read one cache line, where a map bucket, then the frontend, then its backends
+//! were three loads each waiting for the one before. Among 10,000 Services none of them is in
+//! cache when a connection opens, so those waits were most of what a new connection cost over
+//! one Service's. Other frontends (more backends, backends on different ports during a
+//! rollout that renumbers a named port, session affinity, an internal twin) are found by
+//! their slot and choose from the frontend.
 //!
 //! The table is built once per Service table and never changed, so a key's probe sequence
 //! always ends at its slot or at an empty one.
@@ -21,41 +23,57 @@ use conf::config::LoadBalancing;
 use super::conntrack::Key;
 use super::services::{rendezvous_by, Backend, Frontend, RENDEZVOUS_MAX};
 
+/// The most backends a slot holds: what fits in a cache line beside the rest.
+pub(super) const INLINE: usize = 11;
+const _: () = assert!(INLINE <= RENDEZVOUS_MAX);
+
 /// One frontend's slot; `key` 0 is an empty one.
 #[derive(Clone, Default)]
-#[repr(C, align(128))]
+#[repr(C, align(64))]
 struct Slot {
     key: u64,
     fe: Option<Arc<Frontend>>,
-    /// The backends' addresses and ports, in the frontend's order (when `plain`).
-    ips: [u32; RENDEZVOUS_MAX],
-    ports: [u16; RENDEZVOUS_MAX],
-    /// How many of `ips` and `ports` are backends.
+    /// The backends' addresses, in the frontend's order (when `plain`).
+    ips: [u32; INLINE],
+    /// Their one target port.
+    port: u16,
+    /// How many of `ips` are backends.
     n: u8,
-    /// Whether the slot's backends are the frontend's choice for any client: no session
-    /// affinity, no internal twin, at most [`RENDEZVOUS_MAX`] backends.
-    plain: bool,
-    masquerade_outside: bool,
+    /// [`PLAIN`] and [`MASQUERADE_OUTSIDE`].
+    flags: u8,
 }
 
-const _: () = assert!(std::mem::size_of::<Slot>() == 128);
+/// The slot's backends are the frontend's choice for any client: no session affinity, no
+/// internal twin, at most [`INLINE`] backends, all on one port.
+const PLAIN: u8 = 1;
+/// [`Frontend::masquerade_outside`].
+const MASQUERADE_OUTSIDE: u8 = 2;
+
+const _: () = assert!(std::mem::size_of::<Slot>() == 64);
 
 impl Slot {
     fn of(key: u64, fe: &Arc<Frontend>) -> Slot {
         let mut s = Slot {
             key,
             fe: Some(fe.clone()),
-            masquerade_outside: fe.masquerade_outside,
             ..Slot::default()
         };
-        let n = fe.backends.len();
-        s.plain = n <= RENDEZVOUS_MAX && fe.affinity_secs.is_none() && fe.internal.is_none();
-        if s.plain {
-            for (i, b) in fe.backends.iter().enumerate() {
-                s.ips[i] = u32::from(b.ip);
-                s.ports[i] = b.port;
+        if fe.masquerade_outside {
+            s.flags |= MASQUERADE_OUTSIDE;
+        }
+        let b = &fe.backends;
+        let port = b.first().map_or(0, |b| b.port);
+        if b.len() <= INLINE
+            && b.iter().all(|b| b.port == port)
+            && fe.affinity_secs.is_none()
+            && fe.internal.is_none()
+        {
+            s.flags |= PLAIN;
+            for (slot, b) in s.ips.iter_mut().zip(b.iter()) {
+                *slot = u32::from(b.ip);
             }
-            s.n = n as u8;
+            s.port = port;
+            s.n = b.len() as u8;
         }
         s
     }
@@ -200,14 +218,14 @@ impl<'a> Hit<'a> {
     /// ([`Frontend::masquerade_outside`]), from the slot.
     #[inline]
     pub fn masquerade_outside(&self) -> bool {
-        self.slot.masquerade_outside
+        self.slot.flags & MASQUERADE_OUTSIDE != 0
     }
 
     /// Whether the frontend has an internal twin ([`Frontend::internal`]), from the slot for a
     /// plain one.
     #[inline]
     pub fn has_internal(&self) -> bool {
-        !self.slot.plain && self.fe.internal.is_some()
+        self.slot.flags & PLAIN == 0 && self.fe.internal.is_some()
     }
 
     /// The backend consistent hashing gives connection `key` (`None` without backends), read
@@ -219,16 +237,15 @@ impl<'a> Hit<'a> {
     #[inline]
     pub fn plain_choice(&self, key: &Key, lb: LoadBalancing) -> Option<Option<Backend>> {
         let s = self.slot;
-        if !s.plain || lb != LoadBalancing::Maglev {
+        if s.flags & PLAIN == 0 || lb != LoadBalancing::Maglev {
             return None;
         }
-        let n = usize::from(s.n).min(RENDEZVOUS_MAX);
+        let n = usize::from(s.n).min(INLINE);
         let ips = &s.ips[..n];
-        let ports = &s.ports[..n];
-        let chosen = rendezvous_by(Frontend::key_hash(key), n, |i| (ips[i], ports[i]));
+        let chosen = rendezvous_by(Frontend::key_hash(key), n, |i| (ips[i], s.port));
         Some(chosen.map(|i| Backend {
             ip: Ipv4Addr::from(ips[i]),
-            port: ports[i],
+            port: s.port,
         }))
     }
 }
@@ -239,10 +256,21 @@ mod tests {
     use crate::wire::IpProtocol;
 
     fn fe(vip: Ipv4Addr, port: u16, backends: usize, name: &str) -> Arc<Frontend> {
+        on_ports(vip, port, backends, name, 1)
+    }
+
+    /// A frontend whose backends' target ports take `ports` values (8080, 8081, ...).
+    fn on_ports(
+        vip: Ipv4Addr,
+        port: u16,
+        backends: usize,
+        name: &str,
+        ports: usize,
+    ) -> Arc<Frontend> {
         let backends: Vec<Backend> = (0..backends)
             .map(|i| Backend {
                 ip: Ipv4Addr::new(10, 244, (i / 200) as u8, 10 + (i % 200) as u8),
-                port: 8080 + (i % 3) as u16,
+                port: 8080 + (i % ports) as u16,
             })
             .collect();
         Arc::new(Frontend {
@@ -309,8 +337,10 @@ mod tests {
     #[test]
     fn the_slots_choice_is_the_frontends() {
         let vip = Ipv4Addr::new(10, 96, 0, 10);
-        for n in [0, 1, 2, 10, RENDEZVOUS_MAX, RENDEZVOUS_MAX + 1, 40] {
-            let f = fe(vip, 80, n, "web");
+        let sizes = [0, 1, 2, 10, INLINE, INLINE + 1, RENDEZVOUS_MAX, 40];
+        for (n, ports) in sizes.iter().map(|&n| (n, 1)).chain([(2, 2), (10, 3)]) {
+            let f = on_ports(vip, 80, n, "web", ports);
+            let inline = n <= INLINE && ports == 1;
             let mut ix = VipIndex::with_room(1);
             ix.insert(&f, true);
             let hit = ix.find(vip, 6, 80).unwrap();
@@ -319,10 +349,10 @@ mod tests {
                 let whole = f.consistent_choice(&k).map(|j| f.backends[j].clone());
                 match hit.plain_choice(&k, LoadBalancing::Maglev) {
                     Some(b) => {
-                        assert!(n <= RENDEZVOUS_MAX);
+                        assert!(inline, "{n} backends on {ports} ports chosen from the slot");
                         assert_eq!(b, whole, "{n} backends, connection {i}");
                     }
-                    None => assert!(n > RENDEZVOUS_MAX),
+                    None => assert!(!inline, "{n} backends on {ports} ports"),
                 }
                 assert!(hit.plain_choice(&k, LoadBalancing::Random).is_none());
             }
