@@ -186,12 +186,11 @@ pub fn translate_from(
         return Nat::None;
     };
     let key = l4.key;
-    // A SYN opens a connection: its Service's frontend is looked up before the connection
-    // table is, and the index slot it is in holds what choosing a backend reads for most
-    // Services (see `VipIndex`). Among 10,000 Services that slot is not in cache, and its
-    // load then overlaps the connection table's instead of following it. Other packets
-    // mostly belong to a connection: they look up the Service only if the connection table
-    // has none.
+    // A SYN opens a connection: its Service's index slot, which holds what choosing a backend
+    // reads for most Services (see `VipIndex`), starts loading before the connection table is
+    // looked up (the worker has usually started it already: `pipeline::prefetch`). Among
+    // 10,000 Services that slot is not in cache. Other packets mostly belong to a connection:
+    // they look up the Service only if the connection table has none.
     let opens = key.proto == IpProtocol::TCP.0
         && l4.flags & (TcpFlags::SYN | TcpFlags::ACK) == TcpFlags::SYN;
     if opens {
