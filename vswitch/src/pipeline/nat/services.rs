@@ -125,7 +125,16 @@ pub(super) fn rendezvous_by(
 #[inline]
 fn weight(key_hash: u64, (ip, port): (u32, u16)) -> u64 {
     let id = (u64::from(ip) << 16) | u64::from(port);
-    let mut z = key_hash ^ id.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    mix64(key_hash ^ id.wrapping_mul(GOLDEN))
+}
+
+/// 2^64 divided by the golden ratio: multiplying by it spreads consecutive numbers apart.
+pub(super) const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// SplitMix64's finalizer: a bijection of `z` in which every bit of the input reaches every
+/// bit of the output.
+#[inline]
+pub(super) fn mix64(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use conf::config::LoadBalancing;
 
 use super::conntrack::Key;
-use super::services::{rendezvous_by, Backend, Frontend, RENDEZVOUS_MAX};
+use super::services::{mix64, rendezvous_by, Backend, Frontend, GOLDEN, RENDEZVOUS_MAX};
 
 /// The most backends a slot holds: what fits in a cache line beside the rest.
 pub(super) const INLINE: usize = 11;
@@ -90,10 +90,7 @@ fn pack(vip: Ipv4Addr, proto: u8, port: u16) -> u64 {
 /// shift, which any table size can use).
 #[inline]
 fn home(key: u64, cap: usize) -> usize {
-    let mut z = key.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^= z >> 31;
+    let z = mix64(key.wrapping_mul(GOLDEN));
     ((u128::from(z) * cap as u128) >> 64) as usize
 }
 
