@@ -35,26 +35,19 @@ pub fn map_large_allocations() -> bool {
     unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MAP_FROM as libc::c_int) == 1 }
 }
 
-/// Starts loading the cache lines of `*r` (up to 128 bytes: two lines) into the CPU's caches
-/// without waiting for them: a prefetch instruction, which, unlike a load, does not hold up
-/// the instructions after it. Nothing is read: no value, no fault, no other effect than on the
-/// caches. Elsewhere than on x86-64, nothing.
+/// Starts loading the cache line where `*r` starts into the CPU's caches without waiting for
+/// it: a prefetch instruction, which, unlike a load, does not hold up the instructions after
+/// it. Nothing is read: no value, no fault, no other effect than on the caches. Elsewhere than
+/// on x86-64, nothing.
 #[inline(always)]
 pub fn prefetch<T>(r: &T) {
     #[cfg(target_arch = "x86_64")]
     {
         use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let p = (r as *const T).cast::<i8>();
-        let second = p.wrapping_add(64);
         // SAFETY: a prefetch is a hint with no architectural effect: it never faults, whatever
-        // the address (both are within or just past a live reference here), and reads nothing
-        // into the program. SSE, which `_mm_prefetch` requires, is part of x86-64.
-        unsafe {
-            _mm_prefetch::<_MM_HINT_T0>(p);
-            if std::mem::size_of::<T>() > 64 {
-                _mm_prefetch::<_MM_HINT_T0>(second);
-            }
-        }
+        // the address (a live reference's here), and reads nothing into the program. SSE, which
+        // `_mm_prefetch` requires, is part of x86-64.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>((r as *const T).cast::<i8>()) }
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = r;
