@@ -58,7 +58,7 @@ pub fn classify(packet: &[u8]) -> Option<Kind> {
             let f = tcp.flags();
             Some(Kind::Tcp {
                 key: key(tcp.src_port(), tcp.dst_port()),
-                syn: f.contains(TcpFlags::SYN) && !f.contains(TcpFlags::ACK),
+                syn: f.opens(),
                 rst: f.contains(TcpFlags::RST),
             })
         }

@@ -182,7 +182,7 @@ pub fn prefetch(t: &Tables, frame: &[u8]) {
     let Ok(tcp) = TcpPacket::new_checked(ip.payload()) else {
         return;
     };
-    if tcp.flags() & (TcpFlags::SYN | TcpFlags::ACK) == TcpFlags::SYN {
+    if tcp.flags().opens() {
         t.services
             .prefetch(ip.dst_addr(), IpProtocol::TCP.0, tcp.dst_port());
     }

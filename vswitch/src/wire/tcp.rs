@@ -77,6 +77,11 @@ impl TcpFlags {
     pub const fn intersects(self, other: TcpFlags) -> bool {
         self.0 & other.0 != 0
     }
+
+    /// A connection's first segment: SYN without ACK (a SYN-ACK answers one).
+    pub const fn opens(self) -> bool {
+        self.contains(TcpFlags::SYN) && !self.contains(TcpFlags::ACK)
+    }
 }
 
 impl BitOr for TcpFlags {
@@ -418,6 +423,16 @@ mod tests {
         assert_eq!(&tcp.options()[..4], &[2, 4, 0x05, 0xb4]);
         assert_eq!(tcp.max_seg_size(), Some(1460));
         assert!(tcp.payload().is_empty());
+    }
+
+    #[test]
+    fn only_a_syn_without_ack_opens() {
+        assert!(TcpFlags::SYN.opens());
+        // An ECN-setup SYN (RFC 3168) opens too.
+        assert!((TcpFlags::SYN | TcpFlags::ECE | TcpFlags::CWR).opens());
+        assert!(!(TcpFlags::SYN | TcpFlags::ACK).opens());
+        assert!(!TcpFlags::ACK.opens());
+        assert!(!TcpFlags::empty().opens());
     }
 
     #[test]

@@ -191,8 +191,7 @@ pub fn translate_from(
     // looked up (the worker has usually started it already: `pipeline::prefetch`). Among
     // 10,000 Services that slot is not in cache. Other packets mostly belong to a connection:
     // they look up the Service only if the connection table has none.
-    let opens = key.proto == IpProtocol::TCP.0
-        && l4.flags & (TcpFlags::SYN | TcpFlags::ACK) == TcpFlags::SYN;
+    let opens = key.proto == IpProtocol::TCP.0 && l4.flags.opens();
     if opens {
         services.prefetch(key.dst, key.proto, key.dport);
     }
