@@ -623,29 +623,36 @@ impl ServiceTable {
     }
 }
 
+/// A TCP frontend `default/web` at `vip`:`port` for tests, of `n` backends (10.244.0.10 on)
+/// whose target ports take `ports` values (8080, 8081, ...).
+#[cfg(test)]
+pub(super) fn test_frontend(vip: Ipv4Addr, port: u16, n: usize, ports: usize) -> Frontend {
+    let backends = (0..n)
+        .map(|i| Backend {
+            ip: Ipv4Addr::new(10, 244, (i / 200) as u8, 10 + (i % 200) as u8),
+            port: 8080 + (i % ports.max(1)) as u16,
+        })
+        .collect::<Vec<_>>();
+    Frontend {
+        name: format!("default/web:{port}/TCP"),
+        vip,
+        port,
+        proto: IpProtocol::TCP.0,
+        maglev: maglev(&backends),
+        backends: backends.into(),
+        affinity_secs: None,
+        affinity_key: 0,
+        internal: None,
+        masquerade_outside: false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn frontend(n: usize) -> Frontend {
-        let backends = (0..n)
-            .map(|i| Backend {
-                ip: Ipv4Addr::new(10, 244, (i / 200) as u8, 10 + (i % 200) as u8),
-                port: 8080,
-            })
-            .collect::<Vec<_>>();
-        Frontend {
-            name: "default/web:80/TCP".into(),
-            vip: Ipv4Addr::new(10, 96, 0, 10),
-            port: 80,
-            proto: IpProtocol::TCP.0,
-            maglev: maglev(&backends),
-            backends: backends.into(),
-            affinity_secs: None,
-            affinity_key: 0,
-            internal: None,
-            masquerade_outside: false,
-        }
+        test_frontend(Ipv4Addr::new(10, 96, 0, 10), 80, n, 1)
     }
 
     fn without(fe: &Frontend, gone: usize) -> Frontend {

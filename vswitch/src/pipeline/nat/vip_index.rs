@@ -264,23 +264,10 @@ mod tests {
         name: &str,
         ports: usize,
     ) -> Arc<Frontend> {
-        let backends: Vec<Backend> = (0..backends)
-            .map(|i| Backend {
-                ip: Ipv4Addr::new(10, 244, (i / 200) as u8, 10 + (i % 200) as u8),
-                port: 8080 + (i % ports) as u16,
-            })
-            .collect();
         Arc::new(Frontend {
             name: name.into(),
-            vip,
-            port,
-            proto: IpProtocol::TCP.0,
-            maglev: super::super::services::maglev(&backends),
-            backends: backends.into(),
-            affinity_secs: None,
-            affinity_key: 0,
-            internal: None,
             masquerade_outside: true,
+            ..super::super::services::test_frontend(vip, port, backends, ports)
         })
     }
 
