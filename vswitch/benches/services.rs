@@ -16,9 +16,9 @@
 //! first lookup applies every announcement at once, so the column includes the cost of
 //! replicating the index, once per connection). The cases' rounds alternate, and each figure
 //! is the best of 15 rounds; then each case against the one-Service case round by round (the
-//! median and quartiles of the rounds' ratios). Last, the cost of one endpoint change among 10,000 Services
-//! (`ServiceTable::rebuild_shared`, which shares the unchanged Services' frontends) against a
-//! full build.
+//! median and quartiles of the rounds' ratios). Last, the cost of one endpoint change among
+//! 10,000 Services (`ServiceTable::rebuild_shared`, which shares the unchanged Services'
+//! frontends) against a full build.
 
 use std::hint::black_box;
 use std::net::Ipv4Addr;

@@ -28,9 +28,9 @@
 //! among a small sample is evicted (counted), never unbounded growth.
 //!
 //! The parts: `services` (the Service table and the backend choice), `vip_index` (the
-//! per-packet index of frontends, with a copy of their backends), `conntrack` (the per-worker views of
-//! the shared connection table, backend choice and affinity included) and `translate` (what a
-//! packet goes through: translation both ways, rewriting, ICMP errors).
+//! per-packet index of frontends, with a copy of their backends), `conntrack` (the per-worker
+//! views of the shared connection table, backend choice and affinity included) and `translate`
+//! (what a packet goes through: translation both ways, rewriting, ICMP errors).
 
 mod conntrack;
 mod services;
