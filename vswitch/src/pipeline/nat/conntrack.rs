@@ -1,6 +1,6 @@
 //! Connection tracking: each worker's view of the table its group shares, the choice of a
-//! backend for a new connection (Maglev or random, with session affinity), and expiry,
-//! eviction and flushing. The design is in the module above.
+//! backend for a new connection (consistent hashing or random, with session affinity), and
+//! expiry, eviction and flushing. The design is in the module above.
 
 use std::net::Ipv4Addr;
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, SeqCst};
@@ -813,11 +813,11 @@ impl Conntrack {
         if n == 0 {
             return None;
         }
-        let maglev = match lb {
+        let consistent = match lb {
             LoadBalancing::Maglev => fe.consistent_choice(key),
             _ => None,
         };
-        let idx = maglev.unwrap_or_else(|| (self.next_random() % n as u64) as usize);
+        let idx = consistent.unwrap_or_else(|| (self.next_random() % n as u64) as usize);
         let b = fe.backends[idx.min(n - 1)].clone();
         if let Some(until) = sticky {
             self.remember(key.src, fe.affinity_key, &b, until);

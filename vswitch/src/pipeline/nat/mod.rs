@@ -1,8 +1,9 @@
 //! Service translation: what kube-proxy does with iptables, done inline.
 //!
 //! A Service frontend (ClusterIP or external IP, protocol, port) maps to backends. The first
-//! packet of a connection picks a backend (Maglev consistent hashing by default, so most
-//! connections keep their backend when others come and go; or random), is rewritten to it
+//! packet of a connection picks a backend (consistent hashing by default: rendezvous hashing up
+//! to 16 backends, a Maglev table above, so most connections keep their backend when others
+//! come and go; or random), is rewritten to it
 //! (DNAT), and leaves an entry in the connection tracking table keyed both ways; later packets
 //! of either direction find that entry and are rewritten the same way, so replies come back from
 //! the ClusterIP. Checksums are patched incrementally, and for checksum-offloaded frames the
